@@ -1,0 +1,451 @@
+//! Configuration: the YAML file operators write, checked once at load.
+//!
+//! [`Config::from_yaml`] parses the on-disk schema ([`schema`]), then validates it into the types
+//! below, which are what the rest of the program uses. Every error names the key path and the
+//! line (`upstreams.origin.servers[1] (line 12, column 7): ...`). Nothing here panics on input.
+
+mod schema;
+pub mod units;
+
+use schema::{RawConfig, RawQueryKey};
+use serde_saphyr::Spanned;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A configuration error: which key, where, and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Dotted key path, e.g. `upstreams.origin.servers[1]`; empty for whole-document errors.
+    pub path: String,
+    /// 1-based line and column, when known.
+    pub line: Option<u64>,
+    pub column: Option<u64>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = if self.path.is_empty() { "<document>" } else { &self.path };
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "{path} (line {l}, column {c}): {}", self.message),
+            (Some(l), None) => write!(f, "{path} (line {l}): {}", self.message),
+            _ => write!(f, "{path}: {}", self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err_at<T>(path: impl Into<String>, at: &Spanned<T>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        path: path.into(),
+        line: Some(at.referenced.line()),
+        column: Some(at.referenced.column()),
+        message: message.into(),
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub listen: Vec<SocketAddr>,
+    pub admin_listen: Option<SocketAddr>,
+    pub cache: CacheSettings,
+    pub upstreams: BTreeMap<String, Arc<UpstreamSettings>>,
+    pub routes: Vec<Arc<Route>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub threads: usize,
+    pub pid_file: String,
+    pub upgrade_sock: String,
+    pub error_log: Option<String>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub grace_period: Duration,
+    pub graceful_shutdown_timeout: Duration,
+    pub upstream_keepalive_pool_size: usize,
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct CacheSettings {
+    pub chunk_size: u64,
+    pub max_object_size: u64,
+    pub default_ttl: Option<Duration>,
+    pub max_ranges: usize,
+    pub memory_capacity: u64,
+    pub disk: Option<DiskSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DiskSettings {
+    pub path: PathBuf,
+    pub capacity: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub name: String,
+    /// `host:port` as written; resolved when the pool is built.
+    pub servers: Vec<SocketAddr>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+/// Which part of the query string goes into the cache key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueryKey {
+    All,
+    Ignore,
+    Keep(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// `None` matches any host; `Exact("a.b")`; `Suffix(".example.com")` for `*.example.com`.
+    pub host: HostMatch,
+    pub path_prefix: String,
+    pub upstream: Arc<UpstreamSettings>,
+    pub cache: bool,
+    pub query_key: QueryKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Any,
+    Exact(String),
+    /// Matches hosts ending with this suffix (which starts with a dot), not the bare domain.
+    Suffix(String),
+}
+
+impl HostMatch {
+    /// `host` is the request's host without port, lower case.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Any => true,
+            HostMatch::Exact(h) => h == host,
+            HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+        }
+    }
+}
+
+pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
+pub const DEFAULT_MEMORY_CAPACITY: u64 = 256 << 20;
+pub const DEFAULT_MAX_OBJECT_SIZE: u64 = 1 << 30;
+pub const DEFAULT_MAX_RANGES: usize = 16;
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Config {
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            path: String::new(),
+            line: None,
+            column: None,
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        Config::from_yaml(&text)
+    }
+
+    /// Parse and validate YAML text.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let raw = parse_raw(text)?;
+        validate(raw)
+    }
+}
+
+fn parse_raw(text: &str) -> Result<RawConfig, ConfigError> {
+    if text.trim().is_empty() {
+        return Err(ConfigError {
+            path: String::new(),
+            line: None,
+            column: None,
+            message: "the config file is empty".into(),
+        });
+    }
+    let mut path = String::new();
+    let result = serde_saphyr::with_deserializer_from_str(text, |de| {
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            path = e.path().to_string();
+            e.into_inner()
+        })
+    });
+    result.map_err(|e| {
+        let loc = e.location();
+        // `Spanned` adds a `.value` step that operators never wrote.
+        let path = path
+            .replace(".value.", ".")
+            .replace(".value[", "[")
+            .trim_end_matches(".value")
+            .trim_start_matches('.')
+            .to_string();
+        let mut message = e.to_string();
+        // serde-saphyr renders a source snippet after the first line; keep the first line, minus
+        // its own location prefix (we print ours).
+        if let Some(first) = message.lines().next() {
+            message = first.to_string();
+        }
+        if let Some(rest) = message.strip_prefix("error: ") {
+            message = rest.to_string();
+        }
+        if let Some(idx) = message.find(": ").filter(|_| message.starts_with("line ")) {
+            message = message[idx + 2..].to_string();
+        }
+        ConfigError {
+            path,
+            line: loc.map(|l| l.line()),
+            column: loc.map(|l| l.column()),
+            message,
+        }
+    })
+}
+
+fn parse_addr(path: &str, at: &Spanned<String>) -> Result<SocketAddr, ConfigError> {
+    let text = at.value.trim();
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let Some((host, port)) = text.rsplit_once(':') else {
+        return Err(err_at(path, at, format!("invalid address {text:?}: expected host:port")));
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(err_at(path, at, format!("invalid address {text:?}: expected host:port")));
+    }
+    match text.to_socket_addrs().map(|mut it| it.next()) {
+        Ok(Some(a)) => Ok(a),
+        Ok(None) | Err(_) => Err(err_at(
+            path,
+            at,
+            format!("invalid address {text:?}: cannot resolve host {host:?}"),
+        )),
+    }
+}
+
+fn nonzero_size(path: &str, at: &Spanned<units::Size>) -> Result<u64, ConfigError> {
+    if at.value.0 == 0 {
+        return Err(err_at(path, at, "must be greater than zero"));
+    }
+    Ok(at.value.0)
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let s = raw.server;
+    let threads = match &s.threads {
+        Some(t) if t.value == 0 => return Err(err_at("server.threads", t, "must be at least 1")),
+        Some(t) => t.value,
+        None => 1,
+    };
+    let server = ServerSettings {
+        threads,
+        pid_file: s.pid_file.unwrap_or_else(|| "/tmp/edgeslice.pid".into()),
+        upgrade_sock: s.upgrade_sock.unwrap_or_else(|| "/tmp/edgeslice_upgrade.sock".into()),
+        error_log: s.error_log,
+        user: s.user,
+        group: s.group,
+        grace_period: s.grace_period.map(|d| d.0).unwrap_or(Duration::from_secs(0)),
+        graceful_shutdown_timeout: s
+            .graceful_shutdown_timeout
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(5)),
+        upstream_keepalive_pool_size: s.upstream_keepalive_pool_size.unwrap_or(128),
+        access_log: s.access_log.unwrap_or(true),
+    };
+
+    let listen = match raw.listen {
+        None => vec!["0.0.0.0:8080".parse().expect("literal address")],
+        Some(list) => {
+            if list.is_empty() {
+                return Err(ConfigError {
+                    path: "listen".into(),
+                    line: None,
+                    column: None,
+                    message: "at least one listen address is required".into(),
+                });
+            }
+            list.iter()
+                .enumerate()
+                .map(|(i, a)| parse_addr(&format!("listen[{i}]"), a))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+    };
+    let admin_listen = match &raw.admin {
+        Some(a) => Some(parse_addr("admin.listen", &a.listen)?),
+        None => None,
+    };
+
+    let c = raw.cache;
+    let chunk_size = match &c.chunk_size {
+        Some(v) => nonzero_size("cache.chunk_size", v)?,
+        None => DEFAULT_CHUNK_SIZE,
+    };
+    let max_object_size = match &c.max_object_size {
+        Some(v) => nonzero_size("cache.max_object_size", v)?,
+        None => DEFAULT_MAX_OBJECT_SIZE,
+    };
+    let max_ranges = match &c.max_ranges {
+        Some(v) if v.value == 0 => {
+            return Err(err_at("cache.max_ranges", v, "must be at least 1"))
+        }
+        Some(v) => v.value,
+        None => DEFAULT_MAX_RANGES,
+    };
+    let memory_capacity = match &c.memory {
+        Some(m) => nonzero_size("cache.memory.capacity", &m.capacity)?,
+        None => DEFAULT_MEMORY_CAPACITY,
+    };
+    let disk = match &c.disk {
+        Some(d) => {
+            if d.path.value.trim().is_empty() {
+                return Err(err_at("cache.disk.path", &d.path, "must not be empty"));
+            }
+            Some(DiskSettings {
+                path: PathBuf::from(&d.path.value),
+                capacity: nonzero_size("cache.disk.capacity", &d.capacity)?,
+            })
+        }
+        None => None,
+    };
+    let cache = CacheSettings {
+        chunk_size,
+        max_object_size,
+        default_ttl: c.default_ttl.map(|d| d.0).filter(|d| !d.is_zero()),
+        max_ranges,
+        memory_capacity,
+        disk,
+    };
+
+    let Some(raw_upstreams) = raw.upstreams else {
+        return Err(ConfigError {
+            path: "upstreams".into(),
+            line: None,
+            column: None,
+            message: "at least one upstream group is required".into(),
+        });
+    };
+    if raw_upstreams.value.is_empty() {
+        return Err(err_at("upstreams", &raw_upstreams, "at least one upstream group is required"));
+    }
+    let mut upstreams = BTreeMap::new();
+    for (name, u) in &raw_upstreams.value {
+        let base = format!("upstreams.{name}");
+        if u.servers.value.is_empty() {
+            return Err(err_at(format!("{base}.servers"), &u.servers, "the server list is empty"));
+        }
+        let servers = u
+            .servers
+            .value
+            .iter()
+            .enumerate()
+            .map(|(i, s)| parse_addr(&format!("{base}.servers[{i}]"), s))
+            .collect::<Result<Vec<_>, _>>()?;
+        let timeout = |t: &Option<Spanned<units::Dur>>, key: &str, default| match t {
+            Some(v) if v.value.0.is_zero() => {
+                Err(err_at(format!("{base}.{key}"), v, "must be greater than zero"))
+            }
+            Some(v) => Ok(v.value.0),
+            None => Ok(default),
+        };
+        let connect_timeout = timeout(&u.connect_timeout, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)?;
+        let read_timeout = timeout(&u.read_timeout, "read_timeout", DEFAULT_READ_TIMEOUT)?;
+        upstreams.insert(
+            name.clone(),
+            Arc::new(UpstreamSettings { name: name.clone(), servers, connect_timeout, read_timeout }),
+        );
+    }
+
+    let Some(raw_routes) = raw.routes else {
+        return Err(ConfigError {
+            path: "routes".into(),
+            line: None,
+            column: None,
+            message: "at least one route is required".into(),
+        });
+    };
+    if raw_routes.value.is_empty() {
+        return Err(err_at("routes", &raw_routes, "at least one route is required"));
+    }
+    let mut routes = Vec::new();
+    for (i, r) in raw_routes.value.iter().enumerate() {
+        let base = format!("routes[{i}]");
+        let upstream = upstreams.get(&r.upstream.value).cloned().ok_or_else(|| {
+            let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+            err_at(
+                format!("{base}.upstream"),
+                &r.upstream,
+                format!("unknown upstream {:?} (defined: {})", r.upstream.value, known.join(", ")),
+            )
+        })?;
+        let host = match &r.host {
+            None => HostMatch::Any,
+            Some(h) => {
+                let v = h.value.trim().to_ascii_lowercase();
+                if v.is_empty() || v == "*" {
+                    HostMatch::Any
+                } else if let Some(rest) = v.strip_prefix("*.") {
+                    if rest.is_empty() || rest.contains('*') {
+                        return Err(err_at(format!("{base}.host"), h, "invalid wildcard host"));
+                    }
+                    HostMatch::Suffix(format!(".{rest}"))
+                } else if v.contains('*') {
+                    return Err(err_at(
+                        format!("{base}.host"),
+                        h,
+                        "only a leading wildcard is supported (`*.example.com`)",
+                    ));
+                } else {
+                    HostMatch::Exact(v)
+                }
+            }
+        };
+        let path_prefix = match &r.path_prefix {
+            None => "/".to_string(),
+            Some(p) if !p.value.starts_with('/') => {
+                return Err(err_at(format!("{base}.path_prefix"), p, "must start with `/`"))
+            }
+            Some(p) => p.value.clone(),
+        };
+        let query_key = match &r.cache_key {
+            None => QueryKey::All,
+            Some(k) => match &k.query.value {
+                RawQueryKey::All => QueryKey::All,
+                RawQueryKey::Ignore => QueryKey::Ignore,
+                RawQueryKey::Keep(names) => {
+                    let mut names = names.clone();
+                    names.sort();
+                    names.dedup();
+                    QueryKey::Keep(names)
+                }
+            },
+        };
+        routes.push(Arc::new(Route {
+            host,
+            path_prefix,
+            upstream,
+            cache: r.cache.unwrap_or(true),
+            query_key,
+        }));
+    }
+
+    Ok(Config { server, listen, admin_listen, cache, upstreams, routes })
+}
+
+impl Config {
+    /// The first route matching `host` (without port, any case) and `path`.
+    pub fn route(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
+        let host = host.to_ascii_lowercase();
+        self.routes
+            .iter()
+            .find(|r| r.host.matches(&host) && path.starts_with(r.path_prefix.as_str()))
+    }
+}
+
+#[cfg(test)]
+mod tests;

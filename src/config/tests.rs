@@ -1,0 +1,173 @@
+use super::*;
+use proptest::prelude::*;
+
+const GOOD: &str = "\
+server:
+  threads: 2
+listen:
+  - 127.0.0.1:8080
+admin:
+  listen: 127.0.0.1:9180
+cache:
+  chunk_size: 1MiB
+  memory:
+    capacity: 256MiB
+  disk:
+    path: /tmp/edgeslice-test
+    capacity: 10GiB
+upstreams:
+  origin:
+    servers: [\"10.0.0.1:80\", \"10.0.0.2:80\"]
+    connect_timeout: 1s
+    read_timeout: 5s
+routes:
+  - host: \"*.example.com\"
+    path_prefix: /
+    upstream: origin
+    cache: true
+";
+
+fn bad(yaml: &str) -> ConfigError {
+    match Config::from_yaml(yaml) {
+        Ok(_) => panic!("config was accepted:\n{yaml}"),
+        Err(e) => e,
+    }
+}
+
+fn assert_err(yaml: &str, path: &str, line: u64, needle: &str) {
+    let e = bad(yaml);
+    assert_eq!(e.path, path, "path of {e}");
+    assert_eq!(e.line, Some(line), "line of {e}");
+    assert!(e.message.contains(needle), "message of {e} lacks {needle:?}");
+    let shown = e.to_string();
+    assert!(shown.contains(path) && shown.contains(&format!("line {line}")), "{shown}");
+}
+
+#[test]
+fn good_config_parses() {
+    let c = Config::from_yaml(GOOD).expect("good config");
+    assert_eq!(c.server.threads, 2);
+    assert_eq!(c.cache.chunk_size, 1 << 20);
+    assert_eq!(c.cache.memory_capacity, 256 << 20);
+    assert_eq!(c.cache.disk.as_ref().map(|d| d.capacity), Some(10 << 30));
+    assert_eq!(c.upstreams["origin"].servers.len(), 2);
+    assert_eq!(c.upstreams["origin"].read_timeout, Duration::from_secs(5));
+    assert_eq!(c.admin_listen, Some("127.0.0.1:9180".parse().unwrap()));
+    assert!(c.route("a.example.com", "/x").is_some());
+    assert!(c.route("example.com", "/x").is_none(), "wildcard needs a subdomain");
+    assert!(c.route("A.EXAMPLE.COM", "/x").is_some(), "hosts match case-insensitively");
+}
+
+#[test]
+fn shipped_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/edgeslice.yaml");
+    Config::load(&path).expect("conf/edgeslice.yaml must validate");
+}
+
+#[test]
+fn unknown_key_is_named() {
+    let y = GOOD.replace("  chunk_size: 1MiB", "  chunk_sise: 1MiB");
+    assert_err(&y, "cache.chunk_sise", 8, "unknown field `chunk_sise`");
+}
+
+#[test]
+fn wrong_type_is_named() {
+    let y = GOOD.replace("  threads: 2", "  threads: [1, 2]");
+    let e = bad(&y);
+    assert!(e.path.starts_with("server.threads"), "{e}");
+    assert_eq!(e.line, Some(2), "{e}");
+    let y = GOOD.replace("    cache: true", "    cache: maybe");
+    let e = bad(&y);
+    assert_eq!(e.path, "routes[0].cache", "{e}");
+    assert_eq!(e.line, Some(23), "{e}");
+}
+
+#[test]
+fn bad_size_is_named() {
+    let y = GOOD.replace("capacity: 256MiB", "capacity: 256 parsecs");
+    assert_err(&y, "cache.memory.capacity", 10, "invalid size");
+}
+
+#[test]
+fn bad_duration_is_named() {
+    let y = GOOD.replace("read_timeout: 5s", "read_timeout: soon");
+    assert_err(&y, "upstreams.origin.read_timeout", 18, "invalid duration");
+}
+
+#[test]
+fn bad_address_is_named() {
+    let y = GOOD.replace("\"10.0.0.2:80\"", "\"10.0.0.2\"");
+    assert_err(&y, "upstreams.origin.servers[1]", 16, "invalid address");
+    let y = GOOD.replace("  - 127.0.0.1:8080", "  - 127.0.0.1:http");
+    assert_err(&y, "listen[0]", 4, "invalid address");
+    let y = GOOD.replace("  listen: 127.0.0.1:9180", "  listen: 127.0.0.1:99999");
+    assert_err(&y, "admin.listen", 6, "invalid address");
+}
+
+#[test]
+fn unknown_upstream_is_named() {
+    let y = GOOD.replace("upstream: origin", "upstream: orgin");
+    assert_err(&y, "routes[0].upstream", 22, "unknown upstream \"orgin\"");
+}
+
+#[test]
+fn empty_server_list_is_named() {
+    let y = GOOD.replace("[\"10.0.0.1:80\", \"10.0.0.2:80\"]", "[]");
+    assert_err(&y, "upstreams.origin.servers", 16, "empty");
+}
+
+#[test]
+fn zero_capacity_and_chunk_size_are_named() {
+    let y = GOOD.replace("capacity: 256MiB", "capacity: 0");
+    assert_err(&y, "cache.memory.capacity", 10, "greater than zero");
+    let y = GOOD.replace("capacity: 10GiB", "capacity: 0GiB");
+    assert_err(&y, "cache.disk.capacity", 13, "greater than zero");
+    let y = GOOD.replace("chunk_size: 1MiB", "chunk_size: 0");
+    assert_err(&y, "cache.chunk_size", 8, "greater than zero");
+}
+
+#[test]
+fn broken_yaml_is_an_error_with_a_line() {
+    let e = bad("server:\n  threads: [2\nlisten: {\n");
+    assert!(e.line.is_some(), "{e}");
+    let e = bad("");
+    assert!(e.message.contains("empty"), "{e}");
+    let e = bad("- just\n- a list\n");
+    assert!(!e.message.is_empty());
+}
+
+#[test]
+fn missing_sections_are_errors() {
+    let e = bad("listen: [\"127.0.0.1:1\"]\nroutes: []\n");
+    assert_eq!(e.path, "upstreams");
+    let y = GOOD.split("routes:").next().unwrap().to_string();
+    assert_eq!(bad(&y).path, "routes");
+}
+
+#[test]
+fn query_key_modes() {
+    let y = GOOD.replace("    cache: true", "    cache: true\n    cache_key:\n      query: [b, a, a]");
+    let c = Config::from_yaml(&y).unwrap();
+    assert_eq!(c.routes[0].query_key, QueryKey::Keep(vec!["a".into(), "b".into()]));
+    let y = GOOD.replace("    cache: true", "    cache: true\n    cache_key:\n      query: ignore");
+    assert_eq!(Config::from_yaml(&y).unwrap().routes[0].query_key, QueryKey::Ignore);
+    let y = GOOD.replace("    cache: true", "    cache: true\n    cache_key:\n      query: some");
+    assert_err(&y, "routes[0].cache_key.query", 25, "invalid query key mode");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+    /// Arbitrary text, and the good config with a byte flipped anywhere, never panic.
+    #[test]
+    fn never_panics_on_arbitrary_text(s in "\\PC{0,200}") {
+        let _ = Config::from_yaml(&s);
+    }
+
+    #[test]
+    fn never_panics_on_mutated_config(pos in 0usize..GOOD.len(), c in proptest::char::any()) {
+        let mut y: Vec<char> = GOOD.chars().collect();
+        if pos < y.len() { y[pos] = c; }
+        let y: String = y.into_iter().collect();
+        let _ = Config::from_yaml(&y);
+    }
+}

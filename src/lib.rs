@@ -1,0 +1,23 @@
+//! edgeslice: an edge caching reverse proxy on Pingora.
+//!
+//! The data path, top to bottom:
+//!
+//! ```text
+//! client ─► listener (pingora) ─► route (host, path prefix) ─► request id, forwarded headers
+//!                                    │
+//!             cacheable GET/HEAD ────┤──── everything else: pass-through proxy (pingora upstream path)
+//!                                    ▼
+//!                      range plan: Range header ─► byte ranges ─► chunk spans
+//!                                    ▼
+//!                 for each chunk: memory (moka) ─► disk ─► origin fetch (single-flight per chunk)
+//!                                    ▼
+//!               assemble: 200 / 206 / multipart, streamed as chunks arrive
+//! ```
+//!
+//! The binary (`src/main.rs`) only parses the command line, loads the config and starts the
+//! services built here; tests and benches use this library directly.
+
+pub mod cache;
+pub mod config;
+pub mod origin;
+pub mod range;

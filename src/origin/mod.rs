@@ -1,0 +1,5 @@
+//! Talking to origins: circuit breakers, retry backoff and budget.
+
+pub mod backoff;
+pub mod breaker;
+pub mod budget;

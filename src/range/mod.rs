@@ -1,0 +1,6 @@
+//! HTTP byte ranges (RFC 9110 §14): parsing the `Range` header, planning which chunks cover the
+//! requested bytes, and laying out `multipart/byteranges` bodies. Pure logic, no I/O.
+
+pub mod multipart;
+pub mod parse;
+pub mod plan;
