@@ -17,7 +17,10 @@
 //! The binary (`src/main.rs`) only parses the command line, loads the config and starts the
 //! services built here; tests and benches use this library directly.
 
+pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod origin;
+pub mod proxy;
 pub mod range;
+pub mod server;

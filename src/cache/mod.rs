@@ -2,3 +2,8 @@
 
 pub mod disk;
 pub mod freshness;
+pub mod flight;
+pub mod key;
+pub mod meta;
+pub mod store;
+pub mod fill;

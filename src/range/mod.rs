@@ -4,3 +4,9 @@
 pub mod multipart;
 pub mod parse;
 pub mod plan;
+
+pub use multipart::{new_boundary, MultipartLayout};
+pub use parse::{
+    if_range_holds, parse_range, resolve, ByteRange, RangeDecision, RangeRequest, RangeSpec,
+};
+pub use plan::{chunk_bounds, chunk_count, runs, spans, ChunkSpan};

@@ -1,0 +1,26 @@
+# syntax=docker/dockerfile:1
+# Build stage: pingora-core needs cmake and a C compiler for zlib-ng.
+FROM rust:1-bookworm AS build
+RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY benches ./benches
+RUN cargo build --release --locked --bin edgeslice
+
+# Runtime stage: a small Debian with a non-root user.
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --home-dir /var/cache/edgeslice edgeslice \
+    && mkdir -p /etc/edgeslice /var/cache/edgeslice \
+    && chown edgeslice /var/cache/edgeslice
+COPY --from=build /src/target/release/edgeslice /usr/local/bin/edgeslice
+COPY conf/edgeslice.docker.yaml /etc/edgeslice/edgeslice.yaml
+USER edgeslice
+VOLUME ["/var/cache/edgeslice"]
+EXPOSE 8080 9180
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD curl -fsS http://127.0.0.1:9180/healthz || exit 1
+ENTRYPOINT ["/usr/local/bin/edgeslice"]
+CMD ["-c", "/etc/edgeslice/edgeslice.yaml"]

@@ -1,0 +1,1390 @@
+//! The disk tier of the chunk cache: a bounded, crash-safe store of opaque blobs (chunks and
+//! object metadata), one file per cache key, evicted least-recently-used down to a byte
+//! capacity.
+//!
+//! # What it must never do
+//!
+//! * **Never serve a torn or corrupt entry.** Every file carries its key, its validator, its
+//!   data length and a CRC-32 of the data and of the header. A file that fails any check is
+//!   deleted and reported as a miss; a file for another key or another object version is a
+//!   plain miss (it will be overwritten by the next `put` of that key).
+//! * **Never block an async worker.** All file I/O of [`DiskStore::get`], [`DiskStore::put`]
+//!   and [`DiskStore::remove`] runs in `tokio::task::spawn_blocking`. The in-memory index is a
+//!   `std::sync::Mutex` held only for short map operations, never across I/O or an `.await`.
+//!   [`DiskStore::open`] is blocking: it is called once at start-up.
+//! * **Never panic on file contents.** Decoding is bounds-checked everywhere (key and validator
+//!   lengths are capped at [`MAX_NAME_LEN`], the data length must match the file size exactly);
+//!   a bad file is an error value, never an index out of range or an allocation of a length
+//!   read from disk.
+//!
+//! # Layout
+//!
+//! The file of a key is `dir/ab/cd/<hex>`, where `<hex>` is the BLAKE3 hash of the key in hex
+//! and `ab`, `cd` are its first two bytes (two levels of fan-out). The raw key never reaches a
+//! file name. One key maps to one file, so a new version (validator) of a key replaces the old
+//! file.
+//!
+//! # File format (all integers little-endian)
+//!
+//! ```text
+//! magic "EDGSLC01" (8) | format version u16 | key length u32 | key | validator length u32 |
+//! validator | data length u64 | crc32 of data u32 | crc32 of all preceding header bytes u32 |
+//! data
+//! ```
+//!
+//! # Crash safety
+//!
+//! A `put` writes `<final>.tmp.<random>` in the same directory and renames it over the final
+//! path. There is deliberately **no fsync**: the rename is atomic, so after a SIGKILL a reader
+//! sees the old complete file or the new complete file, never a mix; after a power loss the
+//! file system may keep a renamed file whose data never reached the disk, and the CRC catches
+//! that (the entry is deleted on read). Leftover temp files are deleted by the next `open`.
+//! This is a cache: losing entries is fine, serving wrong bytes is not.
+//!
+//! # Concurrency
+//!
+//! File mutations (rename, delete) of one key happen under a striped lock together with the
+//! matching index update, so the index and the files stay consistent under concurrent puts,
+//! removes and evictions: two puts of one key race only on the rename (last one wins, each
+//! temp file has a random suffix), and a `get` reads through an open file descriptor, so it
+//! sees either the old or the new complete file.
+//!
+//! Recency survives a restart only approximately: `open` orders the entries it finds by file
+//! modification time (that is, by when they were written).
+
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fs::{self, File, Metadata, OpenOptions};
+use std::io::{self, Read, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+/// The first eight bytes of every entry file.
+pub const MAGIC: [u8; 8] = *b"EDGSLC01";
+/// The format version written after the magic. Files of any other version are deleted at open.
+pub const FORMAT_VERSION: u16 = 1;
+/// The longest key or validator accepted (longer ones are never stored, and a header claiming
+/// more is corrupt).
+pub const MAX_NAME_LEN: usize = 64 * 1024;
+
+/// magic, version, key length.
+const PREFIX_LEN: usize = 8 + 2 + 4;
+/// Every header field but the key and validator bytes.
+const FIXED_HEADER_LEN: usize = PREFIX_LEN + 4 + 8 + 4 + 4;
+/// The longest possible valid header.
+const MAX_HEADER_LEN: usize = FIXED_HEADER_LEN + 2 * MAX_NAME_LEN;
+/// How much of a file the start-up scan reads at first (most headers fit).
+const SCAN_FIRST_READ: u64 = 4096;
+/// Marker in the names of temporary files: `<hex>.tmp.<random>`.
+const TMP_MARKER: &str = ".tmp.";
+/// Number of per-key lock stripes serialising file mutations with their index updates.
+const STRIPES: usize = 64;
+
+/// BLAKE3 of the key: the file name and the index key.
+type KeyHash = [u8; 32];
+
+fn hash_key(key: &str) -> KeyHash {
+    *blake3::hash(key.as_bytes()).as_bytes()
+}
+
+/// A short digest of a validator, kept in the index so that misses on another version need no
+/// I/O. The header in the file stays authoritative.
+fn hash_validator(validator: &[u8]) -> u64 {
+    let h = blake3::hash(validator);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&h.as_bytes()[..8]);
+    u64::from_le_bytes(first)
+}
+
+// ---- encoding and decoding ------------------------------------------------------------------
+
+/// The parsed header of an entry; key and validator borrow the buffer it was parsed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header<'a> {
+    key: &'a [u8],
+    validator: &'a [u8],
+    data_len: u64,
+    data_crc: u32,
+}
+
+/// Why bytes are not a valid entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DecodeError {
+    /// The buffer ends before the header does; `need` bytes would be required to go on.
+    Short { need: usize },
+    /// The bytes can never be a valid entry.
+    Invalid(&'static str),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::Short { need } => write!(f, "truncated header (needs {need} bytes)"),
+            DecodeError::Invalid(why) => f.write_str(why),
+        }
+    }
+}
+
+/// A panic-free reader over a byte slice.
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .ok_or(DecodeError::Invalid("length overflow"))?;
+        let s = self
+            .buf
+            .get(self.pos..end)
+            .ok_or(DecodeError::Short { need: end })?;
+        self.pos = end;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        <[u8; N]>::try_from(self.take(N)?).map_err(|_| DecodeError::Invalid("short field"))
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    /// A u32 length prefix followed by that many bytes, at most [`MAX_NAME_LEN`].
+    fn name(&mut self, too_long: &'static str) -> Result<&'a [u8], DecodeError> {
+        let len = usize::try_from(self.u32()?).map_err(|_| DecodeError::Invalid(too_long))?;
+        if len > MAX_NAME_LEN {
+            return Err(DecodeError::Invalid(too_long));
+        }
+        self.take(len)
+    }
+}
+
+/// Parse the header at the start of `buf`; returns it and its length in bytes. Checks the
+/// magic, the version, the length bounds and the header CRC, not the data.
+fn parse_header(buf: &[u8]) -> Result<(Header<'_>, usize), DecodeError> {
+    let mut c = Cursor { buf, pos: 0 };
+    if c.array::<8>()? != MAGIC {
+        return Err(DecodeError::Invalid("bad magic"));
+    }
+    if c.u16()? != FORMAT_VERSION {
+        return Err(DecodeError::Invalid("unknown format version"));
+    }
+    let key = c.name("key too long")?;
+    let validator = c.name("validator too long")?;
+    let data_len = c.u64()?;
+    let data_crc = c.u32()?;
+    let covered = c.pos;
+    let header_crc = c.u32()?;
+    let fields = buf
+        .get(..covered)
+        .ok_or(DecodeError::Short { need: covered })?;
+    if crc32fast::hash(fields) != header_crc {
+        return Err(DecodeError::Invalid("header checksum mismatch"));
+    }
+    Ok((
+        Header {
+            key,
+            validator,
+            data_len,
+            data_crc,
+        },
+        c.pos,
+    ))
+}
+
+/// Decode a whole entry file: the header, then exactly `data_len` bytes of data whose CRC
+/// matches. Returns the header and the range of the data within `buf`.
+fn decode_entry(buf: &[u8]) -> Result<(Header<'_>, Range<usize>), DecodeError> {
+    let (header, header_len) = match parse_header(buf) {
+        Ok(parsed) => parsed,
+        Err(DecodeError::Short { .. }) => return Err(DecodeError::Invalid("truncated header")),
+        Err(e) => return Err(e),
+    };
+    let data = buf
+        .get(header_len..)
+        .ok_or(DecodeError::Invalid("truncated header"))?;
+    if data.len() as u64 != header.data_len {
+        return Err(DecodeError::Invalid(
+            "data length does not match the file size",
+        ));
+    }
+    if crc32fast::hash(data) != header.data_crc {
+        return Err(DecodeError::Invalid("data checksum mismatch"));
+    }
+    Ok((header, header_len..buf.len()))
+}
+
+/// The header of an entry holding `data`; `None` when the key or validator is too long.
+fn encode_header(key: &[u8], validator: &[u8], data: &[u8]) -> Option<Vec<u8>> {
+    if key.len() > MAX_NAME_LEN || validator.len() > MAX_NAME_LEN {
+        return None;
+    }
+    let mut h = Vec::with_capacity(FIXED_HEADER_LEN + key.len() + validator.len());
+    h.extend_from_slice(&MAGIC);
+    h.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    h.extend_from_slice(&u32::try_from(key.len()).ok()?.to_le_bytes());
+    h.extend_from_slice(key);
+    h.extend_from_slice(&u32::try_from(validator.len()).ok()?.to_le_bytes());
+    h.extend_from_slice(validator);
+    h.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    h.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+    let header_crc = crc32fast::hash(&h);
+    h.extend_from_slice(&header_crc.to_le_bytes());
+    Some(h)
+}
+
+/// What the start-up scan keeps of a header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ScannedHeader {
+    key: Vec<u8>,
+    validator: Vec<u8>,
+}
+
+/// Read only the header of an entry file of `file_len` bytes and check that the data length it
+/// declares matches the file size. The outer error is I/O, the inner one the contents.
+fn read_header_from(
+    file: &mut impl Read,
+    file_len: u64,
+) -> io::Result<Result<ScannedHeader, DecodeError>> {
+    let mut buf = Vec::new();
+    let mut want = file_len.min(SCAN_FIRST_READ) as usize;
+    loop {
+        let have = buf.len();
+        buf.resize(want, 0);
+        file.read_exact(&mut buf[have..])?;
+        match parse_header(&buf) {
+            Ok((h, header_len)) => {
+                if (header_len as u64).checked_add(h.data_len) != Some(file_len) {
+                    return Ok(Err(DecodeError::Invalid(
+                        "data length does not match the file size",
+                    )));
+                }
+                return Ok(Ok(ScannedHeader {
+                    key: h.key.to_vec(),
+                    validator: h.validator.to_vec(),
+                }));
+            }
+            Err(DecodeError::Short { need })
+                if need > buf.len() && need <= MAX_HEADER_LEN && need as u64 <= file_len =>
+            {
+                want = need;
+            }
+            Err(DecodeError::Short { .. }) => {
+                return Ok(Err(DecodeError::Invalid("truncated header")));
+            }
+            Err(e) => return Ok(Err(e)),
+        }
+    }
+}
+
+/// What identifies one file (not its path): a corrupt file is deleted only if the path still
+/// names the very file that was read, not a newer one renamed over it meanwhile.
+#[cfg(unix)]
+fn file_identity(m: &Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (m.dev(), m.ino())
+}
+
+#[cfg(not(unix))]
+fn file_identity(m: &Metadata) -> (u64, u64) {
+    let modified = m
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64);
+    (m.len(), modified)
+}
+
+// ---- the index ------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy)]
+struct IndexEntry {
+    /// File size: header and data.
+    size: u64,
+    /// Recency stamp, the key of this entry in `Index::lru`.
+    stamp: u64,
+    /// [`hash_validator`] of the validator in the file.
+    validator: u64,
+}
+
+/// Entries by key hash, and the same entries ordered by recency.
+#[derive(Debug, Default)]
+struct Index {
+    map: HashMap<KeyHash, IndexEntry>,
+    lru: BTreeMap<u64, KeyHash>,
+    used: u64,
+    clock: u64,
+}
+
+impl Index {
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+
+    fn insert(&mut self, hash: KeyHash, size: u64, validator: u64) {
+        let stamp = self.tick();
+        if let Some(old) = self.map.insert(
+            hash,
+            IndexEntry {
+                size,
+                stamp,
+                validator,
+            },
+        ) {
+            self.lru.remove(&old.stamp);
+            self.used = self.used.saturating_sub(old.size);
+        }
+        self.lru.insert(stamp, hash);
+        self.used = self.used.saturating_add(size);
+    }
+
+    fn remove(&mut self, hash: &KeyHash) -> Option<IndexEntry> {
+        let old = self.map.remove(hash)?;
+        self.lru.remove(&old.stamp);
+        self.used = self.used.saturating_sub(old.size);
+        Some(old)
+    }
+
+    fn touch(&mut self, hash: &KeyHash) {
+        let stamp = self.tick();
+        if let Some(e) = self.map.get_mut(hash) {
+            self.lru.remove(&e.stamp);
+            e.stamp = stamp;
+            self.lru.insert(stamp, *hash);
+        }
+    }
+
+    fn has(&self, hash: &KeyHash, validator: u64) -> bool {
+        self.map.get(hash).is_some_and(|e| e.validator == validator)
+    }
+
+    /// When over `capacity`, take the least recently used entry out of the index.
+    fn pop_lru_over(&mut self, capacity: u64) -> Option<KeyHash> {
+        if self.used <= capacity {
+            return None;
+        }
+        let (_, hash) = self.lru.pop_first()?;
+        if let Some(e) = self.map.remove(&hash) {
+            self.used = self.used.saturating_sub(e.size);
+        }
+        Some(hash)
+    }
+}
+
+// ---- the store ------------------------------------------------------------------------------
+
+/// The disk tier: see the module docs. Cheap to share as `Arc<DiskStore>`.
+pub struct DiskStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    capacity: u64,
+    index: Mutex<Index>,
+    /// Held (in blocking threads only) around every rename or delete of an entry file together
+    /// with its index update. Lock order: stripe, then index; never the reverse.
+    stripes: Box<[Mutex<()>]>,
+}
+
+impl fmt::Debug for DiskStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiskStore")
+            .field("dir", &self.shared.dir)
+            .field("capacity", &self.shared.capacity)
+            .field("used", &self.used_bytes())
+            .field("entries", &self.entry_count())
+            .finish()
+    }
+}
+
+impl DiskStore {
+    /// Open (creating the directory if needed) and rebuild the index by scanning the files:
+    /// leftover temp files are deleted, files with a bad/unreadable header (or in the wrong
+    /// place for their key) are deleted, valid ones are indexed. The scan reads headers only,
+    /// never whole data. Then evict down to capacity if over.
+    ///
+    /// Only the two-hex-digit fan-out directories are scanned: anything else directly in `dir`
+    /// is left alone, so a misconfigured path does not wipe unrelated files.
+    ///
+    /// Blocking: called once at start-up (the caller may run it in `spawn_blocking`).
+    pub fn open(dir: &Path, capacity: u64) -> io::Result<DiskStore> {
+        fs::create_dir_all(dir)?;
+        let mut found = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let is_fanout = name.to_str().is_some_and(is_fanout_name);
+            if is_fanout && entry.file_type().is_ok_and(|t| t.is_dir()) {
+                scan_level1(&entry.path(), &mut found);
+            }
+        }
+        // Oldest writes first: they get the oldest recency stamps.
+        found.sort_by_key(|f: &Found| f.modified);
+        let mut index = Index::default();
+        for f in &found {
+            index.insert(f.hash, f.size, f.validator);
+        }
+        let shared = Shared {
+            dir: dir.to_path_buf(),
+            capacity,
+            index: Mutex::new(index),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        };
+        shared.evict();
+        let store = DiskStore {
+            shared: Arc::new(shared),
+        };
+        log::info!(
+            "disk cache {}: {} entries, {} of {} bytes",
+            dir.display(),
+            store.entry_count(),
+            store.used_bytes(),
+            capacity
+        );
+        Ok(store)
+    }
+
+    /// Read an entry. A miss (`None`) when absent, or when the file's key or validator differ
+    /// from the ones asked for (another object version: the file is left, it will be
+    /// overwritten), or when the file is corrupt (bad header, wrong length, checksum mismatch),
+    /// in which case it is deleted and dropped from the index. A hit makes the entry the most
+    /// recently used. File I/O runs in `spawn_blocking`; a miss known to the index needs none.
+    pub async fn get(&self, key: &str, validator: &str) -> Option<Bytes> {
+        let hash = hash_key(key);
+        if !self
+            .shared
+            .indexed(&hash, hash_validator(validator.as_bytes()))
+        {
+            return None;
+        }
+        let shared = self.shared.clone();
+        let key = key.to_owned();
+        let validator = validator.to_owned();
+        match tokio::task::spawn_blocking(move || shared.get_blocking(&hash, &key, &validator))
+            .await
+        {
+            Ok(found) => found,
+            Err(e) => {
+                log::warn!("disk cache: read task failed: {e}");
+                None
+            }
+        }
+    }
+
+    /// Store an entry atomically: write `<final>.tmp.<random>` next to the final path, then
+    /// rename it over the final path (no fsync: see the module docs), then index it and evict
+    /// least-recently-used entries until `used_bytes() <= capacity()`.
+    ///
+    /// An entry that cannot be stored (larger than the capacity, key or validator longer than
+    /// [`MAX_NAME_LEN`], or an I/O error) is not stored, and any older entry of the same key is
+    /// removed, so a stale version can never outlive a newer one. Errors are logged and
+    /// swallowed: the cache is best effort. The work runs in `spawn_blocking` and completes even
+    /// if this future is dropped.
+    pub async fn put(&self, key: &str, validator: &str, data: Bytes) {
+        let shared = self.shared.clone();
+        let key = key.to_owned();
+        let validator = validator.to_owned();
+        let task =
+            tokio::task::spawn_blocking(move || shared.put_blocking(&key, &validator, &data));
+        if let Err(e) = task.await {
+            log::warn!("disk cache: write task failed: {e}");
+        }
+    }
+
+    /// Delete an entry (if present).
+    pub async fn remove(&self, key: &str) {
+        let hash = hash_key(key);
+        if !self.shared.index().map.contains_key(&hash) {
+            return;
+        }
+        let shared = self.shared.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || shared.remove_blocking(&hash)).await {
+            log::warn!("disk cache: remove task failed: {e}");
+        }
+    }
+
+    /// Whether the index holds `key` at `validator`, without any I/O. A `get` may still miss
+    /// (the file turns out corrupt, or was evicted meanwhile).
+    pub fn contains(&self, key: &str, validator: &str) -> bool {
+        self.shared
+            .indexed(&hash_key(key), hash_validator(validator.as_bytes()))
+    }
+
+    /// Sum of the sizes (header and data) of the indexed files.
+    pub fn used_bytes(&self) -> u64 {
+        self.shared.index().used
+    }
+
+    pub fn capacity(&self) -> u64 {
+        self.shared.capacity
+    }
+
+    pub fn entry_count(&self) -> usize {
+        self.shared.index().map.len()
+    }
+
+    /// The directory the entries live in.
+    pub fn dir(&self) -> &Path {
+        &self.shared.dir
+    }
+}
+
+impl Shared {
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn stripe(&self, hash: &KeyHash) -> MutexGuard<'_, ()> {
+        let i = usize::from(hash[0]) % self.stripes.len();
+        self.stripes[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn indexed(&self, hash: &KeyHash, validator: u64) -> bool {
+        self.index().has(hash, validator)
+    }
+
+    fn path_for(&self, hash: &KeyHash) -> PathBuf {
+        let hex = blake3::Hash::from_bytes(*hash).to_hex();
+        self.dir.join(&hex[..2]).join(&hex[2..4]).join(hex.as_str())
+    }
+
+    fn get_blocking(&self, hash: &KeyHash, key: &str, validator: &str) -> Option<Bytes> {
+        let path = self.path_for(hash);
+        let mut file = match File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.forget_if_missing(hash, &path);
+                return None;
+            }
+            Err(e) => {
+                log::warn!("disk cache: cannot open {}: {e}", path.display());
+                return None;
+            }
+        };
+        let meta = match file.metadata() {
+            Ok(m) => m,
+            Err(e) => {
+                log::warn!("disk cache: cannot stat {}: {e}", path.display());
+                return None;
+            }
+        };
+        let identity = file_identity(&meta);
+        let len = match usize::try_from(meta.len()) {
+            Ok(len) if meta.len() <= self.capacity => len,
+            _ => {
+                self.discard_corrupt(hash, &path, identity, "larger than the capacity");
+                return None;
+            }
+        };
+        let mut buf = Vec::with_capacity(len);
+        if let Err(e) = (&mut file).take(meta.len()).read_to_end(&mut buf) {
+            log::warn!("disk cache: cannot read {}: {e}", path.display());
+            return None;
+        }
+        drop(file);
+        let (same_version, data) = match decode_entry(&buf) {
+            Ok((h, data)) => (
+                h.key == key.as_bytes() && h.validator == validator.as_bytes(),
+                data,
+            ),
+            Err(e) => {
+                self.discard_corrupt(hash, &path, identity, &e.to_string());
+                return None;
+            }
+        };
+        if !same_version {
+            return None;
+        }
+        self.index().touch(hash);
+        Some(Bytes::from(buf).slice(data))
+    }
+
+    /// Delete a corrupt entry file, unless the path names another file by now (a fresh `put`).
+    fn discard_corrupt(&self, hash: &KeyHash, path: &Path, identity: (u64, u64), why: &str) {
+        log::warn!(
+            "disk cache: discarding corrupt entry {}: {why}",
+            path.display()
+        );
+        let _stripe = self.stripe(hash);
+        let same_file = fs::symlink_metadata(path).is_ok_and(|m| file_identity(&m) == identity);
+        if same_file {
+            self.index().remove(hash);
+            remove_file_logged(path);
+        }
+    }
+
+    /// The index lists an entry whose file is gone (deleted behind our back): forget it.
+    fn forget_if_missing(&self, hash: &KeyHash, path: &Path) {
+        let _stripe = self.stripe(hash);
+        let missing =
+            matches!(fs::symlink_metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound);
+        if missing {
+            self.index().remove(hash);
+        }
+    }
+
+    fn put_blocking(&self, key: &str, validator: &str, data: &Bytes) {
+        let hash = hash_key(key);
+        let Some(header) = encode_header(key.as_bytes(), validator.as_bytes(), data) else {
+            log::warn!("disk cache: key or validator too long, not stored");
+            self.remove_blocking(&hash);
+            return;
+        };
+        let size = (header.len() as u64).saturating_add(data.len() as u64);
+        if size > self.capacity {
+            log::debug!("disk cache: entry of {size} bytes exceeds the capacity, not stored");
+            self.remove_blocking(&hash);
+            return;
+        }
+        let path = self.path_for(&hash);
+        let validator = hash_validator(validator.as_bytes());
+        if let Err(e) = self.install(&hash, &path, &header, data, size, validator) {
+            log::warn!("disk cache: cannot store {}: {e}", path.display());
+            self.remove_blocking(&hash);
+        }
+        self.evict();
+    }
+
+    /// Write a temp file, rename it over `path` and index it.
+    fn install(
+        &self,
+        hash: &KeyHash,
+        path: &Path,
+        header: &[u8],
+        data: &[u8],
+        size: u64,
+        validator: u64,
+    ) -> io::Result<()> {
+        let parent = path
+            .parent()
+            .ok_or_else(|| io::Error::other("entry path has no parent"))?;
+        fs::create_dir_all(parent)?;
+        let tmp = tmp_path(path);
+        let written = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .and_then(|mut f| {
+                f.write_all(header)?;
+                f.write_all(data)
+            });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let _stripe = self.stripe(hash);
+        if let Err(e) = fs::rename(&tmp, path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.index().insert(*hash, size, validator);
+        Ok(())
+    }
+
+    fn remove_blocking(&self, hash: &KeyHash) {
+        let path = self.path_for(hash);
+        let _stripe = self.stripe(hash);
+        self.index().remove(hash);
+        remove_file_logged(&path);
+    }
+
+    /// Delete least-recently-used entries until `used <= capacity`.
+    fn evict(&self) {
+        loop {
+            // The index guard must not live into the loop body (lock order: stripe, index).
+            let victim = self.index().pop_lru_over(self.capacity);
+            let Some(hash) = victim else { break };
+            let _stripe = self.stripe(&hash);
+            // Put again since it was picked: that newer file is indexed, keep it.
+            let back = self.index().map.contains_key(&hash);
+            if !back {
+                remove_file_logged(&self.path_for(&hash));
+            }
+        }
+    }
+}
+
+/// `<final>.tmp.<random>` in the directory of `path`.
+fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!("{TMP_MARKER}{:016x}", rand::random::<u64>()));
+    path.with_file_name(name)
+}
+
+fn remove_file_logged(path: &Path) {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => log::warn!("disk cache: cannot delete {}: {e}", path.display()),
+    }
+}
+
+fn is_fanout_name(name: &str) -> bool {
+    name.len() == 2
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A valid entry found by the start-up scan.
+struct Found {
+    hash: KeyHash,
+    size: u64,
+    validator: u64,
+    modified: SystemTime,
+}
+
+/// `dir/ab`: scan the `cd` directories; any other file here is garbage in our tree.
+fn scan_level1(dir: &Path, found: &mut Vec<Found>) {
+    for entry in read_dir_logged(dir) {
+        let path = entry.path();
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        let is_fanout = entry.file_name().to_str().is_some_and(is_fanout_name);
+        if is_dir && is_fanout {
+            scan_level2(&path, found);
+        } else if is_dir {
+            log::warn!(
+                "disk cache: ignoring unexpected directory {}",
+                path.display()
+            );
+        } else {
+            log::warn!("disk cache: deleting stray file {}", path.display());
+            remove_file_logged(&path);
+        }
+    }
+}
+
+/// `dir/ab/cd`: entry files and leftover temp files.
+fn scan_level2(dir: &Path, found: &mut Vec<Found>) {
+    for entry in read_dir_logged(dir) {
+        let path = entry.path();
+        let file_type = entry.file_type();
+        if file_type.as_ref().is_ok_and(|t| t.is_dir()) {
+            log::warn!(
+                "disk cache: ignoring unexpected directory {}",
+                path.display()
+            );
+            continue;
+        }
+        let name = entry.file_name();
+        let name = name.to_str().unwrap_or("");
+        if name.contains(TMP_MARKER) {
+            log::debug!("disk cache: deleting leftover temp file {}", path.display());
+            remove_file_logged(&path);
+            continue;
+        }
+        let checked = if file_type.is_ok_and(|t| t.is_file()) {
+            check_entry_file(&path, name)
+        } else {
+            Err("not a regular file".to_owned())
+        };
+        match checked {
+            Ok(f) => found.push(f),
+            Err(why) => {
+                log::warn!("disk cache: deleting bad entry {}: {why}", path.display());
+                remove_file_logged(&path);
+            }
+        }
+    }
+}
+
+/// Read the header of `dir/ab/cd/<name>` and check the file belongs at that path.
+fn check_entry_file(path: &Path, name: &str) -> Result<Found, String> {
+    let mut file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
+    let header = read_header_from(&mut file, meta.len())
+        .map_err(|e| format!("cannot read the header: {e}"))?
+        .map_err(|e| e.to_string())?;
+    let hash = *blake3::hash(&header.key).as_bytes();
+    let hex = blake3::Hash::from_bytes(hash).to_hex();
+    let l2 = path.parent();
+    let l1 = l2.and_then(Path::parent);
+    let dir_name = |p: Option<&Path>| {
+        p.and_then(Path::file_name)
+            .and_then(|n| n.to_str())
+            .map(str::to_owned)
+    };
+    let in_place = name == hex.as_str()
+        && dir_name(l1).as_deref() == Some(&hex[..2])
+        && dir_name(l2).as_deref() == Some(&hex[2..4]);
+    if !in_place {
+        return Err("not at the path of its key".to_owned());
+    }
+    Ok(Found {
+        hash,
+        size: meta.len(),
+        validator: hash_validator(&header.validator),
+        modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+    })
+}
+
+fn read_dir_logged(dir: &Path) -> Vec<fs::DirEntry> {
+    match fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| {
+                e.map_err(|e| log::warn!("disk cache: cannot list {}: {e}", dir.display()))
+                    .ok()
+            })
+            .collect(),
+        Err(e) => {
+            log::warn!("disk cache: cannot list {}: {e}", dir.display());
+            Vec::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                let t = e.file_type().unwrap();
+                if t.is_dir() {
+                    stack.push(e.path());
+                } else {
+                    out.push((e.path(), e.metadata().unwrap().len()));
+                }
+            }
+        }
+        out
+    }
+
+    fn disk_bytes(dir: &Path) -> u64 {
+        files_under(dir).iter().map(|(_, len)| len).sum()
+    }
+
+    fn entry_path(store: &DiskStore, key: &str) -> PathBuf {
+        store.shared.path_for(&hash_key(key))
+    }
+
+    fn entry_size(key: &str, validator: &str, data_len: usize) -> u64 {
+        (FIXED_HEADER_LEN + key.len() + validator.len() + data_len) as u64
+    }
+
+    fn encode(key: &[u8], validator: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut v = encode_header(key, validator, data).unwrap();
+        v.extend_from_slice(data);
+        v
+    }
+
+    #[test]
+    fn store_is_send_and_sync() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<DiskStore>();
+        check::<Arc<DiskStore>>();
+    }
+
+    #[tokio::test]
+    async fn round_trip_and_version_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(store.get("obj/1", "v1").await, None);
+        store
+            .put("obj/1", "v1", Bytes::from_static(b"hello chunk"))
+            .await;
+        assert_eq!(
+            store.get("obj/1", "v1").await.as_deref(),
+            Some(&b"hello chunk"[..])
+        );
+        assert!(store.contains("obj/1", "v1"));
+        assert!(!store.contains("obj/1", "v2"));
+        assert_eq!(store.get("obj/1", "v2").await, None);
+        assert_eq!(store.get("obj/2", "v1").await, None);
+        assert_eq!(store.entry_count(), 1);
+        assert_eq!(store.used_bytes(), entry_size("obj/1", "v1", 11));
+        assert_eq!(disk_bytes(dir.path()), store.used_bytes());
+        // The file name is the key's hash, never the key.
+        let files = files_under(dir.path());
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].0, entry_path(&store, "obj/1"));
+        assert!(!files[0].0.to_string_lossy().contains("obj"));
+
+        // A new version overwrites the old file.
+        store
+            .put("obj/1", "v2", Bytes::from_static(b"second"))
+            .await;
+        assert_eq!(store.get("obj/1", "v1").await, None);
+        assert_eq!(
+            store.get("obj/1", "v2").await.as_deref(),
+            Some(&b"second"[..])
+        );
+        assert_eq!(store.entry_count(), 1);
+        assert_eq!(disk_bytes(dir.path()), store.used_bytes());
+
+        // Empty data and an empty validator are fine.
+        store.put("meta", "", Bytes::new()).await;
+        assert_eq!(store.get("meta", "").await.as_deref(), Some(&b""[..]));
+
+        store.remove("obj/1").await;
+        store.remove("absent").await;
+        assert_eq!(store.get("obj/1", "v2").await, None);
+        assert!(!entry_path(&store, "obj/1").exists());
+        assert_eq!(store.entry_count(), 1);
+        assert_eq!(disk_bytes(dir.path()), store.used_bytes());
+    }
+
+    #[tokio::test]
+    async fn a_file_for_another_version_is_left_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        store.put("k", "v1", Bytes::from_static(b"one")).await;
+        // Another process (or a past life) wrote v2 at the same path: the index still says v1.
+        let path = entry_path(&store, "k");
+        fs::write(&path, encode(b"k", b"v2", b"two")).unwrap();
+        assert_eq!(store.get("k", "v1").await, None);
+        assert!(
+            path.exists(),
+            "a valid file of another version is not deleted"
+        );
+        assert_eq!(store.entry_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn reopen_serves_entries_and_deletes_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        store.put("a", "1", Bytes::from(vec![1u8; 5000])).await;
+        store.put("b", "2", Bytes::from(vec![2u8; 10])).await;
+        let path_a = entry_path(&store, "a");
+        let used = store.used_bytes();
+        drop(store);
+
+        let tmp = path_a.with_file_name(format!(
+            "{}.tmp.0123456789abcdef",
+            path_a.file_name().unwrap().to_str().unwrap()
+        ));
+        fs::write(&tmp, b"half a write").unwrap();
+
+        let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        assert!(!tmp.exists(), "leftover temp file deleted at open");
+        assert_eq!(store.entry_count(), 2);
+        assert_eq!(store.used_bytes(), used);
+        assert!(store.contains("a", "1"));
+        assert_eq!(store.get("a", "1").await.unwrap(), vec![1u8; 5000]);
+        assert_eq!(store.get("b", "2").await.unwrap(), vec![2u8; 10]);
+        assert_eq!(store.get("b", "1").await, None);
+        assert_eq!(disk_bytes(dir.path()), store.used_bytes());
+    }
+
+    #[tokio::test]
+    async fn reopen_with_a_smaller_capacity_evicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        for i in 0..10 {
+            store
+                .put(&format!("k{i}"), "v", Bytes::from(vec![i as u8; 1000]))
+                .await;
+        }
+        drop(store);
+        let cap = 3 * entry_size("k0", "v", 1000);
+        let store = DiskStore::open(dir.path(), cap).unwrap();
+        assert_eq!(store.entry_count(), 3);
+        assert!(store.used_bytes() <= cap);
+        assert_eq!(disk_bytes(dir.path()), store.used_bytes());
+    }
+
+    #[tokio::test]
+    async fn corrupt_data_byte_is_a_miss_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        store.put("k", "v", Bytes::from(vec![7u8; 4096])).await;
+        let path = entry_path(&store, "k");
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(store.get("k", "v").await, None);
+        assert!(!path.exists());
+        assert_eq!(store.entry_count(), 0);
+        assert_eq!(store.used_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn corrupt_header_byte_is_a_miss_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        store
+            .put("key", "validator", Bytes::from(vec![7u8; 100]))
+            .await;
+        let path = entry_path(&store, "key");
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[PREFIX_LEN + 1] ^= 0x20; // inside the key
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(store.get("key", "validator").await, None);
+        assert!(!path.exists());
+        assert_eq!(store.entry_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn truncated_file_is_a_miss_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        store.put("k", "v", Bytes::from(vec![7u8; 4096])).await;
+        let path = entry_path(&store, "k");
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(2000).unwrap();
+        drop(f);
+        assert_eq!(store.get("k", "v").await, None);
+        assert!(!path.exists());
+        assert_eq!(store.entry_count(), 0);
+        assert_eq!(store.used_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_file_deleted_behind_our_back_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        store.put("k", "v", Bytes::from_static(b"x")).await;
+        fs::remove_file(entry_path(&store, "k")).unwrap();
+        assert_eq!(store.get("k", "v").await, None);
+        assert_eq!(store.entry_count(), 0);
+        assert_eq!(store.used_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn garbage_in_the_tree_is_deleted_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        store
+            .put("good", "v", Bytes::from_static(b"good data"))
+            .await;
+        store
+            .put("moved", "v", Bytes::from_static(b"moved data"))
+            .await;
+        let good = entry_path(&store, "good");
+        let moved = entry_path(&store, "moved");
+        drop(store);
+
+        let hex = blake3::hash(b"some other key").to_hex();
+        let sub = dir.path().join(&hex[..2]).join(&hex[2..4]);
+        fs::create_dir_all(&sub).unwrap();
+        let garbage = sub.join(hex.as_str());
+        fs::write(&garbage, b"\x00\x01 definitely not an entry").unwrap();
+        let empty = sub.join("0000");
+        fs::write(&empty, b"").unwrap();
+        let stray = dir.path().join(&hex[..2]).join("stray.txt");
+        fs::write(&stray, b"stray").unwrap();
+        // A valid entry at another key's path is deleted too.
+        let misplaced = sub.join("ffff");
+        fs::copy(&moved, &misplaced).unwrap();
+        // A long header claiming a huge key: rejected without allocating it.
+        let mut huge = MAGIC.to_vec();
+        huge.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        let huge_path = sub.join("eeee");
+        fs::write(&huge_path, &huge).unwrap();
+        // Not ours: left alone.
+        let unrelated = dir.path().join("README");
+        fs::write(&unrelated, b"hands off").unwrap();
+
+        let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        for p in [&garbage, &empty, &stray, &misplaced, &huge_path] {
+            assert!(!p.exists(), "{} should be deleted", p.display());
+        }
+        assert!(unrelated.exists());
+        assert!(good.exists() && moved.exists());
+        assert_eq!(store.entry_count(), 2);
+        assert_eq!(
+            store.get("good", "v").await.as_deref(),
+            Some(&b"good data"[..])
+        );
+        assert_eq!(
+            store.get("moved", "v").await.as_deref(),
+            Some(&b"moved data"[..])
+        );
+        assert_eq!(
+            disk_bytes(dir.path()),
+            store.used_bytes() + b"hands off".len() as u64
+        );
+    }
+
+    #[tokio::test]
+    async fn recently_read_entries_survive_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = entry_size("k00", "v", 1000);
+        let store = DiskStore::open(dir.path(), 4 * one).unwrap();
+        for i in 0..4 {
+            store
+                .put(&format!("k{i:02}"), "v", Bytes::from(vec![i as u8; 1000]))
+                .await;
+        }
+        assert_eq!(store.used_bytes(), 4 * one);
+        assert!(store.get("k00", "v").await.is_some());
+        store.put("k04", "v", Bytes::from(vec![4u8; 1000])).await;
+        assert!(store.contains("k00", "v"), "recently read entry kept");
+        assert!(
+            !store.contains("k01", "v"),
+            "least recently used entry evicted"
+        );
+        assert!(!entry_path(&store, "k01").exists());
+        for k in ["k00", "k02", "k03", "k04"] {
+            assert!(store.get(k, "v").await.is_some(), "{k}");
+        }
+        assert_eq!(store.used_bytes(), 4 * one);
+        assert_eq!(disk_bytes(dir.path()), store.used_bytes());
+    }
+
+    #[tokio::test]
+    async fn capacity_is_never_exceeded() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = 64 * 1024;
+        let store = DiskStore::open(dir.path(), cap).unwrap();
+        store.put("hot", "v", Bytes::from(vec![0xAA; 3000])).await;
+        let mut written = 0;
+        let mut i = 0u64;
+        while written < 4 * cap {
+            let len = 1000 + (i as usize * 731) % 6000;
+            store
+                .put(
+                    &format!("chunk-{i}"),
+                    "etag",
+                    Bytes::from(vec![i as u8; len]),
+                )
+                .await;
+            written += len as u64;
+            i += 1;
+            assert!(
+                store.get("hot", "v").await.is_some(),
+                "hot entry evicted after {i} puts"
+            );
+            assert!(store.used_bytes() <= cap);
+            assert!(disk_bytes(dir.path()) <= cap);
+        }
+        assert_eq!(disk_bytes(dir.path()), store.used_bytes());
+        assert_eq!(files_under(dir.path()).len(), store.entry_count());
+        // The newest entry is there, the oldest ones are gone.
+        let last = format!("chunk-{}", i - 1);
+        assert!(store.get(&last, "etag").await.is_some());
+        assert!(store.get("chunk-0", "etag").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_entry_larger_than_capacity_is_not_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path(), 1000).unwrap();
+        store.put("k", "v", Bytes::from(vec![0u8; 100])).await;
+        assert!(store.contains("k", "v"));
+        store.put("k", "v2", Bytes::from(vec![0u8; 1000])).await;
+        // Neither the new version nor the stale old one is kept.
+        assert_eq!(store.entry_count(), 0);
+        assert_eq!(store.get("k", "v").await, None);
+        assert_eq!(store.get("k", "v2").await, None);
+        assert_eq!(disk_bytes(dir.path()), 0);
+
+        let store = DiskStore::open(dir.path(), 0).unwrap();
+        store.put("k", "", Bytes::new()).await;
+        assert_eq!(store.entry_count(), 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_puts_of_one_key_never_tear() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(DiskStore::open(dir.path(), 1 << 24).unwrap());
+        let mut tasks = Vec::new();
+        for round in 0..20u8 {
+            for w in 0..4u8 {
+                let writer = store.clone();
+                let byte = round.wrapping_mul(4).wrapping_add(w);
+                tasks.push(tokio::spawn(async move {
+                    let len = 10_000 + usize::from(byte) * 97;
+                    writer.put("same", "v", Bytes::from(vec![byte; len])).await;
+                }));
+                let reader = store.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Some(data) = reader.get("same", "v").await {
+                        let byte = data[0];
+                        assert_eq!(data.len(), 10_000 + usize::from(byte) * 97);
+                        assert!(data.iter().all(|&b| b == byte), "torn entry");
+                    }
+                }));
+            }
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let files = files_under(dir.path());
+        assert_eq!(files.len(), 1, "one file, no temp files left: {files:?}");
+        assert_eq!(store.entry_count(), 1);
+        assert_eq!(store.used_bytes(), files[0].1);
+        let data = store.get("same", "v").await.unwrap();
+        assert!(data.iter().all(|&b| b == data[0]));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn index_matches_files_after_concurrent_churn() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = 20_000;
+        let store = Arc::new(DiskStore::open(dir.path(), cap).unwrap());
+        let mut tasks = Vec::new();
+        for w in 0..8u64 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..60u64 {
+                    let k = format!("key-{}", (w * 7 + i * 13) % 17);
+                    match (w + i) % 5 {
+                        0 => store.remove(&k).await,
+                        1 | 2 => {
+                            let _ = store.get(&k, "v").await;
+                        }
+                        _ => {
+                            let len = 500 + ((w * 31 + i * 17) % 3000) as usize;
+                            store.put(&k, "v", Bytes::from(vec![i as u8; len])).await;
+                        }
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let files = files_under(dir.path());
+        assert!(store.used_bytes() <= cap);
+        assert_eq!(files.len(), store.entry_count());
+        assert_eq!(
+            files.iter().map(|(_, l)| l).sum::<u64>(),
+            store.used_bytes()
+        );
+        for (path, _) in files {
+            let bytes = fs::read(&path).unwrap();
+            assert!(decode_entry(&bytes).is_ok(), "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn encode_decode_round_trip() {
+        let bytes = encode(b"key", b"etag", b"payload");
+        let (h, range) = decode_entry(&bytes).unwrap();
+        assert_eq!(h.key, b"key");
+        assert_eq!(h.validator, b"etag");
+        assert_eq!(h.data_len, 7);
+        assert_eq!(&bytes[range], b"payload");
+        let scanned = read_header_from(&mut &bytes[..], bytes.len() as u64)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            scanned,
+            ScannedHeader {
+                key: b"key".to_vec(),
+                validator: b"etag".to_vec()
+            }
+        );
+        assert!(encode_header(&vec![b'k'; MAX_NAME_LEN + 1], b"", b"").is_none());
+        // A header longer than the scan's first read is still read.
+        let long_key = vec![b'k'; 10_000];
+        let bytes = encode(&long_key, b"v", b"d");
+        let scanned = read_header_from(&mut &bytes[..], bytes.len() as u64)
+            .unwrap()
+            .unwrap();
+        assert_eq!(scanned.key, long_key);
+        // The scan checks the declared data length against the file size.
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(read_header_from(&mut &longer[..], longer.len() as u64)
+            .unwrap()
+            .is_err());
+        assert!(read_header_from(&mut &bytes[..], bytes.len() as u64 - 1)
+            .unwrap()
+            .is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn decoding_random_bytes_never_panics(
+            bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+            valid_prefix in any::<bool>(),
+        ) {
+            let mut bytes = bytes;
+            if valid_prefix {
+                let mut b = MAGIC.to_vec();
+                b.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+                b.extend_from_slice(&bytes);
+                bytes = b;
+            }
+            let _ = parse_header(&bytes);
+            prop_assert!(decode_entry(&bytes).is_err());
+            let _ = read_header_from(&mut &bytes[..], bytes.len() as u64);
+            let _ = read_header_from(&mut &bytes[..], u64::MAX);
+        }
+
+        #[test]
+        fn any_single_byte_change_or_truncation_is_detected(
+            key in proptest::collection::vec(any::<u8>(), 0..64),
+            validator in proptest::collection::vec(any::<u8>(), 0..32),
+            data in proptest::collection::vec(any::<u8>(), 0..512),
+            pos in any::<usize>(),
+            flip in 1u8..=255,
+            cut in any::<usize>(),
+        ) {
+            let bytes = encode(&key, &validator, &data);
+            let (h, range) = decode_entry(&bytes).unwrap();
+            prop_assert_eq!(h.key, &key[..]);
+            prop_assert_eq!(h.validator, &validator[..]);
+            prop_assert_eq!(&bytes[range], &data[..]);
+
+            let mut changed = bytes.clone();
+            let pos = pos % changed.len();
+            changed[pos] ^= flip;
+            prop_assert!(decode_entry(&changed).is_err());
+
+            let cut = cut % bytes.len();
+            prop_assert!(decode_entry(&bytes[..cut]).is_err());
+            let mut longer = bytes.clone();
+            longer.push(0);
+            prop_assert!(decode_entry(&longer).is_err());
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        #[test]
+        fn random_file_contents_never_panic_and_are_deleted(
+            bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+                store.put("a", "v", Bytes::from_static(b"valid")).await;
+                store.put("b", "v", Bytes::from_static(b"valid")).await;
+                // Read path: the indexed file's contents replaced by random bytes.
+                let path_a = entry_path(&store, "a");
+                fs::write(&path_a, &bytes).unwrap();
+                assert_eq!(store.get("a", "v").await, None);
+                assert!(!path_a.exists());
+                // Scan path: the same bytes found at open.
+                let path_b = entry_path(&store, "b");
+                drop(store);
+                fs::write(&path_b, &bytes).unwrap();
+                let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+                assert_eq!(store.entry_count(), 0);
+                assert!(!path_b.exists());
+            });
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! Filling the cache from origins: discovering an object (its length, validator and freshness)
+//! from the first chunk-aligned fetch, revalidating a stale one, and streaming runs of missing
+//! chunks into their single-flight entries.
+//!
+//! Version rule: every fetch after discovery must come back with the same validator (ETag, else
+//! Last-Modified + length); otherwise the old version is dropped and the fill fails with
+//! `VersionChanged`, so a response never mixes bytes of two versions.
+
+use super::flight::{FillError, Flight, FlightGuard, Joined};
+use super::freshness::{self, Storability, StorePolicyInput};
+use super::key::ObjectKey;
+use super::meta::ObjectMeta;
+use super::store::{ChunkCache, ChunkId};
+use crate::origin::fetch::{self, FetchError, OriginRequest, OriginResponse};
+use crate::origin::pool::UpstreamPool;
+use crate::range::plan::{chunk_bounds, chunk_count};
+use bytes::{Buf, Bytes, BytesMut};
+use pingora_core::connectors::http::Connector;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// Most chunks one origin request asks for.
+pub const MAX_RUN_CHUNKS: u64 = 16;
+
+/// Default window for serving stale content when every origin fails.
+pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(86_400);
+
+/// How to reach the origins of one route.
+#[derive(Clone)]
+pub struct OriginAccess {
+    pub connector: Arc<Connector>,
+    pub pool: Arc<UpstreamPool>,
+}
+
+/// The object a request is about, and what is needed to ask an origin for it.
+#[derive(Clone)]
+pub struct ObjectRequest {
+    pub key: ObjectKey,
+    pub path_and_query: String,
+    pub host: String,
+    pub request_id: String,
+    pub has_authorization: bool,
+}
+
+impl ObjectRequest {
+    fn origin_request(&self, range: Option<(u64, u64)>, headers: Vec<(&'static str, String)>) -> OriginRequest {
+        OriginRequest {
+            method: http::Method::GET,
+            path_and_query: self.path_and_query.clone(),
+            host: self.host.clone(),
+            range,
+            headers,
+            request_id: self.request_id.clone(),
+        }
+    }
+}
+
+/// Where a chunk's bytes come from.
+pub enum ChunkSource {
+    Ready(Bytes),
+    Filling(Arc<Flight>),
+}
+
+pub enum Discovery {
+    Stored(Arc<ObjectMeta>),
+    /// Not cacheable (reason): the request is passed through instead.
+    Uncacheable(&'static str),
+    Failed(FetchError),
+}
+
+pub enum Revalidation {
+    /// Still the same version; freshness renewed (304, or same validator).
+    Fresh(Arc<ObjectMeta>),
+    /// A new version exists; the old one was dropped.
+    Changed,
+    Uncacheable(&'static str),
+    Failed(FetchError),
+}
+
+fn chunk_len(cache: &ChunkCache, meta: &ObjectMeta, index: u64) -> u64 {
+    chunk_bounds(index, cache.chunk_size, meta.size).map(|b| b.len()).unwrap_or(0)
+}
+
+/// The request headers that make an origin refuse to mix versions: `If-Range` with a strong
+/// ETag, or with the Last-Modified date.
+fn if_range(meta: &ObjectMeta) -> Vec<(&'static str, String)> {
+    match (&meta.etag, &meta.last_modified) {
+        (Some(e), _) if !e.starts_with("W/") => vec![("if-range", e.clone())],
+        (_, Some(lm)) => vec![("if-range", lm.clone())],
+        _ => Vec::new(),
+    }
+}
+
+/// The total length and first byte offset an origin response carries: 206 from Content-Range,
+/// 200 from Content-Length (offset 0).
+fn response_extent(resp: &OriginResponse) -> Option<(u64, Option<u64>)> {
+    match resp.status() {
+        206 => {
+            let (range, total) = fetch::parse_content_range(resp.header_str("content-range")?)?;
+            Some((range?.0, total))
+        }
+        200 => Some((0, resp.header_str("content-length").and_then(|v| v.trim().parse().ok()))),
+        _ => None,
+    }
+}
+
+fn response_validator(resp: &OriginResponse, size: u64) -> Option<String> {
+    ObjectMeta::validator_of(resp.header_str("etag"), resp.header_str("last-modified"), size)
+}
+
+/// Build metadata from an origin response, or say why it must not be stored.
+fn meta_from(cache: &ChunkCache, obj: &ObjectRequest, resp_headers: &http::HeaderMap, status: u16, size: u64) -> Result<ObjectMeta, &'static str> {
+    let now = SystemTime::now();
+    let policy = freshness::store_policy(&StorePolicyInput {
+        status,
+        headers: resp_headers,
+        request_has_authorization: obj.has_authorization,
+        default_ttl: cache.default_ttl,
+        default_stale_if_error: cache.stale_if_error,
+        now,
+    });
+    let (fresh_for, stale_if_error, must_revalidate) = match policy {
+        Storability::Store { fresh_for, stale_if_error, must_revalidate } => (fresh_for, stale_if_error, must_revalidate),
+        Storability::NoStore(reason) => return Err(reason),
+    };
+    let text = |n: &str| resp_headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let etag = text("etag");
+    let last_modified = text("last-modified");
+    let validator = ObjectMeta::validator_of(etag.as_deref(), last_modified.as_deref(), size).ok_or("no-validator")?;
+    let headers = resp_headers
+        .iter()
+        .filter(|(n, _)| ObjectMeta::keep_header(n.as_str()))
+        .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect();
+    let initial_age = text("age").and_then(|a| a.trim().parse().ok()).unwrap_or(0);
+    Ok(ObjectMeta {
+        size,
+        validator,
+        etag,
+        last_modified,
+        headers,
+        stored_at: now,
+        initial_age,
+        fresh_until: now + fresh_for,
+        stale_if_error,
+        must_revalidate,
+    })
+}
+
+/// Register fills for the missing chunks among `first..=last`; returns the ones this caller
+/// now owns (others are already cached or being filled by someone else).
+fn claim(cache: &ChunkCache, key: &ObjectKey, validator: &Arc<str>, first: u64, last: u64) -> Vec<(u64, Arc<Flight>)> {
+    (first..=last)
+        .filter_map(|index| {
+            let id = ChunkId { key: key.clone(), validator: validator.clone(), index };
+            match cache.join_fill(&id) {
+                Joined::Started(f) => Some((index, f)),
+                Joined::Existing(_) | Joined::Ready(_) => None,
+            }
+        })
+        .collect()
+}
+
+/// First fetch of an object: learn what it is from a chunk-aligned request for chunks
+/// `first..=last`, store its metadata, and stream the body into those chunks' fills.
+pub async fn discover(cache: &Arc<ChunkCache>, origin: &OriginAccess, obj: &ObjectRequest, first: u64, last: u64) -> Discovery {
+    let cs = cache.chunk_size;
+    let last = last.min(first.saturating_add(MAX_RUN_CHUNKS - 1));
+    let range = (first.saturating_mul(cs), last.saturating_add(1).saturating_mul(cs).saturating_sub(1));
+    let resp = match fetch::open(&origin.connector, &origin.pool, &obj.origin_request(Some(range), Vec::new())).await {
+        Ok(r) => r,
+        Err(e) => return Discovery::Failed(e),
+    };
+    let status = resp.status();
+    let Some((offset, total)) = response_extent(&resp) else {
+        return Discovery::Uncacheable("status");
+    };
+    let Some(size) = total else {
+        if status == 200 {
+            return store_unknown_length(cache, obj, resp).await;
+        }
+        return Discovery::Uncacheable("no-length");
+    };
+    if status == 200 && size > cache.max_object_size {
+        return Discovery::Uncacheable("too-large");
+    }
+    if offset % cs != 0 {
+        return Discovery::Uncacheable("unaligned-range");
+    }
+    let meta = match meta_from(cache, obj, &resp.header.headers, status, size) {
+        Ok(m) => Arc::new(m),
+        Err(reason) => return Discovery::Uncacheable(reason),
+    };
+    cache.put_meta(&obj.key, meta.clone()).await;
+    let validator: Arc<str> = meta.validator.as_str().into();
+    let count = chunk_count(size, cs);
+    let (claim_first, claim_last) = if status == 200 {
+        (0, count.saturating_sub(1))
+    } else {
+        let end = resp
+            .header_str("content-range")
+            .and_then(fetch::parse_content_range)
+            .and_then(|(r, _)| r)
+            .map(|(_, b)| b)
+            .unwrap_or(offset);
+        (offset / cs, end / cs)
+    };
+    let flights = if count == 0 { Vec::new() } else { claim(cache, &obj.key, &validator, claim_first, claim_last) };
+    if flights.is_empty() {
+        resp.finish().await;
+    } else {
+        tokio::spawn(distribute(cache.clone(), resp, offset, meta.clone(), validator, obj.clone(), flights));
+    }
+    Discovery::Stored(meta)
+}
+
+/// An origin that answers 200 with no length (chunked): split the body into chunks as it
+/// passes, and publish the metadata once the length is known. Needs an ETag (a Last-Modified
+/// validator includes the length, unknown until the end).
+async fn store_unknown_length(cache: &Arc<ChunkCache>, obj: &ObjectRequest, mut resp: OriginResponse) -> Discovery {
+    let Some(etag) = resp.header_str("etag").map(str::to_string) else {
+        return Discovery::Uncacheable("no-validator");
+    };
+    // Check storability before reading a byte (the length is a placeholder here).
+    if let Err(reason) = meta_from(cache, obj, &resp.header.headers, 200, 0) {
+        return Discovery::Uncacheable(reason);
+    }
+    let validator: Arc<str> = etag.as_str().into();
+    let cs = cache.chunk_size as usize;
+    let mut acc = BytesMut::with_capacity(cs);
+    let mut index = 0u64;
+    let mut total = 0u64;
+    loop {
+        match resp.next_piece().await {
+            Ok(Some(mut piece)) => {
+                total += piece.len() as u64;
+                if total > cache.max_object_size {
+                    return Discovery::Uncacheable("too-large");
+                }
+                while !piece.is_empty() {
+                    let take = (cs - acc.len()).min(piece.len());
+                    acc.extend_from_slice(&piece[..take]);
+                    piece.advance(take);
+                    if acc.len() == cs {
+                        let id = ChunkId { key: obj.key.clone(), validator: validator.clone(), index };
+                        cache.store_chunk(&id, acc.split().freeze());
+                        index += 1;
+                    }
+                }
+            }
+            Ok(None) => break,
+            Err(e) => return Discovery::Failed(e),
+        }
+    }
+    if !acc.is_empty() {
+        let id = ChunkId { key: obj.key.clone(), validator: validator.clone(), index };
+        cache.store_chunk(&id, acc.split().freeze());
+    }
+    let headers = resp.header.headers.clone();
+    resp.finish().await;
+    match meta_from(cache, obj, &headers, 200, total) {
+        Ok(meta) => {
+            let meta = Arc::new(meta);
+            cache.put_meta(&obj.key, meta.clone()).await;
+            Discovery::Stored(meta)
+        }
+        Err(reason) => Discovery::Uncacheable(reason),
+    }
+}
+
+/// Ask the origin whether a stale object is still current (`If-None-Match` /
+/// `If-Modified-Since`, one byte of body at most).
+pub async fn revalidate(cache: &Arc<ChunkCache>, origin: &OriginAccess, obj: &ObjectRequest, meta: &Arc<ObjectMeta>) -> Revalidation {
+    let mut headers = Vec::new();
+    if let Some(e) = &meta.etag {
+        headers.push(("if-none-match", e.clone()));
+    }
+    if let Some(lm) = &meta.last_modified {
+        headers.push(("if-modified-since", lm.clone()));
+    }
+    let req = obj.origin_request(Some((0, 0)), headers);
+    let mut resp = match fetch::open(&origin.connector, &origin.pool, &req).await {
+        Ok(r) => r,
+        Err(e) => return Revalidation::Failed(e),
+    };
+    let status = resp.status();
+    let merged = match status {
+        304 => {
+            let stored = stored_headers(meta);
+            freshness::merge_304(&stored, &resp.header.headers)
+        }
+        200 | 206 => {
+            let size = response_extent(&resp).and_then(|(_, t)| t);
+            let same = size == Some(meta.size) && size.and_then(|s| response_validator(&resp, s)).as_deref() == Some(meta.validator.as_str());
+            if !same {
+                cache.invalidate(&obj.key, meta).await;
+                return Revalidation::Changed;
+            }
+            resp.header.headers.clone()
+        }
+        _ => {
+            cache.invalidate(&obj.key, meta).await;
+            return Revalidation::Uncacheable("status");
+        }
+    };
+    // Drain the (at most one byte) body so the connection can be reused.
+    while let Ok(Some(_)) = resp.next_piece().await {}
+    resp.finish().await;
+    match meta_from(cache, obj, &merged, 200, meta.size) {
+        Ok(mut fresh) => {
+            // Keep the version identity we hold chunks under.
+            fresh.validator = meta.validator.clone();
+            let fresh = Arc::new(fresh);
+            cache.put_meta(&obj.key, fresh.clone()).await;
+            Revalidation::Fresh(fresh)
+        }
+        Err(reason) => {
+            cache.invalidate(&obj.key, meta).await;
+            Revalidation::Uncacheable(reason)
+        }
+    }
+}
+
+fn stored_headers(meta: &ObjectMeta) -> http::HeaderMap {
+    let mut map = http::HeaderMap::new();
+    for (n, v) in &meta.headers {
+        if let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(n.as_bytes()), http::HeaderValue::from_str(v)) {
+            map.append(n, v);
+        }
+    }
+    map
+}
+
+/// The source of chunk `index`: memory, a fill in progress, disk, or a new origin fill that
+/// also takes the following missing chunks up to `last` (one request for the run).
+pub async fn chunk_source(cache: &Arc<ChunkCache>, origin: &OriginAccess, obj: &ObjectRequest, meta: &Arc<ObjectMeta>, validator: &Arc<str>, index: u64, last: u64) -> ChunkSource {
+    let id = ChunkId { key: obj.key.clone(), validator: validator.clone(), index };
+    if let Some(b) = cache.memory_chunk(&id) {
+        return ChunkSource::Ready(b);
+    }
+    let flight = match cache.join_fill(&id) {
+        Joined::Ready(b) => return ChunkSource::Ready(b),
+        Joined::Existing(f) => return ChunkSource::Filling(f),
+        Joined::Started(f) => f,
+    };
+    if let Some(b) = cache.disk_chunk(&id, chunk_len(cache, meta, index)).await {
+        flight.push(b.clone());
+        flight.finish(Ok(()));
+        cache.flights.remove(&id, &flight);
+        return ChunkSource::Ready(b);
+    }
+    let mut run = vec![(index, flight.clone())];
+    let last = last.min(index.saturating_add(MAX_RUN_CHUNKS - 1));
+    for j in index.saturating_add(1)..=last {
+        let idj = ChunkId { index: j, ..id.clone() };
+        if cache.has_chunk(&idj) {
+            break;
+        }
+        match cache.join_fill(&idj) {
+            Joined::Started(f) => run.push((j, f)),
+            Joined::Existing(_) | Joined::Ready(_) => break,
+        }
+    }
+    tokio::spawn(fill_run(cache.clone(), origin.clone(), obj.clone(), meta.clone(), validator.clone(), run));
+    ChunkSource::Filling(flight)
+}
+
+/// Fetch a run of consecutive chunks with one ranged request and stream it into their fills.
+async fn fill_run(cache: Arc<ChunkCache>, origin: OriginAccess, obj: ObjectRequest, meta: Arc<ObjectMeta>, validator: Arc<str>, run: Vec<(u64, Arc<Flight>)>) {
+    let guards: Vec<FlightGuard> = run.iter().map(|(_, f)| FlightGuard::new(f.clone())).collect();
+    let (Some(first), Some(last)) = (run.first().map(|r| r.0), run.last().map(|r| r.0)) else { return };
+    let cs = cache.chunk_size;
+    let start = first * cs;
+    let end = chunk_bounds(last, cs, meta.size).map(|b| b.end).unwrap_or(start);
+    let req = obj.origin_request(Some((start, end)), if_range(&meta));
+    let fail = |cache: &ChunkCache, run: &[(u64, Arc<Flight>)], err: FillError| {
+        for (index, f) in run {
+            f.finish(Err(err.clone()));
+            cache.flights.remove(&ChunkId { key: obj.key.clone(), validator: validator.clone(), index: *index }, f);
+        }
+    };
+    let resp = match fetch::open(&origin.connector, &origin.pool, &req).await {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!("rid={} chunk fetch {}-{} failed: {e}", obj.request_id, first, last);
+            return fail(&cache, &run, FillError::Origin(e.to_string()));
+        }
+    };
+    let extent = response_extent(&resp);
+    let same_version = extent.and_then(|(_, t)| t) == Some(meta.size)
+        && response_validator(&resp, meta.size).as_deref() == Some(meta.validator.as_str());
+    let offset = match extent {
+        Some((offset, _)) if same_version && offset <= start => offset,
+        Some(_) => {
+            log::warn!("rid={} object {} changed version during fill; dropping the old one", obj.request_id, obj.key.as_str());
+            cache.invalidate(&obj.key, &meta).await;
+            return fail(&cache, &run, FillError::VersionChanged);
+        }
+        None => {
+            let msg = format!("origin answered {} to a chunk fetch", resp.status());
+            return fail(&cache, &run, FillError::Origin(msg));
+        }
+    };
+    guards.into_iter().for_each(FlightGuard::disarm);
+    distribute(cache, resp, offset, meta, validator, obj, run).await;
+}
+
+/// Stream an origin body that starts at object offset `offset` into the fills of `flights`
+/// (sorted by index; gaps are skipped). Each completed chunk is stored and its fill finished.
+async fn distribute(cache: Arc<ChunkCache>, mut resp: OriginResponse, offset: u64, meta: Arc<ObjectMeta>, validator: Arc<str>, obj: ObjectRequest, flights: Vec<(u64, Arc<Flight>)>) {
+    let cs = cache.chunk_size;
+    let guards: Vec<FlightGuard> = flights.iter().map(|(_, f)| FlightGuard::new(f.clone())).collect();
+    let id = |index: u64| ChunkId { key: obj.key.clone(), validator: validator.clone(), index };
+    let mut pos = offset;
+    let mut current = 0usize;
+    let mut acc = BytesMut::new();
+    let outcome: Result<(), FillError> = loop {
+        let Some(&(index, ref flight)) = flights.get(current) else { break Ok(()) };
+        let Some(bounds) = chunk_bounds(index, cs, meta.size) else { break Ok(()) };
+        let mut piece = match resp.next_piece().await {
+            Ok(Some(p)) => p,
+            Ok(None) => break Err(FillError::Origin("origin body ended early".into())),
+            Err(e) => break Err(FillError::Origin(e.to_string())),
+        };
+        let (mut index, mut flight, mut bounds) = (index, flight.clone(), bounds);
+        while !piece.is_empty() {
+            if pos < bounds.start {
+                let skip = (bounds.start - pos).min(piece.len() as u64) as usize;
+                piece.advance(skip);
+                pos += skip as u64;
+                continue;
+            }
+            let take = (bounds.end + 1 - pos).min(piece.len() as u64) as usize;
+            let part = piece.split_to(take);
+            acc.extend_from_slice(&part);
+            flight.push(part);
+            pos += take as u64;
+            if pos == bounds.end + 1 {
+                let data = acc.split().freeze();
+                cache.store_chunk(&id(index), data);
+                flight.finish(Ok(()));
+                cache.flights.remove(&id(index), &flight);
+                current += 1;
+                match flights.get(current).and_then(|(i, f)| Some((*i, f.clone(), chunk_bounds(*i, cs, meta.size)?))) {
+                    Some((i, f, b)) => (index, flight, bounds) = (i, f, b),
+                    None => break,
+                }
+            }
+        }
+        let _ = index;
+    };
+    match outcome {
+        Ok(()) => resp.finish().await,
+        Err(e) => {
+            log::warn!("rid={} fill of {} failed at byte {pos}: {e}", obj.request_id, obj.key.as_str());
+            for (i, f) in flights.iter().skip(current) {
+                f.finish(Err(e.clone()));
+                cache.flights.remove(&id(*i), f);
+            }
+        }
+    }
+    drop(guards);
+}

@@ -1,0 +1,227 @@
+//! The chunk cache facade: object metadata and chunks in memory (moka, weighed in bytes), then
+//! on disk, with single-flight fills from the origins.
+//!
+//! Chunks are keyed by object, *validator* and index, so a lookup for one object version can
+//! never return another version's bytes. A memory hit is a `Bytes` clone (a reference count), no
+//! copy and no syscall; the hit path takes no global lock (moka is sharded, flights are sharded).
+
+use super::disk::DiskStore;
+use super::flight::{FlightMap, Joined};
+use super::key::ObjectKey;
+use super::meta::ObjectMeta;
+use crate::config::CacheSettings;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// One chunk of one object version.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ChunkId {
+    pub key: ObjectKey,
+    pub validator: Arc<str>,
+    pub index: u64,
+}
+
+/// How long an object found uncacheable is sent straight to pass-through (Varnish's
+/// "hit-for-pass"), so every request for it does not pay a discovery fetch first.
+pub const HIT_FOR_PASS_TTL: Duration = Duration::from_secs(30);
+
+pub struct ChunkCache {
+    pub chunk_size: u64,
+    pub max_object_size: u64,
+    pub max_ranges: usize,
+    pub default_ttl: Option<Duration>,
+    pub stale_if_error: Duration,
+    memory: moka::sync::Cache<ChunkId, Bytes>,
+    metas: moka::sync::Cache<ObjectKey, Arc<ObjectMeta>>,
+    pass: moka::sync::Cache<ObjectKey, &'static str>,
+    disk: Option<Arc<DiskStore>>,
+    pub flights: FlightMap<ChunkId>,
+    object_locks: Vec<Mutex<HashMap<ObjectKey, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+/// Metadata entries are small; they are bounded by count rather than counted in
+/// `cache.memory.capacity`.
+const MAX_META_ENTRIES: u64 = 200_000;
+
+impl ChunkCache {
+    /// Build the tiers. Opening the disk tier scans its directory (blocking, once at start).
+    pub fn new(settings: &CacheSettings) -> std::io::Result<ChunkCache> {
+        let memory = moka::sync::Cache::builder()
+            .max_capacity(settings.memory_capacity)
+            .weigher(|_k: &ChunkId, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
+            .build();
+        let disk = match &settings.disk {
+            Some(d) => Some(Arc::new(DiskStore::open(&d.path, d.capacity)?)),
+            None => None,
+        };
+        Ok(ChunkCache {
+            chunk_size: settings.chunk_size,
+            max_object_size: settings.max_object_size,
+            max_ranges: settings.max_ranges,
+            default_ttl: settings.default_ttl,
+            stale_if_error: super::fill::DEFAULT_STALE_IF_ERROR,
+            memory,
+            metas: moka::sync::Cache::new(MAX_META_ENTRIES),
+            pass: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(HIT_FOR_PASS_TTL).build(),
+            disk,
+            flights: FlightMap::new(64),
+            object_locks: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
+        })
+    }
+
+    // ---- metadata -------------------------------------------------------------------------
+
+    /// The object's metadata: memory, else disk (promoted to memory).
+    pub async fn meta(&self, key: &ObjectKey) -> Option<Arc<ObjectMeta>> {
+        if let Some(m) = self.metas.get(key) {
+            return Some(m);
+        }
+        let disk = self.disk.as_ref()?;
+        let data = disk.get(&key.meta_entry(), "").await?;
+        let Some(meta) = ObjectMeta::decode(&data) else {
+            disk.remove(&key.meta_entry()).await;
+            return None;
+        };
+        let meta = Arc::new(meta);
+        self.metas.insert(key.clone(), meta.clone());
+        Some(meta)
+    }
+
+    pub async fn put_meta(&self, key: &ObjectKey, meta: Arc<ObjectMeta>) {
+        self.pass.invalidate(key);
+        self.metas.insert(key.clone(), meta.clone());
+        if let Some(disk) = &self.disk {
+            disk.put(&key.meta_entry(), "", meta.encode()).await;
+        }
+    }
+
+    /// Drop an object version: its metadata (if it is still that version) and its chunks on
+    /// disk. Its memory chunks are unreachable from then on (they are keyed by validator) and
+    /// age out.
+    pub async fn invalidate(&self, key: &ObjectKey, old: &ObjectMeta) {
+        if self.metas.get(key).is_some_and(|m| m.validator == old.validator) {
+            self.metas.invalidate(key);
+        }
+        if let Some(disk) = &self.disk {
+            disk.remove(&key.meta_entry()).await;
+            let count = crate::range::plan::chunk_count(old.size, self.chunk_size);
+            let disk = disk.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                for i in 0..count {
+                    disk.remove(&key.chunk_entry(i)).await;
+                }
+            });
+        }
+    }
+
+    /// Remember for a while that `key` is not cacheable (`reason` for logs).
+    pub fn mark_uncacheable(&self, key: &ObjectKey, reason: &'static str) {
+        self.pass.insert(key.clone(), reason);
+    }
+
+    pub fn is_marked_uncacheable(&self, key: &ObjectKey) -> bool {
+        self.pass.contains_key(key)
+    }
+
+    /// Serialise discovery and revalidation of one object, so concurrent cold requests make
+    /// one origin request for its metadata.
+    pub async fn lock_object(&self, key: &ObjectKey) -> ObjectLock<'_> {
+        let lock = {
+            let i = (self.flights_hash(key) as usize) % self.object_locks.len();
+            let mut shard = self.object_locks[i].lock().unwrap_or_else(|p| p.into_inner());
+            shard.entry(key.clone()).or_default().clone()
+        };
+        let guard = lock.clone().lock_owned().await;
+        ObjectLock { cache: self, key: key.clone(), lock, _guard: Some(guard) }
+    }
+
+    fn flights_hash(&self, key: &ObjectKey) -> u64 {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(key)
+    }
+
+    // ---- chunks ---------------------------------------------------------------------------
+
+    pub fn memory_chunk(&self, id: &ChunkId) -> Option<Bytes> {
+        self.memory.get(id)
+    }
+
+    /// Whether the chunk is held by a tier (memory, or the disk index) without reading it.
+    pub fn has_chunk(&self, id: &ChunkId) -> bool {
+        self.memory.contains_key(id)
+            || self.disk.as_ref().is_some_and(|d| d.contains(&id.key.chunk_entry(id.index), &id.validator))
+    }
+
+    /// Read a chunk from disk; a hit is promoted to memory. `expected_len` guards against a
+    /// file of the right version but wrong size (never served).
+    pub async fn disk_chunk(&self, id: &ChunkId, expected_len: u64) -> Option<Bytes> {
+        let disk = self.disk.as_ref()?;
+        let entry = id.key.chunk_entry(id.index);
+        let data = disk.get(&entry, &id.validator).await?;
+        if data.len() as u64 != expected_len {
+            disk.remove(&entry).await;
+            return None;
+        }
+        self.memory.insert(id.clone(), data.clone());
+        Some(data)
+    }
+
+    /// Keep a completed chunk: memory now, disk in the background.
+    pub fn store_chunk(&self, id: &ChunkId, data: Bytes) {
+        self.memory.insert(id.clone(), data.clone());
+        if let Some(disk) = &self.disk {
+            let disk = disk.clone();
+            let entry = id.key.chunk_entry(id.index);
+            let validator = id.validator.clone();
+            tokio::spawn(async move { disk.put(&entry, &validator, data).await });
+        }
+    }
+
+    /// Join or start the fill of a chunk; see [`FlightMap::join_or_start`].
+    pub fn join_fill(&self, id: &ChunkId) -> Joined {
+        self.flights.join_or_start(id, || self.memory.get(id))
+    }
+
+    // ---- introspection (tests, metrics) ---------------------------------------------------
+
+    pub fn memory_weight(&self) -> u64 {
+        self.memory.run_pending_tasks();
+        self.memory.weighted_size()
+    }
+
+    pub fn memory_capacity(&self) -> u64 {
+        self.memory.policy().max_capacity().unwrap_or(0)
+    }
+
+    pub fn disk_capacity(&self) -> u64 {
+        self.disk.as_ref().map(|d| d.capacity()).unwrap_or(0)
+    }
+
+    pub fn disk_used(&self) -> u64 {
+        self.disk.as_ref().map(|d| d.used_bytes()).unwrap_or(0)
+    }
+}
+
+/// Held while discovering or revalidating an object; on drop the per-object entry is removed
+/// when nobody else waits on it.
+pub struct ObjectLock<'a> {
+    cache: &'a ChunkCache,
+    key: ObjectKey,
+    lock: Arc<tokio::sync::Mutex<()>>,
+    _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for ObjectLock<'_> {
+    fn drop(&mut self) {
+        self._guard.take();
+        let i = (self.cache.flights_hash(&self.key) as usize) % self.cache.object_locks.len();
+        let mut shard = self.cache.object_locks[i].lock().unwrap_or_else(|p| p.into_inner());
+        // Two references: the map's and ours. More means someone else waits: leave it.
+        if Arc::strong_count(&self.lock) <= 2 {
+            shard.remove(&self.key);
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! Answering a cacheable GET/HEAD from the chunk cache, in `request_filter`.
+//!
+//! ```text
+//! key ─► metadata: fresh in memory/disk? ──yes──────────────────────────┐
+//!              │ no (missing or stale): per-object lock                 │
+//!              ├─ missing: discover (first chunk-aligned fetch)         │
+//!              └─ stale:   revalidate (304 keeps the chunks)            │
+//!                          all origins failed: stale-if-error           │
+//! conditional (If-None-Match / If-Modified-Since) ─► 304               ◄┘
+//! Range (+ If-Range) ─► 200 / 206 / multipart / 416
+//! for each span: memory ─► fill in flight ─► disk ─► origin run, streamed as it arrives
+//! ```
+//! The response header is written only once the first byte is in hand, so a request whose
+//! origins all fail gets a 5xx, not a truncated 200. A fill that fails after the header is out
+//! aborts the response (the client sees a short body), never a wrong byte.
+
+use super::ctx::RequestCtx;
+use super::headers::{X_REQUEST_ID, VIA_VALUE};
+use super::respond;
+use crate::cache::fill::{self, ChunkSource, Discovery, ObjectRequest, OriginAccess, Revalidation};
+use crate::cache::flight::{FillError, FlightReader};
+use crate::cache::freshness;
+use crate::cache::key::ObjectKey;
+use crate::cache::meta::ObjectMeta;
+use crate::cache::store::{ChunkCache, ChunkId};
+use crate::config::Route;
+use crate::range::multipart::{new_boundary, MultipartLayout};
+use crate::range::parse::{if_range_holds, parse_range, resolve, ByteRange, RangeDecision, RangeRequest, RangeSpec};
+use crate::range::plan::spans;
+use bytes::Bytes;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// What the cache layer did with the request.
+pub enum Outcome {
+    /// A response was written.
+    Served,
+    /// Not for the cache: let Pingora proxy it.
+    PassThrough,
+}
+
+/// How the metadata for this response was obtained (for `Cache-Status`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Lookup {
+    Fresh,
+    Discovered,
+    Revalidated,
+    StaleIfError,
+}
+
+fn header<'a>(session: &'a Session, name: &str) -> Option<&'a [u8]> {
+    session.req_header().headers.get(name).map(|v| v.as_bytes())
+}
+
+/// The chunk indices a request needs first, for the discovery fetch: from the start of its
+/// first range (chunk 0 when the length is needed to place it, as for `-n`) to its end.
+fn discovery_span(req: &RangeRequest, chunk_size: u64) -> (u64, u64) {
+    match req {
+        RangeRequest::Bytes(specs) => match specs.first() {
+            Some(RangeSpec::FromTo(a, b)) => (a / chunk_size, b / chunk_size),
+            Some(RangeSpec::From(a)) => (a / chunk_size, u64::MAX),
+            _ => (0, u64::MAX),
+        },
+        RangeRequest::Whole => (0, u64::MAX),
+    }
+}
+
+/// Whether a stored response may answer a request with `Authorization` (RFC 9111 §3.5).
+fn allows_authorized(meta: &ObjectMeta) -> bool {
+    let mut map = http::HeaderMap::new();
+    if let Some(cc) = meta.header("cache-control").and_then(|v| http::HeaderValue::from_str(v).ok()) {
+        map.insert(http::header::CACHE_CONTROL, cc);
+    }
+    let cc = freshness::parse_cache_control(&map);
+    cc.public || cc.s_maxage.is_some() || cc.must_revalidate
+}
+
+/// `If-None-Match` (weak comparison) or, without it, `If-Modified-Since`: true when the client's
+/// copy is current and a 304 is due.
+fn not_modified(session: &Session, meta: &ObjectMeta) -> bool {
+    if let Some(inm) = header(session, "if-none-match").and_then(|v| std::str::from_utf8(v).ok()) {
+        let Some(etag) = meta.etag.as_deref() else { return false };
+        let bare = |t: &str| t.trim().trim_start_matches("W/").to_string();
+        return inm.trim() == "*" || inm.split(',').any(|t| bare(t) == bare(etag));
+    }
+    let ims = header(session, "if-modified-since")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok());
+    let lm = meta.last_modified.as_deref().and_then(|v| httpdate::parse_http_date(v).ok());
+    matches!((ims, lm), (Some(ims), Some(lm)) if lm <= ims)
+}
+
+pub struct CacheLayer {
+    pub cache: Arc<ChunkCache>,
+    pub connector: Arc<pingora_core::connectors::http::Connector>,
+}
+
+impl CacheLayer {
+    pub async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx, route: &Arc<Route>, origin: OriginAccess) -> Result<Outcome> {
+        let req = session.req_header();
+        let host = super::request_host(req);
+        let key = ObjectKey::new(&route.upstream.name, &host, req.uri.path(), req.uri.query(), &route.query_key);
+        if self.cache.is_marked_uncacheable(&key) {
+            ctx.cache_status = "edgeslice; fwd=bypass; detail=uncacheable".into();
+            return Ok(Outcome::PassThrough);
+        }
+        let obj = ObjectRequest {
+            key: key.clone(),
+            path_and_query: req.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
+            host: req.headers.get(http::header::HOST).and_then(|v| v.to_str().ok()).unwrap_or(&host).to_string(),
+            request_id: ctx.request_id.clone(),
+            has_authorization: req.headers.contains_key(http::header::AUTHORIZATION),
+        };
+        let range_req = header(session, "range").map(parse_range).unwrap_or(RangeRequest::Whole);
+        let must_revalidate = freshness::request_requires_revalidation(&req.headers);
+
+        let (meta, lookup) = match self.lookup(session, ctx, &obj, &origin, &range_req, must_revalidate).await? {
+            Some(found) => found,
+            None if ctx.pass_through => return Ok(Outcome::PassThrough),
+            None => return Ok(Outcome::Served),
+        };
+        if obj.has_authorization && !allows_authorized(&meta) {
+            ctx.cache_status = "edgeslice; fwd=request; detail=authorization".into();
+            return Ok(Outcome::PassThrough);
+        }
+        self.respond(session, ctx, &obj, &origin, meta, lookup, range_req).await?;
+        Ok(Outcome::Served)
+    }
+
+    /// Metadata for the object, from the cache or the origins. `Ok(None)` when there is none
+    /// to serve: either an error response was written, or `ctx.pass_through` is set.
+    async fn lookup(&self, session: &mut Session, ctx: &mut RequestCtx, obj: &ObjectRequest, origin: &OriginAccess, range_req: &RangeRequest, must_revalidate: bool) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
+        let now = SystemTime::now();
+        if let Some(m) = self.cache.meta(&obj.key).await {
+            if m.is_fresh(now) && !must_revalidate {
+                return Ok(Some((m, Lookup::Fresh)));
+            }
+        }
+        let _lock = self.cache.lock_object(&obj.key).await;
+        let mut stale = None;
+        if let Some(m) = self.cache.meta(&obj.key).await {
+            if m.is_fresh(SystemTime::now()) && !must_revalidate {
+                // Someone else discovered or revalidated it while we waited.
+                return Ok(Some((m, Lookup::Fresh)));
+            }
+            stale = Some(m);
+        }
+        if let Some(old) = stale {
+            match fill::revalidate(&self.cache, origin, obj, &old).await {
+                Revalidation::Fresh(m) => return Ok(Some((m, Lookup::Revalidated))),
+                Revalidation::Changed => {}
+                Revalidation::Uncacheable(reason) => return self.pass(ctx, &obj.key, reason),
+                Revalidation::Failed(e) => {
+                    if old.within_stale_if_error(SystemTime::now()) {
+                        log::warn!("rid={} serving stale {} after origin failure: {e}", ctx.request_id, obj.key.as_str());
+                        return Ok(Some((old, Lookup::StaleIfError)));
+                    }
+                    return self.fail(session, ctx, e.client_status(), &e.to_string()).await;
+                }
+            }
+        }
+        let (first, last) = discovery_span(range_req, self.cache.chunk_size);
+        match fill::discover(&self.cache, origin, obj, first, last).await {
+            Discovery::Stored(m) => Ok(Some((m, Lookup::Discovered))),
+            Discovery::Uncacheable(reason) => self.pass(ctx, &obj.key, reason),
+            Discovery::Failed(e) => self.fail(session, ctx, e.client_status(), &e.to_string()).await,
+        }
+    }
+
+    fn pass(&self, ctx: &mut RequestCtx, key: &ObjectKey, reason: &'static str) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
+        // One request's credentials say nothing about the object: don't remember those.
+        if reason != "authorization" {
+            self.cache.mark_uncacheable(key, reason);
+        }
+        ctx.cache_status = format!("edgeslice; fwd=bypass; detail={reason}");
+        ctx.pass_through = true;
+        Ok(None)
+    }
+
+    async fn fail(&self, session: &mut Session, ctx: &mut RequestCtx, status: u16, why: &str) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
+        log::warn!("rid={} cache fill failed, answering {status}: {why}", ctx.request_id);
+        ctx.cache_status = format!("edgeslice; fwd=miss; fwd-status={status}");
+        respond::send_error(session, status, &ctx.request_id).await?;
+        Ok(None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn respond(&self, session: &mut Session, ctx: &mut RequestCtx, obj: &ObjectRequest, origin: &OriginAccess, meta: Arc<ObjectMeta>, lookup: Lookup, range_req: RangeRequest) -> Result<()> {
+        let now = SystemTime::now();
+        let is_head = session.req_header().method == http::Method::HEAD;
+        let validator: Arc<str> = meta.validator.as_str().into();
+
+        if not_modified(session, &meta) {
+            ctx.cache_status = cache_status(lookup, true);
+            let mut h = self.base_header(304, &meta, ctx, now)?;
+            h.remove_header("content-length");
+            return session.write_response_header(Box::new(h), true).await;
+        }
+
+        let if_range_ok = match header(session, "if-range") {
+            None => true,
+            Some(v) => {
+                let lm = meta.last_modified.as_deref().and_then(|v| httpdate::parse_http_date(v).ok());
+                if_range_holds(v, meta.etag.as_deref(), lm)
+            }
+        };
+        let decision = if if_range_ok { resolve(&range_req, meta.size, self.cache.max_ranges) } else { RangeDecision::Whole };
+
+        // What the body is: (part header, range) pairs, then a trailer.
+        let (status, parts, trailer, mut head) = match decision {
+            RangeDecision::Unsatisfiable => {
+                ctx.cache_status = cache_status(lookup, true);
+                let body = Bytes::from_static(b"416 range not satisfiable\n");
+                let mut h = self.base_header(416, &meta, ctx, now)?;
+                h.insert_header("content-range", format!("bytes */{}", meta.size))?;
+                h.insert_header("content-type", "text/plain; charset=utf-8")?;
+                h.insert_header("content-length", body.len().to_string())?;
+                session.write_response_header(Box::new(h), is_head).await?;
+                if !is_head {
+                    session.write_response_body(Some(body), true).await?;
+                }
+                return Ok(());
+            }
+            RangeDecision::Whole => {
+                let whole = if meta.size == 0 { Vec::new() } else { vec![(Bytes::new(), ByteRange { start: 0, end: meta.size - 1 })] };
+                let mut h = self.base_header(200, &meta, ctx, now)?;
+                h.insert_header("content-length", meta.size.to_string())?;
+                (200, whole, Bytes::new(), h)
+            }
+            RangeDecision::Partial(ranges) if ranges.len() == 1 => {
+                let r = ranges[0];
+                let mut h = self.base_header(206, &meta, ctx, now)?;
+                h.insert_header("content-range", format!("bytes {}-{}/{}", r.start, r.end, meta.size))?;
+                h.insert_header("content-length", r.len().to_string())?;
+                (206, vec![(Bytes::new(), r)], Bytes::new(), h)
+            }
+            RangeDecision::Partial(ranges) => {
+                let layout = MultipartLayout::new(&ranges, meta.header("content-type"), meta.size, new_boundary());
+                let mut h = self.base_header(206, &meta, ctx, now)?;
+                h.insert_header("content-type", layout.content_type())?;
+                h.insert_header("content-length", layout.body_len().to_string())?;
+                (206, layout.parts.clone(), layout.trailer.clone(), h)
+            }
+        };
+        let _ = status;
+
+        let all_cached = parts.iter().all(|(_, r)| {
+            let first = r.start / self.cache.chunk_size;
+            let last = r.end / self.cache.chunk_size;
+            (first..=last).all(|index| self.cache.has_chunk(&ChunkId { key: obj.key.clone(), validator: validator.clone(), index }))
+        });
+        ctx.cache_status = cache_status(lookup, all_cached);
+        head.insert_header("cache-status", ctx.cache_status.as_str())?;
+        if is_head || parts.is_empty() {
+            return session.write_response_header(Box::new(head), true).await;
+        }
+
+        // Hold the header until the first byte is in hand: an origin failure now is a clean 5xx.
+        let mut body = BodyPlan { parts, next_part: 0, spans: Vec::new(), next_span: 0, current: None };
+        let first = match body.next_piece(self, obj, origin, &meta, &validator).await {
+            Ok(p) => p,
+            Err(e) => {
+                log::warn!("rid={} first chunk failed: {e}", ctx.request_id);
+                ctx.cache_status = format!("edgeslice; fwd=miss; fwd-status=502; detail={}", detail(&e));
+                respond::send_error(session, 502, &ctx.request_id).await?;
+                return Ok(());
+            }
+        };
+        session.write_response_header(Box::new(head), false).await?;
+        let mut piece = first;
+        loop {
+            match piece {
+                Some(p) => session.write_response_body(Some(p), false).await?,
+                None => break,
+            }
+            piece = match body.next_piece(self, obj, origin, &meta, &validator).await {
+                Ok(p) => p,
+                Err(e) => {
+                    log::warn!("rid={} aborting response mid-body: {e}", ctx.request_id);
+                    return Err(Error::explain(ErrorType::HTTPStatus(502), format!("cache fill failed mid-response: {e}")));
+                }
+            };
+        }
+        if !trailer.is_empty() {
+            session.write_response_body(Some(trailer), false).await?;
+        }
+        session.write_response_body(None, true).await
+    }
+
+    fn base_header(&self, status: u16, meta: &ObjectMeta, ctx: &RequestCtx, now: SystemTime) -> Result<ResponseHeader> {
+        let mut h = ResponseHeader::build(status, Some(meta.headers.len() + 8))?;
+        for (n, v) in &meta.headers {
+            h.append_header(n.clone(), v.as_str())?;
+        }
+        h.insert_header("accept-ranges", "bytes")?;
+        h.insert_header("age", meta.age(now).to_string())?;
+        h.insert_header("date", httpdate::fmt_http_date(now))?;
+        h.insert_header("via", VIA_VALUE)?;
+        h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+        if !ctx.cache_status.is_empty() && ctx.cache_status != "-" {
+            h.insert_header("cache-status", ctx.cache_status.as_str())?;
+        }
+        Ok(h)
+    }
+}
+
+fn detail(e: &FillError) -> &'static str {
+    match e {
+        FillError::Origin(_) => "origin-error",
+        FillError::VersionChanged => "version-changed",
+        FillError::Abandoned => "abandoned",
+    }
+}
+
+/// RFC 9211 `Cache-Status` for a response.
+fn cache_status(lookup: Lookup, all_chunks_cached: bool) -> String {
+    match (lookup, all_chunks_cached) {
+        (Lookup::Fresh, true) => "edgeslice; hit".into(),
+        (Lookup::Fresh, false) => "edgeslice; fwd=partial; stored".into(),
+        (Lookup::Discovered, _) => "edgeslice; fwd=miss; stored".into(),
+        (Lookup::Revalidated, _) => "edgeslice; fwd=stale; fwd-status=304; stored".into(),
+        (Lookup::StaleIfError, _) => "edgeslice; hit; detail=stale-if-error".into(),
+    }
+}
+
+/// Walks the body's parts and their chunk spans, yielding pieces as they become available.
+struct BodyPlan {
+    parts: Vec<(Bytes, ByteRange)>,
+    next_part: usize,
+    spans: Vec<crate::range::plan::ChunkSpan>,
+    next_span: usize,
+    current: Option<FlightReader>,
+}
+
+impl BodyPlan {
+    async fn next_piece(&mut self, layer: &CacheLayer, obj: &ObjectRequest, origin: &OriginAccess, meta: &Arc<ObjectMeta>, validator: &Arc<str>) -> Result<Option<Bytes>, FillError> {
+        loop {
+            if let Some(reader) = self.current.as_mut() {
+                match reader.next().await {
+                    Some(piece) => return piece.map(Some),
+                    None => self.current = None,
+                }
+            }
+            if let Some(span) = self.spans.get(self.next_span).copied() {
+                self.next_span += 1;
+                let last_needed = self.spans.last().map(|s| s.index).unwrap_or(span.index);
+                let src = fill::chunk_source(&layer.cache, origin, obj, meta, validator, span.index, last_needed).await;
+                match src {
+                    ChunkSource::Ready(b) => {
+                        let (from, to) = (span.offset as usize, (span.offset + span.len) as usize);
+                        match b.get(from..to) {
+                            Some(_) => return Ok(Some(b.slice(from..to))),
+                            None => return Err(FillError::Origin("cached chunk shorter than expected".into())),
+                        }
+                    }
+                    ChunkSource::Filling(f) => {
+                        self.current = Some(f.reader(span.offset, span.len));
+                        continue;
+                    }
+                }
+            }
+            let Some((part_header, range)) = self.parts.get(self.next_part).cloned() else {
+                return Ok(None);
+            };
+            self.next_part += 1;
+            self.spans = spans(range, layer.cache.chunk_size).collect();
+            self.next_span = 0;
+            if !part_header.is_empty() {
+                return Ok(Some(part_header));
+            }
+        }
+    }
+}
+

@@ -1,0 +1,42 @@
+//! The per-request context, split by concern so each phase touches only what it owns.
+
+use crate::config::Route;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct RequestCtx {
+    pub request_id: String,
+    pub started: Instant,
+    pub route: Option<Arc<Route>>,
+    pub upstream: UpstreamCtx,
+    /// RFC 9211 `Cache-Status` value for the access log; `-` when the cache was not involved.
+    pub cache_status: String,
+    /// The cache layer declined the request: proxy it upstream.
+    pub pass_through: bool,
+}
+
+#[derive(Default)]
+pub struct UpstreamCtx {
+    /// Servers tried so far for this request, in order; the last is the current one.
+    pub tried: Vec<SocketAddr>,
+}
+
+impl RequestCtx {
+    pub fn new() -> Self {
+        RequestCtx {
+            request_id: String::new(),
+            started: Instant::now(),
+            route: None,
+            upstream: UpstreamCtx::default(),
+            cache_status: "-".into(),
+            pass_through: false,
+        }
+    }
+}
+
+impl Default for RequestCtx {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,112 @@
+//! Header rules for forwarding (RFC 9110 §7.6): hop-by-hop fields are removed in both
+//! directions, `X-Forwarded-For`, `X-Forwarded-Proto` and `Via` are added, and every request
+//! carries an `X-Request-Id` (the client's, when it is sane, else a new one).
+
+use http::header::{HeaderMap, HeaderName, CONNECTION, UPGRADE};
+use rand::RngCore;
+
+pub const X_REQUEST_ID: &str = "x-request-id";
+pub const VIA_VALUE: &str = "1.1 edgeslice";
+
+/// Fields that are always hop-by-hop. `Transfer-Encoding` and `Content-Length` are left to
+/// Pingora, which re-frames bodies on each hop.
+const HOP_BY_HOP: [&str; 4] = ["keep-alive", "proxy-connection", "te", "trailer"];
+
+/// The hop-by-hop fields present in `headers`: the fixed list, `Connection` itself, and every
+/// field it names. `Upgrade` (and `Connection`) stay only when `keep_upgrade` (a protocol
+/// upgrade Pingora is proxying). Pingora's header types keep a case map, so callers remove the
+/// names through their own API.
+pub fn hop_by_hop_names(headers: &HeaderMap, keep_upgrade: bool) -> Vec<HeaderName> {
+    let mut names: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(keep_upgrade && n == UPGRADE))
+        .collect();
+    names.extend(HOP_BY_HOP.iter().map(|n| HeaderName::from_static(n)));
+    if !keep_upgrade {
+        names.push(UPGRADE);
+        names.push(CONNECTION);
+    }
+    names.retain(|n| headers.contains_key(n));
+    names.dedup();
+    names
+}
+
+/// Remove hop-by-hop fields from a plain header map (see [`hop_by_hop_names`]).
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    for name in hop_by_hop_names(headers, keep_upgrade) {
+        headers.remove(&name);
+    }
+}
+
+/// The client's request id if it is a reasonable token (printable ASCII, at most 128 bytes),
+/// otherwise a fresh random one (32 hex digits).
+pub fn request_id(incoming: Option<&[u8]>) -> String {
+    if let Some(v) = incoming {
+        if !v.is_empty() && v.len() <= 128 && v.iter().all(|b| b.is_ascii_graphic()) {
+            if let Ok(s) = std::str::from_utf8(v) {
+                return s.to_string();
+            }
+        }
+    }
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `X-Forwarded-For` value: the existing list with the client appended.
+pub fn forwarded_for(existing: Option<&[u8]>, client_ip: &str) -> String {
+    match existing.and_then(|v| std::str::from_utf8(v).ok()).map(str::trim) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {client_ip}"),
+        _ => client_ip.to_string(),
+    }
+}
+
+/// `Via` value: the existing chain with this hop appended.
+pub fn via(existing: Option<&[u8]>) -> String {
+    match existing.and_then(|v| std::str::from_utf8(v).ok()).map(str::trim) {
+        Some(prev) if !prev.is_empty() => format!("{prev}, {VIA_VALUE}"),
+        _ => VIA_VALUE.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_fixed_and_named_fields() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("trailer", "x".parse().unwrap());
+        h.insert("proxy-connection", "keep-alive".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("x-keep", "yes".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn request_ids() {
+        assert_eq!(request_id(Some(b"abc-123")), "abc-123");
+        let fresh = request_id(None);
+        assert_eq!(fresh.len(), 32);
+        assert_ne!(fresh, request_id(None));
+        assert_eq!(request_id(Some(b"has space")).len(), 32);
+        assert_eq!(request_id(Some(&[b'a'; 200])).len(), 32);
+    }
+
+    #[test]
+    fn forwarded_chains() {
+        assert_eq!(forwarded_for(None, "1.2.3.4"), "1.2.3.4");
+        assert_eq!(forwarded_for(Some(b"5.6.7.8"), "1.2.3.4"), "5.6.7.8, 1.2.3.4");
+        assert_eq!(via(Some(b"1.1 other")), "1.1 other, 1.1 edgeslice");
+    }
+}

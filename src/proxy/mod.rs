@@ -1,0 +1,211 @@
+//! The Pingora `ProxyHttp` implementation: each phase is a few lines that delegate below.
+//!
+//! ```text
+//!  request_filter ── request id ── route? ──no──► 404
+//!        │                           │
+//!        │           cacheable GET/HEAD ──► chunk cache answers here (Ok(true))
+//!        ▼
+//!  upstream_peer ── pick a server of the route's group (called again on each retry)
+//!  upstream_request_filter ── strip hop-by-hop, add X-Forwarded-*, Via, X-Request-Id
+//!  response_filter ── strip hop-by-hop, add Via, X-Request-Id
+//!  fail_to_proxy ── 502 / 504 / 400 with a short body
+//!  logging ── one access-log line
+//! ```
+
+pub mod cached;
+pub mod ctx;
+pub mod headers;
+pub mod respond;
+
+use crate::cache::fill::OriginAccess;
+use crate::cache::store::ChunkCache;
+use crate::config::Config;
+use cached::{CacheLayer, Outcome};
+use pingora_core::connectors::http::Connector;
+use crate::origin::pool::UpstreamPool;
+use async_trait::async_trait;
+use ctx::RequestCtx;
+use log::{info, warn};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// The proxy: routing, pass-through and (later phases) the cache, shared by all requests.
+pub struct Edge {
+    config: Arc<Config>,
+    pools: HashMap<String, Arc<UpstreamPool>>,
+    cache: CacheLayer,
+}
+
+impl Edge {
+    pub fn new(config: Arc<Config>, cache: Arc<ChunkCache>) -> std::io::Result<Edge> {
+        let mut pools = HashMap::new();
+        for (name, settings) in &config.upstreams {
+            pools.insert(name.clone(), Arc::new(UpstreamPool::new(settings.clone())?));
+        }
+        let cache = CacheLayer {
+            cache,
+            connector: Arc::new(Connector::new(None)),
+        };
+        Ok(Edge { config, pools, cache })
+    }
+
+    fn pool(&self, ctx: &RequestCtx) -> Option<&Arc<UpstreamPool>> {
+        ctx.route.as_ref().and_then(|r| self.pools.get(&r.upstream.name))
+    }
+}
+
+/// The request's host without port: the `Host` header, else the URI authority.
+pub(crate) fn request_host(req: &RequestHeader) -> String {
+    let raw = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.host())
+        .unwrap_or("");
+    let host = if raw.starts_with('[') {
+        raw.split(']').next().map(|h| format!("{h}]")).unwrap_or_default()
+    } else {
+        raw.split(':').next().unwrap_or("").to_string()
+    };
+    host.to_ascii_lowercase()
+}
+
+fn client_ip(session: &Session) -> String {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[async_trait]
+impl ProxyHttp for Edge {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let req = session.req_header();
+        ctx.request_id = headers::request_id(req.headers.get(headers::X_REQUEST_ID).map(|v| v.as_bytes()));
+        let host = request_host(req);
+        let path = req.uri.path().to_string();
+        let Some(route) = self.config.route(&host, &path).cloned() else {
+            respond::send_error(session, 404, &ctx.request_id).await?;
+            return Ok(true);
+        };
+        ctx.route = Some(route.clone());
+        let method = &session.req_header().method;
+        if !route.cache || !(method == http::Method::GET || method == http::Method::HEAD) {
+            return Ok(false);
+        }
+        let Some(pool) = self.pools.get(&route.upstream.name).cloned() else {
+            return Ok(false);
+        };
+        let origin = OriginAccess { connector: self.cache.connector.clone(), pool };
+        match self.cache.serve(session, ctx, &route, origin).await? {
+            Outcome::Served => Ok(true),
+            Outcome::PassThrough => Ok(false),
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        let pool = self
+            .pool(ctx)
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
+        let tried = &ctx.upstream.tried;
+        let addr = pool
+            .select(ctx.request_id.as_bytes(), |a| tried.contains(a))
+            .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no server available"))?;
+        ctx.upstream.tried.push(addr);
+        Ok(Box::new(pool.peer(addr)))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let keep_upgrade = session.is_upgrade_req();
+        for name in headers::hop_by_hop_names(&upstream_request.headers, keep_upgrade) {
+            upstream_request.remove_header(&name);
+        }
+        let xff = headers::forwarded_for(
+            upstream_request.headers.get("x-forwarded-for").map(|v| v.as_bytes()),
+            &client_ip(session),
+        );
+        upstream_request.insert_header("x-forwarded-for", xff)?;
+        upstream_request.insert_header("x-forwarded-proto", "http")?;
+        let via = headers::via(upstream_request.headers.get("via").map(|v| v.as_bytes()));
+        upstream_request.insert_header("via", via)?;
+        upstream_request.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let keep_upgrade = upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS
+            && session.is_upgrade_req();
+        for name in headers::hop_by_hop_names(&upstream_response.headers, keep_upgrade) {
+            upstream_response.remove_header(&name);
+        }
+        let via = headers::via(upstream_response.headers.get("via").map(|v| v.as_bytes()));
+        upstream_response.insert_header("via", via)?;
+        upstream_response.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
+        if ctx.cache_status != "-" {
+            upstream_response.insert_header("cache-status", ctx.cache_status.as_str())?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+        let status = respond::status_for_error(e);
+        warn!(
+            "request failed: rid={} status={} upstream={} error={}",
+            ctx.request_id,
+            status,
+            ctx.upstream.tried.last().map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            e
+        );
+        // Nothing can be written once the response has started or the client is gone.
+        let can_write = session.response_written().is_none()
+            && !matches!(e.esource(), pingora_error::ErrorSource::Downstream)
+            || matches!(status, 400);
+        if can_write && session.response_written().is_none() {
+            if let Err(we) = respond::send_error(session, status, &ctx.request_id).await {
+                warn!("rid={} could not send error response: {we}", ctx.request_id);
+            }
+        }
+        FailToProxy { error_code: status, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        if !self.config.server.access_log {
+            return;
+        }
+        let req = session.req_header();
+        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        info!(
+            target: "edgeslice::access",
+            "{} {} {} bytes={} dur_ms={} cache={:?} upstream={} rid={}",
+            req.method,
+            req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+            status,
+            session.body_bytes_sent(),
+            ctx.started.elapsed().as_millis(),
+            ctx.cache_status,
+            ctx.upstream.tried.last().map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            ctx.request_id,
+        );
+    }
+}

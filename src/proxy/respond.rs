@@ -1,0 +1,70 @@
+//! Responses edgeslice writes itself: short plain-text errors that carry the request id.
+
+use super::headers::X_REQUEST_ID;
+use bytes::Bytes;
+use pingora_error::{Error, ErrorType};
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+
+/// The status a proxy error maps to: timeouts are 504, every other upstream failure is 502,
+/// a malformed request is 400.
+pub fn status_for_error(e: &Error) -> u16 {
+    use ErrorType::*;
+    match e.etype() {
+        HTTPStatus(code) => *code,
+        ConnectTimedout | ReadTimedout | WriteTimedout => 504,
+        ConnectRefused | ConnectNoRoute | ConnectError | ConnectionClosed | ConnectProxyFailure
+        | TLSHandshakeFailure | HandshakeError => match e.esource() {
+            pingora_error::ErrorSource::Downstream => 400,
+            _ => 502,
+        },
+        InvalidHTTPHeader | H1Error | H2Error | InvalidH2 => match e.esource() {
+            pingora_error::ErrorSource::Downstream => 400,
+            _ => 502,
+        },
+        _ => match e.esource() {
+            pingora_error::ErrorSource::Upstream => 502,
+            pingora_error::ErrorSource::Downstream => 400,
+            _ => 500,
+        },
+    }
+}
+
+/// A one-line reason for a status, for the body.
+pub fn reason(status: u16) -> &'static str {
+    match status {
+        400 => "bad request",
+        404 => "no route for this host and path",
+        405 => "method not allowed",
+        416 => "range not satisfiable",
+        500 => "internal error",
+        502 => "bad gateway: the upstream could not be reached or failed",
+        503 => "service unavailable",
+        504 => "gateway timeout: the upstream did not answer in time",
+        _ => "error",
+    }
+}
+
+/// Build the header of an error response (`text/plain`, `Content-Length`, `X-Request-Id`).
+pub fn error_header(status: u16, body_len: usize, request_id: &str) -> pingora_error::Result<ResponseHeader> {
+    let mut h = ResponseHeader::build(status, Some(4))?;
+    h.insert_header("content-type", "text/plain; charset=utf-8")?;
+    h.insert_header("content-length", body_len.to_string())?;
+    h.insert_header("cache-control", "no-store")?;
+    if !request_id.is_empty() {
+        h.insert_header(X_REQUEST_ID, request_id)?;
+    }
+    Ok(h)
+}
+
+/// Write a complete short error response.
+pub async fn send_error(session: &mut Session, status: u16, request_id: &str) -> pingora_error::Result<()> {
+    let body = Bytes::from(format!("{status} {}\nrequest id: {request_id}\n", reason(status)));
+    let head = error_header(status, body.len(), request_id)?;
+    let is_head = session.req_header().method == http::Method::HEAD;
+    session.write_response_header(Box::new(head), is_head).await?;
+    if !is_head {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,42 @@
+//! The command line: `-t` validates like `nginx -t`.
+
+use std::process::Command;
+
+fn edgeslice(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_edgeslice")).args(args).output().expect("run edgeslice");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn shipped_config_passes_test_mode() {
+    let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/edgeslice.yaml");
+    let (code, out, err) = edgeslice(&["-t", "-c", conf]);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("test is successful"), "{out}");
+}
+
+#[test]
+fn bad_config_fails_test_mode_naming_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.yaml");
+    let cases = [
+        ("cache:\n  chunk_sise: 1MiB\nupstreams:\n  o:\n    servers: [\"127.0.0.1:1\"]\nroutes:\n  - upstream: o\n", "cache.chunk_sise", "line 2"),
+        ("upstreams:\n  o:\n    servers: [\"127.0.0.1:1\", \"nope\"]\nroutes:\n  - upstream: o\n", "upstreams.o.servers[1]", "line 3"),
+        ("upstreams:\n  o:\n    servers: [\"127.0.0.1:1\"]\nroutes:\n  - upstream: p\n", "routes[0].upstream", "line 5"),
+        ("upstreams: {o: {servers: [\n", "", "line"),
+    ];
+    for (yaml, key, line) in cases {
+        std::fs::write(&path, yaml).unwrap();
+        let (code, _out, err) = edgeslice(&["-t", "-c", path.to_str().unwrap()]);
+        assert_ne!(code, 0, "accepted:\n{yaml}");
+        assert!(err.contains(key) && err.contains(line), "error for\n{yaml}\nwas: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let (code, _, err) = edgeslice(&["-t", "-c", "/nonexistent/edgeslice.yaml"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("cannot read"), "{err}");
+}

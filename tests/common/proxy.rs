@@ -1,0 +1,149 @@
+//! Starts the real `edgeslice` binary on loopback ports chosen by the OS, with a config written
+//! to a temporary directory, and stops it (SIGKILL) on drop.
+//!
+//! Pingora binds its listeners itself and does not report the port it got, so the harness asks
+//! the OS for a free port (bind `127.0.0.1:0`, read it, release it) and hands that to the proxy.
+//! A start that loses the race for the port is retried with new ports.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Proxy {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: PathBuf,
+    yaml: String,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// A port the OS just handed out on 127.0.0.1.
+pub fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    l.local_addr().expect("local addr").port()
+}
+
+fn healthy(admin: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    buf.starts_with(b"HTTP/1.1 200")
+}
+
+impl Proxy {
+    /// Start with `yaml` holding everything but `server`, `listen` and `admin`; `{DIR}` in it is
+    /// replaced by the proxy's private temporary directory (use it for `cache.disk.path`).
+    pub fn start(yaml: &str) -> Proxy {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut p = Proxy::start_in(&dir, yaml);
+        p._tmp = Some(tmp);
+        p
+    }
+
+    /// Start in an existing directory (to restart over the same disk cache).
+    pub fn start_in(dir: &Path, yaml: &str) -> Proxy {
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let body = yaml.replace("{DIR}", &dir.display().to_string());
+            let full = format!(
+                "server:\n  threads: 2\n  pid_file: {d}/edgeslice.pid\n  upgrade_sock: {d}/upgrade.sock\n  graceful_shutdown_timeout: 1s\nlisten:\n  - {addr}\nadmin:\n  listen: {admin}\n{body}",
+                d = dir.display()
+            );
+            let conf = dir.join("edgeslice.yaml");
+            std::fs::write(&conf, &full).expect("write config");
+            let log_path = dir.join("edgeslice.log");
+            let log = std::fs::File::create(&log_path).expect("log file");
+            let child = Command::new(env!("CARGO_BIN_EXE_edgeslice"))
+                .arg("-c")
+                .arg(&conf)
+                .env("RUST_LOG", std::env::var("EDGESLICE_TEST_LOG").unwrap_or_else(|_| "info".into()))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("log clone"))
+                .stderr(log)
+                .spawn()
+                .expect("spawn edgeslice");
+            let mut p = Proxy { child: Some(child), addr, admin, dir: dir.to_path_buf(), yaml: yaml.to_string(), _tmp: None };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if let Some(Ok(Some(_))) = p.child.as_mut().map(|c| c.try_wait()) {
+                    break; // exited: most likely lost the port race
+                }
+                if healthy(admin) && TcpStream::connect(addr).is_ok() {
+                    return p;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            last_log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            p.kill();
+        }
+        panic!("edgeslice did not start; last log:\n{last_log}");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    fn status_field(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Resident memory now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.status_field("VmRSS:")
+    }
+
+    /// Peak resident memory since start, in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.status_field("VmHWM:")
+    }
+
+    /// The proxy's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("edgeslice.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, no goodbye: what a crash or an OOM kill looks like.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kill and start again over the same directory and config.
+    pub fn restart(&mut self) {
+        self.kill();
+        let tmp = self._tmp.take();
+        let mut next = Proxy::start_in(&self.dir, &self.yaml);
+        next._tmp = tmp;
+        *self = next;
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
