@@ -10,7 +10,11 @@ use std::process::ExitCode;
 #[command(name = "edgeslice", version, about = "Edge caching reverse proxy")]
 struct Cli {
     /// Path to the YAML configuration file.
-    #[arg(short = 'c', long = "conf", default_value = "/etc/edgeslice/edgeslice.yaml")]
+    #[arg(
+        short = 'c',
+        long = "conf",
+        default_value = "/etc/edgeslice/edgeslice.yaml"
+    )]
     conf: PathBuf,
     /// Test the configuration and exit: 0 when valid, 1 with the error otherwise.
     #[arg(short = 't', long = "test")]
@@ -29,15 +33,24 @@ fn main() -> ExitCode {
     let config = match Config::load(&cli.conf) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("edgeslice: configuration error in {}: {e}", cli.conf.display());
+            eprintln!(
+                "edgeslice: configuration error in {}: {e}",
+                cli.conf.display()
+            );
             return ExitCode::from(1);
         }
     };
     if cli.test {
-        println!("edgeslice: the configuration file {} syntax is ok and the test is successful", cli.conf.display());
+        println!(
+            "edgeslice: the configuration file {} syntax is ok and the test is successful",
+            cli.conf.display()
+        );
         return ExitCode::SUCCESS;
     }
-    let run = RunOptions { daemon: cli.daemon, upgrade: cli.upgrade };
+    let run = RunOptions {
+        daemon: cli.daemon,
+        upgrade: cli.upgrade,
+    };
     match server::build(config, run) {
         Ok(server) => server.run_forever(),
         Err(e) => {

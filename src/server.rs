@@ -37,16 +37,23 @@ pub fn server_conf(config: &Config, run: RunOptions) -> ServerConf {
 /// A ready-to-run Pingora server (call `run_forever`).
 pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
     let config = Arc::new(config);
-    let opt = Opt { upgrade: run.upgrade, daemon: run.daemon, ..Opt::default() };
-    let conf = server_conf(&config, run).validate().map_err(|e| e.to_string())?;
+    let opt = Opt {
+        upgrade: run.upgrade,
+        daemon: run.daemon,
+        ..Opt::default()
+    };
+    let conf = server_conf(&config, run)
+        .validate()
+        .map_err(|e| e.to_string())?;
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let cache = Arc::new(
-        ChunkCache::new(&config.cache).map_err(|e| format!("opening the cache: {e}"))?,
-    );
-    let edge = Edge::new(config.clone(), cache.clone()).map_err(|e| format!("building upstream pools: {e}"))?;
-    let mut proxy = pingora_proxy::http_proxy_service_with_name(&server.configuration, edge, "edgeslice");
+    let cache =
+        Arc::new(ChunkCache::new(&config.cache).map_err(|e| format!("opening the cache: {e}"))?);
+    let edge = Edge::new(config.clone(), cache.clone())
+        .map_err(|e| format!("building upstream pools: {e}"))?;
+    let mut proxy =
+        pingora_proxy::http_proxy_service_with_name(&server.configuration, edge, "edgeslice");
     for addr in &config.listen {
         proxy.add_tcp(&addr.to_string());
     }

@@ -3,7 +3,10 @@
 use std::process::Command;
 
 fn edgeslice(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_edgeslice")).args(args).output().expect("run edgeslice");
+    let out = Command::new(env!("CARGO_BIN_EXE_edgeslice"))
+        .args(args)
+        .output()
+        .expect("run edgeslice");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -33,7 +36,10 @@ fn bad_config_fails_test_mode_naming_key_and_line() {
         std::fs::write(&path, yaml).unwrap();
         let (code, _out, err) = edgeslice(&["-t", "-c", path.to_str().unwrap()]);
         assert_ne!(code, 0, "accepted:\n{yaml}");
-        assert!(err.contains(key) && err.contains(line), "error for\n{yaml}\nwas: {err}");
+        assert!(
+            err.contains(key) && err.contains(line),
+            "error for\n{yaml}\nwas: {err}"
+        );
         assert!(!err.contains("panicked"), "{err}");
     }
     let (code, _, err) = edgeslice(&["-t", "-c", "/nonexistent/edgeslice.yaml"]);

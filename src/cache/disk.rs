@@ -428,7 +428,13 @@ impl DiskStore {
         fs::create_dir_all(dir)?;
         let mut found = Vec::new();
         for entry in fs::read_dir(dir)? {
-            let entry = entry?;
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    log::warn!("disk cache: cannot list {}: {e}", dir.display());
+                    continue;
+                }
+            };
             let name = entry.file_name();
             let is_fanout = name.to_str().is_some_and(is_fanout_name);
             if is_fanout && entry.file_type().is_ok_and(|t| t.is_dir()) {
@@ -508,7 +514,8 @@ impl DiskStore {
         }
     }
 
-    /// Delete an entry (if present).
+    /// Delete an entry (if present). The index is authoritative: a key it does not hold costs
+    /// no I/O.
     pub async fn remove(&self, key: &str) {
         let hash = hash_key(key);
         if !self.shared.index().map.contains_key(&hash) {

@@ -43,7 +43,11 @@ pub struct ObjectRequest {
 }
 
 impl ObjectRequest {
-    fn origin_request(&self, range: Option<(u64, u64)>, headers: Vec<(&'static str, String)>) -> OriginRequest {
+    fn origin_request(
+        &self,
+        range: Option<(u64, u64)>,
+        headers: Vec<(&'static str, String)>,
+    ) -> OriginRequest {
         OriginRequest {
             method: http::Method::GET,
             path_and_query: self.path_and_query.clone(),
@@ -78,7 +82,9 @@ pub enum Revalidation {
 }
 
 fn chunk_len(cache: &ChunkCache, meta: &ObjectMeta, index: u64) -> u64 {
-    chunk_bounds(index, cache.chunk_size, meta.size).map(|b| b.len()).unwrap_or(0)
+    chunk_bounds(index, cache.chunk_size, meta.size)
+        .map(|b| b.len())
+        .unwrap_or(0)
 }
 
 /// The request headers that make an origin refuse to mix versions: `If-Range` with a strong
@@ -99,17 +105,31 @@ fn response_extent(resp: &OriginResponse) -> Option<(u64, Option<u64>)> {
             let (range, total) = fetch::parse_content_range(resp.header_str("content-range")?)?;
             Some((range?.0, total))
         }
-        200 => Some((0, resp.header_str("content-length").and_then(|v| v.trim().parse().ok()))),
+        200 => Some((
+            0,
+            resp.header_str("content-length")
+                .and_then(|v| v.trim().parse().ok()),
+        )),
         _ => None,
     }
 }
 
 fn response_validator(resp: &OriginResponse, size: u64) -> Option<String> {
-    ObjectMeta::validator_of(resp.header_str("etag"), resp.header_str("last-modified"), size)
+    ObjectMeta::validator_of(
+        resp.header_str("etag"),
+        resp.header_str("last-modified"),
+        size,
+    )
 }
 
 /// Build metadata from an origin response, or say why it must not be stored.
-fn meta_from(cache: &ChunkCache, obj: &ObjectRequest, resp_headers: &http::HeaderMap, status: u16, size: u64) -> Result<ObjectMeta, &'static str> {
+fn meta_from(
+    cache: &ChunkCache,
+    obj: &ObjectRequest,
+    resp_headers: &http::HeaderMap,
+    status: u16,
+    size: u64,
+) -> Result<ObjectMeta, &'static str> {
     let now = SystemTime::now();
     let policy = freshness::store_policy(&StorePolicyInput {
         status,
@@ -120,13 +140,23 @@ fn meta_from(cache: &ChunkCache, obj: &ObjectRequest, resp_headers: &http::Heade
         now,
     });
     let (fresh_for, stale_if_error, must_revalidate) = match policy {
-        Storability::Store { fresh_for, stale_if_error, must_revalidate } => (fresh_for, stale_if_error, must_revalidate),
+        Storability::Store {
+            fresh_for,
+            stale_if_error,
+            must_revalidate,
+        } => (fresh_for, stale_if_error, must_revalidate),
         Storability::NoStore(reason) => return Err(reason),
     };
-    let text = |n: &str| resp_headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let text = |n: &str| {
+        resp_headers
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     let etag = text("etag");
     let last_modified = text("last-modified");
-    let validator = ObjectMeta::validator_of(etag.as_deref(), last_modified.as_deref(), size).ok_or("no-validator")?;
+    let validator = ObjectMeta::validator_of(etag.as_deref(), last_modified.as_deref(), size)
+        .ok_or("no-validator")?;
     let headers = resp_headers
         .iter()
         .filter(|(n, _)| ObjectMeta::keep_header(n.as_str()))
@@ -149,10 +179,20 @@ fn meta_from(cache: &ChunkCache, obj: &ObjectRequest, resp_headers: &http::Heade
 
 /// Register fills for the missing chunks among `first..=last`; returns the ones this caller
 /// now owns (others are already cached or being filled by someone else).
-fn claim(cache: &ChunkCache, key: &ObjectKey, validator: &Arc<str>, first: u64, last: u64) -> Vec<(u64, Arc<Flight>)> {
+fn claim(
+    cache: &ChunkCache,
+    key: &ObjectKey,
+    validator: &Arc<str>,
+    first: u64,
+    last: u64,
+) -> Vec<(u64, Arc<Flight>)> {
     (first..=last)
         .filter_map(|index| {
-            let id = ChunkId { key: key.clone(), validator: validator.clone(), index };
+            let id = ChunkId {
+                key: key.clone(),
+                validator: validator.clone(),
+                index,
+            };
             match cache.join_fill(&id) {
                 Joined::Started(f) => Some((index, f)),
                 Joined::Existing(_) | Joined::Ready(_) => None,
@@ -163,11 +203,26 @@ fn claim(cache: &ChunkCache, key: &ObjectKey, validator: &Arc<str>, first: u64, 
 
 /// First fetch of an object: learn what it is from a chunk-aligned request for chunks
 /// `first..=last`, store its metadata, and stream the body into those chunks' fills.
-pub async fn discover(cache: &Arc<ChunkCache>, origin: &OriginAccess, obj: &ObjectRequest, first: u64, last: u64) -> Discovery {
+pub async fn discover(
+    cache: &Arc<ChunkCache>,
+    origin: &OriginAccess,
+    obj: &ObjectRequest,
+    first: u64,
+    last: u64,
+) -> Discovery {
     let cs = cache.chunk_size;
     let last = last.min(first.saturating_add(MAX_RUN_CHUNKS - 1));
-    let range = (first.saturating_mul(cs), last.saturating_add(1).saturating_mul(cs).saturating_sub(1));
-    let resp = match fetch::open(&origin.connector, &origin.pool, &obj.origin_request(Some(range), Vec::new())).await {
+    let range = (
+        first.saturating_mul(cs),
+        last.saturating_add(1).saturating_mul(cs).saturating_sub(1),
+    );
+    let resp = match fetch::open(
+        &origin.connector,
+        &origin.pool,
+        &obj.origin_request(Some(range), Vec::new()),
+    )
+    .await
+    {
         Ok(r) => r,
         Err(e) => return Discovery::Failed(e),
     };
@@ -191,7 +246,6 @@ pub async fn discover(cache: &Arc<ChunkCache>, origin: &OriginAccess, obj: &Obje
         Ok(m) => Arc::new(m),
         Err(reason) => return Discovery::Uncacheable(reason),
     };
-    cache.put_meta(&obj.key, meta.clone()).await;
     let validator: Arc<str> = meta.validator.as_str().into();
     let count = chunk_count(size, cs);
     let (claim_first, claim_last) = if status == 200 {
@@ -205,11 +259,26 @@ pub async fn discover(cache: &Arc<ChunkCache>, origin: &OriginAccess, obj: &Obje
             .unwrap_or(offset);
         (offset / cs, end / cs)
     };
-    let flights = if count == 0 { Vec::new() } else { claim(cache, &obj.key, &validator, claim_first, claim_last) };
+    // Claim the fills before publishing the metadata: a request that finds the metadata must
+    // also find these fills, or it would fetch the same chunks again.
+    let flights = if count == 0 {
+        Vec::new()
+    } else {
+        claim(cache, &obj.key, &validator, claim_first, claim_last)
+    };
+    cache.put_meta(&obj.key, meta.clone()).await;
     if flights.is_empty() {
         resp.finish().await;
     } else {
-        tokio::spawn(distribute(cache.clone(), resp, offset, meta.clone(), validator, obj.clone(), flights));
+        tokio::spawn(distribute(
+            cache.clone(),
+            resp,
+            offset,
+            meta.clone(),
+            validator,
+            obj.clone(),
+            flights,
+        ));
     }
     Discovery::Stored(meta)
 }
@@ -217,7 +286,11 @@ pub async fn discover(cache: &Arc<ChunkCache>, origin: &OriginAccess, obj: &Obje
 /// An origin that answers 200 with no length (chunked): split the body into chunks as it
 /// passes, and publish the metadata once the length is known. Needs an ETag (a Last-Modified
 /// validator includes the length, unknown until the end).
-async fn store_unknown_length(cache: &Arc<ChunkCache>, obj: &ObjectRequest, mut resp: OriginResponse) -> Discovery {
+async fn store_unknown_length(
+    cache: &Arc<ChunkCache>,
+    obj: &ObjectRequest,
+    mut resp: OriginResponse,
+) -> Discovery {
     let Some(etag) = resp.header_str("etag").map(str::to_string) else {
         return Discovery::Uncacheable("no-validator");
     };
@@ -242,7 +315,11 @@ async fn store_unknown_length(cache: &Arc<ChunkCache>, obj: &ObjectRequest, mut 
                     acc.extend_from_slice(&piece[..take]);
                     piece.advance(take);
                     if acc.len() == cs {
-                        let id = ChunkId { key: obj.key.clone(), validator: validator.clone(), index };
+                        let id = ChunkId {
+                            key: obj.key.clone(),
+                            validator: validator.clone(),
+                            index,
+                        };
                         cache.store_chunk(&id, acc.split().freeze());
                         index += 1;
                     }
@@ -253,7 +330,11 @@ async fn store_unknown_length(cache: &Arc<ChunkCache>, obj: &ObjectRequest, mut 
         }
     }
     if !acc.is_empty() {
-        let id = ChunkId { key: obj.key.clone(), validator: validator.clone(), index };
+        let id = ChunkId {
+            key: obj.key.clone(),
+            validator: validator.clone(),
+            index,
+        };
         cache.store_chunk(&id, acc.split().freeze());
     }
     let headers = resp.header.headers.clone();
@@ -270,7 +351,12 @@ async fn store_unknown_length(cache: &Arc<ChunkCache>, obj: &ObjectRequest, mut 
 
 /// Ask the origin whether a stale object is still current (`If-None-Match` /
 /// `If-Modified-Since`, one byte of body at most).
-pub async fn revalidate(cache: &Arc<ChunkCache>, origin: &OriginAccess, obj: &ObjectRequest, meta: &Arc<ObjectMeta>) -> Revalidation {
+pub async fn revalidate(
+    cache: &Arc<ChunkCache>,
+    origin: &OriginAccess,
+    obj: &ObjectRequest,
+    meta: &Arc<ObjectMeta>,
+) -> Revalidation {
     let mut headers = Vec::new();
     if let Some(e) = &meta.etag {
         headers.push(("if-none-match", e.clone()));
@@ -291,7 +377,9 @@ pub async fn revalidate(cache: &Arc<ChunkCache>, origin: &OriginAccess, obj: &Ob
         }
         200 | 206 => {
             let size = response_extent(&resp).and_then(|(_, t)| t);
-            let same = size == Some(meta.size) && size.and_then(|s| response_validator(&resp, s)).as_deref() == Some(meta.validator.as_str());
+            let same = size == Some(meta.size)
+                && size.and_then(|s| response_validator(&resp, s)).as_deref()
+                    == Some(meta.validator.as_str());
             if !same {
                 cache.invalidate(&obj.key, meta).await;
                 return Revalidation::Changed;
@@ -324,7 +412,10 @@ pub async fn revalidate(cache: &Arc<ChunkCache>, origin: &OriginAccess, obj: &Ob
 fn stored_headers(meta: &ObjectMeta) -> http::HeaderMap {
     let mut map = http::HeaderMap::new();
     for (n, v) in &meta.headers {
-        if let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(n.as_bytes()), http::HeaderValue::from_str(v)) {
+        if let (Ok(n), Ok(v)) = (
+            http::HeaderName::from_bytes(n.as_bytes()),
+            http::HeaderValue::from_str(v),
+        ) {
             map.append(n, v);
         }
     }
@@ -333,8 +424,20 @@ fn stored_headers(meta: &ObjectMeta) -> http::HeaderMap {
 
 /// The source of chunk `index`: memory, a fill in progress, disk, or a new origin fill that
 /// also takes the following missing chunks up to `last` (one request for the run).
-pub async fn chunk_source(cache: &Arc<ChunkCache>, origin: &OriginAccess, obj: &ObjectRequest, meta: &Arc<ObjectMeta>, validator: &Arc<str>, index: u64, last: u64) -> ChunkSource {
-    let id = ChunkId { key: obj.key.clone(), validator: validator.clone(), index };
+pub async fn chunk_source(
+    cache: &Arc<ChunkCache>,
+    origin: &OriginAccess,
+    obj: &ObjectRequest,
+    meta: &Arc<ObjectMeta>,
+    validator: &Arc<str>,
+    index: u64,
+    last: u64,
+) -> ChunkSource {
+    let id = ChunkId {
+        key: obj.key.clone(),
+        validator: validator.clone(),
+        index,
+    };
     if let Some(b) = cache.memory_chunk(&id) {
         return ChunkSource::Ready(b);
     }
@@ -352,7 +455,10 @@ pub async fn chunk_source(cache: &Arc<ChunkCache>, origin: &OriginAccess, obj: &
     let mut run = vec![(index, flight.clone())];
     let last = last.min(index.saturating_add(MAX_RUN_CHUNKS - 1));
     for j in index.saturating_add(1)..=last {
-        let idj = ChunkId { index: j, ..id.clone() };
+        let idj = ChunkId {
+            index: j,
+            ..id.clone()
+        };
         if cache.has_chunk(&idj) {
             break;
         }
@@ -361,28 +467,61 @@ pub async fn chunk_source(cache: &Arc<ChunkCache>, origin: &OriginAccess, obj: &
             Joined::Existing(_) | Joined::Ready(_) => break,
         }
     }
-    tokio::spawn(fill_run(cache.clone(), origin.clone(), obj.clone(), meta.clone(), validator.clone(), run));
+    tokio::spawn(fill_run(
+        cache.clone(),
+        origin.clone(),
+        obj.clone(),
+        meta.clone(),
+        validator.clone(),
+        run,
+    ));
     ChunkSource::Filling(flight)
 }
 
 /// Fetch a run of consecutive chunks with one ranged request and stream it into their fills.
-async fn fill_run(cache: Arc<ChunkCache>, origin: OriginAccess, obj: ObjectRequest, meta: Arc<ObjectMeta>, validator: Arc<str>, run: Vec<(u64, Arc<Flight>)>) {
-    let guards: Vec<FlightGuard> = run.iter().map(|(_, f)| FlightGuard::new(f.clone())).collect();
-    let (Some(first), Some(last)) = (run.first().map(|r| r.0), run.last().map(|r| r.0)) else { return };
+async fn fill_run(
+    cache: Arc<ChunkCache>,
+    origin: OriginAccess,
+    obj: ObjectRequest,
+    meta: Arc<ObjectMeta>,
+    validator: Arc<str>,
+    run: Vec<(u64, Arc<Flight>)>,
+) {
+    let guards: Vec<FlightGuard> = run
+        .iter()
+        .map(|(_, f)| FlightGuard::new(f.clone()))
+        .collect();
+    let (Some(first), Some(last)) = (run.first().map(|r| r.0), run.last().map(|r| r.0)) else {
+        return;
+    };
     let cs = cache.chunk_size;
     let start = first * cs;
-    let end = chunk_bounds(last, cs, meta.size).map(|b| b.end).unwrap_or(start);
+    let end = chunk_bounds(last, cs, meta.size)
+        .map(|b| b.end)
+        .unwrap_or(start);
     let req = obj.origin_request(Some((start, end)), if_range(&meta));
     let fail = |cache: &ChunkCache, run: &[(u64, Arc<Flight>)], err: FillError| {
         for (index, f) in run {
             f.finish(Err(err.clone()));
-            cache.flights.remove(&ChunkId { key: obj.key.clone(), validator: validator.clone(), index: *index }, f);
+            cache.flights.remove(
+                &ChunkId {
+                    key: obj.key.clone(),
+                    validator: validator.clone(),
+                    index: *index,
+                },
+                f,
+            );
         }
     };
     let resp = match fetch::open(&origin.connector, &origin.pool, &req).await {
         Ok(r) => r,
         Err(e) => {
-            log::warn!("rid={} chunk fetch {}-{} failed: {e}", obj.request_id, first, last);
+            log::warn!(
+                "rid={} chunk fetch {}-{} failed: {e}",
+                obj.request_id,
+                first,
+                last
+            );
             return fail(&cache, &run, FillError::Origin(e.to_string()));
         }
     };
@@ -392,7 +531,11 @@ async fn fill_run(cache: Arc<ChunkCache>, origin: OriginAccess, obj: ObjectReque
     let offset = match extent {
         Some((offset, _)) if same_version && offset <= start => offset,
         Some(_) => {
-            log::warn!("rid={} object {} changed version during fill; dropping the old one", obj.request_id, obj.key.as_str());
+            log::warn!(
+                "rid={} object {} changed version during fill; dropping the old one",
+                obj.request_id,
+                obj.key.as_str()
+            );
             cache.invalidate(&obj.key, &meta).await;
             return fail(&cache, &run, FillError::VersionChanged);
         }
@@ -407,16 +550,35 @@ async fn fill_run(cache: Arc<ChunkCache>, origin: OriginAccess, obj: ObjectReque
 
 /// Stream an origin body that starts at object offset `offset` into the fills of `flights`
 /// (sorted by index; gaps are skipped). Each completed chunk is stored and its fill finished.
-async fn distribute(cache: Arc<ChunkCache>, mut resp: OriginResponse, offset: u64, meta: Arc<ObjectMeta>, validator: Arc<str>, obj: ObjectRequest, flights: Vec<(u64, Arc<Flight>)>) {
+async fn distribute(
+    cache: Arc<ChunkCache>,
+    mut resp: OriginResponse,
+    offset: u64,
+    meta: Arc<ObjectMeta>,
+    validator: Arc<str>,
+    obj: ObjectRequest,
+    flights: Vec<(u64, Arc<Flight>)>,
+) {
     let cs = cache.chunk_size;
-    let guards: Vec<FlightGuard> = flights.iter().map(|(_, f)| FlightGuard::new(f.clone())).collect();
-    let id = |index: u64| ChunkId { key: obj.key.clone(), validator: validator.clone(), index };
+    let guards: Vec<FlightGuard> = flights
+        .iter()
+        .map(|(_, f)| FlightGuard::new(f.clone()))
+        .collect();
+    let id = |index: u64| ChunkId {
+        key: obj.key.clone(),
+        validator: validator.clone(),
+        index,
+    };
     let mut pos = offset;
     let mut current = 0usize;
     let mut acc = BytesMut::new();
     let outcome: Result<(), FillError> = loop {
-        let Some(&(index, ref flight)) = flights.get(current) else { break Ok(()) };
-        let Some(bounds) = chunk_bounds(index, cs, meta.size) else { break Ok(()) };
+        let Some(&(index, ref flight)) = flights.get(current) else {
+            break Ok(());
+        };
+        let Some(bounds) = chunk_bounds(index, cs, meta.size) else {
+            break Ok(());
+        };
         let mut piece = match resp.next_piece().await {
             Ok(Some(p)) => p,
             Ok(None) => break Err(FillError::Origin("origin body ended early".into())),
@@ -441,7 +603,10 @@ async fn distribute(cache: Arc<ChunkCache>, mut resp: OriginResponse, offset: u6
                 flight.finish(Ok(()));
                 cache.flights.remove(&id(index), &flight);
                 current += 1;
-                match flights.get(current).and_then(|(i, f)| Some((*i, f.clone(), chunk_bounds(*i, cs, meta.size)?))) {
+                match flights
+                    .get(current)
+                    .and_then(|(i, f)| Some((*i, f.clone(), chunk_bounds(*i, cs, meta.size)?)))
+                {
                     Some((i, f, b)) => (index, flight, bounds) = (i, f, b),
                     None => break,
                 }
@@ -452,7 +617,11 @@ async fn distribute(cache: Arc<ChunkCache>, mut resp: OriginResponse, offset: u6
     match outcome {
         Ok(()) => resp.finish().await,
         Err(e) => {
-            log::warn!("rid={} fill of {} failed at byte {pos}: {e}", obj.request_id, obj.key.as_str());
+            log::warn!(
+                "rid={} fill of {} failed at byte {pos}: {e}",
+                obj.request_id,
+                obj.key.as_str()
+            );
             for (i, f) in flights.iter().skip(current) {
                 f.finish(Err(e.clone()));
                 cache.flights.remove(&id(*i), f);

@@ -82,7 +82,13 @@ impl Flight {
 
     /// A reader of bytes `offset .. offset + len` of this chunk.
     pub fn reader(self: &Arc<Self>, offset: u64, len: u64) -> FlightReader {
-        FlightReader { flight: self.clone(), next_piece: 0, pos: 0, start: offset, end: offset.saturating_add(len) }
+        FlightReader {
+            flight: self.clone(),
+            next_piece: 0,
+            pos: 0,
+            start: offset,
+            end: offset.saturating_add(len),
+        }
     }
 }
 
@@ -147,7 +153,11 @@ impl FlightReader {
                 match &s.done {
                     Some(Err(e)) => return Some(Err(e.clone())),
                     // Finished, yet short of the window: the fill ended early.
-                    Some(Ok(())) => return Some(Err(FillError::Origin("fill ended short of the requested bytes".into()))),
+                    Some(Ok(())) => {
+                        return Some(Err(FillError::Origin(
+                            "fill ended short of the requested bytes".into(),
+                        )))
+                    }
                     None => {}
                 }
             }
@@ -174,8 +184,13 @@ pub enum Joined {
 
 impl<K: Hash + Eq + Clone> FlightMap<K> {
     pub fn new(shards: usize) -> Self {
-        let shards = (0..shards.max(1)).map(|_| Mutex::new(HashMap::new())).collect();
-        FlightMap { shards, hasher: Default::default() }
+        let shards = (0..shards.max(1))
+            .map(|_| Mutex::new(HashMap::new()))
+            .collect();
+        FlightMap {
+            shards,
+            hasher: Default::default(),
+        }
     }
 
     fn shard(&self, key: &K) -> std::sync::MutexGuard<'_, HashMap<K, Arc<Flight>>> {
@@ -207,7 +222,10 @@ impl<K: Hash + Eq + Clone> FlightMap<K> {
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().map(|m| m.len()).unwrap_or(0)).sum()
+        self.shards
+            .iter()
+            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -244,7 +262,9 @@ mod tests {
     #[tokio::test]
     async fn failure_wakes_every_waiter() {
         let f = Arc::new(Flight::default());
-        let readers: Vec<_> = (0..8).map(|_| tokio::spawn(read_all(f.reader(0, 100)))).collect();
+        let readers: Vec<_> = (0..8)
+            .map(|_| tokio::spawn(read_all(f.reader(0, 100))))
+            .collect();
         f.push(Bytes::from_static(b"abc"));
         f.finish(Err(FillError::Origin("boom".into())));
         for r in readers {
@@ -263,9 +283,14 @@ mod tests {
     #[test]
     fn map_joins_checks_and_removes() {
         let m: FlightMap<u64> = FlightMap::new(4);
-        let Joined::Started(f) = m.join_or_start(&1, || None) else { panic!("expected start") };
+        let Joined::Started(f) = m.join_or_start(&1, || None) else {
+            panic!("expected start")
+        };
         assert!(matches!(m.join_or_start(&1, || None), Joined::Existing(_)));
-        assert!(matches!(m.join_or_start(&2, || Some(Bytes::from_static(b"x"))), Joined::Ready(_)));
+        assert!(matches!(
+            m.join_or_start(&2, || Some(Bytes::from_static(b"x"))),
+            Joined::Ready(_)
+        ));
         let other = Arc::new(Flight::default());
         m.remove(&1, &other);
         assert_eq!(m.len(), 1, "a different flight is not removed");

@@ -11,7 +11,13 @@ pub struct ObjectKey(pub Arc<str>);
 
 impl ObjectKey {
     /// `upstream` group name, lower-case `host`, `path`, optional `query` (without `?`).
-    pub fn new(upstream: &str, host: &str, path: &str, query: Option<&str>, mode: &QueryKey) -> ObjectKey {
+    pub fn new(
+        upstream: &str,
+        host: &str,
+        path: &str,
+        query: Option<&str>,
+        mode: &QueryKey,
+    ) -> ObjectKey {
         let q = normalize_query(query, mode);
         let key = if q.is_empty() {
             format!("{upstream}|{host}|{path}")

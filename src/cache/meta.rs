@@ -8,8 +8,19 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// Response headers that are not replayed from the cache: per-hop or per-response fields and
 /// the ones edgeslice computes itself.
 const NOT_STORED: [&str; 14] = [
-    "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-    "upgrade", "content-length", "content-range", "date", "age", "set-cookie", "via",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "content-range",
+    "date",
+    "age",
+    "set-cookie",
+    "via",
     "x-request-id",
 ];
 
@@ -36,7 +47,11 @@ pub struct ObjectMeta {
 impl ObjectMeta {
     /// The validator for a response: the ETag when there is one, else Last-Modified plus size.
     /// `None` when the response has neither (it cannot be kept consistent across fetches).
-    pub fn validator_of(etag: Option<&str>, last_modified: Option<&str>, size: u64) -> Option<String> {
+    pub fn validator_of(
+        etag: Option<&str>,
+        last_modified: Option<&str>,
+        size: u64,
+    ) -> Option<String> {
         match (etag, last_modified) {
             (Some(e), _) if !e.is_empty() => Some(e.to_string()),
             (_, Some(lm)) if !lm.is_empty() => Some(format!("lm:{lm};{size}")),
@@ -59,12 +74,18 @@ impl ObjectMeta {
 
     /// The `Age` to send at `now` (RFC 9111 §4.2.3).
     pub fn age(&self, now: SystemTime) -> u64 {
-        let resident = now.duration_since(self.stored_at).unwrap_or_default().as_secs();
+        let resident = now
+            .duration_since(self.stored_at)
+            .unwrap_or_default()
+            .as_secs();
         self.initial_age.saturating_add(resident)
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn encode(&self) -> Bytes {
@@ -81,8 +102,14 @@ impl ObjectMeta {
         out.push_str(&format!("stored-at {}\n", secs(self.stored_at)));
         out.push_str(&format!("initial-age {}\n", self.initial_age));
         out.push_str(&format!("fresh-until {}\n", secs(self.fresh_until)));
-        out.push_str(&format!("stale-if-error {}\n", self.stale_if_error.as_secs()));
-        out.push_str(&format!("must-revalidate {}\n", u8::from(self.must_revalidate)));
+        out.push_str(&format!(
+            "stale-if-error {}\n",
+            self.stale_if_error.as_secs()
+        ));
+        out.push_str(&format!(
+            "must-revalidate {}\n",
+            u8::from(self.must_revalidate)
+        ));
         for (n, v) in &self.headers {
             // Header values cannot contain CR/LF, so a line per header is unambiguous.
             out.push_str(&format!("h {n}: {v}\n"));
@@ -96,9 +123,14 @@ impl ObjectMeta {
         if lines.next()? != "edgeslice-meta 1" {
             return None;
         }
-        let time = |s: &str| s.parse::<u64>().ok().map(|v| UNIX_EPOCH + Duration::from_secs(v));
+        let time = |s: &str| {
+            s.parse::<u64>()
+                .ok()
+                .map(|v| UNIX_EPOCH + Duration::from_secs(v))
+        };
         let (mut size, mut validator, mut etag, mut lm) = (None, None, None, None);
-        let (mut stored_at, mut initial_age, mut fresh_until, mut sie, mut mr) = (None, None, None, None, None);
+        let (mut stored_at, mut initial_age, mut fresh_until, mut sie, mut mr) =
+            (None, None, None, None, None);
         let mut headers = Vec::new();
         for line in lines {
             let (k, v) = line.split_once(' ')?;
@@ -145,7 +177,10 @@ mod tests {
             validator: "\"v1\"".into(),
             etag: Some("\"v1\"".into()),
             last_modified: Some("Wed, 21 Oct 2015 07:28:00 GMT".into()),
-            headers: vec![("content-type".into(), "video/mp2t".into()), ("cache-control".into(), "max-age=60".into())],
+            headers: vec![
+                ("content-type".into(), "video/mp2t".into()),
+                ("cache-control".into(), "max-age=60".into()),
+            ],
             stored_at: UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             initial_age: 3,
             fresh_until: UNIX_EPOCH + Duration::from_secs(1_700_000_060),
@@ -172,8 +207,14 @@ mod tests {
 
     #[test]
     fn validators() {
-        assert_eq!(ObjectMeta::validator_of(Some("\"a\""), Some("x"), 1).as_deref(), Some("\"a\""));
-        assert_eq!(ObjectMeta::validator_of(None, Some("x"), 5).as_deref(), Some("lm:x;5"));
+        assert_eq!(
+            ObjectMeta::validator_of(Some("\"a\""), Some("x"), 1).as_deref(),
+            Some("\"a\"")
+        );
+        assert_eq!(
+            ObjectMeta::validator_of(None, Some("x"), 5).as_deref(),
+            Some("lm:x;5")
+        );
         assert_eq!(ObjectMeta::validator_of(None, None, 5), None);
     }
 

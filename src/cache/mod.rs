@@ -1,9 +1,9 @@
 //! The chunk cache: object metadata and freshness, the memory tier, the disk tier.
 
 pub mod disk;
-pub mod freshness;
+pub mod fill;
 pub mod flight;
+pub mod freshness;
 pub mod key;
 pub mod meta;
 pub mod store;
-pub mod fill;

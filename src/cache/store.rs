@@ -64,7 +64,10 @@ impl ChunkCache {
             stale_if_error: super::fill::DEFAULT_STALE_IF_ERROR,
             memory,
             metas: moka::sync::Cache::new(MAX_META_ENTRIES),
-            pass: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(HIT_FOR_PASS_TTL).build(),
+            pass: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(HIT_FOR_PASS_TTL)
+                .build(),
             disk,
             flights: FlightMap::new(64),
             object_locks: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -101,7 +104,11 @@ impl ChunkCache {
     /// disk. Its memory chunks are unreachable from then on (they are keyed by validator) and
     /// age out.
     pub async fn invalidate(&self, key: &ObjectKey, old: &ObjectMeta) {
-        if self.metas.get(key).is_some_and(|m| m.validator == old.validator) {
+        if self
+            .metas
+            .get(key)
+            .is_some_and(|m| m.validator == old.validator)
+        {
             self.metas.invalidate(key);
         }
         if let Some(disk) = &self.disk {
@@ -131,11 +138,18 @@ impl ChunkCache {
     pub async fn lock_object(&self, key: &ObjectKey) -> ObjectLock<'_> {
         let lock = {
             let i = (self.flights_hash(key) as usize) % self.object_locks.len();
-            let mut shard = self.object_locks[i].lock().unwrap_or_else(|p| p.into_inner());
+            let mut shard = self.object_locks[i]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             shard.entry(key.clone()).or_default().clone()
         };
         let guard = lock.clone().lock_owned().await;
-        ObjectLock { cache: self, key: key.clone(), lock, _guard: Some(guard) }
+        ObjectLock {
+            cache: self,
+            key: key.clone(),
+            lock,
+            _guard: Some(guard),
+        }
     }
 
     fn flights_hash(&self, key: &ObjectKey) -> u64 {
@@ -152,7 +166,10 @@ impl ChunkCache {
     /// Whether the chunk is held by a tier (memory, or the disk index) without reading it.
     pub fn has_chunk(&self, id: &ChunkId) -> bool {
         self.memory.contains_key(id)
-            || self.disk.as_ref().is_some_and(|d| d.contains(&id.key.chunk_entry(id.index), &id.validator))
+            || self
+                .disk
+                .as_ref()
+                .is_some_and(|d| d.contains(&id.key.chunk_entry(id.index), &id.validator))
     }
 
     /// Read a chunk from disk; a hit is promoted to memory. `expected_len` guards against a
@@ -218,7 +235,9 @@ impl Drop for ObjectLock<'_> {
     fn drop(&mut self) {
         self._guard.take();
         let i = (self.cache.flights_hash(&self.key) as usize) % self.cache.object_locks.len();
-        let mut shard = self.cache.object_locks[i].lock().unwrap_or_else(|p| p.into_inner());
+        let mut shard = self.cache.object_locks[i]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         // Two references: the map's and ours. More means someone else waits: leave it.
         if Arc::strong_count(&self.lock) <= 2 {
             shard.remove(&self.key);

@@ -29,7 +29,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let path = if self.path.is_empty() { "<document>" } else { &self.path };
+        let path = if self.path.is_empty() {
+            "<document>"
+        } else {
+            &self.path
+        };
         match (self.line, self.column) {
             (Some(l), Some(c)) => write!(f, "{path} (line {l}, column {c}): {}", self.message),
             (Some(l), None) => write!(f, "{path} (line {l}): {}", self.message),
@@ -214,10 +218,18 @@ fn parse_addr(path: &str, at: &Spanned<String>) -> Result<SocketAddr, ConfigErro
         return Ok(a);
     }
     let Some((host, port)) = text.rsplit_once(':') else {
-        return Err(err_at(path, at, format!("invalid address {text:?}: expected host:port")));
+        return Err(err_at(
+            path,
+            at,
+            format!("invalid address {text:?}: expected host:port"),
+        ));
     };
     if host.is_empty() || port.parse::<u16>().is_err() {
-        return Err(err_at(path, at, format!("invalid address {text:?}: expected host:port")));
+        return Err(err_at(
+            path,
+            at,
+            format!("invalid address {text:?}: expected host:port"),
+        ));
     }
     match text.to_socket_addrs().map(|mut it| it.next()) {
         Ok(Some(a)) => Ok(a),
@@ -246,11 +258,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let server = ServerSettings {
         threads,
         pid_file: s.pid_file.unwrap_or_else(|| "/tmp/edgeslice.pid".into()),
-        upgrade_sock: s.upgrade_sock.unwrap_or_else(|| "/tmp/edgeslice_upgrade.sock".into()),
+        upgrade_sock: s
+            .upgrade_sock
+            .unwrap_or_else(|| "/tmp/edgeslice_upgrade.sock".into()),
         error_log: s.error_log,
         user: s.user,
         group: s.group,
-        grace_period: s.grace_period.map(|d| d.0).unwrap_or(Duration::from_secs(0)),
+        grace_period: s
+            .grace_period
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(0)),
         graceful_shutdown_timeout: s
             .graceful_shutdown_timeout
             .map(|d| d.0)
@@ -291,9 +308,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         None => DEFAULT_MAX_OBJECT_SIZE,
     };
     let max_ranges = match &c.max_ranges {
-        Some(v) if v.value == 0 => {
-            return Err(err_at("cache.max_ranges", v, "must be at least 1"))
-        }
+        Some(v) if v.value == 0 => return Err(err_at("cache.max_ranges", v, "must be at least 1")),
         Some(v) => v.value,
         None => DEFAULT_MAX_RANGES,
     };
@@ -331,13 +346,21 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         });
     };
     if raw_upstreams.value.is_empty() {
-        return Err(err_at("upstreams", &raw_upstreams, "at least one upstream group is required"));
+        return Err(err_at(
+            "upstreams",
+            &raw_upstreams,
+            "at least one upstream group is required",
+        ));
     }
     let mut upstreams = BTreeMap::new();
     for (name, u) in &raw_upstreams.value {
         let base = format!("upstreams.{name}");
         if u.servers.value.is_empty() {
-            return Err(err_at(format!("{base}.servers"), &u.servers, "the server list is empty"));
+            return Err(err_at(
+                format!("{base}.servers"),
+                &u.servers,
+                "the server list is empty",
+            ));
         }
         let servers = u
             .servers
@@ -347,17 +370,28 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             .map(|(i, s)| parse_addr(&format!("{base}.servers[{i}]"), s))
             .collect::<Result<Vec<_>, _>>()?;
         let timeout = |t: &Option<Spanned<units::Dur>>, key: &str, default| match t {
-            Some(v) if v.value.0.is_zero() => {
-                Err(err_at(format!("{base}.{key}"), v, "must be greater than zero"))
-            }
+            Some(v) if v.value.0.is_zero() => Err(err_at(
+                format!("{base}.{key}"),
+                v,
+                "must be greater than zero",
+            )),
             Some(v) => Ok(v.value.0),
             None => Ok(default),
         };
-        let connect_timeout = timeout(&u.connect_timeout, "connect_timeout", DEFAULT_CONNECT_TIMEOUT)?;
+        let connect_timeout = timeout(
+            &u.connect_timeout,
+            "connect_timeout",
+            DEFAULT_CONNECT_TIMEOUT,
+        )?;
         let read_timeout = timeout(&u.read_timeout, "read_timeout", DEFAULT_READ_TIMEOUT)?;
         upstreams.insert(
             name.clone(),
-            Arc::new(UpstreamSettings { name: name.clone(), servers, connect_timeout, read_timeout }),
+            Arc::new(UpstreamSettings {
+                name: name.clone(),
+                servers,
+                connect_timeout,
+                read_timeout,
+            }),
         );
     }
 
@@ -370,7 +404,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         });
     };
     if raw_routes.value.is_empty() {
-        return Err(err_at("routes", &raw_routes, "at least one route is required"));
+        return Err(err_at(
+            "routes",
+            &raw_routes,
+            "at least one route is required",
+        ));
     }
     let mut routes = Vec::new();
     for (i, r) in raw_routes.value.iter().enumerate() {
@@ -380,7 +418,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             err_at(
                 format!("{base}.upstream"),
                 &r.upstream,
-                format!("unknown upstream {:?} (defined: {})", r.upstream.value, known.join(", ")),
+                format!(
+                    "unknown upstream {:?} (defined: {})",
+                    r.upstream.value,
+                    known.join(", ")
+                ),
             )
         })?;
         let host = match &r.host {
@@ -408,7 +450,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         let path_prefix = match &r.path_prefix {
             None => "/".to_string(),
             Some(p) if !p.value.starts_with('/') => {
-                return Err(err_at(format!("{base}.path_prefix"), p, "must start with `/`"))
+                return Err(err_at(
+                    format!("{base}.path_prefix"),
+                    p,
+                    "must start with `/`",
+                ))
             }
             Some(p) => p.value.clone(),
         };
@@ -434,7 +480,14 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         }));
     }
 
-    Ok(Config { server, listen, admin_listen, cache, upstreams, routes })
+    Ok(Config {
+        server,
+        listen,
+        admin_listen,
+        cache,
+        upstreams,
+        routes,
+    })
 }
 
 impl Config {

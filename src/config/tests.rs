@@ -38,9 +38,15 @@ fn assert_err(yaml: &str, path: &str, line: u64, needle: &str) {
     let e = bad(yaml);
     assert_eq!(e.path, path, "path of {e}");
     assert_eq!(e.line, Some(line), "line of {e}");
-    assert!(e.message.contains(needle), "message of {e} lacks {needle:?}");
+    assert!(
+        e.message.contains(needle),
+        "message of {e} lacks {needle:?}"
+    );
     let shown = e.to_string();
-    assert!(shown.contains(path) && shown.contains(&format!("line {line}")), "{shown}");
+    assert!(
+        shown.contains(path) && shown.contains(&format!("line {line}")),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -54,8 +60,14 @@ fn good_config_parses() {
     assert_eq!(c.upstreams["origin"].read_timeout, Duration::from_secs(5));
     assert_eq!(c.admin_listen, Some("127.0.0.1:9180".parse().unwrap()));
     assert!(c.route("a.example.com", "/x").is_some());
-    assert!(c.route("example.com", "/x").is_none(), "wildcard needs a subdomain");
-    assert!(c.route("A.EXAMPLE.COM", "/x").is_some(), "hosts match case-insensitively");
+    assert!(
+        c.route("example.com", "/x").is_none(),
+        "wildcard needs a subdomain"
+    );
+    assert!(
+        c.route("A.EXAMPLE.COM", "/x").is_some(),
+        "hosts match case-insensitively"
+    );
 }
 
 #[test]
@@ -146,13 +158,33 @@ fn missing_sections_are_errors() {
 
 #[test]
 fn query_key_modes() {
-    let y = GOOD.replace("    cache: true", "    cache: true\n    cache_key:\n      query: [b, a, a]");
+    let y = GOOD.replace(
+        "    cache: true",
+        "    cache: true\n    cache_key:\n      query: [b, a, a]",
+    );
     let c = Config::from_yaml(&y).unwrap();
-    assert_eq!(c.routes[0].query_key, QueryKey::Keep(vec!["a".into(), "b".into()]));
-    let y = GOOD.replace("    cache: true", "    cache: true\n    cache_key:\n      query: ignore");
-    assert_eq!(Config::from_yaml(&y).unwrap().routes[0].query_key, QueryKey::Ignore);
-    let y = GOOD.replace("    cache: true", "    cache: true\n    cache_key:\n      query: some");
-    assert_err(&y, "routes[0].cache_key.query", 25, "invalid query key mode");
+    assert_eq!(
+        c.routes[0].query_key,
+        QueryKey::Keep(vec!["a".into(), "b".into()])
+    );
+    let y = GOOD.replace(
+        "    cache: true",
+        "    cache: true\n    cache_key:\n      query: ignore",
+    );
+    assert_eq!(
+        Config::from_yaml(&y).unwrap().routes[0].query_key,
+        QueryKey::Ignore
+    );
+    let y = GOOD.replace(
+        "    cache: true",
+        "    cache: true\n    cache_key:\n      query: some",
+    );
+    assert_err(
+        &y,
+        "routes[0].cache_key.query",
+        25,
+        "invalid query key mode",
+    );
 }
 
 proptest! {

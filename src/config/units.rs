@@ -24,7 +24,9 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     if digits.is_empty() {
         return Err(format!("invalid size {text:?}: expected a number with an optional unit B, KiB, MiB, GiB or TiB"));
     }
-    let n: u64 = digits.parse().map_err(|_| format!("invalid size {text:?}: number too large"))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: number too large"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -37,7 +39,8 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
             ))
         }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("invalid size {text:?}: too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("invalid size {text:?}: too large"))
 }
 
 /// Parse `500ms`, `5s`, `2m`, `1h`, `1d`; a plain number is seconds.
@@ -46,9 +49,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (digits, unit) = t.split_at(split);
     if digits.is_empty() {
-        return Err(format!("invalid duration {text:?}: expected a number with a unit ms, s, m, h or d"));
+        return Err(format!(
+            "invalid duration {text:?}: expected a number with a unit ms, s, m, h or d"
+        ));
     }
-    let n: u64 = digits.parse().map_err(|_| format!("invalid duration {text:?}: number too large"))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid duration {text:?}: number too large"))?;
     let ms_per: u64 = match unit.trim() {
         "ms" => 1,
         "" | "s" => 1_000,
@@ -87,13 +94,15 @@ impl<'de, T, F: Fn(&str) -> Result<T, String>> Visitor<'de> for TextOrInt<F> {
 
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(TextOrInt("a size such as 1MiB", parse_size)).map(Size)
+        d.deserialize_any(TextOrInt("a size such as 1MiB", parse_size))
+            .map(Size)
     }
 }
 
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(TextOrInt("a duration such as 5s", parse_duration)).map(Dur)
+        d.deserialize_any(TextOrInt("a duration such as 5s", parse_duration))
+            .map(Dur)
     }
 }
 

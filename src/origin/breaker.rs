@@ -702,8 +702,7 @@ mod tests {
         assert_eq!(b.record_failure(old_fail), None);
         assert_eq!(b.trips(), 1);
         let p = assert_ejected_for(&b, SEC).await;
-        let old_fail = b.try_acquire();
-        assert!(old_fail.is_none());
+        assert!(b.try_acquire().is_none(), "the only probe slot is taken");
         assert_eq!(b.record_success(p), t(HalfOpen, Closed));
         // ...nor after the breaker has closed again.
         let a = b.try_acquire().expect("closed");

@@ -81,7 +81,9 @@ impl OriginResponse {
 
     /// The next body piece; `Ok(None)` at the end of the body.
     pub async fn next_piece(&mut self) -> Result<Option<Bytes>, FetchError> {
-        let Some(s) = self.session.as_mut() else { return Ok(None) };
+        let Some(s) = self.session.as_mut() else {
+            return Ok(None);
+        };
         s.read_response_body().await.map_err(|e| FetchError {
             message: format!("reading body: {e}"),
             server: Some(self.server),
@@ -94,7 +96,9 @@ impl OriginResponse {
     pub async fn finish(mut self) {
         if let Some(mut s) = self.session.take() {
             if s.response_done() {
-                self.connector.release_http_session(s, &self.peer, None).await;
+                self.connector
+                    .release_http_session(s, &self.peer, None)
+                    .await;
             } else {
                 s.shutdown().await;
             }
@@ -108,11 +112,22 @@ fn is_failover_status(status: u16) -> bool {
 
 /// Send `req` to a server of `pool`, failing over to the next one on connect errors, timeouts
 /// and 502/503/504, each server at most once.
-pub async fn open(connector: &Arc<Connector>, pool: &UpstreamPool, req: &OriginRequest) -> Result<OriginResponse, FetchError> {
+pub async fn open(
+    connector: &Arc<Connector>,
+    pool: &UpstreamPool,
+    req: &OriginRequest,
+) -> Result<OriginResponse, FetchError> {
     let mut tried: Vec<SocketAddr> = Vec::new();
-    let mut last = FetchError { message: "no server available".into(), server: None, status: None, timed_out: false };
+    let mut last = FetchError {
+        message: "no server available".into(),
+        server: None,
+        status: None,
+        timed_out: false,
+    };
     for _ in 0..pool.settings.servers.len() {
-        let Some(addr) = pool.select(req.path_and_query.as_bytes(), |a| tried.contains(a)) else { break };
+        let Some(addr) = pool.select(req.path_and_query.as_bytes(), |a| tried.contains(a)) else {
+            break;
+        };
         if tried.contains(&addr) {
             break;
         }
@@ -125,7 +140,11 @@ pub async fn open(connector: &Arc<Connector>, pool: &UpstreamPool, req: &OriginR
                     status: Some(resp.status()),
                     timed_out: false,
                 };
-                log::warn!("rid={} origin {addr} answered {}, failing over", req.request_id, resp.status());
+                log::warn!(
+                    "rid={} origin {addr} answered {}, failing over",
+                    req.request_id,
+                    resp.status()
+                );
                 resp.finish().await;
             }
             Ok(resp) => return Ok(resp),
@@ -138,8 +157,18 @@ pub async fn open(connector: &Arc<Connector>, pool: &UpstreamPool, req: &OriginR
     Err(last)
 }
 
-async fn try_server(connector: &Arc<Connector>, pool: &UpstreamPool, addr: SocketAddr, req: &OriginRequest) -> Result<OriginResponse, FetchError> {
-    let fail = |message: String, timed_out: bool| FetchError { message, server: Some(addr), status: None, timed_out };
+async fn try_server(
+    connector: &Arc<Connector>,
+    pool: &UpstreamPool,
+    addr: SocketAddr,
+    req: &OriginRequest,
+) -> Result<OriginResponse, FetchError> {
+    let fail = |message: String, timed_out: bool| FetchError {
+        message,
+        server: Some(addr),
+        status: None,
+        timed_out,
+    };
     let peer = pool.peer(addr);
     let (mut session, _reused) = connector.get_http_session(&peer).await.map_err(|e| {
         let timed_out = matches!(e.etype(), pingora_error::ErrorType::ConnectTimedout);
@@ -149,7 +178,8 @@ async fn try_server(connector: &Arc<Connector>, pool: &UpstreamPool, addr: Socke
     let mut head = RequestHeader::build(req.method.clone(), req.path_and_query.as_bytes(), Some(8))
         .map_err(|e| fail(format!("building request: {e}"), false))?;
     let set = |head: &mut RequestHeader, n: &'static str, v: &str| {
-        head.insert_header(n, v).map_err(|e| fail(format!("header {n}: {e}"), false))
+        head.insert_header(n, v)
+            .map_err(|e| fail(format!("header {n}: {e}"), false))
     };
     set(&mut head, "host", &req.host)?;
     if let Some((a, b)) = req.range {
@@ -160,8 +190,14 @@ async fn try_server(connector: &Arc<Connector>, pool: &UpstreamPool, addr: Socke
     }
     set(&mut head, "via", super::super::proxy::headers::VIA_VALUE)?;
     set(&mut head, "x-request-id", &req.request_id)?;
-    session.write_request_header(Box::new(head)).await.map_err(|e| fail(format!("sending request: {e}"), false))?;
-    session.finish_request_body().await.map_err(|e| fail(format!("sending request: {e}"), false))?;
+    session
+        .write_request_header(Box::new(head))
+        .await
+        .map_err(|e| fail(format!("sending request: {e}"), false))?;
+    session
+        .finish_request_body()
+        .await
+        .map_err(|e| fail(format!("sending request: {e}"), false))?;
     session.read_response_header().await.map_err(|e| {
         let timed_out = matches!(e.etype(), pingora_error::ErrorType::ReadTimedout);
         fail(format!("reading response header: {e}"), timed_out)
@@ -170,14 +206,28 @@ async fn try_server(connector: &Arc<Connector>, pool: &UpstreamPool, addr: Socke
         .response_header()
         .cloned()
         .ok_or_else(|| fail("no response header".into(), false))?;
-    Ok(OriginResponse { session: Some(session), peer, connector: connector.clone(), header, server: addr })
+    Ok(OriginResponse {
+        session: Some(session),
+        peer,
+        connector: connector.clone(),
+        header,
+        server: addr,
+    })
 }
 
-/// Parse `Content-Range: bytes a-b/len` into (a, b, Some(len)) or `bytes */len` into None-range.
-pub fn parse_content_range(v: &str) -> Option<(Option<(u64, u64)>, Option<u64>)> {
+/// A parsed `Content-Range`: the inclusive byte range (`None` for `*`) and the complete
+/// length (`None` for `*`).
+pub type ContentRange = (Option<(u64, u64)>, Option<u64>);
+
+/// Parse `Content-Range: bytes a-b/len`, `bytes a-b/*` or `bytes */len`.
+pub fn parse_content_range(v: &str) -> Option<ContentRange> {
     let rest = v.trim().strip_prefix("bytes ")?;
     let (range, total) = rest.split_once('/')?;
-    let total = if total.trim() == "*" { None } else { Some(total.trim().parse().ok()?) };
+    let total = if total.trim() == "*" {
+        None
+    } else {
+        Some(total.trim().parse().ok()?)
+    };
     if range.trim() == "*" {
         return Some((None, total));
     }
@@ -195,9 +245,18 @@ mod tests {
 
     #[test]
     fn content_range() {
-        assert_eq!(parse_content_range("bytes 0-99/1000"), Some((Some((0, 99)), Some(1000))));
-        assert_eq!(parse_content_range("bytes 0-99/*"), Some((Some((0, 99)), None)));
-        assert_eq!(parse_content_range("bytes */1000"), Some((None, Some(1000))));
+        assert_eq!(
+            parse_content_range("bytes 0-99/1000"),
+            Some((Some((0, 99)), Some(1000)))
+        );
+        assert_eq!(
+            parse_content_range("bytes 0-99/*"),
+            Some((Some((0, 99)), None))
+        );
+        assert_eq!(
+            parse_content_range("bytes */1000"),
+            Some((None, Some(1000)))
+        );
         assert_eq!(parse_content_range("bytes 5-4/1000"), None);
         assert_eq!(parse_content_range("bytes 0-1000/1000"), None);
         assert_eq!(parse_content_range("items 0-1/2"), None);

@@ -3,5 +3,5 @@
 pub mod backoff;
 pub mod breaker;
 pub mod budget;
-pub mod pool;
 pub mod fetch;
+pub mod pool;

@@ -25,9 +25,8 @@ impl UpstreamPool {
     /// The next server for `key`, skipping those `skip` rejects (e.g. already tried).
     pub fn select(&self, key: &[u8], skip: impl Fn(&SocketAddr) -> bool) -> Option<SocketAddr> {
         let n = self.settings.servers.len().max(1);
-        let pick = |b: &Backend, healthy: bool| {
-            healthy && b.addr.as_inet().is_some_and(|a| !skip(a))
-        };
+        let pick =
+            |b: &Backend, healthy: bool| healthy && b.addr.as_inet().is_some_and(|a| !skip(a));
         self.lb
             .select_with(key, n * 2, pick)
             .or_else(|| self.lb.select(key, n * 2))

@@ -15,7 +15,7 @@
 //! aborts the response (the client sees a short body), never a wrong byte.
 
 use super::ctx::RequestCtx;
-use super::headers::{X_REQUEST_ID, VIA_VALUE};
+use super::headers::{VIA_VALUE, X_REQUEST_ID};
 use super::respond;
 use crate::cache::fill::{self, ChunkSource, Discovery, ObjectRequest, OriginAccess, Revalidation};
 use crate::cache::flight::{FillError, FlightReader};
@@ -25,7 +25,9 @@ use crate::cache::meta::ObjectMeta;
 use crate::cache::store::{ChunkCache, ChunkId};
 use crate::config::Route;
 use crate::range::multipart::{new_boundary, MultipartLayout};
-use crate::range::parse::{if_range_holds, parse_range, resolve, ByteRange, RangeDecision, RangeRequest, RangeSpec};
+use crate::range::parse::{
+    if_range_holds, parse_range, resolve, ByteRange, RangeDecision, RangeRequest, RangeSpec,
+};
 use crate::range::plan::spans;
 use bytes::Bytes;
 use pingora_error::{Error, ErrorType, Result};
@@ -71,7 +73,10 @@ fn discovery_span(req: &RangeRequest, chunk_size: u64) -> (u64, u64) {
 /// Whether a stored response may answer a request with `Authorization` (RFC 9111 §3.5).
 fn allows_authorized(meta: &ObjectMeta) -> bool {
     let mut map = http::HeaderMap::new();
-    if let Some(cc) = meta.header("cache-control").and_then(|v| http::HeaderValue::from_str(v).ok()) {
+    if let Some(cc) = meta
+        .header("cache-control")
+        .and_then(|v| http::HeaderValue::from_str(v).ok())
+    {
         map.insert(http::header::CACHE_CONTROL, cc);
     }
     let cc = freshness::parse_cache_control(&map);
@@ -82,14 +87,19 @@ fn allows_authorized(meta: &ObjectMeta) -> bool {
 /// copy is current and a 304 is due.
 fn not_modified(session: &Session, meta: &ObjectMeta) -> bool {
     if let Some(inm) = header(session, "if-none-match").and_then(|v| std::str::from_utf8(v).ok()) {
-        let Some(etag) = meta.etag.as_deref() else { return false };
+        let Some(etag) = meta.etag.as_deref() else {
+            return false;
+        };
         let bare = |t: &str| t.trim().trim_start_matches("W/").to_string();
         return inm.trim() == "*" || inm.split(',').any(|t| bare(t) == bare(etag));
     }
     let ims = header(session, "if-modified-since")
         .and_then(|v| std::str::from_utf8(v).ok())
         .and_then(|v| httpdate::parse_http_date(v).ok());
-    let lm = meta.last_modified.as_deref().and_then(|v| httpdate::parse_http_date(v).ok());
+    let lm = meta
+        .last_modified
+        .as_deref()
+        .and_then(|v| httpdate::parse_http_date(v).ok());
     matches!((ims, lm), (Some(ims), Some(lm)) if lm <= ims)
 }
 
@@ -99,25 +109,51 @@ pub struct CacheLayer {
 }
 
 impl CacheLayer {
-    pub async fn serve(&self, session: &mut Session, ctx: &mut RequestCtx, route: &Arc<Route>, origin: OriginAccess) -> Result<Outcome> {
+    pub async fn serve(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        route: &Arc<Route>,
+        origin: OriginAccess,
+    ) -> Result<Outcome> {
         let req = session.req_header();
         let host = super::request_host(req);
-        let key = ObjectKey::new(&route.upstream.name, &host, req.uri.path(), req.uri.query(), &route.query_key);
+        let key = ObjectKey::new(
+            &route.upstream.name,
+            &host,
+            req.uri.path(),
+            req.uri.query(),
+            &route.query_key,
+        );
         if self.cache.is_marked_uncacheable(&key) {
             ctx.cache_status = "edgeslice; fwd=bypass; detail=uncacheable".into();
             return Ok(Outcome::PassThrough);
         }
         let obj = ObjectRequest {
             key: key.clone(),
-            path_and_query: req.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
-            host: req.headers.get(http::header::HOST).and_then(|v| v.to_str().ok()).unwrap_or(&host).to_string(),
+            path_and_query: req
+                .uri
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into()),
+            host: req
+                .headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(&host)
+                .to_string(),
             request_id: ctx.request_id.clone(),
             has_authorization: req.headers.contains_key(http::header::AUTHORIZATION),
         };
-        let range_req = header(session, "range").map(parse_range).unwrap_or(RangeRequest::Whole);
+        let range_req = header(session, "range")
+            .map(parse_range)
+            .unwrap_or(RangeRequest::Whole);
         let must_revalidate = freshness::request_requires_revalidation(&req.headers);
 
-        let (meta, lookup) = match self.lookup(session, ctx, &obj, &origin, &range_req, must_revalidate).await? {
+        let (meta, lookup) = match self
+            .lookup(session, ctx, &obj, &origin, &range_req, must_revalidate)
+            .await?
+        {
             Some(found) => found,
             None if ctx.pass_through => return Ok(Outcome::PassThrough),
             None => return Ok(Outcome::Served),
@@ -126,13 +162,22 @@ impl CacheLayer {
             ctx.cache_status = "edgeslice; fwd=request; detail=authorization".into();
             return Ok(Outcome::PassThrough);
         }
-        self.respond(session, ctx, &obj, &origin, meta, lookup, range_req).await?;
+        self.respond(session, ctx, &obj, &origin, meta, lookup, range_req)
+            .await?;
         Ok(Outcome::Served)
     }
 
     /// Metadata for the object, from the cache or the origins. `Ok(None)` when there is none
     /// to serve: either an error response was written, or `ctx.pass_through` is set.
-    async fn lookup(&self, session: &mut Session, ctx: &mut RequestCtx, obj: &ObjectRequest, origin: &OriginAccess, range_req: &RangeRequest, must_revalidate: bool) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
+    async fn lookup(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        obj: &ObjectRequest,
+        origin: &OriginAccess,
+        range_req: &RangeRequest,
+        must_revalidate: bool,
+    ) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
         let now = SystemTime::now();
         if let Some(m) = self.cache.meta(&obj.key).await {
             if m.is_fresh(now) && !must_revalidate {
@@ -155,10 +200,16 @@ impl CacheLayer {
                 Revalidation::Uncacheable(reason) => return self.pass(ctx, &obj.key, reason),
                 Revalidation::Failed(e) => {
                     if old.within_stale_if_error(SystemTime::now()) {
-                        log::warn!("rid={} serving stale {} after origin failure: {e}", ctx.request_id, obj.key.as_str());
+                        log::warn!(
+                            "rid={} serving stale {} after origin failure: {e}",
+                            ctx.request_id,
+                            obj.key.as_str()
+                        );
                         return Ok(Some((old, Lookup::StaleIfError)));
                     }
-                    return self.fail(session, ctx, e.client_status(), &e.to_string()).await;
+                    return self
+                        .fail(session, ctx, e.client_status(), &e.to_string())
+                        .await;
                 }
             }
         }
@@ -166,11 +217,19 @@ impl CacheLayer {
         match fill::discover(&self.cache, origin, obj, first, last).await {
             Discovery::Stored(m) => Ok(Some((m, Lookup::Discovered))),
             Discovery::Uncacheable(reason) => self.pass(ctx, &obj.key, reason),
-            Discovery::Failed(e) => self.fail(session, ctx, e.client_status(), &e.to_string()).await,
+            Discovery::Failed(e) => {
+                self.fail(session, ctx, e.client_status(), &e.to_string())
+                    .await
+            }
         }
     }
 
-    fn pass(&self, ctx: &mut RequestCtx, key: &ObjectKey, reason: &'static str) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
+    fn pass(
+        &self,
+        ctx: &mut RequestCtx,
+        key: &ObjectKey,
+        reason: &'static str,
+    ) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
         // One request's credentials say nothing about the object: don't remember those.
         if reason != "authorization" {
             self.cache.mark_uncacheable(key, reason);
@@ -180,15 +239,33 @@ impl CacheLayer {
         Ok(None)
     }
 
-    async fn fail(&self, session: &mut Session, ctx: &mut RequestCtx, status: u16, why: &str) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
-        log::warn!("rid={} cache fill failed, answering {status}: {why}", ctx.request_id);
+    async fn fail(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        status: u16,
+        why: &str,
+    ) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
+        log::warn!(
+            "rid={} cache fill failed, answering {status}: {why}",
+            ctx.request_id
+        );
         ctx.cache_status = format!("edgeslice; fwd=miss; fwd-status={status}");
         respond::send_error(session, status, &ctx.request_id).await?;
         Ok(None)
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn respond(&self, session: &mut Session, ctx: &mut RequestCtx, obj: &ObjectRequest, origin: &OriginAccess, meta: Arc<ObjectMeta>, lookup: Lookup, range_req: RangeRequest) -> Result<()> {
+    async fn respond(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        obj: &ObjectRequest,
+        origin: &OriginAccess,
+        meta: Arc<ObjectMeta>,
+        lookup: Lookup,
+        range_req: RangeRequest,
+    ) -> Result<()> {
         let now = SystemTime::now();
         let is_head = session.req_header().method == http::Method::HEAD;
         let validator: Arc<str> = meta.validator.as_str().into();
@@ -203,11 +280,18 @@ impl CacheLayer {
         let if_range_ok = match header(session, "if-range") {
             None => true,
             Some(v) => {
-                let lm = meta.last_modified.as_deref().and_then(|v| httpdate::parse_http_date(v).ok());
+                let lm = meta
+                    .last_modified
+                    .as_deref()
+                    .and_then(|v| httpdate::parse_http_date(v).ok());
                 if_range_holds(v, meta.etag.as_deref(), lm)
             }
         };
-        let decision = if if_range_ok { resolve(&range_req, meta.size, self.cache.max_ranges) } else { RangeDecision::Whole };
+        let decision = if if_range_ok {
+            resolve(&range_req, meta.size, self.cache.max_ranges)
+        } else {
+            RangeDecision::Whole
+        };
 
         // What the body is: (part header, range) pairs, then a trailer.
         let (status, parts, trailer, mut head) = match decision {
@@ -225,7 +309,17 @@ impl CacheLayer {
                 return Ok(());
             }
             RangeDecision::Whole => {
-                let whole = if meta.size == 0 { Vec::new() } else { vec![(Bytes::new(), ByteRange { start: 0, end: meta.size - 1 })] };
+                let whole = if meta.size == 0 {
+                    Vec::new()
+                } else {
+                    vec![(
+                        Bytes::new(),
+                        ByteRange {
+                            start: 0,
+                            end: meta.size - 1,
+                        },
+                    )]
+                };
                 let mut h = self.base_header(200, &meta, ctx, now)?;
                 h.insert_header("content-length", meta.size.to_string())?;
                 (200, whole, Bytes::new(), h)
@@ -233,12 +327,20 @@ impl CacheLayer {
             RangeDecision::Partial(ranges) if ranges.len() == 1 => {
                 let r = ranges[0];
                 let mut h = self.base_header(206, &meta, ctx, now)?;
-                h.insert_header("content-range", format!("bytes {}-{}/{}", r.start, r.end, meta.size))?;
+                h.insert_header(
+                    "content-range",
+                    format!("bytes {}-{}/{}", r.start, r.end, meta.size),
+                )?;
                 h.insert_header("content-length", r.len().to_string())?;
                 (206, vec![(Bytes::new(), r)], Bytes::new(), h)
             }
             RangeDecision::Partial(ranges) => {
-                let layout = MultipartLayout::new(&ranges, meta.header("content-type"), meta.size, new_boundary());
+                let layout = MultipartLayout::new(
+                    &ranges,
+                    meta.header("content-type"),
+                    meta.size,
+                    new_boundary(),
+                );
                 let mut h = self.base_header(206, &meta, ctx, now)?;
                 h.insert_header("content-type", layout.content_type())?;
                 h.insert_header("content-length", layout.body_len().to_string())?;
@@ -250,7 +352,13 @@ impl CacheLayer {
         let all_cached = parts.iter().all(|(_, r)| {
             let first = r.start / self.cache.chunk_size;
             let last = r.end / self.cache.chunk_size;
-            (first..=last).all(|index| self.cache.has_chunk(&ChunkId { key: obj.key.clone(), validator: validator.clone(), index }))
+            (first..=last).all(|index| {
+                self.cache.has_chunk(&ChunkId {
+                    key: obj.key.clone(),
+                    validator: validator.clone(),
+                    index,
+                })
+            })
         });
         ctx.cache_status = cache_status(lookup, all_cached);
         head.insert_header("cache-status", ctx.cache_status.as_str())?;
@@ -259,12 +367,19 @@ impl CacheLayer {
         }
 
         // Hold the header until the first byte is in hand: an origin failure now is a clean 5xx.
-        let mut body = BodyPlan { parts, next_part: 0, spans: Vec::new(), next_span: 0, current: None };
+        let mut body = BodyPlan {
+            parts,
+            next_part: 0,
+            spans: Vec::new(),
+            next_span: 0,
+            current: None,
+        };
         let first = match body.next_piece(self, obj, origin, &meta, &validator).await {
             Ok(p) => p,
             Err(e) => {
                 log::warn!("rid={} first chunk failed: {e}", ctx.request_id);
-                ctx.cache_status = format!("edgeslice; fwd=miss; fwd-status=502; detail={}", detail(&e));
+                ctx.cache_status =
+                    format!("edgeslice; fwd=miss; fwd-status=502; detail={}", detail(&e));
                 respond::send_error(session, 502, &ctx.request_id).await?;
                 return Ok(());
             }
@@ -280,7 +395,10 @@ impl CacheLayer {
                 Ok(p) => p,
                 Err(e) => {
                     log::warn!("rid={} aborting response mid-body: {e}", ctx.request_id);
-                    return Err(Error::explain(ErrorType::HTTPStatus(502), format!("cache fill failed mid-response: {e}")));
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(502),
+                        format!("cache fill failed mid-response: {e}"),
+                    ));
                 }
             };
         }
@@ -290,7 +408,13 @@ impl CacheLayer {
         session.write_response_body(None, true).await
     }
 
-    fn base_header(&self, status: u16, meta: &ObjectMeta, ctx: &RequestCtx, now: SystemTime) -> Result<ResponseHeader> {
+    fn base_header(
+        &self,
+        status: u16,
+        meta: &ObjectMeta,
+        ctx: &RequestCtx,
+        now: SystemTime,
+    ) -> Result<ResponseHeader> {
         let mut h = ResponseHeader::build(status, Some(meta.headers.len() + 8))?;
         for (n, v) in &meta.headers {
             h.append_header(n.clone(), v.as_str())?;
@@ -336,7 +460,14 @@ struct BodyPlan {
 }
 
 impl BodyPlan {
-    async fn next_piece(&mut self, layer: &CacheLayer, obj: &ObjectRequest, origin: &OriginAccess, meta: &Arc<ObjectMeta>, validator: &Arc<str>) -> Result<Option<Bytes>, FillError> {
+    async fn next_piece(
+        &mut self,
+        layer: &CacheLayer,
+        obj: &ObjectRequest,
+        origin: &OriginAccess,
+        meta: &Arc<ObjectMeta>,
+        validator: &Arc<str>,
+    ) -> Result<Option<Bytes>, FillError> {
         loop {
             if let Some(reader) = self.current.as_mut() {
                 match reader.next().await {
@@ -347,13 +478,26 @@ impl BodyPlan {
             if let Some(span) = self.spans.get(self.next_span).copied() {
                 self.next_span += 1;
                 let last_needed = self.spans.last().map(|s| s.index).unwrap_or(span.index);
-                let src = fill::chunk_source(&layer.cache, origin, obj, meta, validator, span.index, last_needed).await;
+                let src = fill::chunk_source(
+                    &layer.cache,
+                    origin,
+                    obj,
+                    meta,
+                    validator,
+                    span.index,
+                    last_needed,
+                )
+                .await;
                 match src {
                     ChunkSource::Ready(b) => {
                         let (from, to) = (span.offset as usize, (span.offset + span.len) as usize);
                         match b.get(from..to) {
                             Some(_) => return Ok(Some(b.slice(from..to))),
-                            None => return Err(FillError::Origin("cached chunk shorter than expected".into())),
+                            None => {
+                                return Err(FillError::Origin(
+                                    "cached chunk shorter than expected".into(),
+                                ))
+                            }
                         }
                     }
                     ChunkSource::Filling(f) => {
@@ -374,4 +518,3 @@ impl BodyPlan {
         }
     }
 }
-

@@ -59,7 +59,10 @@ pub fn request_id(incoming: Option<&[u8]>) -> String {
 
 /// `X-Forwarded-For` value: the existing list with the client appended.
 pub fn forwarded_for(existing: Option<&[u8]>, client_ip: &str) -> String {
-    match existing.and_then(|v| std::str::from_utf8(v).ok()).map(str::trim) {
+    match existing
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::trim)
+    {
         Some(prev) if !prev.is_empty() => format!("{prev}, {client_ip}"),
         _ => client_ip.to_string(),
     }
@@ -67,7 +70,10 @@ pub fn forwarded_for(existing: Option<&[u8]>, client_ip: &str) -> String {
 
 /// `Via` value: the existing chain with this hop appended.
 pub fn via(existing: Option<&[u8]>) -> String {
-    match existing.and_then(|v| std::str::from_utf8(v).ok()).map(str::trim) {
+    match existing
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::trim)
+    {
         Some(prev) if !prev.is_empty() => format!("{prev}, {VIA_VALUE}"),
         _ => VIA_VALUE.to_string(),
     }
@@ -106,7 +112,10 @@ mod tests {
     #[test]
     fn forwarded_chains() {
         assert_eq!(forwarded_for(None, "1.2.3.4"), "1.2.3.4");
-        assert_eq!(forwarded_for(Some(b"5.6.7.8"), "1.2.3.4"), "5.6.7.8, 1.2.3.4");
+        assert_eq!(
+            forwarded_for(Some(b"5.6.7.8"), "1.2.3.4"),
+            "5.6.7.8, 1.2.3.4"
+        );
         assert_eq!(via(Some(b"1.1 other")), "1.1 other, 1.1 edgeslice");
     }
 }

@@ -20,12 +20,12 @@ pub mod respond;
 use crate::cache::fill::OriginAccess;
 use crate::cache::store::ChunkCache;
 use crate::config::Config;
-use cached::{CacheLayer, Outcome};
-use pingora_core::connectors::http::Connector;
 use crate::origin::pool::UpstreamPool;
 use async_trait::async_trait;
+use cached::{CacheLayer, Outcome};
 use ctx::RequestCtx;
 use log::{info, warn};
+use pingora_core::connectors::http::Connector;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -50,11 +50,17 @@ impl Edge {
             cache,
             connector: Arc::new(Connector::new(None)),
         };
-        Ok(Edge { config, pools, cache })
+        Ok(Edge {
+            config,
+            pools,
+            cache,
+        })
     }
 
     fn pool(&self, ctx: &RequestCtx) -> Option<&Arc<UpstreamPool>> {
-        ctx.route.as_ref().and_then(|r| self.pools.get(&r.upstream.name))
+        ctx.route
+            .as_ref()
+            .and_then(|r| self.pools.get(&r.upstream.name))
     }
 }
 
@@ -67,7 +73,10 @@ pub(crate) fn request_host(req: &RequestHeader) -> String {
         .or_else(|| req.uri.host())
         .unwrap_or("");
     let host = if raw.starts_with('[') {
-        raw.split(']').next().map(|h| format!("{h}]")).unwrap_or_default()
+        raw.split(']')
+            .next()
+            .map(|h| format!("{h}]"))
+            .unwrap_or_default()
     } else {
         raw.split(':').next().unwrap_or("").to_string()
     };
@@ -92,7 +101,8 @@ impl ProxyHttp for Edge {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
-        ctx.request_id = headers::request_id(req.headers.get(headers::X_REQUEST_ID).map(|v| v.as_bytes()));
+        ctx.request_id =
+            headers::request_id(req.headers.get(headers::X_REQUEST_ID).map(|v| v.as_bytes()));
         let host = request_host(req);
         let path = req.uri.path().to_string();
         let Some(route) = self.config.route(&host, &path).cloned() else {
@@ -107,14 +117,21 @@ impl ProxyHttp for Edge {
         let Some(pool) = self.pools.get(&route.upstream.name).cloned() else {
             return Ok(false);
         };
-        let origin = OriginAccess { connector: self.cache.connector.clone(), pool };
+        let origin = OriginAccess {
+            connector: self.cache.connector.clone(),
+            pool,
+        };
         match self.cache.serve(session, ctx, &route, origin).await? {
             Outcome::Served => Ok(true),
             Outcome::PassThrough => Ok(false),
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         let pool = self
             .pool(ctx)
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
@@ -137,7 +154,10 @@ impl ProxyHttp for Edge {
             upstream_request.remove_header(&name);
         }
         let xff = headers::forwarded_for(
-            upstream_request.headers.get("x-forwarded-for").map(|v| v.as_bytes()),
+            upstream_request
+                .headers
+                .get("x-forwarded-for")
+                .map(|v| v.as_bytes()),
             &client_ip(session),
         );
         upstream_request.insert_header("x-forwarded-for", xff)?;
@@ -168,13 +188,22 @@ impl ProxyHttp for Edge {
         Ok(())
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         let status = respond::status_for_error(e);
         warn!(
             "request failed: rid={} status={} upstream={} error={}",
             ctx.request_id,
             status,
-            ctx.upstream.tried.last().map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            ctx.upstream
+                .tried
+                .last()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "-".into()),
             e
         );
         // Nothing can be written once the response has started or the client is gone.
@@ -186,7 +215,10 @@ impl ProxyHttp for Edge {
                 warn!("rid={} could not send error response: {we}", ctx.request_id);
             }
         }
-        FailToProxy { error_code: status, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: status,
+            can_reuse_downstream: false,
+        }
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
@@ -194,7 +226,10 @@ impl ProxyHttp for Edge {
             return;
         }
         let req = session.req_header();
-        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0);
         info!(
             target: "edgeslice::access",
             "{} {} {} bytes={} dur_ms={} cache={:?} upstream={} rid={}",

@@ -46,7 +46,11 @@ pub fn reason(status: u16) -> &'static str {
 }
 
 /// Build the header of an error response (`text/plain`, `Content-Length`, `X-Request-Id`).
-pub fn error_header(status: u16, body_len: usize, request_id: &str) -> pingora_error::Result<ResponseHeader> {
+pub fn error_header(
+    status: u16,
+    body_len: usize,
+    request_id: &str,
+) -> pingora_error::Result<ResponseHeader> {
     let mut h = ResponseHeader::build(status, Some(4))?;
     h.insert_header("content-type", "text/plain; charset=utf-8")?;
     h.insert_header("content-length", body_len.to_string())?;
@@ -58,11 +62,20 @@ pub fn error_header(status: u16, body_len: usize, request_id: &str) -> pingora_e
 }
 
 /// Write a complete short error response.
-pub async fn send_error(session: &mut Session, status: u16, request_id: &str) -> pingora_error::Result<()> {
-    let body = Bytes::from(format!("{status} {}\nrequest id: {request_id}\n", reason(status)));
+pub async fn send_error(
+    session: &mut Session,
+    status: u16,
+    request_id: &str,
+) -> pingora_error::Result<()> {
+    let body = Bytes::from(format!(
+        "{status} {}\nrequest id: {request_id}\n",
+        reason(status)
+    ));
     let head = error_header(status, body.len(), request_id)?;
     let is_head = session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(head), is_head).await?;
+    session
+        .write_response_header(Box::new(head), is_head)
+        .await?;
     if !is_head {
         session.write_response_body(Some(body), true).await?;
     }

@@ -31,7 +31,9 @@ fn healthy(admin: SocketAddr) -> bool {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").is_err() {
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
         return false;
     }
     let mut buf = Vec::new();
@@ -68,13 +70,23 @@ impl Proxy {
             let child = Command::new(env!("CARGO_BIN_EXE_edgeslice"))
                 .arg("-c")
                 .arg(&conf)
-                .env("RUST_LOG", std::env::var("EDGESLICE_TEST_LOG").unwrap_or_else(|_| "info".into()))
+                .env(
+                    "RUST_LOG",
+                    std::env::var("EDGESLICE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+                )
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("log clone"))
                 .stderr(log)
                 .spawn()
                 .expect("spawn edgeslice");
-            let mut p = Proxy { child: Some(child), addr, admin, dir: dir.to_path_buf(), yaml: yaml.to_string(), _tmp: None };
+            let mut p = Proxy {
+                child: Some(child),
+                addr,
+                admin,
+                dir: dir.to_path_buf(),
+                yaml: yaml.to_string(),
+                _tmp: None,
+            };
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
                 if let Some(Ok(Some(_))) = p.child.as_mut().map(|c| c.try_wait()) {
@@ -100,7 +112,8 @@ impl Proxy {
     }
 
     fn status_field(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with(field))
