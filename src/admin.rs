@@ -3,6 +3,7 @@
 //! It must stay cheap and never touch the data path's locks.
 
 use crate::cache::store::ChunkCache;
+use crate::origin::ResilienceStats;
 use async_trait::async_trait;
 use http::Response;
 use pingora_core::apps::http_app::ServeHttp;
@@ -13,19 +14,32 @@ impl AdminApp {
     /// Cache occupancy, one `name value` per line.
     fn stats(&self) -> String {
         let c = &self.cache;
+        let r = &self.stats;
+        let n = |v: &std::sync::atomic::AtomicU64| v.load(std::sync::atomic::Ordering::Relaxed);
         format!(
-            "cache_memory_bytes {}\ncache_memory_capacity_bytes {}\ncache_disk_bytes {}\ncache_disk_capacity_bytes {}\ncache_fills_in_flight {}\n",
+            "cache_memory_bytes {}\ncache_memory_capacity_bytes {}\ncache_disk_bytes {}\ncache_disk_capacity_bytes {}\ncache_fills_in_flight {}\n\
+             origin_retries {}\norigin_retries_over_budget {}\norigin_breaker_opened {}\norigin_breaker_half_opened {}\n\
+             origin_breaker_closed {}\norigin_all_ejected {}\norigin_resumes {}\ncache_stale_served {}\n",
             c.memory_weight(),
             c.memory_capacity(),
             c.disk_used(),
             c.disk_capacity(),
             c.flights.len(),
+            n(&r.retries),
+            n(&r.retries_over_budget),
+            n(&r.breaker_opened),
+            n(&r.breaker_half_opened),
+            n(&r.breaker_closed),
+            n(&r.all_ejected),
+            n(&r.resumes),
+            n(&r.stale_served),
         )
     }
 }
 
 pub struct AdminApp {
     pub cache: Arc<ChunkCache>,
+    pub stats: Arc<ResilienceStats>,
 }
 
 fn text(status: u16, body: &str) -> Response<Vec<u8>> {

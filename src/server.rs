@@ -4,6 +4,7 @@
 use crate::admin::AdminApp;
 use crate::cache::store::ChunkCache;
 use crate::config::Config;
+use crate::origin::ResilienceStats;
 use crate::proxy::Edge;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
@@ -50,17 +51,22 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
 
     let cache =
         Arc::new(ChunkCache::new(&config.cache).map_err(|e| format!("opening the cache: {e}"))?);
-    let edge = Edge::new(config.clone(), cache.clone())
+    let stats = Arc::new(ResilienceStats::default());
+    let edge = Edge::new(config.clone(), cache.clone(), stats.clone())
         .map_err(|e| format!("building upstream pools: {e}"))?;
+    let health_checks: Vec<_> = edge.pools().filter_map(|p| p.health_service()).collect();
     let mut proxy =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, edge, "edgeslice");
     for addr in &config.listen {
         proxy.add_tcp(&addr.to_string());
     }
     server.add_service(proxy);
+    for hc in health_checks {
+        server.add_boxed_service(hc);
+    }
 
     if let Some(addr) = config.admin_listen {
-        let mut admin = Service::new("edgeslice admin".to_string(), AdminApp { cache });
+        let mut admin = Service::new("edgeslice admin".to_string(), AdminApp { cache, stats });
         admin.add_tcp(&addr.to_string());
         server.add_service(admin);
     }

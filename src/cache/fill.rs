@@ -17,13 +17,10 @@ use crate::range::plan::{chunk_bounds, chunk_count};
 use bytes::{Buf, Bytes, BytesMut};
 use pingora_core::connectors::http::Connector;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 /// Most chunks one origin request asks for.
 pub const MAX_RUN_CHUNKS: u64 = 16;
-
-/// Default window for serving stale content when every origin fails.
-pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(86_400);
 
 /// How to reach the origins of one route.
 #[derive(Clone)]
@@ -55,6 +52,7 @@ impl ObjectRequest {
             range,
             headers,
             request_id: self.request_id.clone(),
+            hash_key: self.key.as_str().to_string(),
         }
     }
 }
@@ -220,6 +218,7 @@ pub async fn discover(
         &origin.connector,
         &origin.pool,
         &obj.origin_request(Some(range), Vec::new()),
+        &[],
     )
     .await
     {
@@ -272,6 +271,7 @@ pub async fn discover(
     } else {
         tokio::spawn(distribute(
             cache.clone(),
+            origin.clone(),
             resp,
             offset,
             meta.clone(),
@@ -365,7 +365,7 @@ pub async fn revalidate(
         headers.push(("if-modified-since", lm.clone()));
     }
     let req = obj.origin_request(Some((0, 0)), headers);
-    let mut resp = match fetch::open(&origin.connector, &origin.pool, &req).await {
+    let mut resp = match fetch::open(&origin.connector, &origin.pool, &req, &[]).await {
         Ok(r) => r,
         Err(e) => return Revalidation::Failed(e),
     };
@@ -513,7 +513,7 @@ async fn fill_run(
             );
         }
     };
-    let resp = match fetch::open(&origin.connector, &origin.pool, &req).await {
+    let resp = match fetch::open(&origin.connector, &origin.pool, &req, &[]).await {
         Ok(r) => r,
         Err(e) => {
             log::warn!(
@@ -545,13 +545,20 @@ async fn fill_run(
         }
     };
     guards.into_iter().for_each(FlightGuard::disarm);
-    distribute(cache, resp, offset, meta, validator, obj, run).await;
+    distribute(cache, origin, resp, offset, meta, validator, obj, run).await;
 }
 
 /// Stream an origin body that starts at object offset `offset` into the fills of `flights`
 /// (sorted by index; gaps are skipped). Each completed chunk is stored and its fill finished.
+///
+/// When the origin fails mid-body, the transfer resumes from the next missing byte with a
+/// `Range` request (and `If-Range` on the validator) preferably to another server, within the
+/// group's attempts: waiters see one continuous stream, with no gap and no repeated byte. An
+/// answer of another version ends the fill with `VersionChanged`.
+#[allow(clippy::too_many_arguments)]
 async fn distribute(
     cache: Arc<ChunkCache>,
+    origin: OriginAccess,
     mut resp: OriginResponse,
     offset: u64,
     meta: Arc<ObjectMeta>,
@@ -569,50 +576,92 @@ async fn distribute(
         validator: validator.clone(),
         index,
     };
-    let mut pos = offset;
+    let bounds_of = |current: usize| {
+        flights
+            .get(current)
+            .and_then(|(i, _)| chunk_bounds(*i, cs, meta.size))
+    };
+    let run_end = flights
+        .last()
+        .and_then(|(i, _)| chunk_bounds(*i, cs, meta.size))
+        .map(|b| b.end)
+        .unwrap_or(0);
     let mut current = 0usize;
+    let Some(mut bounds) = bounds_of(0) else {
+        resp.finish().await;
+        return;
+    };
+    // `pos`: the next object byte the fills need; `body_pos`: the object offset of the next
+    // byte the current response will deliver.
+    let mut pos = bounds.start;
+    let mut body_pos = offset;
     let mut acc = BytesMut::new();
-    let outcome: Result<(), FillError> = loop {
-        let Some(&(index, ref flight)) = flights.get(current) else {
-            break Ok(());
-        };
-        let Some(bounds) = chunk_bounds(index, cs, meta.size) else {
-            break Ok(());
-        };
+    let mut resumes_left = origin.pool.settings.retry.attempts.saturating_sub(1);
+    let mut failed: Vec<std::net::SocketAddr> = Vec::new();
+    let outcome: Result<(), FillError> = 'body: loop {
         let mut piece = match resp.next_piece().await {
             Ok(Some(p)) => p,
-            Ok(None) => break Err(FillError::Origin("origin body ended early".into())),
-            Err(e) => break Err(FillError::Origin(e.to_string())),
+            Ok(None) | Err(_) => {
+                let why = "origin transfer broke off mid-body";
+                if resumes_left == 0 {
+                    break Err(FillError::Origin(why.into()));
+                }
+                resumes_left -= 1;
+                failed.push(resp.server);
+                match resume(&origin, &obj, &meta, pos, run_end, &failed).await {
+                    Ok(next) => {
+                        origin
+                            .pool
+                            .stats
+                            .resumes
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        log::warn!(
+                            "rid={} {why} at byte {pos} of {}; resumed on {}",
+                            obj.request_id,
+                            obj.key.as_str(),
+                            next.server
+                        );
+                        resp = next;
+                        body_pos = pos;
+                        continue;
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
         };
-        let (mut index, mut flight, mut bounds) = (index, flight.clone(), bounds);
         while !piece.is_empty() {
-            if pos < bounds.start {
-                let skip = (bounds.start - pos).min(piece.len() as u64) as usize;
+            if body_pos < pos {
+                let skip = (pos - body_pos).min(piece.len() as u64) as usize;
                 piece.advance(skip);
-                pos += skip as u64;
+                body_pos += skip as u64;
                 continue;
+            }
+            if body_pos > pos {
+                break 'body Err(FillError::Origin("origin response skipped bytes".into()));
             }
             let take = (bounds.end + 1 - pos).min(piece.len() as u64) as usize;
             let part = piece.split_to(take);
             acc.extend_from_slice(&part);
-            flight.push(part);
             pos += take as u64;
+            body_pos += take as u64;
+            let Some((index, flight)) = flights.get(current) else {
+                break 'body Ok(());
+            };
+            flight.push(part);
             if pos == bounds.end + 1 {
-                let data = acc.split().freeze();
-                cache.store_chunk(&id(index), data);
+                cache.store_chunk(&id(*index), acc.split().freeze());
                 flight.finish(Ok(()));
-                cache.flights.remove(&id(index), &flight);
+                cache.flights.remove(&id(*index), flight);
                 current += 1;
-                match flights
-                    .get(current)
-                    .and_then(|(i, f)| Some((*i, f.clone(), chunk_bounds(*i, cs, meta.size)?)))
-                {
-                    Some((i, f, b)) => (index, flight, bounds) = (i, f, b),
-                    None => break,
+                match bounds_of(current) {
+                    Some(b) => {
+                        bounds = b;
+                        pos = b.start;
+                    }
+                    None => break 'body Ok(()),
                 }
             }
         }
-        let _ = index;
     };
     match outcome {
         Ok(()) => resp.finish().await,
@@ -622,6 +671,9 @@ async fn distribute(
                 obj.request_id,
                 obj.key.as_str()
             );
+            if e == FillError::VersionChanged {
+                cache.invalidate(&obj.key, &meta).await;
+            }
             for (i, f) in flights.iter().skip(current) {
                 f.finish(Err(e.clone()));
                 cache.flights.remove(&id(*i), f);
@@ -629,4 +681,31 @@ async fn distribute(
         }
     }
     drop(guards);
+}
+
+/// Continue a broken transfer at byte `from` (through `to`), preferring servers not in
+/// `failed`, and only from the same object version.
+async fn resume(
+    origin: &OriginAccess,
+    obj: &ObjectRequest,
+    meta: &ObjectMeta,
+    from: u64,
+    to: u64,
+    failed: &[std::net::SocketAddr],
+) -> Result<OriginResponse, FillError> {
+    let req = obj.origin_request(Some((from, to)), if_range(meta));
+    let resp = fetch::open(&origin.connector, &origin.pool, &req, failed)
+        .await
+        .map_err(|e| FillError::Origin(e.to_string()))?;
+    let extent = response_extent(&resp);
+    let same_version = extent.and_then(|(_, t)| t) == Some(meta.size)
+        && response_validator(&resp, meta.size).as_deref() == Some(meta.validator.as_str());
+    match extent {
+        Some((offset, _)) if same_version && offset <= from => Ok(resp),
+        Some(_) => Err(FillError::VersionChanged),
+        None => Err(FillError::Origin(format!(
+            "origin answered {} to a resume",
+            resp.status()
+        ))),
+    }
 }

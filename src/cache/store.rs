@@ -61,7 +61,7 @@ impl ChunkCache {
             max_object_size: settings.max_object_size,
             max_ranges: settings.max_ranges,
             default_ttl: settings.default_ttl,
-            stale_if_error: super::fill::DEFAULT_STALE_IF_ERROR,
+            stale_if_error: settings.stale_if_error,
             memory,
             metas: moka::sync::Cache::new(MAX_META_ENTRIES),
             pass: moka::sync::Cache::builder()

@@ -7,7 +7,8 @@
 mod schema;
 pub mod units;
 
-use schema::{RawConfig, RawQueryKey};
+use crate::origin::breaker::BreakerConfig;
+use schema::{RawConfig, RawQueryKey, RawServerEntry};
 use serde_saphyr::Spanned;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -83,6 +84,8 @@ pub struct CacheSettings {
     pub chunk_size: u64,
     pub max_object_size: u64,
     pub default_ttl: Option<Duration>,
+    /// How long past expiry a cached object may be served when every origin fails.
+    pub stale_if_error: Duration,
     pub max_ranges: usize,
     pub memory_capacity: u64,
     pub disk: Option<DiskSettings>,
@@ -97,11 +100,65 @@ pub struct DiskSettings {
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
     pub name: String,
-    /// `host:port` as written; resolved when the pool is built.
-    pub servers: Vec<SocketAddr>,
+    pub servers: Vec<ServerSpec>,
+    pub balance: Balance,
+    /// Per try: connecting, and the longest silence while reading.
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// Per request: all tries and backoff together must obtain a response within this.
+    pub deadline: Duration,
+    pub health_check: Option<HealthCheckSettings>,
+    pub breaker: BreakerConfig,
+    pub retry: RetrySettings,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerSpec {
+    pub addr: SocketAddr,
+    /// Relative share of traffic (default 1).
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    /// Ketama over the cache key: one object's chunks meet the same origin.
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckSettings {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_after: u32,
+    pub unhealthy_after: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetrySettings {
+    /// Tries per request, the first included.
+    pub attempts: u32,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    /// Retries allowed as a percentage of requests over a 10 s sliding window.
+    pub budget_percent: u32,
+}
+
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(15);
+pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(86_400);
+pub const DEFAULT_RETRY: RetrySettings = RetrySettings {
+    attempts: 3,
+    backoff: Duration::from_millis(25),
+    max_backoff: Duration::from_secs(1),
+    budget_percent: 20,
+};
+pub const DEFAULT_BREAKER: BreakerConfig = BreakerConfig {
+    failure_threshold: 5,
+    open_for: Duration::from_secs(10),
+    max_open_for: Duration::from_secs(300),
+    half_open_probes: 1,
+};
 
 /// Which part of the query string goes into the cache key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,6 +298,24 @@ fn parse_addr(path: &str, at: &Spanned<String>) -> Result<SocketAddr, ConfigErro
     }
 }
 
+fn parse_server(path: &str, at: &Spanned<RawServerEntry>) -> Result<ServerSpec, ConfigError> {
+    let entry = &at.value;
+    if let Some(e) = &entry.error {
+        return Err(err_at(path, at, e.clone()));
+    }
+    let as_text = Spanned {
+        value: entry.address.clone(),
+        referenced: at.referenced,
+        defined: at.defined,
+    };
+    let addr = parse_addr(path, &as_text)?;
+    let weight = entry.weight.unwrap_or(1);
+    if weight == 0 {
+        return Err(err_at(path, at, "weight must be at least 1"));
+    }
+    Ok(ServerSpec { addr, weight })
+}
+
 fn nonzero_size(path: &str, at: &Spanned<units::Size>) -> Result<u64, ConfigError> {
     if at.value.0 == 0 {
         return Err(err_at(path, at, "must be greater than zero"));
@@ -332,6 +407,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         chunk_size,
         max_object_size,
         default_ttl: c.default_ttl.map(|d| d.0).filter(|d| !d.is_zero()),
+        stale_if_error: c
+            .stale_if_error
+            .map(|d| d.0)
+            .unwrap_or(DEFAULT_STALE_IF_ERROR),
         max_ranges,
         memory_capacity,
         disk,
@@ -367,9 +446,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             .value
             .iter()
             .enumerate()
-            .map(|(i, s)| parse_addr(&format!("{base}.servers[{i}]"), s))
+            .map(|(i, s)| parse_server(&format!("{base}.servers[{i}]"), s))
             .collect::<Result<Vec<_>, _>>()?;
-        let timeout = |t: &Option<Spanned<units::Dur>>, key: &str, default| match t {
+        let positive = |t: &Option<Spanned<units::Dur>>, key: &str, default| match t {
             Some(v) if v.value.0.is_zero() => Err(err_at(
                 format!("{base}.{key}"),
                 v,
@@ -378,19 +457,152 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             Some(v) => Ok(v.value.0),
             None => Ok(default),
         };
-        let connect_timeout = timeout(
+        let at_least_one = |t: &Option<Spanned<u32>>, key: &str, default: u32| match t {
+            Some(v) if v.value == 0 => {
+                Err(err_at(format!("{base}.{key}"), v, "must be at least 1"))
+            }
+            Some(v) => Ok(v.value),
+            None => Ok(default),
+        };
+        let connect_timeout = positive(
             &u.connect_timeout,
             "connect_timeout",
             DEFAULT_CONNECT_TIMEOUT,
         )?;
-        let read_timeout = timeout(&u.read_timeout, "read_timeout", DEFAULT_READ_TIMEOUT)?;
+        let read_timeout = positive(&u.read_timeout, "read_timeout", DEFAULT_READ_TIMEOUT)?;
+        let deadline = positive(&u.deadline, "deadline", DEFAULT_DEADLINE)?;
+        let balance = match &u.balance {
+            None => Balance::RoundRobin,
+            Some(b) => match b.value.as_str() {
+                "round_robin" => Balance::RoundRobin,
+                "consistent_hash" => Balance::ConsistentHash,
+                other => {
+                    return Err(err_at(
+                        format!("{base}.balance"),
+                        b,
+                        format!("unknown balance {other:?} (use round_robin or consistent_hash)"),
+                    ))
+                }
+            },
+        };
+        let health_check = match &u.health_check {
+            None => None,
+            Some(h) => {
+                let path = match &h.path {
+                    Some(p) if !p.value.starts_with('/') => {
+                        return Err(err_at(
+                            format!("{base}.health_check.path"),
+                            p,
+                            "must start with `/`",
+                        ))
+                    }
+                    Some(p) => p.value.clone(),
+                    None => "/".into(),
+                };
+                Some(HealthCheckSettings {
+                    path,
+                    interval: positive(
+                        &h.interval,
+                        "health_check.interval",
+                        Duration::from_secs(5),
+                    )?,
+                    timeout: positive(&h.timeout, "health_check.timeout", Duration::from_secs(1))?,
+                    healthy_after: at_least_one(&h.healthy_after, "health_check.healthy_after", 2)?,
+                    unhealthy_after: at_least_one(
+                        &h.unhealthy_after,
+                        "health_check.unhealthy_after",
+                        3,
+                    )?,
+                })
+            }
+        };
+        let breaker = match &u.circuit_breaker {
+            None => DEFAULT_BREAKER,
+            Some(b) => {
+                let open_for = positive(
+                    &b.open_for,
+                    "circuit_breaker.open_for",
+                    DEFAULT_BREAKER.open_for,
+                )?;
+                let max_open_for = positive(
+                    &b.max_open_for,
+                    "circuit_breaker.max_open_for",
+                    DEFAULT_BREAKER.max_open_for.max(open_for),
+                )?;
+                if max_open_for < open_for {
+                    if let Some(m) = &b.max_open_for {
+                        return Err(err_at(
+                            format!("{base}.circuit_breaker.max_open_for"),
+                            m,
+                            "must not be shorter than open_for",
+                        ));
+                    }
+                }
+                BreakerConfig {
+                    failure_threshold: at_least_one(
+                        &b.failure_threshold,
+                        "circuit_breaker.failure_threshold",
+                        DEFAULT_BREAKER.failure_threshold,
+                    )?,
+                    open_for,
+                    max_open_for,
+                    half_open_probes: at_least_one(
+                        &b.half_open_probes,
+                        "circuit_breaker.half_open_probes",
+                        DEFAULT_BREAKER.half_open_probes,
+                    )?,
+                }
+            }
+        };
+        let retry = match &u.retry {
+            None => DEFAULT_RETRY,
+            Some(r) => {
+                let backoff = match &r.backoff {
+                    Some(b) => b.value.0,
+                    None => DEFAULT_RETRY.backoff,
+                };
+                let max_backoff = match &r.max_backoff {
+                    Some(m) if m.value.0 < backoff => {
+                        return Err(err_at(
+                            format!("{base}.retry.max_backoff"),
+                            m,
+                            "must not be shorter than backoff",
+                        ))
+                    }
+                    Some(m) => m.value.0,
+                    None => DEFAULT_RETRY.max_backoff.max(backoff),
+                };
+                let budget_percent = match &r.budget {
+                    Some(b) if b.value > 100 => {
+                        return Err(err_at(
+                            format!("{base}.retry.budget"),
+                            b,
+                            "a percentage: 0 to 100",
+                        ))
+                    }
+                    Some(b) => b.value,
+                    None => DEFAULT_RETRY.budget_percent,
+                };
+                RetrySettings {
+                    attempts: at_least_one(&r.attempts, "retry.attempts", DEFAULT_RETRY.attempts)?,
+                    backoff,
+                    max_backoff,
+                    budget_percent,
+                }
+            }
+        };
         upstreams.insert(
             name.clone(),
             Arc::new(UpstreamSettings {
                 name: name.clone(),
                 servers,
+                balance,
                 connect_timeout,
                 read_timeout,
+                deadline,
+                health_check,
+                breaker,
+                retry,
             }),
         );
     }

@@ -52,6 +52,7 @@ pub struct RawCache {
     pub chunk_size: Option<Spanned<Size>>,
     pub max_object_size: Option<Spanned<Size>>,
     pub default_ttl: Option<Dur>,
+    pub stale_if_error: Option<Dur>,
     pub max_ranges: Option<Spanned<usize>>,
     pub memory: Option<RawMemory>,
     pub disk: Option<RawDisk>,
@@ -73,9 +74,108 @@ pub struct RawDisk {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
-    pub servers: Spanned<Vec<Spanned<String>>>,
+    pub servers: Spanned<Vec<Spanned<RawServerEntry>>>,
+    pub balance: Option<Spanned<String>>,
     pub connect_timeout: Option<Spanned<Dur>>,
     pub read_timeout: Option<Spanned<Dur>>,
+    pub deadline: Option<Spanned<Dur>>,
+    pub health_check: Option<RawHealthCheck>,
+    pub circuit_breaker: Option<RawBreaker>,
+    pub retry: Option<RawRetry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    pub path: Option<Spanned<String>>,
+    pub interval: Option<Spanned<Dur>>,
+    pub timeout: Option<Spanned<Dur>>,
+    pub healthy_after: Option<Spanned<u32>>,
+    pub unhealthy_after: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBreaker {
+    pub failure_threshold: Option<Spanned<u32>>,
+    pub open_for: Option<Spanned<Dur>>,
+    pub max_open_for: Option<Spanned<Dur>>,
+    pub half_open_probes: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRetry {
+    pub attempts: Option<Spanned<u32>>,
+    pub backoff: Option<Spanned<Dur>>,
+    pub max_backoff: Option<Spanned<Dur>>,
+    pub budget: Option<Spanned<u32>>,
+}
+
+/// A server: `"host:port"`, `"host:port weight=N"`, or `{address: "host:port", weight: N}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawServerEntry {
+    pub address: String,
+    pub weight: Option<u32>,
+    /// Set when the string form carried something we could not read (reported with the line).
+    pub error: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for RawServerEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawServerEntry;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "\"host:port\", \"host:port weight=N\" or {address: \"host:port\", weight: N}",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawServerEntry, E> {
+                let mut words = v.split_whitespace();
+                let address = words.next().unwrap_or("").to_string();
+                let mut entry = RawServerEntry {
+                    address,
+                    weight: None,
+                    error: None,
+                };
+                for w in words {
+                    match w.strip_prefix("weight=").map(str::parse::<u32>) {
+                        Some(Ok(n)) => entry.weight = Some(n),
+                        _ => {
+                            entry.error = Some(format!(
+                                "unexpected {w:?} after the address (only `weight=N` may follow)"
+                            ))
+                        }
+                    }
+                }
+                Ok(entry)
+            }
+            fn visit_map<A: de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawServerEntry, A::Error> {
+                let mut address = None;
+                let mut weight = None;
+                while let Some(k) = map.next_key::<String>()? {
+                    match k.as_str() {
+                        "address" => address = Some(map.next_value::<String>()?),
+                        "weight" => weight = Some(map.next_value::<u32>()?),
+                        other => {
+                            return Err(de::Error::unknown_field(other, &["address", "weight"]))
+                        }
+                    }
+                }
+                let address = address.ok_or_else(|| de::Error::missing_field("address"))?;
+                Ok(RawServerEntry {
+                    address,
+                    weight,
+                    error: None,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -1,15 +1,15 @@
 //! The chunk cache's own origin client: one HTTP/1.1 GET (usually a chunk-aligned `Range`) to a
-//! server of an upstream group, over Pingora's pooled connector, with the group's timeouts.
-//! Connect failures and 502/503/504 answers fail over to the next server before any byte of the
-//! response is used.
+//! server of an upstream group, over Pingora's pooled connector, with the group's per-try
+//! timeouts, retries (backoff, budget, deadline) and circuit breakers.
 
-use super::pool::UpstreamPool;
+use super::pool::{PickError, Selected, UpstreamPool};
 use bytes::Bytes;
 use pingora_core::connectors::http::Connector;
 use pingora_core::protocols::http::client::HttpSession;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::{RequestHeader, ResponseHeader};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// What to ask an origin for.
@@ -25,6 +25,8 @@ pub struct OriginRequest {
     /// Extra request headers (validators: `If-Range`, `If-None-Match`, ...).
     pub headers: Vec<(&'static str, String)>,
     pub request_id: String,
+    /// What consistent hashing hashes (the cache key).
+    pub hash_key: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,13 +63,17 @@ impl FetchError {
     }
 }
 
-/// An origin response whose header has been read; the body is read piece by piece.
+/// An origin response whose header has been read; the body is read piece by piece. It holds
+/// the server's breaker admission: a body read to its end reports success, a body error reports
+/// failure.
 pub struct OriginResponse {
     session: Option<HttpSession>,
     peer: HttpPeer,
     connector: Arc<Connector>,
     pub header: ResponseHeader,
     pub server: SocketAddr,
+    selected: Option<Selected>,
+    request_id: String,
 }
 
 impl OriginResponse {
@@ -84,16 +90,28 @@ impl OriginResponse {
         let Some(s) = self.session.as_mut() else {
             return Ok(None);
         };
-        s.read_response_body().await.map_err(|e| FetchError {
-            message: format!("reading body: {e}"),
-            server: Some(self.server),
-            status: None,
-            timed_out: matches!(e.etype(), pingora_error::ErrorType::ReadTimedout),
-        })
+        match s.read_response_body().await {
+            Ok(piece) => Ok(piece),
+            Err(e) => {
+                if let Some(sel) = self.selected.take() {
+                    sel.failed(&self.request_id);
+                }
+                Err(FetchError {
+                    message: format!("reading body: {e}"),
+                    server: Some(self.server),
+                    status: None,
+                    timed_out: matches!(e.etype(), pingora_error::ErrorType::ReadTimedout),
+                })
+            }
+        }
     }
 
-    /// Return the connection to the pool when the body was read to its end; otherwise drop it.
+    /// Done with this response: report success, and return the connection to the pool when
+    /// the body was read to its end (otherwise close it).
     pub async fn finish(mut self) {
+        if let Some(sel) = self.selected.take() {
+            sel.succeeded(&self.request_id);
+        }
         if let Some(mut s) = self.session.take() {
             if s.response_done() {
                 self.connector
@@ -106,51 +124,118 @@ impl OriginResponse {
     }
 }
 
-fn is_failover_status(status: u16) -> bool {
+impl Drop for OriginResponse {
+    /// A response set aside without a body error (not cacheable, not needed) still showed a
+    /// working server.
+    fn drop(&mut self) {
+        if let Some(sel) = self.selected.take() {
+            sel.succeeded(&self.request_id);
+        }
+    }
+}
+
+/// Whether a try that got this status is retried on another server.
+pub fn is_retry_status(status: u16) -> bool {
     matches!(status, 502..=504)
 }
 
-/// Send `req` to a server of `pool`, failing over to the next one on connect errors, timeouts
-/// and 502/503/504, each server at most once.
+/// Send `req` to the group: pick a server (healthy, breaker closed, not yet tried when another
+/// is available, and preferably not one in `avoid`), and on connect errors, timeouts and 502/503/504 retry on
+/// another after an exponential backoff with full jitter, within the group's attempts, retry
+/// budget and deadline. A group whose servers are all ejected fails at once.
 pub async fn open(
     connector: &Arc<Connector>,
     pool: &UpstreamPool,
     req: &OriginRequest,
+    avoid: &[SocketAddr],
 ) -> Result<OriginResponse, FetchError> {
-    let mut tried: Vec<SocketAddr> = Vec::new();
+    let started = tokio::time::Instant::now();
+    let deadline = pool.settings.deadline;
+    pool.budget.record_request();
+    let mut tried: Vec<SocketAddr> = avoid.to_vec();
     let mut last = FetchError {
         message: "no server available".into(),
         server: None,
-        status: None,
+        status: Some(503),
         timed_out: false,
     };
-    for _ in 0..pool.settings.servers.len() {
-        let Some(addr) = pool.select(req.path_and_query.as_bytes(), |a| tried.contains(a)) else {
-            break;
-        };
-        if tried.contains(&addr) {
-            break;
+    for attempt in 0..pool.settings.retry.attempts {
+        if attempt > 0 {
+            if !pool.budget.try_retry() {
+                pool.stats
+                    .retries_over_budget
+                    .fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "rid={} retry budget of {} spent; not retrying",
+                    req.request_id,
+                    pool.name()
+                );
+                break;
+            }
+            let delay = pool.backoff.delay(attempt, &mut rand::rng());
+            if started.elapsed() + delay >= deadline {
+                break;
+            }
+            tokio::time::sleep(delay).await;
+            pool.stats.retries.fetch_add(1, Ordering::Relaxed);
+            log::warn!(
+                "rid={} retry {attempt} of {} after {delay:?}: {last}",
+                req.request_id,
+                req.path_and_query
+            );
         }
-        tried.push(addr);
-        match try_server(connector, pool, addr, req).await {
-            Ok(resp) if is_failover_status(resp.status()) => {
+        let sel = match pool.pick(req.hash_key.as_bytes(), &tried) {
+            Ok(s) => s,
+            Err(PickError::AllEjected) => {
+                pool.stats.all_ejected.fetch_add(1, Ordering::Relaxed);
                 last = FetchError {
-                    message: format!("origin answered {}", resp.status()),
-                    server: Some(addr),
-                    status: Some(resp.status()),
+                    message: format!(
+                        "every server of {} is ejected or already failed",
+                        pool.name()
+                    ),
+                    server: None,
+                    status: Some(503),
                     timed_out: false,
                 };
-                log::warn!(
-                    "rid={} origin {addr} answered {}, failing over",
-                    req.request_id,
-                    resp.status()
-                );
+                break;
+            }
+        };
+        let addr = sel.addr;
+        tried.push(addr);
+        let remaining = deadline.saturating_sub(started.elapsed());
+        match tokio::time::timeout(remaining, try_server(connector, pool, addr, req)).await {
+            Ok(Ok(mut resp)) => {
+                let status = resp.status();
+                if status >= 500 {
+                    sel.failed(&req.request_id);
+                } else {
+                    resp.selected = Some(sel);
+                }
+                if !is_retry_status(status) {
+                    return Ok(resp);
+                }
+                last = FetchError {
+                    message: format!("origin answered {status}"),
+                    server: Some(addr),
+                    status: Some(status),
+                    timed_out: false,
+                };
                 resp.finish().await;
             }
-            Ok(resp) => return Ok(resp),
-            Err(e) => {
+            Ok(Err(e)) => {
+                sel.failed(&req.request_id);
                 log::warn!("rid={} origin {addr} failed: {e}", req.request_id);
                 last = e;
+            }
+            Err(_) => {
+                sel.failed(&req.request_id);
+                last = FetchError {
+                    message: format!("deadline of {deadline:?} exceeded"),
+                    server: Some(addr),
+                    status: None,
+                    timed_out: true,
+                };
+                break;
             }
         }
     }
@@ -212,6 +297,8 @@ async fn try_server(
         connector: connector.clone(),
         header,
         server: addr,
+        selected: None,
+        request_id: req.request_id.clone(),
     })
 }
 

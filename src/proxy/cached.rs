@@ -105,6 +105,7 @@ fn not_modified(session: &Session, meta: &ObjectMeta) -> bool {
 
 pub struct CacheLayer {
     pub cache: Arc<ChunkCache>,
+    pub stats: Arc<crate::origin::ResilienceStats>,
     pub connector: Arc<pingora_core::connectors::http::Connector>,
 }
 
@@ -205,6 +206,9 @@ impl CacheLayer {
                             ctx.request_id,
                             obj.key.as_str()
                         );
+                        self.stats
+                            .stale_served
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         return Ok(Some((old, Lookup::StaleIfError)));
                     }
                     return self

@@ -1,6 +1,7 @@
 //! The per-request context, split by concern so each phase touches only what it owns.
 
 use crate::config::Route;
+use crate::origin::pool::Selected;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,6 +21,10 @@ pub struct RequestCtx {
 pub struct UpstreamCtx {
     /// Servers tried so far for this request, in order; the last is the current one.
     pub tried: Vec<SocketAddr>,
+    /// The current try's server and breaker admission, until its outcome is reported.
+    pub current: Option<Selected>,
+    /// A retry already decided for a 502/503/504 answer (see `upstream_response_filter`).
+    pub status_retry: bool,
 }
 
 impl RequestCtx {

@@ -18,9 +18,12 @@ pub mod headers;
 pub mod respond;
 
 use crate::cache::fill::OriginAccess;
+use crate::cache::key::ObjectKey;
 use crate::cache::store::ChunkCache;
 use crate::config::Config;
+use crate::origin::fetch;
 use crate::origin::pool::UpstreamPool;
+use crate::origin::ResilienceStats;
 use async_trait::async_trait;
 use cached::{CacheLayer, Outcome};
 use ctx::RequestCtx;
@@ -31,27 +34,38 @@ use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The proxy: routing, pass-through and (later phases) the cache, shared by all requests.
 pub struct Edge {
     config: Arc<Config>,
+    pub stats: Arc<ResilienceStats>,
     pools: HashMap<String, Arc<UpstreamPool>>,
     cache: CacheLayer,
 }
 
 impl Edge {
-    pub fn new(config: Arc<Config>, cache: Arc<ChunkCache>) -> std::io::Result<Edge> {
+    pub fn new(
+        config: Arc<Config>,
+        cache: Arc<ChunkCache>,
+        stats: Arc<ResilienceStats>,
+    ) -> std::io::Result<Edge> {
         let mut pools = HashMap::new();
         for (name, settings) in &config.upstreams {
-            pools.insert(name.clone(), Arc::new(UpstreamPool::new(settings.clone())?));
+            pools.insert(
+                name.clone(),
+                Arc::new(UpstreamPool::new(settings.clone(), stats.clone())?),
+            );
         }
         let cache = CacheLayer {
             cache,
+            stats: stats.clone(),
             connector: Arc::new(Connector::new(None)),
         };
         Ok(Edge {
             config,
+            stats,
             pools,
             cache,
         })
@@ -61,6 +75,60 @@ impl Edge {
         ctx.route
             .as_ref()
             .and_then(|r| self.pools.get(&r.upstream.name))
+    }
+
+    pub fn pools(&self) -> impl Iterator<Item = &Arc<UpstreamPool>> {
+        self.pools.values()
+    }
+
+    /// What consistent hashing hashes for a pass-through request: its cache key.
+    fn hash_key(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let req = session.req_header();
+        match &ctx.route {
+            Some(r) => ObjectKey::new(
+                &r.upstream.name,
+                &request_host(req),
+                req.uri.path(),
+                req.uri.query(),
+                &r.query_key,
+            )
+            .0
+            .to_string(),
+            None => req.uri.path().to_string(),
+        }
+    }
+
+    /// Whether a failed pass-through try may be retried: within the group's attempts, deadline
+    /// and retry budget; before any response byte went to the client; and, for a method that
+    /// is not idempotent, only when the request provably never reached an origin (`connect_failure`).
+    fn may_retry(&self, session: &Session, ctx: &RequestCtx, connect_failure: bool) -> bool {
+        let Some(pool) = self.pool(ctx) else {
+            return false;
+        };
+        let req = session.req_header();
+        if !connect_failure && !req.method.is_idempotent() {
+            return false;
+        }
+        if session.response_written().is_some() || session.as_ref().retry_buffer_truncated() {
+            return false;
+        }
+        if ctx.upstream.tried.len() as u32 >= pool.settings.retry.attempts
+            || ctx.started.elapsed() >= pool.settings.deadline
+        {
+            return false;
+        }
+        if !pool.budget.try_retry() {
+            pool.stats
+                .retries_over_budget
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(
+                "rid={} retry budget of {} spent; not retrying",
+                ctx.request_id,
+                pool.name()
+            );
+            return false;
+        }
+        true
     }
 }
 
@@ -129,18 +197,96 @@ impl ProxyHttp for Edge {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let pool = self
             .pool(ctx)
+            .cloned()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
-        let tried = &ctx.upstream.tried;
-        let addr = pool
-            .select(ctx.request_id.as_bytes(), |a| tried.contains(a))
-            .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "no server available"))?;
+        let attempt = ctx.upstream.tried.len() as u32;
+        if attempt == 0 {
+            pool.budget.record_request();
+        } else {
+            // A retry that fail_to_connect / error_while_proxy decided: back off first.
+            let delay = pool.backoff.delay(attempt, &mut rand::rng());
+            tokio::time::sleep(delay).await;
+            pool.stats.retries.fetch_add(1, Ordering::Relaxed);
+            warn!(
+                "rid={} retry {attempt} after {delay:?} (tried {:?})",
+                ctx.request_id, ctx.upstream.tried
+            );
+        }
+        let key = self.hash_key(session, ctx);
+        let sel = pool
+            .pick(key.as_bytes(), &ctx.upstream.tried)
+            .map_err(|_| {
+                pool.stats.all_ejected.fetch_add(1, Ordering::Relaxed);
+                Error::explain(
+                    ErrorType::HTTPStatus(503),
+                    format!("every server of {} is ejected", pool.name()),
+                )
+            })?;
+        let addr = sel.addr;
         ctx.upstream.tried.push(addr);
+        ctx.upstream.current = Some(sel);
         Ok(Box::new(pool.peer(addr)))
+    }
+
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(sel) = ctx.upstream.current.take() {
+            sel.failed(&ctx.request_id);
+        }
+        // Nothing reached the origin: any method may go to another server.
+        let retry = self.may_retry(session, ctx, true);
+        e.set_retry(retry);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if let Some(sel) = ctx.upstream.current.take() {
+            sel.failed(&ctx.request_id);
+        }
+        let retry =
+            std::mem::take(&mut ctx.upstream.status_retry) || self.may_retry(session, ctx, false);
+        e.set_retry(retry);
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let status = upstream_response.status.as_u16();
+        if status >= 500 {
+            if let Some(sel) = ctx.upstream.current.take() {
+                sel.failed(&ctx.request_id);
+            }
+            if fetch::is_retry_status(status) && self.may_retry(session, ctx, false) {
+                ctx.upstream.status_retry = true;
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(status),
+                    format!("origin answered {status}; retrying"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     async fn upstream_request_filter(
@@ -221,7 +367,15 @@ impl ProxyHttp for Edge {
         }
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if let Some(sel) = ctx.upstream.current.take() {
+            match e {
+                Some(e) if matches!(e.esource(), pingora_error::ErrorSource::Upstream) => {
+                    sel.failed(&ctx.request_id)
+                }
+                _ => sel.succeeded(&ctx.request_id),
+            }
+        }
         if !self.config.server.access_log {
             return;
         }
