@@ -471,3 +471,29 @@ async fn uncacheable_responses_pass_through() {
         "every request went to the origin"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_bytes_arrive_before_the_object_is_fetched_whole() {
+    use futures::StreamExt;
+    let origin = Origin::start().await;
+    // 1 MiB object at 512 KiB/s: about two seconds to fetch whole.
+    origin.set_fault(Fault::Slow { bytes_per_sec: 512 * 1024 });
+    let proxy = Proxy::start(&config(&origin, "64MiB", "64MiB"));
+    let size = 16 * CHUNK;
+    let path = format!("/obj/{size}/stream.bin");
+    let resp = common::client().get(proxy.url(&path)).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let first = stream.next().await.expect("a first piece").expect("body");
+    let sent_when_first_arrived = origin.body_bytes_sent();
+    assert!(!first.is_empty());
+    assert!(
+        sent_when_first_arrived < size / 2,
+        "the first byte waited for {sent_when_first_arrived} of {size} origin bytes"
+    );
+    let mut body = first.to_vec();
+    while let Some(piece) = stream.next().await {
+        body.extend_from_slice(&piece.unwrap());
+    }
+    assert!(body == content(&path, 0, 0..size));
+}

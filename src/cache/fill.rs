@@ -391,8 +391,11 @@ pub async fn revalidate(
             return Revalidation::Uncacheable("status");
         }
     };
-    // Drain the (at most one byte) body so the connection can be reused.
-    while let Ok(Some(_)) = resp.next_piece().await {}
+    // A 304 or a one-byte 206 is drained so the connection can be reused; a whole 200 from an
+    // origin that ignores Range is not read (finish closes that connection).
+    if status != 200 {
+        while let Ok(Some(_)) = resp.next_piece().await {}
+    }
     resp.finish().await;
     match meta_from(cache, obj, &merged, 200, meta.size) {
         Ok(mut fresh) => {
