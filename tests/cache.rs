@@ -477,7 +477,9 @@ async fn first_bytes_arrive_before_the_object_is_fetched_whole() {
     use futures::StreamExt;
     let origin = Origin::start().await;
     // 1 MiB object at 512 KiB/s: about two seconds to fetch whole.
-    origin.set_fault(Fault::Slow { bytes_per_sec: 512 * 1024 });
+    origin.set_fault(Fault::Slow {
+        bytes_per_sec: 512 * 1024,
+    });
     let proxy = Proxy::start(&config(&origin, "64MiB", "64MiB"));
     let size = 16 * CHUNK;
     let path = format!("/obj/{size}/stream.bin");

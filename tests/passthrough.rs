@@ -146,7 +146,7 @@ async fn unreachable_upstream_is_502() {
         .trim_start_matches("request id: ")
         .to_string();
     assert!(
-        proxy.log().contains(&rid),
+        proxy.log_contains(&rid),
         "the failure is logged with its request id"
     );
 }
@@ -192,7 +192,7 @@ async fn request_id_is_kept_or_generated_and_propagated() {
     let seen = origin.log().pop().unwrap();
     assert_eq!(seen.header("x-request-id"), Some(generated.as_str()));
     assert!(
-        proxy.log().contains(&format!("rid={generated}")),
+        proxy.log_contains(&format!("rid={generated}")),
         "access log names the request id"
     );
 }

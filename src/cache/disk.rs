@@ -328,6 +328,9 @@ struct Index {
     map: HashMap<KeyHash, IndexEntry>,
     lru: BTreeMap<u64, KeyHash>,
     used: u64,
+    /// Bytes of puts in progress (temp files being written): room is made for an entry before
+    /// it is written, so `used + reserved` — everything on disk — never exceeds the capacity.
+    reserved: u64,
     clock: u64,
 }
 
@@ -374,9 +377,10 @@ impl Index {
         self.map.get(hash).is_some_and(|e| e.validator == validator)
     }
 
-    /// When over `capacity`, take the least recently used entry out of the index.
+    /// When over `capacity` (counting reserved room), take the least recently used entry out
+    /// of the index.
     fn pop_lru_over(&mut self, capacity: u64) -> Option<KeyHash> {
-        if self.used <= capacity {
+        if self.used.saturating_add(self.reserved) <= capacity {
             return None;
         }
         let (_, hash) = self.lru.pop_first()?;
@@ -662,11 +666,14 @@ impl Shared {
         }
         let path = self.path_for(&hash);
         let validator = hash_validator(validator.as_bytes());
+        // Make room first, so the new file never takes the tier past its capacity.
+        self.index().reserved += size;
+        self.evict();
         if let Err(e) = self.install(&hash, &path, &header, data, size, validator) {
             log::warn!("disk cache: cannot store {}: {e}", path.display());
+            self.index().reserved -= size;
             self.remove_blocking(&hash);
         }
-        self.evict();
     }
 
     /// Write a temp file, rename it over `path` and index it.
@@ -701,7 +708,9 @@ impl Shared {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
-        self.index().insert(*hash, size, validator);
+        let mut index = self.index();
+        index.reserved -= size;
+        index.insert(*hash, size, validator);
         Ok(())
     }
 

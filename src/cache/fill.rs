@@ -36,7 +36,6 @@ pub struct ObjectRequest {
     pub path_and_query: String,
     pub host: String,
     pub request_id: String,
-    pub has_authorization: bool,
 }
 
 impl ObjectRequest {
@@ -123,7 +122,6 @@ fn response_validator(resp: &OriginResponse, size: u64) -> Option<String> {
 /// Build metadata from an origin response, or say why it must not be stored.
 fn meta_from(
     cache: &ChunkCache,
-    obj: &ObjectRequest,
     resp_headers: &http::HeaderMap,
     status: u16,
     size: u64,
@@ -132,7 +130,8 @@ fn meta_from(
     let policy = freshness::store_policy(&StorePolicyInput {
         status,
         headers: resp_headers,
-        request_has_authorization: obj.has_authorization,
+        // The cache's own origin requests never carry a client's credentials.
+        request_has_authorization: false,
         default_ttl: cache.default_ttl,
         default_stale_if_error: cache.stale_if_error,
         now,
@@ -160,7 +159,14 @@ fn meta_from(
         .filter(|(n, _)| ObjectMeta::keep_header(n.as_str()))
         .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect();
-    let initial_age = text("age").and_then(|a| a.trim().parse().ok()).unwrap_or(0);
+    // RFC 9111 §4.2.3: the age it already had is the larger of its Age and its apparent age.
+    let age_header: u64 = text("age").and_then(|a| a.trim().parse().ok()).unwrap_or(0);
+    let apparent = text("date")
+        .and_then(|d| httpdate::parse_http_date(&d).ok())
+        .and_then(|d| now.duration_since(d).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let initial_age = age_header.max(apparent);
     Ok(ObjectMeta {
         size,
         validator,
@@ -214,17 +220,39 @@ pub async fn discover(
         first.saturating_mul(cs),
         last.saturating_add(1).saturating_mul(cs).saturating_sub(1),
     );
-    let resp = match fetch::open(
-        &origin.connector,
-        &origin.pool,
-        &obj.origin_request(Some(range), Vec::new()),
-        &[],
-    )
-    .await
-    {
+    let open = |range: Option<(u64, u64)>| async move {
+        fetch::open(
+            &origin.connector,
+            &origin.pool,
+            &obj.origin_request(range, Vec::new()),
+            &[],
+        )
+        .await
+    };
+    let mut resp = match open(Some(range)).await {
         Ok(r) => r,
         Err(e) => return Discovery::Failed(e),
     };
+    if resp.status() == 416 {
+        // The client's first range lies past the end: learn the object from its start instead
+        // (an empty object has no byte to ask for, so ask for all of it).
+        let total = resp
+            .header_str("content-range")
+            .and_then(fetch::parse_content_range)
+            .and_then(|(_, t)| t);
+        let retry = match total {
+            Some(0) => None,
+            _ => Some((
+                0,
+                cs.saturating_mul(last.saturating_sub(first).saturating_add(1))
+                    .saturating_sub(1),
+            )),
+        };
+        resp = match open(retry).await {
+            Ok(r) => r,
+            Err(e) => return Discovery::Failed(e),
+        };
+    }
     let status = resp.status();
     let Some((offset, total)) = response_extent(&resp) else {
         return Discovery::Uncacheable("status");
@@ -241,7 +269,7 @@ pub async fn discover(
     if offset % cs != 0 {
         return Discovery::Uncacheable("unaligned-range");
     }
-    let meta = match meta_from(cache, obj, &resp.header.headers, status, size) {
+    let meta = match meta_from(cache, &resp.header.headers, status, size) {
         Ok(m) => Arc::new(m),
         Err(reason) => return Discovery::Uncacheable(reason),
     };
@@ -295,7 +323,7 @@ async fn store_unknown_length(
         return Discovery::Uncacheable("no-validator");
     };
     // Check storability before reading a byte (the length is a placeholder here).
-    if let Err(reason) = meta_from(cache, obj, &resp.header.headers, 200, 0) {
+    if let Err(reason) = meta_from(cache, &resp.header.headers, 200, 0) {
         return Discovery::Uncacheable(reason);
     }
     let validator: Arc<str> = etag.as_str().into();
@@ -339,7 +367,7 @@ async fn store_unknown_length(
     }
     let headers = resp.header.headers.clone();
     resp.finish().await;
-    match meta_from(cache, obj, &headers, 200, total) {
+    match meta_from(cache, &headers, 200, total) {
         Ok(meta) => {
             let meta = Arc::new(meta);
             cache.put_meta(&obj.key, meta.clone()).await;
@@ -397,7 +425,7 @@ pub async fn revalidate(
         while let Ok(Some(_)) = resp.next_piece().await {}
     }
     resp.finish().await;
-    match meta_from(cache, obj, &merged, 200, meta.size) {
+    match meta_from(cache, &merged, 200, meta.size) {
         Ok(mut fresh) => {
             // Keep the version identity we hold chunks under.
             fresh.validator = meta.validator.clone();

@@ -124,6 +124,16 @@ impl ChunkCache {
         }
     }
 
+    /// Forget an object whatever its version (RFC 9111 §4.4: a successful unsafe request
+    /// invalidates the target URI). Its chunks become unreachable with its metadata and age out.
+    pub async fn forget(&self, key: &ObjectKey) {
+        self.metas.invalidate(key);
+        self.pass.invalidate(key);
+        if let Some(disk) = &self.disk {
+            disk.remove(&key.meta_entry()).await;
+        }
+    }
+
     /// Remember for a while that `key` is not cacheable (`reason` for logs).
     pub fn mark_uncacheable(&self, key: &ObjectKey, reason: &'static str) {
         self.pass.insert(key.clone(), reason);

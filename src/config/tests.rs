@@ -211,7 +211,10 @@ fn resilience_keys_parse_with_defaults() {
     assert_eq!(u.balance, Balance::RoundRobin);
     assert_eq!(u.servers[0].weight, 1);
     assert_eq!(u.retry, DEFAULT_RETRY);
-    assert_eq!(u.breaker.failure_threshold, DEFAULT_BREAKER.failure_threshold);
+    assert_eq!(
+        u.breaker.failure_threshold,
+        DEFAULT_BREAKER.failure_threshold
+    );
     assert_eq!(u.deadline, DEFAULT_DEADLINE);
     assert!(u.health_check.is_none());
     assert_eq!(c.cache.stale_if_error, DEFAULT_STALE_IF_ERROR);
@@ -227,25 +230,81 @@ fn resilience_keys_parse_with_defaults() {
     assert_eq!((u.servers[0].weight, u.servers[1].weight), (3, 2));
     assert_eq!(u.deadline, Duration::from_secs(20));
     let hc = u.health_check.as_ref().unwrap();
-    assert_eq!((hc.path.as_str(), hc.interval, hc.healthy_after), ("/health", Duration::from_secs(2), 2));
+    assert_eq!(
+        (hc.path.as_str(), hc.interval, hc.healthy_after),
+        ("/health", Duration::from_secs(2), 2)
+    );
     assert_eq!(u.breaker.failure_threshold, 4);
     assert_eq!(u.breaker.max_open_for, Duration::from_secs(60));
     assert_eq!(u.breaker.half_open_probes, 2);
-    assert_eq!(u.retry, RetrySettings { attempts: 4, backoff: Duration::from_millis(100), max_backoff: Duration::from_secs(2), budget_percent: 10 });
+    assert_eq!(
+        u.retry,
+        RetrySettings {
+            attempts: 4,
+            backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            budget_percent: 10
+        }
+    );
 }
 
 #[test]
 fn bad_resilience_keys_are_named() {
-    let with = |extra: &str| GOOD.replace("    read_timeout: 5s\n", &format!("    read_timeout: 5s\n{extra}"));
-    assert_err(&with("    balance: fastest\n"), "upstreams.origin.balance", 19, "unknown balance");
-    assert_err(&with("    retry:\n      budget: 150\n"), "upstreams.origin.retry.budget", 20, "percentage");
-    assert_err(&with("    retry:\n      attempts: 0\n"), "upstreams.origin.retry.attempts", 20, "at least 1");
-    assert_err(&with("    circuit_breaker:\n      open_for: 0s\n"), "upstreams.origin.circuit_breaker.open_for", 20, "greater than zero");
-    assert_err(&with("    circuit_breaker:\n      open_for: 10s\n      max_open_for: 1s\n"), "upstreams.origin.circuit_breaker.max_open_for", 21, "shorter");
-    assert_err(&with("    health_check:\n      path: health\n"), "upstreams.origin.health_check.path", 20, "start with");
-    assert_err(&with("    retry:\n      atempts: 2\n"), "upstreams.origin.retry.atempts", 20, "unknown field");
+    let with = |extra: &str| {
+        GOOD.replace(
+            "    read_timeout: 5s\n",
+            &format!("    read_timeout: 5s\n{extra}"),
+        )
+    };
+    assert_err(
+        &with("    balance: fastest\n"),
+        "upstreams.origin.balance",
+        19,
+        "unknown balance",
+    );
+    assert_err(
+        &with("    retry:\n      budget: 150\n"),
+        "upstreams.origin.retry.budget",
+        20,
+        "percentage",
+    );
+    assert_err(
+        &with("    retry:\n      attempts: 0\n"),
+        "upstreams.origin.retry.attempts",
+        20,
+        "at least 1",
+    );
+    assert_err(
+        &with("    circuit_breaker:\n      open_for: 0s\n"),
+        "upstreams.origin.circuit_breaker.open_for",
+        20,
+        "greater than zero",
+    );
+    assert_err(
+        &with("    circuit_breaker:\n      open_for: 10s\n      max_open_for: 1s\n"),
+        "upstreams.origin.circuit_breaker.max_open_for",
+        21,
+        "shorter",
+    );
+    assert_err(
+        &with("    health_check:\n      path: health\n"),
+        "upstreams.origin.health_check.path",
+        20,
+        "start with",
+    );
+    assert_err(
+        &with("    retry:\n      atempts: 2\n"),
+        "upstreams.origin.retry.atempts",
+        20,
+        "unknown field",
+    );
     let y = GOOD.replace("\"10.0.0.2:80\"", "\"10.0.0.2:80 weight=0\"");
-    assert_err(&y, "upstreams.origin.servers[1]", 16, "weight must be at least 1");
+    assert_err(
+        &y,
+        "upstreams.origin.servers[1]",
+        16,
+        "weight must be at least 1",
+    );
     let y = GOOD.replace("\"10.0.0.2:80\"", "\"10.0.0.2:80 heavy\"");
     assert_err(&y, "upstreams.origin.servers[1]", 16, "only `weight=N`");
 }

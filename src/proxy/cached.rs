@@ -50,6 +50,8 @@ enum Lookup {
     Fresh,
     Discovered,
     Revalidated,
+    /// Fresh, but revalidated because the request asked (`Cache-Control: no-cache`).
+    RequestRevalidated,
     StaleIfError,
 }
 
@@ -144,22 +146,34 @@ impl CacheLayer {
                 .unwrap_or(&host)
                 .to_string(),
             request_id: ctx.request_id.clone(),
-            has_authorization: req.headers.contains_key(http::header::AUTHORIZATION),
         };
+        let has_authorization = req.headers.contains_key(http::header::AUTHORIZATION);
+        let is_head = req.method == http::Method::HEAD;
         let range_req = header(session, "range")
             .map(parse_range)
             .unwrap_or(RangeRequest::Whole);
         let must_revalidate = freshness::request_requires_revalidation(&req.headers);
-
+        // The chunks a first fetch asks for; a HEAD needs the metadata only: one chunk.
+        let discovery = match discovery_span(&range_req, self.cache.chunk_size) {
+            (first, _) if is_head => (first, first),
+            span => span,
+        };
+        if freshness::parse_cache_control(&req.headers).no_store {
+            // RFC 9111 §5.2.1.5: nothing of this exchange may be stored.
+            ctx.cache_status = "edgeslice; fwd=request; detail=no-store".into();
+            return Ok(Outcome::PassThrough);
+        }
         let (meta, lookup) = match self
-            .lookup(session, ctx, &obj, &origin, &range_req, must_revalidate)
+            .lookup(session, ctx, &obj, &origin, must_revalidate, discovery)
             .await?
         {
             Some(found) => found,
             None if ctx.pass_through => return Ok(Outcome::PassThrough),
             None => return Ok(Outcome::Served),
         };
-        if obj.has_authorization && !allows_authorized(&meta) {
+        if has_authorization && !allows_authorized(&meta) {
+            // Origin fetches of the cache never carry a client's credentials; what they stored
+            // answers a request with credentials only when it allows that (RFC 9111 §3.5).
             ctx.cache_status = "edgeslice; fwd=request; detail=authorization".into();
             return Ok(Outcome::PassThrough);
         }
@@ -168,16 +182,17 @@ impl CacheLayer {
         Ok(Outcome::Served)
     }
 
-    /// Metadata for the object, from the cache or the origins. `Ok(None)` when there is none
-    /// to serve: either an error response was written, or `ctx.pass_through` is set.
+    /// Metadata for the object, from the cache or the origins (a discovery fetch asks for the
+    /// chunks `first..=last`). `Ok(None)` when there is none to serve: either an error
+    /// response was written, or `ctx.pass_through` is set.
     async fn lookup(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         obj: &ObjectRequest,
         origin: &OriginAccess,
-        range_req: &RangeRequest,
         must_revalidate: bool,
+        (first, last): (u64, u64),
     ) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
         let now = SystemTime::now();
         if let Some(m) = self.cache.meta(&obj.key).await {
@@ -195,7 +210,12 @@ impl CacheLayer {
             stale = Some(m);
         }
         if let Some(old) = stale {
+            // Fresh, but the request asked for revalidation (`no-cache`): RFC 9211 `fwd=request`.
+            let forced = old.is_fresh(SystemTime::now());
             match fill::revalidate(&self.cache, origin, obj, &old).await {
+                Revalidation::Fresh(m) if forced => {
+                    return Ok(Some((m, Lookup::RequestRevalidated)))
+                }
                 Revalidation::Fresh(m) => return Ok(Some((m, Lookup::Revalidated))),
                 Revalidation::Changed => {}
                 Revalidation::Uncacheable(reason) => return self.pass(ctx, &obj.key, reason),
@@ -217,7 +237,6 @@ impl CacheLayer {
                 }
             }
         }
-        let (first, last) = discovery_span(range_req, self.cache.chunk_size);
         match fill::discover(&self.cache, origin, obj, first, last).await {
             Discovery::Stored(m) => Ok(Some((m, Lookup::Discovered))),
             Discovery::Uncacheable(reason) => self.pass(ctx, &obj.key, reason),
@@ -234,10 +253,7 @@ impl CacheLayer {
         key: &ObjectKey,
         reason: &'static str,
     ) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
-        // One request's credentials say nothing about the object: don't remember those.
-        if reason != "authorization" {
-            self.cache.mark_uncacheable(key, reason);
-        }
+        self.cache.mark_uncacheable(key, reason);
         ctx.cache_status = format!("edgeslice; fwd=bypass; detail={reason}");
         ctx.pass_through = true;
         Ok(None)
@@ -450,6 +466,7 @@ fn cache_status(lookup: Lookup, all_chunks_cached: bool) -> String {
         (Lookup::Fresh, false) => "edgeslice; fwd=partial; stored".into(),
         (Lookup::Discovered, _) => "edgeslice; fwd=miss; stored".into(),
         (Lookup::Revalidated, _) => "edgeslice; fwd=stale; fwd-status=304; stored".into(),
+        (Lookup::RequestRevalidated, _) => "edgeslice; fwd=request; fwd-status=304; stored".into(),
         (Lookup::StaleIfError, _) => "edgeslice; hit; detail=stale-if-error".into(),
     }
 }

@@ -81,6 +81,31 @@ impl Edge {
         self.pools.values()
     }
 
+    /// RFC 9111 §4.4: a non-error response to an unsafe request (PUT, POST, DELETE, ...) on a
+    /// cached route invalidates the stored object at that URI.
+    async fn invalidate_after_unsafe(
+        &self,
+        session: &Session,
+        status: http::StatusCode,
+        ctx: &RequestCtx,
+    ) {
+        let req = session.req_header();
+        if req.method.is_safe() || !(status.is_success() || status.is_redirection()) {
+            return;
+        }
+        let Some(route) = ctx.route.as_ref().filter(|r| r.cache) else {
+            return;
+        };
+        let key = ObjectKey::new(
+            &route.upstream.name,
+            &request_host(req),
+            req.uri.path(),
+            req.uri.query(),
+            &route.query_key,
+        );
+        self.cache.cache.forget(&key).await;
+    }
+
     /// What consistent hashing hashes for a pass-through request: its cache key.
     fn hash_key(&self, session: &Session, ctx: &RequestCtx) -> String {
         let req = session.req_header();
@@ -331,6 +356,8 @@ impl ProxyHttp for Edge {
         if ctx.cache_status != "-" {
             upstream_response.insert_header("cache-status", ctx.cache_status.as_str())?;
         }
+        self.invalidate_after_unsafe(session, upstream_response.status, ctx)
+            .await;
         Ok(())
     }
 

@@ -137,6 +137,21 @@ impl Proxy {
         std::fs::read_to_string(self.dir.join("edgeslice.log")).unwrap_or_default()
     }
 
+    /// Whether the log contains `needle` within a few seconds (log lines such as the access
+    /// log are written after the response is complete).
+    pub fn log_contains(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if self.log().contains(needle) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL, no goodbye: what a crash or an OOM kill looks like.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
