@@ -17,6 +17,9 @@
 //! The binary (`src/main.rs`) only parses the command line, loads the config and starts the
 //! services built here; tests and benches use this library directly.
 
+// A panic on a request takes the node down: no unwrap/expect outside tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod admin;
 pub mod cache;
 pub mod config;

@@ -362,11 +362,24 @@ async fn chunked_origin_without_length_works_and_is_cached() {
     let proxy = Proxy::start(&config(&origin, "64MiB", "64MiB"));
     let size = 3 * CHUNK + 5;
     let path = format!("/obj/{size}/chunked.bin");
-    let (status, _, body) = get(&proxy, &path, None).await;
-    assert_eq!(status, 200);
-    assert!(body == content(&path, 0, 0..size));
-    let (status, _, body) = get(&proxy, &path, Some("bytes=-10")).await;
+    // Concurrent cold clients: one streams the origin's body as it arrives, the others wait
+    // for it to be cached; the origin is asked once.
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let url = proxy.url(&path);
+        tasks.push(tokio::spawn(async move {
+            let resp = common::client().get(url).send().await.unwrap();
+            (resp.status(), resp.bytes().await.unwrap().to_vec())
+        }));
+    }
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(body == content(&path, 0, 0..size));
+    }
+    let (status, h, body) = get(&proxy, &path, Some("bytes=-10")).await;
     assert_eq!(status, 206);
+    assert_eq!(cache_status(&h), "edgeslice; hit");
     assert!(body == content(&path, 0, size - 10..size));
     assert_eq!(origin.requests(), 1);
 }
@@ -474,12 +487,25 @@ async fn uncacheable_responses_pass_through() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_bytes_arrive_before_the_object_is_fetched_whole() {
+    // A ranged origin, and one that sends a chunked body with no length.
+    let rate = 512 * 1024;
+    for fault in [
+        Fault::Slow {
+            bytes_per_sec: rate,
+        },
+        Fault::SlowChunked {
+            bytes_per_sec: rate,
+        },
+    ] {
+        first_bytes_stream(fault).await;
+    }
+}
+
+async fn first_bytes_stream(fault: Fault) {
     use futures::StreamExt;
     let origin = Origin::start().await;
     // 1 MiB object at 512 KiB/s: about two seconds to fetch whole.
-    origin.set_fault(Fault::Slow {
-        bytes_per_sec: 512 * 1024,
-    });
+    origin.set_fault(fault.clone());
     let proxy = Proxy::start(&config(&origin, "64MiB", "64MiB"));
     let size = 16 * CHUNK;
     let path = format!("/obj/{size}/stream.bin");
@@ -491,7 +517,7 @@ async fn first_bytes_arrive_before_the_object_is_fetched_whole() {
     assert!(!first.is_empty());
     assert!(
         sent_when_first_arrived < size / 2,
-        "the first byte waited for {sent_when_first_arrived} of {size} origin bytes"
+        "{fault:?}: the first byte waited for {sent_when_first_arrived} of {size} origin bytes"
     );
     let mut body = first.to_vec();
     while let Some(piece) = stream.next().await {

@@ -10,7 +10,7 @@ use super::flight::{FillError, Flight, FlightGuard, Joined};
 use super::freshness::{self, Storability, StorePolicyInput};
 use super::key::ObjectKey;
 use super::meta::ObjectMeta;
-use super::store::{ChunkCache, ChunkId};
+use super::store::{ChunkCache, ChunkId, ObjectLock};
 use crate::origin::fetch::{self, FetchError, OriginRequest, OriginResponse};
 use crate::origin::pool::UpstreamPool;
 use crate::range::plan::{chunk_bounds, chunk_count};
@@ -64,6 +64,11 @@ pub enum ChunkSource {
 
 pub enum Discovery {
     Stored(Arc<ObjectMeta>),
+    /// A body of unknown length, streamed as it arrives (and cached as it passes).
+    Streaming {
+        headers: http::HeaderMap,
+        body: Arc<Flight>,
+    },
     /// Not cacheable (reason): the request is passed through instead.
     Uncacheable(&'static str),
     Failed(FetchError),
@@ -207,12 +212,15 @@ fn claim(
 
 /// First fetch of an object: learn what it is from a chunk-aligned request for chunks
 /// `first..=last`, store its metadata, and stream the body into those chunks' fills.
+///
+/// `lock` is the object's discovery lock: held until the metadata is published.
 pub async fn discover(
     cache: &Arc<ChunkCache>,
     origin: &OriginAccess,
     obj: &ObjectRequest,
     first: u64,
     last: u64,
+    lock: ObjectLock,
 ) -> Discovery {
     let cs = cache.chunk_size;
     let last = last.min(first.saturating_add(MAX_RUN_CHUNKS - 1));
@@ -259,7 +267,7 @@ pub async fn discover(
     };
     let Some(size) = total else {
         if status == 200 {
-            return store_unknown_length(cache, obj, resp).await;
+            return stream_unknown_length(cache, obj, resp, lock);
         }
         return Discovery::Uncacheable("no-length");
     };
@@ -311,13 +319,17 @@ pub async fn discover(
     Discovery::Stored(meta)
 }
 
-/// An origin that answers 200 with no length (chunked): split the body into chunks as it
-/// passes, and publish the metadata once the length is known. Needs an ETag (a Last-Modified
-/// validator includes the length, unknown until the end).
-async fn store_unknown_length(
+/// An origin that answers 200 with no length (chunked): the body is streamed to the requesting
+/// client through a fill of open length, and split into chunks as it passes. The metadata is
+/// published once the length is known, at the end; until then the object stays locked, so
+/// concurrent requests wait and are then served from the cache instead of fetching it again.
+/// Needs an ETag (a Last-Modified validator includes the length). Past `max_object_size` the
+/// client still gets the whole body, but nothing is kept.
+fn stream_unknown_length(
     cache: &Arc<ChunkCache>,
     obj: &ObjectRequest,
-    mut resp: OriginResponse,
+    resp: OriginResponse,
+    lock: ObjectLock,
 ) -> Discovery {
     let Some(etag) = resp.header_str("etag").map(str::to_string) else {
         return Discovery::Uncacheable("no-validator");
@@ -326,55 +338,88 @@ async fn store_unknown_length(
     if let Err(reason) = meta_from(cache, &resp.header.headers, 200, 0) {
         return Discovery::Uncacheable(reason);
     }
-    let validator: Arc<str> = etag.as_str().into();
+    let flight = Arc::new(Flight::default());
+    let headers = resp.header.headers.clone();
+    tokio::spawn(split_unknown_length(
+        cache.clone(),
+        obj.clone(),
+        resp,
+        etag.as_str().into(),
+        flight.clone(),
+        lock,
+    ));
+    Discovery::Streaming {
+        headers,
+        body: flight,
+    }
+}
+
+async fn split_unknown_length(
+    cache: Arc<ChunkCache>,
+    obj: ObjectRequest,
+    mut resp: OriginResponse,
+    validator: Arc<str>,
+    body: Arc<Flight>,
+    _lock: ObjectLock,
+) {
+    let guard = FlightGuard::new(body.clone());
     let cs = cache.chunk_size as usize;
     let mut acc = BytesMut::with_capacity(cs);
     let mut index = 0u64;
     let mut total = 0u64;
+    let mut storing = true;
+    let store = |acc: &mut BytesMut, index: &mut u64| {
+        let id = ChunkId {
+            key: obj.key.clone(),
+            validator: validator.clone(),
+            index: *index,
+        };
+        cache.store_chunk(&id, acc.split().freeze());
+        *index += 1;
+    };
     loop {
         match resp.next_piece().await {
-            Ok(Some(mut piece)) => {
+            Ok(Some(piece)) => {
                 total += piece.len() as u64;
-                if total > cache.max_object_size {
-                    return Discovery::Uncacheable("too-large");
+                body.push(piece.clone());
+                if storing && total > cache.max_object_size {
+                    log::info!(
+                        "rid={} {} passes max_object_size: not cached",
+                        obj.request_id,
+                        obj.key.as_str()
+                    );
+                    cache.mark_uncacheable(&obj.key, "too-large");
+                    storing = false;
                 }
-                while !piece.is_empty() {
+                let mut piece = piece;
+                while storing && !piece.is_empty() {
                     let take = (cs - acc.len()).min(piece.len());
                     acc.extend_from_slice(&piece[..take]);
                     piece.advance(take);
                     if acc.len() == cs {
-                        let id = ChunkId {
-                            key: obj.key.clone(),
-                            validator: validator.clone(),
-                            index,
-                        };
-                        cache.store_chunk(&id, acc.split().freeze());
-                        index += 1;
+                        store(&mut acc, &mut index);
                     }
                 }
             }
             Ok(None) => break,
-            Err(e) => return Discovery::Failed(e),
+            Err(e) => {
+                body.finish(Err(FillError::Origin(e.to_string())));
+                return;
+            }
         }
     }
-    if !acc.is_empty() {
-        let id = ChunkId {
-            key: obj.key.clone(),
-            validator: validator.clone(),
-            index,
-        };
-        cache.store_chunk(&id, acc.split().freeze());
+    if storing {
+        if !acc.is_empty() {
+            store(&mut acc, &mut index);
+        }
+        match meta_from(&cache, &resp.header.headers, 200, total) {
+            Ok(meta) => cache.put_meta(&obj.key, Arc::new(meta)).await,
+            Err(reason) => cache.mark_uncacheable(&obj.key, reason),
+        }
     }
-    let headers = resp.header.headers.clone();
     resp.finish().await;
-    match meta_from(cache, &headers, 200, total) {
-        Ok(meta) => {
-            let meta = Arc::new(meta);
-            cache.put_meta(&obj.key, meta.clone()).await;
-            Discovery::Stored(meta)
-        }
-        Err(reason) => Discovery::Uncacheable(reason),
-    }
+    body.finish(Ok(()));
+    guard.disarm();
 }
 
 /// Ask the origin whether a stale object is still current (`If-None-Match` /

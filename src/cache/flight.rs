@@ -88,6 +88,20 @@ impl Flight {
             pos: 0,
             start: offset,
             end: offset.saturating_add(len),
+            to_end: false,
+        }
+    }
+
+    /// A reader of everything pushed until the fill finishes, however long (a body of unknown
+    /// length).
+    pub fn reader_to_end(self: &Arc<Self>) -> FlightReader {
+        FlightReader {
+            flight: self.clone(),
+            next_piece: 0,
+            pos: 0,
+            start: 0,
+            end: u64::MAX,
+            to_end: true,
         }
     }
 }
@@ -124,6 +138,8 @@ pub struct FlightReader {
     pos: u64,
     start: u64,
     end: u64,
+    /// The window is "until the fill finishes": a clean finish ends it.
+    to_end: bool,
 }
 
 impl FlightReader {
@@ -152,6 +168,7 @@ impl FlightReader {
                 }
                 match &s.done {
                     Some(Err(e)) => return Some(Err(e.clone())),
+                    Some(Ok(())) if self.to_end => return None,
                     // Finished, yet short of the window: the fill ended early.
                     Some(Ok(())) => {
                         return Some(Err(FillError::Origin(
@@ -257,6 +274,16 @@ mod tests {
         f.finish(Ok(()));
         assert_eq!(whole.await.unwrap().unwrap(), b"0123456789");
         assert_eq!(window.await.unwrap().unwrap(), b"34567");
+    }
+
+    #[tokio::test]
+    async fn reader_to_end_ends_with_the_fill() {
+        let f = Arc::new(Flight::default());
+        let all = tokio::spawn(read_all(f.reader_to_end()));
+        f.push(Bytes::from_static(b"ab"));
+        f.push(Bytes::from_static(b"c"));
+        f.finish(Ok(()));
+        assert_eq!(all.await.unwrap().unwrap(), b"abc");
     }
 
     #[tokio::test]

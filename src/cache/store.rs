@@ -145,7 +145,7 @@ impl ChunkCache {
 
     /// Serialise discovery and revalidation of one object, so concurrent cold requests make
     /// one origin request for its metadata.
-    pub async fn lock_object(&self, key: &ObjectKey) -> ObjectLock<'_> {
+    pub async fn lock_object(self: &Arc<Self>, key: &ObjectKey) -> ObjectLock {
         let lock = {
             let i = (self.flights_hash(key) as usize) % self.object_locks.len();
             let mut shard = self.object_locks[i]
@@ -155,7 +155,7 @@ impl ChunkCache {
         };
         let guard = lock.clone().lock_owned().await;
         ObjectLock {
-            cache: self,
+            cache: self.clone(),
             key: key.clone(),
             lock,
             _guard: Some(guard),
@@ -234,14 +234,14 @@ impl ChunkCache {
 
 /// Held while discovering or revalidating an object; on drop the per-object entry is removed
 /// when nobody else waits on it.
-pub struct ObjectLock<'a> {
-    cache: &'a ChunkCache,
+pub struct ObjectLock {
+    cache: Arc<ChunkCache>,
     key: ObjectKey,
     lock: Arc<tokio::sync::Mutex<()>>,
     _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
-impl Drop for ObjectLock<'_> {
+impl Drop for ObjectLock {
     fn drop(&mut self) {
         self._guard.take();
         let i = (self.cache.flights_hash(&self.key) as usize) % self.cache.object_locks.len();

@@ -352,7 +352,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     };
 
     let listen = match raw.listen {
-        None => vec!["0.0.0.0:8080".parse().expect("literal address")],
+        None => vec![SocketAddr::from(([0, 0, 0, 0], 8080))],
         Some(list) => {
             if list.is_empty() {
                 return Err(ConfigError {

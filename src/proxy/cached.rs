@@ -18,7 +18,7 @@ use super::ctx::RequestCtx;
 use super::headers::{VIA_VALUE, X_REQUEST_ID};
 use super::respond;
 use crate::cache::fill::{self, ChunkSource, Discovery, ObjectRequest, OriginAccess, Revalidation};
-use crate::cache::flight::{FillError, FlightReader};
+use crate::cache::flight::{FillError, Flight, FlightReader};
 use crate::cache::freshness;
 use crate::cache::key::ObjectKey;
 use crate::cache::meta::ObjectMeta;
@@ -200,7 +200,7 @@ impl CacheLayer {
                 return Ok(Some((m, Lookup::Fresh)));
             }
         }
-        let _lock = self.cache.lock_object(&obj.key).await;
+        let lock = self.cache.lock_object(&obj.key).await;
         let mut stale = None;
         if let Some(m) = self.cache.meta(&obj.key).await {
             if m.is_fresh(SystemTime::now()) && !must_revalidate {
@@ -237,14 +237,56 @@ impl CacheLayer {
                 }
             }
         }
-        match fill::discover(&self.cache, origin, obj, first, last).await {
+        match fill::discover(&self.cache, origin, obj, first, last, lock).await {
             Discovery::Stored(m) => Ok(Some((m, Lookup::Discovered))),
+            Discovery::Streaming { headers, body } => {
+                self.stream_whole(session, ctx, &headers, body).await?;
+                Ok(None)
+            }
             Discovery::Uncacheable(reason) => self.pass(ctx, &obj.key, reason),
             Discovery::Failed(e) => {
                 self.fail(session, ctx, e.client_status(), &e.to_string())
                     .await
             }
         }
+    }
+
+    /// Relay a body of unknown length as it arrives from the origin (200, whole: its length,
+    /// hence any range, is unknown until the end), while the cache stores it in passing.
+    async fn stream_whole(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        headers: &http::HeaderMap,
+        body: Arc<Flight>,
+    ) -> Result<()> {
+        ctx.cache_status = "edgeslice; fwd=miss; stored".into();
+        let mut h = ResponseHeader::build(200, Some(headers.len() + 4))?;
+        for (n, v) in headers
+            .iter()
+            .filter(|(n, _)| ObjectMeta::keep_header(n.as_str()))
+        {
+            h.append_header(n.clone(), v.clone())?;
+        }
+        h.insert_header("via", VIA_VALUE)?;
+        h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+        h.insert_header("cache-status", ctx.cache_status.as_str())?;
+        let is_head = session.req_header().method == http::Method::HEAD;
+        session.write_response_header(Box::new(h), is_head).await?;
+        if is_head {
+            return Ok(());
+        }
+        let mut reader = body.reader_to_end();
+        while let Some(piece) = reader.next().await {
+            let piece = piece.map_err(|e| {
+                Error::explain(
+                    ErrorType::HTTPStatus(502),
+                    format!("origin body failed mid-response: {e}"),
+                )
+            })?;
+            session.write_response_body(Some(piece), false).await?;
+        }
+        session.write_response_body(None, true).await
     }
 
     fn pass(

@@ -89,6 +89,8 @@ pub enum Fault {
     /// and no `Content-Length`. Every other response with a body is chunked too. (HTTP/1.0
     /// requests get a close-delimited body instead.)
     ChunkedNoLength,
+    /// [`Fault::ChunkedNoLength`], paced like [`Fault::Slow`].
+    SlowChunked { bytes_per_sec: u64 },
     /// Wait this long before sending the response head.
     DelayHeaders(Duration),
 }
@@ -1098,7 +1100,7 @@ fn object_response(req: &Request, s: &Settings, key: &str, size: u64, download: 
     }
     let ignore_range = matches!(
         s.fault,
-        Some(Fault::IgnoreRange) | Some(Fault::ChunkedNoLength)
+        Some(Fault::IgnoreRange) | Some(Fault::ChunkedNoLength) | Some(Fault::SlowChunked { .. })
     );
     let Some(range) = hdr("range").filter(|_| !ignore_range) else {
         return whole(headers);
@@ -1161,7 +1163,10 @@ async fn write_response(
     let bodiless = resp.status < 200 || resp.status == 204 || resp.status == 304;
     let framing = if bodiless {
         Framing::None
-    } else if s.fault == Some(Fault::ChunkedNoLength) {
+    } else if matches!(
+        s.fault,
+        Some(Fault::ChunkedNoLength) | Some(Fault::SlowChunked { .. })
+    ) {
         if req.minor >= 1 {
             Framing::Chunked
         } else {
@@ -1207,7 +1212,9 @@ async fn write_response(
     };
     let limit = reset_after.map_or(total, |a| a.min(total));
     let pace = match s.fault {
-        Some(Fault::Slow { bytes_per_sec }) => Some(bytes_per_sec.max(1)),
+        Some(Fault::Slow { bytes_per_sec }) | Some(Fault::SlowChunked { bytes_per_sec }) => {
+            Some(bytes_per_sec.max(1))
+        }
         _ => None,
     };
     let piece = pace.map_or(PIECE as u64, |bps| (bps / 10).clamp(1, PIECE as u64));
