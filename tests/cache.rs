@@ -253,21 +253,6 @@ async fn corrupted_and_truncated_chunk_files_are_refetched() {
     );
 }
 
-async fn stats(proxy: &Proxy) -> std::collections::HashMap<String, u64> {
-    let text = common::client()
-        .get(format!("http://{}/stats", proxy.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter_map(|l| l.split_once(' '))
-        .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0)))
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_and_disk_stay_within_capacity() {
     let origin = Origin::start().await;
@@ -280,7 +265,7 @@ async fn memory_and_disk_stay_within_capacity() {
         let (status, _, body) = get(&proxy, &path, None).await;
         assert_eq!(status, 200);
         assert!(body == content(&path, 0, 0..size));
-        let s = stats(&proxy).await;
+        let s = proxy.stats().await;
         assert!(
             s["cache_memory_bytes"] <= 2 << 20,
             "memory {}",

@@ -7,7 +7,6 @@ mod common;
 use common::origin::{content, Fault, Origin};
 use common::proxy::{free_port, Proxy};
 use reqwest::StatusCode;
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 const CHUNK: u64 = 64 * 1024;
@@ -42,21 +41,6 @@ async fn get(proxy: &Proxy, path: &str) -> (StatusCode, Vec<u8>, String) {
     )
 }
 
-async fn stats(proxy: &Proxy) -> HashMap<String, u64> {
-    let text = common::client()
-        .get(format!("http://{}/stats", proxy.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter_map(|l| l.split_once(' '))
-        .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0)))
-        .collect()
-}
-
 fn dead_addr() -> String {
     format!("127.0.0.1:{}", free_port())
 }
@@ -81,7 +65,7 @@ async fn a_dead_server_in_the_group_is_invisible_to_clients() {
             };
             assert!(body == want, "request {i} (cache: {cache}): wrong bytes");
         }
-        let s = stats(&proxy).await;
+        let s = proxy.stats().await;
         assert!(
             s["origin_breaker_opened"] >= 1,
             "the dead server was ejected: {s:?}"
@@ -109,7 +93,7 @@ async fn a_503_origin_is_held_back_by_its_breaker_then_probed_back() {
     let bad_hits = bad.requests();
     println!("503 origin saw {bad_hits} of {n} requests");
     assert!(bad_hits <= 4, "the breaker should hold the failing origin to a handful, not its round-robin share: {bad_hits}");
-    let s = stats(&proxy).await;
+    let s = proxy.stats().await;
     assert!(s["origin_breaker_opened"] >= 1, "{s:?}");
     assert!(s["origin_retries"] >= 1, "{s:?}");
     // Healthy again: after open_for it is probed and takes traffic again.
@@ -127,7 +111,7 @@ async fn a_503_origin_is_held_back_by_its_breaker_then_probed_back() {
         "the recovered origin serves again: {} requests",
         bad.requests()
     );
-    let s = stats(&proxy).await;
+    let s = proxy.stats().await;
     assert!(s["origin_breaker_closed"] >= 1, "{s:?}");
 }
 
@@ -179,7 +163,7 @@ async fn a_transfer_reset_mid_body_resumes_on_another_origin() {
         );
     }
     assert!(flaky.requests() >= 1, "the flaky origin took part");
-    let s = stats(&proxy).await;
+    let s = proxy.stats().await;
     assert!(s["origin_resumes"] >= 1, "{s:?}");
     // Discovery covers these 8-chunk objects in one request, so every request carrying
     // If-Range is a resume. Each asks for the bytes after the break, mid-chunk, not a refetch
@@ -259,7 +243,7 @@ async fn all_origins_down_serves_stale_or_fails_fast() {
         cs.contains("stale-if-error"),
         "marked in Cache-Status: {cs}"
     );
-    let s = stats(&proxy).await;
+    let s = proxy.stats().await;
     assert_eq!(s["cache_stale_served"], 1, "{s:?}");
     // Nothing cached: a 5xx, fast.
     let started = Instant::now();

@@ -356,7 +356,7 @@ impl CacheLayer {
         };
 
         // What the body is: (part header, range) pairs, then a trailer.
-        let (status, parts, trailer, mut head) = match decision {
+        let (parts, trailer, mut head) = match decision {
             RangeDecision::Unsatisfiable => {
                 ctx.cache_status = cache_status(lookup, true);
                 let body = Bytes::from_static(b"416 range not satisfiable\n");
@@ -384,7 +384,7 @@ impl CacheLayer {
                 };
                 let mut h = self.base_header(200, &meta, ctx, now)?;
                 h.insert_header("content-length", meta.size.to_string())?;
-                (200, whole, Bytes::new(), h)
+                (whole, Bytes::new(), h)
             }
             RangeDecision::Partial(ranges) if ranges.len() == 1 => {
                 let r = ranges[0];
@@ -394,7 +394,7 @@ impl CacheLayer {
                     format!("bytes {}-{}/{}", r.start, r.end, meta.size),
                 )?;
                 h.insert_header("content-length", r.len().to_string())?;
-                (206, vec![(Bytes::new(), r)], Bytes::new(), h)
+                (vec![(Bytes::new(), r)], Bytes::new(), h)
             }
             RangeDecision::Partial(ranges) => {
                 let layout = MultipartLayout::new(
@@ -406,10 +406,9 @@ impl CacheLayer {
                 let mut h = self.base_header(206, &meta, ctx, now)?;
                 h.insert_header("content-type", layout.content_type())?;
                 h.insert_header("content-length", layout.body_len().to_string())?;
-                (206, layout.parts.clone(), layout.trailer.clone(), h)
+                (layout.parts, layout.trailer, h)
             }
         };
-        let _ = status;
 
         let all_cached = parts.iter().all(|(_, r)| {
             let first = r.start / self.cache.chunk_size;

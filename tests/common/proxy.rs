@@ -137,6 +137,22 @@ impl Proxy {
         std::fs::read_to_string(self.dir.join("edgeslice.log")).unwrap_or_default()
     }
 
+    /// The admin endpoint's `/stats` counters.
+    pub async fn stats(&self) -> std::collections::HashMap<String, u64> {
+        let text = super::client()
+            .get(format!("http://{}/stats", self.admin))
+            .send()
+            .await
+            .expect("GET /stats")
+            .text()
+            .await
+            .expect("/stats body");
+        text.lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(k, v)| (k.to_string(), v.parse().unwrap_or(0)))
+            .collect()
+    }
+
     /// Whether the log contains `needle` within a few seconds (log lines such as the access
     /// log are written after the response is complete).
     pub fn log_contains(&self, needle: &str) -> bool {
