@@ -1,1 +1,299 @@
-fn main() {}
+//! Micro-benchmarks of the cache hit path, through the public library API only.
+//!
+//! Groups:
+//! - `range/parse+resolve`: `parse_range` + `resolve` of a single, a suffix and a 5-range
+//!   header against a 1 GiB object; `range/multipart_layout`: the framing of the 5-range answer.
+//! - `range/spans`: collecting the chunk spans of a 16 MiB range over 1 MiB chunks.
+//! - `cache/memory_hit`: `ChunkCache::memory_chunk` of a present 1 MiB chunk, next to its in-run
+//!   peers: a plain `Bytes::clone` of the same chunk (what a zero-copy hit should cost, plus a
+//!   lookup) and a 1 MiB copy (`memcpy_1mib` into a reused buffer, `to_vec_1mib` with a fresh
+//!   allocation), which a hit must never pay. `join_fill_ready` is the second check the miss
+//!   path makes (shard lock + memory lookup) when a fill completed meanwhile.
+//! - `cache/memory_hit_contended`: lookups on 1 vs 2 threads at once, each on its own chunk of
+//!   one shared cache. The reported time is wall-clock per lookup *per thread* (equal times
+//!   for 1 and 2 threads mean perfect scaling); the throughput line is lookups/s over all
+//!   threads. `private_control` runs 2 threads on 2 separate caches (no shared state at all):
+//!   the scaling this machine allows at that moment, to compare `shared/threads/2` against.
+//! - `flight/stream_1mib`: a `FlightReader` reading a 1 MiB chunk pushed as 16 pieces, either
+//!   all pushed before reading (`prefilled`) or pushed while the reader waits (`live`), on a
+//!   current-thread tokio runtime.
+//!
+//! Each benchmark is short (20 samples, 1 s warm-up, 2 s measurement) so the whole run takes
+//! about a minute; `cargo test --bench hot_path` runs each routine once as a smoke test.
+
+use bytes::Bytes;
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use edgeslice::cache::flight::{Flight, FlightReader, Joined};
+use edgeslice::cache::key::ObjectKey;
+use edgeslice::cache::store::{ChunkCache, ChunkId};
+use edgeslice::config::{CacheSettings, QueryKey, DEFAULT_MAX_RANGES};
+use edgeslice::range::{
+    parse_range, resolve, spans, ByteRange, ChunkSpan, MultipartLayout, RangeDecision,
+};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+/// Pieces a 1 MiB chunk arrives in for the flight benchmarks (64 KiB each).
+const PIECES: u64 = 16;
+
+/// A memory-only cache (no disk tier, so no tokio runtime is needed to store chunks).
+fn memory_only_cache() -> ChunkCache {
+    let settings = CacheSettings {
+        chunk_size: MIB,
+        max_object_size: GIB,
+        default_ttl: None,
+        stale_if_error: Duration::from_secs(60),
+        max_ranges: DEFAULT_MAX_RANGES,
+        memory_capacity: 64 * MIB,
+        disk: None,
+    };
+    ChunkCache::new(&settings).expect("a memory-only cache never fails to open")
+}
+
+fn chunk_id(index: u64) -> ChunkId {
+    ChunkId {
+        key: ObjectKey::new(
+            "origin",
+            "media.example.com",
+            "/videos/big.mp4",
+            None,
+            &QueryKey::Ignore,
+        ),
+        validator: Arc::from("\"etag-0123456789abcdef\""),
+        index,
+    }
+}
+
+/// A 1 MiB chunk with non-trivial contents.
+fn chunk_1mib() -> Bytes {
+    Bytes::from((0..MIB).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
+}
+
+// ---- range ------------------------------------------------------------------------------
+
+const SINGLE: &[u8] = b"bytes=1048576-2097151";
+const SUFFIX: &[u8] = b"bytes=-65536";
+const MULTI5: &[u8] = b"bytes=0-99, 1048576-2097151, 10485760-10485859, 536870912-537919487, -1024";
+
+fn parse_and_resolve(header: &[u8]) -> RangeDecision {
+    resolve(&parse_range(header), GIB, DEFAULT_MAX_RANGES)
+}
+
+fn partial_count(d: &RangeDecision) -> usize {
+    match d {
+        RangeDecision::Partial(r) => r.len(),
+        other => panic!("expected a partial answer, got {other:?}"),
+    }
+}
+
+fn bench_range(c: &mut Criterion) {
+    let mut g = c.benchmark_group("range/parse+resolve");
+    for (name, header, parts) in [
+        ("single", SINGLE, 1),
+        ("suffix", SUFFIX, 1),
+        ("multi5", MULTI5, 5),
+    ] {
+        assert_eq!(partial_count(&parse_and_resolve(header)), parts, "{name}");
+        g.bench_function(name, |b| b.iter(|| parse_and_resolve(black_box(header))));
+    }
+    g.finish();
+
+    let RangeDecision::Partial(ranges) = parse_and_resolve(MULTI5) else {
+        unreachable!("checked above")
+    };
+    let mut g = c.benchmark_group("range/multipart_layout");
+    g.bench_function("5_parts", |b| {
+        b.iter(|| {
+            let layout = MultipartLayout::new(
+                black_box(&ranges),
+                Some("video/mp4"),
+                GIB,
+                // Fixed, so the random generator is not part of the measurement.
+                "3d6b6a416f9b5c1e8a2f4d7c9e0b1a2c".to_string(),
+            );
+            black_box(layout.body_len());
+            layout
+        })
+    });
+    g.finish();
+
+    let mut g = c.benchmark_group("range/spans");
+    // Unaligned on purpose: 16 MiB starting 4 KiB into chunk 5 touches 17 chunks.
+    let start = 5 * MIB + 4096;
+    let range = ByteRange {
+        start,
+        end: start + 16 * MIB - 1,
+    };
+    let collected: Vec<ChunkSpan> = spans(range, MIB).collect();
+    assert_eq!(collected.len(), 17);
+    assert_eq!(collected.iter().map(|s| s.len).sum::<u64>(), 16 * MIB);
+    g.bench_function("16mib_over_1mib_chunks", |b| {
+        b.iter(|| spans(black_box(range), black_box(MIB)).collect::<Vec<ChunkSpan>>())
+    });
+    g.finish();
+}
+
+// ---- cache ------------------------------------------------------------------------------
+
+fn bench_memory_hit(c: &mut Criterion) {
+    let cache = memory_only_cache();
+    let id = chunk_id(0);
+    let chunk = chunk_1mib();
+    cache.store_chunk(&id, chunk.clone());
+    cache.memory_weight(); // flush moka's pending writes before measuring
+    let hit = cache.memory_chunk(&id).expect("the chunk was just stored");
+    // The design constraint this group measures: a hit hands out the stored bytes, not a copy.
+    assert_eq!(hit.as_ptr(), chunk.as_ptr(), "a memory hit must not copy");
+    assert!(matches!(cache.join_fill(&id), Joined::Ready(b) if b.as_ptr() == chunk.as_ptr()));
+
+    let mut g = c.benchmark_group("cache/memory_hit");
+    g.bench_function("memory_chunk", |b| {
+        b.iter(|| cache.memory_chunk(black_box(&id)))
+    });
+    g.bench_function("join_fill_ready", |b| {
+        b.iter(|| match cache.join_fill(black_box(&id)) {
+            Joined::Ready(b) => b,
+            _ => unreachable!("the chunk is in memory and no fill is registered"),
+        })
+    });
+    g.bench_function("bytes_clone", |b| b.iter(|| black_box(&chunk).clone()));
+    let mut dst = vec![0u8; MIB as usize];
+    g.bench_function("memcpy_1mib", |b| {
+        b.iter(|| {
+            dst.copy_from_slice(black_box(&chunk[..]));
+            black_box(&dst);
+        })
+    });
+    g.bench_function("to_vec_1mib", |b| b.iter(|| black_box(&chunk[..]).to_vec()));
+    g.finish();
+}
+
+/// Wall-clock time for every thread (one per `(cache, id)` pair) to make `iters` lookups of
+/// its chunk, all starting together.
+fn lookups_on_threads(work: &[(&ChunkCache, &ChunkId)], iters: u64) -> Duration {
+    let start_line = Barrier::new(work.len() + 1);
+    std::thread::scope(|s| {
+        let workers: Vec<_> = work
+            .iter()
+            .map(|&(cache, id)| {
+                let start_line = &start_line;
+                s.spawn(move || {
+                    start_line.wait();
+                    for _ in 0..iters {
+                        black_box(cache.memory_chunk(black_box(id)));
+                    }
+                })
+            })
+            .collect();
+        start_line.wait();
+        let started = Instant::now();
+        for w in workers {
+            w.join().expect("lookup thread panicked");
+        }
+        started.elapsed()
+    })
+}
+
+fn bench_memory_hit_contended(c: &mut Criterion) {
+    let chunk = chunk_1mib();
+    let ids: Vec<ChunkId> = (0..2).map(chunk_id).collect();
+    let shared = memory_only_cache();
+    // One private cache per thread: the control, what scaling looks like with no shared state
+    // at all on this machine right now (other load on the cores shows up here too).
+    let private: Vec<ChunkCache> = (0..2).map(|_| memory_only_cache()).collect();
+    for (id, own) in ids.iter().zip(&private) {
+        // Distinct chunks (not just distinct keys to one buffer), like two clients on two chunks.
+        shared.store_chunk(id, Bytes::copy_from_slice(&chunk));
+        own.store_chunk(id, Bytes::copy_from_slice(&chunk));
+    }
+    for cache in std::iter::once(&shared).chain(&private) {
+        cache.memory_weight();
+    }
+    assert!(ids.iter().all(|id| shared.memory_chunk(id).is_some()));
+    assert!(ids
+        .iter()
+        .zip(&private)
+        .all(|(id, c)| c.memory_chunk(id).is_some()));
+
+    let shared_work: Vec<(&ChunkCache, &ChunkId)> = ids.iter().map(|id| (&shared, id)).collect();
+    let private_work: Vec<(&ChunkCache, &ChunkId)> = private.iter().zip(&ids).collect();
+
+    let mut g = c.benchmark_group("cache/memory_hit_contended");
+    for (name, work) in [
+        ("shared/threads/1", &shared_work[..1]),
+        ("shared/threads/2", &shared_work[..]),
+        ("private_control/threads/2", &private_work[..]),
+    ] {
+        g.throughput(Throughput::Elements(work.len() as u64));
+        g.bench_with_input(name, work, |b, work| {
+            b.iter_custom(|iters| lookups_on_threads(work, iters))
+        });
+    }
+    g.finish();
+}
+
+// ---- flight -----------------------------------------------------------------------------
+
+/// Read a window to the end; returns the number of bytes read.
+async fn drain(mut reader: FlightReader) -> u64 {
+    let mut n = 0;
+    while let Some(piece) = reader.next().await {
+        n += piece.expect("the fill succeeds").len() as u64;
+    }
+    n
+}
+
+fn bench_flight(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a current-thread runtime");
+    let chunk = chunk_1mib();
+    let piece_len = MIB / PIECES;
+    let pieces: Vec<Bytes> = (0..PIECES)
+        .map(|i| chunk.slice((i * piece_len) as usize..((i + 1) * piece_len) as usize))
+        .collect();
+    let pieces = &pieces;
+
+    let mut g = c.benchmark_group("flight/stream_1mib");
+    g.throughput(Throughput::Bytes(MIB));
+    g.bench_function("prefilled", |b| {
+        b.to_async(&rt).iter(|| async move {
+            let flight = Arc::new(Flight::default());
+            for p in pieces {
+                flight.push(p.clone());
+            }
+            flight.finish(Ok(()));
+            let n = drain(flight.reader(0, MIB)).await;
+            assert_eq!(n, MIB);
+        })
+    });
+    g.bench_function("live", |b| {
+        b.to_async(&rt).iter(|| async move {
+            let flight = Arc::new(Flight::default());
+            let reader = flight.reader(0, MIB);
+            let producer = async {
+                for p in pieces {
+                    flight.push(p.clone());
+                    // Let the reader take each piece as it arrives.
+                    tokio::task::yield_now().await;
+                }
+                flight.finish(Ok(()));
+            };
+            let ((), n) = tokio::join!(producer, drain(reader));
+            assert_eq!(n, MIB);
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = hot_path;
+    config = Criterion::default()
+        .sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2));
+    targets = bench_range, bench_memory_hit, bench_memory_hit_contended, bench_flight
+}
+criterion_main!(hot_path);

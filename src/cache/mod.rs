@@ -5,5 +5,6 @@ pub mod fill;
 pub mod flight;
 pub mod freshness;
 pub mod key;
+pub mod memory;
 pub mod meta;
 pub mod store;

@@ -3,11 +3,13 @@
 //!
 //! Chunks are keyed by object, *validator* and index, so a lookup for one object version can
 //! never return another version's bytes. A memory hit is a `Bytes` clone (a reference count), no
-//! copy and no syscall; the hit path takes no global lock (moka is sharded, flights are sharded).
+//! copy and no syscall; the hit path takes no global lock and shares no single structure: the
+//! memory tier is split into independent moka caches by key hash, flights are sharded too.
 
 use super::disk::DiskStore;
 use super::flight::{FlightMap, Joined};
 use super::key::ObjectKey;
+use super::memory::ShardedCache;
 use super::meta::ObjectMeta;
 use crate::config::CacheSettings;
 use bytes::Bytes;
@@ -33,9 +35,9 @@ pub struct ChunkCache {
     pub max_ranges: usize,
     pub default_ttl: Option<Duration>,
     pub stale_if_error: Duration,
-    memory: moka::sync::Cache<ChunkId, Bytes>,
-    metas: moka::sync::Cache<ObjectKey, Arc<ObjectMeta>>,
-    pass: moka::sync::Cache<ObjectKey, &'static str>,
+    memory: ShardedCache<ChunkId, Bytes>,
+    metas: ShardedCache<ObjectKey, Arc<ObjectMeta>>,
+    pass: ShardedCache<ObjectKey, &'static str>,
     disk: Option<Arc<DiskStore>>,
     pub flights: FlightMap<ChunkId>,
     object_locks: Vec<Mutex<HashMap<ObjectKey, Arc<tokio::sync::Mutex<()>>>>>,
@@ -48,10 +50,15 @@ const MAX_META_ENTRIES: u64 = 200_000;
 impl ChunkCache {
     /// Build the tiers. Opening the disk tier scans its directory (blocking, once at start).
     pub fn new(settings: &CacheSettings) -> std::io::Result<ChunkCache> {
-        let memory = moka::sync::Cache::builder()
-            .max_capacity(settings.memory_capacity)
-            .weigher(|_k: &ChunkId, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
-            .build();
+        // Up to 16 shards, each able to hold at least 8 chunks.
+        let shards = (settings.memory_capacity / settings.chunk_size.saturating_mul(8).max(1))
+            .clamp(1, 16) as usize;
+        let memory = ShardedCache::new(shards, settings.memory_capacity, |cap| {
+            moka::sync::Cache::builder()
+                .max_capacity(cap)
+                .weigher(|_k: &ChunkId, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
+                .build()
+        });
         let disk = match &settings.disk {
             Some(d) => Some(Arc::new(DiskStore::open(&d.path, d.capacity)?)),
             None => None,
@@ -63,11 +70,13 @@ impl ChunkCache {
             default_ttl: settings.default_ttl,
             stale_if_error: settings.stale_if_error,
             memory,
-            metas: moka::sync::Cache::new(MAX_META_ENTRIES),
-            pass: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(HIT_FOR_PASS_TTL)
-                .build(),
+            metas: ShardedCache::new(16, MAX_META_ENTRIES, moka::sync::Cache::new),
+            pass: ShardedCache::new(16, 100_000, |cap| {
+                moka::sync::Cache::builder()
+                    .max_capacity(cap)
+                    .time_to_live(HIT_FOR_PASS_TTL)
+                    .build()
+            }),
             disk,
             flights: FlightMap::new(64),
             object_locks: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -215,12 +224,11 @@ impl ChunkCache {
     // ---- introspection (tests, metrics) ---------------------------------------------------
 
     pub fn memory_weight(&self) -> u64 {
-        self.memory.run_pending_tasks();
         self.memory.weighted_size()
     }
 
     pub fn memory_capacity(&self) -> u64 {
-        self.memory.policy().max_capacity().unwrap_or(0)
+        self.memory.capacity()
     }
 
     pub fn disk_capacity(&self) -> u64 {
