@@ -41,6 +41,17 @@ async fn get(proxy: &Proxy, path: &str) -> (StatusCode, Vec<u8>, String) {
     )
 }
 
+/// An ejection of a steady 1.5 s (no growth), long enough that a slow machine still sends the
+/// whole batch of requests while the failing origin is ejected.
+fn steady_breaker(yaml: &str) -> String {
+    let steady = yaml.replace(
+        "open_for: 700ms\n      max_open_for: 5s",
+        "open_for: 1500ms\n      max_open_for: 1500ms",
+    );
+    assert_ne!(steady, yaml);
+    steady
+}
+
 fn dead_addr() -> String {
     format!("127.0.0.1:{}", free_port())
 }
@@ -78,11 +89,11 @@ async fn a_503_origin_is_held_back_by_its_breaker_then_probed_back() {
     let bad = Origin::start().await;
     let good = Origin::start().await;
     bad.set_fault(Fault::Status(503));
-    let proxy = Proxy::start(&config(
+    let proxy = Proxy::start(&steady_breaker(&config(
         &[bad.addr().to_string(), good.addr().to_string()],
         "",
         false,
-    ));
+    )));
     let n = 40;
     for i in 0..n {
         let path = format!("/download/{}", 5000 + i);
@@ -98,7 +109,7 @@ async fn a_503_origin_is_held_back_by_its_breaker_then_probed_back() {
     assert!(s["origin_retries"] >= 1, "{s:?}");
     // Healthy again: after open_for it is probed and takes traffic again.
     bad.clear_fault();
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(Duration::from_millis(1700)).await;
     bad.reset_stats();
     for i in 0..20 {
         let path = format!("/download/{}", 7000 + i);
@@ -120,11 +131,11 @@ async fn chunk_fetches_survive_a_503_origin_with_exact_bytes() {
     let bad = Origin::start().await;
     let good = Origin::start().await;
     bad.set_fault(Fault::Status(503));
-    let proxy = Proxy::start(&config(
+    let proxy = Proxy::start(&steady_breaker(&config(
         &[bad.addr().to_string(), good.addr().to_string()],
         "",
         true,
-    ));
+    )));
     for i in 0..12 {
         let size = 5 * CHUNK + i;
         let path = format!("/obj/{size}/c503-{i}.bin");
