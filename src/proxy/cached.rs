@@ -121,13 +121,7 @@ impl CacheLayer {
     ) -> Result<Outcome> {
         let req = session.req_header();
         let host = super::request_host(req);
-        let key = ObjectKey::new(
-            &route.upstream.name,
-            &host,
-            req.uri.path(),
-            req.uri.query(),
-            &route.query_key,
-        );
+        let key = super::object_key(route, req);
         if self.cache.is_marked_uncacheable(&key) {
             ctx.cache_status = "edgeslice; fwd=bypass; detail=uncacheable".into();
             return Ok(Outcome::PassThrough);

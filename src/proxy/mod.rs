@@ -20,7 +20,7 @@ pub mod respond;
 use crate::cache::fill::OriginAccess;
 use crate::cache::key::ObjectKey;
 use crate::cache::store::ChunkCache;
-use crate::config::Config;
+use crate::config::{Config, Route};
 use crate::origin::fetch;
 use crate::origin::pool::UpstreamPool;
 use crate::origin::ResilienceStats;
@@ -96,29 +96,14 @@ impl Edge {
         let Some(route) = ctx.route.as_ref().filter(|r| r.cache) else {
             return;
         };
-        let key = ObjectKey::new(
-            &route.upstream.name,
-            &request_host(req),
-            req.uri.path(),
-            req.uri.query(),
-            &route.query_key,
-        );
-        self.cache.cache.forget(&key).await;
+        self.cache.cache.forget(&object_key(route, req)).await;
     }
 
     /// What consistent hashing hashes for a pass-through request: its cache key.
     fn hash_key(&self, session: &Session, ctx: &RequestCtx) -> String {
         let req = session.req_header();
         match &ctx.route {
-            Some(r) => ObjectKey::new(
-                &r.upstream.name,
-                &request_host(req),
-                req.uri.path(),
-                req.uri.query(),
-                &r.query_key,
-            )
-            .0
-            .to_string(),
+            Some(r) => object_key(r, req).0.to_string(),
             None => req.uri.path().to_string(),
         }
     }
@@ -155,6 +140,17 @@ impl Edge {
         }
         true
     }
+}
+
+/// The cache key of a request on `route`.
+pub(crate) fn object_key(route: &Route, req: &RequestHeader) -> ObjectKey {
+    ObjectKey::new(
+        &route.upstream.name,
+        &request_host(req),
+        req.uri.path(),
+        req.uri.query(),
+        &route.query_key,
+    )
 }
 
 /// The request's host without port: the `Host` header, else the URI authority.
