@@ -16,7 +16,7 @@ impl AdminApp {
         let c = &self.cache;
         let r = &self.stats;
         let n = |v: &std::sync::atomic::AtomicU64| v.load(std::sync::atomic::Ordering::Relaxed);
-        format!(
+        let mut out = format!(
             "cache_memory_bytes {}\ncache_memory_capacity_bytes {}\ncache_disk_bytes {}\ncache_disk_capacity_bytes {}\ncache_fills_in_flight {}\n\
              origin_retries {}\norigin_retries_over_budget {}\norigin_breaker_opened {}\norigin_breaker_half_opened {}\n\
              origin_breaker_closed {}\norigin_all_ejected {}\norigin_resumes {}\ncache_stale_served {}\n",
@@ -33,7 +33,20 @@ impl AdminApp {
             n(&r.all_ejected),
             n(&r.resumes),
             n(&r.stale_served),
-        )
+        );
+        out.push_str(&format!(
+            "origin_ejections_capped {}\norigin_gateway_uncharged {}\n",
+            n(&r.ejections_capped),
+            n(&r.gateway_uncharged),
+        ));
+        for class in crate::origin::outcome::FailureClass::ALL {
+            out.push_str(&format!(
+                "origin_failures_{} {}\n",
+                class.as_str(),
+                r.failures_of(class)
+            ));
+        }
+        out
     }
 }
 

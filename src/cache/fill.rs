@@ -71,6 +71,14 @@ pub enum Discovery {
     },
     /// Not cacheable (reason): the request is passed through instead.
     Uncacheable(&'static str),
+    /// Not cacheable, but the origin's answer to the discovery fetch is a whole answer to the
+    /// request (an error or other non-2xx status, or a whole 200): pass it on as it is, so the
+    /// origin sees one request. `remember`: later requests may go straight to pass-through.
+    Relay {
+        resp: OriginResponse,
+        reason: &'static str,
+        remember: bool,
+    },
     Failed(FetchError),
 }
 
@@ -263,7 +271,14 @@ pub async fn discover(
     }
     let status = resp.status();
     let Some((offset, total)) = response_extent(&resp) else {
-        return Discovery::Uncacheable("status");
+        // The origin's own answer (an error, a redirect, ...): the client gets it as it is. A
+        // server error is not remembered: the next request asks again.
+        let remember = status < 500;
+        return Discovery::Relay {
+            resp,
+            reason: "status",
+            remember,
+        };
     };
     let Some(size) = total else {
         if status == 200 {
@@ -272,13 +287,25 @@ pub async fn discover(
         return Discovery::Uncacheable("no-length");
     };
     if status == 200 && size > cache.max_object_size {
-        return Discovery::Uncacheable("too-large");
+        return Discovery::Relay {
+            resp,
+            reason: "too-large",
+            remember: true,
+        };
     }
     if offset % cs != 0 {
         return Discovery::Uncacheable("unaligned-range");
     }
     let meta = match meta_from(cache, &resp.header.headers, status, size) {
         Ok(m) => Arc::new(m),
+        // A whole 200 answers any request: pass it on rather than asking again.
+        Err(reason) if status == 200 => {
+            return Discovery::Relay {
+                resp,
+                reason,
+                remember: true,
+            }
+        }
         Err(reason) => return Discovery::Uncacheable(reason),
     };
     let validator: Arc<str> = meta.validator.as_str().into();
@@ -332,11 +359,19 @@ fn stream_unknown_length(
     lock: ObjectLock,
 ) -> Discovery {
     let Some(etag) = resp.header_str("etag").map(str::to_string) else {
-        return Discovery::Uncacheable("no-validator");
+        return Discovery::Relay {
+            resp,
+            reason: "no-validator",
+            remember: true,
+        };
     };
     // Check storability before reading a byte (the length is a placeholder here).
     if let Err(reason) = meta_from(cache, &resp.header.headers, 200, 0) {
-        return Discovery::Uncacheable(reason);
+        return Discovery::Relay {
+            resp,
+            reason,
+            remember: true,
+        };
     }
     let flight = Arc::new(Flight::default());
     let headers = resp.header.headers.clone();
@@ -458,6 +493,16 @@ pub async fn revalidate(
                 return Revalidation::Changed;
             }
             resp.header.headers.clone()
+        }
+        s if s >= 500 => {
+            // A server error is no news about the object: keep it (stale-if-error may serve it).
+            return Revalidation::Failed(FetchError {
+                message: format!("origin answered {s} to a revalidation"),
+                server: Some(resp.server),
+                status: Some(s),
+                timed_out: false,
+                class: None,
+            });
         }
         _ => {
             cache.invalidate(&obj.key, meta).await;
@@ -673,6 +718,9 @@ async fn distribute(
     let mut body_pos = offset;
     let mut acc = BytesMut::new();
     let mut resumes_left = origin.pool.settings.retry.attempts.saturating_sub(1);
+    // Resumes share the group's deadline, counted from the start of this transfer: no resume
+    // starts after it (a transfer that keeps streaming at min_rate or better is never cut).
+    let until = tokio::time::Instant::now() + origin.pool.settings.deadline;
     let mut failed: Vec<std::net::SocketAddr> = Vec::new();
     let outcome: Result<(), FillError> = 'body: loop {
         let mut piece = match resp.next_piece().await {
@@ -684,7 +732,7 @@ async fn distribute(
                 }
                 resumes_left -= 1;
                 failed.push(resp.server);
-                match resume(&origin, &obj, &meta, pos, run_end, &failed).await {
+                match resume(&origin, &obj, &meta, pos, run_end, &failed, until).await {
                     Ok(next) => {
                         origin
                             .pool
@@ -768,9 +816,10 @@ async fn resume(
     from: u64,
     to: u64,
     failed: &[std::net::SocketAddr],
+    until: tokio::time::Instant,
 ) -> Result<OriginResponse, FillError> {
     let req = obj.origin_request(Some((from, to)), if_range(meta));
-    let resp = fetch::open(&origin.connector, &origin.pool, &req, failed)
+    let resp = fetch::open_until(&origin.connector, &origin.pool, &req, failed, until)
         .await
         .map_err(|e| FillError::Origin(e.to_string()))?;
     let extent = response_extent(&resp);

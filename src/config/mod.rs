@@ -105,8 +105,14 @@ pub struct UpstreamSettings {
     /// Per try: connecting, and the longest silence while reading.
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
-    /// Per request: all tries and backoff together must obtain a response within this.
+    /// Per origin fetch: every try, backoff and resume starts within this of the fetch's start
+    /// (see README, "Resilience").
     pub deadline: Duration,
+    /// Slowest acceptable origin body, bytes per second of waiting on the origin, judged over
+    /// each `read_timeout`; 0 = off.
+    pub min_rate: u64,
+    /// Most of the group ejected at once, in percent (at least one server may always be).
+    pub max_ejected_percent: u32,
     pub health_check: Option<HealthCheckSettings>,
     pub breaker: BreakerConfig,
     pub retry: RetrySettings,
@@ -146,6 +152,8 @@ pub struct RetrySettings {
 }
 
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(15);
+pub const DEFAULT_MIN_RATE: u64 = 16 << 10;
+pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
 pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(86_400);
 pub const DEFAULT_RETRY: RetrySettings = RetrySettings {
     attempts: 3,
@@ -516,6 +524,22 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 })
             }
         };
+        let min_rate = u.min_rate.as_ref().map_or(DEFAULT_MIN_RATE, |r| r.value.0);
+        let max_ejected_percent = match u
+            .circuit_breaker
+            .as_ref()
+            .and_then(|b| b.max_ejected_percent.as_ref())
+        {
+            Some(p) if p.value > 100 => {
+                return Err(err_at(
+                    format!("{base}.circuit_breaker.max_ejected_percent"),
+                    p,
+                    "a percentage: 0 to 100",
+                ))
+            }
+            Some(p) => p.value,
+            None => DEFAULT_MAX_EJECTED_PERCENT,
+        };
         let breaker = match &u.circuit_breaker {
             None => DEFAULT_BREAKER,
             Some(b) => {
@@ -600,6 +624,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 connect_timeout,
                 read_timeout,
                 deadline,
+                min_rate,
+                max_ejected_percent,
                 health_check,
                 breaker,
                 retry,

@@ -5,7 +5,7 @@
 //! These types never leave the config module: the rest of the program sees only the validated
 //! [`crate::config::Config`].
 
-use super::units::{Dur, Size};
+use super::units::{Dur, Rate, Size};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
@@ -79,6 +79,7 @@ pub struct RawUpstream {
     pub connect_timeout: Option<Spanned<Dur>>,
     pub read_timeout: Option<Spanned<Dur>>,
     pub deadline: Option<Spanned<Dur>>,
+    pub min_rate: Option<Spanned<Rate>>,
     pub health_check: Option<RawHealthCheck>,
     pub circuit_breaker: Option<RawBreaker>,
     pub retry: Option<RawRetry>,
@@ -101,6 +102,7 @@ pub struct RawBreaker {
     pub open_for: Option<Spanned<Dur>>,
     pub max_open_for: Option<Spanned<Dur>>,
     pub half_open_probes: Option<Spanned<u32>>,
+    pub max_ejected_percent: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]

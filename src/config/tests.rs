@@ -308,3 +308,63 @@ fn bad_resilience_keys_are_named() {
     let y = GOOD.replace("\"10.0.0.2:80\"", "\"10.0.0.2:80 heavy\"");
     assert_err(&y, "upstreams.origin.servers[1]", 16, "only `weight=N`");
 }
+
+#[test]
+fn attribution_keys_parse_with_defaults() {
+    let c = Config::from_yaml(GOOD).unwrap();
+    let u = &c.upstreams["origin"];
+    assert_eq!(u.min_rate, DEFAULT_MIN_RATE);
+    assert_eq!(u.min_rate, 16 << 10);
+    assert_eq!(u.max_ejected_percent, 50);
+
+    let y = GOOD.replace(
+        "    read_timeout: 5s\n",
+        "    read_timeout: 5s\n    min_rate: 1MiB/s\n    circuit_breaker:\n      max_ejected_percent: 34\n",
+    );
+    let c = Config::from_yaml(&y).expect("config");
+    let u = &c.upstreams["origin"];
+    assert_eq!(u.min_rate, 1 << 20);
+    assert_eq!(u.max_ejected_percent, 34);
+    // The breaker's own keys keep their defaults when only the cap is set.
+    assert_eq!(
+        u.breaker.failure_threshold,
+        DEFAULT_BREAKER.failure_threshold
+    );
+
+    let off = GOOD.replace(
+        "    read_timeout: 5s\n",
+        "    read_timeout: 5s\n    min_rate: 0\n",
+    );
+    assert_eq!(
+        Config::from_yaml(&off).unwrap().upstreams["origin"].min_rate,
+        0
+    );
+}
+
+#[test]
+fn bad_attribution_keys_are_named() {
+    let with = |extra: &str| {
+        GOOD.replace(
+            "    read_timeout: 5s\n",
+            &format!("    read_timeout: 5s\n{extra}"),
+        )
+    };
+    assert_err(
+        &with("    circuit_breaker:\n      max_ejected_percent: 101\n"),
+        "upstreams.origin.circuit_breaker.max_ejected_percent",
+        20,
+        "percentage",
+    );
+    assert_err(
+        &with("    min_rate: fast\n"),
+        "upstreams.origin.min_rate",
+        19,
+        "invalid rate",
+    );
+    assert_err(
+        &with("    min_rate: 16KiB\n"),
+        "upstreams.origin.min_rate",
+        19,
+        "invalid rate",
+    );
+}

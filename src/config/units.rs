@@ -11,6 +11,11 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Size(pub u64);
 
+/// A rate in bytes per second: `16KiB/s`, `1MiB/s`, `100B/s`, or a plain number of bytes per
+/// second. Units are binary, as for sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rate(pub u64);
+
 /// A duration with a unit suffix; a plain number is seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Dur(pub Duration);
@@ -41,6 +46,21 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     };
     n.checked_mul(mult)
         .ok_or_else(|| format!("invalid size {text:?}: too large"))
+}
+
+/// Parse `16KiB/s`, `1MiB/s`, `2GiB/s`, `100B/s` or a plain number (bytes per second).
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let amount = match t.strip_suffix("/s") {
+        Some(a) => a,
+        None if t.chars().all(|c| c.is_ascii_digit()) => t,
+        None => {
+            return Err(format!(
+                "invalid rate {text:?}: expected bytes per second such as 16KiB/s, 1MiB/s or a plain number"
+            ))
+        }
+    };
+    parse_size(amount).map_err(|e| format!("invalid rate {text:?}: {e}"))
 }
 
 /// Parse `500ms`, `5s`, `2m`, `1h`, `1d`; a plain number is seconds.
@@ -99,6 +119,13 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TextOrInt("a rate such as 16KiB/s", parse_rate))
+            .map(Rate)
+    }
+}
+
 impl<'de> Deserialize<'de> for Dur {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(TextOrInt("a duration such as 5s", parse_duration))
@@ -138,9 +165,24 @@ mod tests {
         assert!(parse_duration("18446744073709551615d").is_err());
     }
 
+    #[test]
+    fn rates() {
+        assert_eq!(parse_rate("16KiB/s"), Ok(16 << 10));
+        assert_eq!(parse_rate("1MiB/s"), Ok(1 << 20));
+        assert_eq!(parse_rate("2GiB/s"), Ok(2 << 30));
+        assert_eq!(parse_rate("100B/s"), Ok(100));
+        assert_eq!(parse_rate("4096"), Ok(4096));
+        assert_eq!(parse_rate("0"), Ok(0));
+        assert!(parse_rate("16KiB").is_err(), "a unit needs /s");
+        assert!(parse_rate("fast").is_err());
+        assert!(parse_rate("1XB/s").is_err());
+        assert!(parse_rate("/s").is_err());
+    }
+
     proptest! {
         #[test]
         fn never_panics(s in "\\PC{0,24}") {
+            let _ = parse_rate(&s);
             let _ = parse_size(&s);
             let _ = parse_duration(&s);
         }

@@ -8,7 +8,10 @@
 //!
 //! Transitions:
 //! - `Closed → Open` after `failure_threshold` *consecutive* failures (any success resets the
-//!   count). The server is ejected for the current ejection time.
+//!   count). The server is ejected for the current ejection time. With
+//!   [`Breaker::record_failure_gated`] the trip also needs the group's consent (its cap on
+//!   ejected servers); refused, the breaker stays `Closed` and asks again on the next failure.
+//!   What counts as a failure is decided by the caller (`origin::outcome`), not here.
 //! - `Open → HalfOpen` lazily, when [`Breaker::try_acquire`] is called after the ejection has
 //!   elapsed; that call is admitted as the first probe. Until then [`Breaker::state`] keeps
 //!   reporting `Open` (it reports the stored state and never moves it); [`Breaker::allows`] is
@@ -327,13 +330,49 @@ impl Breaker {
     /// Report that an admitted request succeeded. Returns the transition it caused, if any
     /// (`HalfOpen → Closed`).
     pub fn record_success(&self, a: Admission) -> Option<Transition> {
-        self.record(a, true)
+        self.record(a, true, &mut || true)
     }
 
     /// Report that an admitted request failed. Returns the transition it caused, if any
     /// (`Closed → Open` or `HalfOpen → Open`).
     pub fn record_failure(&self, a: Admission) -> Option<Transition> {
-        self.record(a, false)
+        self.record(a, false, &mut || true)
+    }
+
+    /// [`Breaker::record_failure`], but a `Closed → Open` trip happens only if `may_eject`
+    /// (asked under this breaker's lock, at the moment of tripping) says so. When it refuses, the
+    /// breaker stays `Closed` with its streak at or above the threshold, so the next failure asks
+    /// again. The group uses this to cap how many of its servers are ejected at once.
+    pub fn record_failure_gated(
+        &self,
+        a: Admission,
+        may_eject: &mut dyn FnMut() -> bool,
+    ) -> Option<Transition> {
+        self.record(a, false, may_eject)
+    }
+
+    /// Whether the server is out of normal rotation now: `Open` with its ejection still running,
+    /// or `HalfOpen` (probes only). Lock-free.
+    pub fn is_ejected(&self) -> bool {
+        let s = &self.shared;
+        match s.load_phase().1 {
+            BreakerState::Closed => false,
+            BreakerState::Open => !s.ejection_elapsed(),
+            BreakerState::HalfOpen => true,
+        }
+    }
+
+    /// Whether the server looks down: ejected, or `Closed` with a streak of failures that
+    /// reached the threshold (a trip the group's ejection cap held back). Lock-free.
+    pub fn is_failing(&self) -> bool {
+        let s = &self.shared;
+        match s.load_phase() {
+            (epoch, BreakerState::Closed) => {
+                let (tag, count) = unpack_failures(s.closed_failures.load(Ordering::Acquire));
+                tag == epoch_tag(epoch) && count >= s.cfg.failure_threshold
+            }
+            _ => self.is_ejected(),
+        }
     }
 
     /// Number of times this breaker has tripped (`Closed`/`HalfOpen` → `Open`), for metrics.
@@ -356,7 +395,12 @@ impl Breaker {
         }
     }
 
-    fn record(&self, mut a: Admission, success: bool) -> Option<Transition> {
+    fn record(
+        &self,
+        mut a: Admission,
+        success: bool,
+        may_eject: &mut dyn FnMut() -> bool,
+    ) -> Option<Transition> {
         if !Arc::ptr_eq(&a.shared, &self.shared) {
             log::warn!(
                 "circuit breaker: outcome reported to a breaker that did not admit it; ignored"
@@ -402,6 +446,9 @@ impl Breaker {
                 let still_failing = unpack_failures(s.closed_failures.load(Ordering::Acquire)).1
                     >= s.cfg.failure_threshold;
                 if s.load_phase() != (a.epoch, BreakerState::Closed) || !still_failing {
+                    return None;
+                }
+                if !may_eject() {
                     return None;
                 }
                 Some(s.open(&mut inner, BreakerState::Closed))
@@ -679,6 +726,46 @@ mod tests {
         assert_eq!(b.state(), HalfOpen);
         assert_eq!(b.record_success(p3), t(HalfOpen, Closed));
         assert_eq!(b.trips(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_trip_stays_closed_and_asks_again() {
+        let b = Breaker::new(cfg(2, 1));
+        let mut asked = 0;
+        let mut refuse = || {
+            asked += 1;
+            false
+        };
+        for _ in 0..4 {
+            let a = b.try_acquire().expect("admitted");
+            assert_eq!(b.record_failure_gated(a, &mut refuse), None);
+        }
+        // Asked at the 2nd, 3rd and 4th failure (the streak stays at or above the threshold).
+        assert_eq!(asked, 3);
+        assert_eq!(b.state(), Closed);
+        assert!(!b.is_ejected());
+        assert!(b.is_failing(), "held back, but still failing");
+        let a = b.try_acquire().expect("admitted");
+        assert_eq!(b.record_failure_gated(a, &mut || true), t(Closed, Open));
+        assert!(b.is_ejected() && b.is_failing());
+        advance(SEC).await;
+        assert!(!b.is_ejected(), "an elapsed ejection is ready for a probe");
+        let p = b.try_acquire().expect("probe");
+        assert!(b.is_ejected(), "HalfOpen takes probes only");
+        assert_eq!(b.record_success(p), t(HalfOpen, Closed));
+        assert!(!b.is_failing());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_success_clears_failing() {
+        let b = Breaker::new(cfg(2, 1));
+        for _ in 0..3 {
+            let a = b.try_acquire().expect("admitted");
+            let _ = b.record_failure_gated(a, &mut || false);
+        }
+        assert!(b.is_failing());
+        assert_eq!(succeed(&b), None);
+        assert!(!b.is_failing());
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,8 +1,13 @@
 //! The chunk cache's own origin client: one HTTP/1.1 GET (usually a chunk-aligned `Range`) to a
 //! server of an upstream group, over Pingora's pooled connector, with the group's per-try
-//! timeouts, retries (backoff, budget, deadline) and circuit breakers.
+//! timeouts, retries (backoff, budget, deadline), circuit breakers and minimum body rate.
+//!
+//! Blame follows `origin::outcome`: connection-level failures are charged to the server at
+//! once; a 502/503/504 is retried on another server and charged only when a peer then answers
+//! the same request; 500 and every other answer are the application's, returned as they are.
 
-use super::pool::{PickError, Selected, UpstreamPool};
+use super::outcome::{classify_type, status_verdict, FailureClass, StatusEvidence, StatusVerdict};
+use super::pool::{Selected, UpstreamPool};
 use bytes::Bytes;
 use pingora_core::connectors::http::Connector;
 use pingora_core::protocols::http::client::HttpSession;
@@ -11,6 +16,8 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// What to ask an origin for.
 #[derive(Debug, Clone)]
@@ -37,6 +44,8 @@ pub struct FetchError {
     /// An HTTP status that made the attempt fail (e.g. 503), if any.
     pub status: Option<u16>,
     pub timed_out: bool,
+    /// What the failure was charged as, when it was the server's own.
+    pub class: Option<FailureClass>,
 }
 
 impl std::fmt::Display for FetchError {
@@ -74,6 +83,52 @@ pub struct OriginResponse {
     pub server: SocketAddr,
     selected: Option<Selected>,
     request_id: String,
+    rate: RateCheck,
+}
+
+/// The origin body's throughput, measured over the time spent *waiting on the origin* only (not
+/// the time the consumer took between reads, so a slow client never makes the origin look slow).
+/// Judged once per `window` of waiting: below `min_rate` the transfer is abandoned.
+#[derive(Debug, Clone, Copy)]
+pub struct RateCheck {
+    /// Bytes per second; 0 = off.
+    pub min_rate: u64,
+    pub window: Duration,
+    waited: Duration,
+    bytes: u64,
+}
+
+impl RateCheck {
+    pub fn new(min_rate: u64, window: Duration) -> RateCheck {
+        RateCheck {
+            min_rate,
+            window,
+            waited: Duration::ZERO,
+            bytes: 0,
+        }
+    }
+
+    /// Account `bytes` that took `waited` to arrive. `Err(observed rate)` when a full window of
+    /// waiting brought less than `min_rate`; the window restarts after each judgement.
+    pub fn record(&mut self, bytes: u64, waited: Duration) -> Result<(), u64> {
+        if self.min_rate == 0 || self.window.is_zero() {
+            return Ok(());
+        }
+        self.waited += waited;
+        self.bytes = self.bytes.saturating_add(bytes);
+        if self.waited < self.window {
+            return Ok(());
+        }
+        let secs = self.waited.as_secs_f64();
+        let observed = (self.bytes as f64 / secs) as u64;
+        self.waited = Duration::ZERO;
+        self.bytes = 0;
+        if observed < self.min_rate {
+            Err(observed)
+        } else {
+            Ok(())
+        }
+    }
 }
 
 impl OriginResponse {
@@ -85,25 +140,49 @@ impl OriginResponse {
         self.header.headers.get(name).and_then(|v| v.to_str().ok())
     }
 
-    /// The next body piece; `Ok(None)` at the end of the body.
+    /// The next body piece; `Ok(None)` at the end of the body. A read error, a timeout, or a
+    /// body slower than the group's `min_rate` is charged to the server and ends the response.
     pub async fn next_piece(&mut self) -> Result<Option<Bytes>, FetchError> {
         let Some(s) = self.session.as_mut() else {
             return Ok(None);
         };
-        match s.read_response_body().await {
-            Ok(piece) => Ok(piece),
-            Err(e) => {
-                if let Some(sel) = self.selected.take() {
-                    sel.failed(&self.request_id);
+        let started = Instant::now();
+        let read = s.read_response_body().await;
+        let waited = started.elapsed();
+        let (class, message) = match read {
+            Ok(piece) => {
+                let n = piece.as_ref().map_or(0, |p| p.len() as u64);
+                match self.rate.record(n, waited) {
+                    Ok(()) => return Ok(piece),
+                    Err(observed) => (
+                        FailureClass::TooSlow,
+                        format!(
+                            "origin body at {observed} B/s, below min_rate {} B/s",
+                            self.rate.min_rate
+                        ),
+                    ),
                 }
-                Err(FetchError {
-                    message: format!("reading body: {e}"),
-                    server: Some(self.server),
-                    status: None,
-                    timed_out: matches!(e.etype(), pingora_error::ErrorType::ReadTimedout),
-                })
             }
+            Err(e) => (
+                // The request was sent whole before the response was read.
+                classify_type(e.etype(), true).unwrap_or(FailureClass::Reset),
+                format!("reading body: {e}"),
+            ),
+        };
+        if let Some(sel) = self.selected.take() {
+            sel.failed(class, &self.request_id);
         }
+        // The connection is unusable now (a partial body, or one we give up on).
+        if let Some(mut s) = self.session.take() {
+            s.shutdown().await;
+        }
+        Err(FetchError {
+            message,
+            server: Some(self.server),
+            status: None,
+            timed_out: class == FailureClass::ReadTimeout,
+            class: Some(class),
+        })
     }
 
     /// Done with this response: report success, and return the connection to the pool when
@@ -122,6 +201,17 @@ impl OriginResponse {
             }
         }
     }
+
+    /// Set aside an answer that will not be used (a gateway answer superseded by a retry): close
+    /// its connection without reading the body.
+    async fn discard(mut self) {
+        if let Some(sel) = self.selected.take() {
+            sel.release();
+        }
+        if let Some(mut s) = self.session.take() {
+            s.shutdown().await;
+        }
+    }
 }
 
 impl Drop for OriginResponse {
@@ -134,30 +224,47 @@ impl Drop for OriginResponse {
     }
 }
 
-/// Whether a try that got this status is retried on another server.
+/// Whether a try that got this status is retried on another server: 502, 503 and 504 only.
 pub fn is_retry_status(status: u16) -> bool {
-    matches!(status, 502..=504)
+    status_verdict(status) == StatusVerdict::Gateway
 }
 
-/// Send `req` to the group: pick a server (healthy, breaker closed, not yet tried when another
-/// is available, and preferably not one in `avoid`), and on connect errors, timeouts and 502/503/504 retry on
-/// another after an exponential backoff with full jitter, within the group's attempts, retry
-/// budget and deadline. A group whose servers are all ejected fails at once.
+/// Send `req` to the group within the group's `deadline` from now. See [`open_until`].
 pub async fn open(
     connector: &Arc<Connector>,
     pool: &UpstreamPool,
     req: &OriginRequest,
     avoid: &[SocketAddr],
 ) -> Result<OriginResponse, FetchError> {
-    let started = tokio::time::Instant::now();
-    let deadline = pool.settings.deadline;
+    let until = Instant::now() + pool.settings.deadline;
+    open_until(connector, pool, req, avoid, until).await
+}
+
+/// Send `req` to the group: pick a server (healthy, breaker closed, not yet tried when another
+/// is available, and preferably not one in `avoid`; panic routing when every server is
+/// ejected), and on connection failures and 502/503/504 retry on another after an exponential
+/// backoff with full jitter, within the group's attempts and retry budget. No try or backoff
+/// starts after `until`, and a try still waiting for its answer at `until` is abandoned.
+///
+/// `Ok` is any answer with a status, including the last 502/503/504 when the tries ran out, so
+/// that the caller can pass the origin's own answer on; `Err` means no server answered at all.
+pub async fn open_until(
+    connector: &Arc<Connector>,
+    pool: &UpstreamPool,
+    req: &OriginRequest,
+    avoid: &[SocketAddr],
+    until: Instant,
+) -> Result<OriginResponse, FetchError> {
     pool.budget.record_request();
     let mut tried: Vec<SocketAddr> = avoid.to_vec();
+    let mut evidence = StatusEvidence::default();
+    let mut gateway_answer: Option<OriginResponse> = None;
     let mut last = FetchError {
-        message: "no server available".into(),
+        message: "no server answered".into(),
         server: None,
-        status: Some(503),
+        status: None,
         timed_out: false,
+        class: None,
     };
     for attempt in 0..pool.settings.retry.attempts {
         if attempt > 0 {
@@ -173,7 +280,7 @@ pub async fn open(
                 break;
             }
             let delay = pool.backoff.delay(attempt, &mut rand::rng());
-            if started.elapsed() + delay >= deadline {
+            if Instant::now() + delay >= until {
                 break;
             }
             tokio::time::sleep(delay).await;
@@ -184,62 +291,63 @@ pub async fn open(
                 req.path_and_query
             );
         }
-        let sel = match pool.pick(req.hash_key.as_bytes(), &tried) {
-            Ok(s) => s,
-            Err(PickError::AllEjected) => {
-                pool.stats.all_ejected.fetch_add(1, Ordering::Relaxed);
-                last = FetchError {
-                    message: format!(
-                        "every server of {} is ejected or already failed",
-                        pool.name()
-                    ),
-                    server: None,
-                    status: Some(503),
-                    timed_out: false,
-                };
-                break;
-            }
-        };
+        if Instant::now() >= until {
+            break;
+        }
+        let sel = pool.pick(req.hash_key.as_bytes(), &tried);
         let addr = sel.addr;
         tried.push(addr);
-        let remaining = deadline.saturating_sub(started.elapsed());
-        match tokio::time::timeout(remaining, try_server(connector, pool, addr, req)).await {
+        match tokio::time::timeout_at(until, try_server(connector, pool, addr, req)).await {
             Ok(Ok(mut resp)) => {
                 let status = resp.status();
-                if status >= 500 {
-                    sel.failed(&req.request_id);
-                } else {
+                if status_verdict(status) == StatusVerdict::Answered {
+                    evidence.answered_by(addr, &req.request_id);
                     resp.selected = Some(sel);
-                }
-                if !is_retry_status(status) {
+                    if let Some(old) = gateway_answer.take() {
+                        old.discard().await;
+                    }
                     return Ok(resp);
                 }
+                // 502/503/504: charged only if a peer answers this request (see outcome.rs).
+                evidence.hold(sel);
                 last = FetchError {
                     message: format!("origin answered {status}"),
                     server: Some(addr),
                     status: Some(status),
                     timed_out: false,
+                    class: None,
                 };
-                resp.finish().await;
+                if let Some(old) = gateway_answer.replace(resp) {
+                    old.discard().await;
+                }
             }
             Ok(Err(e)) => {
-                sel.failed(&req.request_id);
+                let class = e.class.unwrap_or(FailureClass::Connect);
+                sel.failed(class, &req.request_id);
                 log::warn!("rid={} origin {addr} failed: {e}", req.request_id);
                 last = e;
             }
             Err(_) => {
-                sel.failed(&req.request_id);
+                sel.failed(FailureClass::ReadTimeout, &req.request_id);
                 last = FetchError {
-                    message: format!("deadline of {deadline:?} exceeded"),
+                    message: "request deadline exceeded".into(),
                     server: Some(addr),
                     status: None,
                     timed_out: true,
+                    class: Some(FailureClass::ReadTimeout),
                 };
                 break;
             }
         }
     }
-    Err(last)
+    if evidence.held().next().is_some() {
+        pool.stats.gateway_uncharged.fetch_add(1, Ordering::Relaxed);
+    }
+    drop(evidence);
+    match gateway_answer {
+        Some(resp) => Ok(resp),
+        None => Err(last),
+    }
 }
 
 async fn try_server(
@@ -248,23 +356,37 @@ async fn try_server(
     addr: SocketAddr,
     req: &OriginRequest,
 ) -> Result<OriginResponse, FetchError> {
-    let fail = |message: String, timed_out: bool| FetchError {
+    let fail = |message: String, class: FailureClass| FetchError {
         message,
         server: Some(addr),
         status: None,
-        timed_out,
+        timed_out: matches!(
+            class,
+            FailureClass::ConnectTimeout | FailureClass::ReadTimeout
+        ),
+        class: Some(class),
     };
+    let classify =
+        |e: &pingora_error::Error| classify_type(e.etype(), true).unwrap_or(FailureClass::Connect);
     let peer = pool.peer(addr);
-    let (mut session, _reused) = connector.get_http_session(&peer).await.map_err(|e| {
-        let timed_out = matches!(e.etype(), pingora_error::ErrorType::ConnectTimedout);
-        fail(format!("connect: {e}"), timed_out)
-    })?;
+    let (mut session, _reused) = connector
+        .get_http_session(&peer)
+        .await
+        .map_err(|e| fail(format!("connect: {e}"), classify(&e)))?;
     session.set_read_timeout(Some(pool.settings.read_timeout));
+    // A request we cannot even build is our problem, not the server's: no class.
+    let ours = |message: String| FetchError {
+        message,
+        server: Some(addr),
+        status: None,
+        timed_out: false,
+        class: None,
+    };
     let mut head = RequestHeader::build(req.method.clone(), req.path_and_query.as_bytes(), Some(8))
-        .map_err(|e| fail(format!("building request: {e}"), false))?;
+        .map_err(|e| ours(format!("building request: {e}")))?;
     let set = |head: &mut RequestHeader, n: &'static str, v: &str| {
         head.insert_header(n, v)
-            .map_err(|e| fail(format!("header {n}: {e}"), false))
+            .map_err(|e| ours(format!("header {n}: {e}")))
     };
     set(&mut head, "host", &req.host)?;
     if let Some((a, b)) = req.range {
@@ -278,19 +400,19 @@ async fn try_server(
     session
         .write_request_header(Box::new(head))
         .await
-        .map_err(|e| fail(format!("sending request: {e}"), false))?;
+        .map_err(|e| fail(format!("sending request: {e}"), classify(&e)))?;
     session
         .finish_request_body()
         .await
-        .map_err(|e| fail(format!("sending request: {e}"), false))?;
-    session.read_response_header().await.map_err(|e| {
-        let timed_out = matches!(e.etype(), pingora_error::ErrorType::ReadTimedout);
-        fail(format!("reading response header: {e}"), timed_out)
-    })?;
+        .map_err(|e| fail(format!("sending request: {e}"), classify(&e)))?;
+    session
+        .read_response_header()
+        .await
+        .map_err(|e| fail(format!("reading response header: {e}"), classify(&e)))?;
     let header = session
         .response_header()
         .cloned()
-        .ok_or_else(|| fail("no response header".into(), false))?;
+        .ok_or_else(|| fail("no response header".into(), FailureClass::Framing))?;
     Ok(OriginResponse {
         session: Some(session),
         peer,
@@ -299,6 +421,7 @@ async fn try_server(
         server: addr,
         selected: None,
         request_id: req.request_id.clone(),
+        rate: RateCheck::new(pool.settings.min_rate, pool.settings.read_timeout),
     })
 }
 
@@ -329,6 +452,41 @@ pub fn parse_content_range(v: &str) -> Option<ContentRange> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn rate_check_judges_each_window_of_waiting() {
+        let mut r = RateCheck::new(16 << 10, 400 * MS);
+        // A trickle: 10 bytes every 100 ms of waiting, judged once 400 ms were spent waiting.
+        assert_eq!(r.record(10, 100 * MS), Ok(()));
+        assert_eq!(r.record(10, 100 * MS), Ok(()));
+        assert_eq!(r.record(10, 100 * MS), Ok(()));
+        assert_eq!(r.record(10, 100 * MS), Err(100));
+        // A fast body passes every window; the window restarts after each judgement.
+        let mut r = RateCheck::new(16 << 10, 400 * MS);
+        for _ in 0..100 {
+            assert_eq!(r.record(64 << 10, 50 * MS), Ok(()));
+        }
+    }
+
+    #[test]
+    fn time_not_spent_waiting_on_the_origin_does_not_count() {
+        // Pieces that arrive at once (the consumer was the slow one) never trip the check,
+        // however long the transfer takes in wall-clock time.
+        let mut r = RateCheck::new(16 << 10, 400 * MS);
+        for _ in 0..10_000 {
+            assert_eq!(r.record(1024, Duration::ZERO), Ok(()));
+        }
+    }
+
+    #[test]
+    fn rate_check_off() {
+        let mut r = RateCheck::new(0, 400 * MS);
+        assert_eq!(r.record(0, Duration::from_secs(100)), Ok(()));
+        let mut r = RateCheck::new(100, Duration::ZERO);
+        assert_eq!(r.record(0, Duration::from_secs(100)), Ok(()));
+    }
 
     #[test]
     fn content_range() {

@@ -5,9 +5,11 @@ pub mod backoff;
 pub mod breaker;
 pub mod budget;
 pub mod fetch;
+pub mod outcome;
 pub mod pool;
 
-use std::sync::atomic::AtomicU64;
+use outcome::FailureClass;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Counters of what resilience did, for logs, `/stats` and metrics.
 #[derive(Debug, Default)]
@@ -19,10 +21,35 @@ pub struct ResilienceStats {
     pub breaker_opened: AtomicU64,
     pub breaker_half_opened: AtomicU64,
     pub breaker_closed: AtomicU64,
-    /// Requests failed fast because every server of the group was ejected.
+    /// Tries routed in panic mode: every server of the group was ejected or marked down by
+    /// health checks, so the request went to one anyway rather than failing.
     pub all_ejected: AtomicU64,
+    /// Trips (`Closed → Open`) held back because `max_ejected_percent` of the group was already
+    /// ejected.
+    pub ejections_capped: AtomicU64,
+    /// Failures charged to servers' breakers, by [`FailureClass`] (index: `FailureClass::index`).
+    pub failures: [AtomicU64; FailureClass::ALL.len()],
+    /// Gateway answers (502/503/504) not charged to anyone: the server was alone, or every server
+    /// tried failed the same request.
+    pub gateway_uncharged: AtomicU64,
     /// Chunk fetches resumed on another server after a failure mid-body.
     pub resumes: AtomicU64,
     /// Responses served stale because every origin failed.
     pub stale_served: AtomicU64,
+}
+
+impl ResilienceStats {
+    /// Count a failure charged to a server.
+    pub fn count_failure(&self, class: FailureClass) {
+        if let Some(c) = self.failures.get(class.index()) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn failures_of(&self, class: FailureClass) -> u64 {
+        self.failures
+            .get(class.index())
+            .map(|c| c.load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
 }

@@ -1,14 +1,23 @@
 //! An upstream group at run time: its servers behind Pingora's load balancer (round robin or
 //! Ketama consistent hashing, both weighted), optional active health checks (Pingora's HTTP
 //! check, run as a background service), a circuit breaker per server (passive health: failures
-//! seen on real traffic), and the retry budget and backoff shared by the group's requests.
+//! seen on real traffic, attributed by `origin::outcome`), and the retry budget and backoff
+//! shared by the group's requests.
 //!
-//! Selection reads breaker state with atomics only; it never waits. When every server is
-//! ejected, selection fails at once, so the request fails fast instead of waiting on timeouts.
+//! Selection reads breaker state with atomics only; it never waits.
+//!
+//! Never a self-made outage:
+//! - at most `max_ejected_percent` of the group's servers are ejected at once (at least one
+//!   may always be): a trip beyond that is held back and the server stays in rotation;
+//! - when every server is ejected anyway (breakers `Open`/`HalfOpen` with no probe slot, or
+//!   marked down by active health checks), selection enters *panic routing*: it picks a server
+//!   regardless, as Envoy does below its panic threshold, so requests still reach a server that
+//!   might answer instead of getting a 503 made up here. Panic tries carry no breaker admission.
 
 use super::backoff::Backoff;
 use super::breaker::{Admission, Breaker, BreakerState, Transition};
 use super::budget::RetryBudget;
+use super::outcome::FailureClass;
 use super::ResilienceStats;
 use crate::config::{Balance, UpstreamSettings};
 use pingora_core::services::background::GenBackgroundService;
@@ -21,7 +30,7 @@ use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Retries are budgeted over this sliding window.
@@ -39,6 +48,8 @@ pub struct UpstreamPool {
     lb: Lb,
     /// Built once; read-only afterwards, so lookups take no lock.
     breakers: HashMap<SocketAddr, Arc<Breaker>>,
+    /// What outcome reports need: stats, the trip lock and the ejection cap.
+    group: Arc<GroupView>,
     pub budget: RetryBudget,
     pub backoff: Backoff,
     pub stats: Arc<ResilienceStats>,
@@ -46,35 +57,79 @@ pub struct UpstreamPool {
 }
 
 /// A server chosen for one try, holding its breaker admission until the outcome is reported.
+/// Dropping it unreported (see [`Selected::release`]) counts nothing.
 pub struct Selected {
     pub addr: SocketAddr,
     breaker: Arc<Breaker>,
     admission: Option<Admission>,
+    /// Chosen by panic routing (every server was ejected): no admission, nothing is reported.
+    pub panic: bool,
+    group: Arc<GroupView>,
+}
+
+/// What a [`Selected`] needs of its group to report an outcome.
+struct GroupView {
     stats: Arc<ResilienceStats>,
+    /// Held while a failure is recorded, so that two servers tripping at once cannot both slip
+    /// under the ejection cap. Taken only on failures, never on the success path.
+    trip_lock: Arc<Mutex<()>>,
+    /// Every breaker of the group, to count how many are ejected before a trip.
+    breakers: Vec<Arc<Breaker>>,
+    max_ejected: usize,
 }
 
 impl Selected {
-    /// The try worked (a response below 500, or a body read to its end).
+    /// The try worked: an answer that was not a gateway status, or a body read to its end.
     pub fn succeeded(mut self, request_id: &str) {
         if let Some(a) = self.admission.take() {
             let t = self.breaker.record_success(a);
-            log_transition(&self.stats, self.addr, t, request_id);
+            log_transition(&self.group.stats, self.addr, t, None, request_id);
         }
     }
 
-    /// The try failed: connect error, timeout, 5xx, or a reset mid-body.
-    pub fn failed(mut self, request_id: &str) {
-        if let Some(a) = self.admission.take() {
-            let t = self.breaker.record_failure(a);
-            log_transition(&self.stats, self.addr, t, request_id);
-        }
+    /// The try failed by the server's own fault (see `origin::outcome`): charge its breaker.
+    /// A `Closed → Open` trip happens only while fewer than `max_ejected` servers of the group
+    /// are ejected.
+    pub fn failed(mut self, class: FailureClass, request_id: &str) {
+        self.group.stats.count_failure(class);
+        let Some(a) = self.admission.take() else {
+            return;
+        };
+        let g = &self.group;
+        let _trip = g.trip_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let me = &self.breaker;
+        let mut may_eject = || {
+            let others = g
+                .breakers
+                .iter()
+                .filter(|b| !Arc::ptr_eq(b, me) && b.is_ejected())
+                .count();
+            let ok = others < g.max_ejected;
+            if !ok {
+                g.stats.ejections_capped.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "rid={request_id} origin {} failing ({class}) but {others} of {} servers are already ejected (max_ejected_percent): kept in rotation",
+                    self.addr,
+                    g.breakers.len()
+                );
+            }
+            ok
+        };
+        let t = me.record_failure_gated(a, &mut may_eject);
+        log_transition(&g.stats, self.addr, t, Some(class), request_id);
     }
+
+    /// The try ended without saying anything about the server (the client went away, our own
+    /// error, a gateway answer that no peer contradicted): report nothing. A `HalfOpen` probe
+    /// slot is freed.
+    pub fn release(self) {}
 }
 
 fn log_transition(
     stats: &ResilienceStats,
     addr: SocketAddr,
     t: Option<Transition>,
+    class: Option<FailureClass>,
     request_id: &str,
 ) {
     let Some(t) = t else { return };
@@ -84,18 +139,17 @@ fn log_transition(
         BreakerState::Closed => &stats.breaker_closed,
     };
     counter.fetch_add(1, Ordering::Relaxed);
+    let why = match (t.to, class) {
+        (BreakerState::Open, Some(c)) => format!(" after {c} failure"),
+        (BreakerState::HalfOpen, _) => " (ejection over, probing)".to_string(),
+        (BreakerState::Closed, _) => " (probes succeeded)".to_string(),
+        _ => String::new(),
+    };
     log::warn!(
-        "rid={request_id} circuit breaker of {addr}: {:?} -> {:?}",
+        "rid={request_id} circuit breaker of {addr}: {:?} -> {:?}{why}",
         t.from,
         t.to
     );
-}
-
-/// Why no server could be chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PickError {
-    /// Every server's breaker is open (or health checks mark it down).
-    AllEjected,
 }
 
 impl UpstreamPool {
@@ -151,11 +205,19 @@ impl UpstreamPool {
                 "loading the static server list failed",
             ));
         }
-        let breakers = settings
+        let breakers: HashMap<SocketAddr, Arc<Breaker>> = settings
             .servers
             .iter()
             .map(|s| (s.addr, Arc::new(Breaker::new(settings.breaker.clone()))))
             .collect();
+        let n = settings.servers.len();
+        let max_ejected = (n * settings.max_ejected_percent as usize / 100).max(1);
+        let group = Arc::new(GroupView {
+            stats: stats.clone(),
+            trip_lock: Arc::new(Mutex::new(())),
+            breakers: breakers.values().cloned().collect(),
+            max_ejected,
+        });
         let retry = settings.retry;
         let weight_sum: usize = settings.servers.iter().map(|s| s.weight as usize).sum();
         Ok(UpstreamPool {
@@ -168,6 +230,7 @@ impl UpstreamPool {
             settings,
             lb,
             breakers,
+            group,
             stats,
         })
     }
@@ -192,17 +255,64 @@ impl UpstreamPool {
     }
 
     /// Choose a server for `key` (the cache key under consistent hashing): healthy, admitted by
-    /// its breaker, and not in `tried` when another such server exists.
-    pub fn pick(&self, key: &[u8], tried: &[SocketAddr]) -> Result<Selected, PickError> {
-        self.pick_where(key, |a| !tried.contains(a))
-            .or_else(|_| self.pick_where(key, |_| true))
+    /// its breaker, and not in `tried` when another such server exists. When no server is
+    /// admitted (all ejected or marked down), panic routing picks one anyway, preferring one not
+    /// yet tried; such a try carries no admission. Never fails: a group has at least one server.
+    pub fn pick(&self, key: &[u8], tried: &[SocketAddr]) -> Selected {
+        if let Some(sel) = self
+            .pick_where(key, |a| !tried.contains(a))
+            .or_else(|| self.pick_where(key, |_| true))
+        {
+            return sel;
+        }
+        self.stats.all_ejected.fetch_add(1, Ordering::Relaxed);
+        let addr = self
+            .panic_pick(key, |a| !tried.contains(a))
+            .or_else(|| self.panic_pick(key, |_| true))
+            .or_else(|| self.settings.servers.first().map(|s| s.addr));
+        let addr = addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        log::debug!(
+            "{}: every server is ejected; panic routing to {addr}",
+            self.name()
+        );
+        Selected {
+            addr,
+            breaker: self
+                .breakers
+                .get(&addr)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Breaker::new(self.settings.breaker.clone()))),
+            admission: None,
+            panic: true,
+            group: self.group.clone(),
+        }
     }
 
-    fn pick_where(
-        &self,
-        key: &[u8],
-        want: impl Fn(&SocketAddr) -> bool,
-    ) -> Result<Selected, PickError> {
+    /// Whether the whole group looks down: every server ejected or failing (a streak the
+    /// ejection cap held back). A request with a stale copy serves it at once instead of waiting
+    /// on such a group.
+    pub fn all_failing(&self) -> bool {
+        self.breakers.values().all(|b| b.is_failing())
+    }
+
+    /// Any server in `want`, ignoring health and breakers (panic routing).
+    fn panic_pick(&self, key: &[u8], want: impl Fn(&SocketAddr) -> bool) -> Option<SocketAddr> {
+        let chosen: RefCell<Option<SocketAddr>> = RefCell::new(None);
+        let accept = |b: &Backend, _healthy: bool| match b.addr.as_inet() {
+            Some(a) if want(a) => {
+                *chosen.borrow_mut() = Some(*a);
+                true
+            }
+            _ => false,
+        };
+        let _ = match &self.lb {
+            Lb::RoundRobin(l) => l.select_with(key, self.max_iterations, accept),
+            Lb::Hash(l) => l.select_with(key, self.max_iterations, accept),
+        };
+        chosen.into_inner()
+    }
+
+    fn pick_where(&self, key: &[u8], want: impl Fn(&SocketAddr) -> bool) -> Option<Selected> {
         let admitted: RefCell<Option<(SocketAddr, Arc<Breaker>, Admission)>> = RefCell::new(None);
         let accept = |b: &Backend, healthy: bool| {
             let Some(addr) = b.addr.as_inet() else {
@@ -229,15 +339,14 @@ impl UpstreamPool {
             Lb::RoundRobin(l) => l.select_with(key, self.max_iterations, accept),
             Lb::Hash(l) => l.select_with(key, self.max_iterations, accept),
         };
-        let Some((addr, breaker, admission)) = admitted.into_inner() else {
-            return Err(PickError::AllEjected);
-        };
-        log_transition(&self.stats, addr, admission.transition(), "-");
-        Ok(Selected {
+        let (addr, breaker, admission) = admitted.into_inner()?;
+        log_transition(&self.stats, addr, admission.transition(), None, "-");
+        Some(Selected {
             addr,
             breaker,
             admission: Some(admission),
-            stats: self.stats.clone(),
+            panic: false,
+            group: self.group.clone(),
         })
     }
 
@@ -249,5 +358,238 @@ impl UpstreamPool {
         peer.options.read_timeout = Some(self.settings.read_timeout);
         peer.options.write_timeout = Some(self.settings.read_timeout);
         peer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{RetrySettings, ServerSpec, DEFAULT_BREAKER};
+    use crate::origin::breaker::BreakerConfig;
+    use crate::origin::outcome::StatusEvidence;
+    use tokio::time::advance;
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    fn pool(n: u16, max_ejected_percent: u32) -> UpstreamPool {
+        let settings = UpstreamSettings {
+            name: "test".into(),
+            servers: (0..n)
+                .map(|i| ServerSpec {
+                    addr: SocketAddr::from(([127, 0, 0, 1], 10_000 + i)),
+                    weight: 1,
+                })
+                .collect(),
+            balance: Balance::RoundRobin,
+            connect_timeout: SEC,
+            read_timeout: SEC,
+            deadline: SEC * 5,
+            min_rate: 0,
+            max_ejected_percent,
+            health_check: None,
+            breaker: BreakerConfig {
+                failure_threshold: 3,
+                open_for: SEC * 10,
+                ..DEFAULT_BREAKER
+            },
+            retry: RetrySettings {
+                attempts: 3,
+                backoff: Duration::from_millis(10),
+                max_backoff: Duration::from_millis(50),
+                budget_percent: 100,
+            },
+        };
+        UpstreamPool::new(Arc::new(settings), Arc::new(ResilienceStats::default())).expect("pool")
+    }
+
+    fn state(p: &UpstreamPool, addr: SocketAddr) -> BreakerState {
+        p.breaker(&addr).expect("breaker").state()
+    }
+
+    fn addrs(p: &UpstreamPool) -> Vec<SocketAddr> {
+        p.settings.servers.iter().map(|s| s.addr).collect()
+    }
+
+    /// One request whose every try gets a gateway answer, with `tries` tries.
+    fn gateway_everywhere(p: &UpstreamPool, tries: usize) {
+        let mut evidence = StatusEvidence::default();
+        let mut tried = Vec::new();
+        for _ in 0..tries {
+            let sel = p.pick(b"/bad", &tried);
+            tried.push(sel.addr);
+            evidence.hold(sel);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lone_server_is_never_ejected_for_statuses() {
+        let p = pool(1, 50);
+        let a = addrs(&p)[0];
+        for _ in 0..60 {
+            gateway_everywhere(&p, 3);
+            // Other URLs in between work.
+            p.pick(b"/good", &[]).succeeded("t");
+        }
+        for _ in 0..60 {
+            gateway_everywhere(&p, 3);
+        }
+        assert_eq!(state(&p, a), BreakerState::Closed);
+        assert_eq!(p.stats.failures_of(FailureClass::GatewayStatus), 0);
+        // Connection-level failures still eject it.
+        for _ in 0..3 {
+            p.pick(b"/x", &[]).failed(FailureClass::Connect, "t");
+        }
+        assert_eq!(state(&p, a), BreakerState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_url_failing_on_every_server_charges_nobody() {
+        let p = pool(2, 50);
+        for _ in 0..60 {
+            gateway_everywhere(&p, 2);
+        }
+        for a in addrs(&p) {
+            assert_eq!(state(&p, a), BreakerState::Closed, "{a}");
+        }
+        assert_eq!(p.stats.failures_of(FailureClass::GatewayStatus), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outlier_is_ejected_once_peers_answer_the_same_requests() {
+        let p = pool(2, 50);
+        let [bad, good] = [addrs(&p)[0], addrs(&p)[1]];
+        let mut requests = 0;
+        while state(&p, bad) == BreakerState::Closed {
+            requests += 1;
+            assert!(requests <= 10, "ejected within a handful of requests");
+            let mut evidence = StatusEvidence::default();
+            let first = p.pick(b"/any", &[]);
+            if first.addr == good {
+                first.succeeded("t");
+                continue;
+            }
+            evidence.hold(first);
+            let retry = p.pick(b"/any", &[bad]);
+            assert_eq!(retry.addr, good);
+            evidence.answered_by(good, "t");
+            retry.succeeded("t");
+        }
+        assert_eq!(state(&p, bad), BreakerState::Open);
+        assert_eq!(state(&p, good), BreakerState::Closed);
+        assert_eq!(p.stats.failures_of(FailureClass::GatewayStatus), 3);
+        // While ejected, every pick goes to the good server.
+        for _ in 0..10 {
+            assert_eq!(p.pick(b"/any", &[]).addr, good);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_blip_answered_by_the_same_server_is_not_charged() {
+        let p = pool(1, 50);
+        let a = addrs(&p)[0];
+        let mut evidence = StatusEvidence::default();
+        evidence.hold(p.pick(b"/x", &[]));
+        evidence.answered_by(a, "t");
+        assert_eq!(p.stats.failures_of(FailureClass::GatewayStatus), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_most_max_ejected_percent_is_ejected() {
+        let p = pool(2, 50);
+        // Both servers refuse connections.
+        for _ in 0..10 {
+            for a in addrs(&p) {
+                let sel = p.pick(b"/x", &[]);
+                let _ = a;
+                sel.failed(FailureClass::Connect, "t");
+            }
+        }
+        let open: Vec<_> = addrs(&p)
+            .into_iter()
+            .filter(|a| state(&p, *a) == BreakerState::Open)
+            .collect();
+        assert_eq!(open.len(), 1, "one of two may be ejected");
+        assert!(p.stats.ejections_capped.load(Ordering::Relaxed) >= 1);
+        assert!(p.all_failing(), "both look down");
+
+        // With four servers and 50%, two may be ejected, never three.
+        let p = pool(4, 50);
+        for _ in 0..40 {
+            p.pick(b"/x", &[]).failed(FailureClass::Reset, "t");
+        }
+        let ejected = addrs(&p)
+            .iter()
+            .filter(|a| p.breaker(a).is_some_and(|b| b.is_ejected()))
+            .count();
+        assert_eq!(ejected, 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_percent_still_lets_one_server_go() {
+        let p = pool(3, 0);
+        for _ in 0..30 {
+            p.pick(b"/x", &[]).failed(FailureClass::Connect, "t");
+        }
+        let ejected = addrs(&p)
+            .iter()
+            .filter(|a| p.breaker(a).is_some_and(|b| b.is_ejected()))
+            .count();
+        assert_eq!(ejected, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_server_ejected_means_panic_routing_not_failure() {
+        let p = pool(1, 50);
+        let a = addrs(&p)[0];
+        for _ in 0..3 {
+            p.pick(b"/x", &[]).failed(FailureClass::Connect, "t");
+        }
+        assert_eq!(state(&p, a), BreakerState::Open);
+        assert!(p.all_failing());
+        let sel = p.pick(b"/x", &[]);
+        assert_eq!(sel.addr, a);
+        assert!(sel.panic, "routed in panic mode");
+        // A panic try reports nothing to the breaker.
+        sel.failed(FailureClass::Connect, "t");
+        sel_ok(&p);
+        assert_eq!(state(&p, a), BreakerState::Open);
+        assert!(p.stats.all_ejected.load(Ordering::Relaxed) >= 2);
+        // After the ejection, a normal probe.
+        advance(SEC * 10).await;
+        assert!(!p.all_failing());
+        let probe = p.pick(b"/x", &[]);
+        assert!(!probe.panic);
+        probe.succeeded("t");
+        assert_eq!(state(&p, a), BreakerState::Closed);
+    }
+
+    fn sel_ok(p: &UpstreamPool) {
+        let s = p.pick(b"/x", &[]);
+        assert!(s.panic);
+        s.succeeded("t");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_side_endings_count_nothing() {
+        let p = pool(1, 50);
+        let a = addrs(&p)[0];
+        for _ in 0..3 {
+            p.pick(b"/x", &[]).failed(FailureClass::Connect, "t");
+        }
+        advance(SEC * 10).await;
+        // HalfOpen: a released probe (the client went away) neither closes nor reopens.
+        let probe = p.pick(b"/x", &[]);
+        assert!(!probe.panic);
+        assert_eq!(state(&p, a), BreakerState::HalfOpen);
+        probe.release();
+        assert_eq!(state(&p, a), BreakerState::HalfOpen);
+        let probe = p.pick(b"/x", &[]);
+        assert!(!probe.panic, "the released slot is free again");
+        probe.succeeded("t");
+        assert_eq!(state(&p, a), BreakerState::Closed);
+        for _ in 0..100 {
+            p.pick(b"/x", &[]).release();
+        }
+        assert_eq!(state(&p, a), BreakerState::Closed);
     }
 }

@@ -15,7 +15,7 @@
 //! aborts the response (the client sees a short body), never a wrong byte.
 
 use super::ctx::RequestCtx;
-use super::headers::{VIA_VALUE, X_REQUEST_ID};
+use super::headers::{hop_by_hop_names, via, VIA_VALUE, X_REQUEST_ID};
 use super::respond;
 use crate::cache::fill::{self, ChunkSource, Discovery, ObjectRequest, OriginAccess, Revalidation};
 use crate::cache::flight::{FillError, Flight, FlightReader};
@@ -24,6 +24,7 @@ use crate::cache::key::ObjectKey;
 use crate::cache::meta::ObjectMeta;
 use crate::cache::store::{ChunkCache, ChunkId};
 use crate::config::Route;
+use crate::origin::fetch::OriginResponse;
 use crate::range::multipart::{new_boundary, MultipartLayout};
 use crate::range::parse::{
     if_range_holds, parse_range, resolve, ByteRange, RangeDecision, RangeRequest, RangeSpec,
@@ -204,6 +205,20 @@ impl CacheLayer {
             stale = Some(m);
         }
         if let Some(old) = stale {
+            if origin.pool.all_failing() && old.within_stale_if_error(SystemTime::now()) {
+                // Every server of the group is ejected or failing: serve the stale copy now
+                // rather than wait on tries that will most likely fail.
+                log::warn!(
+                    "rid={} every server of {} is failing: serving stale {} without asking",
+                    ctx.request_id,
+                    origin.pool.name(),
+                    obj.key.as_str()
+                );
+                self.stats
+                    .stale_served
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return Ok(Some((old, Lookup::StaleIfError)));
+            }
             // Fresh, but the request asked for revalidation (`no-cache`): RFC 9211 `fwd=request`.
             let forced = old.is_fresh(SystemTime::now());
             match fill::revalidate(&self.cache, origin, obj, &old).await {
@@ -238,6 +253,17 @@ impl CacheLayer {
                 Ok(None)
             }
             Discovery::Uncacheable(reason) => self.pass(ctx, &obj.key, reason),
+            Discovery::Relay {
+                resp,
+                reason,
+                remember,
+            } => {
+                if remember {
+                    self.cache.mark_uncacheable(&obj.key, reason);
+                }
+                self.relay(session, ctx, resp, reason).await?;
+                Ok(None)
+            }
             Discovery::Failed(e) => {
                 self.fail(session, ctx, e.client_status(), &e.to_string())
                     .await
@@ -280,6 +306,47 @@ impl CacheLayer {
             })?;
             session.write_response_body(Some(piece), false).await?;
         }
+        session.write_response_body(None, true).await
+    }
+
+    /// Pass the origin's answer to the discovery fetch on as it is (hop-by-hop fields removed,
+    /// `Via`, `X-Request-Id` and `Cache-Status` added), streaming its body.
+    async fn relay(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        mut resp: OriginResponse,
+        reason: &'static str,
+    ) -> Result<()> {
+        let status = resp.status();
+        ctx.cache_status = format!("edgeslice; fwd=miss; fwd-status={status}; detail={reason}");
+        let mut h = resp.header.clone();
+        for name in hop_by_hop_names(&h.headers, false) {
+            h.remove_header(&name);
+        }
+        let via = via(h.headers.get("via").map(|v| v.as_bytes()));
+        h.insert_header("via", via)?;
+        h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+        h.insert_header("cache-status", ctx.cache_status.as_str())?;
+        let is_head = session.req_header().method == http::Method::HEAD;
+        session.write_response_header(Box::new(h), is_head).await?;
+        if is_head {
+            resp.finish().await;
+            return Ok(());
+        }
+        loop {
+            match resp.next_piece().await {
+                Ok(Some(piece)) => session.write_response_body(Some(piece), false).await?,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(502),
+                        format!("origin body failed mid-response: {e}"),
+                    ))
+                }
+            }
+        }
+        resp.finish().await;
         session.write_response_body(None, true).await
     }
 

@@ -1,6 +1,7 @@
 //! The per-request context, split by concern so each phase touches only what it owns.
 
 use crate::config::Route;
+use crate::origin::outcome::StatusEvidence;
 use crate::origin::pool::Selected;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +26,8 @@ pub struct UpstreamCtx {
     pub current: Option<Selected>,
     /// A retry already decided for a 502/503/504 answer (see `upstream_response_filter`).
     pub status_retry: bool,
+    /// Tries that got a gateway answer, charged only if a peer then answers (outcome.rs).
+    pub evidence: StatusEvidence,
 }
 
 impl RequestCtx {

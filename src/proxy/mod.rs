@@ -21,8 +21,8 @@ use crate::cache::fill::OriginAccess;
 use crate::cache::key::ObjectKey;
 use crate::cache::store::ChunkCache;
 use crate::config::{Config, Route};
-use crate::origin::fetch;
-use crate::origin::pool::UpstreamPool;
+use crate::origin::outcome::{classify_error, status_verdict, StatusVerdict};
+use crate::origin::pool::{Selected, UpstreamPool};
 use crate::origin::ResilienceStats;
 use async_trait::async_trait;
 use cached::{CacheLayer, Outcome};
@@ -172,6 +172,15 @@ pub(crate) fn request_host(req: &RequestHeader) -> String {
     host.to_ascii_lowercase()
 }
 
+/// Report a try that ended in `e`: charged to the server only when the error is its own
+/// (`origin::outcome`); a client's abort, timeout or malformed body, or our own error, is not.
+fn charge(sel: Selected, e: &Error, request_body_done: bool, request_id: &str) {
+    match classify_error(e, request_body_done) {
+        Some(class) => sel.failed(class, request_id),
+        None => sel.release(),
+    }
+}
+
 fn client_ip(session: &Session) -> String {
     session
         .client_addr()
@@ -239,15 +248,8 @@ impl ProxyHttp for Edge {
             );
         }
         let key = self.hash_key(session, ctx);
-        let sel = pool
-            .pick(key.as_bytes(), &ctx.upstream.tried)
-            .map_err(|_| {
-                pool.stats.all_ejected.fetch_add(1, Ordering::Relaxed);
-                Error::explain(
-                    ErrorType::HTTPStatus(503),
-                    format!("every server of {} is ejected", pool.name()),
-                )
-            })?;
+        // Never a 503 of our own: with every server ejected, panic routing still picks one.
+        let sel = pool.pick(key.as_bytes(), &ctx.upstream.tried);
         let addr = sel.addr;
         ctx.upstream.tried.push(addr);
         ctx.upstream.current = Some(sel);
@@ -262,7 +264,7 @@ impl ProxyHttp for Edge {
         mut e: Box<Error>,
     ) -> Box<Error> {
         if let Some(sel) = ctx.upstream.current.take() {
-            sel.failed(&ctx.request_id);
+            charge(sel, &e, true, &ctx.request_id);
         }
         // Nothing reached the origin: any method may go to another server.
         let retry = self.may_retry(session, ctx, true);
@@ -280,7 +282,8 @@ impl ProxyHttp for Edge {
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
         if let Some(sel) = ctx.upstream.current.take() {
-            sel.failed(&ctx.request_id);
+            let body_done = session.as_mut().is_body_done();
+            charge(sel, &e, body_done, &ctx.request_id);
         }
         let retry =
             std::mem::take(&mut ctx.upstream.status_retry) || self.may_retry(session, ctx, false);
@@ -295,16 +298,24 @@ impl ProxyHttp for Edge {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
-        if status >= 500 {
-            if let Some(sel) = ctx.upstream.current.take() {
-                sel.failed(&ctx.request_id);
+        match status_verdict(status) {
+            StatusVerdict::Answered => {
+                // Any earlier gateway answers to this request were outliers: charge them.
+                if let Some(addr) = ctx.upstream.current.as_ref().map(|s| s.addr) {
+                    ctx.upstream.evidence.answered_by(addr, &ctx.request_id);
+                }
             }
-            if fetch::is_retry_status(status) && self.may_retry(session, ctx, false) {
-                ctx.upstream.status_retry = true;
-                return Err(Error::explain(
-                    ErrorType::HTTPStatus(status),
-                    format!("origin answered {status}; retrying"),
-                ));
+            StatusVerdict::Gateway => {
+                if let Some(sel) = ctx.upstream.current.take() {
+                    ctx.upstream.evidence.hold(sel);
+                }
+                if self.may_retry(session, ctx, false) {
+                    ctx.upstream.status_retry = true;
+                    return Err(Error::explain(
+                        ErrorType::HTTPStatus(status),
+                        format!("origin answered {status}; retrying"),
+                    ));
+                }
             }
         }
         Ok(())
@@ -393,12 +404,17 @@ impl ProxyHttp for Edge {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         if let Some(sel) = ctx.upstream.current.take() {
             match e {
-                Some(e) if matches!(e.esource(), pingora_error::ErrorSource::Upstream) => {
-                    sel.failed(&ctx.request_id)
-                }
-                _ => sel.succeeded(&ctx.request_id),
+                Some(e) => charge(sel, e, session.as_mut().is_body_done(), &ctx.request_id),
+                None => sel.succeeded(&ctx.request_id),
             }
         }
+        if ctx.upstream.evidence.held().next().is_some() {
+            // Gateway answers no peer contradicted: the URL failed, not a server.
+            if let Some(pool) = self.pool(ctx) {
+                pool.stats.gateway_uncharged.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        ctx.upstream.evidence = Default::default();
         if !self.config.server.access_log {
             return;
         }

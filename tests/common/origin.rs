@@ -14,6 +14,8 @@
 //!   match gives 200 with the whole object.
 //! * `GET`/`HEAD /download/<size>`: the same content, always 200 with the whole object and
 //!   `Cache-Control: no-store` (Range and conditionals are ignored).
+//! * `GET`/`HEAD /status/<code>[/<anything>]`: that status (100–599, not 1xx) with a short body
+//!   `status <code> for <path>\n` and no cache headers: one URL's application error.
 //! * `GET`/`HEAD /echo-headers`: 200 with the request headers as the body, one
 //!   `name: value` line each, in the order received.
 //! * `POST`/`PUT` to any path: the body (Content-Length or chunked) is read streaming and
@@ -963,6 +965,14 @@ fn build_response(req: &Request, s: &Settings, up_len: u64, up_crc: u32) -> Resp
                 .push(("Allow".into(), "GET, HEAD, POST, PUT".into()));
             return r;
         }
+    }
+    if let Some(code) = path
+        .strip_prefix("/status/")
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|c| c.parse::<u16>().ok())
+        .filter(|c| (200..=599).contains(c))
+    {
+        return text(code, format!("status {code} for {path}\n"));
     }
     if path == "/echo-headers" {
         let mut body = String::new();
