@@ -418,3 +418,374 @@ async fn active_health_checks_take_a_failing_server_out_of_rotation() {
         .expect("a health probe");
     assert_eq!(probe.method, "GET");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Attribution: failures are charged to whoever caused them (README, "Origin resilience").
+// ---------------------------------------------------------------------------------------------
+
+/// Requests of `path` the origin saw.
+fn seen(o: &Origin, path: &str) -> usize {
+    o.log().iter().filter(|r| r.path == path).count()
+}
+
+/// Sixty requests to a URL answering 500 and sixty to one answering 503, with good URLs in
+/// between and afterwards: every good URL gets 200 and exact bytes, the failing URLs their own
+/// status, each 500 reaches an origin exactly once, and no breaker opens.
+async fn one_bad_url_never_takes_the_group_down(origins: &[&Origin], cache: bool) {
+    let servers: Vec<String> = origins.iter().map(|o| o.addr().to_string()).collect();
+    let proxy = Proxy::start(&config(&servers, "", cache));
+    let good = |i: u64| {
+        if cache {
+            format!("/obj/{}/good-{i}.bin", CHUNK + i)
+        } else {
+            format!("/download/{}", 1000 + i)
+        }
+    };
+    let want = |i: u64| {
+        if cache {
+            content(&good(i), 0, 0..CHUNK + i)
+        } else {
+            content(&good(i), 0, 0..1000 + i)
+        }
+    };
+    for i in 0..60u64 {
+        let (status, body, _) = get(&proxy, "/status/500/app-error").await;
+        assert_eq!(
+            status, 500,
+            "request {i}: the origin's own 500 (cache: {cache})"
+        );
+        assert_eq!(body, b"status 500 for /status/500/app-error\n");
+        let (status, body, _) = get(&proxy, "/status/503/overloaded").await;
+        assert_eq!(
+            status, 503,
+            "request {i}: the origin's own 503 (cache: {cache})"
+        );
+        assert_eq!(body, b"status 503 for /status/503/overloaded\n");
+        let (status, body, _) = get(&proxy, &good(i)).await;
+        assert_eq!(status, 200, "good URL {i} (cache: {cache})");
+        assert!(body == want(i), "good URL {i}: wrong bytes");
+    }
+    for i in 60..80u64 {
+        let (status, body, _) = get(&proxy, &good(i)).await;
+        assert_eq!(status, 200, "good URL {i} afterwards (cache: {cache})");
+        assert!(body == want(i));
+    }
+    let five_hundreds: usize = origins
+        .iter()
+        .map(|o| seen(o, "/status/500/app-error"))
+        .sum();
+    assert_eq!(
+        five_hundreds, 60,
+        "each 500 reaches an origin once (cache: {cache})"
+    );
+    let s = proxy.stats().await;
+    assert_eq!(s["origin_breaker_opened"], 0, "cache {cache}: {s:?}");
+    assert_eq!(s["origin_failures_gateway_status"], 0, "{s:?}");
+    assert!(s["origin_gateway_uncharged"] >= 60, "{s:?}");
+    for o in origins {
+        o.reset_stats();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bad_url_never_ejects_a_lone_server() {
+    let origin = Origin::start().await;
+    for cache in [true, false] {
+        one_bad_url_never_takes_the_group_down(&[&origin], cache).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_failing_on_both_servers_ejects_neither() {
+    let a = Origin::start().await;
+    let b = Origin::start().await;
+    for cache in [true, false] {
+        one_bad_url_never_takes_the_group_down(&[&a, &b], cache).await;
+    }
+}
+
+/// A raw HTTP/1.1 exchange: send `head`, then `body`, read what comes back within `wait`.
+async fn raw(proxy: &Proxy, request: &[u8], wait: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = proxy.url("").trim_start_matches("http://").to_string();
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("send");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_abort_time_out_or_send_garbage_never_open_a_breaker() {
+    let origin = Origin::start().await;
+    for cache in [false, true] {
+        let proxy = Proxy::start(&config(&[origin.addr().to_string()], "", cache));
+        // Five downloads aborted mid-body.
+        for i in 0..5 {
+            let path = if cache {
+                format!("/obj/{}/abort-{i}.bin", 64 * CHUNK)
+            } else {
+                format!("/download/{}", 50_000_000 + i)
+            };
+            let mut resp = common::client()
+                .get(proxy.url(&path))
+                .send()
+                .await
+                .expect("request");
+            assert_eq!(resp.status(), 200);
+            let first = resp.chunk().await.expect("first piece");
+            assert!(first.is_some());
+            drop(resp);
+        }
+        // Five malformed chunked request bodies.
+        for _ in 0..5 {
+            let answer = raw(
+                &proxy,
+                b"POST /submit HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+                Duration::from_secs(3),
+            )
+            .await;
+            assert!(
+                answer.is_empty()
+                    || answer.starts_with("HTTP/1.1 4")
+                    || answer.starts_with("HTTP/1.1 5"),
+                "a malformed body gets an error or a close: {answer:?}"
+            );
+        }
+        // Five clients that stall halfway through their request body until timeouts fire.
+        for _ in 0..5 {
+            let _ = raw(
+                &proxy,
+                b"POST /submit HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nonly a few bytes",
+                Duration::from_millis(1200),
+            )
+            .await;
+        }
+        let s = proxy.stats().await;
+        assert_eq!(s["origin_breaker_opened"], 0, "cache {cache}: {s:?}");
+        for class in ["connect", "read_timeout", "reset", "framing", "too_slow"] {
+            assert_eq!(s[&format!("origin_failures_{class}")], 0, "{class}: {s:?}");
+        }
+        // And the group serves on.
+        let path = format!("/download/{}", 1234);
+        let (status, body, _) = get(&proxy, &path).await;
+        assert_eq!(status, 200);
+        assert!(body == content(&path, 0, 0..1234));
+    }
+}
+
+/// Read a response whole: the status, the bytes that arrived, and whether the body was complete.
+async fn get_to_end(proxy: &Proxy, path: &str) -> (StatusCode, Vec<u8>, bool) {
+    let mut resp = common::client()
+        .get(proxy.url(path))
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status();
+    let mut body = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(piece)) => body.extend_from_slice(&piece),
+            Ok(None) => return (status, body, true),
+            Err(_) => return (status, body, false),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickling_origin_is_abandoned_and_the_fetch_resumes_on_its_peer() {
+    let slow = Origin::start().await;
+    let good = Origin::start().await;
+    slow.set_fault(Fault::Slow { bytes_per_sec: 100 });
+    // read_timeout 400ms judges the rate; min_rate defaults to 16KiB/s; deadline 5s.
+    let proxy = Proxy::start(&config(
+        &[slow.addr().to_string(), good.addr().to_string()],
+        "",
+        true,
+    ));
+    let bound = Duration::from_secs(5) + Duration::from_secs(2);
+    for i in 0..4 {
+        let path = format!("/obj/{}/trickle-{i}.bin", 3 * CHUNK);
+        let started = Instant::now();
+        let (status, body, complete) = get_to_end(&proxy, &path).await;
+        assert_eq!(status, 200, "object {i}");
+        assert!(complete, "object {i}: a complete body");
+        assert!(
+            body == content(&path, 0, 0..3 * CHUNK),
+            "object {i}: exact bytes"
+        );
+        assert!(
+            started.elapsed() < bound,
+            "object {i} within deadline plus a chunk's transfer: {:?}",
+            started.elapsed()
+        );
+    }
+    let s = proxy.stats().await;
+    assert!(s["origin_failures_too_slow"] >= 1, "{s:?}");
+    assert!(s["origin_resumes"] >= 1, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_server_trickles_the_client_gets_a_clean_error_in_time() {
+    let a = Origin::start().await;
+    let b = Origin::start().await;
+    a.set_fault(Fault::Slow { bytes_per_sec: 100 });
+    b.set_fault(Fault::Slow { bytes_per_sec: 100 });
+    let proxy = Proxy::start(&config(
+        &[a.addr().to_string(), b.addr().to_string()],
+        "",
+        true,
+    ));
+    let path = format!("/obj/{}/all-slow.bin", 3 * CHUNK);
+    let started = Instant::now();
+    let (status, body, complete) = get_to_end(&proxy, &path).await;
+    let took = started.elapsed();
+    assert!(
+        status.is_server_error() || !complete,
+        "an error, not a complete answer: {status}, {} bytes",
+        body.len()
+    );
+    if status == 200 {
+        assert!(
+            (body.len() as u64) < 3 * CHUNK,
+            "cut short, never completed wrongly"
+        );
+        assert!(
+            body == content(&path, 0, 0..body.len() as u64),
+            "what arrived is exact"
+        );
+    }
+    // deadline (5s) + read_timeout (0.4s) + slack for a loaded machine.
+    assert!(
+        took < Duration::from_secs(7),
+        "ended within the bound: {took:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_server_refusing_gives_a_quick_502_or_the_stale_copy() {
+    for cache in [false, true] {
+        let yaml = config(&[dead_addr(), dead_addr()], "", cache)
+            .replace("connect_timeout: 300ms", "connect_timeout: 1s");
+        let proxy = Proxy::start(&yaml);
+        for i in 0..8 {
+            let started = Instant::now();
+            let path = if cache {
+                format!("/obj/{CHUNK}/refused-{i}.bin")
+            } else {
+                format!("/download/{}", 100 + i)
+            };
+            let (status, _, _) = get(&proxy, &path).await;
+            assert_eq!(status, 502, "request {i} (cache: {cache})");
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "within the connect timeout: {:?}",
+                started.elapsed()
+            );
+        }
+        let s = proxy.stats().await;
+        assert_eq!(
+            s["origin_breaker_opened"], 1,
+            "one of two ejected at most: {s:?}"
+        );
+        assert!(s["origin_ejections_capped"] >= 1, "{s:?}");
+        assert!(s["origin_failures_connect"] >= 8, "{s:?}");
+    }
+
+    // With a stale copy: served when every try fails (refused, and 503 on pooled connections).
+    let origin = Origin::start().await;
+    origin.set_cache_control(Some("max-age=1"));
+    let proxy = Proxy::start(&config(&[origin.addr().to_string(), dead_addr()], "", true));
+    let path = format!("/obj/{}/keep.bin", 2 * CHUNK);
+    let (status, body, _) = get(&proxy, &path).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    origin.refuse().await;
+    origin.set_fault(Fault::Status(503));
+    for i in 0..4 {
+        let (status, stale, cs) = get(&proxy, &path).await;
+        assert_eq!(status, 200, "stale copy {i}");
+        assert!(stale == body);
+        assert!(cs.contains("stale-if-error"), "{cs}");
+    }
+    origin.resume().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_copy_is_served_at_once_while_the_whole_group_is_failing() {
+    let a = Origin::start().await;
+    let b = Origin::start().await;
+    for o in [&a, &b] {
+        o.set_cache_control(Some("max-age=1"));
+    }
+    let proxy = Proxy::start(&config(
+        &[a.addr().to_string(), b.addr().to_string()],
+        "",
+        true,
+    ));
+    let path = format!("/obj/{}/hung-group.bin", 2 * CHUNK);
+    let (status, body, _) = get(&proxy, &path).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Both servers accept and never answer: each try costs read_timeout.
+    a.set_fault(Fault::Hang);
+    b.set_fault(Fault::Hang);
+    let mut served = 0;
+    let mut quiet = 0;
+    for i in 0..8 {
+        let before = a.requests() + b.requests();
+        let (status, stale, cs) = get(&proxy, &path).await;
+        assert_eq!(status, 200, "stale copy {i}");
+        assert!(stale == body);
+        assert!(cs.contains("stale-if-error"), "{cs}");
+        served += 1;
+        if a.requests() + b.requests() == before {
+            quiet += 1;
+        }
+    }
+    assert_eq!(served, 8);
+    // Once both servers are ejected or failing, the stale copy goes out without asking them.
+    assert!(
+        quiet >= 5,
+        "served without waiting on the failing group: {quiet} of 8"
+    );
+    let s = proxy.stats().await;
+    assert!(s["origin_failures_read_timeout"] >= 3, "{s:?}");
+    assert_eq!(s["origin_breaker_opened"], 1, "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_server_ejected_requests_still_reach_a_server() {
+    for cache in [false, true] {
+        let origin = Origin::start().await;
+        origin.refuse().await;
+        // A long ejection: the server stays Open for the whole test.
+        let yaml = config(&[origin.addr().to_string()], "", cache).replace(
+            "open_for: 700ms\n      max_open_for: 5s",
+            "open_for: 60s\n      max_open_for: 60s",
+        );
+        let proxy = Proxy::start(&yaml);
+        for i in 0..3 {
+            let (status, _, _) = get(&proxy, &format!("/download/{}", 10 + i)).await;
+            assert_eq!(status, 502, "refused (cache: {cache})");
+        }
+        let s = proxy.stats().await;
+        assert_eq!(s["origin_breaker_opened"], 1, "ejected: {s:?}");
+        // The server is back, its breaker still open: requests reach it anyway.
+        origin.resume().await;
+        for i in 0..5 {
+            let path = if cache {
+                format!("/obj/{CHUNK}/back-{i}.bin")
+            } else {
+                format!("/download/{}", 2000 + i)
+            };
+            let (status, body, _) = get(&proxy, &path).await;
+            assert_eq!(status, 200, "request {i} (cache: {cache}): no made-up 503");
+            let len = if cache { CHUNK } else { 2000 + i };
+            assert!(body == content(&path, 0, 0..len));
+        }
+        let s = proxy.stats().await;
+        assert!(s["origin_all_ejected"] >= 5, "panic-routed: {s:?}");
+        assert!(origin.requests() >= 5);
+    }
+}
