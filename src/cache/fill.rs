@@ -75,7 +75,7 @@ pub enum Discovery {
     /// request (an error or other non-2xx status, or a whole 200): pass it on as it is, so the
     /// origin sees one request. `remember`: later requests may go straight to pass-through.
     Relay {
-        resp: OriginResponse,
+        resp: Box<OriginResponse>,
         reason: &'static str,
         remember: bool,
     },
@@ -275,7 +275,7 @@ pub async fn discover(
         // server error is not remembered: the next request asks again.
         let remember = status < 500;
         return Discovery::Relay {
-            resp,
+            resp: Box::new(resp),
             reason: "status",
             remember,
         };
@@ -288,7 +288,7 @@ pub async fn discover(
     };
     if status == 200 && size > cache.max_object_size {
         return Discovery::Relay {
-            resp,
+            resp: Box::new(resp),
             reason: "too-large",
             remember: true,
         };
@@ -301,7 +301,7 @@ pub async fn discover(
         // A whole 200 answers any request: pass it on rather than asking again.
         Err(reason) if status == 200 => {
             return Discovery::Relay {
-                resp,
+                resp: Box::new(resp),
                 reason,
                 remember: true,
             }
@@ -360,7 +360,7 @@ fn stream_unknown_length(
 ) -> Discovery {
     let Some(etag) = resp.header_str("etag").map(str::to_string) else {
         return Discovery::Relay {
-            resp,
+            resp: Box::new(resp),
             reason: "no-validator",
             remember: true,
         };
@@ -368,7 +368,7 @@ fn stream_unknown_length(
     // Check storability before reading a byte (the length is a placeholder here).
     if let Err(reason) = meta_from(cache, &resp.header.headers, 200, 0) {
         return Discovery::Relay {
-            resp,
+            resp: Box::new(resp),
             reason,
             remember: true,
         };

@@ -261,7 +261,7 @@ impl CacheLayer {
                 if remember {
                     self.cache.mark_uncacheable(&obj.key, reason);
                 }
-                self.relay(session, ctx, resp, reason).await?;
+                self.relay(session, ctx, *resp, reason).await?;
                 Ok(None)
             }
             Discovery::Failed(e) => {
