@@ -690,6 +690,16 @@ async fn every_server_refusing_gives_a_quick_502_or_the_stale_copy() {
         );
         assert!(s["origin_ejections_capped"] >= 1, "{s:?}");
         assert!(s["origin_failures_connect"] >= 8, "{s:?}");
+        // The trip says which server, why, and for which request.
+        assert!(
+            proxy.log_contains("-> Open after connect failure"),
+            "{}",
+            proxy.log()
+        );
+        assert!(proxy
+            .log()
+            .lines()
+            .any(|l| l.contains("circuit breaker of 127.0.0.1:") && l.contains("rid=")));
     }
 
     // With a stale copy: served when every try fails (refused, and 503 on pooled connections).

@@ -107,7 +107,9 @@ impl Selected {
             let ok = others < g.max_ejected;
             if !ok {
                 g.stats.ejections_capped.fetch_add(1, Ordering::Relaxed);
-                log::warn!(
+                // Counted on every failure past the threshold; logged at debug so a storm of
+                // failures cannot flood the log (the trips themselves are WARN lines).
+                log::debug!(
                     "rid={request_id} origin {} failing ({class}) but {others} of {} servers are already ejected (max_ejected_percent): kept in rotation",
                     self.addr,
                     g.breakers.len()

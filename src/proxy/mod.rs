@@ -238,8 +238,10 @@ impl ProxyHttp for Edge {
         if attempt == 0 {
             pool.budget.record_request();
         } else {
-            // A retry that fail_to_connect / error_while_proxy decided: back off first.
-            let delay = pool.backoff.delay(attempt, &mut rand::rng());
+            // A retry that fail_to_connect / error_while_proxy decided: back off first, never
+            // past the request's deadline.
+            let remaining = pool.settings.deadline.saturating_sub(ctx.started.elapsed());
+            let delay = pool.backoff.delay(attempt, &mut rand::rng()).min(remaining);
             tokio::time::sleep(delay).await;
             pool.stats.retries.fetch_add(1, Ordering::Relaxed);
             warn!(
@@ -253,7 +255,13 @@ impl ProxyHttp for Edge {
         let addr = sel.addr;
         ctx.upstream.tried.push(addr);
         ctx.upstream.current = Some(sel);
-        Ok(Box::new(pool.peer(addr)))
+        let mut peer = pool.peer(addr);
+        // Connecting never runs past the deadline either.
+        let remaining = pool.settings.deadline.saturating_sub(ctx.started.elapsed());
+        if let Some(t) = peer.options.connection_timeout.as_mut() {
+            *t = (*t).min(remaining.max(std::time::Duration::from_millis(1)));
+        }
+        Ok(Box::new(peer))
     }
 
     fn fail_to_connect(
