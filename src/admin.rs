@@ -46,6 +46,16 @@ impl AdminApp {
                 r.failures_of(class)
             ));
         }
+        if let Some(sh) = &self.shaping {
+            out.push_str(&format!(
+                "shaping_bytes {}\nshaping_delayed_us {}\nshaping_active_clients {}\nshaping_refused_downloads {}\nshaping_refused_connections {}\n",
+                n(&sh.shaped_bytes),
+                n(&sh.delayed_us),
+                n(&sh.active_clients),
+                n(&sh.refused_downloads),
+                n(&sh.refused_connections),
+            ));
+        }
         out
     }
 }
@@ -53,6 +63,8 @@ impl AdminApp {
 pub struct AdminApp {
     pub cache: Arc<ChunkCache>,
     pub stats: Arc<ResilienceStats>,
+    /// Shaping counters, when `shaping` is configured.
+    pub shaping: Option<Arc<crate::shaping::ShapingStats>>,
 }
 
 fn text(status: u16, body: &str) -> Response<Vec<u8>> {

@@ -27,3 +27,4 @@ pub mod origin;
 pub mod proxy;
 pub mod range;
 pub mod server;
+pub mod shaping;

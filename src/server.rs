@@ -55,6 +55,7 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
     let edge = Edge::new(config.clone(), cache.clone(), stats.clone())
         .map_err(|e| format!("building upstream pools: {e}"))?;
     let health_checks: Vec<_> = edge.pools().filter_map(|p| p.health_service()).collect();
+    let shaping = edge.shaping_stats();
     let mut proxy =
         pingora_proxy::http_proxy_service_with_name(&server.configuration, edge, "edgeslice");
     for addr in &config.listen {
@@ -66,7 +67,14 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
     }
 
     if let Some(addr) = config.admin_listen {
-        let mut admin = Service::new("edgeslice admin".to_string(), AdminApp { cache, stats });
+        let mut admin = Service::new(
+            "edgeslice admin".to_string(),
+            AdminApp {
+                cache,
+                stats,
+                shaping,
+            },
+        );
         admin.add_tcp(&addr.to_string());
         server.add_service(admin);
     }

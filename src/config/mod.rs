@@ -5,7 +5,10 @@
 //! line (`upstreams.origin.servers[1] (line 12, column 7): ...`). Nothing here panics on input.
 
 mod schema;
+mod shaping;
 pub mod units;
+
+pub use shaping::{ShapingClass, ShapingSettings};
 
 use crate::origin::breaker::BreakerConfig;
 use schema::{RawConfig, RawQueryKey, RawServerEntry};
@@ -63,6 +66,8 @@ pub struct Config {
     pub cache: CacheSettings,
     pub upstreams: BTreeMap<String, Arc<UpstreamSettings>>,
     pub routes: Vec<Arc<Route>>,
+    /// `shaping`, when configured.
+    pub shaping: Option<Arc<ShapingSettings>>,
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +189,8 @@ pub struct Route {
     pub upstream: Arc<UpstreamSettings>,
     pub cache: bool,
     pub query_key: QueryKey,
+    /// The shaping class of this route's responses; `None` = not shaped.
+    pub shaping: Option<Arc<ShapingClass>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -648,6 +655,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             "at least one route is required",
         ));
     }
+    let shaping = raw.shaping.as_ref().map(shaping::validate).transpose()?;
     let mut routes = Vec::new();
     for (i, r) in raw_routes.value.iter().enumerate() {
         let base = format!("routes[{i}]");
@@ -709,12 +717,42 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 }
             },
         };
+        let route_shaping = match &r.shaping {
+            None => None,
+            Some(name) => {
+                let class = shaping
+                    .as_ref()
+                    .and_then(|s| s.classes.get(name.value.trim()))
+                    .cloned();
+                let Some(class) = class else {
+                    let known: Vec<&str> = shaping
+                        .as_ref()
+                        .map(|s| s.classes.keys().map(String::as_str).collect())
+                        .unwrap_or_default();
+                    return Err(err_at(
+                        format!("{base}.shaping"),
+                        name,
+                        format!(
+                            "unknown shaping class {:?} (defined under shaping.classes: {})",
+                            name.value,
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    ));
+                };
+                Some(class)
+            }
+        };
         routes.push(Arc::new(Route {
             host,
             path_prefix,
             upstream,
             cache: r.cache.unwrap_or(true),
             query_key,
+            shaping: route_shaping,
         }));
     }
 
@@ -725,6 +763,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         cache,
         upstreams,
         routes,
+        shaping: shaping.map(Arc::new),
     })
 }
 

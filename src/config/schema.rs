@@ -23,6 +23,43 @@ pub struct RawConfig {
     pub cache: RawCache,
     pub upstreams: Option<Spanned<BTreeMap<String, RawUpstream>>>,
     pub routes: Option<Spanned<Vec<RawRoute>>>,
+    pub shaping: Option<Spanned<RawShaping>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShaping {
+    pub client_key: Option<Spanned<RawClientKey>>,
+    pub ipv6_prefix: Option<Spanned<u32>>,
+    pub total_rate: Option<Spanned<Rate>>,
+    pub max_clients: Option<Spanned<usize>>,
+    pub classes: Option<Spanned<BTreeMap<String, RawShapingClass>>>,
+}
+
+/// `remote_addr`, `{header: NAME}` or `{forwarded_for: {trusted_proxies: [CIDR, ...]}}`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RawClientKey {
+    RemoteAddr,
+    Header(String),
+    ForwardedFor(RawForwardedFor),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawForwardedFor {
+    pub trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShapingClass {
+    pub rate: Option<Spanned<Rate>>,
+    pub burst: Option<Spanned<Size>>,
+    pub rate_after: Option<Spanned<Size>>,
+    pub weight: Option<Spanned<u32>>,
+    pub max_downloads: Option<Spanned<u32>>,
+    pub max_connections: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -188,6 +225,7 @@ pub struct RawRoute {
     pub upstream: Spanned<String>,
     pub cache: Option<bool>,
     pub cache_key: Option<RawCacheKey>,
+    pub shaping: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

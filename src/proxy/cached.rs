@@ -304,7 +304,7 @@ impl CacheLayer {
                     format!("origin body failed mid-response: {e}"),
                 )
             })?;
-            session.write_response_body(Some(piece), false).await?;
+            write_body(session, ctx, piece).await?;
         }
         session.write_response_body(None, true).await
     }
@@ -336,7 +336,7 @@ impl CacheLayer {
         }
         loop {
             match resp.next_piece().await {
-                Ok(Some(piece)) => session.write_response_body(Some(piece), false).await?,
+                Ok(Some(piece)) => write_body(session, ctx, piece).await?,
                 Ok(None) => break,
                 Err(e) => {
                     return Err(Error::explain(
@@ -510,7 +510,7 @@ impl CacheLayer {
         let mut piece = first;
         loop {
             match piece {
-                Some(p) => session.write_response_body(Some(p), false).await?,
+                Some(p) => write_body(session, ctx, p).await?,
                 None => break,
             }
             piece = match body.next_piece(self, obj, origin, &meta, &validator).await {
@@ -525,7 +525,7 @@ impl CacheLayer {
             };
         }
         if !trailer.is_empty() {
-            session.write_response_body(Some(trailer), false).await?;
+            write_body(session, ctx, trailer).await?;
         }
         session.write_response_body(None, true).await
     }
@@ -551,6 +551,23 @@ impl CacheLayer {
         }
         Ok(h)
     }
+}
+
+/// Write a body piece; on a shaped response, paced by the client's download (split into pieces
+/// of at most `MAX_PIECE` bytes, without copying, so the pacing is smooth).
+async fn write_body(session: &mut Session, ctx: &mut RequestCtx, mut piece: Bytes) -> Result<()> {
+    let Some(d) = ctx.download.as_mut() else {
+        return session.write_response_body(Some(piece), false).await;
+    };
+    while !piece.is_empty() {
+        let part = piece.split_to(piece.len().min(d.max_piece()));
+        let wait = d.pace(part.len());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        session.write_response_body(Some(part), false).await?;
+    }
+    Ok(())
 }
 
 fn detail(e: &FillError) -> &'static str {

@@ -3,6 +3,7 @@
 use crate::config::Route;
 use crate::origin::outcome::StatusEvidence;
 use crate::origin::pool::Selected;
+use crate::shaping::Download;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,6 +17,9 @@ pub struct RequestCtx {
     pub cache_status: String,
     /// The cache layer declined the request: proxy it upstream.
     pub pass_through: bool,
+    /// The shaped download this response belongs to (its route has a shaping class); dropped
+    /// with the context, which ends the download.
+    pub download: Option<Download>,
 }
 
 #[derive(Default)]
@@ -39,6 +43,7 @@ impl RequestCtx {
             upstream: UpstreamCtx::default(),
             cache_status: "-".into(),
             pass_through: false,
+            download: None,
         }
     }
 }

@@ -24,6 +24,8 @@ use crate::config::{Config, Route};
 use crate::origin::outcome::{classify_error, status_verdict, StatusVerdict};
 use crate::origin::pool::{Selected, UpstreamPool};
 use crate::origin::ResilienceStats;
+use crate::shaping::identity::client_key;
+use crate::shaping::{Shaper, ShapingStats};
 use async_trait::async_trait;
 use cached::{CacheLayer, Outcome};
 use ctx::RequestCtx;
@@ -43,6 +45,7 @@ pub struct Edge {
     pub stats: Arc<ResilienceStats>,
     pools: HashMap<String, Arc<UpstreamPool>>,
     cache: CacheLayer,
+    shaper: Option<Shaper>,
 }
 
 impl Edge {
@@ -63,12 +66,62 @@ impl Edge {
             stats: stats.clone(),
             connector: Arc::new(Connector::new(None)),
         };
+        let shaper = config
+            .shaping
+            .as_ref()
+            .map(|s| Shaper::new(s.clone(), Arc::new(ShapingStats::default())));
         Ok(Edge {
             config,
             stats,
             pools,
             cache,
+            shaper,
         })
+    }
+
+    /// Shaping counters, when `shaping` is configured.
+    pub fn shaping_stats(&self) -> Option<Arc<ShapingStats>> {
+        self.shaper.as_ref().map(|s| s.stats().clone())
+    }
+
+    /// Start a shaped download for this request when its route has a shaping class: `Ok(false)`
+    /// when the client is at its `max_downloads` (a 429 was written), `Ok(true)` otherwise.
+    async fn admit_download(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        route: &Route,
+    ) -> Result<bool> {
+        let (Some(class), Some(shaper)) = (route.shaping.as_ref(), self.shaper.as_ref()) else {
+            return Ok(true);
+        };
+        let s = shaper.settings();
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let key = client_key(
+            &s.client_key,
+            s.ipv6_prefix,
+            peer,
+            &session.req_header().headers,
+        );
+        match shaper.admit(key, class) {
+            Ok(d) => {
+                ctx.download = Some(d);
+                Ok(true)
+            }
+            Err(refused) => {
+                log::info!(
+                    "rid={} client at max_downloads ({}) of class {}: 429",
+                    ctx.request_id,
+                    refused.max_downloads,
+                    class.name
+                );
+                respond::send_too_many(session, &ctx.request_id).await?;
+                Ok(false)
+            }
+        }
     }
 
     fn pool(&self, ctx: &RequestCtx) -> Option<&Arc<UpstreamPool>> {
@@ -208,6 +261,9 @@ impl ProxyHttp for Edge {
             return Ok(true);
         };
         ctx.route = Some(route.clone());
+        if !self.admit_download(session, ctx, &route).await? {
+            return Ok(true);
+        }
         let method = &session.req_header().method;
         if !route.cache || !(method == http::Method::GET || method == http::Method::HEAD) {
             return Ok(false);
@@ -374,6 +430,21 @@ impl ProxyHttp for Edge {
         self.invalidate_after_unsafe(session, upstream_response.status, ctx)
             .await;
         Ok(())
+    }
+
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        // Pass-through bodies are paced by Pingora: it waits this long, then writes the piece.
+        let (Some(d), Some(b)) = (ctx.download.as_mut(), body.as_ref()) else {
+            return Ok(None);
+        };
+        let wait = d.pace(b.len());
+        Ok((!wait.is_zero()).then_some(wait))
     }
 
     async fn fail_to_proxy(

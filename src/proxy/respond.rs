@@ -37,6 +37,7 @@ pub fn reason(status: u16) -> &'static str {
         404 => "no route for this host and path",
         405 => "method not allowed",
         416 => "range not satisfiable",
+        429 => "too many concurrent downloads for this client",
         500 => "internal error",
         502 => "bad gateway: the upstream could not be reached or failed",
         503 => "service unavailable",
@@ -67,11 +68,28 @@ pub async fn send_error(
     status: u16,
     request_id: &str,
 ) -> pingora_error::Result<()> {
+    send_short(session, status, request_id, &[]).await
+}
+
+/// 429 for a client at its `max_downloads`, with `Retry-After`.
+pub async fn send_too_many(session: &mut Session, request_id: &str) -> pingora_error::Result<()> {
+    send_short(session, 429, request_id, &[("retry-after", "1")]).await
+}
+
+async fn send_short(
+    session: &mut Session,
+    status: u16,
+    request_id: &str,
+    extra: &[(&'static str, &str)],
+) -> pingora_error::Result<()> {
     let body = Bytes::from(format!(
         "{status} {}\nrequest id: {request_id}\n",
         reason(status)
     ));
-    let head = error_header(status, body.len(), request_id)?;
+    let mut head = error_header(status, body.len(), request_id)?;
+    for (n, v) in extra {
+        head.insert_header(*n, *v)?;
+    }
     let is_head = session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(head), is_head)

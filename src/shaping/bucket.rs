@@ -1,0 +1,159 @@
+//! Pacing arithmetic: a token bucket in its GCRA form (one "theoretical arrival time" instead of
+//! a token count), so that one reservation is one subtraction and a comparison.
+//!
+//! `rate` bytes per second flow on average; up to `burst` bytes may go at once after a quiet
+//! spell. A reservation of `n` bytes returns how long the caller must wait before sending them;
+//! the bytes are accounted at once, so concurrent callers sharing one pacer queue up behind each
+//! other in reservation order and together never exceed the rate.
+//!
+//! Pure: the clock is a parameter (tests drive it with tokio's paused clock). Never panics:
+//! a zero rate means "not paced", durations saturate.
+
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The longest single wait a reservation may ask for; a larger computed wait (absurd rates)
+/// is clamped so that a response can never hang on arithmetic.
+pub const MAX_WAIT: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Pacer {
+    /// When the bucket will be full again if nothing more is sent; `None` = full now.
+    tat: Option<Instant>,
+}
+
+fn secs(bytes: u64, rate: u64) -> Duration {
+    Duration::try_from_secs_f64(bytes as f64 / rate as f64).unwrap_or(MAX_WAIT)
+}
+
+impl Pacer {
+    /// Account `n` bytes sent at `now` at `rate` bytes/s with `burst` bytes of tolerance, and
+    /// return how long to wait before sending them. `rate == 0`: no pacing, zero wait.
+    pub fn reserve(&mut self, now: Instant, n: u64, rate: u64, burst: u64) -> Duration {
+        if rate == 0 {
+            return Duration::ZERO;
+        }
+        let start = self.tat.map_or(now, |t| t.max(now));
+        let tat = start + secs(n, rate).min(MAX_WAIT);
+        self.tat = Some(tat);
+        let allowed_from = tat.checked_sub(secs(burst, rate)).unwrap_or(now);
+        allowed_from.saturating_duration_since(now).min(MAX_WAIT)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use tokio::time::advance;
+
+    const KIB: u64 = 1024;
+
+    /// Send `total` bytes in `piece`-byte pieces through `pacer`, sleeping as told; returns
+    /// the elapsed (paused-clock) time.
+    async fn send(pacer: &mut Pacer, total: u64, piece: u64, rate: u64, burst: u64) -> Duration {
+        let t0 = Instant::now();
+        let mut sent = 0;
+        while sent < total {
+            let n = piece.min(total - sent);
+            let wait = pacer.reserve(Instant::now(), n, rate, burst);
+            advance(wait).await;
+            sent += n;
+        }
+        t0.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_burst_goes_at_once_then_the_rate_holds() {
+        let mut p = Pacer::default();
+        // 256 KiB of burst: the first 256 KiB need no wait.
+        assert_eq!(
+            send(&mut p, 256 * KIB, 16 * KIB, 1024 * KIB, 256 * KIB).await,
+            Duration::ZERO
+        );
+        // The next MiB takes one second at 1 MiB/s.
+        let took = send(&mut p, 1024 * KIB, 16 * KIB, 1024 * KIB, 256 * KIB).await;
+        assert!(
+            took.abs_diff(Duration::from_secs(1)) < Duration::from_millis(2),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn long_run_rate_is_the_rate_whatever_the_piece_size() {
+        for piece in [1000, 4 * KIB, 16 * KIB, 64 * KIB] {
+            let mut p = Pacer::default();
+            let took = send(&mut p, 4096 * KIB, piece, 1024 * KIB, 64 * KIB).await;
+            let want = Duration::from_secs_f64((4096.0 - 64.0) / 1024.0);
+            assert!(
+                took.abs_diff(want) < Duration::from_millis(70),
+                "piece {piece}: {took:?} vs {want:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn quiet_time_refills_the_burst_but_no_more() {
+        let mut p = Pacer::default();
+        send(&mut p, 2048 * KIB, 64 * KIB, 1024 * KIB, 128 * KIB).await;
+        advance(Duration::from_secs(10)).await;
+        // Ten quiet seconds give back the burst only, not ten seconds' worth.
+        assert_eq!(
+            p.reserve(Instant::now(), 128 * KIB, 1024 * KIB, 128 * KIB),
+            Duration::ZERO
+        );
+        let wait = p.reserve(Instant::now(), 128 * KIB, 1024 * KIB, 128 * KIB);
+        assert!(
+            wait.abs_diff(Duration::from_millis(125)) < Duration::from_millis(1),
+            "{wait:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_senders_sharing_a_pacer_split_the_rate() {
+        let mut p = Pacer::default();
+        let rate = 1024 * KIB;
+        // Alternate reservations as two connections would: together the rate, each half.
+        let t0 = Instant::now();
+        let (mut a, mut b) = (0u64, 0u64);
+        let (mut a_ready, mut b_ready) = (t0, t0);
+        while a + b < 4096 * KIB {
+            let now = a_ready.min(b_ready);
+            tokio::time::advance(now.saturating_duration_since(Instant::now())).await;
+            if a_ready <= b_ready {
+                a_ready = Instant::now() + p.reserve(Instant::now(), 16 * KIB, rate, 0);
+                a += 16 * KIB;
+            } else {
+                b_ready = Instant::now() + p.reserve(Instant::now(), 16 * KIB, rate, 0);
+                b += 16 * KIB;
+            }
+        }
+        assert_eq!(a, b);
+        let took = t0.elapsed();
+        assert!(
+            took.abs_diff(Duration::from_secs(4)) < Duration::from_millis(40),
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn zero_rate_is_not_paced() {
+        let mut p = Pacer::default();
+        assert_eq!(p.reserve(Instant::now(), u64::MAX, 0, 0), Duration::ZERO);
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_and_waits_are_bounded(
+            ops in proptest::collection::vec((0u64..u64::MAX, 0u64..u64::MAX, 0u64..u64::MAX, 0u64..10_000), 1..50)
+        ) {
+            let mut p = Pacer::default();
+            let base = Instant::now();
+            for (n, rate, burst, ms) in ops {
+                let now = base + Duration::from_millis(ms);
+                let w = p.reserve(now, n, rate, burst);
+                prop_assert!(w <= MAX_WAIT);
+            }
+        }
+    }
+}
