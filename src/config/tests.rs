@@ -368,3 +368,104 @@ fn bad_attribution_keys_are_named() {
         "invalid rate",
     );
 }
+
+const SHAPED: &str = "\
+shaping:
+  client_key: {forwarded_for: {trusted_proxies: [10.0.0.0/8, \"::1\"]}}
+  ipv6_prefix: 56
+  total_rate: 10GiB/s
+  classes:
+    standard:
+      rate: 1MiB/s
+      burst: 256KiB
+      rate_after: 0
+      weight: 2
+      max_downloads: 4
+      max_connections: 0
+";
+
+#[test]
+fn shaping_keys_parse() {
+    let y = format!("{GOOD}{SHAPED}").replace(
+        "    cache: true\n",
+        "    cache: true\n    shaping: standard\n",
+    );
+    let c = Config::from_yaml(&y).expect("shaping config");
+    let s = c.shaping.as_ref().expect("shaping");
+    assert_eq!(s.ipv6_prefix, 56);
+    assert_eq!(s.total_rate, 10 << 30);
+    let std = &s.classes["standard"];
+    assert_eq!(
+        (std.rate, std.burst, std.weight, std.max_downloads),
+        (1 << 20, 256 << 10, 2, 4)
+    );
+    match &s.client_key {
+        crate::shaping::identity::KeySource::ForwardedFor { trusted } => {
+            assert_eq!(trusted.len(), 2)
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.routes[0].shaping.as_deref(), Some(&**std));
+    // Without shaping on the route, nothing is shaped; other key forms parse.
+    for key in ["remote_addr", "{header: X-Client-Id}"] {
+        let y = format!(
+            "{GOOD}{}",
+            SHAPED.replace(
+                "{forwarded_for: {trusted_proxies: [10.0.0.0/8, \"::1\"]}}",
+                key,
+            )
+        );
+        let c = Config::from_yaml(&y).expect(key);
+        assert!(c.routes[0].shaping.is_none());
+    }
+}
+
+#[test]
+fn bad_shaping_keys_are_named() {
+    let with = |shaping: &str, route: &str| {
+        format!("{GOOD}{shaping}")
+            .replace("    cache: true\n", &format!("    cache: true\n{route}"))
+    };
+    assert_err(
+        &with(SHAPED, "    shaping: premium\n"),
+        "routes[0].shaping",
+        24,
+        "unknown shaping class \"premium\"",
+    );
+    assert_err(
+        &with("", "    shaping: standard\n"),
+        "routes[0].shaping",
+        24,
+        "unknown shaping class",
+    );
+    assert_err(
+        &with(&SHAPED.replace("rate: 1MiB/s", "rate: fast"), ""),
+        "shaping.classes.standard.rate",
+        30,
+        "invalid rate",
+    );
+    assert_err(
+        &with(&SHAPED.replace("weight: 2", "weight: 0"), ""),
+        "shaping.classes.standard.weight",
+        33,
+        "at least 1",
+    );
+    assert_err(
+        &with(&SHAPED.replace("ipv6_prefix: 56", "ipv6_prefix: 129"), ""),
+        "shaping.ipv6_prefix",
+        26,
+        "0 to 128",
+    );
+    assert_err(
+        &with(&SHAPED.replace("10.0.0.0/8", "10.0.0.0/99"), ""),
+        "shaping.client_key.forwarded_for.trusted_proxies[0]",
+        25,
+        "prefix length",
+    );
+    assert_err(
+        &with(&SHAPED.replace("max_downloads: 4", "max_dowloads: 4"), ""),
+        "shaping.classes.standard.max_dowloads",
+        34,
+        "unknown field",
+    );
+}

@@ -183,6 +183,7 @@ impl Shaper {
             shaper: inner.clone(),
             key,
             client: entry,
+            own: Pacer::default(),
             sent: 0,
         })
     }
@@ -270,6 +271,9 @@ pub struct Download {
     shaper: Arc<Inner>,
     key: EntryKey,
     client: Arc<Client>,
+    /// This response's own pacer, at the client's rate divided by its downloads in progress:
+    /// it makes the split even whatever the piece sizes of each response.
+    own: Pacer,
     /// Body bytes of this response accounted so far.
     sent: u64,
 }
@@ -289,12 +293,19 @@ impl Download {
             return Duration::ZERO;
         }
         let now = Instant::now();
-        let wait = self
+        // Two pacers: the client's (all its responses together stay within its rate and
+        // burst) and this response's (an even part of it).
+        let k = u64::from(self.client.downloads.load(Ordering::Relaxed).max(1));
+        let own = self
+            .own
+            .reserve(now, paced, (rate / k).max(1), (class.burst / k).max(1));
+        let shared = self
             .client
             .pacer
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .reserve(now, paced, rate, class.burst);
+        let wait = own.max(shared);
         let stats = &self.shaper.stats;
         stats.shaped_bytes.fetch_add(paced, Ordering::Relaxed);
         if !wait.is_zero() {
@@ -417,6 +428,37 @@ mod tests {
         let total: u64 = sent.iter().sum();
         assert!(near(total, 10 * MIB + 64 * KIB, 0.02), "{sent:?}");
         assert!(near(sent[0], sent[1], 0.05), "{sent:?}");
+    }
+
+    /// Run two downloads whose pieces differ in size (as a cached and a pass-through response
+    /// of one client would) for `secs`; returns the bytes each sent.
+    async fn run_uneven(a: &mut Download, b: &mut Download, secs: u64) -> [u64; 2] {
+        let end = Instant::now() + Duration::from_secs(secs);
+        let mut ready = [Instant::now(); 2];
+        let mut sent = [0u64; 2];
+        let sizes = [16 * KIB, 64 * KIB];
+        loop {
+            let i = usize::from(ready[1] < ready[0]);
+            if ready[i] >= end {
+                return sent;
+            }
+            advance(ready[i].saturating_duration_since(Instant::now())).await;
+            let d = if i == 0 { &mut *a } else { &mut *b };
+            let wait = d.pace(sizes[i] as usize);
+            sent[i] += sizes[i];
+            ready[i] = Instant::now() + wait;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_split_is_even_whatever_the_piece_sizes() {
+        let s = shaper(0);
+        let c = class(MIB, 0, 0);
+        let mut a = s.admit(client(2), &c).expect("a");
+        let mut b = s.admit(client(2), &c).expect("b");
+        let sent = run_uneven(&mut a, &mut b, 20).await;
+        assert!(near(sent[0], sent[1], 0.10), "{sent:?}");
+        assert!(near(sent[0] + sent[1], 20 * MIB, 0.05), "{sent:?}");
     }
 
     #[tokio::test(start_paused = true)]
