@@ -72,7 +72,7 @@ fn bench_pace(c: &mut Criterion) {
     });
 
     let (s, class) = shaper(0);
-    let mut d = s.admit(client(1), &class).expect("admitted");
+    let mut d = s.admit(client(1), &class, None).expect("admitted");
     g.bench_function("paced", |b| {
         b.iter(|| {
             let mut p = piece.clone();
@@ -88,9 +88,9 @@ fn bench_pace(c: &mut Criterion) {
 
     let (s, class) = shaper(1 << 50);
     let _others: Vec<_> = (2..66)
-        .map(|n| s.admit(client(n), &class).expect("admitted"))
+        .map(|n| s.admit(client(n), &class, None).expect("admitted"))
         .collect();
-    let mut d = s.admit(client(1), &class).expect("admitted");
+    let mut d = s.admit(client(1), &class, None).expect("admitted");
     g.bench_function("paced_total_rate", |b| {
         b.iter(|| {
             let mut p = piece.clone();

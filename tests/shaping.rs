@@ -244,3 +244,68 @@ async fn rate_after_sends_the_first_bytes_at_full_speed() {
     // The rest (512 KiB less the burst) is paced at 256 KiB/s: about 1.9 s in all.
     assert!(all > Duration::from_millis(1690), "then paced: {all:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_a_new_connection_of_that_client_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = Origin::start().await;
+    let class = "      rate: 64KiB/s\n      burst: 16KiB\n      max_connections: 2\n";
+    let proxy = Proxy::start(&config(&origin, class, "0"));
+    let addr: std::net::SocketAddr = proxy
+        .url("")
+        .trim_start_matches("http://")
+        .parse()
+        .expect("proxy address");
+    let connect_from = |n: u8| async move {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.bind((IpAddr::from([127, 0, 0, n]), 0).into())
+            .expect("bind");
+        sock.connect(addr).await.expect("connect")
+    };
+    // Reads one response head (and whatever came with it) from a kept-alive connection.
+    async fn head(s: &mut tokio::net::TcpStream, path: &str) -> String {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("send");
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("an answer in time")
+            .expect("read");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+    let mut c1 = connect_from(2).await;
+    let mut c2 = connect_from(2).await;
+    assert!(head(&mut c1, "/obj/100/a.bin")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert!(head(&mut c2, "/obj/100/b.bin")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    // A third connection of the same client is refused: 429, then closed.
+    let mut c3 = connect_from(2).await;
+    let answer = head(&mut c3, "/obj/100/c.bin").await;
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), c3.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(_))),
+        "the refused connection is closed"
+    );
+    // Another client is unaffected, and the first two connections keep working.
+    let mut other = connect_from(3).await;
+    assert!(head(&mut other, "/obj/100/d.bin")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    assert!(head(&mut c1, "/obj/100/e.bin")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    // When one of them closes, a new connection of that client is admitted.
+    drop(c2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut c4 = connect_from(2).await;
+    assert!(head(&mut c4, "/obj/100/f.bin")
+        .await
+        .starts_with("HTTP/1.1 200"));
+    let s = proxy.stats().await;
+    assert_eq!(s["shaping_refused_connections"], 1, "{s:?}");
+}

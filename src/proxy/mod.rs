@@ -25,7 +25,7 @@ use crate::origin::outcome::{classify_error, status_verdict, StatusVerdict};
 use crate::origin::pool::{Selected, UpstreamPool};
 use crate::origin::ResilienceStats;
 use crate::shaping::identity::client_key;
-use crate::shaping::{Shaper, ShapingStats};
+use crate::shaping::{ConnectionHandle, Refused, Shaper, ShapingStats};
 use async_trait::async_trait;
 use cached::{CacheLayer, Outcome};
 use ctx::RequestCtx;
@@ -106,18 +106,26 @@ impl Edge {
             peer,
             &session.req_header().headers,
         );
-        match shaper.admit(key, class) {
+        // The socket digest lives exactly as long as the client's connection.
+        let connection: Option<ConnectionHandle> = session
+            .digest()
+            .and_then(|d| d.socket_digest.clone())
+            .map(|d| d as ConnectionHandle);
+        match shaper.admit(key, class, connection.as_ref()) {
             Ok(d) => {
                 ctx.download = Some(d);
                 Ok(true)
             }
             Err(refused) => {
                 log::info!(
-                    "rid={} client at max_downloads ({}) of class {}: 429",
+                    "rid={} client refused ({refused:?}) by class {}: 429",
                     ctx.request_id,
-                    refused.max_downloads,
                     class.name
                 );
+                if matches!(refused, Refused::Connections { .. }) {
+                    // A connection over the client's cap is refused: answered, then closed.
+                    session.set_keepalive(None);
+                }
                 respond::send_too_many(session, &ctx.request_id).await?;
                 Ok(false)
             }

@@ -37,7 +37,7 @@ pub fn reason(status: u16) -> &'static str {
         404 => "no route for this host and path",
         405 => "method not allowed",
         416 => "range not satisfiable",
-        429 => "too many concurrent downloads for this client",
+        429 => "too many concurrent downloads or connections for this client",
         500 => "internal error",
         502 => "bad gateway: the upstream could not be reached or failed",
         503 => "service unavailable",
@@ -71,7 +71,7 @@ pub async fn send_error(
     send_short(session, status, request_id, &[]).await
 }
 
-/// 429 for a client at its `max_downloads`, with `Retry-After`.
+/// 429 for a client at its `max_downloads` or `max_connections`, with `Retry-After`.
 pub async fn send_too_many(session: &mut Session, request_id: &str) -> pingora_error::Result<()> {
     send_short(session, 429, request_id, &[("retry-after", "1")]).await
 }

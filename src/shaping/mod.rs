@@ -28,8 +28,9 @@ use crate::config::{ShapingClass, ShapingSettings};
 use bucket::Pacer;
 use fair::{water_fill, Claim};
 use identity::ClientKey;
+use std::any::Any;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use table::Table;
 use tokio::time::Instant;
@@ -76,6 +77,28 @@ struct Client {
     demand: AtomicU64,
     /// Microseconds since the shaper started, at the last use (for LRU eviction).
     last_used: AtomicU64,
+    /// The client's connections seen on this class's routes, as weak handles to a per-connection
+    /// object: a connection that closed drops it, so dead ones are pruned when next looked at.
+    /// At most `max_connections` live ones (only kept when that cap is set).
+    connections: Mutex<Vec<Weak<dyn Any + Send + Sync>>>,
+}
+
+impl Client {
+    /// Whether `conn` may carry requests: it is one of the client's known connections, or the
+    /// client has fewer than `max` live ones (then it is recorded).
+    fn admit_connection(&self, conn: &ConnectionHandle, max: u32) -> bool {
+        let mut conns = self.connections.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|w| w.strong_count() > 0);
+        let me = Arc::downgrade(conn);
+        if conns.iter().any(|w| w.ptr_eq(&me)) {
+            return true;
+        }
+        if conns.len() >= max as usize {
+            return false;
+        }
+        conns.push(me);
+        true
+    }
 }
 
 impl table::Entry for Client {
@@ -104,11 +127,18 @@ pub struct Shaper {
     inner: Arc<Inner>,
 }
 
-/// A client at its `max_downloads`.
+/// Why a request of a client was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refused {
-    pub max_downloads: u32,
+pub enum Refused {
+    /// The client has `max_downloads` responses in progress.
+    Downloads { max: u32 },
+    /// The request came on a new connection of a client that has `max_connections` open.
+    Connections { max: u32 },
 }
+
+/// A handle that lives exactly as long as the client's connection (Pingora's per-connection
+/// socket digest): compared by identity, held weakly.
+pub type ConnectionHandle = Arc<dyn Any + Send + Sync>;
 
 impl Shaper {
     pub fn new(settings: Arc<ShapingSettings>, stats: Arc<ShapingStats>) -> Shaper {
@@ -140,9 +170,15 @@ impl Shaper {
     }
 
     /// Start a response for `client` in `class`: refused when the client is at its
-    /// `max_downloads`; otherwise a ticket that paces the body and ends the download when
+    /// `max_downloads`, or when `connection` is a new one and the client already has
+    /// `max_connections` open; otherwise a ticket that paces the body and ends the download when
     /// dropped.
-    pub fn admit(&self, client: ClientKey, class: &Arc<ShapingClass>) -> Result<Download, Refused> {
+    pub fn admit(
+        &self,
+        client: ClientKey,
+        class: &Arc<ShapingClass>,
+        connection: Option<&ConnectionHandle>,
+    ) -> Result<Download, Refused> {
         let inner = &self.inner;
         let key: EntryKey = (client, class.name.clone());
         let now = inner.micros(Instant::now());
@@ -155,8 +191,18 @@ impl Shaper {
             allocated: AtomicU64::new(0),
             demand: AtomicU64::new(u64::MAX),
             last_used: AtomicU64::new(now),
+            connections: Mutex::new(Vec::new()),
         });
         entry.last_used.store(now, Ordering::Relaxed);
+        if let (max, Some(conn)) = (class.max_connections, connection) {
+            if max > 0 && !entry.admit_connection(conn, max) {
+                inner
+                    .stats
+                    .refused_connections
+                    .fetch_add(1, Ordering::Relaxed);
+                return Err(Refused::Connections { max });
+            }
+        }
         let max = class.max_downloads;
         let admitted = entry
             .downloads
@@ -169,7 +215,7 @@ impl Shaper {
                     .stats
                     .refused_downloads
                     .fetch_add(1, Ordering::Relaxed);
-                return Err(Refused { max_downloads: max });
+                return Err(Refused::Downloads { max });
             }
             Ok(0) => {
                 // The active table holds the same entry as the client table.
@@ -421,8 +467,8 @@ mod tests {
         let s = shaper(0);
         let c = class(MIB, 0, 0);
         let mut d = vec![
-            s.admit(client(2), &c).expect("first"),
-            s.admit(client(2), &c).expect("second"),
+            s.admit(client(2), &c, None).expect("first"),
+            s.admit(client(2), &c, None).expect("second"),
         ];
         let sent = run(&mut d, 10).await;
         let total: u64 = sent.iter().sum();
@@ -454,8 +500,8 @@ mod tests {
     async fn the_split_is_even_whatever_the_piece_sizes() {
         let s = shaper(0);
         let c = class(MIB, 0, 0);
-        let mut a = s.admit(client(2), &c).expect("a");
-        let mut b = s.admit(client(2), &c).expect("b");
+        let mut a = s.admit(client(2), &c, None).expect("a");
+        let mut b = s.admit(client(2), &c, None).expect("b");
         let sent = run_uneven(&mut a, &mut b, 20).await;
         assert!(near(sent[0], sent[1], 0.10), "{sent:?}");
         assert!(near(sent[0] + sent[1], 20 * MIB, 0.05), "{sent:?}");
@@ -466,8 +512,8 @@ mod tests {
         let s = shaper(0);
         let c = class(MIB, 0, 0);
         let mut d = vec![
-            s.admit(client(2), &c).expect("a"),
-            s.admit(client(3), &c).expect("b"),
+            s.admit(client(2), &c, None).expect("a"),
+            s.admit(client(3), &c, None).expect("b"),
         ];
         let sent = run(&mut d, 10).await;
         for x in &sent {
@@ -480,7 +526,7 @@ mod tests {
         let s = shaper(3 * MIB / 2);
         let c = class(MIB, 0, 0);
         let mut d: Vec<Download> = (2..5)
-            .map(|n| s.admit(client(n), &c).expect("admitted"))
+            .map(|n| s.admit(client(n), &c, None).expect("admitted"))
             .collect();
         let sent = run(&mut d, 10).await;
         let total: u64 = sent.iter().sum();
@@ -497,8 +543,8 @@ mod tests {
     async fn a_client_that_leaves_gives_its_share_back() {
         let s = shaper(2 * MIB);
         let c = class(4 * MIB, 0, 0);
-        let a = s.admit(client(2), &c).expect("a");
-        let b = s.admit(client(3), &c).expect("b");
+        let a = s.admit(client(2), &c, None).expect("a");
+        let b = s.admit(client(3), &c, None).expect("b");
         assert_eq!(a.rate(), MIB);
         drop(b);
         assert_eq!(a.rate(), 2 * MIB, "rebalanced at once");
@@ -509,9 +555,9 @@ mod tests {
         let s = shaper(3 * MIB);
         let c = class(10 * MIB, 0, 0);
         let mut fast: Vec<Download> = (2..4)
-            .map(|n| s.admit(client(n), &c).expect("fast"))
+            .map(|n| s.admit(client(n), &c, None).expect("fast"))
             .collect();
-        let mut slow = s.admit(client(9), &c).expect("slow");
+        let mut slow = s.admit(client(9), &c, None).expect("slow");
         // The slow client reads 100 KiB/s whatever its share; the others as fast as allowed.
         let end = Instant::now() + Duration::from_secs(10);
         let mut ready = [Instant::now(); 2];
@@ -544,24 +590,54 @@ mod tests {
     async fn max_downloads_refuses_at_once_and_frees_on_drop() {
         let s = shaper(0);
         let c = class(MIB, 2, 0);
-        let a = s.admit(client(2), &c).expect("1");
-        let _b = s.admit(client(2), &c).expect("2");
+        let a = s.admit(client(2), &c, None).expect("1");
+        let _b = s.admit(client(2), &c, None).expect("2");
         assert_eq!(
-            s.admit(client(2), &c).err(),
-            Some(Refused { max_downloads: 2 })
+            s.admit(client(2), &c, None).err(),
+            Some(Refused::Downloads { max: 2 })
         );
         // Another client is unaffected.
-        assert!(s.admit(client(3), &c).is_ok());
+        assert!(s.admit(client(3), &c, None).is_ok());
         drop(a);
-        assert!(s.admit(client(2), &c).is_ok());
+        assert!(s.admit(client(2), &c, None).is_ok());
         assert_eq!(s.stats().refused_downloads.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_connections_counts_live_connections_only() {
+        let s = shaper(0);
+        let c = Arc::new(ShapingClass {
+            max_connections: 2,
+            ..(*class(MIB, 0, 0)).clone()
+        });
+        let conn = || -> ConnectionHandle { Arc::new(()) };
+        let (one, two, three) = (conn(), conn(), conn());
+        let _a = s
+            .admit(client(2), &c, Some(&one))
+            .expect("first connection");
+        let _b = s
+            .admit(client(2), &c, Some(&two))
+            .expect("second connection");
+        // More requests on known connections are fine; a third connection is not.
+        let _a2 = s.admit(client(2), &c, Some(&one)).expect("same connection");
+        assert_eq!(
+            s.admit(client(2), &c, Some(&three)).err(),
+            Some(Refused::Connections { max: 2 })
+        );
+        // Other clients are unaffected.
+        assert!(s.admit(client(3), &c, Some(&three)).is_ok());
+        // Once a connection closes (its handle dropped), a new one is admitted.
+        drop(two);
+        let four = conn();
+        assert!(s.admit(client(2), &c, Some(&four)).is_ok());
+        assert_eq!(s.stats().refused_connections.load(Ordering::Relaxed), 1);
     }
 
     #[tokio::test(start_paused = true)]
     async fn rate_after_goes_unpaced() {
         let s = shaper(0);
         let c = class(100 * KIB, 0, MIB);
-        let mut d = s.admit(client(2), &c).expect("admitted");
+        let mut d = s.admit(client(2), &c, None).expect("admitted");
         for _ in 0..64 {
             assert_eq!(d.pace(16 * KIB as usize), Duration::ZERO);
         }
@@ -579,7 +655,7 @@ mod tests {
         let c = class(MIB, 0, 0);
         for i in 0..100_000u32 {
             let key = ClientKey::Ip(IpAddr::from(i.to_be_bytes()));
-            drop(s.admit(key, &c).expect("admitted"));
+            drop(s.admit(key, &c, None).expect("admitted"));
         }
         assert!(s.tracked_clients() <= 1000 + 16, "{}", s.tracked_clients());
     }
