@@ -30,7 +30,7 @@ struct Cli {
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    let config = match Config::load(&cli.conf) {
+    let config = match Config::load(&cli.conf).and_then(|c| c.check_paths().map(|()| c)) {
         Ok(c) => c,
         Err(e) => {
             eprintln!(

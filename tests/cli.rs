@@ -46,3 +46,36 @@ fn bad_config_fails_test_mode_naming_key_and_line() {
     assert_ne!(code, 0);
     assert!(err.contains("cannot read"), "{err}");
 }
+
+#[test]
+fn a_foreign_disk_path_fails_test_mode_and_start_untouched() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir_all(shared.join("ab")).unwrap();
+    std::fs::write(shared.join("ab").join("notes"), b"keep me").unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let path = dir.path().join("conf.yaml");
+    for (disk, needle) in [(&shared, "not empty"), (&file, "not a directory")] {
+        let yaml = format!(
+            "listen: [\"127.0.0.1:0\"]\ncache:\n  disk:\n    path: {}\n    capacity: 1MiB\nupstreams:\n  o:\n    servers: [\"127.0.0.1:1\"]\nroutes:\n  - upstream: o\n",
+            disk.display()
+        );
+        std::fs::write(&path, yaml).unwrap();
+        for mode in [&["-t"][..], &[][..]] {
+            let mut args = mode.to_vec();
+            args.extend(["-c", path.to_str().unwrap()]);
+            let (code, _out, err) = edgeslice(&args);
+            assert_ne!(code, 0, "{mode:?} accepted {}", disk.display());
+            assert!(
+                err.contains("cache.disk.path") && err.contains(needle),
+                "{mode:?}: {err}"
+            );
+        }
+    }
+    assert_eq!(
+        std::fs::read(shared.join("ab").join("notes")).unwrap(),
+        b"keep me"
+    );
+    assert!(!shared.join("EDGESLICE-CACHE").exists());
+}

@@ -17,6 +17,11 @@
 //!   a bad file is an error value, never an index out of range or an allocation of a length
 //!   read from disk.
 //!
+//! * **Never delete what it does not own.** The tier keeps its files in a directory it marks
+//!   as its own when it creates it (the [`MARKER`] file, with the format version). It refuses a
+//!   non-empty directory without that marker (see [`check_dir`]), never deletes a file that
+//!   does not start with its [`MAGIC`], and never follows a symbolic link in its tree.
+//!
 //! # Layout
 //!
 //! The file of a key is `dir/ab/cd/<hex>`, where `<hex>` is the BLAKE3 hash of the key in hex
@@ -64,6 +69,10 @@ use std::time::SystemTime;
 
 /// The first eight bytes of every entry file.
 pub const MAGIC: [u8; 8] = *b"EDGSLC01";
+/// The file that marks a directory as an edgeslice disk tier.
+pub const MARKER: &str = "EDGESLICE-CACHE";
+/// What the marker says: who wrote the directory, and in which layout version.
+const MARKER_TEXT: &str = "edgeslice disk cache\nformat 1\n";
 /// The format version written after the magic. Files of any other version are deleted at open.
 pub const FORMAT_VERSION: u16 = 1;
 /// The longest key or validator accepted (longer ones are never stored, and a header claiming
@@ -429,7 +438,17 @@ impl DiskStore {
     ///
     /// Blocking: called once at start-up (the caller may run it in `spawn_blocking`).
     pub fn open(dir: &Path, capacity: u64) -> io::Result<DiskStore> {
+        check_dir(dir).map_err(io::Error::other)?;
         fs::create_dir_all(dir)?;
+        let marker = dir.join(MARKER);
+        if !marker.exists() {
+            let tmp = dir.join(format!(
+                "{MARKER}{TMP_MARKER}{:016x}",
+                rand::random::<u64>()
+            ));
+            fs::write(&tmp, MARKER_TEXT)?;
+            fs::rename(&tmp, &marker)?;
+        }
         let mut found = Vec::new();
         for entry in fs::read_dir(dir)? {
             let entry = match entry {
@@ -637,7 +656,11 @@ impl Shared {
         let same_file = fs::symlink_metadata(path).is_ok_and(|m| file_identity(&m) == identity);
         if same_file {
             self.index().remove(hash);
-            remove_file_logged(path);
+            // Only a file that is ours (it starts with the entry magic) is deleted; anything
+            // else found at an entry's path is dropped from the index and left alone.
+            if has_magic(path) {
+                remove_file_logged(path);
+            }
         }
     }
 
@@ -752,6 +775,53 @@ fn remove_file_logged(path: &Path) {
     }
 }
 
+/// Whether `dir` may serve as the disk tier: absent (it will be created), empty, or marked by
+/// edgeslice with a layout version this build reads. Never writes anything. The error says
+/// why, for `edgeslice -t` and for the start-up failure.
+pub fn check_dir(dir: &Path) -> Result<(), String> {
+    let meta = match fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    };
+    if !meta.is_dir() {
+        return Err(format!("{} is not a directory", dir.display()));
+    }
+    match fs::read_to_string(dir.join(MARKER)) {
+        Ok(text) if text == MARKER_TEXT => Ok(()),
+        Ok(text) if text.starts_with("edgeslice disk cache") => Err(format!(
+            "{} holds an edgeslice disk cache of another format ({:?}); point cache.disk.path at a new directory",
+            dir.display(),
+            text.lines().nth(1).unwrap_or("")
+        )),
+        Ok(_) => Err(format!(
+            "{}/{MARKER} was not written by edgeslice",
+            dir.display()
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let mut entries =
+                fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+            if entries.next().is_none() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} is not empty and has no {MARKER} marker: edgeslice keeps its cache only in a directory it created (or an empty one), so that it never deletes files it does not own",
+                    dir.display()
+                ))
+            }
+        }
+        Err(e) => Err(format!("cannot read {}/{MARKER}: {e}", dir.display())),
+    }
+}
+
+/// Whether the file at `path` starts with the entry magic (so it is ours to delete).
+fn has_magic(path: &Path) -> bool {
+    let mut head = [0u8; MAGIC.len()];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|()| head == MAGIC)
+}
+
 fn is_fanout_name(name: &str) -> bool {
     name.len() == 2
         && name
@@ -767,7 +837,8 @@ struct Found {
     modified: SystemTime,
 }
 
-/// `dir/ab`: scan the `cd` directories; any other file here is garbage in our tree.
+/// `dir/ab`: scan the `cd` directories. Anything else is not ours: left alone. Symbolic links
+/// are never followed (`file_type` does not follow them).
 fn scan_level1(dir: &Path, found: &mut Vec<Found>) {
     for entry in read_dir_logged(dir) {
         let path = entry.path();
@@ -775,14 +846,8 @@ fn scan_level1(dir: &Path, found: &mut Vec<Found>) {
         let is_fanout = entry.file_name().to_str().is_some_and(is_fanout_name);
         if is_dir && is_fanout {
             scan_level2(&path, found);
-        } else if is_dir {
-            log::warn!(
-                "disk cache: ignoring unexpected directory {}",
-                path.display()
-            );
         } else {
-            log::warn!("disk cache: deleting stray file {}", path.display());
-            remove_file_logged(&path);
+            log::warn!("disk cache: ignoring {} (not ours)", path.display());
         }
     }
 }
@@ -791,27 +856,35 @@ fn scan_level1(dir: &Path, found: &mut Vec<Found>) {
 fn scan_level2(dir: &Path, found: &mut Vec<Found>) {
     for entry in read_dir_logged(dir) {
         let path = entry.path();
-        let file_type = entry.file_type();
-        if file_type.as_ref().is_ok_and(|t| t.is_dir()) {
+        // Only regular files are ever read or deleted: directories, links and the rest are not
+        // ours, and a symbolic link is never followed out of the tree.
+        if !entry.file_type().is_ok_and(|t| t.is_file()) {
             log::warn!(
-                "disk cache: ignoring unexpected directory {}",
+                "disk cache: ignoring {} (not a regular file)",
                 path.display()
             );
             continue;
         }
         let name = entry.file_name();
         let name = name.to_str().unwrap_or("");
+        let ours = has_magic(&path);
         if name.contains(TMP_MARKER) {
-            log::debug!("disk cache: deleting leftover temp file {}", path.display());
-            remove_file_logged(&path);
+            // A write cut short; ours if it got as far as the magic (or wrote nothing at all).
+            let len = entry.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+            if ours || len == 0 {
+                log::debug!("disk cache: deleting leftover temp file {}", path.display());
+                remove_file_logged(&path);
+            }
             continue;
         }
-        let checked = if file_type.is_ok_and(|t| t.is_file()) {
-            check_entry_file(&path, name)
-        } else {
-            Err("not a regular file".to_owned())
-        };
-        match checked {
+        if !ours {
+            log::warn!(
+                "disk cache: ignoring {} (not ours: no entry magic)",
+                path.display()
+            );
+            continue;
+        }
+        match check_entry_file(&path, name) {
             Ok(f) => found.push(f),
             Err(why) => {
                 log::warn!("disk cache: deleting bad entry {}: {why}", path.display());
@@ -880,7 +953,7 @@ mod tests {
                 let t = e.file_type().unwrap();
                 if t.is_dir() {
                     stack.push(e.path());
-                } else {
+                } else if t.is_file() && e.file_name() != MARKER {
                     out.push((e.path(), e.metadata().unwrap().len()));
                 }
             }
@@ -992,17 +1065,26 @@ mod tests {
             "{}.tmp.0123456789abcdef",
             path_a.file_name().unwrap().to_str().unwrap()
         ));
-        fs::write(&tmp, b"half a write").unwrap();
+        let mut half = MAGIC.to_vec();
+        half.extend_from_slice(b"half a write");
+        fs::write(&tmp, &half).unwrap();
+        // The same name pattern on a file that is not ours: left alone.
+        let foreign_tmp = path_a.with_file_name("notes.tmp.txt");
+        fs::write(&foreign_tmp, b"not a cache write").unwrap();
 
         let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
         assert!(!tmp.exists(), "leftover temp file deleted at open");
+        assert!(foreign_tmp.exists(), "a foreign file is never deleted");
         assert_eq!(store.entry_count(), 2);
         assert_eq!(store.used_bytes(), used);
         assert!(store.contains("a", "1"));
         assert_eq!(store.get("a", "1").await.unwrap(), vec![1u8; 5000]);
         assert_eq!(store.get("b", "2").await.unwrap(), vec![2u8; 10]);
         assert_eq!(store.get("b", "1").await, None);
-        assert_eq!(disk_bytes(dir.path()), store.used_bytes());
+        assert_eq!(
+            disk_bytes(dir.path()),
+            store.used_bytes() + b"not a cache write".len() as u64
+        );
     }
 
     #[tokio::test]
@@ -1081,7 +1163,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn garbage_in_the_tree_is_deleted_at_open() {
+    async fn bad_entries_are_deleted_and_foreign_files_left_alone_at_open() {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
         store
@@ -1116,11 +1198,29 @@ mod tests {
         let unrelated = dir.path().join("README");
         fs::write(&unrelated, b"hands off").unwrap();
 
+        // A symbolic link in the tree, to a file outside it.
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("precious");
+        fs::write(&target, b"precious").unwrap();
+        let link = sub.join("dddd");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+
         let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
-        for p in [&garbage, &empty, &stray, &misplaced, &huge_path] {
+        // Ours (they start with the entry magic) but bad: deleted.
+        for p in [&misplaced, &huge_path] {
             assert!(!p.exists(), "{} should be deleted", p.display());
         }
-        assert!(unrelated.exists());
+        // Not ours: left exactly as they were.
+        for (p, content) in [
+            (&garbage, &b"\x00\x01 definitely not an entry"[..]),
+            (&empty, &b""[..]),
+            (&stray, &b"stray"[..]),
+            (&unrelated, &b"hands off"[..]),
+        ] {
+            assert_eq!(fs::read(p).unwrap(), content, "{} untouched", p.display());
+        }
+        assert!(fs::symlink_metadata(&link).is_ok(), "the link is left");
+        assert_eq!(fs::read(&target).unwrap(), b"precious");
         assert!(good.exists() && moved.exists());
         assert_eq!(store.entry_count(), 2);
         assert_eq!(
@@ -1131,10 +1231,59 @@ mod tests {
             store.get("moved", "v").await.as_deref(),
             Some(&b"moved data"[..])
         );
-        assert_eq!(
-            disk_bytes(dir.path()),
-            store.used_bytes() + b"hands off".len() as u64
-        );
+        let foreign = [&garbage, &empty, &stray, &unrelated]
+            .iter()
+            .map(|p| fs::metadata(p).unwrap().len())
+            .sum::<u64>();
+        assert_eq!(disk_bytes(dir.path()), store.used_bytes() + foreign);
+    }
+
+    #[test]
+    fn a_foreign_directory_is_refused_and_left_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = dir.path().join("notes.txt");
+        fs::write(&top, b"mine").unwrap();
+        let nested = dir.path().join("ab").join("cd");
+        fs::create_dir_all(&nested).unwrap();
+        fs::write(dir.path().join("ab").join("x"), b"one").unwrap();
+        fs::write(nested.join("y"), b"two").unwrap();
+        for _ in 0..2 {
+            let err = DiskStore::open(dir.path(), 1 << 20)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("not empty") && err.contains(MARKER), "{err}");
+            assert!(check_dir(dir.path()).is_err());
+        }
+        assert_eq!(fs::read(&top).unwrap(), b"mine");
+        assert_eq!(fs::read(dir.path().join("ab").join("x")).unwrap(), b"one");
+        assert_eq!(fs::read(nested.join("y")).unwrap(), b"two");
+        assert!(!dir.path().join(MARKER).exists(), "nothing written");
+    }
+
+    #[test]
+    fn a_file_or_another_format_is_refused_an_empty_or_new_directory_is_claimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        assert!(check_dir(&file).unwrap_err().contains("not a directory"));
+        assert!(DiskStore::open(&file, 1 << 20).is_err());
+
+        let fresh = dir.path().join("new");
+        assert!(check_dir(&fresh).is_ok());
+        DiskStore::open(&fresh, 1 << 20).unwrap();
+        assert_eq!(fs::read_to_string(fresh.join(MARKER)).unwrap(), MARKER_TEXT);
+        // Marked: opens again, with foreign files added since left alone.
+        fs::write(fresh.join("later.txt"), b"later").unwrap();
+        DiskStore::open(&fresh, 1 << 20).unwrap();
+        assert_eq!(fs::read(fresh.join("later.txt")).unwrap(), b"later");
+
+        let empty = dir.path().join("empty");
+        fs::create_dir(&empty).unwrap();
+        DiskStore::open(&empty, 1 << 20).unwrap();
+        assert!(empty.join(MARKER).exists());
+
+        fs::write(empty.join(MARKER), "edgeslice disk cache\nformat 9\n").unwrap();
+        assert!(check_dir(&empty).unwrap_err().contains("another format"));
     }
 
     #[tokio::test]
@@ -1379,7 +1528,7 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(32))]
 
         #[test]
-        fn random_file_contents_never_panic_and_are_deleted(
+        fn random_file_contents_never_panic_and_only_ours_are_deleted(
             bytes in proptest::collection::vec(any::<u8>(), 0..4096),
         ) {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -1392,14 +1541,15 @@ mod tests {
                 let path_a = entry_path(&store, "a");
                 fs::write(&path_a, &bytes).unwrap();
                 assert_eq!(store.get("a", "v").await, None);
-                assert!(!path_a.exists());
+                // Deleted only if it still starts with the entry magic (ours); else left alone.
+                assert_eq!(path_a.exists(), !bytes.starts_with(&MAGIC));
                 // Scan path: the same bytes found at open.
                 let path_b = entry_path(&store, "b");
                 drop(store);
                 fs::write(&path_b, &bytes).unwrap();
                 let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
                 assert_eq!(store.entry_count(), 0);
-                assert!(!path_b.exists());
+                assert_eq!(path_b.exists(), !bytes.starts_with(&MAGIC));
             });
         }
     }

@@ -60,7 +60,9 @@ impl ChunkCache {
                 .build()
         });
         let disk = match &settings.disk {
-            Some(d) => Some(Arc::new(DiskStore::open(&d.path, d.capacity)?)),
+            Some(d) => Some(Arc::new(DiskStore::open(&d.path, d.capacity).map_err(
+                |e| std::io::Error::new(e.kind(), format!("cache.disk.path: {e}")),
+            )?)),
             None => None,
         };
         Ok(ChunkCache {

@@ -768,6 +768,20 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
 }
 
 impl Config {
+    /// Checks that need the file system, for `-t` and before starting: the disk tier's
+    /// directory must be absent, empty, or one edgeslice marked as its own.
+    pub fn check_paths(&self) -> Result<(), ConfigError> {
+        if let Some(d) = &self.cache.disk {
+            crate::cache::disk::check_dir(&d.path).map_err(|message| ConfigError {
+                path: "cache.disk.path".into(),
+                line: None,
+                column: None,
+                message,
+            })?;
+        }
+        Ok(())
+    }
+
     /// The first route matching `host` (without port, any case) and `path`.
     pub fn route(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
         let host = host.to_ascii_lowercase();
