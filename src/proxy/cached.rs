@@ -559,6 +559,11 @@ async fn write_body(session: &mut Session, ctx: &mut RequestCtx, mut piece: Byte
     let Some(d) = ctx.download.as_mut() else {
         return session.write_response_body(Some(piece), false).await;
     };
+    if d.rate() == 0 {
+        // A class with caps only (no rate, no node-wide share): nothing to pace, write whole.
+        let _ = d.pace(piece.len());
+        return session.write_response_body(Some(piece), false).await;
+    }
     while !piece.is_empty() {
         let part = piece.split_to(piece.len().min(d.max_piece()));
         let wait = d.pace(part.len());
