@@ -67,10 +67,10 @@ fn cache_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
             let p = e.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if !p
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().contains(".tmp"))
-            {
+            } else if !p.file_name().is_some_and(|n| {
+                // Temporary files and the directory's ownership marker are not cache entries.
+                n.to_string_lossy().contains(".tmp") || n == edgeslice::cache::disk::MARKER
+            }) {
                 out.push(p);
             }
         }
