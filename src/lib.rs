@@ -20,6 +20,7 @@
 // A panic on a request takes the node down: no unwrap/expect outside tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod access_log;
 pub mod admin;
 pub mod cache;
 pub mod config;

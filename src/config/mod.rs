@@ -82,6 +82,9 @@ pub struct ServerSettings {
     pub graceful_shutdown_timeout: Duration,
     pub upstream_keepalive_pool_size: usize,
     pub access_log: bool,
+    pub access_log_format: crate::access_log::Format,
+    /// `None` = stderr.
+    pub access_log_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -345,6 +348,20 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         Some(t) => t.value,
         None => 1,
     };
+    let access_log_format = match &s.access_log_format {
+        None => crate::access_log::Format::Text,
+        Some(f) => match f.value.trim() {
+            "text" => crate::access_log::Format::Text,
+            "json" => crate::access_log::Format::Json,
+            other => {
+                return Err(err_at(
+                    "server.access_log_format",
+                    f,
+                    format!("unknown format {other:?} (use text or json)"),
+                ))
+            }
+        },
+    };
     let server = ServerSettings {
         threads,
         pid_file: s.pid_file.unwrap_or_else(|| "/tmp/edgeslice.pid".into()),
@@ -364,6 +381,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             .unwrap_or(Duration::from_secs(5)),
         upstream_keepalive_pool_size: s.upstream_keepalive_pool_size.unwrap_or(128),
         access_log: s.access_log.unwrap_or(true),
+        access_log_format,
+        access_log_path: s.access_log_path.map(PathBuf::from),
     };
 
     let listen = match raw.listen {

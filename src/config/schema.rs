@@ -75,6 +75,8 @@ pub struct RawServer {
     pub graceful_shutdown_timeout: Option<Dur>,
     pub upstream_keepalive_pool_size: Option<usize>,
     pub access_log: Option<bool>,
+    pub access_log_format: Option<Spanned<String>>,
+    pub access_log_path: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -469,3 +469,22 @@ fn bad_shaping_keys_are_named() {
         "unknown field",
     );
 }
+
+#[test]
+fn access_log_keys() {
+    let c = Config::from_yaml(GOOD).unwrap();
+    assert_eq!(c.server.access_log_format, crate::access_log::Format::Text);
+    assert_eq!(c.server.access_log_path, None);
+    let y = GOOD.replace(
+        "  threads: 2\n",
+        "  threads: 2\n  access_log_format: json\n  access_log_path: /var/log/edgeslice/access.log\n",
+    );
+    let c = Config::from_yaml(&y).unwrap();
+    assert_eq!(c.server.access_log_format, crate::access_log::Format::Json);
+    assert_eq!(
+        c.server.access_log_path.as_deref(),
+        Some(std::path::Path::new("/var/log/edgeslice/access.log"))
+    );
+    let y = GOOD.replace("  threads: 2\n", "  threads: 2\n  access_log_format: xml\n");
+    assert_err(&y, "server.access_log_format", 3, "unknown format");
+}

@@ -17,6 +17,7 @@ pub mod ctx;
 pub mod headers;
 pub mod respond;
 
+use crate::access_log::{AccessLog, Entry as AccessEntry};
 use crate::cache::fill::OriginAccess;
 use crate::cache::key::ObjectKey;
 use crate::cache::store::ChunkCache;
@@ -29,7 +30,7 @@ use crate::shaping::{ConnectionHandle, Refused, Shaper, ShapingStats};
 use async_trait::async_trait;
 use cached::{CacheLayer, Outcome};
 use ctx::RequestCtx;
-use log::{info, warn};
+use log::warn;
 use pingora_core::connectors::http::Connector;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
@@ -46,6 +47,7 @@ pub struct Edge {
     pools: HashMap<String, Arc<UpstreamPool>>,
     cache: CacheLayer,
     shaper: Option<Shaper>,
+    access_log: Option<AccessLog>,
 }
 
 impl Edge {
@@ -70,12 +72,32 @@ impl Edge {
             .shaping
             .as_ref()
             .map(|s| Shaper::new(s.clone(), Arc::new(ShapingStats::default())));
+        let access_log = if config.server.access_log {
+            let s = &config.server;
+            Some(
+                AccessLog::start(s.access_log_format, s.access_log_path.clone()).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "server.access_log_path {}: {e}",
+                            s.access_log_path
+                                .as_deref()
+                                .map(|p| p.display().to_string())
+                                .unwrap_or_else(|| "stderr".into())
+                        ),
+                    )
+                })?,
+            )
+        } else {
+            None
+        };
         Ok(Edge {
             config,
             stats,
             pools,
             cache,
             shaper,
+            access_log,
         })
     }
 
@@ -502,25 +524,31 @@ impl ProxyHttp for Edge {
             }
         }
         ctx.upstream.evidence = Default::default();
-        if !self.config.server.access_log {
+        let Some(log) = self.access_log.as_ref() else {
             return;
-        }
+        };
         let req = session.req_header();
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
-        info!(
-            target: "edgeslice::access",
-            "{} {} {} bytes={} dur_ms={} cache={:?} upstream={} rid={}",
-            req.method,
-            req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        let upstream = ctx
+            .upstream
+            .tried
+            .last()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "-".into());
+        log.log(&AccessEntry {
+            ts: AccessEntry::now(),
+            method: req.method.as_str(),
+            path: req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
             status,
-            session.body_bytes_sent(),
-            ctx.started.elapsed().as_millis(),
-            ctx.cache_status,
-            ctx.upstream.tried.last().map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
-            ctx.request_id,
-        );
+            bytes: session.body_bytes_sent() as u64,
+            duration_ms: ctx.started.elapsed().as_millis() as u64,
+            cache: &ctx.cache_status,
+            upstream: &upstream,
+            request_id: &ctx.request_id,
+            client: &client_ip(session),
+        });
     }
 }

@@ -17,6 +17,8 @@ pub struct Proxy {
     pub admin: SocketAddr,
     pub dir: PathBuf,
     yaml: String,
+    /// Extra lines of the `server` section (indented two spaces).
+    server_extra: String,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -52,15 +54,30 @@ impl Proxy {
         p
     }
 
+    /// [`Proxy::start`] with extra `server` keys (`server_extra`: lines indented two spaces;
+    /// `{DIR}` is replaced as in `yaml`).
+    pub fn start_with_server(yaml: &str, server_extra: &str) -> Proxy {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut p = Proxy::start_in_with(&dir, yaml, server_extra);
+        p._tmp = Some(tmp);
+        p
+    }
+
     /// Start in an existing directory (to restart over the same disk cache).
     pub fn start_in(dir: &Path, yaml: &str) -> Proxy {
+        Proxy::start_in_with(dir, yaml, "")
+    }
+
+    fn start_in_with(dir: &Path, yaml: &str, server_extra: &str) -> Proxy {
         let mut last_log = String::new();
         for _ in 0..5 {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             let body = yaml.replace("{DIR}", &dir.display().to_string());
+            let extra = server_extra.replace("{DIR}", &dir.display().to_string());
             let full = format!(
-                "server:\n  threads: 2\n  pid_file: {d}/edgeslice.pid\n  upgrade_sock: {d}/upgrade.sock\n  graceful_shutdown_timeout: 1s\nlisten:\n  - {addr}\nadmin:\n  listen: {admin}\n{body}",
+                "server:\n  threads: 2\n  pid_file: {d}/edgeslice.pid\n  upgrade_sock: {d}/upgrade.sock\n  graceful_shutdown_timeout: 1s\n{extra}listen:\n  - {addr}\nadmin:\n  listen: {admin}\n{body}",
                 d = dir.display()
             );
             let conf = dir.join("edgeslice.yaml");
@@ -85,6 +102,7 @@ impl Proxy {
                 admin,
                 dir: dir.to_path_buf(),
                 yaml: yaml.to_string(),
+                server_extra: server_extra.to_string(),
                 _tmp: None,
             };
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -180,7 +198,7 @@ impl Proxy {
     pub fn restart(&mut self) {
         self.kill();
         let tmp = self._tmp.take();
-        let mut next = Proxy::start_in(&self.dir, &self.yaml);
+        let mut next = Proxy::start_in_with(&self.dir, &self.yaml, &self.server_extra);
         next._tmp = tmp;
         *self = next;
     }
