@@ -14,6 +14,19 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, SystemTime};
 
+/// The fields every JSON line carries (besides `ts`).
+pub const FIELDS: [&str; 9] = [
+    "method",
+    "path",
+    "status",
+    "bytes",
+    "duration_ms",
+    "cache",
+    "upstream",
+    "request_id",
+    "client",
+];
+
 /// Lines the queue holds before new ones are dropped.
 pub const QUEUE_LINES: usize = 16 * 1024;
 /// The writer flushes at least this often while lines keep coming.
@@ -241,17 +254,7 @@ mod tests {
             "{line:?}"
         );
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        for k in [
-            "method",
-            "path",
-            "status",
-            "bytes",
-            "duration_ms",
-            "cache",
-            "upstream",
-            "request_id",
-            "client",
-        ] {
+        for k in FIELDS {
             assert!(v.get(k).is_some(), "{k} in {line}");
         }
         assert_eq!(v["path"], "/a \"quoted\"\npath");

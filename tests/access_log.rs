@@ -48,17 +48,7 @@ async fn json_lines_carry_the_documented_fields() {
     assert_eq!(lines.len(), paths.len(), "{lines:?}");
     for (line, path) in lines.iter().zip(paths) {
         let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
-        for k in [
-            "method",
-            "path",
-            "status",
-            "bytes",
-            "duration_ms",
-            "cache",
-            "upstream",
-            "request_id",
-            "client",
-        ] {
+        for k in edgeslice::access_log::FIELDS {
             assert!(v.get(k).is_some(), "{k} missing in {line}");
         }
         assert_eq!(v["path"], path);
