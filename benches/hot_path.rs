@@ -46,6 +46,7 @@ fn memory_only_cache() -> ChunkCache {
         default_ttl: None,
         stale_if_error: Duration::from_secs(60),
         max_ranges: DEFAULT_MAX_RANGES,
+        max_concurrent_fills: edgeslice::config::DEFAULT_MAX_CONCURRENT_FILLS,
         memory_capacity: 64 * MIB,
         disk: None,
     };

@@ -8,8 +8,11 @@ use crate::origin::ResilienceStats;
 use crate::proxy::Edge;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 use std::sync::Arc;
+use std::time::Duration;
 
 /// Process-level options from the command line (Pingora's own flags).
 #[derive(Debug, Default, Clone, Copy)]
@@ -62,6 +65,13 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
         proxy.add_tcp(&addr.to_string());
     }
     server.add_service(proxy);
+    server.add_service(background_service(
+        "cache drain",
+        CacheDrain {
+            cache: cache.clone(),
+            timeout: config.server.graceful_shutdown_timeout,
+        },
+    ));
     for hc in health_checks {
         server.add_boxed_service(hc);
     }
@@ -79,4 +89,30 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
         server.add_service(admin);
     }
     Ok(server)
+}
+
+/// At a graceful shutdown, stops the cache from starting background work and waits (up to the
+/// graceful shutdown timeout) for the fills and disk writes still running, so an object being
+/// stored is finished rather than cut.
+struct CacheDrain {
+    cache: Arc<ChunkCache>,
+    timeout: Duration,
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for CacheDrain {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        // Also ends when the server drops the sender: shutting down either way.
+        let _ = shutdown.changed().await;
+        let running = self.cache.running_tasks();
+        if self.cache.drain(self.timeout).await {
+            log::info!("cache: {running} background tasks finished before shutdown");
+        } else {
+            log::warn!(
+                "cache: {} of {running} background tasks still running after {:?}; left to the runtime's shutdown",
+                self.cache.running_tasks(),
+                self.timeout
+            );
+        }
+    }
 }

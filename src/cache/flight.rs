@@ -4,6 +4,14 @@
 //! A failed fill wakes every waiter with the error and leaves no entry behind: the next request
 //! starts a new fill.
 //!
+//! # Memory
+//!
+//! A flight holds the pieces of *one* chunk only while that chunk is being filled. When the
+//! chunk is complete ([`Flight::complete`]) the pieces are released and the flight keeps the
+//! finished chunk instead — the very allocation the memory tier stores, so a waiter that is
+//! still behind holds no second copy. A flight lives as long as its fetcher or a waiter holds
+//! it; a waiter holds at most one flight at a time.
+//!
 //! Locks here are per flight (pieces) and per map shard (registration), never global, and are
 //! never held across an await.
 
@@ -36,7 +44,10 @@ impl std::fmt::Display for FillError {
 
 #[derive(Default)]
 struct State {
+    /// The pieces received so far, while the chunk is being filled.
     pieces: Vec<Bytes>,
+    /// The finished chunk (then `pieces` is empty).
+    whole: Option<Bytes>,
     done: Option<Result<(), FillError>>,
 }
 
@@ -76,6 +87,25 @@ impl Flight {
         self.notify.notify_waiters();
     }
 
+    /// Finish the fill with the complete chunk: the pieces are released, waiters read the rest
+    /// of their window from `chunk`. Ignored once finished.
+    pub fn complete(&self, chunk: Bytes) {
+        let mut s = self.lock();
+        if s.done.is_none() {
+            s.pieces = Vec::new();
+            s.whole = Some(chunk);
+            s.done = Some(Ok(()));
+        }
+        drop(s);
+        self.notify.notify_waiters();
+    }
+
+    /// Bytes held by this flight (pieces or the finished chunk).
+    pub fn held_bytes(&self) -> usize {
+        let s = self.lock();
+        s.whole.as_ref().map_or(0, Bytes::len) + s.pieces.iter().map(Bytes::len).sum::<usize>()
+    }
+
     pub fn is_done(&self) -> bool {
         self.lock().done.is_some()
     }
@@ -88,44 +118,6 @@ impl Flight {
             pos: 0,
             start: offset,
             end: offset.saturating_add(len),
-            to_end: false,
-        }
-    }
-
-    /// A reader of everything pushed until the fill finishes, however long (a body of unknown
-    /// length).
-    pub fn reader_to_end(self: &Arc<Self>) -> FlightReader {
-        FlightReader {
-            flight: self.clone(),
-            next_piece: 0,
-            pos: 0,
-            start: 0,
-            end: u64::MAX,
-            to_end: true,
-        }
-    }
-}
-
-/// Finishes its flight with `Abandoned` if the fetcher is dropped (an error path, a cancelled
-/// task) before finishing it, so no waiter hangs on a fill nobody will complete. Finishing is
-/// first-outcome-wins, so dropping the guard after a normal finish changes nothing.
-pub struct FlightGuard(Option<Arc<Flight>>);
-
-impl FlightGuard {
-    pub fn new(flight: Arc<Flight>) -> Self {
-        FlightGuard(Some(flight))
-    }
-
-    /// Hand responsibility for the flight to someone else.
-    pub fn disarm(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for FlightGuard {
-    fn drop(&mut self) {
-        if let Some(f) = self.0.take() {
-            f.finish(Err(FillError::Abandoned));
         }
     }
 }
@@ -138,8 +130,6 @@ pub struct FlightReader {
     pos: u64,
     start: u64,
     end: u64,
-    /// The window is "until the fill finishes": a clean finish ends it.
-    to_end: bool,
 }
 
 impl FlightReader {
@@ -154,6 +144,20 @@ impl FlightReader {
             notified.as_mut().enable();
             {
                 let s = self.flight.lock();
+                if let Some(whole) = &s.whole {
+                    let from = self.pos.max(self.start);
+                    let to = self.end.min(whole.len() as u64);
+                    self.pos = self.pos.max(to);
+                    if from < to {
+                        return Some(Ok(whole.slice(from as usize..to as usize)));
+                    }
+                    if to < self.end {
+                        return Some(Err(FillError::Origin(
+                            "fill ended short of the requested bytes".into(),
+                        )));
+                    }
+                    return None;
+                }
                 while let Some(piece) = s.pieces.get(self.next_piece) {
                     let piece_start = self.pos;
                     let piece_end = piece_start + piece.len() as u64;
@@ -168,7 +172,6 @@ impl FlightReader {
                 }
                 match &s.done {
                     Some(Err(e)) => return Some(Err(e.clone())),
-                    Some(Ok(())) if self.to_end => return None,
                     // Finished, yet short of the window: the fill ended early.
                     Some(Ok(())) => {
                         return Some(Err(FillError::Origin(
@@ -277,13 +280,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn reader_to_end_ends_with_the_fill() {
+    async fn completing_releases_the_pieces_and_waiters_finish_from_the_chunk() {
         let f = Arc::new(Flight::default());
-        let all = tokio::spawn(read_all(f.reader_to_end()));
-        f.push(Bytes::from_static(b"ab"));
-        f.push(Bytes::from_static(b"c"));
-        f.finish(Ok(()));
-        assert_eq!(all.await.unwrap().unwrap(), b"abc");
+        let mut behind = f.reader(2, 6);
+        let mut ahead = f.reader(0, 10);
+        f.push(Bytes::from_static(b"0123"));
+        assert_eq!(ahead.next().await.unwrap().unwrap(), &b"0123"[..]);
+        f.push(Bytes::from_static(b"45"));
+        let chunk = Bytes::from_static(b"0123456789");
+        f.complete(chunk.clone());
+        assert_eq!(
+            f.held_bytes(),
+            10,
+            "pieces released, only the chunk is held"
+        );
+        // The reader that already had 4 bytes gets exactly the rest, from the chunk.
+        assert_eq!(ahead.next().await.unwrap().unwrap(), &b"456789"[..]);
+        assert!(ahead.next().await.is_none());
+        assert_eq!(read_all(behind).await.unwrap(), b"234567");
+        // A chunk shorter than a window is an error, never a silent short body.
+        let g = Arc::new(Flight::default());
+        g.complete(Bytes::from_static(b"abc"));
+        assert!(read_all(g.reader(1, 5)).await.is_err());
+        behind = g.reader(0, 3);
+        assert_eq!(read_all(behind).await.unwrap(), b"abc");
     }
 
     #[tokio::test]
@@ -297,14 +317,6 @@ mod tests {
         for r in readers {
             assert_eq!(r.await.unwrap(), Err(FillError::Origin("boom".into())));
         }
-    }
-
-    #[tokio::test]
-    async fn dropped_guard_abandons() {
-        let f = Arc::new(Flight::default());
-        let r = tokio::spawn(read_all(f.reader(0, 4)));
-        drop(FlightGuard::new(f.clone()));
-        assert_eq!(r.await.unwrap(), Err(FillError::Abandoned));
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct ChunkId {
     pub index: u64,
 }
 
+/// Held by an origin transfer into the cache; see [`ChunkCache::fill_slot`].
+pub type FillSlot = tokio::sync::OwnedSemaphorePermit;
+
 /// How long an object found uncacheable is sent straight to pass-through (Varnish's
 /// "hit-for-pass"), so every request for it does not pay a discovery fetch first.
 pub const HIT_FOR_PASS_TTL: Duration = Duration::from_secs(30);
@@ -40,6 +43,11 @@ pub struct ChunkCache {
     pass: ShardedCache<ObjectKey, &'static str>,
     disk: Option<Arc<DiskStore>>,
     pub flights: FlightMap<ChunkId>,
+    /// Origin transfers into the cache that may run at once (see [`ChunkCache::fill_slot`]).
+    fill_slots: Arc<tokio::sync::Semaphore>,
+    /// Every task the cache spawns (fills, disk work): bounded by the fill slots and the disk
+    /// queue, and waited for at shutdown.
+    tasks: tokio_util::task::TaskTracker,
     object_locks: Vec<Mutex<HashMap<ObjectKey, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
@@ -57,6 +65,7 @@ impl ChunkCache {
             moka::sync::Cache::builder()
                 .max_capacity(cap)
                 .weigher(|_k: &ChunkId, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
+                .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build()
         });
         let disk = match &settings.disk {
@@ -81,6 +90,8 @@ impl ChunkCache {
             }),
             disk,
             flights: FlightMap::new(64),
+            fill_slots: Arc::new(tokio::sync::Semaphore::new(settings.max_concurrent_fills)),
+            tasks: tokio_util::task::TaskTracker::new(),
             object_locks: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
         })
     }
@@ -127,7 +138,7 @@ impl ChunkCache {
             let count = crate::range::plan::chunk_count(old.size, self.chunk_size);
             let disk = disk.clone();
             let key = key.clone();
-            tokio::spawn(async move {
+            self.spawn(async move {
                 for i in 0..count {
                     disk.remove(&key.chunk_entry(i)).await;
                 }
@@ -214,8 +225,43 @@ impl ChunkCache {
             let disk = disk.clone();
             let entry = id.key.chunk_entry(id.index);
             let validator = id.validator.clone();
-            tokio::spawn(async move { disk.put(&entry, &validator, data).await });
+            self.spawn(async move { disk.put(&entry, &validator, data).await });
         }
+    }
+
+    /// Wait for a fill slot. An origin transfer into the cache holds one from before its
+    /// request until its last byte: at most the pieces of one chunk plus the chunk being
+    /// assembled, so fills hold at most `cache.max_concurrent_fills` × 2 × `chunk_size` of
+    /// memory however many run or wait. `None` only if the slots were closed (never).
+    pub async fn fill_slot(&self) -> Option<FillSlot> {
+        self.fill_slots.clone().acquire_owned().await.ok()
+    }
+
+    /// Fill slots not taken right now.
+    pub fn free_fill_slots(&self) -> usize {
+        self.fill_slots.available_permits()
+    }
+
+    /// Run a cache task in the background, tracked so shutdown can wait for it.
+    pub fn spawn<F>(&self, task: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.tasks.spawn(task);
+    }
+
+    /// Background cache tasks still running.
+    pub fn running_tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// At shutdown: let running fills and writes finish, up to `timeout`. Returns whether
+    /// everything finished.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        self.tasks.close();
+        tokio::time::timeout(timeout, self.tasks.wait())
+            .await
+            .is_ok()
     }
 
     /// Join or start the fill of a chunk; see [`FlightMap::join_or_start`].

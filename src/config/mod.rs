@@ -95,6 +95,9 @@ pub struct CacheSettings {
     /// How long past expiry a cached object may be served when every origin fails.
     pub stale_if_error: Duration,
     pub max_ranges: usize,
+    /// Origin transfers into the cache that may run at once; each holds at most two chunks of
+    /// memory.
+    pub max_concurrent_fills: usize,
     pub memory_capacity: u64,
     pub disk: Option<DiskSettings>,
 }
@@ -219,6 +222,10 @@ pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
 pub const DEFAULT_MEMORY_CAPACITY: u64 = 256 << 20;
 pub const DEFAULT_MAX_OBJECT_SIZE: u64 = 1 << 30;
 pub const DEFAULT_MAX_RANGES: usize = 16;
+/// Origin transfers into the cache at once, by default: with 1 MiB chunks, at most 32 MiB of
+/// fill buffers.
+pub const DEFAULT_MAX_CONCURRENT_FILLS: usize = 16;
+pub const MAX_CONCURRENT_FILLS_LIMIT: usize = 4096;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -421,6 +428,17 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         Some(v) => v.value,
         None => DEFAULT_MAX_RANGES,
     };
+    let max_concurrent_fills = match &c.max_concurrent_fills {
+        Some(v) if v.value == 0 || v.value > MAX_CONCURRENT_FILLS_LIMIT => {
+            return Err(err_at(
+                "cache.max_concurrent_fills",
+                v,
+                format!("must be between 1 and {MAX_CONCURRENT_FILLS_LIMIT}"),
+            ))
+        }
+        Some(v) => v.value,
+        None => DEFAULT_MAX_CONCURRENT_FILLS,
+    };
     let memory_capacity = match &c.memory {
         Some(m) => nonzero_size("cache.memory.capacity", &m.capacity)?,
         None => DEFAULT_MEMORY_CAPACITY,
@@ -446,6 +464,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             .map(|d| d.0)
             .unwrap_or(DEFAULT_STALE_IF_ERROR),
         max_ranges,
+        max_concurrent_fills,
         memory_capacity,
         disk,
     };

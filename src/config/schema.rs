@@ -93,6 +93,7 @@ pub struct RawCache {
     pub default_ttl: Option<Dur>,
     pub stale_if_error: Option<Dur>,
     pub max_ranges: Option<Spanned<usize>>,
+    pub max_concurrent_fills: Option<Spanned<usize>>,
     pub memory: Option<RawMemory>,
     pub disk: Option<RawDisk>,
 }

@@ -17,14 +17,15 @@
 use super::ctx::RequestCtx;
 use super::headers::{hop_by_hop_names, via, VIA_VALUE, X_REQUEST_ID};
 use super::respond;
-use crate::cache::fill::{self, ChunkSource, Discovery, ObjectRequest, OriginAccess, Revalidation};
-use crate::cache::flight::{FillError, Flight, FlightReader};
+use crate::cache::fill::{
+    self, BodyStep, ChunkSource, Discovery, ObjectRequest, OriginAccess, Reply, Revalidation,
+};
+use crate::cache::flight::{FillError, FlightReader};
 use crate::cache::freshness;
 use crate::cache::key::ObjectKey;
 use crate::cache::meta::ObjectMeta;
 use crate::cache::store::{ChunkCache, ChunkId};
 use crate::config::Route;
-use crate::origin::fetch::OriginResponse;
 use crate::range::multipart::{new_boundary, MultipartLayout};
 use crate::range::parse::{
     if_range_holds, parse_range, resolve, ByteRange, RangeDecision, RangeRequest, RangeSpec,
@@ -109,7 +110,6 @@ fn not_modified(session: &Session, meta: &ObjectMeta) -> bool {
 pub struct CacheLayer {
     pub cache: Arc<ChunkCache>,
     pub stats: Arc<crate::origin::ResilienceStats>,
-    pub connector: Arc<pingora_core::connectors::http::Connector>,
 }
 
 impl CacheLayer {
@@ -205,13 +205,13 @@ impl CacheLayer {
             stale = Some(m);
         }
         if let Some(old) = stale {
-            if origin.pool.all_failing() && old.within_stale_if_error(SystemTime::now()) {
+            if origin.all_failing() && old.within_stale_if_error(SystemTime::now()) {
                 // Every server of the group is ejected or failing: serve the stale copy now
                 // rather than wait on tries that will most likely fail.
                 log::warn!(
                     "rid={} every server of {} is failing: serving stale {} without asking",
                     ctx.request_id,
-                    origin.pool.name(),
+                    origin.name(),
                     obj.key.as_str()
                 );
                 self.stats
@@ -261,7 +261,7 @@ impl CacheLayer {
                 if remember {
                     self.cache.mark_uncacheable(&obj.key, reason);
                 }
-                self.relay(session, ctx, *resp, reason).await?;
+                self.relay(session, ctx, resp, reason).await?;
                 Ok(None)
             }
             Discovery::Failed(e) => {
@@ -278,7 +278,7 @@ impl CacheLayer {
         session: &mut Session,
         ctx: &mut RequestCtx,
         headers: &http::HeaderMap,
-        body: Arc<Flight>,
+        mut body: tokio::sync::mpsc::Receiver<BodyStep>,
     ) -> Result<()> {
         ctx.cache_status = "edgeslice; fwd=miss; stored".into();
         let mut h = ResponseHeader::build(200, Some(headers.len() + 4))?;
@@ -296,15 +296,19 @@ impl CacheLayer {
         if is_head {
             return Ok(());
         }
-        let mut reader = body.reader_to_end();
-        while let Some(piece) = reader.next().await {
-            let piece = piece.map_err(|e| {
-                Error::explain(
-                    ErrorType::HTTPStatus(502),
-                    format!("origin body failed mid-response: {e}"),
-                )
-            })?;
-            write_body(session, ctx, piece).await?;
+        let broke = |e: &dyn std::fmt::Display| {
+            Error::explain(
+                ErrorType::HTTPStatus(502),
+                format!("origin body failed mid-response: {e}"),
+            )
+        };
+        loop {
+            match body.recv().await {
+                Some(BodyStep::Piece(piece)) => write_body(session, ctx, piece).await?,
+                Some(BodyStep::End) => break,
+                Some(BodyStep::Failed(e)) => return Err(broke(&e)),
+                None => return Err(broke(&FillError::Abandoned)),
+            }
         }
         session.write_response_body(None, true).await
     }
@@ -315,12 +319,12 @@ impl CacheLayer {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        mut resp: OriginResponse,
+        mut resp: Reply,
         reason: &'static str,
     ) -> Result<()> {
         let status = resp.status();
         ctx.cache_status = format!("edgeslice; fwd=miss; fwd-status={status}; detail={reason}");
-        let mut h = resp.header.clone();
+        let mut h = resp.header().clone();
         for name in hop_by_hop_names(&h.headers, false) {
             h.remove_header(&name);
         }

@@ -18,7 +18,7 @@ pub mod headers;
 pub mod respond;
 
 use crate::access_log::{AccessLog, Entry as AccessEntry};
-use crate::cache::fill::OriginAccess;
+use crate::cache::fill::{OriginAccess, OriginGroup};
 use crate::cache::key::ObjectKey;
 use crate::cache::store::ChunkCache;
 use crate::config::{Config, Route};
@@ -45,6 +45,8 @@ pub struct Edge {
     config: Arc<Config>,
     pub stats: Arc<ResilienceStats>,
     pools: HashMap<String, Arc<UpstreamPool>>,
+    /// The same groups as the cache's fill stages reach them.
+    origins: HashMap<String, OriginAccess>,
     cache: CacheLayer,
     shaper: Option<Shaper>,
     access_log: Option<AccessLog>,
@@ -63,10 +65,20 @@ impl Edge {
                 Arc::new(UpstreamPool::new(settings.clone(), stats.clone())?),
             );
         }
+        let connector = Arc::new(Connector::new(None));
+        let origins = pools
+            .iter()
+            .map(|(name, pool)| {
+                let group: OriginAccess = Arc::new(OriginGroup {
+                    connector: connector.clone(),
+                    pool: pool.clone(),
+                });
+                (name.clone(), group)
+            })
+            .collect();
         let cache = CacheLayer {
             cache,
             stats: stats.clone(),
-            connector: Arc::new(Connector::new(None)),
         };
         let shaper = config
             .shaping
@@ -95,6 +107,7 @@ impl Edge {
             config,
             stats,
             pools,
+            origins,
             cache,
             shaper,
             access_log,
@@ -298,12 +311,8 @@ impl ProxyHttp for Edge {
         if !route.cache || !(method == http::Method::GET || method == http::Method::HEAD) {
             return Ok(false);
         }
-        let Some(pool) = self.pools.get(&route.upstream.name).cloned() else {
+        let Some(origin) = self.origins.get(&route.upstream.name).cloned() else {
             return Ok(false);
-        };
-        let origin = OriginAccess {
-            connector: self.cache.connector.clone(),
-            pool,
         };
         match self.cache.serve(session, ctx, &route, origin).await? {
             Outcome::Served => Ok(true),

@@ -1,0 +1,160 @@
+//! Stage 4: an origin body cut into the chunks of its run; a broken transfer resumed.
+
+use super::run::Run;
+use super::{if_range, response_extent, response_validator, ObjectRequest, OriginAccess, Reply};
+use crate::cache::flight::FillError;
+use crate::cache::meta::ObjectMeta;
+use crate::cache::store::FillSlot;
+use crate::range::plan::chunk_bounds;
+use bytes::{Buf, BytesMut};
+use std::sync::Arc;
+
+/// Stream an origin body that starts at object offset `offset` into the fills of `run`
+/// (sorted by index; gaps are skipped). Each completed chunk is stored, handed to its waiters
+/// and let go of, so the transfer holds at most one chunk's pieces plus the chunk being
+/// assembled; `slot` (a fill slot) is held until the transfer ends.
+///
+/// The origin is read as fast as it sends: waiters that fall behind read the finished chunk
+/// later (a reference to the stored allocation), never a second copy.
+///
+/// When the origin fails mid-body, the transfer resumes from the next missing byte with a
+/// `Range` request (and `If-Range` on the validator) preferably to another server, within the
+/// group's attempts: waiters see one continuous stream, with no gap and no repeated byte. An
+/// answer of another version ends the fill with `VersionChanged`.
+pub(super) async fn distribute(
+    origin: OriginAccess,
+    mut resp: Reply,
+    offset: u64,
+    meta: Arc<ObjectMeta>,
+    obj: ObjectRequest,
+    mut run: Run,
+    _slot: Option<FillSlot>,
+) {
+    let cs = run.cache.chunk_size;
+    let bounds_of = |run: &Run| {
+        run.front()
+            .and_then(|(i, _)| chunk_bounds(*i, cs, meta.size))
+    };
+    let run_end = run
+        .flights
+        .back()
+        .and_then(|(i, _)| chunk_bounds(*i, cs, meta.size))
+        .map(|b| b.end)
+        .unwrap_or(0);
+    let Some(mut bounds) = bounds_of(&run) else {
+        resp.finish().await;
+        return;
+    };
+    // `pos`: the next object byte the fills need; `body_pos`: the object offset of the next
+    // byte the current response will deliver.
+    let mut pos = bounds.start;
+    let mut body_pos = offset;
+    let mut acc = BytesMut::with_capacity(bounds.len() as usize);
+    let mut resumes_left = origin.resumes();
+    // Resumes share the group's deadline, counted from the start of this transfer: no resume
+    // starts after it (a transfer that keeps streaming at min_rate or better is never cut).
+    let until = tokio::time::Instant::now() + origin.deadline();
+    let mut failed: Vec<std::net::SocketAddr> = Vec::new();
+    let outcome: Result<(), FillError> = 'body: loop {
+        let mut piece = match resp.next_piece().await {
+            Ok(Some(p)) => p,
+            Ok(None) | Err(_) => {
+                let why = "origin transfer broke off mid-body";
+                if resumes_left == 0 {
+                    break Err(FillError::Origin(why.into()));
+                }
+                resumes_left -= 1;
+                failed.push(resp.server());
+                match resume(&origin, &obj, &meta, pos, run_end, &failed, until).await {
+                    Ok(next) => {
+                        origin.count_resume();
+                        log::warn!(
+                            "rid={} {why} at byte {pos} of {}; resumed on {}",
+                            obj.request_id,
+                            obj.key.as_str(),
+                            next.server()
+                        );
+                        resp = next;
+                        body_pos = pos;
+                        continue;
+                    }
+                    Err(e) => break Err(e),
+                }
+            }
+        };
+        while !piece.is_empty() {
+            if body_pos < pos {
+                let skip = (pos - body_pos).min(piece.len() as u64) as usize;
+                piece.advance(skip);
+                body_pos += skip as u64;
+                continue;
+            }
+            if body_pos > pos {
+                break 'body Err(FillError::Origin("origin response skipped bytes".into()));
+            }
+            let take = (bounds.end + 1 - pos).min(piece.len() as u64) as usize;
+            let part = piece.split_to(take);
+            acc.extend_from_slice(&part);
+            pos += take as u64;
+            body_pos += take as u64;
+            let Some((_, flight)) = run.front() else {
+                break 'body Ok(());
+            };
+            flight.push(part);
+            if pos == bounds.end + 1 {
+                run.complete_front(acc.split().freeze());
+                match bounds_of(&run) {
+                    Some(b) => {
+                        bounds = b;
+                        pos = b.start;
+                        acc.reserve(b.len() as usize);
+                    }
+                    None => break 'body Ok(()),
+                }
+            }
+        }
+    };
+    match outcome {
+        Ok(()) => resp.finish().await,
+        Err(e) => {
+            log::warn!(
+                "rid={} fill of {} failed at byte {pos}: {e}",
+                obj.request_id,
+                obj.key.as_str()
+            );
+            if e == FillError::VersionChanged {
+                run.cache.invalidate(&obj.key, &meta).await;
+            }
+            run.fail_all(e);
+        }
+    }
+}
+
+/// Continue a broken transfer at byte `from` (through `to`), preferring servers not in
+/// `failed`, and only from the same object version.
+async fn resume(
+    origin: &OriginAccess,
+    obj: &ObjectRequest,
+    meta: &ObjectMeta,
+    from: u64,
+    to: u64,
+    failed: &[std::net::SocketAddr],
+    until: tokio::time::Instant,
+) -> Result<Reply, FillError> {
+    let req = obj.origin_request(Some((from, to)), if_range(meta));
+    let resp = origin
+        .open(&req, failed, Some(until))
+        .await
+        .map_err(|e| FillError::Origin(e.to_string()))?;
+    let extent = response_extent(&*resp);
+    let same_version = extent.and_then(|(_, t)| t) == Some(meta.size)
+        && response_validator(&*resp, meta.size).as_deref() == Some(meta.validator.as_str());
+    match extent {
+        Some((offset, _)) if same_version && offset <= from => Ok(resp),
+        Some(_) => Err(FillError::VersionChanged),
+        None => Err(FillError::Origin(format!(
+            "origin answered {} to a resume",
+            resp.status()
+        ))),
+    }
+}

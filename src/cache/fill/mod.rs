@@ -1,0 +1,152 @@
+//! Filling the cache from origins, one stage per module in data-path order:
+//!
+//! 1. [`discover`]: the first fetch of an object learns its length, validator and freshness
+//!    from a chunk-aligned request, publishes its metadata and streams the body into the fills
+//!    it claimed (or relays / streams an answer that cannot be cached in chunks);
+//! 2. [`revalidate`]: a stale object is checked with a conditional request;
+//! 3. [`run`]: a chunk is taken from memory, a fill in progress, disk, or a new fill that also
+//!    takes the following missing chunks (one origin request per run);
+//! 4. [`distribute`]: an origin body is cut into the chunks of its run, each stored and handed
+//!    to its waiters as it completes; a broken transfer resumes elsewhere.
+//!
+//! Origin access goes through the [`origin::Origin`] trait, so each stage is unit-tested
+//! against an in-memory fake origin (`tests.rs`).
+//!
+//! Version rule: every fetch after discovery must come back with the same validator (ETag, else
+//! Last-Modified + length); otherwise the old version is dropped and the fill fails with
+//! `VersionChanged`, so a response never mixes bytes of two versions.
+
+mod discover;
+mod distribute;
+pub mod origin;
+mod revalidate;
+mod run;
+#[cfg(test)]
+mod tests;
+
+pub use discover::discover;
+pub use origin::{Origin, OriginAccess, OriginGroup, OriginReply, Reply};
+pub use revalidate::revalidate;
+pub use run::chunk_source;
+
+use super::flight::{FillError, Flight};
+use super::key::ObjectKey;
+use super::meta::ObjectMeta;
+use super::store::ChunkCache;
+use crate::origin::fetch::{self, FetchError, OriginRequest};
+use crate::range::plan::chunk_bounds;
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// Most chunks one origin request asks for.
+pub const MAX_RUN_CHUNKS: u64 = 16;
+
+/// The object a request is about, and what is needed to ask an origin for it.
+#[derive(Clone)]
+pub struct ObjectRequest {
+    pub key: ObjectKey,
+    pub path_and_query: String,
+    pub host: String,
+    pub request_id: String,
+}
+
+impl ObjectRequest {
+    pub(super) fn origin_request(
+        &self,
+        range: Option<(u64, u64)>,
+        headers: Vec<(&'static str, String)>,
+    ) -> OriginRequest {
+        OriginRequest {
+            method: http::Method::GET,
+            path_and_query: self.path_and_query.clone(),
+            host: self.host.clone(),
+            range,
+            headers,
+            request_id: self.request_id.clone(),
+            hash_key: self.key.as_str().to_string(),
+        }
+    }
+}
+
+/// Where a chunk's bytes come from.
+pub enum ChunkSource {
+    Ready(Bytes),
+    Filling(Arc<Flight>),
+}
+
+pub enum Discovery {
+    Stored(Arc<ObjectMeta>),
+    /// A body of unknown length, streamed as it arrives (and cached as it passes).
+    Streaming {
+        headers: http::HeaderMap,
+        body: tokio::sync::mpsc::Receiver<BodyStep>,
+    },
+    /// Not cacheable (reason): the request is passed through instead.
+    Uncacheable(&'static str),
+    /// Not cacheable, but the origin's answer to the discovery fetch is a whole answer to the
+    /// request (an error or other non-2xx status, or a whole 200): pass it on as it is, so the
+    /// origin sees one request. `remember`: later requests may go straight to pass-through.
+    Relay {
+        resp: Reply,
+        reason: &'static str,
+        remember: bool,
+    },
+    Failed(FetchError),
+}
+
+/// One step of a streamed body. A stream that closes without `End` broke off.
+pub enum BodyStep {
+    Piece(Bytes),
+    End,
+    Failed(FillError),
+}
+
+pub enum Revalidation {
+    /// Still the same version; freshness renewed (304, or same validator).
+    Fresh(Arc<ObjectMeta>),
+    /// A new version exists; the old one was dropped.
+    Changed,
+    Uncacheable(&'static str),
+    Failed(FetchError),
+}
+
+pub(super) fn chunk_len(cache: &ChunkCache, meta: &ObjectMeta, index: u64) -> u64 {
+    chunk_bounds(index, cache.chunk_size, meta.size)
+        .map(|b| b.len())
+        .unwrap_or(0)
+}
+
+/// The request headers that make an origin refuse to mix versions: `If-Range` with a strong
+/// ETag, or with the Last-Modified date.
+pub(super) fn if_range(meta: &ObjectMeta) -> Vec<(&'static str, String)> {
+    match (&meta.etag, &meta.last_modified) {
+        (Some(e), _) if !e.starts_with("W/") => vec![("if-range", e.clone())],
+        (_, Some(lm)) => vec![("if-range", lm.clone())],
+        _ => Vec::new(),
+    }
+}
+
+/// The total length and first byte offset an origin response carries: 206 from Content-Range,
+/// 200 from Content-Length (offset 0).
+fn response_extent(resp: &dyn OriginReply) -> Option<(u64, Option<u64>)> {
+    match resp.status() {
+        206 => {
+            let (range, total) = fetch::parse_content_range(resp.header_str("content-range")?)?;
+            Some((range?.0, total))
+        }
+        200 => Some((
+            0,
+            resp.header_str("content-length")
+                .and_then(|v| v.trim().parse().ok()),
+        )),
+        _ => None,
+    }
+}
+
+fn response_validator(resp: &dyn OriginReply, size: u64) -> Option<String> {
+    ObjectMeta::validator_of(
+        resp.header_str("etag"),
+        resp.header_str("last-modified"),
+        size,
+    )
+}

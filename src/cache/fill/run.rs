@@ -1,0 +1,197 @@
+//! Stage 3: where each chunk comes from, and the runs of missing chunks fetched together.
+
+use super::distribute::distribute;
+use super::{
+    chunk_len, if_range, response_extent, response_validator, ChunkSource, ObjectRequest,
+    OriginAccess, MAX_RUN_CHUNKS,
+};
+use crate::cache::flight::{FillError, Flight, Joined};
+use crate::cache::key::ObjectKey;
+use crate::cache::meta::ObjectMeta;
+use crate::cache::store::{ChunkCache, ChunkId};
+use crate::range::plan::chunk_bounds;
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+/// The fills one origin transfer owns, in index order (gaps allowed). Completing the first
+/// one stores its chunk and lets go of it at once, so a transfer holds the pieces of one chunk
+/// at a time. Dropping a `Run` (an error path, a cancelled task) finishes the fills it still
+/// holds with `Abandoned`, so no waiter hangs on a fill nobody will complete.
+pub(super) struct Run {
+    pub(super) cache: Arc<ChunkCache>,
+    pub(super) key: ObjectKey,
+    pub(super) validator: Arc<str>,
+    pub(super) flights: VecDeque<(u64, Arc<Flight>)>,
+}
+
+impl Run {
+    fn id(&self, index: u64) -> ChunkId {
+        ChunkId {
+            key: self.key.clone(),
+            validator: self.validator.clone(),
+            index,
+        }
+    }
+
+    pub(super) fn front(&self) -> Option<&(u64, Arc<Flight>)> {
+        self.flights.front()
+    }
+
+    pub(super) fn first_and_last(&self) -> Option<(u64, u64)> {
+        Some((self.flights.front()?.0, self.flights.back()?.0))
+    }
+
+    /// The first fill is complete: store the chunk, hand it to the waiters, let go of it.
+    pub(super) fn complete_front(&mut self, chunk: Bytes) {
+        if let Some((index, flight)) = self.flights.pop_front() {
+            let id = self.id(index);
+            self.cache.store_chunk(&id, chunk.clone());
+            flight.complete(chunk);
+            self.cache.flights.remove(&id, &flight);
+        }
+    }
+
+    /// Every fill still held fails with `err`.
+    pub(super) fn fail_all(&mut self, err: FillError) {
+        while let Some((index, flight)) = self.flights.pop_front() {
+            flight.finish(Err(err.clone()));
+            self.cache.flights.remove(&self.id(index), &flight);
+        }
+    }
+}
+
+impl Drop for Run {
+    fn drop(&mut self) {
+        self.fail_all(FillError::Abandoned);
+    }
+}
+
+/// Register fills for the missing chunks among `first..=last`; returns the ones this caller
+/// now owns (others are already cached or being filled by someone else).
+pub(super) fn claim(
+    cache: &Arc<ChunkCache>,
+    key: &ObjectKey,
+    validator: &Arc<str>,
+    first: u64,
+    last: u64,
+) -> Run {
+    let flights = (first..=last)
+        .filter_map(|index| {
+            let id = ChunkId {
+                key: key.clone(),
+                validator: validator.clone(),
+                index,
+            };
+            match cache.join_fill(&id) {
+                Joined::Started(f) => Some((index, f)),
+                Joined::Existing(_) | Joined::Ready(_) => None,
+            }
+        })
+        .collect();
+    Run {
+        cache: cache.clone(),
+        key: key.clone(),
+        validator: validator.clone(),
+        flights,
+    }
+}
+
+/// The source of chunk `index`: memory, a fill in progress, disk, or a new origin fill that
+/// also takes the following missing chunks up to `last` (one request for the run).
+pub async fn chunk_source(
+    cache: &Arc<ChunkCache>,
+    origin: &OriginAccess,
+    obj: &ObjectRequest,
+    meta: &Arc<ObjectMeta>,
+    validator: &Arc<str>,
+    index: u64,
+    last: u64,
+) -> ChunkSource {
+    let id = ChunkId {
+        key: obj.key.clone(),
+        validator: validator.clone(),
+        index,
+    };
+    if let Some(b) = cache.memory_chunk(&id) {
+        return ChunkSource::Ready(b);
+    }
+    let flight = match cache.join_fill(&id) {
+        Joined::Ready(b) => return ChunkSource::Ready(b),
+        Joined::Existing(f) => return ChunkSource::Filling(f),
+        Joined::Started(f) => f,
+    };
+    if let Some(b) = cache.disk_chunk(&id, chunk_len(cache, meta, index)).await {
+        flight.complete(b.clone());
+        cache.flights.remove(&id, &flight);
+        return ChunkSource::Ready(b);
+    }
+    let mut run = Run {
+        cache: cache.clone(),
+        key: obj.key.clone(),
+        validator: validator.clone(),
+        flights: VecDeque::from([(index, flight.clone())]),
+    };
+    let last = last.min(index.saturating_add(MAX_RUN_CHUNKS - 1));
+    for j in index.saturating_add(1)..=last {
+        let idj = ChunkId {
+            index: j,
+            ..id.clone()
+        };
+        if cache.has_chunk(&idj) {
+            break;
+        }
+        match cache.join_fill(&idj) {
+            Joined::Started(f) => run.flights.push_back((j, f)),
+            Joined::Existing(_) | Joined::Ready(_) => break,
+        }
+    }
+    cache.spawn(fill_run(origin.clone(), obj.clone(), meta.clone(), run));
+    ChunkSource::Filling(flight)
+}
+
+/// Fetch a run of consecutive chunks with one ranged request and stream it into their fills.
+async fn fill_run(origin: OriginAccess, obj: ObjectRequest, meta: Arc<ObjectMeta>, mut run: Run) {
+    let Some((first, last)) = run.first_and_last() else {
+        return;
+    };
+    let slot = run.cache.fill_slot().await;
+    let cs = run.cache.chunk_size;
+    let start = first * cs;
+    let end = chunk_bounds(last, cs, meta.size)
+        .map(|b| b.end)
+        .unwrap_or(start);
+    let req = obj.origin_request(Some((start, end)), if_range(&meta));
+    let resp = match origin.open(&req, &[], None).await {
+        Ok(r) => r,
+        Err(e) => {
+            log::warn!(
+                "rid={} chunk fetch {}-{} failed: {e}",
+                obj.request_id,
+                first,
+                last
+            );
+            return run.fail_all(FillError::Origin(e.to_string()));
+        }
+    };
+    let extent = response_extent(&*resp);
+    let same_version = extent.and_then(|(_, t)| t) == Some(meta.size)
+        && response_validator(&*resp, meta.size).as_deref() == Some(meta.validator.as_str());
+    let offset = match extent {
+        Some((offset, _)) if same_version && offset <= start => offset,
+        Some(_) => {
+            log::warn!(
+                "rid={} object {} changed version during fill; dropping the old one",
+                obj.request_id,
+                obj.key.as_str()
+            );
+            run.cache.invalidate(&obj.key, &meta).await;
+            return run.fail_all(FillError::VersionChanged);
+        }
+        None => {
+            let msg = format!("origin answered {} to a chunk fetch", resp.status());
+            return run.fail_all(FillError::Origin(msg));
+        }
+    };
+    distribute(origin, resp, offset, meta, obj, run, slot).await;
+}
