@@ -95,7 +95,8 @@ impl ChunkCache {
         let disk = self.disk.as_ref()?;
         let data = disk.get(&key.meta_entry(), "").await?;
         let Some(meta) = ObjectMeta::decode(&data) else {
-            disk.remove(&key.meta_entry()).await;
+            // Chunks are useless without their metadata: the object goes whole.
+            disk.remove_object(key.as_str()).await;
             return None;
         };
         let meta = Arc::new(meta);
@@ -111,9 +112,9 @@ impl ChunkCache {
         }
     }
 
-    /// Drop an object version: its metadata (if it is still that version) and its chunks on
-    /// disk. Its memory chunks are unreachable from then on (they are keyed by validator) and
-    /// age out.
+    /// Drop an object version: its metadata in memory (if it is still that version), and the
+    /// object on disk, metadata and chunks at once. Its memory chunks are unreachable from then
+    /// on (they are keyed by validator) and age out.
     pub async fn invalidate(&self, key: &ObjectKey, old: &ObjectMeta) {
         if self
             .metas
@@ -123,25 +124,18 @@ impl ChunkCache {
             self.metas.invalidate(key);
         }
         if let Some(disk) = &self.disk {
-            disk.remove(&key.meta_entry()).await;
-            let count = crate::range::plan::chunk_count(old.size, self.chunk_size);
-            let disk = disk.clone();
-            let key = key.clone();
-            tokio::spawn(async move {
-                for i in 0..count {
-                    disk.remove(&key.chunk_entry(i)).await;
-                }
-            });
+            disk.remove_object(key.as_str()).await;
         }
     }
 
     /// Forget an object whatever its version (RFC 9111 §4.4: a successful unsafe request
-    /// invalidates the target URI). Its chunks become unreachable with its metadata and age out.
+    /// invalidates the target URI): its metadata, and on disk the whole object. Its memory
+    /// chunks become unreachable with its metadata and age out.
     pub async fn forget(&self, key: &ObjectKey) {
         self.metas.invalidate(key);
         self.pass.invalidate(key);
         if let Some(disk) = &self.disk {
-            disk.remove(&key.meta_entry()).await;
+            disk.remove_object(key.as_str()).await;
         }
     }
 
@@ -207,14 +201,23 @@ impl ChunkCache {
         Some(data)
     }
 
-    /// Keep a completed chunk: memory now, disk in the background.
+    /// Keep a completed chunk: memory now, disk in the background through the disk tier's
+    /// bounded write queue. When the disk is behind (or paused after a write error) the disk
+    /// copy is skipped and counted, never queued without bound: see
+    /// [`DiskStore::put_in_background`].
     pub fn store_chunk(&self, id: &ChunkId, data: Bytes) {
         self.memory.insert(id.clone(), data.clone());
         if let Some(disk) = &self.disk {
-            let disk = disk.clone();
-            let entry = id.key.chunk_entry(id.index);
-            let validator = id.validator.clone();
-            tokio::spawn(async move { disk.put(&entry, &validator, data).await });
+            disk.put_in_background(id.key.chunk_entry(id.index), &id.validator, data);
+        }
+    }
+
+    /// Wait for the disk writes in flight (at most `timeout`), e.g. before shutting down.
+    /// Returns whether none is left.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        match &self.disk {
+            Some(disk) => disk.drain(timeout).await,
+            None => true,
         }
     }
 
@@ -239,6 +242,16 @@ impl ChunkCache {
 
     pub fn disk_used(&self) -> u64 {
         self.disk.as_ref().map(|d| d.used_bytes()).unwrap_or(0)
+    }
+
+    /// Disk writes that failed with an I/O error (see [`DiskStore::write_errors`]).
+    pub fn disk_write_errors(&self) -> u64 {
+        self.disk.as_ref().map(|d| d.write_errors()).unwrap_or(0)
+    }
+
+    /// Disk writes skipped: queue full or writes paused (see [`DiskStore::writes_skipped`]).
+    pub fn disk_writes_skipped(&self) -> u64 {
+        self.disk.as_ref().map(|d| d.writes_skipped()).unwrap_or(0)
     }
 }
 
