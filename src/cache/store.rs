@@ -277,3 +277,84 @@ impl Drop for ObjectLock {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DiskSettings;
+    use std::time::SystemTime;
+
+    fn cache_on_disk(dir: &std::path::Path) -> ChunkCache {
+        ChunkCache::new(&CacheSettings {
+            chunk_size: 1000,
+            max_object_size: 1 << 20,
+            default_ttl: None,
+            stale_if_error: Duration::ZERO,
+            max_ranges: 16,
+            memory_capacity: 1 << 20,
+            disk: Some(DiskSettings {
+                path: dir.join("cache"),
+                capacity: 1 << 20,
+            }),
+        })
+        .unwrap()
+    }
+
+    fn meta(validator: &str) -> Arc<ObjectMeta> {
+        Arc::new(ObjectMeta {
+            size: 3000,
+            validator: validator.into(),
+            etag: Some(validator.into()),
+            last_modified: None,
+            headers: Vec::new(),
+            stored_at: SystemTime::now(),
+            initial_age: 0,
+            fresh_until: SystemTime::now() + Duration::from_secs(60),
+            stale_if_error: Duration::ZERO,
+            must_revalidate: false,
+        })
+    }
+
+    async fn store_object(cache: &ChunkCache, key: &ObjectKey, meta: &Arc<ObjectMeta>) {
+        cache.put_meta(key, meta.clone()).await;
+        for index in 0..3 {
+            let id = ChunkId {
+                key: key.clone(),
+                validator: meta.validator.as_str().into(),
+                index,
+            };
+            cache.store_chunk(&id, Bytes::from(vec![index as u8; 1000]));
+        }
+        assert!(cache.drain(Duration::from_secs(10)).await);
+    }
+
+    #[tokio::test]
+    async fn invalidate_and_forget_drop_the_whole_object_on_disk_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache_on_disk(dir.path());
+        let key = ObjectKey("o|h|/a".into());
+        let other = ObjectKey("o|h|/b".into());
+        let v1 = meta("\"v1\"");
+        store_object(&cache, &other, &v1).await;
+        let other_bytes = cache.disk_used();
+        store_object(&cache, &key, &v1).await;
+        assert!(cache.disk_used() > other_bytes);
+
+        cache.invalidate(&key, &v1).await;
+        assert_eq!(cache.disk_used(), other_bytes, "metadata and chunks gone");
+        assert!(cache.meta(&key).await.is_none());
+        let chunk = ChunkId {
+            key: key.clone(),
+            validator: v1.validator.as_str().into(),
+            index: 1,
+        };
+        assert!(cache.disk_chunk(&chunk, 1000).await.is_none());
+
+        store_object(&cache, &key, &meta("\"v2\"")).await;
+        cache.forget(&key).await;
+        assert_eq!(cache.disk_used(), other_bytes);
+        assert!(cache.meta(&other).await.is_some(), "other objects stay");
+        assert_eq!(cache.disk_write_errors(), 0);
+        assert_eq!(cache.disk_writes_skipped(), 0);
+    }
+}
