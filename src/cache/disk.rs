@@ -1069,10 +1069,13 @@ impl Shared {
 
     /// Delete a corrupt entry file, unless the path names another file by now (a fresh `put`).
     fn discard_corrupt(&self, hash: &KeyHash, path: &Path, identity: (u64, u64), why: &str) {
-        log::warn!(
-            "disk cache: discarding corrupt entry {}: {why}",
-            path.display()
-        );
+        // A disk returning garbage must not flood the log either.
+        self.warn_limited("corrupt entry", || {
+            format!(
+                "disk cache: discarding corrupt entry {}: {why}",
+                path.display()
+            )
+        });
         let _stripe = self.stripe(hash);
         let same_file = fs::symlink_metadata(path).is_ok_and(|m| file_identity(&m) == identity);
         if same_file {
