@@ -1,6 +1,14 @@
 //! Cache keys. An object is named by its route's upstream group, host and path, plus the part
 //! of the query string the route keeps (`routes[].cache_key.query`). Keys never become file
 //! names directly: the disk tier hashes them.
+//!
+//! The disk-tier entries of an object are named `"<object key>\0meta"` (its metadata) and
+//! `"<object key>\0chunk\0<index>"` (its chunks). The disk tier groups entries by the part
+//! before the first NUL (`cache::disk::object_of`) and evicts and removes objects whole, so
+//! every entry of an object must start with the object key and a NUL, only the metadata entry
+//! may be `\0meta`, and an object key never contains NUL itself (HTTP forbids NUL in hosts and
+//! paths, so a request cannot produce one; if one did, its entries would only be grouped
+//! wrongly, never served wrongly: entries are looked up by their full key and validator).
 
 use crate::config::QueryKey;
 use std::sync::Arc;

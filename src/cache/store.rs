@@ -106,7 +106,8 @@ impl ChunkCache {
         let disk = self.disk.as_ref()?;
         let data = disk.get(&key.meta_entry(), "").await?;
         let Some(meta) = ObjectMeta::decode(&data) else {
-            disk.remove(&key.meta_entry()).await;
+            // Chunks are useless without their metadata: the object goes whole.
+            disk.remove_object(key.as_str()).await;
             return None;
         };
         let meta = Arc::new(meta);
@@ -122,9 +123,9 @@ impl ChunkCache {
         }
     }
 
-    /// Drop an object version: its metadata (if it is still that version) and its chunks on
-    /// disk. Its memory chunks are unreachable from then on (they are keyed by validator) and
-    /// age out.
+    /// Drop an object version: its metadata in memory (if it is still that version), and the
+    /// object on disk, metadata and chunks at once. Its memory chunks are unreachable from then
+    /// on (they are keyed by validator) and age out.
     pub async fn invalidate(&self, key: &ObjectKey, old: &ObjectMeta) {
         if self
             .metas
@@ -134,25 +135,18 @@ impl ChunkCache {
             self.metas.invalidate(key);
         }
         if let Some(disk) = &self.disk {
-            disk.remove(&key.meta_entry()).await;
-            let count = crate::range::plan::chunk_count(old.size, self.chunk_size);
-            let disk = disk.clone();
-            let key = key.clone();
-            self.spawn(async move {
-                for i in 0..count {
-                    disk.remove(&key.chunk_entry(i)).await;
-                }
-            });
+            disk.remove_object(key.as_str()).await;
         }
     }
 
     /// Forget an object whatever its version (RFC 9111 §4.4: a successful unsafe request
-    /// invalidates the target URI). Its chunks become unreachable with its metadata and age out.
+    /// invalidates the target URI): its metadata, and on disk the whole object. Its memory
+    /// chunks become unreachable with its metadata and age out.
     pub async fn forget(&self, key: &ObjectKey) {
         self.metas.invalidate(key);
         self.pass.invalidate(key);
         if let Some(disk) = &self.disk {
-            disk.remove(&key.meta_entry()).await;
+            disk.remove_object(key.as_str()).await;
         }
     }
 
@@ -218,14 +212,14 @@ impl ChunkCache {
         Some(data)
     }
 
-    /// Keep a completed chunk: memory now, disk in the background.
+    /// Keep a completed chunk: memory now, disk in the background through the disk tier's
+    /// bounded write queue. When the disk is behind (or paused after a write error) the disk
+    /// copy is skipped and counted, never queued without bound: see
+    /// [`DiskStore::put_in_background`].
     pub fn store_chunk(&self, id: &ChunkId, data: Bytes) {
         self.memory.insert(id.clone(), data.clone());
         if let Some(disk) = &self.disk {
-            let disk = disk.clone();
-            let entry = id.key.chunk_entry(id.index);
-            let validator = id.validator.clone();
-            self.spawn(async move { disk.put(&entry, &validator, data).await });
+            disk.put_in_background(id.key.chunk_entry(id.index), &id.validator, data);
         }
     }
 
@@ -255,13 +249,24 @@ impl ChunkCache {
         self.tasks.len()
     }
 
-    /// At shutdown: let running fills and writes finish, up to `timeout`. Returns whether
-    /// everything finished.
+    /// At shutdown: let running fills finish, then the disk writes they queued, within
+    /// `timeout` in all. Returns whether everything finished.
     pub async fn drain(&self, timeout: Duration) -> bool {
+        let until = tokio::time::Instant::now() + timeout;
         self.tasks.close();
-        tokio::time::timeout(timeout, self.tasks.wait())
+        if tokio::time::timeout_at(until, self.tasks.wait())
             .await
-            .is_ok()
+            .is_err()
+        {
+            return false;
+        }
+        match &self.disk {
+            Some(disk) => {
+                disk.drain(until.saturating_duration_since(tokio::time::Instant::now()))
+                    .await
+            }
+            None => true,
+        }
     }
 
     /// Join or start the fill of a chunk; see [`FlightMap::join_or_start`].
@@ -286,6 +291,16 @@ impl ChunkCache {
     pub fn disk_used(&self) -> u64 {
         self.disk.as_ref().map(|d| d.used_bytes()).unwrap_or(0)
     }
+
+    /// Disk writes that failed with an I/O error (see [`DiskStore::write_errors`]).
+    pub fn disk_write_errors(&self) -> u64 {
+        self.disk.as_ref().map(|d| d.write_errors()).unwrap_or(0)
+    }
+
+    /// Disk writes skipped: queue full or writes paused (see [`DiskStore::writes_skipped`]).
+    pub fn disk_writes_skipped(&self) -> u64 {
+        self.disk.as_ref().map(|d| d.writes_skipped()).unwrap_or(0)
+    }
 }
 
 /// Held while discovering or revalidating an object; on drop the per-object entry is removed
@@ -308,5 +323,87 @@ impl Drop for ObjectLock {
         if Arc::strong_count(&self.lock) <= 2 {
             shard.remove(&self.key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DiskSettings;
+    use std::time::SystemTime;
+
+    fn cache_on_disk(dir: &std::path::Path) -> ChunkCache {
+        ChunkCache::new(&CacheSettings {
+            chunk_size: 1000,
+            max_object_size: 1 << 20,
+            default_ttl: None,
+            stale_if_error: Duration::ZERO,
+            max_ranges: 16,
+            max_concurrent_fills: 4,
+            memory_capacity: 1 << 20,
+            disk: Some(DiskSettings {
+                path: dir.join("cache"),
+                capacity: 1 << 20,
+            }),
+        })
+        .unwrap()
+    }
+
+    fn meta(validator: &str) -> Arc<ObjectMeta> {
+        Arc::new(ObjectMeta {
+            size: 3000,
+            validator: validator.into(),
+            etag: Some(validator.into()),
+            last_modified: None,
+            headers: Vec::new(),
+            stored_at: SystemTime::now(),
+            initial_age: 0,
+            fresh_until: SystemTime::now() + Duration::from_secs(60),
+            stale_if_error: Duration::ZERO,
+            must_revalidate: false,
+        })
+    }
+
+    async fn store_object(cache: &ChunkCache, key: &ObjectKey, meta: &Arc<ObjectMeta>) {
+        cache.put_meta(key, meta.clone()).await;
+        for index in 0..3 {
+            let id = ChunkId {
+                key: key.clone(),
+                validator: meta.validator.as_str().into(),
+                index,
+            };
+            cache.store_chunk(&id, Bytes::from(vec![index as u8; 1000]));
+        }
+        assert!(cache.drain(Duration::from_secs(10)).await);
+    }
+
+    #[tokio::test]
+    async fn invalidate_and_forget_drop_the_whole_object_on_disk_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = cache_on_disk(dir.path());
+        let key = ObjectKey("o|h|/a".into());
+        let other = ObjectKey("o|h|/b".into());
+        let v1 = meta("\"v1\"");
+        store_object(&cache, &other, &v1).await;
+        let other_bytes = cache.disk_used();
+        store_object(&cache, &key, &v1).await;
+        assert!(cache.disk_used() > other_bytes);
+
+        cache.invalidate(&key, &v1).await;
+        assert_eq!(cache.disk_used(), other_bytes, "metadata and chunks gone");
+        assert!(cache.meta(&key).await.is_none());
+        let chunk = ChunkId {
+            key: key.clone(),
+            validator: v1.validator.as_str().into(),
+            index: 1,
+        };
+        assert!(cache.disk_chunk(&chunk, 1000).await.is_none());
+
+        store_object(&cache, &key, &meta("\"v2\"")).await;
+        cache.forget(&key).await;
+        assert_eq!(cache.disk_used(), other_bytes);
+        assert!(cache.meta(&other).await.is_some(), "other objects stay");
+        assert_eq!(cache.disk_write_errors(), 0);
+        assert_eq!(cache.disk_writes_skipped(), 0);
     }
 }
