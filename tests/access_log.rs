@@ -25,10 +25,10 @@ async fn json_lines_carry_the_documented_fields() {
         "/download/100",
         "/nope",
     ];
-    for p in paths {
+    for (i, p) in paths.iter().enumerate() {
         let _ = common::client()
             .get(proxy.url(p))
-            .header("x-request-id", format!("rid-{}", p.len()))
+            .header("x-request-id", format!("rid-{i}"))
             .send()
             .await
             .expect("request")
@@ -46,16 +46,28 @@ async fn json_lines_carry_the_documented_fields() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(lines.len(), paths.len(), "{lines:?}");
-    for (line, path) in lines.iter().zip(paths) {
-        let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+    // A line is written once its response is complete, so a client's next request may be
+    // logged first: lines are matched by request id, not by position.
+    let parsed: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    for (line, v) in lines.iter().zip(&parsed) {
         for k in edgeslice::access_log::FIELDS {
             assert!(v.get(k).is_some(), "{k} missing in {line}");
         }
-        assert_eq!(v["path"], path);
         assert_eq!(v["method"], "GET");
         assert_eq!(v["client"], "127.0.0.1");
     }
-    let v = |i: usize| serde_json::from_str::<serde_json::Value>(&lines[i]).unwrap();
+    let v = |i: usize| {
+        let rid = format!("rid-{i}");
+        let found = parsed
+            .iter()
+            .find(|v| v["request_id"] == rid.as_str())
+            .unwrap_or_else(|| panic!("no line for {rid}: {lines:?}"));
+        assert_eq!(found["path"], paths[i]);
+        found.clone()
+    };
     assert_eq!(v(0)["status"], 200);
     assert_eq!(v(0)["bytes"], 4096);
     assert!(v(0)["cache"].as_str().unwrap().contains("fwd=miss"));
