@@ -35,6 +35,13 @@ impl AdminApp {
             n(&r.stale_served),
         );
         out.push_str(&format!(
+            "cache_disk_write_errors {}\ncache_disk_writes_skipped {}\ncache_fill_slots_free {}\ncache_tasks_running {}\n",
+            c.disk_write_errors(),
+            c.disk_writes_skipped(),
+            c.free_fill_slots(),
+            c.running_tasks(),
+        ));
+        out.push_str(&format!(
             "origin_ejections_capped {}\norigin_gateway_uncharged {}\n",
             n(&r.ejections_capped),
             n(&r.gateway_uncharged),

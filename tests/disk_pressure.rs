@@ -217,6 +217,11 @@ async fn a_full_disk_costs_no_wrong_byte_and_few_log_lines() {
         stats["cache_disk_bytes"]
     );
     assert_eq!(temp_files(&cache_dir), 0);
+    // Each failure is counted, even those whose warning was held back.
+    assert!(
+        stats["cache_disk_write_errors"] >= 1,
+        "write errors counted: {stats:?}"
+    );
     // What the tier kept is served exactly, from the cache.
     origin.reset_stats();
     for i in 0..32 {
