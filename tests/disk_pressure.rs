@@ -238,3 +238,68 @@ async fn a_full_disk_costs_no_wrong_byte_and_few_log_lines() {
         warnings.join("\n")
     );
 }
+
+/// Files the tier did not write, placed in the directory it owns (at the top level, in a
+/// fan-out directory `ab/`, and in `ab/cd/` next to real entries, including names that look
+/// like entries and temp files), survive two starts untouched, and the cache still works.
+#[tokio::test]
+async fn foreign_files_in_the_owned_directory_survive_two_starts_untouched() {
+    let origin = Origin::start().await;
+    let mut proxy = Proxy::start(&config(&origin, "4MiB", "{DIR}/cache", "16MiB"));
+    let path = "/obj/100000/foreign-test";
+    let (status, body) = get(&proxy, path).await;
+    assert_eq!(status, 200);
+    assert!(body == content(path, 0, 0..100_000));
+    let cache_dir = proxy.dir.join("cache");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cache_files(&cache_dir).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let entry = cache_files(&cache_dir)
+        .into_iter()
+        .next()
+        .expect("an entry on disk");
+    let entry_dir = entry.parent().expect("entry dir").to_path_buf();
+    let hex = "ab".repeat(32);
+    let foreign: Vec<(PathBuf, &[u8])> = vec![
+        (cache_dir.join("notes.txt"), b"top level"),
+        (cache_dir.join("ab").join("notes"), b"in ab/"),
+        (cache_dir.join("ab").join("cd").join("notes"), b"in ab/cd/"),
+        (
+            cache_dir.join("ab").join("cd").join(&hex),
+            b"named like an entry",
+        ),
+        (
+            entry_dir.join(format!("{hex}.tmp.0123")),
+            b"named like a temp file",
+        ),
+        (
+            entry_dir.join("beside-a-real-entry"),
+            b"beside a real entry",
+        ),
+    ];
+    for (p, data) in &foreign {
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, data).unwrap();
+    }
+    for start in 0..2 {
+        proxy.restart();
+        for (p, data) in &foreign {
+            assert_eq!(
+                std::fs::read(p).ok().as_deref(),
+                Some(*data),
+                "start {start}: {} was touched",
+                p.display()
+            );
+        }
+        origin.reset_stats();
+        let (status, body) = get(&proxy, path).await;
+        assert_eq!(status, 200);
+        assert!(body == content(path, 0, 0..100_000));
+        assert_eq!(
+            origin.requests(),
+            0,
+            "start {start}: still served from disk"
+        );
+    }
+}
