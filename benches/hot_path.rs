@@ -25,7 +25,8 @@ use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use edgeslice::cache::flight::{Flight, FlightReader, Joined};
 use edgeslice::cache::key::ObjectKey;
-use edgeslice::cache::store::{ChunkCache, ChunkId};
+use edgeslice::cache::key::{ChunkKey, ObjectVersion};
+use edgeslice::cache::store::ChunkCache;
 use edgeslice::config::{CacheSettings, QueryKey, DEFAULT_MAX_RANGES};
 use edgeslice::range::{
     parse_range, resolve, spans, ByteRange, ChunkSpan, MultipartLayout, RangeDecision,
@@ -53,18 +54,17 @@ fn memory_only_cache() -> ChunkCache {
     ChunkCache::new(&settings).expect("a memory-only cache never fails to open")
 }
 
-fn chunk_id(index: u64) -> ChunkId {
-    ChunkId {
-        key: ObjectKey::new(
+fn version() -> ObjectVersion {
+    ObjectVersion::new(
+        ObjectKey::new(
             "origin",
             "media.example.com",
             "/videos/big.mp4",
             None,
             &QueryKey::Ignore,
         ),
-        validator: Arc::from("\"etag-0123456789abcdef\""),
-        index,
-    }
+        "\"v1\"".into(),
+    )
 }
 
 /// A 1 MiB chunk with non-trivial contents.
@@ -140,9 +140,10 @@ fn bench_range(c: &mut Criterion) {
 
 fn bench_memory_hit(c: &mut Criterion) {
     let cache = memory_only_cache();
-    let id = chunk_id(0);
+    let version = version();
+    let id = version.chunk(0);
     let chunk = chunk_1mib();
-    cache.store_chunk(&id, chunk.clone());
+    cache.store_chunk(&version, 0, chunk.clone());
     cache.memory_weight(); // flush moka's pending writes before measuring
     let hit = cache.memory_chunk(&id).expect("the chunk was just stored");
     // The design constraint this group measures: a hit hands out the stored bytes, not a copy.
@@ -173,7 +174,7 @@ fn bench_memory_hit(c: &mut Criterion) {
 
 /// Wall-clock time for every thread (one per `(cache, id)` pair) to make `iters` lookups of
 /// its chunk, all starting together.
-fn lookups_on_threads(work: &[(&ChunkCache, &ChunkId)], iters: u64) -> Duration {
+fn lookups_on_threads(work: &[(&ChunkCache, &ChunkKey)], iters: u64) -> Duration {
     let start_line = Barrier::new(work.len() + 1);
     std::thread::scope(|s| {
         let workers: Vec<_> = work
@@ -199,15 +200,16 @@ fn lookups_on_threads(work: &[(&ChunkCache, &ChunkId)], iters: u64) -> Duration 
 
 fn bench_memory_hit_contended(c: &mut Criterion) {
     let chunk = chunk_1mib();
-    let ids: Vec<ChunkId> = (0..2).map(chunk_id).collect();
+    let version = version();
+    let ids: Vec<ChunkKey> = (0..2).map(|i| version.chunk(i)).collect();
     let shared = memory_only_cache();
     // One private cache per thread: the control, what scaling looks like with no shared state
     // at all on this machine right now (other load on the cores shows up here too).
     let private: Vec<ChunkCache> = (0..2).map(|_| memory_only_cache()).collect();
     for (id, own) in ids.iter().zip(&private) {
         // Distinct chunks (not just distinct keys to one buffer), like two clients on two chunks.
-        shared.store_chunk(id, Bytes::copy_from_slice(&chunk));
-        own.store_chunk(id, Bytes::copy_from_slice(&chunk));
+        shared.store_chunk(&version, id.index, Bytes::copy_from_slice(&chunk));
+        own.store_chunk(&version, id.index, Bytes::copy_from_slice(&chunk));
     }
     for cache in std::iter::once(&shared).chain(&private) {
         cache.memory_weight();
@@ -218,8 +220,8 @@ fn bench_memory_hit_contended(c: &mut Criterion) {
         .zip(&private)
         .all(|(id, c)| c.memory_chunk(id).is_some()));
 
-    let shared_work: Vec<(&ChunkCache, &ChunkId)> = ids.iter().map(|id| (&shared, id)).collect();
-    let private_work: Vec<(&ChunkCache, &ChunkId)> = private.iter().zip(&ids).collect();
+    let shared_work: Vec<(&ChunkCache, &ChunkKey)> = ids.iter().map(|id| (&shared, id)).collect();
+    let private_work: Vec<(&ChunkCache, &ChunkKey)> = private.iter().zip(&ids).collect();
 
     let mut g = c.benchmark_group("cache/memory_hit_contended");
     for (name, work) in [

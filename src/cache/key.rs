@@ -50,6 +50,50 @@ impl ObjectKey {
     }
 }
 
+/// One version of one object: its key, its validator, and a digest of both, computed once per
+/// request. Chunks are named from it ([`ObjectVersion::chunk`]), so the memory tier and the
+/// fills never hash or compare strings per chunk, and a version's chunks can never be mistaken
+/// for another version's.
+#[derive(Debug, Clone)]
+pub struct ObjectVersion {
+    pub key: ObjectKey,
+    pub validator: Arc<str>,
+    digest: [u8; 16],
+}
+
+impl ObjectVersion {
+    pub fn new(key: ObjectKey, validator: Arc<str>) -> ObjectVersion {
+        let mut h = blake3::Hasher::new();
+        h.update(key.as_str().as_bytes());
+        // The key cannot contain NUL (it is built from a URL), so the split is unambiguous.
+        h.update(&[0]);
+        h.update(validator.as_bytes());
+        let mut digest = [0u8; 16];
+        digest.copy_from_slice(&h.finalize().as_bytes()[..16]);
+        ObjectVersion {
+            key,
+            validator,
+            digest,
+        }
+    }
+
+    /// The key of chunk `index` of this version.
+    pub fn chunk(&self, index: u64) -> ChunkKey {
+        ChunkKey {
+            version: self.digest,
+            index,
+        }
+    }
+}
+
+/// A chunk of one object version: the version's digest and the chunk's index. Copied, hashed
+/// and compared as 24 bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ChunkKey {
+    version: [u8; 16],
+    pub index: u64,
+}
+
 /// `all`: the query as sent; `ignore`: nothing; `keep`: only the listed parameters, in name
 /// order (so `?b=2&a=1` and `?a=1&b=2` share an entry).
 pub fn normalize_query(query: Option<&str>, mode: &QueryKey) -> String {
@@ -96,5 +140,20 @@ mod tests {
         let k4 = ObjectKey::new("o", "h", "/p", Some("v=2"), &QueryKey::Ignore);
         assert_eq!(k3, k4);
         assert_ne!(k1.chunk_entry(1), k1.chunk_entry(2));
+    }
+
+    #[test]
+    fn chunk_keys_name_one_version_and_index() {
+        let k = ObjectKey::new("o", "h", "/p", None, &QueryKey::All);
+        let v1 = ObjectVersion::new(k.clone(), "\"a\"".into());
+        let v1_again = ObjectVersion::new(k.clone(), "\"a\"".into());
+        let v2 = ObjectVersion::new(k, "\"b\"".into());
+        assert_eq!(v1.chunk(3), v1_again.chunk(3));
+        assert_ne!(v1.chunk(3), v1.chunk(4));
+        assert_ne!(v1.chunk(3), v2.chunk(3));
+        // Key and validator are not confused by where one ends and the other starts.
+        let a = ObjectVersion::new(ObjectKey("ab".into()), "c".into());
+        let b = ObjectVersion::new(ObjectKey("a".into()), "bc".into());
+        assert_ne!(a.chunk(0), b.chunk(0));
     }
 }

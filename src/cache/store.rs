@@ -8,7 +8,7 @@
 
 use super::disk::DiskStore;
 use super::flight::{FlightMap, Joined};
-use super::key::ObjectKey;
+use super::key::{ChunkKey, ObjectKey, ObjectVersion};
 use super::memory::ShardedCache;
 use super::meta::ObjectMeta;
 use crate::config::CacheSettings;
@@ -16,14 +16,6 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// One chunk of one object version.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ChunkId {
-    pub key: ObjectKey,
-    pub validator: Arc<str>,
-    pub index: u64,
-}
 
 /// Held by an origin transfer into the cache; see [`ChunkCache::fill_slot`].
 pub type FillSlot = tokio::sync::OwnedSemaphorePermit;
@@ -38,11 +30,11 @@ pub struct ChunkCache {
     pub max_ranges: usize,
     pub default_ttl: Option<Duration>,
     pub stale_if_error: Duration,
-    memory: ShardedCache<ChunkId, Bytes>,
+    memory: ShardedCache<ChunkKey, Bytes>,
     metas: ShardedCache<ObjectKey, Arc<ObjectMeta>>,
     pass: ShardedCache<ObjectKey, &'static str>,
     disk: Option<Arc<DiskStore>>,
-    pub flights: FlightMap<ChunkId>,
+    pub flights: FlightMap<ChunkKey>,
     /// Origin transfers into the cache that may run at once (see [`ChunkCache::fill_slot`]).
     fill_slots: Arc<tokio::sync::Semaphore>,
     /// Every task the cache spawns (fills, disk work): bounded by the fill slots and the disk
@@ -64,7 +56,7 @@ impl ChunkCache {
         let memory = ShardedCache::new(shards, settings.memory_capacity, |cap| {
             moka::sync::Cache::builder()
                 .max_capacity(cap)
-                .weigher(|_k: &ChunkId, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
+                .weigher(|_k: &ChunkKey, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build()
         });
@@ -185,30 +177,35 @@ impl ChunkCache {
 
     // ---- chunks ---------------------------------------------------------------------------
 
-    pub fn memory_chunk(&self, id: &ChunkId) -> Option<Bytes> {
+    pub fn memory_chunk(&self, id: &ChunkKey) -> Option<Bytes> {
         self.memory.get(id)
     }
 
     /// Whether the chunk is held by a tier (memory, or the disk index) without reading it.
-    pub fn has_chunk(&self, id: &ChunkId) -> bool {
-        self.memory.contains_key(id)
+    pub fn has_chunk(&self, version: &ObjectVersion, index: u64) -> bool {
+        self.memory.contains_key(&version.chunk(index))
             || self
                 .disk
                 .as_ref()
-                .is_some_and(|d| d.contains(&id.key.chunk_entry(id.index), &id.validator))
+                .is_some_and(|d| d.contains(&version.key.chunk_entry(index), &version.validator))
     }
 
     /// Read a chunk from disk; a hit is promoted to memory. `expected_len` guards against a
     /// file of the right version but wrong size (never served).
-    pub async fn disk_chunk(&self, id: &ChunkId, expected_len: u64) -> Option<Bytes> {
+    pub async fn disk_chunk(
+        &self,
+        version: &ObjectVersion,
+        index: u64,
+        expected_len: u64,
+    ) -> Option<Bytes> {
         let disk = self.disk.as_ref()?;
-        let entry = id.key.chunk_entry(id.index);
-        let data = disk.get(&entry, &id.validator).await?;
+        let entry = version.key.chunk_entry(index);
+        let data = disk.get(&entry, &version.validator).await?;
         if data.len() as u64 != expected_len {
             disk.remove(&entry).await;
             return None;
         }
-        self.memory.insert(id.clone(), data.clone());
+        self.memory.insert(version.chunk(index), data.clone());
         Some(data)
     }
 
@@ -216,10 +213,10 @@ impl ChunkCache {
     /// bounded write queue. When the disk is behind (or paused after a write error) the disk
     /// copy is skipped and counted, never queued without bound: see
     /// [`DiskStore::put_in_background`].
-    pub fn store_chunk(&self, id: &ChunkId, data: Bytes) {
-        self.memory.insert(id.clone(), data.clone());
+    pub fn store_chunk(&self, version: &ObjectVersion, index: u64, data: Bytes) {
+        self.memory.insert(version.chunk(index), data.clone());
         if let Some(disk) = &self.disk {
-            disk.put_in_background(id.key.chunk_entry(id.index), &id.validator, data);
+            disk.put_in_background(version.key.chunk_entry(index), &version.validator, data);
         }
     }
 
@@ -270,7 +267,7 @@ impl ChunkCache {
     }
 
     /// Join or start the fill of a chunk; see [`FlightMap::join_or_start`].
-    pub fn join_fill(&self, id: &ChunkId) -> Joined {
+    pub fn join_fill(&self, id: &ChunkKey) -> Joined {
         self.flights.join_or_start(id, || self.memory.get(id))
     }
 
@@ -366,13 +363,9 @@ mod tests {
 
     async fn store_object(cache: &ChunkCache, key: &ObjectKey, meta: &Arc<ObjectMeta>) {
         cache.put_meta(key, meta.clone()).await;
+        let version = ObjectVersion::new(key.clone(), meta.validator.as_str().into());
         for index in 0..3 {
-            let id = ChunkId {
-                key: key.clone(),
-                validator: meta.validator.as_str().into(),
-                index,
-            };
-            cache.store_chunk(&id, Bytes::from(vec![index as u8; 1000]));
+            cache.store_chunk(&version, index, Bytes::from(vec![index as u8; 1000]));
         }
         assert!(cache.drain(Duration::from_secs(10)).await);
     }
@@ -392,12 +385,8 @@ mod tests {
         cache.invalidate(&key, &v1).await;
         assert_eq!(cache.disk_used(), other_bytes, "metadata and chunks gone");
         assert!(cache.meta(&key).await.is_none());
-        let chunk = ChunkId {
-            key: key.clone(),
-            validator: v1.validator.as_str().into(),
-            index: 1,
-        };
-        assert!(cache.disk_chunk(&chunk, 1000).await.is_none());
+        let version = ObjectVersion::new(key.clone(), v1.validator.as_str().into());
+        assert!(cache.disk_chunk(&version, 1, 1000).await.is_none());
 
         store_object(&cache, &key, &meta("\"v2\"")).await;
         cache.forget(&key).await;

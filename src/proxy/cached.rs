@@ -23,8 +23,9 @@ use crate::cache::fill::{
 use crate::cache::flight::{FillError, FlightReader};
 use crate::cache::freshness;
 use crate::cache::key::ObjectKey;
+use crate::cache::key::ObjectVersion;
 use crate::cache::meta::ObjectMeta;
-use crate::cache::store::{ChunkCache, ChunkId};
+use crate::cache::store::ChunkCache;
 use crate::config::Route;
 use crate::range::multipart::{new_boundary, MultipartLayout};
 use crate::range::parse::{
@@ -395,7 +396,8 @@ impl CacheLayer {
     ) -> Result<()> {
         let now = SystemTime::now();
         let is_head = session.req_header().method == http::Method::HEAD;
-        let validator: Arc<str> = meta.validator.as_str().into();
+        // The chunks' names, computed once for the whole response.
+        let version = ObjectVersion::new(obj.key.clone(), meta.validator.as_str().into());
 
         if not_modified(session, &meta) {
             ctx.cache_status = cache_status(lookup, true);
@@ -478,13 +480,7 @@ impl CacheLayer {
         let all_cached = parts.iter().all(|(_, r)| {
             let first = r.start / self.cache.chunk_size;
             let last = r.end / self.cache.chunk_size;
-            (first..=last).all(|index| {
-                self.cache.has_chunk(&ChunkId {
-                    key: obj.key.clone(),
-                    validator: validator.clone(),
-                    index,
-                })
-            })
+            (first..=last).all(|index| self.cache.has_chunk(&version, index))
         });
         ctx.cache_status = cache_status(lookup, all_cached);
         head.insert_header("cache-status", ctx.cache_status.as_str())?;
@@ -500,7 +496,7 @@ impl CacheLayer {
             next_span: 0,
             current: None,
         };
-        let first = match body.next_piece(self, obj, origin, &meta, &validator).await {
+        let first = match body.next_piece(self, obj, origin, &meta, &version).await {
             Ok(p) => p,
             Err(e) => {
                 log::warn!("rid={} first chunk failed: {e}", ctx.request_id);
@@ -517,7 +513,7 @@ impl CacheLayer {
                 Some(p) => write_body(session, ctx, p).await?,
                 None => break,
             }
-            piece = match body.next_piece(self, obj, origin, &meta, &validator).await {
+            piece = match body.next_piece(self, obj, origin, &meta, &version).await {
                 Ok(p) => p,
                 Err(e) => {
                     log::warn!("rid={} aborting response mid-body: {e}", ctx.request_id);
@@ -615,7 +611,7 @@ impl BodyPlan {
         obj: &ObjectRequest,
         origin: &OriginAccess,
         meta: &Arc<ObjectMeta>,
-        validator: &Arc<str>,
+        version: &ObjectVersion,
     ) -> Result<Option<Bytes>, FillError> {
         loop {
             if let Some(reader) = self.current.as_mut() {
@@ -632,7 +628,7 @@ impl BodyPlan {
                     origin,
                     obj,
                     meta,
-                    validator,
+                    version,
                     span.index,
                     last_needed,
                 )

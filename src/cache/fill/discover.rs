@@ -7,8 +7,9 @@ use super::{
 };
 use crate::cache::flight::FillError;
 use crate::cache::freshness::{self, Storability, StorePolicyInput};
+use crate::cache::key::ObjectVersion;
 use crate::cache::meta::ObjectMeta;
-use crate::cache::store::{ChunkCache, ChunkId, ObjectLock};
+use crate::cache::store::{ChunkCache, ObjectLock};
 use crate::range::plan::chunk_count;
 use bytes::{Buf, BytesMut};
 use std::sync::Arc;
@@ -165,7 +166,7 @@ pub async fn discover(
         }
         Err(reason) => return Discovery::Uncacheable(reason),
     };
-    let validator: Arc<str> = meta.validator.as_str().into();
+    let version = ObjectVersion::new(obj.key.clone(), meta.validator.as_str().into());
     let count = chunk_count(size, cs);
     let (claim_first, claim_last) = if status == 200 {
         (0, count.saturating_sub(1))
@@ -180,7 +181,7 @@ pub async fn discover(
     };
     // Claim the fills before publishing the metadata: a request that finds the metadata must
     // also find these fills, or it would fetch the same chunks again.
-    let run = (count > 0).then(|| claim(cache, &obj.key, &validator, claim_first, claim_last));
+    let run = (count > 0).then(|| claim(cache, &version, claim_first, claim_last));
     cache.put_meta(&obj.key, meta.clone()).await;
     match run {
         Some(run) if !run.flights.is_empty() => {
@@ -237,7 +238,7 @@ fn stream_unknown_length(
         cache.clone(),
         obj.clone(),
         resp,
-        etag.as_str().into(),
+        ObjectVersion::new(obj.key.clone(), etag.as_str().into()),
         tx,
         lock,
     ));
@@ -248,7 +249,7 @@ async fn split_unknown_length(
     cache: Arc<ChunkCache>,
     obj: ObjectRequest,
     mut resp: Reply,
-    validator: Arc<str>,
+    version: ObjectVersion,
     body: tokio::sync::mpsc::Sender<BodyStep>,
     _lock: ObjectLock,
 ) {
@@ -260,12 +261,7 @@ async fn split_unknown_length(
     // The client is still reading: once it has gone and nothing is being stored, stop.
     let mut client = true;
     let store = |acc: &mut BytesMut, index: &mut u64| {
-        let id = ChunkId {
-            key: obj.key.clone(),
-            validator: validator.clone(),
-            index: *index,
-        };
-        cache.store_chunk(&id, acc.split().freeze());
+        cache.store_chunk(&version, *index, acc.split().freeze());
         acc.reserve(cs);
         *index += 1;
     };

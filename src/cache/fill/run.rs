@@ -6,9 +6,9 @@ use super::{
     OriginAccess, MAX_RUN_CHUNKS,
 };
 use crate::cache::flight::{FillError, Flight, Joined};
-use crate::cache::key::ObjectKey;
+use crate::cache::key::ObjectVersion;
 use crate::cache::meta::ObjectMeta;
-use crate::cache::store::{ChunkCache, ChunkId};
+use crate::cache::store::ChunkCache;
 use crate::range::plan::chunk_bounds;
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -20,20 +20,11 @@ use std::sync::Arc;
 /// holds with `Abandoned`, so no waiter hangs on a fill nobody will complete.
 pub(super) struct Run {
     pub(super) cache: Arc<ChunkCache>,
-    pub(super) key: ObjectKey,
-    pub(super) validator: Arc<str>,
+    pub(super) version: ObjectVersion,
     pub(super) flights: VecDeque<(u64, Arc<Flight>)>,
 }
 
 impl Run {
-    fn id(&self, index: u64) -> ChunkId {
-        ChunkId {
-            key: self.key.clone(),
-            validator: self.validator.clone(),
-            index,
-        }
-    }
-
     pub(super) fn front(&self) -> Option<&(u64, Arc<Flight>)> {
         self.flights.front()
     }
@@ -45,10 +36,11 @@ impl Run {
     /// The first fill is complete: store the chunk, hand it to the waiters, let go of it.
     pub(super) fn complete_front(&mut self, chunk: Bytes) {
         if let Some((index, flight)) = self.flights.pop_front() {
-            let id = self.id(index);
-            self.cache.store_chunk(&id, chunk.clone());
+            self.cache.store_chunk(&self.version, index, chunk.clone());
             flight.complete(chunk);
-            self.cache.flights.remove(&id, &flight);
+            self.cache
+                .flights
+                .remove(&self.version.chunk(index), &flight);
         }
     }
 
@@ -56,7 +48,9 @@ impl Run {
     pub(super) fn fail_all(&mut self, err: FillError) {
         while let Some((index, flight)) = self.flights.pop_front() {
             flight.finish(Err(err.clone()));
-            self.cache.flights.remove(&self.id(index), &flight);
+            self.cache
+                .flights
+                .remove(&self.version.chunk(index), &flight);
         }
     }
 }
@@ -71,28 +65,19 @@ impl Drop for Run {
 /// now owns (others are already cached or being filled by someone else).
 pub(super) fn claim(
     cache: &Arc<ChunkCache>,
-    key: &ObjectKey,
-    validator: &Arc<str>,
+    version: &ObjectVersion,
     first: u64,
     last: u64,
 ) -> Run {
     let flights = (first..=last)
-        .filter_map(|index| {
-            let id = ChunkId {
-                key: key.clone(),
-                validator: validator.clone(),
-                index,
-            };
-            match cache.join_fill(&id) {
-                Joined::Started(f) => Some((index, f)),
-                Joined::Existing(_) | Joined::Ready(_) => None,
-            }
+        .filter_map(|index| match cache.join_fill(&version.chunk(index)) {
+            Joined::Started(f) => Some((index, f)),
+            Joined::Existing(_) | Joined::Ready(_) => None,
         })
         .collect();
     Run {
         cache: cache.clone(),
-        key: key.clone(),
-        validator: validator.clone(),
+        version: version.clone(),
         flights,
     }
 }
@@ -104,15 +89,11 @@ pub async fn chunk_source(
     origin: &OriginAccess,
     obj: &ObjectRequest,
     meta: &Arc<ObjectMeta>,
-    validator: &Arc<str>,
+    version: &ObjectVersion,
     index: u64,
     last: u64,
 ) -> ChunkSource {
-    let id = ChunkId {
-        key: obj.key.clone(),
-        validator: validator.clone(),
-        index,
-    };
+    let id = version.chunk(index);
     if let Some(b) = cache.memory_chunk(&id) {
         return ChunkSource::Ready(b);
     }
@@ -121,27 +102,25 @@ pub async fn chunk_source(
         Joined::Existing(f) => return ChunkSource::Filling(f),
         Joined::Started(f) => f,
     };
-    if let Some(b) = cache.disk_chunk(&id, chunk_len(cache, meta, index)).await {
+    if let Some(b) = cache
+        .disk_chunk(version, index, chunk_len(cache, meta, index))
+        .await
+    {
         flight.complete(b.clone());
         cache.flights.remove(&id, &flight);
         return ChunkSource::Ready(b);
     }
     let mut run = Run {
         cache: cache.clone(),
-        key: obj.key.clone(),
-        validator: validator.clone(),
+        version: version.clone(),
         flights: VecDeque::from([(index, flight.clone())]),
     };
     let last = last.min(index.saturating_add(MAX_RUN_CHUNKS - 1));
     for j in index.saturating_add(1)..=last {
-        let idj = ChunkId {
-            index: j,
-            ..id.clone()
-        };
-        if cache.has_chunk(&idj) {
+        if cache.has_chunk(version, j) {
             break;
         }
-        match cache.join_fill(&idj) {
+        match cache.join_fill(&version.chunk(j)) {
             Joined::Started(f) => run.flights.push_back((j, f)),
             Joined::Existing(_) | Joined::Ready(_) => break,
         }
