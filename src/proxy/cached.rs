@@ -14,6 +14,7 @@
 //! origins all fail gets a 5xx, not a truncated 200. A fill that fails after the header is out
 //! aborts the response (the client sees a short body), never a wrong byte.
 
+use super::cache_status::CacheStatus;
 use super::ctx::RequestCtx;
 use super::headers::{hop_by_hop_names, via, VIA_VALUE, X_REQUEST_ID};
 use super::respond;
@@ -125,7 +126,7 @@ impl CacheLayer {
         let host = super::request_host(req);
         let key = super::object_key(route, req);
         if self.cache.is_marked_uncacheable(&key) {
-            ctx.cache_status = "edgeslice; fwd=bypass; detail=uncacheable".into();
+            ctx.cache_status = Some(CacheStatus::Bypass("uncacheable"));
             return Ok(Outcome::PassThrough);
         }
         let obj = ObjectRequest {
@@ -156,7 +157,7 @@ impl CacheLayer {
         };
         if freshness::parse_cache_control(&req.headers).no_store {
             // RFC 9111 §5.2.1.5: nothing of this exchange may be stored.
-            ctx.cache_status = "edgeslice; fwd=request; detail=no-store".into();
+            ctx.cache_status = Some(CacheStatus::Request("no-store"));
             return Ok(Outcome::PassThrough);
         }
         let (meta, lookup) = match self
@@ -170,7 +171,7 @@ impl CacheLayer {
         if has_authorization && !allows_authorized(&meta) {
             // Origin fetches of the cache never carry a client's credentials; what they stored
             // answers a request with credentials only when it allows that (RFC 9111 §3.5).
-            ctx.cache_status = "edgeslice; fwd=request; detail=authorization".into();
+            ctx.cache_status = Some(CacheStatus::Request("authorization"));
             return Ok(Outcome::PassThrough);
         }
         self.respond(session, ctx, &obj, &origin, meta, lookup, range_req)
@@ -281,7 +282,7 @@ impl CacheLayer {
         headers: &http::HeaderMap,
         mut body: tokio::sync::mpsc::Receiver<BodyStep>,
     ) -> Result<()> {
-        ctx.cache_status = "edgeslice; fwd=miss; stored".into();
+        ctx.cache_status = Some(CacheStatus::Miss);
         let mut h = ResponseHeader::build(200, Some(headers.len() + 4))?;
         for (n, v) in headers
             .iter()
@@ -291,7 +292,10 @@ impl CacheLayer {
         }
         h.insert_header("via", VIA_VALUE)?;
         h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
-        h.insert_header("cache-status", ctx.cache_status.as_str())?;
+        h.insert_header(
+            "cache-status",
+            CacheStatus::log_field(ctx.cache_status).as_ref(),
+        )?;
         let is_head = session.req_header().method == http::Method::HEAD;
         session.write_response_header(Box::new(h), is_head).await?;
         if is_head {
@@ -324,7 +328,7 @@ impl CacheLayer {
         reason: &'static str,
     ) -> Result<()> {
         let status = resp.status();
-        ctx.cache_status = format!("edgeslice; fwd=miss; fwd-status={status}; detail={reason}");
+        ctx.cache_status = Some(CacheStatus::Relayed { status, reason });
         let mut h = resp.header().clone();
         for name in hop_by_hop_names(&h.headers, false) {
             h.remove_header(&name);
@@ -332,7 +336,10 @@ impl CacheLayer {
         let via = via(h.headers.get("via").map(|v| v.as_bytes()));
         h.insert_header("via", via)?;
         h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
-        h.insert_header("cache-status", ctx.cache_status.as_str())?;
+        h.insert_header(
+            "cache-status",
+            CacheStatus::log_field(ctx.cache_status).as_ref(),
+        )?;
         let is_head = session.req_header().method == http::Method::HEAD;
         session.write_response_header(Box::new(h), is_head).await?;
         if is_head {
@@ -362,7 +369,7 @@ impl CacheLayer {
         reason: &'static str,
     ) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
         self.cache.mark_uncacheable(key, reason);
-        ctx.cache_status = format!("edgeslice; fwd=bypass; detail={reason}");
+        ctx.cache_status = Some(CacheStatus::Bypass(reason));
         ctx.pass_through = true;
         Ok(None)
     }
@@ -378,7 +385,10 @@ impl CacheLayer {
             "rid={} cache fill failed, answering {status}: {why}",
             ctx.request_id
         );
-        ctx.cache_status = format!("edgeslice; fwd=miss; fwd-status={status}");
+        ctx.cache_status = Some(CacheStatus::Failed {
+            status,
+            detail: None,
+        });
         respond::send_error(session, status, &ctx.request_id).await?;
         Ok(None)
     }
@@ -400,7 +410,7 @@ impl CacheLayer {
         let version = ObjectVersion::new(obj.key.clone(), meta.validator.as_str().into());
 
         if not_modified(session, &meta) {
-            ctx.cache_status = cache_status(lookup, true);
+            ctx.cache_status = Some(cache_status(lookup, true));
             let mut h = self.base_header(304, &meta, ctx, now)?;
             h.remove_header("content-length");
             return session.write_response_header(Box::new(h), true).await;
@@ -425,7 +435,7 @@ impl CacheLayer {
         // What the body is: (part header, range) pairs, then a trailer.
         let (parts, trailer, mut head) = match decision {
             RangeDecision::Unsatisfiable => {
-                ctx.cache_status = cache_status(lookup, true);
+                ctx.cache_status = Some(cache_status(lookup, true));
                 let body = Bytes::from_static(b"416 range not satisfiable\n");
                 let mut h = self.base_header(416, &meta, ctx, now)?;
                 h.insert_header("content-range", format!("bytes */{}", meta.size))?;
@@ -482,8 +492,11 @@ impl CacheLayer {
             let last = r.end / self.cache.chunk_size;
             (first..=last).all(|index| self.cache.has_chunk(&version, index))
         });
-        ctx.cache_status = cache_status(lookup, all_cached);
-        head.insert_header("cache-status", ctx.cache_status.as_str())?;
+        ctx.cache_status = Some(cache_status(lookup, all_cached));
+        head.insert_header(
+            "cache-status",
+            CacheStatus::log_field(ctx.cache_status).as_ref(),
+        )?;
         if is_head || parts.is_empty() {
             return session.write_response_header(Box::new(head), true).await;
         }
@@ -500,8 +513,10 @@ impl CacheLayer {
             Ok(p) => p,
             Err(e) => {
                 log::warn!("rid={} first chunk failed: {e}", ctx.request_id);
-                ctx.cache_status =
-                    format!("edgeslice; fwd=miss; fwd-status=502; detail={}", detail(&e));
+                ctx.cache_status = Some(CacheStatus::Failed {
+                    status: 502,
+                    detail: Some(detail(&e)),
+                });
                 respond::send_error(session, 502, &ctx.request_id).await?;
                 return Ok(());
             }
@@ -546,8 +561,8 @@ impl CacheLayer {
         h.insert_header("date", httpdate::fmt_http_date(now))?;
         h.insert_header("via", VIA_VALUE)?;
         h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
-        if !ctx.cache_status.is_empty() && ctx.cache_status != "-" {
-            h.insert_header("cache-status", ctx.cache_status.as_str())?;
+        if let Some(status) = ctx.cache_status {
+            h.insert_header("cache-status", status.render().as_ref())?;
         }
         Ok(h)
     }
@@ -583,15 +598,15 @@ fn detail(e: &FillError) -> &'static str {
     }
 }
 
-/// RFC 9211 `Cache-Status` for a response.
-fn cache_status(lookup: Lookup, all_chunks_cached: bool) -> String {
+/// RFC 9211 `Cache-Status` for a response served from the cache.
+fn cache_status(lookup: Lookup, all_chunks_cached: bool) -> CacheStatus {
     match (lookup, all_chunks_cached) {
-        (Lookup::Fresh, true) => "edgeslice; hit".into(),
-        (Lookup::Fresh, false) => "edgeslice; fwd=partial; stored".into(),
-        (Lookup::Discovered, _) => "edgeslice; fwd=miss; stored".into(),
-        (Lookup::Revalidated, _) => "edgeslice; fwd=stale; fwd-status=304; stored".into(),
-        (Lookup::RequestRevalidated, _) => "edgeslice; fwd=request; fwd-status=304; stored".into(),
-        (Lookup::StaleIfError, _) => "edgeslice; hit; detail=stale-if-error".into(),
+        (Lookup::Fresh, true) => CacheStatus::Hit,
+        (Lookup::Fresh, false) => CacheStatus::Partial,
+        (Lookup::Discovered, _) => CacheStatus::Miss,
+        (Lookup::Revalidated, _) => CacheStatus::Revalidated,
+        (Lookup::RequestRevalidated, _) => CacheStatus::RequestRevalidated,
+        (Lookup::StaleIfError, _) => CacheStatus::StaleIfError,
     }
 }
 

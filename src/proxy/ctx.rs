@@ -13,8 +13,8 @@ pub struct RequestCtx {
     pub started: Instant,
     pub route: Option<Arc<Route>>,
     pub upstream: UpstreamCtx,
-    /// RFC 9211 `Cache-Status` value for the access log; `-` when the cache was not involved.
-    pub cache_status: String,
+    /// What the cache did (`Cache-Status` header and access log); `None`: not involved.
+    pub cache_status: Option<super::cache_status::CacheStatus>,
     /// The cache layer declined the request: proxy it upstream.
     pub pass_through: bool,
     /// The shaped download this response belongs to (its route has a shaping class); dropped
@@ -41,7 +41,7 @@ impl RequestCtx {
             started: Instant::now(),
             route: None,
             upstream: UpstreamCtx::default(),
-            cache_status: "-".into(),
+            cache_status: None,
             pass_through: false,
             download: None,
         }

@@ -12,6 +12,7 @@
 //!  logging ── one access-log line
 //! ```
 
+pub mod cache_status;
 pub mod cached;
 pub mod ctx;
 pub mod headers;
@@ -28,6 +29,7 @@ use crate::origin::ResilienceStats;
 use crate::shaping::identity::client_key;
 use crate::shaping::{ConnectionHandle, Refused, Shaper, ShapingStats};
 use async_trait::async_trait;
+use cache_status::CacheStatus;
 use cached::{CacheLayer, Outcome};
 use ctx::RequestCtx;
 use log::warn;
@@ -463,8 +465,8 @@ impl ProxyHttp for Edge {
         let via = headers::via(upstream_response.headers.get("via").map(|v| v.as_bytes()));
         upstream_response.insert_header("via", via)?;
         upstream_response.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
-        if ctx.cache_status != "-" {
-            upstream_response.insert_header("cache-status", ctx.cache_status.as_str())?;
+        if let Some(status) = ctx.cache_status {
+            upstream_response.insert_header("cache-status", status.render().as_ref())?;
         }
         self.invalidate_after_unsafe(session, upstream_response.status, ctx)
             .await;
@@ -554,7 +556,7 @@ impl ProxyHttp for Edge {
             status,
             bytes: session.body_bytes_sent() as u64,
             duration_ms: ctx.started.elapsed().as_millis() as u64,
-            cache: &ctx.cache_status,
+            cache: &CacheStatus::log_field(ctx.cache_status),
             upstream: &upstream,
             request_id: &ctx.request_id,
             client: &client_ip(session),
