@@ -377,10 +377,16 @@ impl OriginReply for FakeReply {
 // ---- harness ------------------------------------------------------------------------------
 
 fn cache() -> Arc<ChunkCache> {
+    cache_keeping(1 << 20)
+}
+
+/// A cache that keeps objects of at most `max_object_size` bytes from origins that send them
+/// whole.
+fn cache_keeping(max_object_size: u64) -> Arc<ChunkCache> {
     Arc::new(
         ChunkCache::new(&CacheSettings {
             chunk_size: CHUNK,
-            max_object_size: 1 << 20,
+            max_object_size,
             default_ttl: None,
             stale_if_error: Duration::ZERO,
             max_ranges: 16,
@@ -800,6 +806,129 @@ async fn discovery_answered_with_a_shorter_range_completes_its_last_claimed_chun
         [Some((0, 3999)), Some((1500, 1999)), Some((2000, 4999))],
         "the rest of chunk 1, then a run for the chunks never claimed"
     );
+}
+
+#[tokio::test]
+async fn discovery_skips_a_chunk_another_fill_already_owns() {
+    let cache = cache();
+    let v = version(3000, 1, "\"v1\"");
+    let (fake, origin) = FakeOrigin::new(v.clone()).build();
+    let obj = request("/gap-in-discovery");
+    let validator: Arc<str> = v.etag.as_str().into();
+    // Someone else is filling chunk 1.
+    let mut other = claim(&cache, &obj.key, &validator, 1, 1);
+    let lock = cache.lock_object(&obj.key).await;
+
+    let Discovery::Stored(meta) = discover(&cache, &origin, &obj, 0, 2, lock).await else {
+        panic!("stored");
+    };
+    for index in [0, 2] {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 2).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    let ChunkSource::Filling(f) =
+        chunk_source(&cache, &origin, &obj, &meta, &validator, 1, 1).await
+    else {
+        panic!("chunk 1 is still the other fill's");
+    };
+    assert!(
+        !f.is_done(),
+        "discovery did not complete a fill it does not own"
+    );
+    other.complete_front(Bytes::copy_from_slice(chunk_of(&v, 1)));
+    assert_eq!(
+        read_flight(&f, CHUNK).await,
+        (chunk_of(&v, 1).to_vec(), Ok(()))
+    );
+    assert_eq!(fake.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_streamed_body_is_kept_after_its_client_has_gone() {
+    let cache = cache();
+    let v = version(4200, 1, "\"v1\"");
+    let answer = Answer {
+        chunked: true,
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let obj = request("/chunked-client-gone");
+    let lock = cache.lock_object(&obj.key).await;
+
+    let Discovery::Streaming { body, .. } = discover(&cache, &origin, &obj, 0, 0, lock).await
+    else {
+        panic!("streamed");
+    };
+    drop(body);
+    settle(&cache).await;
+    let meta = cache
+        .meta(&obj.key)
+        .await
+        .expect("stored for later requests");
+    assert_eq!(meta.size, 4200);
+    for index in 0..5 {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 4).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    assert_eq!(fake.requests(), 1);
+}
+
+#[tokio::test]
+async fn whole_bodies_past_max_object_size_reach_the_client_but_are_not_kept() {
+    let v = version(2500, 1, "\"v1\"");
+    // Known length: relayed at once.
+    let cache = cache_keeping(2000);
+    let answer = Answer {
+        ignore_range: true,
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let obj = request("/large");
+    let lock = cache.lock_object(&obj.key).await;
+    match discover(&cache, &origin, &obj, 0, 0, lock).await {
+        Discovery::Relay {
+            mut resp,
+            reason,
+            remember,
+        } => {
+            assert_eq!((reason, remember), ("too-large", true));
+            assert_eq!(read_reply(&mut resp).await, v.body[..]);
+        }
+        _ => panic!("too large to keep: relayed"),
+    }
+    assert_eq!(fake.requests(), 1);
+
+    // Unknown length: streamed whole, then marked uncacheable, no metadata.
+    let cache = cache_keeping(2000);
+    let answer = Answer {
+        chunked: true,
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let lock = cache.lock_object(&obj.key).await;
+    let Discovery::Streaming { mut body, .. } = discover(&cache, &origin, &obj, 0, 0, lock).await
+    else {
+        panic!("streamed");
+    };
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(WAIT, async {
+        while let Some(step) = body.recv().await {
+            match step {
+                BodyStep::Piece(p) => got.extend_from_slice(&p),
+                BodyStep::End => return true,
+                BodyStep::Failed(e) => panic!("stream failed: {e}"),
+            }
+        }
+        false
+    })
+    .await
+    .expect("the stream hung");
+    assert!(ended);
+    assert_eq!(got, v.body[..], "the client gets the whole body");
+    settle(&cache).await;
+    assert!(cache.meta(&obj.key).await.is_none());
+    assert!(cache.is_marked_uncacheable(&obj.key));
+    assert_eq!(fake.requests(), 1);
 }
 
 // ---- runs ---------------------------------------------------------------------------------
