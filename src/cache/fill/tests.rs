@@ -1,1 +1,1476 @@
-// tests come next
+//! Unit tests of the fill stages against [`FakeOrigin`], an in-memory origin with scripted
+//! faults: discovery, revalidation, runs, resume, version changes and abandoned fills, each
+//! checked for the exact bytes its readers get and the exact origin requests it cost.
+//!
+//! The cache is memory-only with 1000-byte chunks. Every read goes through a timeout, so a
+//! fill that leaves a waiter hanging fails the test instead of hanging it.
+
+use super::run::claim;
+use super::*;
+use crate::cache::store::ChunkId;
+use crate::config::CacheSettings;
+use async_trait::async_trait;
+use pingora_http::ResponseHeader;
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+use tokio::time::Instant;
+
+const CHUNK: u64 = 1000;
+/// Longest any read may take before the test calls it a hang.
+const WAIT: Duration = Duration::from_secs(2);
+const LAST_MODIFIED: &str = "Wed, 21 Oct 2015 07:28:00 GMT";
+
+/// The one place a `ChunkId` is built, so a change to its construction is made here only.
+fn chunk_id(key: &ObjectKey, validator: &str, index: u64) -> ChunkId {
+    ChunkId {
+        key: key.clone(),
+        validator: validator.into(),
+        index,
+    }
+}
+
+/// The fake origin's servers: the first one not in `avoid` answers.
+const SERVERS: [SocketAddr; 2] = [
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 1)),
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 2)),
+];
+
+/// Bytes that differ from offset to offset and from seed to seed (no short period, so a byte
+/// served from the wrong offset or the wrong version is noticed).
+fn pattern(len: usize, seed: u32) -> Bytes {
+    (0..len as u32)
+        .map(|i| (i.wrapping_add(seed).wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+/// One version of the fake origin's object.
+#[derive(Clone)]
+struct Version {
+    body: Bytes,
+    etag: String,
+    last_modified: String,
+}
+
+fn version(len: usize, seed: u32, etag: &str) -> Version {
+    Version {
+        body: pattern(len, seed),
+        etag: etag.into(),
+        last_modified: if seed == 1 {
+            LAST_MODIFIED.into()
+        } else {
+            format!("Thu, 22 Oct 2015 07:28:{:02} GMT", seed % 60)
+        },
+    }
+}
+
+/// How the fake origin answers one request (in request order; `Answer::default()` is a
+/// correct HTTP answer from the current version).
+#[derive(Clone, Default)]
+struct Answer {
+    /// Answer this status with an empty body instead of the object.
+    status: Option<u16>,
+    /// `open` fails (every server failing).
+    refuse: bool,
+    /// The body breaks off with an error after this many bytes.
+    reset_after: Option<usize>,
+    /// The body ends early, cleanly, after this many bytes.
+    end_after: Option<usize>,
+    /// Answer 200 with the whole object, whatever the Range.
+    ignore_range: bool,
+    /// A 206 carries at most this many bytes (an origin that shortens ranges).
+    max_range: Option<u64>,
+    /// Ignore If-None-Match / If-Modified-Since.
+    ignore_conditionals: bool,
+    /// A chunked 200 of the whole object: no Content-Length.
+    chunked: bool,
+    /// From this request on the object is this version.
+    new_version: Option<Version>,
+    /// `open` waits for a permit of this semaphore before answering.
+    gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// Reading the body panics (the fill task dies).
+    panic_in_body: bool,
+}
+
+/// What the fake origin was asked, and how it answered.
+#[derive(Clone, Debug)]
+struct Seen {
+    range: Option<(u64, u64)>,
+    headers: Vec<(&'static str, String)>,
+    avoid: Vec<SocketAddr>,
+    until: Option<Instant>,
+    server: SocketAddr,
+    status: u16,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+struct FakeOrigin {
+    object: Mutex<Version>,
+    cache_control: String,
+    script: Mutex<VecDeque<Answer>>,
+    piece_size: usize,
+    resumes: u32,
+    seen: Mutex<Vec<Seen>>,
+    body_bytes: Arc<AtomicU64>,
+    resumes_counted: AtomicU32,
+}
+
+impl FakeOrigin {
+    fn new(object: Version) -> FakeOrigin {
+        FakeOrigin {
+            object: Mutex::new(object),
+            cache_control: "max-age=3600".into(),
+            script: Mutex::new(VecDeque::new()),
+            piece_size: 300,
+            resumes: 2,
+            seen: Mutex::new(Vec::new()),
+            body_bytes: Arc::new(AtomicU64::new(0)),
+            resumes_counted: AtomicU32::new(0),
+        }
+    }
+
+    fn script(self, answers: Vec<Answer>) -> FakeOrigin {
+        *self.script.lock().unwrap() = answers.into();
+        self
+    }
+
+    fn cache_control(mut self, value: &str) -> FakeOrigin {
+        self.cache_control = value.into();
+        self
+    }
+
+    fn build(self) -> (Arc<FakeOrigin>, OriginAccess) {
+        let fake = Arc::new(self);
+        (fake.clone(), fake)
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn requests(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    fn body_bytes(&self) -> u64 {
+        self.body_bytes.load(Ordering::Relaxed)
+    }
+
+    fn resumes_counted(&self) -> u32 {
+        self.resumes_counted.load(Ordering::Relaxed)
+    }
+
+    /// Status, extra headers and body of a correct answer to `req` from `v`.
+    fn answer(
+        &self,
+        req: &OriginRequest,
+        v: &Version,
+        a: &Answer,
+    ) -> (u16, Vec<(&'static str, String)>, Option<Bytes>) {
+        let header = |name: &str| {
+            req.headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        };
+        let total = v.body.len() as u64;
+        if let Some(status) = a.status {
+            return (status, vec![("content-length", "0".into())], None);
+        }
+        let not_modified = match (header("if-none-match"), header("if-modified-since")) {
+            (Some(inm), _) => inm == v.etag,
+            (None, Some(ims)) => ims == v.last_modified,
+            (None, None) => false,
+        };
+        if not_modified && !a.ignore_conditionals {
+            return (304, Vec::new(), None);
+        }
+        let whole = |v: &Version| {
+            let mut h = Vec::new();
+            if !a.chunked {
+                h.push(("content-length", total.to_string()));
+            }
+            (200, h, Some(v.body.clone()))
+        };
+        let Some((first, last)) = req.range.filter(|_| !a.ignore_range && !a.chunked) else {
+            return whole(v);
+        };
+        if header("if-range").is_some_and(|ir| ir != v.etag && ir != v.last_modified) {
+            return whole(v);
+        }
+        if first >= total {
+            return (
+                416,
+                vec![
+                    ("content-range", format!("bytes */{total}")),
+                    ("content-length", "0".into()),
+                ],
+                None,
+            );
+        }
+        let mut last = last.min(total - 1);
+        if let Some(max) = a.max_range {
+            last = last.min(first + max - 1);
+        }
+        let body = v.body.slice(first as usize..=last as usize);
+        (
+            206,
+            vec![
+                ("content-range", format!("bytes {first}-{last}/{total}")),
+                ("content-length", body.len().to_string()),
+            ],
+            Some(body),
+        )
+    }
+}
+
+#[async_trait]
+impl Origin for FakeOrigin {
+    async fn open(
+        &self,
+        req: &OriginRequest,
+        avoid: &[SocketAddr],
+        until: Option<Instant>,
+    ) -> Result<Reply, FetchError> {
+        let a = self.script.lock().unwrap().pop_front().unwrap_or_default();
+        if let Some(gate) = &a.gate {
+            gate.acquire().await.unwrap().forget();
+        }
+        let v = {
+            let mut object = self.object.lock().unwrap();
+            if let Some(new) = &a.new_version {
+                *object = new.clone();
+            }
+            object.clone()
+        };
+        let server = *SERVERS
+            .iter()
+            .find(|s| !avoid.contains(s))
+            .unwrap_or(&SERVERS[0]);
+        let (status, mut fields, body) = if a.refuse {
+            (0, Vec::new(), None)
+        } else {
+            self.answer(req, &v, &a)
+        };
+        self.seen.lock().unwrap().push(Seen {
+            range: req.range,
+            headers: req.headers.clone(),
+            avoid: avoid.to_vec(),
+            until,
+            server,
+            status,
+        });
+        if a.refuse {
+            return Err(FetchError {
+                message: "fake origin refused".into(),
+                server: Some(server),
+                status: None,
+                timed_out: false,
+                class: None,
+            });
+        }
+        if matches!(status, 200 | 206 | 304) {
+            fields.push(("etag", v.etag.clone()));
+            fields.push(("last-modified", v.last_modified.clone()));
+            fields.push(("cache-control", self.cache_control.clone()));
+        }
+        let mut header = ResponseHeader::build(status, None).unwrap();
+        for (name, value) in fields {
+            header.insert_header(name, value).unwrap();
+        }
+        let mut body = body.unwrap_or_default();
+        let mut reset = false;
+        if let Some(n) = a.reset_after {
+            body.truncate(n);
+            reset = true;
+        }
+        if let Some(n) = a.end_after {
+            body.truncate(n);
+        }
+        let mut pieces = VecDeque::new();
+        while !body.is_empty() {
+            pieces.push_back(body.split_to(self.piece_size.min(body.len())));
+        }
+        Ok(Box::new(FakeReply {
+            header,
+            server,
+            pieces,
+            reset,
+            panic: a.panic_in_body,
+            sent: self.body_bytes.clone(),
+        }))
+    }
+
+    fn resumes(&self) -> u32 {
+        self.resumes
+    }
+
+    fn deadline(&self) -> Duration {
+        Duration::from_secs(5)
+    }
+
+    fn count_resume(&self) {
+        self.resumes_counted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn all_failing(&self) -> bool {
+        false
+    }
+
+    fn name(&self) -> &str {
+        "fake"
+    }
+}
+
+struct FakeReply {
+    header: ResponseHeader,
+    server: SocketAddr,
+    pieces: VecDeque<Bytes>,
+    /// After the pieces, an error instead of the end of the body.
+    reset: bool,
+    panic: bool,
+    sent: Arc<AtomicU64>,
+}
+
+#[async_trait]
+impl OriginReply for FakeReply {
+    fn header(&self) -> &ResponseHeader {
+        &self.header
+    }
+
+    fn server(&self) -> SocketAddr {
+        self.server
+    }
+
+    async fn next_piece(&mut self) -> Result<Option<Bytes>, FetchError> {
+        assert!(!self.panic, "fake origin: the fill task dies");
+        if let Some(piece) = self.pieces.pop_front() {
+            self.sent.fetch_add(piece.len() as u64, Ordering::Relaxed);
+            return Ok(Some(piece));
+        }
+        if std::mem::take(&mut self.reset) {
+            return Err(FetchError {
+                message: "fake origin: connection reset".into(),
+                server: Some(self.server),
+                status: None,
+                timed_out: false,
+                class: None,
+            });
+        }
+        Ok(None)
+    }
+
+    async fn finish(self: Box<Self>) {}
+}
+
+// ---- harness ------------------------------------------------------------------------------
+
+fn cache() -> Arc<ChunkCache> {
+    cache_keeping(1 << 20)
+}
+
+/// A cache that keeps objects of at most `max_object_size` bytes from origins that send them
+/// whole.
+fn cache_keeping(max_object_size: u64) -> Arc<ChunkCache> {
+    Arc::new(
+        ChunkCache::new(&CacheSettings {
+            chunk_size: CHUNK,
+            max_object_size,
+            default_ttl: None,
+            stale_if_error: Duration::ZERO,
+            max_ranges: 16,
+            max_concurrent_fills: 4,
+            memory_capacity: 1 << 20,
+            disk: None,
+        })
+        .unwrap(),
+    )
+}
+
+fn request(path: &str) -> ObjectRequest {
+    ObjectRequest {
+        key: ObjectKey(format!("fake|example.test|{path}").into()),
+        path_and_query: path.into(),
+        host: "example.test".into(),
+        request_id: "test".into(),
+    }
+}
+
+/// Metadata as discovery would have stored it for `v`.
+fn meta_of(v: &Version, fresh_until: SystemTime) -> Arc<ObjectMeta> {
+    Arc::new(ObjectMeta {
+        size: v.body.len() as u64,
+        validator: v.etag.clone(),
+        etag: Some(v.etag.clone()),
+        last_modified: Some(v.last_modified.clone()),
+        headers: vec![
+            ("etag".into(), v.etag.clone()),
+            ("last-modified".into(), v.last_modified.clone()),
+            ("cache-control".into(), "max-age=3600".into()),
+        ],
+        stored_at: SystemTime::now(),
+        initial_age: 0,
+        fresh_until,
+        stale_if_error: Duration::ZERO,
+        must_revalidate: false,
+    })
+}
+
+/// A known, fresh object `v` whose metadata is in the cache (and none of its chunks).
+async fn known(cache: &ChunkCache, obj: &ObjectRequest, v: &Version) -> Arc<ObjectMeta> {
+    let meta = meta_of(v, SystemTime::now() + Duration::from_secs(3600));
+    cache.put_meta(&obj.key, meta.clone()).await;
+    meta
+}
+
+fn chunk_of(v: &Version, index: u64) -> &[u8] {
+    let start = (index * CHUNK) as usize;
+    let end = (start + CHUNK as usize).min(v.body.len());
+    &v.body[start..end]
+}
+
+/// Everything a reader of a whole chunk gets from a flight: the bytes, then how it ended.
+async fn read_flight(f: &Arc<Flight>, len: u64) -> (Vec<u8>, Result<(), FillError>) {
+    let mut reader = f.reader(0, len);
+    let mut out = Vec::new();
+    let read = async {
+        while let Some(piece) = reader.next().await {
+            out.extend_from_slice(&piece?);
+        }
+        Ok(())
+    };
+    let end = tokio::time::timeout(WAIT, read)
+        .await
+        .expect("a reader hung on its fill");
+    (out, end)
+}
+
+async fn read_source(src: ChunkSource, len: u64) -> (Vec<u8>, Result<(), FillError>) {
+    match src {
+        ChunkSource::Ready(b) => (b.to_vec(), Ok(())),
+        ChunkSource::Filling(f) => read_flight(&f, len).await,
+    }
+}
+
+/// Chunk `index` as a client reads it that needs chunks up to `last`.
+async fn read_chunk(
+    cache: &Arc<ChunkCache>,
+    origin: &OriginAccess,
+    obj: &ObjectRequest,
+    meta: &Arc<ObjectMeta>,
+    index: u64,
+    last: u64,
+) -> Result<Vec<u8>, FillError> {
+    let validator: Arc<str> = meta.validator.as_str().into();
+    let src = chunk_source(cache, origin, obj, meta, &validator, index, last).await;
+    let (bytes, end) = read_source(src, chunk_len(cache, meta, index)).await;
+    end.map(|()| bytes)
+}
+
+/// Wait for the cache's background tasks (fills) to end.
+async fn settle(cache: &ChunkCache) {
+    tokio::time::timeout(WAIT, async {
+        while cache.running_tasks() > 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    })
+    .await
+    .expect("a fill task never ended");
+}
+
+async fn read_reply(resp: &mut Reply) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(piece) = resp.next_piece().await.unwrap() {
+        out.extend_from_slice(&piece);
+    }
+    out
+}
+
+// ---- discovery ----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn discovery_of_a_cold_object_asks_one_aligned_range_and_fills_the_claimed_chunks() {
+    let cache = cache();
+    let v = version(3500, 1, "\"v1\"");
+    let (fake, origin) = FakeOrigin::new(v.clone()).build();
+    let obj = request("/cold");
+    let lock = cache.lock_object(&obj.key).await;
+
+    let meta = match discover(&cache, &origin, &obj, 1, 2, lock).await {
+        Discovery::Stored(m) => m,
+        _ => panic!("a cacheable 206 is stored"),
+    };
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].range, Some((1000, 2999)), "chunk-aligned");
+    assert!(seen[0].headers.is_empty() && seen[0].avoid.is_empty());
+    assert_eq!(meta.size, 3500);
+    assert_eq!(meta.validator, "\"v1\"");
+    assert!(meta.fresh_until > SystemTime::now() + Duration::from_secs(3500));
+    assert_eq!(
+        cache.meta(&obj.key).await.as_deref(),
+        Some(&*meta),
+        "published"
+    );
+
+    for index in [1, 2] {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 2).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    assert_eq!(
+        fake.requests(),
+        1,
+        "the claimed chunks came with the discovery"
+    );
+    settle(&cache).await;
+    assert_eq!(fake.body_bytes(), 2000);
+
+    // A second read of the same chunks is served from memory.
+    for index in [1, 2] {
+        let validator: Arc<str> = meta.validator.as_str().into();
+        let src = chunk_source(&cache, &origin, &obj, &meta, &validator, index, 2).await;
+        assert!(matches!(src, ChunkSource::Ready(ref b) if b[..] == *chunk_of(&v, index)));
+    }
+    assert_eq!(fake.requests(), 1);
+
+    // The rest of the object: one run each side, the short last chunk exact.
+    assert_eq!(
+        read_chunk(&cache, &origin, &obj, &meta, 0, 0)
+            .await
+            .unwrap(),
+        chunk_of(&v, 0)
+    );
+    assert_eq!(
+        read_chunk(&cache, &origin, &obj, &meta, 3, 3)
+            .await
+            .unwrap(),
+        chunk_of(&v, 3)
+    );
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 3);
+    assert_eq!(seen[1].range, Some((0, 999)));
+    assert_eq!(seen[2].range, Some((3000, 3499)));
+    assert_eq!(seen[2].header("if-range"), Some("\"v1\""));
+}
+
+#[tokio::test]
+async fn discovery_past_the_end_learns_the_object_from_its_start() {
+    let cache = cache();
+    let v = version(2500, 1, "\"v1\"");
+    let (fake, origin) = FakeOrigin::new(v.clone()).build();
+    let obj = request("/short");
+    let lock = cache.lock_object(&obj.key).await;
+
+    let Discovery::Stored(meta) = discover(&cache, &origin, &obj, 5, 6, lock).await else {
+        panic!("stored after the 416");
+    };
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!((seen[0].range, seen[0].status), (Some((5000, 6999)), 416));
+    assert_eq!((seen[1].range, seen[1].status), (Some((0, 1999)), 206));
+    assert_eq!(meta.size, 2500);
+    for index in 0..3 {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 2).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    assert_eq!(fake.requests(), 3, "chunk 2 was not part of the discovery");
+}
+
+#[tokio::test]
+async fn discovery_from_an_origin_that_ignores_range_fills_every_chunk_from_one_200() {
+    let cache = cache();
+    let v = version(3200, 1, "\"v1\"");
+    let answer = Answer {
+        ignore_range: true,
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let obj = request("/whole");
+    let lock = cache.lock_object(&obj.key).await;
+
+    let Discovery::Stored(meta) = discover(&cache, &origin, &obj, 2, 2, lock).await else {
+        panic!("a cacheable 200 is stored");
+    };
+    assert_eq!(meta.size, 3200);
+    for index in 0..4 {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 3).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    assert_eq!(fake.requests(), 1);
+    assert_eq!(fake.seen()[0].status, 200);
+}
+
+#[tokio::test]
+async fn discovery_relays_error_statuses_and_uncacheable_whole_answers() {
+    for (status, remembered) in [(404, true), (500, false), (503, false)] {
+        let cache = cache();
+        let answer = Answer {
+            status: Some(status),
+            ..Answer::default()
+        };
+        let (fake, origin) = FakeOrigin::new(version(3000, 1, "\"v1\""))
+            .script(vec![answer])
+            .build();
+        let obj = request("/error");
+        let lock = cache.lock_object(&obj.key).await;
+        match discover(&cache, &origin, &obj, 0, 0, lock).await {
+            Discovery::Relay {
+                resp,
+                reason,
+                remember,
+            } => {
+                assert_eq!(resp.status(), status);
+                assert_eq!(reason, "status");
+                assert_eq!(remember, remembered, "{status}");
+            }
+            _ => panic!("{status} is relayed"),
+        }
+        assert_eq!(fake.requests(), 1, "{status}: the origin is asked once");
+        assert!(cache.meta(&obj.key).await.is_none());
+    }
+
+    // A whole 200 that must not be stored answers the request as it is.
+    let cache = cache();
+    let v = version(3000, 1, "\"v1\"");
+    let answer = Answer {
+        ignore_range: true,
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone())
+        .cache_control("no-store")
+        .script(vec![answer])
+        .build();
+    let obj = request("/no-store");
+    let lock = cache.lock_object(&obj.key).await;
+    match discover(&cache, &origin, &obj, 0, 0, lock).await {
+        Discovery::Relay {
+            mut resp,
+            reason,
+            remember,
+        } => {
+            assert_eq!(resp.status(), 200);
+            assert_eq!((reason, remember), ("no-store", true));
+            assert_eq!(read_reply(&mut resp).await, v.body[..]);
+        }
+        _ => panic!("an uncacheable 200 is relayed"),
+    }
+    assert_eq!(fake.requests(), 1);
+    assert!(cache.meta(&obj.key).await.is_none());
+
+    // The same as a 206 answers only part of the request: pass-through instead.
+    let (fake, origin) = FakeOrigin::new(v).cache_control("no-store").build();
+    let lock = cache.lock_object(&obj.key).await;
+    let got = discover(&cache, &origin, &obj, 0, 0, lock).await;
+    assert!(matches!(got, Discovery::Uncacheable("no-store")));
+    assert_eq!(fake.requests(), 1);
+}
+
+#[tokio::test]
+async fn discovery_streams_a_body_of_unknown_length_then_publishes_its_metadata() {
+    let cache = cache();
+    let v = version(2500, 1, "\"v1\"");
+    let answer = Answer {
+        chunked: true,
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let obj = request("/chunked");
+    let lock = cache.lock_object(&obj.key).await;
+
+    let Discovery::Streaming { headers, mut body } =
+        discover(&cache, &origin, &obj, 0, 0, lock).await
+    else {
+        panic!("a chunked 200 with an ETag is streamed");
+    };
+    assert_eq!(headers.get("etag").unwrap(), "\"v1\"");
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(WAIT, async {
+        loop {
+            match body.recv().await {
+                Some(BodyStep::Piece(p)) => got.extend_from_slice(&p),
+                Some(BodyStep::End) => return true,
+                Some(BodyStep::Failed(e)) => panic!("stream failed: {e}"),
+                None => return false,
+            }
+        }
+    })
+    .await
+    .expect("the stream hung");
+    assert!(ended, "the stream ends with End");
+    assert_eq!(got, v.body[..]);
+    assert!(body.recv().await.is_none(), "nothing after End");
+
+    let meta = cache
+        .meta(&obj.key)
+        .await
+        .expect("metadata published at the end");
+    assert_eq!((meta.size, meta.validator.as_str()), (2500, "\"v1\""));
+    // The chunks were kept as the body passed: reading them costs no request.
+    for index in 0..3 {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 2).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    assert_eq!(fake.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_streamed_body_that_breaks_reports_failure_and_publishes_nothing() {
+    let cache = cache();
+    let v = version(2500, 1, "\"v1\"");
+    let answer = Answer {
+        chunked: true,
+        reset_after: Some(1500),
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let obj = request("/chunked-broken");
+    let lock = cache.lock_object(&obj.key).await;
+
+    let Discovery::Streaming { mut body, .. } = discover(&cache, &origin, &obj, 0, 0, lock).await
+    else {
+        panic!("streamed");
+    };
+    let mut got = Vec::new();
+    let failed = tokio::time::timeout(WAIT, async {
+        loop {
+            match body.recv().await {
+                Some(BodyStep::Piece(p)) => got.extend_from_slice(&p),
+                Some(BodyStep::End) => return false,
+                Some(BodyStep::Failed(_)) => return true,
+                None => return false,
+            }
+        }
+    })
+    .await
+    .expect("the stream hung");
+    assert!(failed, "the client is told the body broke off");
+    assert_eq!(got, v.body[..1500]);
+    settle(&cache).await;
+    assert!(cache.meta(&obj.key).await.is_none());
+    assert_eq!(fake.requests(), 1);
+}
+
+#[tokio::test]
+async fn discovery_of_an_empty_object_stores_it_without_chunks() {
+    let cache = cache();
+    let (fake, origin) = FakeOrigin::new(version(0, 1, "\"v1\"")).build();
+    let obj = request("/empty");
+    let lock = cache.lock_object(&obj.key).await;
+
+    let Discovery::Stored(meta) = discover(&cache, &origin, &obj, 0, 0, lock).await else {
+        panic!("an empty object is stored");
+    };
+    assert_eq!(meta.size, 0);
+    let seen = fake.seen();
+    assert_eq!((seen[0].range, seen[0].status), (Some((0, 999)), 416));
+    assert_eq!((seen[1].range, seen[1].status), (None, 200), "asked whole");
+    assert_eq!(seen.len(), 2);
+    settle(&cache).await;
+    assert!(cache.flights.is_empty(), "no fill claimed");
+}
+
+#[tokio::test]
+async fn discovery_answered_with_a_shorter_range_completes_its_last_claimed_chunk() {
+    let cache = cache();
+    let v = version(5000, 1, "\"v1\"");
+    // The origin sends 1500 of the 4000 bytes asked: chunk 1 is claimed but half sent.
+    let answer = Answer {
+        max_range: Some(1500),
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let obj = request("/shortened");
+    let lock = cache.lock_object(&obj.key).await;
+
+    let Discovery::Stored(meta) = discover(&cache, &origin, &obj, 0, 3, lock).await else {
+        panic!("stored");
+    };
+    for index in 0..5 {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 4).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    let ranges: Vec<_> = fake.seen().iter().map(|s| s.range).collect();
+    assert_eq!(
+        ranges,
+        [Some((0, 3999)), Some((1500, 1999)), Some((2000, 4999))],
+        "the rest of chunk 1, then a run for the chunks never claimed"
+    );
+}
+
+#[tokio::test]
+async fn discovery_skips_a_chunk_another_fill_already_owns() {
+    let cache = cache();
+    let v = version(3000, 1, "\"v1\"");
+    let (fake, origin) = FakeOrigin::new(v.clone()).build();
+    let obj = request("/gap-in-discovery");
+    let validator: Arc<str> = v.etag.as_str().into();
+    // Someone else is filling chunk 1.
+    let mut other = claim(&cache, &obj.key, &validator, 1, 1);
+    let lock = cache.lock_object(&obj.key).await;
+
+    let Discovery::Stored(meta) = discover(&cache, &origin, &obj, 0, 2, lock).await else {
+        panic!("stored");
+    };
+    for index in [0, 2] {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 2).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    let ChunkSource::Filling(f) =
+        chunk_source(&cache, &origin, &obj, &meta, &validator, 1, 1).await
+    else {
+        panic!("chunk 1 is still the other fill's");
+    };
+    assert!(
+        !f.is_done(),
+        "discovery did not complete a fill it does not own"
+    );
+    other.complete_front(Bytes::copy_from_slice(chunk_of(&v, 1)));
+    assert_eq!(
+        read_flight(&f, CHUNK).await,
+        (chunk_of(&v, 1).to_vec(), Ok(()))
+    );
+    assert_eq!(fake.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_streamed_body_is_kept_after_its_client_has_gone() {
+    let cache = cache();
+    let v = version(4200, 1, "\"v1\"");
+    let answer = Answer {
+        chunked: true,
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let obj = request("/chunked-client-gone");
+    let lock = cache.lock_object(&obj.key).await;
+
+    let Discovery::Streaming { body, .. } = discover(&cache, &origin, &obj, 0, 0, lock).await
+    else {
+        panic!("streamed");
+    };
+    drop(body);
+    settle(&cache).await;
+    let meta = cache
+        .meta(&obj.key)
+        .await
+        .expect("stored for later requests");
+    assert_eq!(meta.size, 4200);
+    for index in 0..5 {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 4).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    assert_eq!(fake.requests(), 1);
+}
+
+#[tokio::test]
+async fn whole_bodies_past_max_object_size_reach_the_client_but_are_not_kept() {
+    let v = version(2500, 1, "\"v1\"");
+    // Known length: relayed at once.
+    let cache = cache_keeping(2000);
+    let answer = Answer {
+        ignore_range: true,
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let obj = request("/large");
+    let lock = cache.lock_object(&obj.key).await;
+    match discover(&cache, &origin, &obj, 0, 0, lock).await {
+        Discovery::Relay {
+            mut resp,
+            reason,
+            remember,
+        } => {
+            assert_eq!((reason, remember), ("too-large", true));
+            assert_eq!(read_reply(&mut resp).await, v.body[..]);
+        }
+        _ => panic!("too large to keep: relayed"),
+    }
+    assert_eq!(fake.requests(), 1);
+
+    // Unknown length: streamed whole, then marked uncacheable, no metadata.
+    let cache = cache_keeping(2000);
+    let answer = Answer {
+        chunked: true,
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let lock = cache.lock_object(&obj.key).await;
+    let Discovery::Streaming { mut body, .. } = discover(&cache, &origin, &obj, 0, 0, lock).await
+    else {
+        panic!("streamed");
+    };
+    let mut got = Vec::new();
+    let ended = tokio::time::timeout(WAIT, async {
+        while let Some(step) = body.recv().await {
+            match step {
+                BodyStep::Piece(p) => got.extend_from_slice(&p),
+                BodyStep::End => return true,
+                BodyStep::Failed(e) => panic!("stream failed: {e}"),
+            }
+        }
+        false
+    })
+    .await
+    .expect("the stream hung");
+    assert!(ended);
+    assert_eq!(got, v.body[..], "the client gets the whole body");
+    settle(&cache).await;
+    assert!(cache.meta(&obj.key).await.is_none());
+    assert!(cache.is_marked_uncacheable(&obj.key));
+    assert_eq!(fake.requests(), 1);
+}
+
+// ---- runs ---------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_missing_chunk_fetches_its_run_with_one_request_of_at_most_16_chunks() {
+    let cache = cache();
+    let v = version(20_500, 1, "\"v1\"");
+    let (fake, origin) = FakeOrigin::new(v.clone()).build();
+    let obj = request("/run");
+    let meta = known(&cache, &obj, &v).await;
+
+    for index in 2..=17 {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 20).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 1, "one request for the run");
+    assert_eq!(seen[0].range, Some((2000, 17_999)), "16 chunks");
+    assert_eq!(seen[0].header("if-range"), Some("\"v1\""));
+
+    for index in 18..=20 {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 20).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(
+        seen[1].range,
+        Some((18_000, 20_499)),
+        "to the end of the object"
+    );
+    settle(&cache).await;
+    assert_eq!(fake.body_bytes(), 18_500, "no byte fetched twice");
+}
+
+#[tokio::test]
+async fn a_run_stops_before_a_chunk_already_cached() {
+    let cache = cache();
+    let v = version(10_000, 1, "\"v1\"");
+    let (fake, origin) = FakeOrigin::new(v.clone()).build();
+    let obj = request("/gap");
+    let meta = known(&cache, &obj, &v).await;
+    cache.store_chunk(
+        &chunk_id(&obj.key, &v.etag, 7),
+        Bytes::copy_from_slice(chunk_of(&v, 7)),
+    );
+
+    for index in 4..=9 {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 9).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    let ranges: Vec<_> = fake.seen().iter().map(|s| s.range).collect();
+    assert_eq!(ranges, [Some((4000, 6999)), Some((8000, 9999))]);
+}
+
+#[tokio::test]
+async fn concurrent_requests_for_a_chunk_share_one_fill() {
+    let cache = cache();
+    let v = version(4000, 1, "\"v1\"");
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let answer = Answer {
+        gate: Some(gate.clone()),
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let obj = request("/shared");
+    let meta = known(&cache, &obj, &v).await;
+    let validator: Arc<str> = v.etag.as_str().into();
+
+    let source = || chunk_source(&cache, &origin, &obj, &meta, &validator, 1, 3);
+    let (ChunkSource::Filling(a), ChunkSource::Filling(b)) = (source().await, source().await)
+    else {
+        panic!("both wait on a fill");
+    };
+    assert!(Arc::ptr_eq(&a, &b), "one flight for both");
+    // A later chunk of the same run is joined too, not fetched again.
+    let ChunkSource::Filling(c) =
+        chunk_source(&cache, &origin, &obj, &meta, &validator, 3, 3).await
+    else {
+        panic!("chunk 3 is part of the run in flight");
+    };
+    let readers = [(a, 1), (b, 1), (c, 3)]
+        .map(|(f, index)| tokio::spawn(async move { (index, read_flight(&f, CHUNK).await) }));
+    gate.add_permits(1);
+    for reader in readers {
+        let (index, (bytes, end)) = reader.await.unwrap();
+        assert_eq!(end, Ok(()));
+        assert_eq!(bytes, chunk_of(&v, index), "chunk {index}");
+    }
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].range, Some((1000, 3999)));
+}
+
+#[tokio::test]
+async fn a_refused_run_fails_its_waiters_and_the_next_request_starts_afresh() {
+    let cache = cache();
+    let v = version(3000, 1, "\"v1\"");
+    let answer = Answer {
+        refuse: true,
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let obj = request("/refused");
+    let meta = known(&cache, &obj, &v).await;
+
+    let got = read_chunk(&cache, &origin, &obj, &meta, 0, 2).await;
+    assert!(matches!(got, Err(FillError::Origin(_))), "{got:?}");
+    settle(&cache).await;
+    assert!(cache.flights.is_empty(), "no fill left behind");
+    for index in 0..3 {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 2).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    assert_eq!(fake.requests(), 2);
+    assert!(
+        cache.meta(&obj.key).await.is_some(),
+        "an origin error keeps the object"
+    );
+}
+
+#[tokio::test]
+async fn a_run_from_an_origin_that_ignores_range_skips_to_its_first_byte() {
+    let cache = cache();
+    let v = version(5000, 1, "\"v1\"");
+    let answer = Answer {
+        ignore_range: true,
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let obj = request("/no-ranges");
+    let meta = known(&cache, &obj, &v).await;
+
+    for index in 2..5 {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 4).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!((seen[0].range, seen[0].status), (Some((2000, 4999)), 200));
+}
+
+// ---- resume -------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_broken_transfer_resumes_at_the_next_missing_byte_on_another_server() {
+    // Resets mid-piece, at a chunk boundary, after the first byte and before the last.
+    for reset in [1, 999, 1000, 2000, 2500, 4999] {
+        let cache = cache();
+        let v = version(5000, 1, "\"v1\"");
+        let answer = Answer {
+            reset_after: Some(reset),
+            ..Answer::default()
+        };
+        let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+        let obj = request("/resume");
+        let meta = known(&cache, &obj, &v).await;
+        let validator: Arc<str> = v.etag.as_str().into();
+
+        let mut sources = Vec::new();
+        for index in 0..5 {
+            sources.push(chunk_source(&cache, &origin, &obj, &meta, &validator, index, 4).await);
+        }
+        for (index, src) in (0..).zip(sources) {
+            let (bytes, end) = read_source(src, CHUNK).await;
+            assert_eq!(end, Ok(()), "reset at {reset}, chunk {index}");
+            assert_eq!(
+                bytes,
+                chunk_of(&v, index),
+                "reset at {reset}, chunk {index}"
+            );
+        }
+        settle(&cache).await;
+        let seen = fake.seen();
+        assert_eq!(seen.len(), 2, "reset at {reset}");
+        assert_eq!(seen[0].range, Some((0, 4999)));
+        assert_eq!(seen[0].server, SERVERS[0]);
+        assert_eq!(
+            seen[1].range,
+            Some((reset as u64, 4999)),
+            "resumed at the next missing byte"
+        );
+        assert_eq!(seen[1].avoid, [SERVERS[0]], "the failed server is avoided");
+        assert_eq!(seen[1].server, SERVERS[1]);
+        assert_eq!(seen[1].header("if-range"), Some("\"v1\""));
+        assert!(
+            seen[1].until.is_some(),
+            "the resume keeps the transfer's deadline"
+        );
+        assert_eq!(fake.resumes_counted(), 1);
+        assert_eq!(
+            fake.body_bytes(),
+            5000,
+            "reset at {reset}: no byte fetched twice"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_body_that_ends_early_resumes_like_a_reset() {
+    let cache = cache();
+    let v = version(3000, 1, "\"v1\"");
+    let answer = Answer {
+        end_after: Some(1234),
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let obj = request("/short-body");
+    let meta = known(&cache, &obj, &v).await;
+
+    for index in 0..3 {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 2).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].range, Some((1234, 2999)));
+    assert_eq!(fake.resumes_counted(), 1);
+}
+
+#[tokio::test]
+async fn a_transfer_that_keeps_breaking_fails_after_the_groups_resumes() {
+    let cache = cache();
+    let v = version(3000, 1, "\"v1\"");
+    let reset = |n| Answer {
+        reset_after: Some(n),
+        ..Answer::default()
+    };
+    // resumes() is 2: the first request and two resumes, each breaking 500 bytes further on.
+    let (fake, origin) = FakeOrigin::new(v.clone())
+        .script(vec![reset(500), reset(500), reset(500)])
+        .build();
+    let obj = request("/flaky");
+    let meta = known(&cache, &obj, &v).await;
+    let validator: Arc<str> = v.etag.as_str().into();
+
+    let mut sources = Vec::new();
+    for index in 0..3 {
+        sources.push(chunk_source(&cache, &origin, &obj, &meta, &validator, index, 2).await);
+    }
+    let mut ends = Vec::new();
+    for (index, src) in (0..).zip(sources) {
+        let (bytes, end) = read_source(src, CHUNK).await;
+        assert_eq!(bytes, chunk_of(&v, index)[..bytes.len()], "a prefix, exact");
+        ends.push(end);
+    }
+    assert_eq!(ends[0], Ok(()), "chunk 0 completed before the third break");
+    assert!(
+        matches!(ends[1], Err(FillError::Origin(_))),
+        "{:?}",
+        ends[1]
+    );
+    assert!(
+        matches!(ends[2], Err(FillError::Origin(_))),
+        "{:?}",
+        ends[2]
+    );
+    settle(&cache).await;
+    let ranges: Vec<_> = fake.seen().iter().map(|s| s.range).collect();
+    assert_eq!(
+        ranges,
+        [Some((0, 2999)), Some((500, 2999)), Some((1000, 2999))]
+    );
+    assert_eq!(fake.resumes_counted(), 2);
+    assert!(cache.flights.is_empty());
+    assert!(cache.meta(&obj.key).await.is_some(), "the object is kept");
+}
+
+// ---- version changes ----------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_version_change_on_resume_fails_the_fill_without_mixing_bytes() {
+    let cache = cache();
+    let v1 = version(5000, 1, "\"v1\"");
+    let v2 = version(5000, 2, "\"v2\"");
+    let (fake, origin) = FakeOrigin::new(v1.clone())
+        .script(vec![
+            Answer {
+                reset_after: Some(1500),
+                ..Answer::default()
+            },
+            Answer {
+                new_version: Some(v2.clone()),
+                ..Answer::default()
+            },
+        ])
+        .build();
+    let obj = request("/changed-on-resume");
+    let meta = known(&cache, &obj, &v1).await;
+    let validator: Arc<str> = v1.etag.as_str().into();
+
+    let mut sources = Vec::new();
+    for index in 0..5 {
+        sources.push(chunk_source(&cache, &origin, &obj, &meta, &validator, index, 4).await);
+    }
+    let mut results = Vec::new();
+    for src in sources {
+        results.push(read_source(src, CHUNK).await);
+    }
+    assert_eq!(results[0], (chunk_of(&v1, 0).to_vec(), Ok(())));
+    assert_eq!(
+        results[1],
+        (v1.body[1000..1500].to_vec(), Err(FillError::VersionChanged)),
+        "the old version's bytes, then the error: never a byte of v2"
+    );
+    for (bytes, end) in &results[2..] {
+        assert!(bytes.is_empty());
+        assert_eq!(*end, Err(FillError::VersionChanged));
+    }
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].range, Some((1500, 4999)));
+    assert_eq!(seen[1].status, 200, "If-Range did not match");
+    assert!(
+        cache.meta(&obj.key).await.is_none(),
+        "the old version is dropped"
+    );
+    settle(&cache).await;
+    assert!(cache.flights.is_empty());
+}
+
+#[tokio::test]
+async fn a_run_answered_with_another_version_fails_with_version_changed() {
+    for same_length in [true, false] {
+        let cache = cache();
+        let v1 = version(3000, 1, "\"v1\"");
+        let v2 = version(if same_length { 3000 } else { 4500 }, 2, "\"v2\"");
+        let (fake, origin) = FakeOrigin::new(v2).build();
+        let obj = request("/changed");
+        let meta = known(&cache, &obj, &v1).await;
+
+        let validator: Arc<str> = v1.etag.as_str().into();
+        let mut sources = Vec::new();
+        for index in 0..3 {
+            sources.push(chunk_source(&cache, &origin, &obj, &meta, &validator, index, 2).await);
+        }
+        for (index, src) in sources.into_iter().enumerate() {
+            let (bytes, end) = read_source(src, CHUNK).await;
+            assert!(bytes.is_empty(), "chunk {index}: no byte of either version");
+            assert_eq!(end, Err(FillError::VersionChanged), "chunk {index}");
+        }
+        assert!(cache.meta(&obj.key).await.is_none(), "old version dropped");
+        assert_eq!(fake.requests(), 1);
+        assert!(
+            cache
+                .memory_chunk(&chunk_id(&obj.key, &validator, 0))
+                .is_none(),
+            "nothing stored under the old version"
+        );
+    }
+}
+
+// ---- revalidation -------------------------------------------------------------------------
+
+/// A stale copy of `v` in the cache, and the fake origin serving `answers`.
+async fn stale(
+    v: &Version,
+    answers: Vec<Answer>,
+) -> (
+    Arc<ChunkCache>,
+    Arc<FakeOrigin>,
+    OriginAccess,
+    ObjectRequest,
+    Arc<ObjectMeta>,
+) {
+    let cache = cache();
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(answers).build();
+    let obj = request("/stale");
+    let meta = meta_of(v, SystemTime::now() - Duration::from_secs(10));
+    cache.put_meta(&obj.key, meta.clone()).await;
+    (cache, fake, origin, obj, meta)
+}
+
+#[tokio::test]
+async fn revalidation_304_renews_freshness() {
+    let v = version(3000, 1, "\"v1\"");
+    let (cache, fake, origin, obj, meta) = stale(&v, Vec::new()).await;
+
+    let Revalidation::Fresh(fresh) = revalidate(&cache, &origin, &obj, &meta).await else {
+        panic!("304 is fresh");
+    };
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].status, 304);
+    assert_eq!(seen[0].range, Some((0, 0)));
+    assert_eq!(seen[0].header("if-none-match"), Some("\"v1\""));
+    assert_eq!(seen[0].header("if-modified-since"), Some(LAST_MODIFIED));
+    assert!(fresh.fresh_until > SystemTime::now() + Duration::from_secs(3500));
+    assert_eq!((fresh.size, fresh.validator.as_str()), (3000, "\"v1\""));
+    let stored = cache.meta(&obj.key).await.unwrap();
+    assert_eq!(
+        stored.fresh_until, fresh.fresh_until,
+        "renewed in the cache"
+    );
+}
+
+#[tokio::test]
+async fn revalidation_with_the_same_validator_is_fresh() {
+    for ignore_range in [false, true] {
+        let v = version(3000, 1, "\"v1\"");
+        let answer = Answer {
+            ignore_conditionals: true,
+            ignore_range,
+            ..Answer::default()
+        };
+        let (cache, fake, origin, obj, meta) = stale(&v, vec![answer]).await;
+        let got = revalidate(&cache, &origin, &obj, &meta).await;
+        let Revalidation::Fresh(fresh) = got else {
+            panic!("same validator is fresh (ignore_range {ignore_range})");
+        };
+        assert_eq!(fake.seen()[0].status, if ignore_range { 200 } else { 206 });
+        assert!(fresh.fresh_until > SystemTime::now() + Duration::from_secs(3500));
+        assert_eq!(fresh.validator, "\"v1\"");
+        assert!(cache
+            .meta(&obj.key)
+            .await
+            .unwrap()
+            .is_fresh(SystemTime::now()));
+    }
+}
+
+#[tokio::test]
+async fn revalidation_finding_another_version_drops_the_old_one() {
+    let v1 = version(3000, 1, "\"v1\"");
+    let answer = Answer {
+        new_version: Some(version(3000, 2, "\"v2\"")),
+        ..Answer::default()
+    };
+    let (cache, fake, origin, obj, meta) = stale(&v1, vec![answer]).await;
+    let got = revalidate(&cache, &origin, &obj, &meta).await;
+    assert!(matches!(got, Revalidation::Changed));
+    assert_eq!(fake.requests(), 1);
+    assert!(cache.meta(&obj.key).await.is_none());
+}
+
+#[tokio::test]
+async fn revalidation_server_error_keeps_the_object_and_other_statuses_drop_it() {
+    let v = version(3000, 1, "\"v1\"");
+    let answer = Answer {
+        status: Some(503),
+        ..Answer::default()
+    };
+    let (cache, fake, origin, obj, meta) = stale(&v, vec![answer]).await;
+    match revalidate(&cache, &origin, &obj, &meta).await {
+        Revalidation::Failed(e) => {
+            assert_eq!(e.status, Some(503));
+            assert_eq!(e.server, Some(SERVERS[0]));
+        }
+        _ => panic!("503 is a failure"),
+    }
+    assert_eq!(fake.requests(), 1);
+    assert_eq!(
+        cache.meta(&obj.key).await,
+        Some(meta),
+        "kept for stale-if-error"
+    );
+
+    let answer = Answer {
+        status: Some(404),
+        ..Answer::default()
+    };
+    let (cache, fake, origin, obj, meta) = stale(&v, vec![answer]).await;
+    let got = revalidate(&cache, &origin, &obj, &meta).await;
+    assert!(matches!(got, Revalidation::Uncacheable("status")));
+    assert_eq!(fake.requests(), 1);
+    assert!(cache.meta(&obj.key).await.is_none());
+}
+
+// ---- abandoned fills and memory -----------------------------------------------------------
+
+#[tokio::test]
+async fn dropping_a_run_fails_its_fills_with_abandoned() {
+    let cache = cache();
+    let v = version(3000, 1, "\"v1\"");
+    let (fake, origin) = FakeOrigin::new(v.clone()).build();
+    let obj = request("/dropped");
+    let meta = known(&cache, &obj, &v).await;
+    let validator: Arc<str> = v.etag.as_str().into();
+
+    let run = claim(&cache, &obj.key, &validator, 0, 2);
+    assert_eq!(run.flights.len(), 3);
+    let flights: Vec<_> = run.flights.iter().map(|(_, f)| f.clone()).collect();
+    flights[1].push(Bytes::copy_from_slice(&chunk_of(&v, 1)[..10]));
+    let readers: Vec<_> = flights
+        .into_iter()
+        .map(|f| tokio::spawn(async move { read_flight(&f, CHUNK).await }))
+        .collect();
+    tokio::task::yield_now().await;
+    drop(run);
+    for (index, reader) in readers.into_iter().enumerate() {
+        let (_, end) = reader.await.unwrap();
+        assert_eq!(end, Err(FillError::Abandoned), "chunk {index}");
+    }
+    assert!(cache.flights.is_empty(), "no fill left registered");
+    // The next reader starts a new fill.
+    let got = read_chunk(&cache, &origin, &obj, &meta, 1, 1).await;
+    assert_eq!(got.unwrap(), chunk_of(&v, 1));
+    assert_eq!(fake.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_fill_task_that_dies_leaves_no_waiter_hanging() {
+    let cache = cache();
+    let v = version(3000, 1, "\"v1\"");
+    let answer = Answer {
+        panic_in_body: true,
+        ..Answer::default()
+    };
+    let (_fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let obj = request("/died");
+    let meta = known(&cache, &obj, &v).await;
+
+    let got = read_chunk(&cache, &origin, &obj, &meta, 0, 2).await;
+    assert_eq!(got, Err(FillError::Abandoned));
+    settle(&cache).await;
+    assert!(cache.flights.is_empty());
+}
+
+#[tokio::test]
+async fn a_completed_chunk_holds_only_its_bytes() {
+    let cache = cache();
+    let v = version(2500, 1, "\"v1\"");
+    let (_fake, origin) = FakeOrigin::new(v.clone()).build();
+    let obj = request("/memory");
+    let meta = known(&cache, &obj, &v).await;
+    let validator: Arc<str> = v.etag.as_str().into();
+
+    let mut flights = Vec::new();
+    for index in 0..3 {
+        match chunk_source(&cache, &origin, &obj, &meta, &validator, index, 2).await {
+            ChunkSource::Filling(f) => flights.push((index, f)),
+            ChunkSource::Ready(_) => panic!("chunk {index} is not cached yet"),
+        }
+    }
+    for (index, f) in flights {
+        let len = chunk_len(&cache, &meta, index);
+        let (bytes, end) = read_flight(&f, len).await;
+        assert_eq!((bytes.as_slice(), end), (chunk_of(&v, index), Ok(())));
+        assert!(f.is_done());
+        assert_eq!(f.held_bytes() as u64, len, "chunk {index}: pieces released");
+        let stored = cache.memory_chunk(&chunk_id(&obj.key, &validator, index));
+        assert_eq!(stored.as_deref(), Some(chunk_of(&v, index)));
+    }
+}
