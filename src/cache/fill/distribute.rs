@@ -66,7 +66,7 @@ pub(super) async fn distribute(
                 resumes_left -= 1;
                 failed.push(resp.server());
                 match resume(&origin, &obj, &meta, pos, run_end, &failed, until).await {
-                    Ok(next) => {
+                    Ok((next, next_offset)) => {
                         origin.count_resume();
                         log::warn!(
                             "rid={} {why} at byte {pos} of {}; resumed on {}",
@@ -75,7 +75,9 @@ pub(super) async fn distribute(
                             next.server()
                         );
                         resp = next;
-                        body_pos = pos;
+                        // Where the new answer starts (a server that ignores Range sends the
+                        // object from byte 0): the bytes before `pos` are skipped below.
+                        body_pos = next_offset;
                         continue;
                     }
                     Err(e) => break Err(e),
@@ -131,7 +133,8 @@ pub(super) async fn distribute(
 }
 
 /// Continue a broken transfer at byte `from` (through `to`), preferring servers not in
-/// `failed`, and only from the same object version.
+/// `failed`, and only from the same object version. Returns the answer and the object offset of
+/// its first byte (at or before `from`).
 async fn resume(
     origin: &OriginAccess,
     obj: &ObjectRequest,
@@ -140,7 +143,7 @@ async fn resume(
     to: u64,
     failed: &[std::net::SocketAddr],
     until: tokio::time::Instant,
-) -> Result<Reply, FillError> {
+) -> Result<(Reply, u64), FillError> {
     let req = obj.origin_request(Some((from, to)), if_range(meta));
     let resp = origin
         .open(&req, failed, Some(until))
@@ -150,7 +153,7 @@ async fn resume(
     let same_version = extent.and_then(|(_, t)| t) == Some(meta.size)
         && response_validator(&*resp, meta.size).as_deref() == Some(meta.validator.as_str());
     match extent {
-        Some((offset, _)) if same_version && offset <= from => Ok(resp),
+        Some((offset, _)) if same_version && offset <= from => Ok((resp, offset)),
         Some(_) => Err(FillError::VersionChanged),
         None => Err(FillError::Origin(format!(
             "origin answered {} to a resume",

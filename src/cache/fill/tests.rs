@@ -7,7 +7,7 @@
 
 use super::run::claim;
 use super::*;
-use crate::cache::store::ChunkId;
+use crate::cache::key::ObjectVersion;
 use crate::config::CacheSettings;
 use async_trait::async_trait;
 use pingora_http::ResponseHeader;
@@ -23,13 +23,9 @@ const CHUNK: u64 = 1000;
 const WAIT: Duration = Duration::from_secs(2);
 const LAST_MODIFIED: &str = "Wed, 21 Oct 2015 07:28:00 GMT";
 
-/// The one place a `ChunkId` is built, so a change to its construction is made here only.
-fn chunk_id(key: &ObjectKey, validator: &str, index: u64) -> ChunkId {
-    ChunkId {
-        key: key.clone(),
-        validator: validator.into(),
-        index,
-    }
+/// The version `validator` of `key`, as the fill stages name its chunks.
+fn version_of(key: &ObjectKey, validator: &str) -> ObjectVersion {
+    ObjectVersion::new(key.clone(), validator.into())
 }
 
 /// The fake origin's servers: the first one not in `avoid` answers.
@@ -472,7 +468,7 @@ async fn read_chunk(
     index: u64,
     last: u64,
 ) -> Result<Vec<u8>, FillError> {
-    let validator: Arc<str> = meta.validator.as_str().into();
+    let validator = version_of(&obj.key, meta.validator.as_str());
     let src = chunk_source(cache, origin, obj, meta, &validator, index, last).await;
     let (bytes, end) = read_source(src, chunk_len(cache, meta, index)).await;
     end.map(|()| bytes)
@@ -538,7 +534,7 @@ async fn discovery_of_a_cold_object_asks_one_aligned_range_and_fills_the_claimed
 
     // A second read of the same chunks is served from memory.
     for index in [1, 2] {
-        let validator: Arc<str> = meta.validator.as_str().into();
+        let validator = version_of(&obj.key, meta.validator.as_str());
         let src = chunk_source(&cache, &origin, &obj, &meta, &validator, index, 2).await;
         assert!(matches!(src, ChunkSource::Ready(ref b) if b[..] == *chunk_of(&v, index)));
     }
@@ -814,9 +810,9 @@ async fn discovery_skips_a_chunk_another_fill_already_owns() {
     let v = version(3000, 1, "\"v1\"");
     let (fake, origin) = FakeOrigin::new(v.clone()).build();
     let obj = request("/gap-in-discovery");
-    let validator: Arc<str> = v.etag.as_str().into();
+    let validator = version_of(&obj.key, v.etag.as_str());
     // Someone else is filling chunk 1.
-    let mut other = claim(&cache, &obj.key, &validator, 1, 1);
+    let mut other = claim(&cache, &validator, 1, 1);
     let lock = cache.lock_object(&obj.key).await;
 
     let Discovery::Stored(meta) = discover(&cache, &origin, &obj, 0, 2, lock).await else {
@@ -973,7 +969,8 @@ async fn a_run_stops_before_a_chunk_already_cached() {
     let obj = request("/gap");
     let meta = known(&cache, &obj, &v).await;
     cache.store_chunk(
-        &chunk_id(&obj.key, &v.etag, 7),
+        &version_of(&obj.key, &v.etag),
+        7,
         Bytes::copy_from_slice(chunk_of(&v, 7)),
     );
 
@@ -997,7 +994,7 @@ async fn concurrent_requests_for_a_chunk_share_one_fill() {
     let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
     let obj = request("/shared");
     let meta = known(&cache, &obj, &v).await;
-    let validator: Arc<str> = v.etag.as_str().into();
+    let validator = version_of(&obj.key, v.etag.as_str());
 
     let source = || chunk_source(&cache, &origin, &obj, &meta, &validator, 1, 3);
     let (ChunkSource::Filling(a), ChunkSource::Filling(b)) = (source().await, source().await)
@@ -1074,6 +1071,44 @@ async fn a_run_from_an_origin_that_ignores_range_skips_to_its_first_byte() {
 
 // ---- resume -------------------------------------------------------------------------------
 
+/// A resume answered by a server that ignores Range (a 200 with the whole, same-version object)
+/// is cut at the resume point: the bytes before it are skipped, never taken as the next ones.
+#[tokio::test]
+async fn a_resume_answered_with_the_whole_object_delivers_the_right_bytes() {
+    let cache = cache();
+    let v = version(5000, 1, "\"v1\"");
+    let (_fake, origin) = FakeOrigin::new(v.clone())
+        .script(vec![
+            Answer {
+                reset_after: Some(2500),
+                ..Answer::default()
+            },
+            Answer {
+                ignore_range: true,
+                ..Answer::default()
+            },
+        ])
+        .build();
+    let obj = request("/resume-whole");
+    let meta = known(&cache, &obj, &v).await;
+    let validator = version_of(&obj.key, v.etag.as_str());
+    let mut sources = Vec::new();
+    for index in 0..5 {
+        sources.push(chunk_source(&cache, &origin, &obj, &meta, &validator, index, 4).await);
+    }
+    for (index, src) in (0..).zip(sources) {
+        let (bytes, end) = read_source(src, CHUNK).await;
+        assert_eq!(end, Ok(()), "chunk {index}");
+        assert!(bytes == chunk_of(&v, index), "chunk {index}: wrong bytes");
+        let stored = cache.memory_chunk(&validator.chunk(index));
+        assert_eq!(
+            stored.as_deref(),
+            Some(chunk_of(&v, index)),
+            "chunk {index} stored"
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_broken_transfer_resumes_at_the_next_missing_byte_on_another_server() {
     // Resets mid-piece, at a chunk boundary, after the first byte and before the last.
@@ -1087,7 +1122,7 @@ async fn a_broken_transfer_resumes_at_the_next_missing_byte_on_another_server() 
         let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
         let obj = request("/resume");
         let meta = known(&cache, &obj, &v).await;
-        let validator: Arc<str> = v.etag.as_str().into();
+        let validator = version_of(&obj.key, v.etag.as_str());
 
         let mut sources = Vec::new();
         for index in 0..5 {
@@ -1164,7 +1199,7 @@ async fn a_transfer_that_keeps_breaking_fails_after_the_groups_resumes() {
         .build();
     let obj = request("/flaky");
     let meta = known(&cache, &obj, &v).await;
-    let validator: Arc<str> = v.etag.as_str().into();
+    let validator = version_of(&obj.key, v.etag.as_str());
 
     let mut sources = Vec::new();
     for index in 0..3 {
@@ -1219,7 +1254,7 @@ async fn a_version_change_on_resume_fails_the_fill_without_mixing_bytes() {
         .build();
     let obj = request("/changed-on-resume");
     let meta = known(&cache, &obj, &v1).await;
-    let validator: Arc<str> = v1.etag.as_str().into();
+    let validator = version_of(&obj.key, v1.etag.as_str());
 
     let mut sources = Vec::new();
     for index in 0..5 {
@@ -1261,7 +1296,7 @@ async fn a_run_answered_with_another_version_fails_with_version_changed() {
         let obj = request("/changed");
         let meta = known(&cache, &obj, &v1).await;
 
-        let validator: Arc<str> = v1.etag.as_str().into();
+        let validator = version_of(&obj.key, v1.etag.as_str());
         let mut sources = Vec::new();
         for index in 0..3 {
             sources.push(chunk_source(&cache, &origin, &obj, &meta, &validator, index, 2).await);
@@ -1274,9 +1309,7 @@ async fn a_run_answered_with_another_version_fails_with_version_changed() {
         assert!(cache.meta(&obj.key).await.is_none(), "old version dropped");
         assert_eq!(fake.requests(), 1);
         assert!(
-            cache
-                .memory_chunk(&chunk_id(&obj.key, &validator, 0))
-                .is_none(),
+            cache.memory_chunk(&validator.chunk(0)).is_none(),
             "nothing stored under the old version"
         );
     }
@@ -1407,9 +1440,9 @@ async fn dropping_a_run_fails_its_fills_with_abandoned() {
     let (fake, origin) = FakeOrigin::new(v.clone()).build();
     let obj = request("/dropped");
     let meta = known(&cache, &obj, &v).await;
-    let validator: Arc<str> = v.etag.as_str().into();
+    let validator = version_of(&obj.key, v.etag.as_str());
 
-    let run = claim(&cache, &obj.key, &validator, 0, 2);
+    let run = claim(&cache, &validator, 0, 2);
     assert_eq!(run.flights.len(), 3);
     let flights: Vec<_> = run.flights.iter().map(|(_, f)| f.clone()).collect();
     flights[1].push(Bytes::copy_from_slice(&chunk_of(&v, 1)[..10]));
@@ -1455,7 +1488,7 @@ async fn a_completed_chunk_holds_only_its_bytes() {
     let (_fake, origin) = FakeOrigin::new(v.clone()).build();
     let obj = request("/memory");
     let meta = known(&cache, &obj, &v).await;
-    let validator: Arc<str> = v.etag.as_str().into();
+    let validator = version_of(&obj.key, v.etag.as_str());
 
     let mut flights = Vec::new();
     for index in 0..3 {
@@ -1470,7 +1503,7 @@ async fn a_completed_chunk_holds_only_its_bytes() {
         assert_eq!((bytes.as_slice(), end), (chunk_of(&v, index), Ok(())));
         assert!(f.is_done());
         assert_eq!(f.held_bytes() as u64, len, "chunk {index}: pieces released");
-        let stored = cache.memory_chunk(&chunk_id(&obj.key, &validator, index));
+        let stored = cache.memory_chunk(&validator.chunk(index));
         assert_eq!(stored.as_deref(), Some(chunk_of(&v, index)));
     }
 }
