@@ -431,7 +431,7 @@ impl Engine {
 
     async fn put(&self, key: &str, data: Bytes) {
         match self {
-            Engine::Edge(s) => s.put(key, VALIDATOR, data).await,
+            Engine::Edge(s) => s.put(key, Some(VALIDATOR), data).await,
             Engine::Foyer(c) => {
                 // Straight to the disk store (not kept in foyer's memory part), through the
                 // admission filter. The block engine drops an entry when its flush buffers
@@ -449,14 +449,14 @@ impl Engine {
     /// Whether the engine's index holds `key` (no I/O).
     fn contains(&self, key: &str) -> bool {
         match self {
-            Engine::Edge(s) => s.contains(key, VALIDATOR),
+            Engine::Edge(s) => s.contains(key, Some(VALIDATOR)),
             Engine::Foyer(c) => c.storage().may_contains(&Engine::foyer_key(key)),
         }
     }
 
     async fn get(&self, key: &str) -> Option<Bytes> {
         match self {
-            Engine::Edge(s) => s.get(key, VALIDATOR).await,
+            Engine::Edge(s) => s.get(key, Some(VALIDATOR)).await,
             Engine::Foyer(c) => match c.storage().load(&Engine::foyer_key(key)).await {
                 Ok(Load::Entry { value, .. }) => Some(value),
                 Ok(Load::Piece { piece, .. }) => Some(piece.value().clone()),

@@ -767,13 +767,18 @@ impl DiskStore {
         Ok(store)
     }
 
-    /// Read an entry. A miss (`None`) when absent, or when the file's key or validator differ
+    /// Read an entry. `validator` names the entry's version; `None` for an unversioned entry
+    /// (an object's metadata), stored as an empty validator in the file format. The same holds
+    /// for `put`, `put_in_background` and `contains`.
+    ///
+    /// A miss (`None`) when absent, or when the file's key or validator differ
     /// from the ones asked for (another object version: the file is left, it will be
     /// overwritten), or when the file is corrupt (bad header, wrong length, checksum mismatch),
     /// in which case it is deleted and dropped from the index, or on an I/O error. A hit makes
     /// the entry's object the most recently used. File I/O runs in `spawn_blocking`; a miss
     /// known to the index needs none.
-    pub async fn get(&self, key: &str, validator: &str) -> Option<Bytes> {
+    pub async fn get(&self, key: &str, validator: Option<&str>) -> Option<Bytes> {
+        let validator = validator.unwrap_or("");
         let hash = hash_key(key);
         if !self
             .shared
@@ -806,7 +811,8 @@ impl DiskStore {
     /// older entry of the same key is removed, so a stale version can never outlive a newer
     /// one. Errors are counted and logged (rate-limited) and swallowed: the cache is best
     /// effort. The work runs in `spawn_blocking` and completes even if this future is dropped.
-    pub async fn put(&self, key: &str, validator: &str, data: Bytes) {
+    pub async fn put(&self, key: &str, validator: Option<&str>, data: Bytes) {
+        let validator = validator.unwrap_or("");
         let shared = self.shared.clone();
         let key = key.to_owned();
         let validator = validator.to_owned();
@@ -824,7 +830,8 @@ impl DiskStore {
     /// returned. A skipped write leaves any older entry of the key in place: use this for
     /// entries whose validator identifies their content (chunks), which another version can
     /// never be mistaken for. [`DiskStore::drain`] waits for the admitted writes.
-    pub fn put_in_background(&self, key: String, validator: &str, data: Bytes) -> bool {
+    pub fn put_in_background(&self, key: String, validator: Option<&str>, data: Bytes) -> bool {
+        let validator = validator.unwrap_or("");
         if self.shared.writes_paused() {
             self.shared.writes_skipped.fetch_add(1, Ordering::Relaxed);
             return false;
@@ -912,7 +919,8 @@ impl DiskStore {
 
     /// Whether the index holds `key` at `validator`, without any I/O. A `get` may still miss
     /// (the file turns out corrupt, or was evicted meanwhile).
-    pub fn contains(&self, key: &str, validator: &str) -> bool {
+    pub fn contains(&self, key: &str, validator: Option<&str>) -> bool {
+        let validator = validator.unwrap_or("");
         self.shared
             .indexed(&hash_key(key), hash_validator(validator.as_bytes()))
     }
@@ -1559,18 +1567,18 @@ mod tests {
     async fn round_trip_and_version_mismatch() {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(store.get("obj/1", "v1").await, None);
+        assert_eq!(store.get("obj/1", Some("v1")).await, None);
         store
-            .put("obj/1", "v1", Bytes::from_static(b"hello chunk"))
+            .put("obj/1", Some("v1"), Bytes::from_static(b"hello chunk"))
             .await;
         assert_eq!(
-            store.get("obj/1", "v1").await.as_deref(),
+            store.get("obj/1", Some("v1")).await.as_deref(),
             Some(&b"hello chunk"[..])
         );
-        assert!(store.contains("obj/1", "v1"));
-        assert!(!store.contains("obj/1", "v2"));
-        assert_eq!(store.get("obj/1", "v2").await, None);
-        assert_eq!(store.get("obj/2", "v1").await, None);
+        assert!(store.contains("obj/1", Some("v1")));
+        assert!(!store.contains("obj/1", Some("v2")));
+        assert_eq!(store.get("obj/1", Some("v2")).await, None);
+        assert_eq!(store.get("obj/2", Some("v1")).await, None);
         assert_eq!(store.entry_count(), 1);
         assert_eq!(store.used_bytes(), entry_size("obj/1", "v1", 11));
         assert_eq!(disk_bytes(dir.path()), store.used_bytes());
@@ -1582,23 +1590,23 @@ mod tests {
 
         // A new version overwrites the old file.
         store
-            .put("obj/1", "v2", Bytes::from_static(b"second"))
+            .put("obj/1", Some("v2"), Bytes::from_static(b"second"))
             .await;
-        assert_eq!(store.get("obj/1", "v1").await, None);
+        assert_eq!(store.get("obj/1", Some("v1")).await, None);
         assert_eq!(
-            store.get("obj/1", "v2").await.as_deref(),
+            store.get("obj/1", Some("v2")).await.as_deref(),
             Some(&b"second"[..])
         );
         assert_eq!(store.entry_count(), 1);
         assert_eq!(disk_bytes(dir.path()), store.used_bytes());
 
         // Empty data and an empty validator are fine.
-        store.put("meta", "", Bytes::new()).await;
-        assert_eq!(store.get("meta", "").await.as_deref(), Some(&b""[..]));
+        store.put("meta", None, Bytes::new()).await;
+        assert_eq!(store.get("meta", None).await.as_deref(), Some(&b""[..]));
 
         store.remove("obj/1").await;
         store.remove("absent").await;
-        assert_eq!(store.get("obj/1", "v2").await, None);
+        assert_eq!(store.get("obj/1", Some("v2")).await, None);
         assert!(!entry_path(&store, "obj/1").exists());
         assert_eq!(store.entry_count(), 1);
         assert_eq!(disk_bytes(dir.path()), store.used_bytes());
@@ -1608,11 +1616,11 @@ mod tests {
     async fn a_file_for_another_version_is_left_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
-        store.put("k", "v1", Bytes::from_static(b"one")).await;
+        store.put("k", Some("v1"), Bytes::from_static(b"one")).await;
         // Another process (or a past life) wrote v2 at the same path: the index still says v1.
         let path = entry_path(&store, "k");
         fs::write(&path, encode(b"k", b"v2", b"two")).unwrap();
-        assert_eq!(store.get("k", "v1").await, None);
+        assert_eq!(store.get("k", Some("v1")).await, None);
         assert!(
             path.exists(),
             "a valid file of another version is not deleted"
@@ -1624,8 +1632,10 @@ mod tests {
     async fn reopen_serves_entries_and_deletes_temp_files() {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
-        store.put("a", "1", Bytes::from(vec![1u8; 5000])).await;
-        store.put("b", "2", Bytes::from(vec![2u8; 10])).await;
+        store
+            .put("a", Some("1"), Bytes::from(vec![1u8; 5000]))
+            .await;
+        store.put("b", Some("2"), Bytes::from(vec![2u8; 10])).await;
         let path_a = entry_path(&store, "a");
         let used = store.used_bytes();
         drop(store);
@@ -1646,10 +1656,10 @@ mod tests {
         assert!(foreign_tmp.exists(), "a foreign file is never deleted");
         assert_eq!(store.entry_count(), 2);
         assert_eq!(store.used_bytes(), used);
-        assert!(store.contains("a", "1"));
-        assert_eq!(store.get("a", "1").await.unwrap(), vec![1u8; 5000]);
-        assert_eq!(store.get("b", "2").await.unwrap(), vec![2u8; 10]);
-        assert_eq!(store.get("b", "1").await, None);
+        assert!(store.contains("a", Some("1")));
+        assert_eq!(store.get("a", Some("1")).await.unwrap(), vec![1u8; 5000]);
+        assert_eq!(store.get("b", Some("2")).await.unwrap(), vec![2u8; 10]);
+        assert_eq!(store.get("b", Some("1")).await, None);
         assert_eq!(
             disk_bytes(dir.path()),
             store.used_bytes() + b"not a cache write".len() as u64
@@ -1662,7 +1672,11 @@ mod tests {
         let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
         for i in 0..10 {
             store
-                .put(&format!("k{i}"), "v", Bytes::from(vec![i as u8; 1000]))
+                .put(
+                    &format!("k{i}"),
+                    Some("v"),
+                    Bytes::from(vec![i as u8; 1000]),
+                )
                 .await;
         }
         drop(store);
@@ -1677,13 +1691,15 @@ mod tests {
     async fn corrupt_data_byte_is_a_miss_and_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
-        store.put("k", "v", Bytes::from(vec![7u8; 4096])).await;
+        store
+            .put("k", Some("v"), Bytes::from(vec![7u8; 4096]))
+            .await;
         let path = entry_path(&store, "k");
         let mut bytes = fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x01;
         fs::write(&path, &bytes).unwrap();
-        assert_eq!(store.get("k", "v").await, None);
+        assert_eq!(store.get("k", Some("v")).await, None);
         assert!(!path.exists());
         assert_eq!(store.entry_count(), 0);
         assert_eq!(store.used_bytes(), 0);
@@ -1694,13 +1710,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
         store
-            .put("key", "validator", Bytes::from(vec![7u8; 100]))
+            .put("key", Some("validator"), Bytes::from(vec![7u8; 100]))
             .await;
         let path = entry_path(&store, "key");
         let mut bytes = fs::read(&path).unwrap();
         bytes[PREFIX_LEN + 1] ^= 0x20; // inside the key
         fs::write(&path, &bytes).unwrap();
-        assert_eq!(store.get("key", "validator").await, None);
+        assert_eq!(store.get("key", Some("validator")).await, None);
         assert!(!path.exists());
         assert_eq!(store.entry_count(), 0);
     }
@@ -1709,12 +1725,14 @@ mod tests {
     async fn truncated_file_is_a_miss_and_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
-        store.put("k", "v", Bytes::from(vec![7u8; 4096])).await;
+        store
+            .put("k", Some("v"), Bytes::from(vec![7u8; 4096]))
+            .await;
         let path = entry_path(&store, "k");
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(2000).unwrap();
         drop(f);
-        assert_eq!(store.get("k", "v").await, None);
+        assert_eq!(store.get("k", Some("v")).await, None);
         assert!(!path.exists());
         assert_eq!(store.entry_count(), 0);
         assert_eq!(store.used_bytes(), 0);
@@ -1724,9 +1742,9 @@ mod tests {
     async fn a_file_deleted_behind_our_back_is_forgotten() {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
-        store.put("k", "v", Bytes::from_static(b"x")).await;
+        store.put("k", Some("v"), Bytes::from_static(b"x")).await;
         fs::remove_file(entry_path(&store, "k")).unwrap();
-        assert_eq!(store.get("k", "v").await, None);
+        assert_eq!(store.get("k", Some("v")).await, None);
         assert_eq!(store.entry_count(), 0);
         assert_eq!(store.used_bytes(), 0);
     }
@@ -1736,10 +1754,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
         store
-            .put("good", "v", Bytes::from_static(b"good data"))
+            .put("good", Some("v"), Bytes::from_static(b"good data"))
             .await;
         store
-            .put("moved", "v", Bytes::from_static(b"moved data"))
+            .put("moved", Some("v"), Bytes::from_static(b"moved data"))
             .await;
         let good = entry_path(&store, "good");
         let moved = entry_path(&store, "moved");
@@ -1793,11 +1811,11 @@ mod tests {
         assert!(good.exists() && moved.exists());
         assert_eq!(store.entry_count(), 2);
         assert_eq!(
-            store.get("good", "v").await.as_deref(),
+            store.get("good", Some("v")).await.as_deref(),
             Some(&b"good data"[..])
         );
         assert_eq!(
-            store.get("moved", "v").await.as_deref(),
+            store.get("moved", Some("v")).await.as_deref(),
             Some(&b"moved data"[..])
         );
         let foreign = [&garbage, &empty, &stray, &unrelated]
@@ -1862,20 +1880,26 @@ mod tests {
         let store = DiskStore::open(dir.path(), 4 * one).unwrap();
         for i in 0..4 {
             store
-                .put(&format!("k{i:02}"), "v", Bytes::from(vec![i as u8; 1000]))
+                .put(
+                    &format!("k{i:02}"),
+                    Some("v"),
+                    Bytes::from(vec![i as u8; 1000]),
+                )
                 .await;
         }
         assert_eq!(store.used_bytes(), 4 * one);
-        assert!(store.get("k00", "v").await.is_some());
-        store.put("k04", "v", Bytes::from(vec![4u8; 1000])).await;
-        assert!(store.contains("k00", "v"), "recently read entry kept");
+        assert!(store.get("k00", Some("v")).await.is_some());
+        store
+            .put("k04", Some("v"), Bytes::from(vec![4u8; 1000]))
+            .await;
+        assert!(store.contains("k00", Some("v")), "recently read entry kept");
         assert!(
-            !store.contains("k01", "v"),
+            !store.contains("k01", Some("v")),
             "least recently used entry evicted"
         );
         assert!(!entry_path(&store, "k01").exists());
         for k in ["k00", "k02", "k03", "k04"] {
-            assert!(store.get(k, "v").await.is_some(), "{k}");
+            assert!(store.get(k, Some("v")).await.is_some(), "{k}");
         }
         assert_eq!(store.used_bytes(), 4 * one);
         assert_eq!(disk_bytes(dir.path()), store.used_bytes());
@@ -1886,7 +1910,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cap = 64 * 1024;
         let store = DiskStore::open(dir.path(), cap).unwrap();
-        store.put("hot", "v", Bytes::from(vec![0xAA; 3000])).await;
+        store
+            .put("hot", Some("v"), Bytes::from(vec![0xAA; 3000]))
+            .await;
         let mut written = 0;
         let mut i = 0u64;
         while written < 4 * cap {
@@ -1894,14 +1920,14 @@ mod tests {
             store
                 .put(
                     &format!("chunk-{i}"),
-                    "etag",
+                    Some("etag"),
                     Bytes::from(vec![i as u8; len]),
                 )
                 .await;
             written += len as u64;
             i += 1;
             assert!(
-                store.get("hot", "v").await.is_some(),
+                store.get("hot", Some("v")).await.is_some(),
                 "hot entry evicted after {i} puts"
             );
             assert!(store.used_bytes() <= cap);
@@ -1911,25 +1937,27 @@ mod tests {
         assert_eq!(files_under(dir.path()).len(), store.entry_count());
         // The newest entry is there, the oldest ones are gone.
         let last = format!("chunk-{}", i - 1);
-        assert!(store.get(&last, "etag").await.is_some());
-        assert!(store.get("chunk-0", "etag").await.is_none());
+        assert!(store.get(&last, Some("etag")).await.is_some());
+        assert!(store.get("chunk-0", Some("etag")).await.is_none());
     }
 
     #[tokio::test]
     async fn an_entry_larger_than_capacity_is_not_stored() {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path(), 1000).unwrap();
-        store.put("k", "v", Bytes::from(vec![0u8; 100])).await;
-        assert!(store.contains("k", "v"));
-        store.put("k", "v2", Bytes::from(vec![0u8; 1000])).await;
+        store.put("k", Some("v"), Bytes::from(vec![0u8; 100])).await;
+        assert!(store.contains("k", Some("v")));
+        store
+            .put("k", Some("v2"), Bytes::from(vec![0u8; 1000]))
+            .await;
         // Neither the new version nor the stale old one is kept.
         assert_eq!(store.entry_count(), 0);
-        assert_eq!(store.get("k", "v").await, None);
-        assert_eq!(store.get("k", "v2").await, None);
+        assert_eq!(store.get("k", Some("v")).await, None);
+        assert_eq!(store.get("k", Some("v2")).await, None);
         assert_eq!(disk_bytes(dir.path()), 0);
 
         let store = DiskStore::open(dir.path(), 0).unwrap();
-        store.put("k", "", Bytes::new()).await;
+        store.put("k", None, Bytes::new()).await;
         assert_eq!(store.entry_count(), 0);
     }
 
@@ -1944,11 +1972,13 @@ mod tests {
                 let byte = round.wrapping_mul(4).wrapping_add(w);
                 tasks.push(tokio::spawn(async move {
                     let len = 10_000 + usize::from(byte) * 97;
-                    writer.put("same", "v", Bytes::from(vec![byte; len])).await;
+                    writer
+                        .put("same", Some("v"), Bytes::from(vec![byte; len]))
+                        .await;
                 }));
                 let reader = store.clone();
                 tasks.push(tokio::spawn(async move {
-                    if let Some(data) = reader.get("same", "v").await {
+                    if let Some(data) = reader.get("same", Some("v")).await {
                         let byte = data[0];
                         assert_eq!(data.len(), 10_000 + usize::from(byte) * 97);
                         assert!(data.iter().all(|&b| b == byte), "torn entry");
@@ -1963,7 +1993,7 @@ mod tests {
         assert_eq!(files.len(), 1, "one file, no temp files left: {files:?}");
         assert_eq!(store.entry_count(), 1);
         assert_eq!(store.used_bytes(), files[0].1);
-        let data = store.get("same", "v").await.unwrap();
+        let data = store.get("same", Some("v")).await.unwrap();
         assert!(data.iter().all(|&b| b == data[0]));
     }
 
@@ -1981,11 +2011,13 @@ mod tests {
                     match (w + i) % 5 {
                         0 => store.remove(&k).await,
                         1 | 2 => {
-                            let _ = store.get(&k, "v").await;
+                            let _ = store.get(&k, Some("v")).await;
                         }
                         _ => {
                             let len = 500 + ((w * 31 + i * 17) % 3000) as usize;
-                            store.put(&k, "v", Bytes::from(vec![i as u8; len])).await;
+                            store
+                                .put(&k, Some("v"), Bytes::from(vec![i as u8; len]))
+                                .await;
                         }
                     }
                 }
@@ -2020,20 +2052,24 @@ mod tests {
     /// Metadata first, then `chunks` chunks of `len` bytes: the order the chunk cache writes.
     async fn put_object(store: &DiskStore, object: &str, chunks: u64, len: usize) {
         store
-            .put(&meta_key(object), "", Bytes::from_static(b"meta"))
+            .put(&meta_key(object), None, Bytes::from_static(b"meta"))
             .await;
         for i in 0..chunks {
             store
-                .put(&chunk_key(object, i), "v", Bytes::from(vec![i as u8; len]))
+                .put(
+                    &chunk_key(object, i),
+                    Some("v"),
+                    Bytes::from(vec![i as u8; len]),
+                )
                 .await;
         }
     }
 
     /// How many of the object's entries (metadata, chunks) the index holds.
     fn held(store: &DiskStore, object: &str, chunks: u64) -> (bool, u64) {
-        let meta = store.contains(&meta_key(object), "");
+        let meta = store.contains(&meta_key(object), None);
         let parts = (0..chunks)
-            .filter(|&i| store.contains(&chunk_key(object, i), "v"))
+            .filter(|&i| store.contains(&chunk_key(object, i), Some("v")))
             .count() as u64;
         (meta, parts)
     }
@@ -2090,7 +2126,7 @@ mod tests {
 
         // Reading one chunk of the oldest object makes the whole object recent, its metadata
         // included: the next object evicts obj-6 instead.
-        assert!(store.get(&chunk_key("obj-5", 2), "v").await.is_some());
+        assert!(store.get(&chunk_key("obj-5", 2), Some("v")).await.is_some());
         put_object(&store, "obj-8", chunks, len).await;
         assert_eq!(held(&store, "obj-5", chunks), (true, chunks));
         assert_eq!(held(&store, "obj-6", chunks), (false, 0));
@@ -2108,14 +2144,20 @@ mod tests {
         // An orphan: chunks of an object whose metadata entry is missing (a fill cut short).
         for i in 0..3 {
             store
-                .put(&chunk_key("orphan", i), "v", Bytes::from(vec![9u8; 500]))
+                .put(
+                    &chunk_key("orphan", i),
+                    Some("v"),
+                    Bytes::from(vec![9u8; 500]),
+                )
                 .await;
         }
         // A lone metadata entry and a plain key are objects too, never orphans.
         store
-            .put(&meta_key("meta-only"), "", Bytes::from_static(b"m"))
+            .put(&meta_key("meta-only"), None, Bytes::from_static(b"m"))
             .await;
-        store.put("plain", "v", Bytes::from_static(b"p")).await;
+        store
+            .put("plain", Some("v"), Bytes::from_static(b"p"))
+            .await;
         let orphan_files: Vec<_> = (0..3)
             .map(|i| entry_path(&store, &chunk_key("orphan", i)))
             .collect();
@@ -2153,15 +2195,15 @@ mod tests {
         assert_eq!(held(&store, "old", 3), (true, 3));
         assert_eq!(store.object_count(), 4);
         store
-            .put(&meta_key("third"), "", Bytes::from(vec![0u8; 600]))
+            .put(&meta_key("third"), None, Bytes::from(vec![0u8; 600]))
             .await;
         // Evicted oldest first: the tiny ones, then "old"; "new" stays whole.
-        assert!(!store.contains("plain", "v"));
-        assert!(!store.contains(&meta_key("meta-only"), ""));
+        assert!(!store.contains("plain", Some("v")));
+        assert!(!store.contains(&meta_key("meta-only"), None));
         assert_eq!(held(&store, "old", 3), (false, 0));
         assert_eq!(held(&store, "new", 3), (true, 3));
         assert_eq!(
-            store.get(&chunk_key("new", 2), "v").await.as_deref(),
+            store.get(&chunk_key("new", 2), Some("v")).await.as_deref(),
             Some(&[2u8; 500][..])
         );
         assert_eq!(files_under(dir.path()).len(), store.entry_count());
@@ -2176,7 +2218,7 @@ mod tests {
         put_object(&store, "ab", 2, 100).await; // a prefix of its name is another object
                                                 // A chunk of another version of "a" is a member too.
         store
-            .put(&chunk_key("a", 9), "old", Bytes::from_static(b"x"))
+            .put(&chunk_key("a", 9), Some("old"), Bytes::from_static(b"x"))
             .await;
         let files: Vec<_> = (0..5)
             .map(|i| entry_path(&store, &chunk_key("a", i)))
@@ -2184,7 +2226,7 @@ mod tests {
             .collect();
         store.remove_object("a").await;
         assert_eq!(held(&store, "a", 5), (false, 0));
-        assert!(!store.contains(&chunk_key("a", 9), "old"));
+        assert!(!store.contains(&chunk_key("a", 9), Some("old")));
         assert!(files.iter().all(|f| !f.exists()));
         assert_eq!(held(&store, "ab", 2), (true, 2));
         assert_eq!(store.object_count(), 1);
@@ -2226,10 +2268,14 @@ mod tests {
         let used = store.used_bytes();
         store.shared.faults.fail_writes_with(ENOSPC);
         store
-            .put(&chunk_key("new", 0), "v", Bytes::from(vec![1u8; 1000]))
+            .put(
+                &chunk_key("new", 0),
+                Some("v"),
+                Bytes::from(vec![1u8; 1000]),
+            )
             .await;
         assert_eq!(store.write_errors(), 1);
-        assert!(!store.contains(&chunk_key("new", 0), "v"));
+        assert!(!store.contains(&chunk_key("new", 0), Some("v")));
         // Reclaimed down to 90% of what it used, oldest objects first, whole.
         assert!(
             store.used_bytes() <= used / 10 * 9,
@@ -2245,20 +2291,28 @@ mod tests {
         // Paused: writes are skipped without touching the disk, and counted.
         for i in 0..50 {
             store
-                .put(&chunk_key("new", i), "v", Bytes::from(vec![1u8; 10]))
+                .put(&chunk_key("new", i), Some("v"), Bytes::from(vec![1u8; 10]))
                 .await;
-            assert!(!store.put_in_background(chunk_key("bg", i), "v", Bytes::from_static(b"x")));
+            assert!(!store.put_in_background(
+                chunk_key("bg", i),
+                Some("v"),
+                Bytes::from_static(b"x")
+            ));
         }
         assert_eq!(store.write_errors(), 1);
         assert_eq!(store.writes_skipped(), 100);
         // Reads go on.
-        assert!(store.get(&chunk_key("obj-9", 1), "v").await.is_some());
+        assert!(store.get(&chunk_key("obj-9", 1), Some("v")).await.is_some());
 
         // After the pause the tier tries again: still failing, counted; one warning so far.
         tokio::time::sleep(pause + Duration::from_millis(50)).await;
         for round in 0..3 {
             store
-                .put(&chunk_key("again", round), "v", Bytes::from(vec![1u8; 10]))
+                .put(
+                    &chunk_key("again", round),
+                    Some("v"),
+                    Bytes::from(vec![1u8; 10]),
+                )
                 .await;
             tokio::time::sleep(pause + Duration::from_millis(50)).await;
         }
@@ -2273,9 +2327,13 @@ mod tests {
         // The disk recovers: writes succeed again.
         store.shared.faults.fail_writes_with(0);
         store
-            .put(&chunk_key("new", 0), "v", Bytes::from(vec![1u8; 1000]))
+            .put(
+                &chunk_key("new", 0),
+                Some("v"),
+                Bytes::from(vec![1u8; 1000]),
+            )
             .await;
-        assert!(store.contains(&chunk_key("new", 0), "v"));
+        assert!(store.contains(&chunk_key("new", 0), Some("v")));
         assert_eq!(store.write_errors(), 4);
     }
 
@@ -2311,10 +2369,18 @@ mod tests {
         // A disk that does not keep up: the writes wait at the gate.
         store.shared.faults.set_gate(true);
         for i in 0..WRITE_QUEUE_WRITES as u64 {
-            assert!(store.put_in_background(chunk_key("o", i), "v", Bytes::from_static(b"data")));
+            assert!(store.put_in_background(
+                chunk_key("o", i),
+                Some("v"),
+                Bytes::from_static(b"data")
+            ));
         }
         assert_eq!(store.pending_writes(), WRITE_QUEUE_WRITES);
-        assert!(!store.put_in_background(chunk_key("o", 999), "v", Bytes::from_static(b"data")));
+        assert!(!store.put_in_background(
+            chunk_key("o", 999),
+            Some("v"),
+            Bytes::from_static(b"data")
+        ));
         assert_eq!(store.writes_skipped(), 1);
         assert!(
             !store.drain(Duration::from_millis(100)).await,
@@ -2324,22 +2390,22 @@ mod tests {
         assert!(store.drain(Duration::from_secs(10)).await);
         assert_eq!(store.pending_writes(), 0);
         assert_eq!(store.entry_count(), WRITE_QUEUE_WRITES);
-        assert!(!store.contains(&chunk_key("o", 999), "v"));
+        assert!(!store.contains(&chunk_key("o", 999), Some("v")));
         assert_eq!(
-            store.get(&chunk_key("o", 3), "v").await.as_deref(),
+            store.get(&chunk_key("o", 3), Some("v")).await.as_deref(),
             Some(&b"data"[..])
         );
         assert!(store.drain(Duration::ZERO).await, "empty: returns at once");
         // The byte bound: a write that would take the queue past it is skipped.
         store.shared.faults.set_gate(true);
         let big = Bytes::from(vec![0u8; (WRITE_QUEUE_BYTES / 2) as usize]);
-        assert!(store.put_in_background("big-1".into(), "v", big.clone()));
-        assert!(store.put_in_background("big-2".into(), "v", big.clone()));
-        assert!(!store.put_in_background("big-3".into(), "v", Bytes::from_static(b"x")));
+        assert!(store.put_in_background("big-1".into(), Some("v"), big.clone()));
+        assert!(store.put_in_background("big-2".into(), Some("v"), big.clone()));
+        assert!(!store.put_in_background("big-3".into(), Some("v"), Bytes::from_static(b"x")));
         assert_eq!(store.writes_skipped(), 2);
         store.shared.faults.set_gate(false);
         assert!(store.drain(Duration::from_secs(10)).await);
-        assert!(store.contains("big-2", "v"));
+        assert!(store.contains("big-2", Some("v")));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -2356,12 +2422,12 @@ mod tests {
                     match (w + i) % 6 {
                         0 => store.remove_object(&object).await,
                         1 => {
-                            let _ = store.get(&chunk_key(&object, i % 4), "v").await;
+                            let _ = store.get(&chunk_key(&object, i % 4), Some("v")).await;
                         }
                         2 => {
                             store.put_in_background(
                                 chunk_key(&object, i % 4),
-                                "v",
+                                Some("v"),
                                 Bytes::from(vec![i as u8; 700]),
                             );
                         }
@@ -2493,12 +2559,12 @@ mod tests {
             rt.block_on(async {
                 let dir = tempfile::tempdir().unwrap();
                 let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
-                store.put("a", "v", Bytes::from_static(b"valid")).await;
-                store.put("b", "v", Bytes::from_static(b"valid")).await;
+                store.put("a", Some("v"), Bytes::from_static(b"valid")).await;
+                store.put("b", Some("v"), Bytes::from_static(b"valid")).await;
                 // Read path: the indexed file's contents replaced by random bytes.
                 let path_a = entry_path(&store, "a");
                 fs::write(&path_a, &bytes).unwrap();
-                assert_eq!(store.get("a", "v").await, None);
+                assert_eq!(store.get("a", Some("v")).await, None);
                 // Deleted only if it still starts with the entry magic (ours); else left alone.
                 assert_eq!(path_a.exists(), !bytes.starts_with(&MAGIC));
                 // Scan path: the same bytes found at open.

@@ -96,7 +96,7 @@ impl ChunkCache {
             return Some(m);
         }
         let disk = self.disk.as_ref()?;
-        let data = disk.get(&key.meta_entry(), "").await?;
+        let data = disk.get(&key.meta_entry(), None).await?;
         let Some(meta) = ObjectMeta::decode(&data) else {
             // Chunks are useless without their metadata: the object goes whole.
             disk.remove_object(key.as_str()).await;
@@ -111,7 +111,7 @@ impl ChunkCache {
         self.pass.invalidate(key);
         self.metas.insert(key.clone(), meta.clone());
         if let Some(disk) = &self.disk {
-            disk.put(&key.meta_entry(), "", meta.encode()).await;
+            disk.put(&key.meta_entry(), None, meta.encode()).await;
         }
     }
 
@@ -184,10 +184,9 @@ impl ChunkCache {
     /// Whether the chunk is held by a tier (memory, or the disk index) without reading it.
     pub fn has_chunk(&self, version: &ObjectVersion, index: u64) -> bool {
         self.memory.contains_key(&version.chunk(index))
-            || self
-                .disk
-                .as_ref()
-                .is_some_and(|d| d.contains(&version.key.chunk_entry(index), &version.validator))
+            || self.disk.as_ref().is_some_and(|d| {
+                d.contains(&version.key.chunk_entry(index), Some(&version.validator))
+            })
     }
 
     /// Read a chunk from disk; a hit is promoted to memory. `expected_len` guards against a
@@ -200,7 +199,7 @@ impl ChunkCache {
     ) -> Option<Bytes> {
         let disk = self.disk.as_ref()?;
         let entry = version.key.chunk_entry(index);
-        let data = disk.get(&entry, &version.validator).await?;
+        let data = disk.get(&entry, Some(&version.validator)).await?;
         if data.len() as u64 != expected_len {
             disk.remove(&entry).await;
             return None;
@@ -216,7 +215,11 @@ impl ChunkCache {
     pub fn store_chunk(&self, version: &ObjectVersion, index: u64, data: Bytes) {
         self.memory.insert(version.chunk(index), data.clone());
         if let Some(disk) = &self.disk {
-            disk.put_in_background(version.key.chunk_entry(index), &version.validator, data);
+            disk.put_in_background(
+                version.key.chunk_entry(index),
+                Some(&version.validator),
+                data,
+            );
         }
     }
 
