@@ -174,10 +174,12 @@ fn parent(smoke: bool) {
     remove_dir(&base);
     print_table(&params, smoke, &reports);
     if smoke {
-        // The smoke run checks that both engines served every chunk.
+        // The smoke run checks that our engine served every chunk it holds. Foyer's misses
+        // (entries lost across a reopen: 1-14% in full runs) are a measured finding, printed
+        // in the table, not a failure of this bench.
         for (engine, r) in &reports {
             for (name, v) in r {
-                if name.ends_with("misses") {
+                if name.ends_with("misses") && *engine == ENGINES[0] {
                     assert_eq!(*v, 0.0, "{engine}: {name} = {v}");
                 }
             }
