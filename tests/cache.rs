@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::cache_files;
 use common::origin::{content, Fault, Origin};
 use common::proxy::Proxy;
 use reqwest::StatusCode;
@@ -54,28 +55,6 @@ fn wait_for_files(dir: &std::path::Path, n: usize) {
         "disk tier never reached {n} files (has {})",
         cache_files(dir).len()
     );
-}
-
-fn cache_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if !p.file_name().is_some_and(|n| {
-                // Temporary files and the directory's ownership marker are not cache entries.
-                n.to_string_lossy().contains(".tmp") || n == edgeslice::cache::disk::MARKER
-            }) {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,6 +6,7 @@ mod common;
 
 use common::origin::{content, Origin};
 use common::proxy::Proxy;
+use common::{cache_files, temp_files};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -29,50 +30,6 @@ async fn get(proxy: &Proxy, path: &str) -> (u16, Vec<u8>) {
     let status = resp.status().as_u16();
     let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
     (status, body)
-}
-
-/// Entry files of the disk tier (not temp files, not the ownership marker).
-fn cache_files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if !p.file_name().is_some_and(|n| {
-                n.to_string_lossy().contains(".tmp") || n == edgeslice::cache::disk::MARKER
-            }) {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
-fn temp_files(dir: &Path) -> usize {
-    let mut n = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().contains(".tmp."))
-            {
-                n += 1;
-            }
-        }
-    }
-    n
 }
 
 /// Wait (disk writes are asynchronous) until the disk tier holds exactly `n` entry files.

@@ -13,3 +13,38 @@ pub fn client() -> reqwest::Client {
         .build()
         .expect("reqwest client")
 }
+
+/// Every file under `dir` (recursively) whose name passes `keep`.
+fn files_under(dir: &std::path::Path, keep: impl Fn(&str) -> bool) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p
+                .file_name()
+                .is_some_and(|n| keep(n.to_string_lossy().as_ref()))
+            {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Entry files of a disk tier: not temporary files, not the directory's ownership marker.
+pub fn cache_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    files_under(dir, |n| {
+        !n.contains(".tmp") && n != edgeslice::cache::disk::MARKER
+    })
+}
+
+/// Temporary files a disk tier left behind.
+pub fn temp_files(dir: &std::path::Path) -> usize {
+    files_under(dir, |n| n.contains(".tmp.")).len()
+}
