@@ -23,8 +23,7 @@ use crate::cache::fill::{
 };
 use crate::cache::flight::{FillError, FlightReader};
 use crate::cache::freshness;
-use crate::cache::key::ObjectKey;
-use crate::cache::key::ObjectVersion;
+use crate::cache::key::{ObjectKey, ObjectVersion};
 use crate::cache::meta::ObjectMeta;
 use crate::cache::store::ChunkCache;
 use crate::config::Route;
@@ -282,7 +281,8 @@ impl CacheLayer {
         headers: &http::HeaderMap,
         mut body: tokio::sync::mpsc::Receiver<BodyStep>,
     ) -> Result<()> {
-        ctx.cache_status = Some(CacheStatus::Miss);
+        let status = CacheStatus::Miss;
+        ctx.cache_status = Some(status);
         let mut h = ResponseHeader::build(200, Some(headers.len() + 4))?;
         for (n, v) in headers
             .iter()
@@ -292,10 +292,7 @@ impl CacheLayer {
         }
         h.insert_header("via", VIA_VALUE)?;
         h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
-        h.insert_header(
-            "cache-status",
-            CacheStatus::log_field(ctx.cache_status).as_ref(),
-        )?;
+        h.insert_header("cache-status", status.render().as_ref())?;
         let is_head = session.req_header().method == http::Method::HEAD;
         session.write_response_header(Box::new(h), is_head).await?;
         if is_head {
@@ -327,8 +324,11 @@ impl CacheLayer {
         mut resp: Reply,
         reason: &'static str,
     ) -> Result<()> {
-        let status = resp.status();
-        ctx.cache_status = Some(CacheStatus::Relayed { status, reason });
+        let cache_status = CacheStatus::Relayed {
+            status: resp.status(),
+            reason,
+        };
+        ctx.cache_status = Some(cache_status);
         let mut h = resp.header().clone();
         for name in hop_by_hop_names(&h.headers, false) {
             h.remove_header(&name);
@@ -336,10 +336,7 @@ impl CacheLayer {
         let via = via(h.headers.get("via").map(|v| v.as_bytes()));
         h.insert_header("via", via)?;
         h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
-        h.insert_header(
-            "cache-status",
-            CacheStatus::log_field(ctx.cache_status).as_ref(),
-        )?;
+        h.insert_header("cache-status", cache_status.render().as_ref())?;
         let is_head = session.req_header().method == http::Method::HEAD;
         session.write_response_header(Box::new(h), is_head).await?;
         if is_head {
@@ -492,11 +489,9 @@ impl CacheLayer {
             let last = r.end / self.cache.chunk_size;
             (first..=last).all(|index| self.cache.has_chunk(&version, index))
         });
-        ctx.cache_status = Some(cache_status(lookup, all_cached));
-        head.insert_header(
-            "cache-status",
-            CacheStatus::log_field(ctx.cache_status).as_ref(),
-        )?;
+        let status = cache_status(lookup, all_cached);
+        ctx.cache_status = Some(status);
+        head.insert_header("cache-status", status.render().as_ref())?;
         if is_head || parts.is_empty() {
             return session.write_response_header(Box::new(head), true).await;
         }
