@@ -1997,6 +1997,19 @@ mod tests {
         assert!(data.iter().all(|&b| b == data[0]));
     }
 
+    /// The index holds exactly the files on disk, their sizes add up to what it believes it
+    /// uses, and that is within the capacity. Returns the files.
+    fn assert_index_matches_files(store: &DiskStore, dir: &Path, cap: u64) -> Vec<(PathBuf, u64)> {
+        let files = files_under(dir);
+        assert!(store.used_bytes() <= cap);
+        assert_eq!(files.len(), store.entry_count());
+        assert_eq!(
+            files.iter().map(|(_, l)| l).sum::<u64>(),
+            store.used_bytes()
+        );
+        files
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn index_matches_files_after_concurrent_churn() {
         let dir = tempfile::tempdir().unwrap();
@@ -2026,13 +2039,7 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        let files = files_under(dir.path());
-        assert!(store.used_bytes() <= cap);
-        assert_eq!(files.len(), store.entry_count());
-        assert_eq!(
-            files.iter().map(|(_, l)| l).sum::<u64>(),
-            store.used_bytes()
-        );
+        let files = assert_index_matches_files(&store, dir.path(), cap);
         for (path, _) in files {
             let bytes = fs::read(&path).unwrap();
             assert!(decode_entry(&bytes).is_ok(), "{}", path.display());
@@ -2440,13 +2447,7 @@ mod tests {
             t.await.unwrap();
         }
         assert!(store.drain(Duration::from_secs(10)).await);
-        let files = files_under(dir.path());
-        assert!(store.used_bytes() <= cap);
-        assert_eq!(files.len(), store.entry_count());
-        assert_eq!(
-            files.iter().map(|(_, l)| l).sum::<u64>(),
-            store.used_bytes()
-        );
+        assert_index_matches_files(&store, dir.path(), cap);
         // A reopen finds the same files, minus orphans, and never more than it had.
         let entries = store.entry_count();
         drop(store);

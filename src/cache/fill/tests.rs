@@ -424,6 +424,18 @@ fn meta_of(v: &Version, fresh_until: SystemTime) -> Arc<ObjectMeta> {
 }
 
 /// A known, fresh object `v` whose metadata is in the cache (and none of its chunks).
+/// Discovery as a request runs it: under the object's lock.
+async fn discover_cold(
+    cache: &Arc<ChunkCache>,
+    origin: &OriginAccess,
+    obj: &ObjectRequest,
+    first: u64,
+    last: u64,
+) -> Discovery {
+    let lock = cache.lock_object(&obj.key).await;
+    discover(cache, origin, obj, first, last, lock).await
+}
+
 async fn known(cache: &ChunkCache, obj: &ObjectRequest, v: &Version) -> Arc<ObjectMeta> {
     let meta = meta_of(v, SystemTime::now() + Duration::from_secs(3600));
     cache.put_meta(&obj.key, meta.clone()).await;
@@ -501,9 +513,7 @@ async fn discovery_of_a_cold_object_asks_one_aligned_range_and_fills_the_claimed
     let v = version(3500, 1, "\"v1\"");
     let (fake, origin) = FakeOrigin::new(v.clone()).build();
     let obj = request("/cold");
-    let lock = cache.lock_object(&obj.key).await;
-
-    let meta = match discover(&cache, &origin, &obj, 1, 2, lock).await {
+    let meta = match discover_cold(&cache, &origin, &obj, 1, 2).await {
         Discovery::Stored(m) => m,
         _ => panic!("a cacheable 206 is stored"),
     };
@@ -566,9 +576,7 @@ async fn discovery_past_the_end_learns_the_object_from_its_start() {
     let v = version(2500, 1, "\"v1\"");
     let (fake, origin) = FakeOrigin::new(v.clone()).build();
     let obj = request("/short");
-    let lock = cache.lock_object(&obj.key).await;
-
-    let Discovery::Stored(meta) = discover(&cache, &origin, &obj, 5, 6, lock).await else {
+    let Discovery::Stored(meta) = discover_cold(&cache, &origin, &obj, 5, 6).await else {
         panic!("stored after the 416");
     };
     let seen = fake.seen();
@@ -593,9 +601,7 @@ async fn discovery_from_an_origin_that_ignores_range_fills_every_chunk_from_one_
     };
     let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
     let obj = request("/whole");
-    let lock = cache.lock_object(&obj.key).await;
-
-    let Discovery::Stored(meta) = discover(&cache, &origin, &obj, 2, 2, lock).await else {
+    let Discovery::Stored(meta) = discover_cold(&cache, &origin, &obj, 2, 2).await else {
         panic!("a cacheable 200 is stored");
     };
     assert_eq!(meta.size, 3200);
@@ -619,8 +625,7 @@ async fn discovery_relays_error_statuses_and_uncacheable_whole_answers() {
             .script(vec![answer])
             .build();
         let obj = request("/error");
-        let lock = cache.lock_object(&obj.key).await;
-        match discover(&cache, &origin, &obj, 0, 0, lock).await {
+        match discover_cold(&cache, &origin, &obj, 0, 0).await {
             Discovery::Relay {
                 resp,
                 reason,
@@ -648,8 +653,7 @@ async fn discovery_relays_error_statuses_and_uncacheable_whole_answers() {
         .script(vec![answer])
         .build();
     let obj = request("/no-store");
-    let lock = cache.lock_object(&obj.key).await;
-    match discover(&cache, &origin, &obj, 0, 0, lock).await {
+    match discover_cold(&cache, &origin, &obj, 0, 0).await {
         Discovery::Relay {
             mut resp,
             reason,
@@ -666,8 +670,7 @@ async fn discovery_relays_error_statuses_and_uncacheable_whole_answers() {
 
     // The same as a 206 answers only part of the request: pass-through instead.
     let (fake, origin) = FakeOrigin::new(v).cache_control("no-store").build();
-    let lock = cache.lock_object(&obj.key).await;
-    let got = discover(&cache, &origin, &obj, 0, 0, lock).await;
+    let got = discover_cold(&cache, &origin, &obj, 0, 0).await;
     assert!(matches!(got, Discovery::Uncacheable("no-store")));
     assert_eq!(fake.requests(), 1);
 }
@@ -682,10 +685,8 @@ async fn discovery_streams_a_body_of_unknown_length_then_publishes_its_metadata(
     };
     let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
     let obj = request("/chunked");
-    let lock = cache.lock_object(&obj.key).await;
-
     let Discovery::Streaming { headers, mut body } =
-        discover(&cache, &origin, &obj, 0, 0, lock).await
+        discover_cold(&cache, &origin, &obj, 0, 0).await
     else {
         panic!("a chunked 200 with an ETag is streamed");
     };
@@ -731,9 +732,7 @@ async fn a_streamed_body_that_breaks_reports_failure_and_publishes_nothing() {
     };
     let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
     let obj = request("/chunked-broken");
-    let lock = cache.lock_object(&obj.key).await;
-
-    let Discovery::Streaming { mut body, .. } = discover(&cache, &origin, &obj, 0, 0, lock).await
+    let Discovery::Streaming { mut body, .. } = discover_cold(&cache, &origin, &obj, 0, 0).await
     else {
         panic!("streamed");
     };
@@ -762,9 +761,7 @@ async fn discovery_of_an_empty_object_stores_it_without_chunks() {
     let cache = cache();
     let (fake, origin) = FakeOrigin::new(version(0, 1, "\"v1\"")).build();
     let obj = request("/empty");
-    let lock = cache.lock_object(&obj.key).await;
-
-    let Discovery::Stored(meta) = discover(&cache, &origin, &obj, 0, 0, lock).await else {
+    let Discovery::Stored(meta) = discover_cold(&cache, &origin, &obj, 0, 0).await else {
         panic!("an empty object is stored");
     };
     assert_eq!(meta.size, 0);
@@ -787,9 +784,7 @@ async fn discovery_answered_with_a_shorter_range_completes_its_last_claimed_chun
     };
     let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
     let obj = request("/shortened");
-    let lock = cache.lock_object(&obj.key).await;
-
-    let Discovery::Stored(meta) = discover(&cache, &origin, &obj, 0, 3, lock).await else {
+    let Discovery::Stored(meta) = discover_cold(&cache, &origin, &obj, 0, 3).await else {
         panic!("stored");
     };
     for index in 0..5 {
@@ -813,9 +808,7 @@ async fn discovery_skips_a_chunk_another_fill_already_owns() {
     let validator = version_of(&obj.key, v.etag.as_str());
     // Someone else is filling chunk 1.
     let mut other = claim(&cache, &validator, 1, 1);
-    let lock = cache.lock_object(&obj.key).await;
-
-    let Discovery::Stored(meta) = discover(&cache, &origin, &obj, 0, 2, lock).await else {
+    let Discovery::Stored(meta) = discover_cold(&cache, &origin, &obj, 0, 2).await else {
         panic!("stored");
     };
     for index in [0, 2] {
@@ -849,10 +842,7 @@ async fn a_streamed_body_is_kept_after_its_client_has_gone() {
     };
     let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
     let obj = request("/chunked-client-gone");
-    let lock = cache.lock_object(&obj.key).await;
-
-    let Discovery::Streaming { body, .. } = discover(&cache, &origin, &obj, 0, 0, lock).await
-    else {
+    let Discovery::Streaming { body, .. } = discover_cold(&cache, &origin, &obj, 0, 0).await else {
         panic!("streamed");
     };
     drop(body);
@@ -880,8 +870,7 @@ async fn whole_bodies_past_max_object_size_reach_the_client_but_are_not_kept() {
     };
     let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
     let obj = request("/large");
-    let lock = cache.lock_object(&obj.key).await;
-    match discover(&cache, &origin, &obj, 0, 0, lock).await {
+    match discover_cold(&cache, &origin, &obj, 0, 0).await {
         Discovery::Relay {
             mut resp,
             reason,
@@ -901,8 +890,7 @@ async fn whole_bodies_past_max_object_size_reach_the_client_but_are_not_kept() {
         ..Answer::default()
     };
     let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
-    let lock = cache.lock_object(&obj.key).await;
-    let Discovery::Streaming { mut body, .. } = discover(&cache, &origin, &obj, 0, 0, lock).await
+    let Discovery::Streaming { mut body, .. } = discover_cold(&cache, &origin, &obj, 0, 0).await
     else {
         panic!("streamed");
     };
