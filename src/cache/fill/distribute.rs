@@ -1,7 +1,7 @@
 //! Stage 4: an origin body cut into the chunks of its run; a broken transfer resumed.
 
 use super::run::Run;
-use super::{if_range, response_extent, response_validator, ObjectRequest, OriginAccess, Reply};
+use super::{if_range, same_version_offset, ObjectRequest, OriginAccess, Reply};
 use crate::cache::flight::FillError;
 use crate::cache::meta::ObjectMeta;
 use crate::cache::store::FillSlot;
@@ -149,15 +149,6 @@ async fn resume(
         .open(&req, failed, Some(until))
         .await
         .map_err(|e| FillError::Origin(e.to_string()))?;
-    let extent = response_extent(&*resp);
-    let same_version = extent.and_then(|(_, t)| t) == Some(meta.size)
-        && response_validator(&*resp, meta.size).as_deref() == Some(meta.validator.as_str());
-    match extent {
-        Some((offset, _)) if same_version && offset <= from => Ok((resp, offset)),
-        Some(_) => Err(FillError::VersionChanged),
-        None => Err(FillError::Origin(format!(
-            "origin answered {} to a resume",
-            resp.status()
-        ))),
-    }
+    let offset = same_version_offset(&*resp, meta, from, "resume")?;
+    Ok((resp, offset))
 }

@@ -143,6 +143,31 @@ fn response_extent(resp: &dyn OriginReply) -> Option<(u64, Option<u64>)> {
     }
 }
 
+/// Where an answer to a ranged fetch of `meta`'s version starting at `from` begins: `Ok(offset)`
+/// when it is that version (same length and validator) and starts at or before `from`;
+/// `VersionChanged` otherwise; an `Origin` error naming `what` when its status carries no part
+/// of the object.
+pub(super) fn same_version_offset(
+    resp: &dyn OriginReply,
+    meta: &ObjectMeta,
+    from: u64,
+    what: &str,
+) -> Result<u64, FillError> {
+    let Some((offset, total)) = response_extent(resp) else {
+        return Err(FillError::Origin(format!(
+            "origin answered {} to a {what}",
+            resp.status()
+        )));
+    };
+    let same_version = total == Some(meta.size)
+        && response_validator(resp, meta.size).as_deref() == Some(meta.validator.as_str());
+    if same_version && offset <= from {
+        Ok(offset)
+    } else {
+        Err(FillError::VersionChanged)
+    }
+}
+
 fn response_validator(resp: &dyn OriginReply, size: u64) -> Option<String> {
     ObjectMeta::validator_of(
         resp.header_str("etag"),

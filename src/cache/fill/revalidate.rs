@@ -1,7 +1,7 @@
 //! Stage 2: is a stale object still current?
 
 use super::discover::meta_from;
-use super::{response_extent, response_validator, ObjectRequest, OriginAccess, Revalidation};
+use super::{same_version_offset, ObjectRequest, OriginAccess, Revalidation};
 use crate::cache::freshness;
 use crate::cache::meta::ObjectMeta;
 use crate::cache::store::ChunkCache;
@@ -35,11 +35,8 @@ pub async fn revalidate(
             freshness::merge_304(&stored, &resp.header().headers)
         }
         200 | 206 => {
-            let size = response_extent(&*resp).and_then(|(_, t)| t);
-            let same = size == Some(meta.size)
-                && size.and_then(|s| response_validator(&*resp, s)).as_deref()
-                    == Some(meta.validator.as_str());
-            if !same {
+            // Wherever the answer starts, it must be the version held.
+            if same_version_offset(&*resp, meta, u64::MAX, "revalidation").is_err() {
                 cache.invalidate(&obj.key, meta).await;
                 return Revalidation::Changed;
             }

@@ -2,8 +2,8 @@
 
 use super::distribute::distribute;
 use super::{
-    chunk_len, if_range, response_extent, response_validator, ChunkSource, ObjectRequest,
-    OriginAccess, MAX_RUN_CHUNKS,
+    chunk_len, if_range, same_version_offset, ChunkSource, ObjectRequest, OriginAccess,
+    MAX_RUN_CHUNKS,
 };
 use crate::cache::flight::{FillError, Flight, Joined};
 use crate::cache::key::ObjectVersion;
@@ -153,12 +153,9 @@ async fn fill_run(origin: OriginAccess, obj: ObjectRequest, meta: Arc<ObjectMeta
             return run.fail_all(FillError::Origin(e.to_string()));
         }
     };
-    let extent = response_extent(&*resp);
-    let same_version = extent.and_then(|(_, t)| t) == Some(meta.size)
-        && response_validator(&*resp, meta.size).as_deref() == Some(meta.validator.as_str());
-    let offset = match extent {
-        Some((offset, _)) if same_version && offset <= start => offset,
-        Some(_) => {
+    let offset = match same_version_offset(&*resp, &meta, start, "chunk fetch") {
+        Ok(offset) => offset,
+        Err(FillError::VersionChanged) => {
             log::warn!(
                 "rid={} object {} changed version during fill; dropping the old one",
                 obj.request_id,
@@ -167,10 +164,7 @@ async fn fill_run(origin: OriginAccess, obj: ObjectRequest, meta: Arc<ObjectMeta
             run.cache.invalidate(&obj.key, &meta).await;
             return run.fail_all(FillError::VersionChanged);
         }
-        None => {
-            let msg = format!("origin answered {} to a chunk fetch", resp.status());
-            return run.fail_all(FillError::Origin(msg));
-        }
+        Err(e) => return run.fail_all(e),
     };
     distribute(origin, resp, offset, meta, obj, run, slot).await;
 }
