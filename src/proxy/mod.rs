@@ -495,7 +495,15 @@ impl ProxyHttp for Edge {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let status = respond::status_for_error(e);
-        warn!(
+        // A client that leaves is routine (aborted downloads, players seeking): not a warning,
+        // or any client could flood the log.
+        let level = if status == respond::CLIENT_CLOSED {
+            log::Level::Debug
+        } else {
+            log::Level::Warn
+        };
+        log::log!(
+            level,
             "request failed: rid={} status={} upstream={} error={}",
             ctx.request_id,
             status,

@@ -8,10 +8,17 @@ use pingora_proxy::Session;
 
 /// The status a proxy error maps to: timeouts are 504, every other upstream failure is 502,
 /// a malformed request is 400.
+/// The status logged for a request whose client closed the connection before its response was
+/// written (nginx's convention); never sent.
+pub const CLIENT_CLOSED: u16 = 499;
+
 pub fn status_for_error(e: &Error) -> u16 {
     use ErrorType::*;
     match e.etype() {
         HTTPStatus(code) => *code,
+        // The client went away while its response was being written: nginx's 499, nobody's
+        // failure but the client's (an origin write error is `Upstream`).
+        WriteError if !matches!(e.esource(), pingora_error::ErrorSource::Upstream) => CLIENT_CLOSED,
         ConnectTimedout | ReadTimedout | WriteTimedout => 504,
         ConnectRefused | ConnectNoRoute | ConnectError | ConnectionClosed | ConnectProxyFailure
         | TLSHandshakeFailure | HandshakeError => match e.esource() {
@@ -98,4 +105,37 @@ async fn send_short(
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora_error::ErrorSource;
+
+    fn error(etype: ErrorType, source: ErrorSource) -> Error {
+        let mut e = *Error::new(etype);
+        e.esource = source;
+        e
+    }
+
+    #[test]
+    fn a_client_gone_mid_response_is_499_an_origin_write_error_502() {
+        use ErrorType::WriteError;
+        assert_eq!(
+            status_for_error(&error(WriteError, ErrorSource::Downstream)),
+            499
+        );
+        assert_eq!(
+            status_for_error(&error(WriteError, ErrorSource::Unset)),
+            499
+        );
+        assert_eq!(
+            status_for_error(&error(WriteError, ErrorSource::Upstream)),
+            502
+        );
+        assert_eq!(
+            status_for_error(&error(ErrorType::ConnectRefused, ErrorSource::Upstream)),
+            502
+        );
+    }
 }
