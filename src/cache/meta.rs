@@ -26,9 +26,15 @@ const NOT_STORED: [&str; 14] = [
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectMeta {
+    /// The status to answer with: 200 for an object served in ranges from its chunks; any
+    /// other cacheable status (301, 404, ...) is a small response kept whole (in chunk 0) and
+    /// replayed as it was, Range ignored, as its origin did.
+    pub status: u16,
     /// Total length in bytes.
     pub size: u64,
-    /// The version's identity: the strong ETag as sent, else `lm:<Last-Modified>;<size>`.
+    /// The version's identity, naming its chunks: the ETag as sent, else
+    /// `lm:<Last-Modified>;<size>`, else (no validator at all) a name unique to the fetch that
+    /// stored it, `u:<nanoseconds>`, so two validator-less versions never share chunks.
     pub validator: String,
     pub etag: Option<String>,
     pub last_modified: Option<String>,
@@ -42,6 +48,9 @@ pub struct ObjectMeta {
     /// How long past `fresh_until` a stale copy may be served when every origin fails.
     pub stale_if_error: Duration,
     pub must_revalidate: bool,
+    /// `stale-while-revalidate`: how long past `fresh_until` a stale copy may be served while
+    /// one background revalidation runs.
+    pub stale_while_revalidate: Duration,
 }
 
 impl ObjectMeta {
@@ -57,6 +66,58 @@ impl ObjectMeta {
             (_, Some(lm)) if !lm.is_empty() => Some(format!("lm:{lm};{size}")),
             _ => None,
         }
+    }
+
+    /// The identity of a version without any validator: unique to the fetch (`now`).
+    pub fn unvalidated_identity(now: SystemTime) -> String {
+        let nanos = now
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        format!("u:{nanos}")
+    }
+
+    /// Whether an origin response (its headers, and the object length it states) is this
+    /// version: the same length and ETag; without an ETag, the same Last-Modified; without
+    /// any validator, also the same `Cache-Control` (the freshness period), since the length
+    /// is all else that can be checked.
+    pub fn same_version(&self, headers: &http::HeaderMap, size: u64) -> bool {
+        let text = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+        if size != self.size || text("etag") != self.etag.as_deref() {
+            return false;
+        }
+        if self.etag.is_some() {
+            return true;
+        }
+        if text("last-modified") != self.last_modified.as_deref() {
+            return false;
+        }
+        self.last_modified.is_some() || text("cache-control") == self.header("cache-control")
+    }
+
+    /// Whether the origin can be asked if this version is still current (ETag or
+    /// Last-Modified). Without a validator, an expired object is fetched again.
+    pub fn has_validator(&self) -> bool {
+        self.etag.is_some() || self.last_modified.is_some()
+    }
+
+    /// Whether the object is served in ranges from its chunks (a 200), rather than replayed
+    /// whole with its own status.
+    pub fn is_ranged(&self) -> bool {
+        self.status == 200
+    }
+
+    /// Whether a stale copy may be served at `now` while one background revalidation runs.
+    pub fn within_stale_while_revalidate(&self, now: SystemTime) -> bool {
+        !self.must_revalidate && now < self.fresh_until + self.stale_while_revalidate
+    }
+
+    /// The freshness lifetime (RFC 9111 §4.2.1) the object was stored with.
+    pub fn lifetime(&self) -> Duration {
+        self.fresh_until
+            .duration_since(self.stored_at)
+            .unwrap_or_default()
+            + Duration::from_secs(self.initial_age)
     }
 
     pub fn keep_header(name: &str) -> bool {
@@ -91,6 +152,7 @@ impl ObjectMeta {
     pub fn encode(&self) -> Bytes {
         let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         let mut out = String::from("edgeslice-meta 1\n");
+        out.push_str(&format!("status {}\n", self.status));
         out.push_str(&format!("size {}\n", self.size));
         out.push_str(&format!("validator {}\n", self.validator));
         if let Some(e) = &self.etag {
@@ -110,6 +172,7 @@ impl ObjectMeta {
             "must-revalidate {}\n",
             u8::from(self.must_revalidate)
         ));
+        out.push_str(&format!("swr {}\n", self.stale_while_revalidate.as_secs()));
         for (n, v) in &self.headers {
             // Header values cannot contain CR/LF, so a line per header is unambiguous.
             out.push_str(&format!("h {n}: {v}\n"));
@@ -132,9 +195,13 @@ impl ObjectMeta {
         let (mut stored_at, mut initial_age, mut fresh_until, mut sie, mut mr) =
             (None, None, None, None, None);
         let mut headers = Vec::new();
+        // Written by every version since they were added; absent in older entries.
+        let (mut status, mut swr) = (200, Duration::ZERO);
         for line in lines {
             let (k, v) = line.split_once(' ')?;
             match k {
+                "status" => status = v.parse().ok().filter(|s| (200..600).contains(s))?,
+                "swr" => swr = Duration::from_secs(v.parse().ok()?),
                 "size" => size = Some(v.parse().ok()?),
                 "validator" => validator = Some(v.to_string()),
                 "etag" => etag = Some(v.to_string()),
@@ -152,6 +219,7 @@ impl ObjectMeta {
             }
         }
         Some(ObjectMeta {
+            status,
             size: size?,
             validator: validator?,
             etag,
@@ -162,6 +230,7 @@ impl ObjectMeta {
             fresh_until: fresh_until?,
             stale_if_error: sie?,
             must_revalidate: mr?,
+            stale_while_revalidate: swr,
         })
     }
 }
@@ -173,6 +242,7 @@ mod tests {
 
     fn sample() -> ObjectMeta {
         ObjectMeta {
+            status: 200,
             size: 123_456,
             validator: "\"v1\"".into(),
             etag: Some("\"v1\"".into()),
@@ -186,6 +256,7 @@ mod tests {
             fresh_until: UNIX_EPOCH + Duration::from_secs(1_700_000_060),
             stale_if_error: Duration::from_secs(86400),
             must_revalidate: false,
+            stale_while_revalidate: Duration::from_secs(30),
         }
     }
 
@@ -216,6 +287,76 @@ mod tests {
             Some("lm:x;5")
         );
         assert_eq!(ObjectMeta::validator_of(None, None, 5), None);
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (n, v) in pairs {
+            h.insert(*n, http::HeaderValue::from_str(v).unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn same_version_by_etag_then_last_modified_then_length_and_freshness() {
+        let m = sample();
+        let lm = "Wed, 21 Oct 2015 07:28:00 GMT";
+        assert!(m.same_version(&headers(&[("etag", "\"v1\"")]), 123_456));
+        assert!(!m.same_version(&headers(&[("etag", "\"v2\"")]), 123_456));
+        assert!(!m.same_version(&headers(&[("etag", "\"v1\"")]), 123_457));
+        assert!(!m.same_version(&headers(&[("last-modified", lm)]), 123_456));
+
+        let by_date = ObjectMeta {
+            etag: None,
+            ..sample()
+        };
+        assert!(by_date.same_version(&headers(&[("last-modified", lm)]), 123_456));
+        assert!(!by_date.same_version(&headers(&[("last-modified", "x")]), 123_456));
+        assert!(!by_date.same_version(&headers(&[]), 123_456));
+
+        // No validator: the length and the freshness period are all there is to compare.
+        let bare = ObjectMeta {
+            etag: None,
+            last_modified: None,
+            validator: ObjectMeta::unvalidated_identity(SystemTime::now()),
+            ..sample()
+        };
+        assert!(!bare.has_validator());
+        assert!(bare.same_version(&headers(&[("cache-control", "max-age=60")]), 123_456));
+        assert!(!bare.same_version(&headers(&[("cache-control", "max-age=61")]), 123_456));
+        assert!(!bare.same_version(&headers(&[("cache-control", "max-age=60")]), 1));
+        assert!(!bare.same_version(
+            &headers(&[("cache-control", "max-age=60"), ("etag", "\"e\"")]),
+            123_456
+        ));
+    }
+
+    #[test]
+    fn unvalidated_identities_differ_per_fetch() {
+        let t = UNIX_EPOCH + Duration::from_secs(5);
+        assert_ne!(
+            ObjectMeta::unvalidated_identity(t),
+            ObjectMeta::unvalidated_identity(t + Duration::from_nanos(1))
+        );
+    }
+
+    #[test]
+    fn entries_written_before_status_and_swr_decode_as_200() {
+        let m = sample();
+        let old: String = String::from_utf8(m.encode().to_vec())
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("status ") && !l.starts_with("swr "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let back = ObjectMeta::decode(old.as_bytes()).unwrap();
+        assert_eq!(back.status, 200);
+        assert_eq!(back.stale_while_revalidate, Duration::ZERO);
+        let s404 = ObjectMeta {
+            status: 404,
+            ..sample()
+        };
+        assert_eq!(ObjectMeta::decode(&s404.encode()), Some(s404));
     }
 
     proptest! {

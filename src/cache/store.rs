@@ -351,6 +351,7 @@ mod tests {
 
     fn meta(validator: &str) -> Arc<ObjectMeta> {
         Arc::new(ObjectMeta {
+            status: 200,
             size: 3000,
             validator: validator.into(),
             etag: Some(validator.into()),
@@ -361,6 +362,7 @@ mod tests {
             fresh_until: SystemTime::now() + Duration::from_secs(60),
             stale_if_error: Duration::ZERO,
             must_revalidate: false,
+            stale_while_revalidate: Duration::ZERO,
         })
     }
 

@@ -31,6 +31,9 @@ pub struct OriginRequest {
     pub range: Option<(u64, u64)>,
     /// Extra request headers (validators: `If-Range`, `If-None-Match`, ...).
     pub headers: Vec<(&'static str, String)>,
+    /// The client's end-to-end fields, sent first (the fields above and the fetch's own
+    /// `Host`, `Range`, `Via` and `X-Request-Id` replace any of the same name).
+    pub forward: std::sync::Arc<http::HeaderMap>,
     pub request_id: String,
     /// What consistent hashing hashes (the cache key).
     pub hash_key: String,
@@ -382,8 +385,16 @@ async fn try_server(
         timed_out: false,
         class: None,
     };
-    let mut head = RequestHeader::build(req.method.clone(), req.path_and_query.as_bytes(), Some(8))
-        .map_err(|e| ours(format!("building request: {e}")))?;
+    let mut head = RequestHeader::build(
+        req.method.clone(),
+        req.path_and_query.as_bytes(),
+        Some(8 + req.forward.len()),
+    )
+    .map_err(|e| ours(format!("building request: {e}")))?;
+    for (n, v) in req.forward.iter() {
+        head.append_header(n.clone(), v.clone())
+            .map_err(|e| ours(format!("header {n}: {e}")))?;
+    }
     let set = |head: &mut RequestHeader, n: &'static str, v: &str| {
         head.insert_header(n, v)
             .map_err(|e| ours(format!("header {n}: {e}")))

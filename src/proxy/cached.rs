@@ -142,6 +142,7 @@ impl CacheLayer {
                 .unwrap_or(&host)
                 .to_string(),
             request_id: ctx.request_id.clone(),
+            forward: Arc::new(super::headers::fill_request_headers(&req.headers)),
         };
         let has_authorization = req.headers.contains_key(http::header::AUTHORIZATION);
         let is_head = req.method == http::Method::HEAD;
@@ -160,7 +161,15 @@ impl CacheLayer {
             return Ok(Outcome::PassThrough);
         }
         let (meta, lookup) = match self
-            .lookup(session, ctx, &obj, &origin, must_revalidate, discovery)
+            .lookup(
+                session,
+                ctx,
+                &obj,
+                &origin,
+                must_revalidate,
+                discovery,
+                &range_req,
+            )
             .await?
         {
             Some(found) => found,
@@ -189,6 +198,7 @@ impl CacheLayer {
         origin: &OriginAccess,
         must_revalidate: bool,
         (first, last): (u64, u64),
+        range_req: &RangeRequest,
     ) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
         let now = SystemTime::now();
         if let Some(m) = self.cache.meta(&obj.key).await {
@@ -198,6 +208,8 @@ impl CacheLayer {
         }
         let lock = self.cache.lock_object(&obj.key).await;
         let mut stale = None;
+        // A stale copy that cannot be revalidated, kept to serve if fetching it again fails.
+        let mut fallback = None;
         if let Some(m) = self.cache.meta(&obj.key).await {
             if m.is_fresh(SystemTime::now()) && !must_revalidate {
                 // Someone else discovered or revalidated it while we waited.
@@ -222,7 +234,16 @@ impl CacheLayer {
             }
             // Fresh, but the request asked for revalidation (`no-cache`): RFC 9211 `fwd=request`.
             let forced = old.is_fresh(SystemTime::now());
-            match fill::revalidate(&self.cache, origin, obj, &old).await {
+            let revalidation = if old.has_validator() && old.is_ranged() {
+                fill::revalidate(&self.cache, origin, obj, &old).await
+            } else {
+                // Nothing to ask the origin with (no validator), or a small response kept
+                // whole: fetched again.
+                self.cache.invalidate(&obj.key, &old).await;
+                fallback = Some(old.clone());
+                Revalidation::Changed
+            };
+            match revalidation {
                 Revalidation::Fresh(m) if forced => {
                     return Ok(Some((m, Lookup::RequestRevalidated)))
                 }
@@ -254,6 +275,15 @@ impl CacheLayer {
                 Ok(None)
             }
             Discovery::Uncacheable(reason) => self.pass(ctx, &obj.key, reason),
+            Discovery::Slice { resp, reason } => {
+                self.cache.mark_uncacheable(&obj.key, reason);
+                let max_ranges = self.cache.max_ranges;
+                super::slices::relay_slices(
+                    session, ctx, origin, obj, resp, range_req, max_ranges, reason,
+                )
+                .await?;
+                Ok(None)
+            }
             Discovery::Relay {
                 resp,
                 reason,
@@ -265,10 +295,23 @@ impl CacheLayer {
                 self.relay(session, ctx, resp, reason).await?;
                 Ok(None)
             }
-            Discovery::Failed(e) => {
-                self.fail(session, ctx, e.client_status(), &e.to_string())
-                    .await
-            }
+            Discovery::Failed(e) => match fallback {
+                Some(old) if old.within_stale_if_error(SystemTime::now()) => {
+                    log::warn!(
+                        "rid={} serving stale {} after origin failure: {e}",
+                        ctx.request_id,
+                        obj.key.as_str()
+                    );
+                    self.stats
+                        .stale_served
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    Ok(Some((old, Lookup::StaleIfError)))
+                }
+                _ => {
+                    self.fail(session, ctx, e.client_status(), &e.to_string())
+                        .await
+                }
+            },
         }
     }
 
@@ -406,6 +449,12 @@ impl CacheLayer {
         // The chunks' names, computed once for the whole response.
         let version = ObjectVersion::new(obj.key.clone(), meta.validator.as_str().into());
 
+        if !meta.is_ranged() {
+            // A response with a status of its own, kept whole: replayed as it is.
+            return self
+                .replay_whole(session, ctx, obj, origin, &meta, &version, lookup, now)
+                .await;
+        }
         if not_modified(session, &meta) {
             ctx.cache_status = Some(cache_status(lookup, true));
             let mut h = self.base_header(304, &meta, ctx, now)?;
@@ -540,6 +589,69 @@ impl CacheLayer {
         session.write_response_body(None, true).await
     }
 
+    /// Replay a small response kept whole with its own status (a redirect, a 404, ...).
+    #[allow(clippy::too_many_arguments)]
+    async fn replay_whole(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        obj: &ObjectRequest,
+        origin: &OriginAccess,
+        meta: &Arc<ObjectMeta>,
+        version: &ObjectVersion,
+        lookup: Lookup,
+        now: SystemTime,
+    ) -> Result<()> {
+        let is_head = session.req_header().method == http::Method::HEAD;
+        let body = if meta.size == 0 {
+            Bytes::new()
+        } else {
+            let source = fill::chunk_source(&self.cache, origin, obj, meta, version, 0, 0).await;
+            let chunk = match source {
+                ChunkSource::Ready(b) => Ok(b),
+                ChunkSource::Filling(f) => {
+                    let mut reader = f.reader(0, meta.size);
+                    let mut whole = bytes::BytesMut::new();
+                    loop {
+                        match reader.next().await {
+                            Some(Ok(p)) => whole.extend_from_slice(&p),
+                            Some(Err(e)) => break Err(e),
+                            None => break Ok(whole.freeze()),
+                        }
+                    }
+                }
+            };
+            match chunk {
+                Ok(b) if b.len() as u64 == meta.size => b,
+                other => {
+                    let e = other.err().unwrap_or(FillError::Abandoned);
+                    log::warn!("rid={} stored response unreadable: {e}", ctx.request_id);
+                    self.cache.forget(&obj.key).await;
+                    ctx.cache_status = Some(CacheStatus::Failed {
+                        status: 502,
+                        detail: Some(detail(&e)),
+                    });
+                    return respond::send_error(session, 502, &ctx.request_id).await;
+                }
+            }
+        };
+        let status = cache_status(lookup, true);
+        ctx.cache_status = Some(status);
+        let mut h = self.base_header(meta.status, meta, ctx, now)?;
+        h.remove_header("accept-ranges");
+        if meta.status != 204 {
+            h.insert_header("content-length", meta.size.to_string())?;
+        }
+        session
+            .write_response_header(Box::new(h), is_head || body.is_empty())
+            .await?;
+        if !is_head && !body.is_empty() {
+            write_body(session, ctx, body).await?;
+            session.write_response_body(None, true).await?;
+        }
+        Ok(())
+    }
+
     fn base_header(
         &self,
         status: u16,
@@ -565,7 +677,11 @@ impl CacheLayer {
 
 /// Write a body piece; on a shaped response, paced by the client's download (split into pieces
 /// of at most `MAX_PIECE` bytes, without copying, so the pacing is smooth).
-async fn write_body(session: &mut Session, ctx: &mut RequestCtx, mut piece: Bytes) -> Result<()> {
+pub(super) async fn write_body(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    mut piece: Bytes,
+) -> Result<()> {
     let Some(d) = ctx.download.as_mut() else {
         return session.write_response_body(Some(piece), false).await;
     };

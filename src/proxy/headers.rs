@@ -42,6 +42,41 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Request fields a cache fill never forwards: the cache manages ranges and validators
+/// itself, the message framing and routing fields are set per fetch, and credentials never
+/// reach an origin on a fetch whose answer is shared (RFC 9111 §3.5).
+const NOT_FORWARDED_ON_FILLS: [&str; 15] = [
+    "host",
+    "range",
+    "if-range",
+    "if-match",
+    "if-none-match",
+    "if-modified-since",
+    "if-unmodified-since",
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "content-length",
+    "expect",
+    "transfer-encoding",
+    "via",
+    "x-request-id",
+];
+
+/// The client's end-to-end request fields a cache fill forwards to the origin (so a response
+/// that varies on them is the one this client asked for): all but hop-by-hop fields and
+/// [`NOT_FORWARDED_ON_FILLS`].
+pub fn fill_request_headers(client: &HeaderMap) -> HeaderMap {
+    let hop = hop_by_hop_names(client, false);
+    let mut out = HeaderMap::with_capacity(client.len());
+    for (name, value) in client {
+        if !hop.contains(name) && !NOT_FORWARDED_ON_FILLS.contains(&name.as_str()) {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
 /// The client's request id if it is a reasonable token (printable ASCII, at most 128 bytes),
 /// otherwise a fresh random one (32 hex digits).
 pub fn request_id(incoming: Option<&[u8]>) -> String {
@@ -97,6 +132,34 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn fills_forward_end_to_end_fields_only() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("connection", "x-hop"),
+            ("x-hop", "1"),
+            ("te", "trailers"),
+            ("range", "bytes=0-1"),
+            ("if-range", "\"e\""),
+            ("if-none-match", "\"e\""),
+            ("if-modified-since", "Mon, 01 Jan 2024 00:00:00 GMT"),
+            ("authorization", "Basic x"),
+            ("cookie", "a=b"),
+            ("host", "example.test"),
+            ("accept-encoding", "gzip"),
+            ("accept-language", "fr"),
+            ("user-agent", "curl"),
+        ] {
+            h.append(HeaderName::from_static(n), v.parse().unwrap());
+        }
+        h.append("accept-language", "de".parse().unwrap());
+        let out = fill_request_headers(&h);
+        let mut names: Vec<&str> = out.keys().map(|n| n.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["accept-encoding", "accept-language", "user-agent"]);
+        assert_eq!(out.get_all("accept-language").iter().count(), 2);
     }
 
     #[test]

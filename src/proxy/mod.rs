@@ -17,6 +17,7 @@ pub mod cached;
 pub mod ctx;
 pub mod headers;
 pub mod respond;
+pub mod slices;
 
 use crate::access_log::{AccessLog, Entry as AccessEntry};
 use crate::cache::fill::{OriginAccess, OriginGroup};

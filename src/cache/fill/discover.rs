@@ -3,13 +3,15 @@
 use super::distribute::distribute;
 use super::run::claim;
 use super::{
-    fetch, response_extent, BodyStep, Discovery, ObjectRequest, OriginAccess, Reply, MAX_RUN_CHUNKS,
+    fetch, response_extent, BodyStep, Discovery, ObjectRequest, OriginAccess, OriginReply, Reply,
+    MAX_RUN_CHUNKS,
 };
 use crate::cache::flight::FillError;
 use crate::cache::freshness::{self, Storability, StorePolicyInput};
 use crate::cache::key::ObjectVersion;
 use crate::cache::meta::ObjectMeta;
 use crate::cache::store::{ChunkCache, ObjectLock};
+use crate::origin::fetch::FetchError;
 use crate::range::plan::chunk_count;
 use bytes::{Buf, BytesMut};
 use std::sync::Arc;
@@ -48,8 +50,10 @@ pub(super) fn meta_from(
     };
     let etag = text("etag");
     let last_modified = text("last-modified");
+    // Without a validator the version is named by this fetch alone (RFC 9111 lets such a
+    // response be stored; later fetches of its chunks are checked by length and freshness).
     let validator = ObjectMeta::validator_of(etag.as_deref(), last_modified.as_deref(), size)
-        .ok_or("no-validator")?;
+        .unwrap_or_else(|| ObjectMeta::unvalidated_identity(now));
     let headers = resp_headers
         .iter()
         .filter(|(n, _)| ObjectMeta::keep_header(n.as_str()))
@@ -63,7 +67,16 @@ pub(super) fn meta_from(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let initial_age = age_header.max(apparent);
+    let stale_while_revalidate = if must_revalidate {
+        std::time::Duration::ZERO
+    } else {
+        freshness::parse_cache_control(resp_headers)
+            .stale_while_revalidate
+            .map(std::time::Duration::from_secs)
+            .unwrap_or_default()
+    };
     Ok(ObjectMeta {
+        status: if status == 206 { 200 } else { status },
         size,
         validator,
         etag,
@@ -74,6 +87,7 @@ pub(super) fn meta_from(
         fresh_until: now + fresh_for,
         stale_if_error,
         must_revalidate,
+        stale_while_revalidate,
     })
 }
 
@@ -103,7 +117,8 @@ pub async fn discover(
             .open(&obj.origin_request(range, Vec::new()), &[], None)
             .await
     };
-    let mut resp = match open(Some(range)).await {
+    let mut asked = Some(range);
+    let mut resp = match open(asked).await {
         Ok(r) => r,
         Err(e) => return Discovery::Failed(e),
     };
@@ -122,13 +137,30 @@ pub async fn discover(
                     .saturating_sub(1),
             )),
         };
+        asked = retry;
         resp = match open(retry).await {
             Ok(r) => r,
             Err(e) => return Discovery::Failed(e),
         };
     }
     let status = resp.status();
+    if let Some(why) = (status == 206)
+        .then(|| partial_contradiction(&*resp, asked))
+        .flatten()
+    {
+        resp.finish().await;
+        return Discovery::Failed(broken(status, why));
+    }
     let Some((offset, total)) = response_extent(&*resp) else {
+        if status == 304 || status == 206 {
+            // No conditional was sent, or no usable Content-Range came back: the answer is
+            // not one to the request made, and must not reach the client as if it were.
+            resp.finish().await;
+            return Discovery::Failed(broken(status, "answer to a chunk fetch"));
+        }
+        if let Some(meta) = whole_small_response(cache, &resp, status) {
+            return keep_whole(cache, obj, resp, meta).await;
+        }
         // The origin's own answer (an error, a redirect, ...): the client gets it as it is. A
         // server error is not remembered: the next request asks again.
         let remember = status < 500;
@@ -151,9 +183,6 @@ pub async fn discover(
             remember: true,
         };
     }
-    if offset % cs != 0 {
-        return Discovery::Uncacheable("unaligned-range");
-    }
     let meta = match meta_from(cache, &resp.header().headers, status, size) {
         Ok(m) => Arc::new(m),
         // A whole 200 answers any request: pass it on rather than asking again.
@@ -164,7 +193,8 @@ pub async fn discover(
                 remember: true,
             }
         }
-        Err(reason) => return Discovery::Uncacheable(reason),
+        // Part of the object, not to be kept: it still answers (part of) the request.
+        Err(reason) => return Discovery::Slice { resp, reason },
     };
     let version = ObjectVersion::new(obj.key.clone(), meta.validator.as_str().into());
     let count = chunk_count(size, cs);
@@ -200,6 +230,93 @@ pub async fn discover(
     Discovery::Stored(meta)
 }
 
+/// An origin answer that is not the object's bytes: a 304 nobody asked for, a 206 without a
+/// usable `Content-Range`, a body that contradicts its own length.
+fn broken(status: u16, what: &str) -> FetchError {
+    FetchError {
+        message: format!("origin sent a broken {status} {what}"),
+        server: None,
+        status: None,
+        timed_out: false,
+        class: None,
+    }
+}
+
+/// Why a 206 is not an answer to the range `asked` (`None` = no Range was sent), if it is not:
+/// it must start where asked, and its length must agree with its `Content-Range`.
+pub(super) fn partial_contradiction(
+    resp: &dyn OriginReply,
+    asked: Option<(u64, u64)>,
+) -> Option<&'static str> {
+    let Some((start, _)) = asked else {
+        return Some("partial answer to a request without Range");
+    };
+    let Some((Some((a, b)), _)) = resp
+        .header_str("content-range")
+        .and_then(fetch::parse_content_range)
+    else {
+        return Some("partial answer without a usable Content-Range");
+    };
+    if a != start {
+        return Some("partial answer to another range");
+    }
+    let length = resp
+        .header_str("content-length")
+        .map(|v| v.trim().parse::<u64>());
+    match length {
+        Some(Ok(n)) if n != b - a + 1 => {
+            Some("partial answer whose length contradicts its Content-Range")
+        }
+        Some(Err(_)) => Some("partial answer with an invalid Content-Length"),
+        _ => None,
+    }
+}
+
+/// A cacheable response with a status of its own (a redirect, a 404, ...) and a body of known
+/// length that fits one chunk: kept whole and replayed as it is.
+fn whole_small_response(cache: &ChunkCache, resp: &Reply, status: u16) -> Option<ObjectMeta> {
+    let len = if status == 204 {
+        0
+    } else {
+        resp.header_str("content-length")?.trim().parse().ok()?
+    };
+    if len > cache.chunk_size {
+        return None;
+    }
+    meta_from(cache, &resp.header().headers, status, len).ok()
+}
+
+/// Read a small response whole, keep it in chunk 0 and publish it.
+async fn keep_whole(
+    cache: &Arc<ChunkCache>,
+    obj: &ObjectRequest,
+    mut resp: Reply,
+    meta: ObjectMeta,
+) -> Discovery {
+    let mut body = BytesMut::with_capacity(meta.size as usize);
+    loop {
+        match resp.next_piece().await {
+            Ok(Some(piece)) if (body.len() + piece.len()) as u64 <= meta.size => {
+                body.extend_from_slice(&piece)
+            }
+            Ok(Some(_)) => return Discovery::Failed(broken(meta.status, "body past its length")),
+            Ok(None) => break,
+            Err(e) => return Discovery::Failed(e),
+        }
+    }
+    if body.len() as u64 != meta.size {
+        return Discovery::Failed(broken(meta.status, "body short of its length"));
+    }
+    resp.finish().await;
+    let meta = Arc::new(meta);
+    if meta.size > 0 {
+        let version = ObjectVersion::new(obj.key.clone(), meta.validator.as_str().into());
+        cache.store_chunk(&version, 0, body.freeze());
+    }
+    cache.put_meta(&obj.key, meta.clone()).await;
+    Discovery::Stored(meta)
+}
+
 /// Pieces a streamed body of unknown length may have waiting for its client: the origin read
 /// waits while the client is this far behind (nothing but the client takes those bytes).
 const STREAM_QUEUE_PIECES: usize = 8;
@@ -208,7 +325,8 @@ const STREAM_QUEUE_PIECES: usize = 8;
 /// client through a bounded queue, and split into chunks as it passes. The metadata is
 /// published once the length is known, at the end; until then the object stays locked, so
 /// concurrent requests wait and are then served from the cache instead of fetching it again.
-/// Needs an ETag (a Last-Modified validator includes the length). Past `max_object_size` the
+/// The version is named by its ETag, else by this fetch alone (a Last-Modified validator
+/// includes the length, unknown until the end). Past `max_object_size` the
 /// client still gets the whole body, but nothing is kept. Memory: the queue plus the chunk
 /// being assembled, whatever the body's length.
 fn stream_unknown_length(
@@ -217,13 +335,10 @@ fn stream_unknown_length(
     resp: Reply,
     lock: ObjectLock,
 ) -> Discovery {
-    let Some(etag) = resp.header_str("etag").map(str::to_string) else {
-        return Discovery::Relay {
-            resp,
-            reason: "no-validator",
-            remember: true,
-        };
-    };
+    let identity = resp
+        .header_str("etag")
+        .map(str::to_string)
+        .unwrap_or_else(|| ObjectMeta::unvalidated_identity(SystemTime::now()));
     // Check storability before reading a byte (the length is a placeholder here).
     if let Err(reason) = meta_from(cache, &resp.header().headers, 200, 0) {
         return Discovery::Relay {
@@ -238,7 +353,7 @@ fn stream_unknown_length(
         cache.clone(),
         obj.clone(),
         resp,
-        ObjectVersion::new(obj.key.clone(), etag.as_str().into()),
+        ObjectVersion::new(obj.key.clone(), identity.as_str().into()),
         tx,
         lock,
     ));
@@ -310,7 +425,11 @@ async fn split_unknown_length(
             store(&mut acc, &mut index);
         }
         match meta_from(&cache, &resp.header().headers, 200, total) {
-            Ok(meta) => cache.put_meta(&obj.key, Arc::new(meta)).await,
+            Ok(mut meta) => {
+                // The chunks were stored under the name chosen before the length was known.
+                meta.validator = version.validator.to_string();
+                cache.put_meta(&obj.key, Arc::new(meta)).await
+            }
             Err(reason) => cache.mark_uncacheable(&obj.key, reason),
         }
     }

@@ -48,10 +48,12 @@ pub struct ObjectRequest {
     pub path_and_query: String,
     pub host: String,
     pub request_id: String,
+    /// The client's end-to-end request fields, forwarded on every fetch for this request.
+    pub forward: Arc<http::HeaderMap>,
 }
 
 impl ObjectRequest {
-    pub(super) fn origin_request(
+    pub fn origin_request(
         &self,
         range: Option<(u64, u64)>,
         headers: Vec<(&'static str, String)>,
@@ -63,6 +65,7 @@ impl ObjectRequest {
             range,
             headers,
             request_id: self.request_id.clone(),
+            forward: self.forward.clone(),
             hash_key: self.key.as_str().to_string(),
         }
     }
@@ -83,6 +86,14 @@ pub enum Discovery {
     },
     /// Not cacheable (reason): the request is passed through instead.
     Uncacheable(&'static str),
+    /// Not cacheable (reason), but the origin's 206 to the discovery fetch holds the start of
+    /// the answer: the client is answered from it, and the rest of its range from further
+    /// range fetches, none of it kept (as nginx's slice module does). The origin sends no
+    /// byte twice for the request.
+    Slice {
+        resp: Reply,
+        reason: &'static str,
+    },
     /// Not cacheable, but the origin's answer to the discovery fetch is a whole answer to the
     /// request (an error or other non-2xx status, or a whole 200): pass it on as it is, so the
     /// origin sees one request. `remember`: later requests may go straight to pass-through.
@@ -159,19 +170,10 @@ pub(super) fn same_version_offset(
             resp.status()
         )));
     };
-    let same_version = total == Some(meta.size)
-        && response_validator(resp, meta.size).as_deref() == Some(meta.validator.as_str());
+    let same_version = total.is_some_and(|t| meta.same_version(&resp.header().headers, t));
     if same_version && offset <= from {
         Ok(offset)
     } else {
         Err(FillError::VersionChanged)
     }
-}
-
-fn response_validator(resp: &dyn OriginReply, size: u64) -> Option<String> {
-    ObjectMeta::validator_of(
-        resp.header_str("etag"),
-        resp.header_str("last-modified"),
-        size,
-    )
 }

@@ -400,12 +400,14 @@ fn request(path: &str) -> ObjectRequest {
         path_and_query: path.into(),
         host: "example.test".into(),
         request_id: "test".into(),
+        forward: Default::default(),
     }
 }
 
 /// Metadata as discovery would have stored it for `v`.
 fn meta_of(v: &Version, fresh_until: SystemTime) -> Arc<ObjectMeta> {
     Arc::new(ObjectMeta {
+        status: 200,
         size: v.body.len() as u64,
         validator: v.etag.clone(),
         etag: Some(v.etag.clone()),
@@ -420,6 +422,7 @@ fn meta_of(v: &Version, fresh_until: SystemTime) -> Arc<ObjectMeta> {
         fresh_until,
         stale_if_error: Duration::ZERO,
         must_revalidate: false,
+        stale_while_revalidate: Duration::ZERO,
     })
 }
 
@@ -668,10 +671,16 @@ async fn discovery_relays_error_statuses_and_uncacheable_whole_answers() {
     assert_eq!(fake.requests(), 1);
     assert!(cache.meta(&obj.key).await.is_none());
 
-    // The same as a 206 answers only part of the request: pass-through instead.
+    // The same as a 206 answers part of the request: handed on to answer it from there.
     let (fake, origin) = FakeOrigin::new(v).cache_control("no-store").build();
     let got = discover_cold(&cache, &origin, &obj, 0, 0).await;
-    assert!(matches!(got, Discovery::Uncacheable("no-store")));
+    assert!(matches!(
+        got,
+        Discovery::Slice {
+            reason: "no-store",
+            ..
+        }
+    ));
     assert_eq!(fake.requests(), 1);
 }
 
