@@ -83,6 +83,8 @@ const checkYes = byKind.check.filter(({ test }) => outcome(test.id)[0] === 'yes'
 console.log(`REQUIRED: ${passed.length}/${required.length} passed`)
 console.log(`optimal: ${optimalPassed.length}/${byKind.optimal.length} passed; check: ${checkYes.length}/${byKind.check.length} "yes"`)
 
+console.log(`passing required: ${passed.map(({ test }) => test.id).join(' ') || 'none'}`)
+
 const failing = required.filter(({ test }) => outcome(test.id)[0] !== 'pass')
 const types = {}
 for (const { test } of failing) { const t = outcome(test.id)[0]; types[t] = (types[t] || 0) + 1 }
