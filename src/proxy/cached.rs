@@ -241,14 +241,31 @@ impl CacheLayer {
                 // whole: fetched again.
                 self.cache.invalidate(&obj.key, &old).await;
                 fallback = Some(old.clone());
-                Revalidation::Changed
+                Revalidation::Changed(None)
             };
             match revalidation {
                 Revalidation::Fresh(m) if forced => {
                     return Ok(Some((m, Lookup::RequestRevalidated)))
                 }
                 Revalidation::Fresh(m) => return Ok(Some((m, Lookup::Revalidated))),
-                Revalidation::Changed => {}
+                Revalidation::Changed(None) => {}
+                Revalidation::Changed(Some(resp)) => {
+                    // The revalidation's answer is the new object: no second request.
+                    let slot = self.cache.fill_slot().await;
+                    let found = fill::discover_from(
+                        &self.cache,
+                        origin,
+                        obj,
+                        lock,
+                        resp,
+                        Some((0, 0)),
+                        slot,
+                    )
+                    .await;
+                    return self
+                        .discovered(session, ctx, obj, origin, range_req, found, None)
+                        .await;
+                }
                 Revalidation::Uncacheable(reason) => return self.pass(ctx, &obj.key, reason),
                 Revalidation::Failed(e) => {
                     if old.within_stale_if_error(SystemTime::now()) {
@@ -268,7 +285,25 @@ impl CacheLayer {
                 }
             }
         }
-        match fill::discover(&self.cache, origin, obj, first, last, lock).await {
+        let found = fill::discover(&self.cache, origin, obj, first, last, lock).await;
+        self.discovered(session, ctx, obj, origin, range_req, found, fallback)
+            .await
+    }
+
+    /// Act on what discovery found: metadata to serve from, or an answer already written
+    /// (relayed, streamed, sliced or an error), or pass-through.
+    #[allow(clippy::too_many_arguments)]
+    async fn discovered(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        obj: &ObjectRequest,
+        origin: &OriginAccess,
+        range_req: &RangeRequest,
+        found: Discovery,
+        fallback: Option<Arc<ObjectMeta>>,
+    ) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
+        match found {
             Discovery::Stored(m) => Ok(Some((m, Lookup::Discovered))),
             Discovery::Streaming { headers, body } => {
                 self.stream_whole(session, ctx, &headers, body).await?;

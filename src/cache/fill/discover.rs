@@ -10,7 +10,7 @@ use crate::cache::flight::FillError;
 use crate::cache::freshness::{self, Storability, StorePolicyInput};
 use crate::cache::key::ObjectVersion;
 use crate::cache::meta::ObjectMeta;
-use crate::cache::store::{ChunkCache, ObjectLock};
+use crate::cache::store::{ChunkCache, FillSlot, ObjectLock};
 use crate::origin::fetch::FetchError;
 use crate::range::plan::chunk_count;
 use bytes::{Buf, BytesMut};
@@ -143,6 +143,23 @@ pub async fn discover(
             Err(e) => return Discovery::Failed(e),
         };
     }
+    discover_from(cache, origin, obj, lock, resp, asked, slot).await
+}
+
+/// Discovery from an origin answer already in hand (`asked`: the range it answers; `None` =
+/// the whole object): from the discovery fetch, or a revalidation the origin answered with
+/// the whole object.
+#[allow(clippy::too_many_arguments)]
+pub async fn discover_from(
+    cache: &Arc<ChunkCache>,
+    origin: &OriginAccess,
+    obj: &ObjectRequest,
+    lock: ObjectLock,
+    resp: Reply,
+    asked: Option<(u64, u64)>,
+    slot: Option<FillSlot>,
+) -> Discovery {
+    let cs = cache.chunk_size;
     let status = resp.status();
     if let Some(why) = (status == 206)
         .then(|| partial_contradiction(&*resp, asked))

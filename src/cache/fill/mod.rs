@@ -24,7 +24,7 @@ mod run;
 #[cfg(test)]
 mod tests;
 
-pub use discover::discover;
+pub use discover::{discover, discover_from};
 pub use origin::{Origin, OriginAccess, OriginGroup, OriginReply, Reply};
 pub use revalidate::revalidate;
 pub use run::chunk_source;
@@ -115,8 +115,10 @@ pub enum BodyStep {
 pub enum Revalidation {
     /// Still the same version; freshness renewed (304, or same validator).
     Fresh(Arc<ObjectMeta>),
-    /// A new version exists; the old one was dropped.
-    Changed,
+    /// A new version exists; the old one was dropped. The origin's answer when it is one that
+    /// discovery can take as it is (a whole 200 from an origin ignoring Range, or an answer
+    /// with a status of its own), so the object is not asked for twice.
+    Changed(Option<Reply>),
     Uncacheable(&'static str),
     Failed(FetchError),
 }

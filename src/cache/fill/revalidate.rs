@@ -38,7 +38,14 @@ pub async fn revalidate(
             // Wherever the answer starts, it must be the version held.
             if same_version_offset(&*resp, meta, u64::MAX, "revalidation").is_err() {
                 cache.invalidate(&obj.key, meta).await;
-                return Revalidation::Changed;
+                if status == 200 {
+                    // The whole new version: discovery takes it from here.
+                    return Revalidation::Changed(Some(resp));
+                }
+                // One byte of the new version: let go of it, discovery asks afresh.
+                while let Ok(Some(_)) = resp.next_piece().await {}
+                resp.finish().await;
+                return Revalidation::Changed(None);
             }
             resp.header().headers.clone()
         }
@@ -53,8 +60,9 @@ pub async fn revalidate(
             });
         }
         _ => {
+            // An answer of its own (a 404, a redirect, ...): the object as it is now.
             cache.invalidate(&obj.key, meta).await;
-            return Revalidation::Uncacheable("status");
+            return Revalidation::Changed(Some(resp));
         }
     };
     // A 304 or a one-byte 206 is drained so the connection can be reused; a whole 200 from an

@@ -1390,9 +1390,43 @@ async fn revalidation_finding_another_version_drops_the_old_one() {
     };
     let (cache, fake, origin, obj, meta) = stale(&v1, vec![answer]).await;
     let got = revalidate(&cache, &origin, &obj, &meta).await;
-    assert!(matches!(got, Revalidation::Changed));
+    // A 206 of the new version's first byte: discovery asks afresh.
+    assert!(matches!(got, Revalidation::Changed(None)));
     assert_eq!(fake.requests(), 1);
     assert!(cache.meta(&obj.key).await.is_none());
+}
+
+#[tokio::test]
+async fn a_new_version_answered_whole_to_a_revalidation_is_discovered_from_that_answer() {
+    let v1 = version(3000, 1, "\"v1\"");
+    let v2 = version(3000, 2, "\"v2\"");
+    let answer = Answer {
+        new_version: Some(v2.clone()),
+        ignore_range: true,
+        ..Answer::default()
+    };
+    let (cache, fake, origin, obj, meta) = stale(&v1, vec![answer]).await;
+    let Revalidation::Changed(Some(resp)) = revalidate(&cache, &origin, &obj, &meta).await else {
+        panic!("a whole 200 of a new version is handed to discovery");
+    };
+    let lock = cache.lock_object(&obj.key).await;
+    let slot = cache.fill_slot().await;
+    let Discovery::Stored(m) =
+        discover_from(&cache, &origin, &obj, lock, resp, Some((0, 0)), slot).await
+    else {
+        panic!("the new version is stored from the revalidation's answer");
+    };
+    assert_eq!(m.etag.as_deref(), Some("\"v2\""));
+    assert!(cache.drain(Duration::from_secs(5)).await);
+    let version = ObjectVersion::new(obj.key.clone(), m.validator.as_str().into());
+    for index in 0..3 {
+        assert!(cache.has_chunk(&version, index), "chunk {index}");
+    }
+    assert_eq!(
+        fake.requests(),
+        1,
+        "one origin request for revalidation and refill"
+    );
 }
 
 #[tokio::test]
@@ -1423,7 +1457,11 @@ async fn revalidation_server_error_keeps_the_object_and_other_statuses_drop_it()
     };
     let (cache, fake, origin, obj, meta) = stale(&v, vec![answer]).await;
     let got = revalidate(&cache, &origin, &obj, &meta).await;
-    assert!(matches!(got, Revalidation::Uncacheable("status")));
+    // The origin's own answer is the object now: handed to discovery, not asked for again.
+    match got {
+        Revalidation::Changed(Some(resp)) => assert_eq!(resp.status(), 404),
+        _ => panic!("a 404 is the object's new answer"),
+    }
     assert_eq!(fake.requests(), 1);
     assert!(cache.meta(&obj.key).await.is_none());
 }
