@@ -45,6 +45,8 @@ fn memory_only_cache() -> ChunkCache {
         chunk_size: MIB,
         max_object_size: GIB,
         default_ttl: None,
+        heuristic_fraction: 0.0,
+        heuristic_max: Duration::ZERO,
         stale_if_error: Duration::from_secs(60),
         max_ranges: DEFAULT_MAX_RANGES,
         max_concurrent_fills: edgeslice::config::DEFAULT_MAX_CONCURRENT_FILLS,

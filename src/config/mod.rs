@@ -94,6 +94,10 @@ pub struct CacheSettings {
     pub default_ttl: Option<Duration>,
     /// How long past expiry a cached object may be served when every origin fails.
     pub stale_if_error: Duration,
+    /// Heuristic freshness (RFC 9111 §4.2.2) for responses with Last-Modified and no explicit
+    /// freshness: this fraction of their age at the time (0 = off), at most `heuristic_max`.
+    pub heuristic_fraction: f64,
+    pub heuristic_max: Duration,
     pub max_ranges: usize,
     /// Origin transfers into the cache that may run at once; each holds at most two chunks of
     /// memory.
@@ -166,6 +170,10 @@ pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(15);
 pub const DEFAULT_MIN_RATE: u64 = 16 << 10;
 pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
 pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(86_400);
+/// Heuristic freshness: 10% of the time since Last-Modified (RFC 9111 §4.2.2 suggests it),
+/// at most a day.
+pub const DEFAULT_HEURISTIC_FRACTION: f64 = 0.1;
+pub const DEFAULT_HEURISTIC_MAX: Duration = Duration::from_secs(86_400);
 pub const DEFAULT_RETRY: RetrySettings = RetrySettings {
     attempts: 3,
     backoff: Duration::from_millis(25),
@@ -463,6 +471,14 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             .stale_if_error
             .map(|d| d.0)
             .unwrap_or(DEFAULT_STALE_IF_ERROR),
+        heuristic_fraction: c
+            .heuristic_fraction
+            .map(|f| f.0)
+            .unwrap_or(DEFAULT_HEURISTIC_FRACTION),
+        heuristic_max: c
+            .heuristic_max
+            .map(|d| d.0)
+            .unwrap_or(DEFAULT_HEURISTIC_MAX),
         max_ranges,
         max_concurrent_fills,
         memory_capacity,

@@ -5,7 +5,7 @@
 //! These types never leave the config module: the rest of the program sees only the validated
 //! [`crate::config::Config`].
 
-use super::units::{Dur, Rate, Size};
+use super::units::{Dur, Fraction, Rate, Size};
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 use serde_saphyr::Spanned;
@@ -92,6 +92,8 @@ pub struct RawCache {
     pub max_object_size: Option<Spanned<Size>>,
     pub default_ttl: Option<Dur>,
     pub stale_if_error: Option<Dur>,
+    pub heuristic_fraction: Option<Fraction>,
+    pub heuristic_max: Option<Dur>,
     pub max_ranges: Option<Spanned<usize>>,
     pub max_concurrent_fills: Option<Spanned<usize>>,
     pub memory: Option<RawMemory>,

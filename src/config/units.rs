@@ -93,6 +93,38 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("invalid duration {text:?}: too large"))
 }
 
+/// A fraction between 0 and 1: `10%` or `0.1`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Fraction(pub f64);
+
+/// Parse `10%`, `0.1`, `0` or `1` into a fraction of at most 1.
+pub fn parse_fraction(text: &str) -> Result<f64, String> {
+    let t = text.trim();
+    let (number, scale) = match t.strip_suffix('%') {
+        Some(n) => (n.trim(), 100.0),
+        None => (t, 1.0),
+    };
+    let value: f64 = number.parse().map_err(|_| {
+        format!(
+            "invalid fraction {text:?}: expected a percentage such as 10% or a number such as 0.1"
+        )
+    })?;
+    let f = value / scale;
+    if !(0.0..=1.0).contains(&f) {
+        return Err(format!(
+            "invalid fraction {text:?}: must be between 0 and 100%"
+        ));
+    }
+    Ok(f)
+}
+
+impl<'de> Deserialize<'de> for Fraction {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(TextOrInt("a fraction such as 10%", parse_fraction))
+            .map(Fraction)
+    }
+}
+
 /// Accepts a YAML integer or string and hands the text to `parse`.
 struct TextOrInt<F>(&'static str, F);
 
@@ -105,6 +137,9 @@ impl<'de, T, F: Fn(&str) -> Result<T, String>> Visitor<'de> for TextOrInt<F> {
         (self.1)(&v.to_string()).map_err(E::custom)
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+        (self.1)(&v.to_string()).map_err(E::custom)
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
         (self.1)(&v.to_string()).map_err(E::custom)
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
@@ -137,6 +172,18 @@ impl<'de> Deserialize<'de> for Dur {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn fractions() {
+        assert_eq!(parse_fraction("10%"), Ok(0.1));
+        assert_eq!(parse_fraction("0.25"), Ok(0.25));
+        assert_eq!(parse_fraction("0"), Ok(0.0));
+        assert_eq!(parse_fraction("100 %"), Ok(1.0));
+        assert!(parse_fraction("150%").is_err());
+        assert!(parse_fraction("-1").is_err());
+        assert!(parse_fraction("ten").is_err());
+        assert!(parse_fraction("NaN").is_err());
+    }
 
     #[test]
     fn sizes() {
