@@ -6,10 +6,11 @@ use super::{
     fetch, response_extent, BodyStep, Discovery, ObjectRequest, OriginAccess, Reply, MAX_RUN_CHUNKS,
 };
 use crate::cache::flight::FillError;
-use crate::cache::freshness::{self, Storability, StorePolicyInput};
+use crate::cache::freshness::{self, Heuristic, Storability, StorePolicyInput};
 use crate::cache::key::ObjectVersion;
 use crate::cache::meta::ObjectMeta;
 use crate::cache::store::{ChunkCache, ObjectLock};
+use crate::cache::vary::{self, Vary};
 use crate::range::plan::chunk_count;
 use bytes::{Buf, BytesMut};
 use std::sync::Arc;
@@ -22,6 +23,16 @@ pub(super) fn meta_from(
     status: u16,
     size: u64,
 ) -> Result<ObjectMeta, &'static str> {
+    // Chunk objects are whole or partial 200s, and variants are not keyed yet: store_policy
+    // allows more (other statuses, any Vary but '*'), this caller does not.
+    if status != 200 && status != 206 {
+        return Err("status");
+    }
+    let vary_refused = match vary::parse_vary(resp_headers) {
+        Vary::None => false,
+        Vary::Fields(names) => names.iter().any(|n| n != "accept-encoding"),
+        Vary::Star => true,
+    };
     let now = SystemTime::now();
     let policy = freshness::store_policy(&StorePolicyInput {
         status,
@@ -30,6 +41,7 @@ pub(super) fn meta_from(
         request_has_authorization: false,
         default_ttl: cache.default_ttl,
         default_stale_if_error: cache.stale_if_error,
+        heuristic: Heuristic::OFF,
         now,
     });
     let (fresh_for, stale_if_error, must_revalidate) = match policy {
@@ -37,7 +49,13 @@ pub(super) fn meta_from(
             fresh_for,
             stale_if_error,
             must_revalidate,
+            ..
         } => (fresh_for, stale_if_error, must_revalidate),
+        // Same reason as before store_policy allowed Vary: the ones it checks first win.
+        Storability::NoStore(reason @ ("no-store" | "private" | "set-cookie" | "vary")) => {
+            return Err(reason)
+        }
+        _ if vary_refused => return Err("vary"),
         Storability::NoStore(reason) => return Err(reason),
     };
     let text = |n: &str| {
