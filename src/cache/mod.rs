@@ -8,3 +8,4 @@ pub mod key;
 pub mod memory;
 pub mod meta;
 pub mod store;
+pub mod vary;

@@ -7,7 +7,7 @@ use super::{
     MAX_RUN_CHUNKS,
 };
 use crate::cache::flight::FillError;
-use crate::cache::freshness::{self, Storability, StorePolicyInput};
+use crate::cache::freshness::{self, Heuristic, Storability, StorePolicyInput};
 use crate::cache::key::ObjectVersion;
 use crate::cache::meta::ObjectMeta;
 use crate::cache::store::{ChunkCache, FillSlot, ObjectLock};
@@ -17,7 +17,8 @@ use bytes::{Buf, BytesMut};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-/// Build metadata from an origin response, or say why it must not be stored.
+/// Build metadata from an origin response, or say why it must not be stored
+/// ([`freshness::store_policy`]: statuses, directives, targeted fields, heuristics).
 pub(super) fn meta_from(
     cache: &ChunkCache,
     resp_headers: &http::HeaderMap,
@@ -32,14 +33,20 @@ pub(super) fn meta_from(
         request_has_authorization: false,
         default_ttl: cache.default_ttl,
         default_stale_if_error: cache.stale_if_error,
+        heuristic: Heuristic {
+            fraction: cache.heuristic_fraction,
+            max: cache.heuristic_max,
+        },
         now,
     });
-    let (fresh_for, stale_if_error, must_revalidate) = match policy {
+    let (fresh_for, stale_if_error, stale_while_revalidate, must_revalidate) = match policy {
         Storability::Store {
             fresh_for,
             stale_if_error,
+            stale_while_revalidate,
             must_revalidate,
-        } => (fresh_for, stale_if_error, must_revalidate),
+            ..
+        } => (fresh_for, stale_if_error, stale_while_revalidate, must_revalidate),
         Storability::NoStore(reason) => return Err(reason),
     };
     let text = |n: &str| {
@@ -60,21 +67,7 @@ pub(super) fn meta_from(
         .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect();
     // RFC 9111 §4.2.3: the age it already had is the larger of its Age and its apparent age.
-    let age_header: u64 = text("age").and_then(|a| a.trim().parse().ok()).unwrap_or(0);
-    let apparent = text("date")
-        .and_then(|d| httpdate::parse_http_date(&d).ok())
-        .and_then(|d| now.duration_since(d).ok())
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let initial_age = age_header.max(apparent);
-    let stale_while_revalidate = if must_revalidate {
-        std::time::Duration::ZERO
-    } else {
-        freshness::parse_cache_control(resp_headers)
-            .stale_while_revalidate
-            .map(std::time::Duration::from_secs)
-            .unwrap_or_default()
-    };
+    let initial_age = freshness::current_age(resp_headers, now).as_secs();
     Ok(ObjectMeta {
         status: if status == 206 { 200 } else { status },
         size,
