@@ -14,11 +14,24 @@
 //!
 //! Locks here are per flight (pieces) and per map shard (registration), never global, and are
 //! never held across an await.
+//!
+//! # A chunk just fetched is not fetched again while a request still needs it
+//!
+//! A completed fill stays findable in the map (weakly) as long as anyone holds its flight, and
+//! each flight of a run holds the next flight of the same run ([`FlightMap::link`]). So a
+//! request reading chunk `i` of a run keeps the rest of that run (at most one run, 16 chunks)
+//! reachable: if the memory tier evicts those chunks before the request gets to them (a tier
+//! smaller than the object, a disk write skipped because the disk is behind), the request
+//! still finds them here instead of asking the origin again. Nobody holding them, they go.
+//! What chains may keep beyond the memory tier is bounded: at most [`RETAIN_LIMIT`] bytes of
+//! chunks are linked at any time, whatever the number of requests (a stalled client holds at
+//! most its share of that, never memory without bound).
 
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use tokio::sync::Notify;
 
 /// Why a fill failed, as its waiters see it.
@@ -56,6 +69,40 @@ struct State {
 pub struct Flight {
     state: Mutex<State>,
     notify: Notify,
+    /// The next flight of the same run, kept reachable while this one is held.
+    next: Mutex<Option<Hold>>,
+}
+
+/// A link to the next flight of a run, with its share of the retention budget.
+struct Hold {
+    next: Arc<Flight>,
+    _ticket: RetainTicket,
+}
+
+/// Bytes of the retention budget, given back on drop.
+struct RetainTicket {
+    budget: Arc<AtomicU64>,
+    bytes: u64,
+}
+
+impl Drop for RetainTicket {
+    fn drop(&mut self) {
+        self.budget.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// Most bytes of chunks that links between flights keep reachable at once.
+pub const RETAIN_LIMIT: u64 = 64 << 20;
+
+impl Drop for Flight {
+    /// Let go of the chain of following flights iteratively (a long chain must not recurse).
+    fn drop(&mut self) {
+        let mut hold = self.next.get_mut().ok().and_then(Option::take);
+        while let Some(h) = hold {
+            hold = Arc::into_inner(h.next)
+                .and_then(|mut f| f.next.get_mut().ok().and_then(Option::take));
+        }
+    }
 }
 
 impl Flight {
@@ -98,6 +145,15 @@ impl Flight {
         }
         drop(s);
         self.notify.notify_waiters();
+    }
+
+    fn hold_next(&self, hold: Hold) {
+        *self.next.lock().unwrap_or_else(|p| p.into_inner()) = Some(hold);
+    }
+
+    /// Whether the fill completed with its chunk.
+    pub fn is_complete(&self) -> bool {
+        self.lock().whole.is_some()
     }
 
     /// Bytes held by this flight (pieces or the finished chunk).
@@ -186,15 +242,33 @@ impl FlightReader {
     }
 }
 
-/// The in-flight fills, sharded so registration never takes a global lock.
+/// The in-flight fills, sharded so registration never takes a global lock. A completed fill
+/// stays as a weak entry while its flight is held elsewhere (see the module doc).
 pub struct FlightMap<K> {
-    shards: Vec<Mutex<HashMap<K, Arc<Flight>>>>,
+    shards: Vec<Mutex<Shard<K>>>,
     hasher: std::collections::hash_map::RandomState,
+    /// Bytes of chunks linked from one flight to the next (see [`RETAIN_LIMIT`]).
+    retained: Arc<AtomicU64>,
 }
+
+enum Entry {
+    Filling(Arc<Flight>),
+    Done(Weak<Flight>),
+}
+
+struct Shard<K> {
+    map: HashMap<K, Entry>,
+    /// Size at which dead `Done` entries are next swept out.
+    sweep_at: usize,
+}
+
+/// Entries a shard may hold before its first sweep of dead ones.
+const SWEEP_MIN: usize = 64;
 
 /// What `join_or_start` found.
 pub enum Joined {
-    /// Another request is filling this chunk: read from it.
+    /// Another request is filling this chunk, or filled it and its flight is still held: read
+    /// from it.
     Existing(Arc<Flight>),
     /// The caller registered a new fill and must complete it (then call `remove`).
     Started(Arc<Flight>),
@@ -205,46 +279,121 @@ pub enum Joined {
 impl<K: Hash + Eq + Clone> FlightMap<K> {
     pub fn new(shards: usize) -> Self {
         let shards = (0..shards.max(1))
-            .map(|_| Mutex::new(HashMap::new()))
+            .map(|_| {
+                Mutex::new(Shard {
+                    map: HashMap::new(),
+                    sweep_at: SWEEP_MIN,
+                })
+            })
             .collect();
         FlightMap {
             shards,
             hasher: Default::default(),
+            retained: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    fn shard(&self, key: &K) -> std::sync::MutexGuard<'_, HashMap<K, Arc<Flight>>> {
+    /// Let `prev` (a fill of a run) keep `next` (the run's following fill, of `bytes` bytes)
+    /// reachable while `prev` is held, within [`RETAIN_LIMIT`]; `false` when the budget is
+    /// spent (then `next` is not linked).
+    pub fn link(&self, prev: &Flight, next: &Arc<Flight>, bytes: u64) -> bool {
+        let reserved = self
+            .retained
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                let total = used.checked_add(bytes)?;
+                (total <= RETAIN_LIMIT).then_some(total)
+            })
+            .is_ok();
+        if reserved {
+            prev.hold_next(Hold {
+                next: next.clone(),
+                _ticket: RetainTicket {
+                    budget: self.retained.clone(),
+                    bytes,
+                },
+            });
+        }
+        reserved
+    }
+
+    /// Bytes of chunks kept reachable by links right now.
+    pub fn retained_bytes(&self) -> u64 {
+        self.retained.load(Ordering::Acquire)
+    }
+
+    fn shard(&self, key: &K) -> std::sync::MutexGuard<'_, Shard<K>> {
         let i = (self.hasher.hash_one(key) as usize) % self.shards.len();
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Join the fill of `key`, or — after `check` (run under the shard lock, so a fill that
-    /// completes concurrently is never missed) finds nothing — register a new one.
+    /// Join the fill of `key` (in progress, or completed and still held), or — after `check`
+    /// (run under the shard lock, so a fill that completes concurrently is never missed) finds
+    /// nothing — register a new one.
     pub fn join_or_start(&self, key: &K, check: impl FnOnce() -> Option<Bytes>) -> Joined {
         let mut shard = self.shard(key);
-        if let Some(f) = shard.get(key) {
-            return Joined::Existing(f.clone());
+        match shard.map.get(key) {
+            Some(Entry::Filling(f)) => return Joined::Existing(f.clone()),
+            Some(Entry::Done(w)) => match w.upgrade() {
+                Some(f) => return Joined::Existing(f),
+                None => {
+                    shard.map.remove(key);
+                }
+            },
+            None => {}
         }
         if let Some(b) = check() {
             return Joined::Ready(b);
         }
         let f = Arc::new(Flight::default());
-        shard.insert(key.clone(), f.clone());
+        shard.map.insert(key.clone(), Entry::Filling(f.clone()));
+        if shard.map.len() >= shard.sweep_at {
+            shard
+                .map
+                .retain(|_, e| !matches!(e, Entry::Done(w) if w.strong_count() == 0));
+            shard.sweep_at = (shard.map.len() * 2).max(SWEEP_MIN);
+        }
         Joined::Started(f)
     }
 
-    /// Remove `key`'s fill if it is `flight` (a newer fill under the same key is left alone).
-    pub fn remove(&self, key: &K, flight: &Arc<Flight>) {
-        let mut shard = self.shard(key);
-        if shard.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
-            shard.remove(key);
+    /// The fill of `key` in progress, or completed and still held.
+    pub fn find(&self, key: &K) -> Option<Arc<Flight>> {
+        match self.shard(key).map.get(key)? {
+            Entry::Filling(f) => Some(f.clone()),
+            Entry::Done(w) => w.upgrade(),
         }
     }
 
+    /// The fill of `key` by `flight` has ended (a newer fill under the same key is left alone):
+    /// a completed one stays findable while its flight is held, a failed one goes.
+    pub fn remove(&self, key: &K, flight: &Arc<Flight>) {
+        let mut shard = self.shard(key);
+        if shard
+            .map
+            .get(key)
+            .is_some_and(|e| matches!(e, Entry::Filling(f) if Arc::ptr_eq(f, flight)))
+        {
+            if flight.is_complete() {
+                shard
+                    .map
+                    .insert(key.clone(), Entry::Done(Arc::downgrade(flight)));
+            } else {
+                shard.map.remove(key);
+            }
+        }
+    }
+
+    /// Fills in progress (completed fills still held are not counted).
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
+            .map(|s| {
+                s.lock().map_or(0, |m| {
+                    m.map
+                        .values()
+                        .filter(|e| matches!(e, Entry::Filling(_)))
+                        .count()
+                })
+            })
             .sum()
     }
 
@@ -335,5 +484,36 @@ mod tests {
         assert_eq!(m.len(), 1, "a different flight is not removed");
         m.remove(&1, &f);
         assert!(m.is_empty());
+    }
+
+    #[test]
+    fn completed_fills_stay_findable_while_held_and_links_are_bounded() {
+        let m: FlightMap<u64> = FlightMap::new(4);
+        let Joined::Started(a) = m.join_or_start(&1, || None) else {
+            panic!("expected start")
+        };
+        let Joined::Started(b) = m.join_or_start(&2, || None) else {
+            panic!("expected start")
+        };
+        assert!(m.link(&a, &b, 10));
+        assert_eq!(m.retained_bytes(), 10);
+        b.complete(Bytes::from_static(b"bb"));
+        m.remove(&2, &b);
+        drop(b);
+        assert_eq!(m.len(), 1, "a completed fill is not counted as in progress");
+        // `a` holds `b`: a request for chunk 2 finds it, though nothing else holds it.
+        match m.join_or_start(&2, || None) {
+            Joined::Existing(f) => assert!(f.is_complete()),
+            _ => panic!("the held, completed fill of 2 was not found"),
+        }
+        a.finish(Err(FillError::Abandoned));
+        m.remove(&1, &a);
+        drop(a);
+        assert_eq!(m.retained_bytes(), 0, "the link gave its budget back");
+        assert!(matches!(m.join_or_start(&2, || None), Joined::Started(_)));
+        // Past the limit, nothing is linked.
+        let (c, d) = (Arc::new(Flight::default()), Arc::new(Flight::default()));
+        assert!(!m.link(&c, &d, RETAIN_LIMIT + 1));
+        assert_eq!(m.retained_bytes(), 0);
     }
 }

@@ -774,11 +774,14 @@ impl BodyPlan {
         meta: &Arc<ObjectMeta>,
         version: &ObjectVersion,
     ) -> Result<Option<Bytes>, FillError> {
+        // The chunk just read stays held until the next one is found: holding it keeps the
+        // rest of its run findable though the memory tier let go of it (see cache::flight).
+        let mut _previous = None;
         loop {
             if let Some(reader) = self.current.as_mut() {
                 match reader.next().await {
                     Some(piece) => return piece.map(Some),
-                    None => self.current = None,
+                    None => _previous = self.current.take(),
                 }
             }
             if let Some(span) = self.spans.get(self.next_span).copied() {

@@ -2,6 +2,7 @@
 //! binary started on loopback ports ([`proxy`]).
 #![allow(dead_code)]
 
+pub mod nginx;
 pub mod origin;
 pub mod proxy;
 

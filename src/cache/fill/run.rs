@@ -25,6 +25,34 @@ pub(super) struct Run {
 }
 
 impl Run {
+    /// A run of `flights` (in index order): each flight holds the next one, so a request
+    /// reading any chunk of the run keeps the rest of it findable (see [`crate::cache::flight`]).
+    pub(super) fn new(
+        cache: &Arc<ChunkCache>,
+        version: &ObjectVersion,
+        flights: VecDeque<(u64, Arc<Flight>)>,
+    ) -> Run {
+        let mut run = Run {
+            cache: cache.clone(),
+            version: version.clone(),
+            flights: VecDeque::new(),
+        };
+        for (index, flight) in flights {
+            run.push(index, flight);
+        }
+        run
+    }
+
+    /// Add the next fill of the run.
+    fn push(&mut self, index: u64, flight: Arc<Flight>) {
+        if let Some((_, last)) = self.flights.back() {
+            self.cache
+                .flights
+                .link(last, &flight, self.cache.chunk_size);
+        }
+        self.flights.push_back((index, flight));
+    }
+
     pub(super) fn front(&self) -> Option<&(u64, Arc<Flight>)> {
         self.flights.front()
     }
@@ -37,6 +65,17 @@ impl Run {
     pub(super) fn complete_front(&mut self, chunk: Bytes) {
         if let Some((index, flight)) = self.flights.pop_front() {
             self.cache.store_chunk(&self.version, index, chunk.clone());
+            flight.complete(chunk);
+            self.cache
+                .flights
+                .remove(&self.version.chunk(index), &flight);
+        }
+    }
+
+    /// The first fill is complete with a chunk that is already stored (read from disk): hand it
+    /// to the waiters, let go of it.
+    fn complete_front_stored(&mut self, chunk: Bytes) {
+        if let Some((index, flight)) = self.flights.pop_front() {
             flight.complete(chunk);
             self.cache
                 .flights
@@ -75,11 +114,7 @@ pub(super) fn claim(
             Joined::Existing(_) | Joined::Ready(_) => None,
         })
         .collect();
-    Run {
-        cache: cache.clone(),
-        version: version.clone(),
-        flights,
-    }
+    Run::new(cache, version, flights)
 }
 
 /// The source of chunk `index`: memory, a fill in progress, disk, or a new origin fill that
@@ -94,34 +129,41 @@ pub async fn chunk_source(
     last: u64,
 ) -> ChunkSource {
     let id = version.chunk(index);
-    if let Some(b) = cache.memory_chunk(&id) {
-        return ChunkSource::Ready(b);
-    }
+    // The fill map first: a chunk filled a moment ago whose flight is still held (by a request
+    // reading an earlier chunk of its run) is read from that flight, and holding it keeps the
+    // rest of its run findable even if the memory tier lets go of it.
     let flight = match cache.join_fill(&id) {
         Joined::Ready(b) => return ChunkSource::Ready(b),
         Joined::Existing(f) => return ChunkSource::Filling(f),
         Joined::Started(f) => f,
     };
+    // From here the fill is ours: held by `run`, so if this request goes away while the disk
+    // is read (a client that disconnects), the fill ends `Abandoned` and leaves the map
+    // rather than keeping every later request waiting on a fill nobody completes.
+    let mut run = Run::new(cache, version, VecDeque::from([(index, flight.clone())]));
+    // The run goes on from where another one ends (a run stops before a chunk in flight, and
+    // readers catch up from behind): the chunk before keeps this one reachable too, so a
+    // reader coming from behind finds the whole stretch.
+    if let Some(before) = index
+        .checked_sub(1)
+        .and_then(|i| cache.flights.find(&version.chunk(i)))
+    {
+        cache.flights.link(&before, &flight, cache.chunk_size);
+    }
     if let Some(b) = cache
         .disk_chunk(version, index, chunk_len(cache, meta, index))
         .await
     {
-        flight.complete(b.clone());
-        cache.flights.remove(&id, &flight);
+        run.complete_front_stored(b.clone());
         return ChunkSource::Ready(b);
     }
-    let mut run = Run {
-        cache: cache.clone(),
-        version: version.clone(),
-        flights: VecDeque::from([(index, flight.clone())]),
-    };
     let last = last.min(index.saturating_add(MAX_RUN_CHUNKS - 1));
     for j in index.saturating_add(1)..=last {
         if cache.has_chunk(version, j) {
             break;
         }
         match cache.join_fill(&version.chunk(j)) {
-            Joined::Started(f) => run.flights.push_back((j, f)),
+            Joined::Started(f) => run.push(j, f),
             Joined::Existing(_) | Joined::Ready(_) => break,
         }
     }

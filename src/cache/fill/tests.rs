@@ -1544,3 +1544,116 @@ async fn a_completed_chunk_holds_only_its_bytes() {
         assert_eq!(stored.as_deref(), Some(chunk_of(&v, index)));
     }
 }
+
+/// A cache whose memory tier holds only `chunks` chunks.
+fn cache_with_memory_for(chunks: u64) -> Arc<ChunkCache> {
+    Arc::new(
+        ChunkCache::new(&CacheSettings {
+            chunk_size: CHUNK,
+            max_object_size: 1 << 20,
+            default_ttl: None,
+            stale_if_error: Duration::ZERO,
+            max_ranges: 16,
+            max_concurrent_fills: 4,
+            memory_capacity: chunks * CHUNK,
+            disk: None,
+        })
+        .unwrap(),
+    )
+}
+
+/// A client reading chunks `first..=last` in order as the proxy does: the chunk just read is
+/// held until the next one is found.
+async fn read_in_order(
+    cache: &Arc<ChunkCache>,
+    origin: &OriginAccess,
+    obj: &ObjectRequest,
+    meta: &Arc<ObjectMeta>,
+    first: u64,
+    last: u64,
+) -> Vec<u8> {
+    let version = version_of(&obj.key, meta.validator.as_str());
+    let mut out = Vec::new();
+    let mut _previous = None;
+    for index in first..=last {
+        let src = chunk_source(cache, origin, obj, meta, &version, index, last).await;
+        let (bytes, end) = match src {
+            ChunkSource::Ready(b) => (b.to_vec(), Ok(())),
+            ChunkSource::Filling(f) => {
+                let got = read_flight(&f, chunk_len(cache, meta, index)).await;
+                _previous = Some(f);
+                got
+            }
+        };
+        assert_eq!(end, Ok(()), "chunk {index}");
+        out.extend_from_slice(&bytes);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_run_filled_ahead_of_its_reader_is_not_fetched_again_when_memory_lets_go_of_it() {
+    // Memory for 2 chunks, a run of 8: by the time the reader gets to chunk 1, the memory
+    // tier has let go of it (a lagging client; a disk that skipped the write).
+    let cache = cache_with_memory_for(2);
+    let v = version(8000, 1, "\"v1\"");
+    let (fake, origin) = FakeOrigin::new(v.clone()).build();
+    let obj = request("/lagging");
+    let meta = known(&cache, &obj, &v).await;
+    let version = version_of(&obj.key, v.etag.as_str());
+
+    let first = chunk_source(&cache, &origin, &obj, &meta, &version, 0, 7).await;
+    let ChunkSource::Filling(first) = first else {
+        panic!("chunk 0 is not cached yet");
+    };
+    let (mut got, end) = read_flight(&first, CHUNK).await;
+    assert_eq!(end, Ok(()));
+    // The run has been read from the origin meanwhile (at origin speed).
+    settle(&cache).await;
+    let _ = cache.memory_weight();
+    assert!(
+        !cache.has_chunk(&version, 1),
+        "the memory tier let go of chunk 1 before its reader came"
+    );
+    got.extend(read_in_order(&cache, &origin, &obj, &meta, 1, 7).await);
+    drop(first);
+    assert!(got == v.body[..], "exact bytes");
+    settle(&cache).await;
+    assert_eq!(fake.seen().len(), 1, "one request: {:?}", fake.seen());
+    assert_eq!(fake.body_bytes(), 8000, "no byte fetched twice");
+}
+
+#[tokio::test]
+async fn a_reader_that_joins_a_run_late_keeps_its_rest_findable() {
+    // A second client joins chunk 2 of a run filled for a first one; memory lets go of the
+    // run's chunks; the second still reads 3..=7 without another origin request.
+    let cache = cache_with_memory_for(2);
+    let v = version(8000, 2, "\"v2\"");
+    let (fake, origin) = FakeOrigin::new(v.clone()).build();
+    let obj = request("/joined");
+    let meta = known(&cache, &obj, &v).await;
+    let version = version_of(&obj.key, v.etag.as_str());
+
+    let first = chunk_source(&cache, &origin, &obj, &meta, &version, 0, 7).await;
+    let joined = chunk_source(&cache, &origin, &obj, &meta, &version, 2, 7).await;
+    let ChunkSource::Filling(joined) = joined else {
+        panic!("chunk 2 is being filled by the first client's run");
+    };
+    let _ = read_source(first, CHUNK).await;
+    settle(&cache).await;
+    let _ = cache.memory_weight();
+    let (bytes, end) = read_flight(&joined, CHUNK).await;
+    assert_eq!((bytes.as_slice(), end), (chunk_of(&v, 2), Ok(())));
+    let rest = read_in_order(&cache, &origin, &obj, &meta, 3, 7).await;
+    drop(joined);
+    assert!(rest == v.body[3000..], "exact bytes");
+    assert_eq!(fake.seen().len(), 1, "one request: {:?}", fake.seen());
+    assert_eq!(fake.body_bytes(), 8000, "no byte fetched twice");
+    // Nobody holds the run any more: nothing of it is left in the fill map.
+    assert!(cache.flights.is_empty());
+    assert_eq!(
+        cache.flights.retained_bytes(),
+        0,
+        "links gave their budget back"
+    );
+}

@@ -1,0 +1,191 @@
+//! A real nginx (Debian `nginx-light`) serving a temporary docroot as a static origin on a free
+//! loopback port: what the proxy meets in production (sendfile, ETag + Last-Modified, ranges).
+//! Origin traffic is counted from nginx's own access log. Stopped (SIGKILL) on drop.
+//!
+//! A test that needs nginx fails when the binary is missing (CI installs it): it never skips.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Nginx {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// One line of the access log.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub status: u16,
+    pub body_bytes: u64,
+    pub range: String,
+}
+
+/// The nginx binary: `nginx` on PATH, else Debian's `/usr/sbin/nginx`.
+fn nginx_binary() -> PathBuf {
+    for p in [
+        "/usr/sbin/nginx",
+        "/usr/local/sbin/nginx",
+        "/usr/local/nginx/sbin/nginx",
+    ] {
+        if Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    PathBuf::from("nginx")
+}
+
+impl Nginx {
+    pub fn start() -> Nginx {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        std::fs::create_dir_all(dir.join("root")).expect("docroot");
+        std::fs::create_dir_all(dir.join("tmp")).expect("nginx temp dir");
+        let bin = nginx_binary();
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = super::proxy::free_port();
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let d = dir.display();
+            let conf = format!(
+                "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
+                 error_log {d}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
+                 http {{\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  \
+                 fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  \
+                 scgi_temp_path {d}/tmp/scgi;\n  \
+                 log_format counted '$status $body_bytes_sent \"$http_range\"';\n  \
+                 access_log {d}/access.log counted;\n  sendfile on;\n  tcp_nopush on;\n  \
+                 etag on;\n  keepalive_requests 100000;\n  keepalive_timeout 60s;\n  \
+                 default_type application/octet-stream;\n  \
+                 server {{\n    listen 127.0.0.1:{port};\n    root {d}/root;\n  }}\n}}\n"
+            );
+            let conf_path = dir.join("nginx.conf");
+            std::fs::write(&conf_path, conf).expect("write nginx.conf");
+            let log = std::fs::File::create(dir.join("stderr.log")).expect("nginx stderr log");
+            let child = Command::new(&bin)
+                .arg("-p")
+                .arg(&dir)
+                .arg("-c")
+                .arg(&conf_path)
+                .arg("-e")
+                .arg(dir.join("error.log"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "cannot run {} ({e}): install nginx-light (apt-get install nginx-light)",
+                        bin.display()
+                    )
+                });
+            let mut n = Nginx {
+                child: Some(child),
+                addr,
+                dir: dir.clone(),
+                _tmp: None,
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Some(Ok(Some(_))) = n.child.as_mut().map(|c| c.try_wait()) {
+                    break; // exited: most likely lost the port race
+                }
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    n._tmp = Some(tmp);
+                    return n;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            last_err = std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+                + &std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+            n.kill();
+        }
+        panic!("nginx did not start; error log:\n{last_err}");
+    }
+
+    /// Write `size` deterministic bytes at `path` (e.g. `/big.bin`) under the docroot; returns
+    /// the content.
+    pub fn put_file(&self, path: &str, size: usize) -> Vec<u8> {
+        let data = content(path, size);
+        let file = self.dir.join("root").join(path.trim_start_matches('/'));
+        if let Some(parent) = file.parent() {
+            std::fs::create_dir_all(parent).expect("docroot dir");
+        }
+        std::fs::write(&file, &data).expect("write docroot file");
+        data
+    }
+
+    /// Every request logged so far (nginx writes a line when the response is done).
+    pub fn accesses(&self) -> Vec<Access> {
+        let text = std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let mut it = l.splitn(3, ' ');
+                Some(Access {
+                    status: it.next()?.parse().ok()?,
+                    body_bytes: it.next()?.parse().ok()?,
+                    range: it.next()?.trim_matches('"').to_string(),
+                })
+            })
+            .collect()
+    }
+
+    /// Body bytes nginx sent, over every logged request.
+    pub fn body_bytes_sent(&self) -> u64 {
+        self.accesses().iter().map(|a| a.body_bytes).sum()
+    }
+
+    pub fn requests(&self) -> usize {
+        self.accesses().len()
+    }
+
+    /// Wait until the access log stops growing for a moment (responses still streaming when a
+    /// client finished are logged when nginx completes them), within `limit`.
+    pub fn settle(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut last = (usize::MAX, u64::MAX);
+        while Instant::now() < deadline {
+            let now = (self.requests(), self.body_bytes_sent());
+            if now == last {
+                return;
+            }
+            last = now;
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The deterministic content of a file: a xorshift stream seeded by the path, so no two offsets
+/// (and no two files) look alike.
+pub fn content(path: &str, size: usize) -> Vec<u8> {
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    for b in path.bytes() {
+        seed = (seed ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let mut out = Vec::with_capacity(size + 8);
+    let mut x = seed | 1;
+    while out.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(size);
+    out
+}
