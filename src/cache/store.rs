@@ -11,6 +11,7 @@ use super::flight::{FlightMap, Joined};
 use super::key::{ChunkKey, ObjectKey, ObjectVersion};
 use super::memory::ShardedCache;
 use super::meta::ObjectMeta;
+use super::vary;
 use crate::config::CacheSettings;
 use bytes::Bytes;
 use std::collections::HashMap;
@@ -36,6 +37,9 @@ pub struct ChunkCache {
     memory: ShardedCache<ChunkKey, Bytes>,
     metas: ShardedCache<ObjectKey, Arc<ObjectMeta>>,
     pass: ShardedCache<ObjectKey, &'static str>,
+    /// Objects whose responses carry `Vary`: the fields named, per URL key (see
+    /// [`ChunkCache::variant`]).
+    vary: ShardedCache<ObjectKey, Arc<VaryMarker>>,
     disk: Option<Arc<DiskStore>>,
     pub flights: FlightMap<ChunkKey>,
     /// Origin transfers into the cache that may run at once (see [`ChunkCache::fill_slot`]).
@@ -44,6 +48,17 @@ pub struct ChunkCache {
     /// queue, and waited for at shutdown.
     tasks: tokio_util::task::TaskTracker,
     object_locks: Vec<Mutex<HashMap<ObjectKey, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+/// URL keys whose responses vary that are remembered (a few dozen bytes each).
+const MAX_VARY_ENTRIES: u64 = 65_536;
+
+/// What a URL's responses vary on, and a name for this learning of it: variants stored under
+/// an earlier marker (forgotten by an invalidation) are never found again.
+#[derive(Debug)]
+pub struct VaryMarker {
+    fields: Vec<String>,
+    nonce: u64,
 }
 
 /// Metadata entries are small; they are bounded by count rather than counted in
@@ -85,6 +100,7 @@ impl ChunkCache {
                     .time_to_live(HIT_FOR_PASS_TTL)
                     .build()
             }),
+            vary: ShardedCache::new(16, MAX_VARY_ENTRIES, moka::sync::Cache::new),
             disk,
             flights: FlightMap::new(64),
             fill_slots: Arc::new(tokio::sync::Semaphore::new(settings.max_concurrent_fills)),
@@ -140,11 +156,55 @@ impl ChunkCache {
     /// invalidates the target URI): its metadata, and on disk the whole object. Its memory
     /// chunks become unreachable with its metadata and age out.
     pub async fn forget(&self, key: &ObjectKey) {
+        // Its variants become unreachable with the marker that named them.
+        self.vary.invalidate(key);
         self.metas.invalidate(key);
         self.pass.invalidate(key);
         if let Some(disk) = &self.disk {
             disk.remove_object(key.as_str()).await;
         }
+    }
+
+    /// The key a request's response is stored under: the URL key itself, or, when that URL's
+    /// responses vary (RFC 9111 §4.1), the variant named by the request's values of the
+    /// fields they vary on (normalised by [`vary::variant_key`]).
+    pub fn variant(&self, base: &ObjectKey, request: &http::HeaderMap) -> ObjectKey {
+        match self.vary.get(base) {
+            Some(marker) => Self::variant_of(base, &marker, request),
+            None => base.clone(),
+        }
+    }
+
+    fn variant_of(base: &ObjectKey, marker: &VaryMarker, request: &http::HeaderMap) -> ObjectKey {
+        let values = vary::variant_key(&marker.fields, request);
+        let digest = blake3::hash(values.as_bytes());
+        let hex: String = digest.as_bytes()[..12]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        ObjectKey(format!("{}#vary-{:x}-{hex}", base.as_str(), marker.nonce).into())
+    }
+
+    /// A response for `base` varies on `fields`: remember it (keeping the marker when the
+    /// fields are the same) and return the variant key for `request`.
+    pub fn learn_vary(
+        &self,
+        base: &ObjectKey,
+        fields: Vec<String>,
+        request: &http::HeaderMap,
+    ) -> ObjectKey {
+        let marker = match self.vary.get(base) {
+            Some(m) if m.fields == fields => m,
+            _ => {
+                let m = Arc::new(VaryMarker {
+                    fields,
+                    nonce: rand::random(),
+                });
+                self.vary.insert(base.clone(), m.clone());
+                m
+            }
+        };
+        Self::variant_of(base, &marker, request)
     }
 
     /// Remember for a while that `key` is not cacheable (`reason` for logs).
@@ -173,6 +233,27 @@ impl ChunkCache {
             lock,
             _guard: Some(guard),
         }
+    }
+
+    /// The object's lock if nobody holds it (a background revalidation runs only when no
+    /// other discovery or revalidation of the object does).
+    pub fn try_lock_object(self: &Arc<Self>, key: &ObjectKey) -> Option<ObjectLock> {
+        let lock = {
+            let i = (self.flights_hash(key) as usize) % self.object_locks.len();
+            let mut shard = self.object_locks[i]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            shard.entry(key.clone()).or_default().clone()
+        };
+        let guard = lock.clone().try_lock_owned().ok();
+        // Built even when the lock is taken, so its Drop tidies the map entry made above.
+        let held = ObjectLock {
+            cache: self.clone(),
+            key: key.clone(),
+            lock,
+            _guard: guard,
+        };
+        held._guard.is_some().then_some(held)
     }
 
     fn flights_hash(&self, key: &ObjectKey) -> u64 {

@@ -10,6 +10,10 @@ pub enum CacheStatus {
     Hit,
     /// An expired copy served because every origin failed.
     StaleIfError,
+    /// An expired copy served while one background revalidation runs (RFC 5861).
+    StaleWhileRevalidate,
+    /// An expired copy the request's `max-stale` accepted (RFC 9111 §5.2.1.2).
+    StaleAccepted,
     /// Metadata fresh, some chunks fetched now.
     Partial,
     /// First fetch of the object, stored.
@@ -37,6 +41,10 @@ impl CacheStatus {
         match self {
             CacheStatus::Hit => "edgeslice; hit".into(),
             CacheStatus::StaleIfError => "edgeslice; hit; detail=stale-if-error".into(),
+            CacheStatus::StaleWhileRevalidate => {
+                "edgeslice; hit; detail=stale-while-revalidate".into()
+            }
+            CacheStatus::StaleAccepted => "edgeslice; hit; detail=max-stale".into(),
             CacheStatus::Partial => "edgeslice; fwd=partial; stored".into(),
             CacheStatus::Miss => "edgeslice; fwd=miss; stored".into(),
             CacheStatus::Revalidated => "edgeslice; fwd=stale; fwd-status=304; stored".into(),

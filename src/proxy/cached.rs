@@ -56,6 +56,8 @@ enum Lookup {
     /// Fresh, but revalidated because the request asked (`Cache-Control: no-cache`).
     RequestRevalidated,
     StaleIfError,
+    StaleWhileRevalidate,
+    StaleAccepted,
 }
 
 fn header<'a>(session: &'a Session, name: &str) -> Option<&'a [u8]> {
@@ -123,13 +125,16 @@ impl CacheLayer {
     ) -> Result<Outcome> {
         let req = session.req_header();
         let host = super::request_host(req);
-        let key = super::object_key(route, req);
+        let base = super::object_key(route, req);
+        let forward = Arc::new(super::headers::fill_request_headers(&req.headers));
+        let key = self.cache.variant(&base, &forward);
         if self.cache.is_marked_uncacheable(&key) {
             ctx.cache_status = Some(CacheStatus::Bypass("uncacheable"));
             return Ok(Outcome::PassThrough);
         }
-        let obj = ObjectRequest {
-            key: key.clone(),
+        let mut obj = ObjectRequest {
+            key,
+            base,
             path_and_query: req
                 .uri
                 .path_and_query()
@@ -142,20 +147,20 @@ impl CacheLayer {
                 .unwrap_or(&host)
                 .to_string(),
             request_id: ctx.request_id.clone(),
-            forward: Arc::new(super::headers::fill_request_headers(&req.headers)),
+            forward,
         };
         let has_authorization = req.headers.contains_key(http::header::AUTHORIZATION);
         let is_head = req.method == http::Method::HEAD;
         let range_req = header(session, "range")
             .map(parse_range)
             .unwrap_or(RangeRequest::Whole);
-        let must_revalidate = freshness::request_requires_revalidation(&req.headers);
+        let directives = freshness::request_directives(&req.headers);
         // The chunks a first fetch asks for; a HEAD needs the metadata only: one chunk.
         let discovery = match discovery_span(&range_req, self.cache.chunk_size) {
             (first, _) if is_head => (first, first),
             span => span,
         };
-        if freshness::parse_cache_control(&req.headers).no_store {
+        if directives.no_store {
             // RFC 9111 §5.2.1.5: nothing of this exchange may be stored.
             ctx.cache_status = Some(CacheStatus::Request("no-store"));
             return Ok(Outcome::PassThrough);
@@ -164,9 +169,9 @@ impl CacheLayer {
             .lookup(
                 session,
                 ctx,
-                &obj,
+                &mut obj,
                 &origin,
-                must_revalidate,
+                &directives,
                 discovery,
                 &range_req,
             )
@@ -194,26 +199,33 @@ impl CacheLayer {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        obj: &ObjectRequest,
+        obj: &mut ObjectRequest,
         origin: &OriginAccess,
-        must_revalidate: bool,
+        directives: &freshness::RequestDirectives,
         (first, last): (u64, u64),
         range_req: &RangeRequest,
     ) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
-        let now = SystemTime::now();
         if let Some(m) = self.cache.meta(&obj.key).await {
-            if m.is_fresh(now) && !must_revalidate {
-                return Ok(Some((m, Lookup::Fresh)));
+            if let Some(usable) = self.usable(&m, obj, origin, directives) {
+                return Ok(Some((m, usable)));
             }
         }
+        if directives.only_if_cached {
+            // RFC 9111 §5.2.1.7: nothing usable stored, and the origin is not to be asked.
+            ctx.cache_status = Some(CacheStatus::Request("only-if-cached"));
+            respond::send_error(session, 504, &ctx.request_id).await?;
+            return Ok(None);
+        }
         let lock = self.cache.lock_object(&obj.key).await;
+        // Whoever held the lock may have learnt that the URL's responses vary.
+        obj.key = self.cache.variant(&obj.base, &obj.forward);
         let mut stale = None;
         // A stale copy that cannot be revalidated, kept to serve if fetching it again fails.
         let mut fallback = None;
         if let Some(m) = self.cache.meta(&obj.key).await {
-            if m.is_fresh(SystemTime::now()) && !must_revalidate {
+            if let Some(usable) = self.usable(&m, obj, origin, directives) {
                 // Someone else discovered or revalidated it while we waited.
-                return Ok(Some((m, Lookup::Fresh)));
+                return Ok(Some((m, usable)));
             }
             stale = Some(m);
         }
@@ -290,6 +302,64 @@ impl CacheLayer {
             .await
     }
 
+    /// Whether a stored response answers this request without asking the origin first
+    /// (RFC 9111 §4.2, §5.2.1: the request's max-age, min-fresh, max-stale and no-cache), or,
+    /// expired within its `stale-while-revalidate`, while one background revalidation runs.
+    fn usable(
+        &self,
+        m: &Arc<ObjectMeta>,
+        obj: &ObjectRequest,
+        origin: &OriginAccess,
+        directives: &freshness::RequestDirectives,
+    ) -> Option<Lookup> {
+        let now = SystemTime::now();
+        let stored = freshness::Stored {
+            age: std::time::Duration::from_secs(m.age(now)),
+            lifetime: m.lifetime(),
+            must_revalidate: m.must_revalidate,
+            no_cache: false,
+        };
+        match freshness::reuse(directives, &stored) {
+            freshness::Reuse::Fresh => Some(Lookup::Fresh),
+            freshness::Reuse::Stale => Some(Lookup::StaleAccepted),
+            freshness::Reuse::Revalidate => {
+                let only_expired = !directives.no_cache
+                    && directives.max_age.is_none()
+                    && directives.min_fresh.is_none();
+                if !(only_expired
+                    && !m.is_fresh(now)
+                    && m.has_validator()
+                    && m.is_ranged()
+                    && m.within_stale_while_revalidate(now))
+                {
+                    return None;
+                }
+                // One background revalidation per object: skipped while another discovery or
+                // revalidation holds the object.
+                let lock = self.cache.try_lock_object(&obj.key)?;
+                let (cache, origin, obj, old) =
+                    (self.cache.clone(), origin.clone(), obj.clone(), m.clone());
+                self.cache.spawn(async move {
+                    let outcome = fill::revalidate(&cache, &origin, &obj, &old).await;
+                    if let Revalidation::Changed(Some(resp)) = outcome {
+                        let slot = cache.fill_slot().await;
+                        let _ = fill::discover_from(
+                            &cache,
+                            &origin,
+                            &obj,
+                            lock,
+                            resp,
+                            Some((0, 0)),
+                            slot,
+                        )
+                        .await;
+                    }
+                });
+                Some(Lookup::StaleWhileRevalidate)
+            }
+        }
+    }
+
     /// Act on what discovery found: metadata to serve from, or an answer already written
     /// (relayed, streamed, sliced or an error), or pass-through.
     #[allow(clippy::too_many_arguments)]
@@ -297,12 +367,14 @@ impl CacheLayer {
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
-        obj: &ObjectRequest,
+        obj: &mut ObjectRequest,
         origin: &OriginAccess,
         range_req: &RangeRequest,
         found: Discovery,
         fallback: Option<Arc<ObjectMeta>>,
     ) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
+        // Stored (or marked) under the variant the response selected, if it varies.
+        obj.key = self.cache.variant(&obj.base, &obj.forward);
         match found {
             Discovery::Stored(m) => Ok(Some((m, Lookup::Discovered))),
             Discovery::Streaming { headers, body } => {
@@ -753,6 +825,8 @@ fn cache_status(lookup: Lookup, all_chunks_cached: bool) -> CacheStatus {
         (Lookup::Revalidated, _) => CacheStatus::Revalidated,
         (Lookup::RequestRevalidated, _) => CacheStatus::RequestRevalidated,
         (Lookup::StaleIfError, _) => CacheStatus::StaleIfError,
+        (Lookup::StaleWhileRevalidate, _) => CacheStatus::StaleWhileRevalidate,
+        (Lookup::StaleAccepted, _) => CacheStatus::StaleAccepted,
     }
 }
 

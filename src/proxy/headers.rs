@@ -63,6 +63,12 @@ const NOT_FORWARDED_ON_FILLS: [&str; 15] = [
     "x-request-id",
 ];
 
+/// Whether a cache fill forwards the client's field `name` (lower case) when it is
+/// end-to-end: not one of [`NOT_FORWARDED_ON_FILLS`].
+pub fn forwarded_on_fills(name: &str) -> bool {
+    !NOT_FORWARDED_ON_FILLS.contains(&name)
+}
+
 /// The client's end-to-end request fields a cache fill forwards to the origin (so a response
 /// that varies on them is the one this client asked for): all but hop-by-hop fields and
 /// [`NOT_FORWARDED_ON_FILLS`].
@@ -70,7 +76,7 @@ pub fn fill_request_headers(client: &HeaderMap) -> HeaderMap {
     let hop = hop_by_hop_names(client, false);
     let mut out = HeaderMap::with_capacity(client.len());
     for (name, value) in client {
-        if !hop.contains(name) && !NOT_FORWARDED_ON_FILLS.contains(&name.as_str()) {
+        if !hop.contains(name) && forwarded_on_fills(name.as_str()) {
             out.append(name.clone(), value.clone());
         }
     }

@@ -11,6 +11,7 @@ use crate::cache::freshness::{self, Heuristic, Storability, StorePolicyInput};
 use crate::cache::key::ObjectVersion;
 use crate::cache::meta::ObjectMeta;
 use crate::cache::store::{ChunkCache, FillSlot, ObjectLock};
+use crate::cache::vary::{self, Vary};
 use crate::origin::fetch::FetchError;
 use crate::range::plan::chunk_count;
 use bytes::{Buf, BytesMut};
@@ -46,7 +47,12 @@ pub(super) fn meta_from(
             stale_while_revalidate,
             must_revalidate,
             ..
-        } => (fresh_for, stale_if_error, stale_while_revalidate, must_revalidate),
+        } => (
+            fresh_for,
+            stale_if_error,
+            stale_while_revalidate,
+            must_revalidate,
+        ),
         Storability::NoStore(reason) => return Err(reason),
     };
     let text = |n: &str| {
@@ -161,6 +167,38 @@ pub async fn discover_from(
         resp.finish().await;
         return Discovery::Failed(broken(status, why));
     }
+    // A response that varies is stored as the variant this request selects (RFC 9111 §4.1);
+    // `Vary: *` is never stored (store_policy refuses it).
+    let variant;
+    let obj = match vary::parse_vary(&resp.header().headers) {
+        // Varying on a field fills never send (credentials, cookies): the stored answer would
+        // be the one for "absent", whatever the client sent. Not kept.
+        Vary::Fields(fields)
+            if fields
+                .iter()
+                .any(|f| !crate::proxy::headers::forwarded_on_fills(f)) =>
+        {
+            return match status {
+                206 => Discovery::Slice {
+                    resp,
+                    reason: "vary",
+                },
+                _ => Discovery::Relay {
+                    resp,
+                    reason: "vary",
+                    remember: true,
+                },
+            };
+        }
+        Vary::Fields(fields) => {
+            variant = ObjectRequest {
+                key: cache.learn_vary(&obj.base, fields, &obj.forward),
+                ..obj.clone()
+            };
+            &variant
+        }
+        Vary::None | Vary::Star => obj,
+    };
     let Some((offset, total)) = response_extent(&*resp) else {
         if status == 304 || status == 206 {
             // No conditional was sent, or no usable Content-Range came back: the answer is

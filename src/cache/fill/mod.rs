@@ -44,7 +44,10 @@ pub const MAX_RUN_CHUNKS: u64 = 16;
 /// The object a request is about, and what is needed to ask an origin for it.
 #[derive(Clone)]
 pub struct ObjectRequest {
+    /// Where the response is stored: `base`, or a variant of it when its responses vary.
     pub key: ObjectKey,
+    /// The URL's key (locks, invalidation and what the URL's responses vary on hang off it).
+    pub base: ObjectKey,
     pub path_and_query: String,
     pub host: String,
     pub request_id: String,

@@ -399,6 +399,7 @@ fn cache_keeping(max_object_size: u64) -> Arc<ChunkCache> {
 fn request(path: &str) -> ObjectRequest {
     ObjectRequest {
         key: ObjectKey(format!("fake|example.test|{path}").into()),
+        base: ObjectKey(format!("fake|example.test|{path}").into()),
         path_and_query: path.into(),
         host: "example.test".into(),
         request_id: "test".into(),
