@@ -470,11 +470,12 @@ async fn vary_accept_encoding_is_stored_per_variant() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn response_without_freshness_is_not_stored_without_default_ttl() {
+async fn response_without_freshness_is_not_stored_without_default_ttl_or_heuristics() {
     bounded(async {
         let origin = Origin::start().await;
         origin.set_cache_control(None);
-        let proxy = start(config(&origin, "")).await;
+        // The origin sends Last-Modified: heuristic freshness would store it (the default).
+        let proxy = start(config(&origin, "  heuristic_fraction: 0\n")).await;
         let size = 3 * CHUNK + 6;
         let path = format!("/obj/{size}/no-freshness.bin");
         assert_not_stored(&origin, &proxy, &path, size, 4).await;

@@ -383,27 +383,223 @@ pub const TARGETED_FIELDS: [&str; 2] = ["edgeslice-cache-control", "cdn-cache-co
 /// `Cache-Control` parser, plus the SF boolean forms: `name=?1` is `name`, `name=?0` is absent.
 pub fn response_cache_control(headers: &HeaderMap) -> (CacheControl, bool) {
     for field in TARGETED_FIELDS {
-        let mut cc = CacheControl::default();
-        let mut valid = false;
+        let mut joined = Vec::new();
         for value in headers.get_all(field) {
-            for (name, arg) in Directives::new(value.as_bytes()) {
-                if !name.iter().copied().all(is_tchar) {
-                    continue;
-                }
-                valid = true;
-                let arg = match arg {
-                    Arg::Value(v) if v == b"?1" => Arg::None,
-                    Arg::Value(v) if v == b"?0" => continue,
-                    a => a,
-                };
-                apply_directive(&mut cc, name, arg);
+            if !joined.is_empty() {
+                joined.extend_from_slice(b", ");
             }
+            joined.extend_from_slice(value.as_bytes());
         }
-        if valid {
-            return (cc, true);
+        // RFC 9213 §2.1: a targeted field is a Structured Field Dictionary; one that does not
+        // parse is ignored (the next field decides), and a directive whose value has the
+        // wrong type is ignored.
+        let Some(members) = sf::dictionary(&joined).filter(|m| !m.is_empty()) else {
+            continue;
+        };
+        let mut cc = CacheControl::default();
+        for (name, item) in members {
+            let numeric = matches!(
+                name,
+                b"max-age" | b"s-maxage" | b"stale-if-error" | b"stale-while-revalidate"
+            );
+            let arg = match item {
+                sf::Item::Integer(n) if numeric && n >= 0 => Arg::Value(n.to_string().into_bytes()),
+                sf::Item::Boolean(true) if !numeric => Arg::None,
+                // A qualified form of a restricting directive restricts all the same (as for
+                // Cache-Control: the stricter reading wins).
+                sf::Item::Other if matches!(name, b"private" | b"no-cache" | b"no-store") => {
+                    Arg::None
+                }
+                _ => continue,
+            };
+            apply_directive(&mut cc, name, arg);
         }
+        return (cc, true);
     }
     (parse_cache_control(headers), false)
+}
+
+/// Just enough of RFC 8941 (Structured Field Values) to validate a Dictionary and read its
+/// integers and booleans; anything that is not valid RFC 8941 makes the whole field invalid.
+mod sf {
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Item {
+        Integer(i64),
+        Boolean(bool),
+        /// A decimal, string, token or byte sequence: valid, but never a directive's type here.
+        Other,
+    }
+
+    struct Parser<'a> {
+        s: &'a [u8],
+        i: usize,
+    }
+
+    impl<'a> Parser<'a> {
+        fn peek(&self) -> Option<u8> {
+            self.s.get(self.i).copied()
+        }
+        fn skip(&mut self, set: &[u8]) {
+            while self.peek().is_some_and(|b| set.contains(&b)) {
+                self.i += 1;
+            }
+        }
+        fn key(&mut self) -> Option<&'a [u8]> {
+            let start = self.i;
+            match self.peek() {
+                Some(b) if b.is_ascii_lowercase() || b == b'*' => self.i += 1,
+                _ => return None,
+            }
+            while self.peek().is_some_and(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-.*".contains(&b)
+            }) {
+                self.i += 1;
+            }
+            Some(&self.s[start..self.i])
+        }
+        fn bare_item(&mut self) -> Option<Item> {
+            match self.peek()? {
+                b'-' | b'0'..=b'9' => self.number(),
+                b'"' => {
+                    self.i += 1;
+                    loop {
+                        match self.peek()? {
+                            b'"' => {
+                                self.i += 1;
+                                return Some(Item::Other);
+                            }
+                            b'\\' => {
+                                self.i += 1;
+                                if !matches!(self.peek()?, b'"' | b'\\') {
+                                    return None;
+                                }
+                                self.i += 1;
+                            }
+                            0x20..=0x7e => self.i += 1,
+                            _ => return None,
+                        }
+                    }
+                }
+                b':' => {
+                    self.i += 1;
+                    while self
+                        .peek()
+                        .is_some_and(|b| b.is_ascii_alphanumeric() || b"+/=".contains(&b))
+                    {
+                        self.i += 1;
+                    }
+                    (self.peek()? == b':').then(|| {
+                        self.i += 1;
+                        Item::Other
+                    })
+                }
+                b'?' => {
+                    self.i += 1;
+                    let v = self.peek()?;
+                    self.i += 1;
+                    match v {
+                        b'0' => Some(Item::Boolean(false)),
+                        b'1' => Some(Item::Boolean(true)),
+                        _ => None,
+                    }
+                }
+                b if b.is_ascii_alphabetic() || b == b'*' => {
+                    self.i += 1;
+                    while self
+                        .peek()
+                        .is_some_and(|b| super::is_tchar(b) || b == b':' || b == b'/')
+                    {
+                        self.i += 1;
+                    }
+                    Some(Item::Other)
+                }
+                _ => None,
+            }
+        }
+        fn number(&mut self) -> Option<Item> {
+            let neg = self.peek() == Some(b'-');
+            if neg {
+                self.i += 1;
+            }
+            let start = self.i;
+            self.skip(b"0123456789");
+            let digits = self.i - start;
+            if digits == 0 || digits > 15 {
+                return None;
+            }
+            if self.peek() == Some(b'.') {
+                self.i += 1;
+                let frac = self.i;
+                self.skip(b"0123456789");
+                let f = self.i - frac;
+                return (digits <= 12 && (1..=3).contains(&f)).then_some(Item::Other);
+            }
+            let n: i64 = std::str::from_utf8(&self.s[start..self.i])
+                .ok()?
+                .parse()
+                .ok()?;
+            Some(Item::Integer(if neg { -n } else { n }))
+        }
+        fn params(&mut self) -> Option<()> {
+            while self.peek() == Some(b';') {
+                self.i += 1;
+                self.skip(b" ");
+                self.key()?;
+                if self.peek() == Some(b'=') {
+                    self.i += 1;
+                    self.bare_item()?;
+                }
+            }
+            Some(())
+        }
+    }
+
+    /// The members of a Dictionary (keys and their bare items; inner lists and parameters are
+    /// validated and skipped), or `None` when the text is not a valid Dictionary.
+    pub fn dictionary(text: &[u8]) -> Option<Vec<(&[u8], Item)>> {
+        let mut p = Parser { s: text, i: 0 };
+        p.skip(b" ");
+        let mut out = Vec::new();
+        while p.peek().is_some() {
+            let key = p.key()?;
+            let item = if p.peek() == Some(b'=') {
+                p.i += 1;
+                if p.peek() == Some(b'(') {
+                    p.i += 1;
+                    loop {
+                        p.skip(b" ");
+                        if p.peek()? == b')' {
+                            p.i += 1;
+                            break;
+                        }
+                        p.bare_item()?;
+                        p.params()?;
+                        if !matches!(p.peek()?, b' ' | b')') {
+                            return None;
+                        }
+                    }
+                    Item::Other
+                } else {
+                    p.bare_item()?
+                }
+            } else {
+                Item::Boolean(true)
+            };
+            p.params()?;
+            out.push((key, item));
+            p.skip(b" \t");
+            if p.peek().is_none() {
+                break;
+            }
+            if p.peek()? != b',' {
+                return None;
+            }
+            p.i += 1;
+            p.skip(b" \t");
+            p.peek()?;
+        }
+        Some(out)
+    }
 }
 
 /// `tchar` (RFC 9110 §5.6.2).
@@ -590,9 +786,12 @@ pub fn initial_age(
     let apparent = header_date(headers)
         .and_then(|d| response_time.duration_since(d).ok())
         .unwrap_or(Duration::ZERO);
+    // The first line's first element: `Age: 7200, 0` is 7200 old (a list is not valid, but
+    // its first value is the one that was meant when lines were folded together).
     let age_value = headers
         .get(AGE)
-        .and_then(|v| parse_delta_seconds(v.as_bytes()))
+        .and_then(|v| v.as_bytes().split(|&b| b == b',').next())
+        .and_then(|v| parse_delta_seconds(trim_ows(v)))
         .map(Duration::from_secs)
         .unwrap_or(Duration::ZERO);
     let delay = response_time
@@ -2487,5 +2686,84 @@ mod tests {
                 prop_assert!(stale_while_revalidate.is_zero() && stale_if_error.is_zero());
             }
         }
+    }
+
+    fn map(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in pairs {
+            h.append(*n, v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn rfc9213_targeted_field_that_is_not_a_structured_dictionary_is_ignored() {
+        // Invalid member: the field is ignored, Cache-Control decides.
+        let h = map(&[
+            ("cdn-cache-control", "max-age=10000, &&&&&"),
+            ("cache-control", "no-store"),
+        ]);
+        let (cc, targeted) = response_cache_control(&h);
+        assert!(!targeted && cc.no_store);
+        // A string where an integer belongs: that directive is ignored.
+        let h = map(&[
+            ("cdn-cache-control", "max-age=\"10000\""),
+            ("cache-control", "no-store"),
+        ]);
+        let (cc, targeted) = response_cache_control(&h);
+        assert!(targeted && cc.max_age.is_none() && !cc.no_store);
+        // Valid: integers, booleans, parameters, a second line.
+        let h = map(&[
+            ("cdn-cache-control", "max-age=60;foo=bar, must-revalidate"),
+            ("cdn-cache-control", "stale-if-error=5, no-cache=?0"),
+        ]);
+        let (cc, targeted) = response_cache_control(&h);
+        assert!(targeted);
+        assert_eq!((cc.max_age, cc.stale_if_error), (Some(60), Some(5)));
+        assert!(cc.must_revalidate && !cc.no_cache);
+        // Upper case keys are not RFC 8941 keys.
+        let h = map(&[("cdn-cache-control", "Max-Age=60")]);
+        assert!(!response_cache_control(&h).1);
+        // A qualified restricting directive still restricts.
+        let h = map(&[("cdn-cache-control", "max-age=60, private=\"set-cookie\"")]);
+        assert!(response_cache_control(&h).0.private);
+    }
+
+    #[test]
+    fn rfc8941_dictionaries_never_panic_and_reject_garbage() {
+        for bad in [
+            &b"a=("[..],
+            b"a=\"x",
+            b"a=?2",
+            b"a=1.2345",
+            b"a=1,",
+            b",a",
+            b"A",
+            b"a=:x",
+        ] {
+            assert!(
+                sf::dictionary(bad).is_none(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        assert_eq!(sf::dictionary(b"").map(|m| m.len()), Some(0));
+        assert!(sf::dictionary(b"a=(1 2);x, b=:aGk=:, c=tok/x, d=-1.5").is_some());
+    }
+
+    proptest! {
+        #[test]
+        fn rfc8941_dictionary_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = sf::dictionary(&bytes);
+        }
+    }
+
+    #[test]
+    fn rfc9111_4_2_3_age_list_uses_its_first_value() {
+        let now = SystemTime::now();
+        let age = |v: &str| current_age(&map(&[("age", v)]), now).as_secs();
+        assert_eq!(age("7200, 0"), 7200);
+        assert_eq!(age("0, 7200"), 0);
+        assert_eq!(age("old"), 0);
     }
 }

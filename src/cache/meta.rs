@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Response headers that are not replayed from the cache: per-hop or per-response fields and
 /// the ones edgeslice computes itself.
-const NOT_STORED: [&str; 14] = [
+const NOT_STORED: [&str; 13] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -17,7 +17,6 @@ const NOT_STORED: [&str; 14] = [
     "upgrade",
     "content-length",
     "content-range",
-    "date",
     "age",
     "set-cookie",
     "via",

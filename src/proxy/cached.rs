@@ -772,7 +772,11 @@ impl CacheLayer {
         }
         h.insert_header("accept-ranges", "bytes")?;
         h.insert_header("age", meta.age(now).to_string())?;
-        h.insert_header("date", httpdate::fmt_http_date(now))?;
+        // The stored Date is the origin's, kept as it was (RFC 9111 §4: a cache does not
+        // update it); one is added only when the origin sent none.
+        if meta.header("date").is_none() {
+            h.insert_header("date", httpdate::fmt_http_date(now))?;
+        }
         h.insert_header("via", VIA_VALUE)?;
         h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
         if let Some(status) = ctx.cache_status {

@@ -118,6 +118,18 @@ impl Nginx {
         data
     }
 
+    /// Make the file at `path` look `age` old (its Last-Modified), as files on a real origin
+    /// usually are: heuristic freshness (RFC 9111 §4.2.2) counts from it.
+    pub fn age_file(&self, path: &str, age: Duration) {
+        let file = self.dir.join("root").join(path.trim_start_matches('/'));
+        let f = std::fs::File::options()
+            .write(true)
+            .open(&file)
+            .expect("docroot file");
+        f.set_modified(std::time::SystemTime::now() - age)
+            .expect("set mtime");
+    }
+
     /// Every request logged so far (nginx writes a line when the response is done).
     pub fn accesses(&self) -> Vec<Access> {
         let text = std::fs::read_to_string(self.dir.join("access.log")).unwrap_or_default();

@@ -67,9 +67,11 @@ pub(super) fn meta_from(
     // response be stored; later fetches of its chunks are checked by length and freshness).
     let validator = ObjectMeta::validator_of(etag.as_deref(), last_modified.as_deref(), size)
         .unwrap_or_else(|| ObjectMeta::unvalidated_identity(now));
+    let nominated = crate::proxy::headers::hop_by_hop_names(resp_headers, false);
     let headers = resp_headers
         .iter()
-        .filter(|(n, _)| ObjectMeta::keep_header(n.as_str()))
+        // Fields the response's Connection names are hop-by-hop too (RFC 9110 §7.6.1).
+        .filter(|(n, _)| ObjectMeta::keep_header(n.as_str()) && !nominated.contains(*n))
         .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
         .collect();
     // RFC 9111 §4.2.3: the age it already had is the larger of its Age and its apparent age.

@@ -60,7 +60,8 @@ pub trait Origin: Send + Sync {
     fn deadline(&self) -> Duration;
     /// Count a resumed transfer.
     fn count_resume(&self);
-    /// Every server of the group is failing right now (then a stale copy is served at once).
+    /// Every server of a group of several is failing right now (then a stale copy is served
+    /// at once).
     fn all_failing(&self) -> bool;
     /// The group's name, for logs.
     fn name(&self) -> &str;
@@ -123,7 +124,10 @@ impl Origin for OriginGroup {
     }
 
     fn all_failing(&self) -> bool {
-        self.pool.all_failing()
+        // A sole server is never taken for down here (as nginx never marks the only server of
+        // a group unavailable): its breaker may open on a burst of failures, but the stale copy
+        // is only served after it has really been asked.
+        self.pool.settings.servers.len() > 1 && self.pool.all_failing()
     }
 
     fn name(&self) -> &str {

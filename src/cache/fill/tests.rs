@@ -1553,6 +1553,8 @@ fn cache_with_memory_for(chunks: u64) -> Arc<ChunkCache> {
             chunk_size: CHUNK,
             max_object_size: 1 << 20,
             default_ttl: None,
+            heuristic_fraction: 0.0,
+            heuristic_max: Duration::ZERO,
             stale_if_error: Duration::ZERO,
             max_ranges: 16,
             max_concurrent_fills: 4,
