@@ -13,8 +13,9 @@
 # Environment:
 #   EDGESLICE_BIN           use this binary instead of `cargo build --release`
 #   CACHE_TESTS_DIR         use this checkout of github.com/http-tests/cache-tests instead of the
-#                           npm package (the npm release lags the repository: see README.md)
-#   CACHE_TESTS_NPM_VERSION npm version of http-cache-tests to install (default 0.4.5)
+#                           vendored copy in benches/cache-tests (default; b55b8bd)
+#   CACHE_TESTS_NPM_VERSION use the npm package http-cache-tests at this version instead (e.g.
+#                           0.4.5; the npm release lags the repository: see README.md)
 #   CACHE_TESTS_TIMEOUT     seconds the whole client run may take (default 600)
 #
 # edgeslice runs with the default configuration and one route (path_prefix /) to the suite's
@@ -24,8 +25,11 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CT_HOME="$ROOT/target/cache-tests"
-NPM_VERSION=${CACHE_TESTS_NPM_VERSION:-0.4.5}
-UNDICI_VERSION=7.30.2   # only for a CACHE_TESTS_DIR checkout: its client imports undici (interim tests)
+NPM_VERSION=${CACHE_TESTS_NPM_VERSION:-}
+UNDICI_VERSION=7.30.2   # for a checkout (vendored or not): its client imports undici (interim tests)
+if [[ -z "$NPM_VERSION" && -z "${CACHE_TESTS_DIR:-}" ]]; then
+  CACHE_TESTS_DIR="$ROOT/benches/cache-tests"   # the vendored copy (see its README.md)
+fi
 RUN_TIMEOUT=${CACHE_TESTS_TIMEOUT:-600}
 
 MIN=""
@@ -76,7 +80,11 @@ if [[ -n "${CACHE_TESTS_DIR:-}" ]]; then
   rm -rf "$SUITE/tests" "$SUITE/test-engine"
   mkdir -p "$SUITE"
   cp -r "$CACHE_TESTS_DIR/tests" "$CACHE_TESTS_DIR/test-engine" "$SUITE/"
-  SUITE_DESC="checkout $CACHE_TESTS_DIR ($(git -C "$CACHE_TESTS_DIR" log -1 --format='%h %cs' 2>/dev/null || echo 'not a git checkout'))"
+  if [[ "$CACHE_TESTS_DIR" == "$ROOT/benches/cache-tests" ]]; then
+    SUITE_DESC="vendored benches/cache-tests (http-tests/cache-tests b55b8bd)"
+  else
+    SUITE_DESC="checkout $CACHE_TESTS_DIR ($(git -C "$CACHE_TESTS_DIR" log -1 --format='%h %cs' 2>/dev/null || echo 'not a git checkout'))"
+  fi
   if [[ ! -f "$SUITE/node_modules/undici/package.json" ]]; then
     log "installing undici@$UNDICI_VERSION for the checkout's client"
     echo '{"private": true}' > "$SUITE/package.json"

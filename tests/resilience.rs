@@ -799,3 +799,102 @@ async fn with_every_server_ejected_requests_still_reach_a_server() {
         assert!(origin.requests() >= 5);
     }
 }
+
+/// An origin that sends an interim answer (`103 Early Hints`, `100 Continue`) before its final
+/// one: the interim answer is skipped, never a panic. Through the cache the client gets the
+/// object with exact bytes and it is stored (the second request is a hit); passed through, the
+/// client gets the 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interim_1xx_answers_before_the_final_one_are_skipped() {
+    for code in [103, 100] {
+        let origin = Origin::start().await;
+        origin.set_fault(Fault::Interim(code));
+        let proxy = Proxy::start(&config(&[origin.addr().to_string()], "", true));
+        let size = 3 * CHUNK + 17;
+        let path = format!("/obj/{size}/hints-{code}.bin");
+        let (status, body, _) = get(&proxy, &path).await;
+        assert_eq!(status, 200, "{code}: {}", proxy.log());
+        assert!(body == content(&path, 0, 0..size), "{code}: wrong bytes");
+        let asked = origin.requests();
+        assert!(asked >= 1);
+        let (status, again, cs) = get(&proxy, &path).await;
+        assert_eq!(status, 200);
+        assert!(again == body, "{code}: the hit has the same bytes");
+        assert!(cs.contains("hit"), "{code}: a cache hit: {cs}");
+        assert_eq!(origin.requests(), asked, "{code}: served from the cache");
+        // A range of it, from the cache too.
+        let resp = common::client()
+            .get(proxy.url(&path))
+            .header("range", "bytes=100-199")
+            .send()
+            .await
+            .expect("range request");
+        assert_eq!(resp.status(), 206);
+        let part = resp.bytes().await.expect("range body");
+        assert!(part[..] == content(&path, 0, 100..200)[..]);
+        assert_eq!(origin.requests(), asked);
+
+        let pass = Proxy::start(&config(&[origin.addr().to_string()], "", false));
+        for i in 0..3 {
+            let path = format!("/download/{}", 4000 + i);
+            let (status, body, _) = get(&pass, &path).await;
+            assert_eq!(status, 200, "{code} pass-through {i}: {}", pass.log());
+            assert!(
+                body == content(&path, 0, 0..4000 + i),
+                "{code}: wrong bytes"
+            );
+        }
+        for p in [&proxy, &pass] {
+            assert!(!p.log_contains("panicked"), "{code}: {}", p.log());
+        }
+        let s = proxy.stats().await;
+        assert_eq!(s["origin_failures_framing"], 0, "{code}: {s:?}");
+    }
+}
+
+/// A 502/503/504 answer to a cache fill is retried only on a server that has not seen the
+/// request: a lone server answering 503 is asked once and the client gets its 503; in a pair,
+/// the other server serves the object and the failing one sees each request at most once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_answer_to_a_fill_is_retried_only_on_another_server() {
+    let lone = Origin::start().await;
+    lone.set_fault(Fault::Status(503));
+    let proxy = Proxy::start(&config(&[lone.addr().to_string()], "", true));
+    for i in 0..3 {
+        let path = format!("/obj/{}/lone-503-{i}.bin", 2 * CHUNK);
+        let (status, body, _) = get(&proxy, &path).await;
+        assert_eq!(status, 503, "request {i}: the origin's own answer");
+        assert_eq!(body, b"fault status 503\n");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(seen(&lone, &path), 1, "request {i}: one origin request");
+    }
+    assert_eq!(lone.requests(), 3, "{:?}", lone.log());
+    let s = proxy.stats().await;
+    assert_eq!(
+        s["origin_breaker_opened"], 0,
+        "a lone server is never charged: {s:?}"
+    );
+
+    let bad = Origin::start().await;
+    let good = Origin::start().await;
+    bad.set_fault(Fault::Status(503));
+    let proxy = Proxy::start(&config(
+        &[bad.addr().to_string(), good.addr().to_string()],
+        "",
+        true,
+    ));
+    for i in 0..6 {
+        let size = 2 * CHUNK + i;
+        let path = format!("/obj/{size}/pair-503-{i}.bin");
+        let (status, body, _) = get(&proxy, &path).await;
+        assert_eq!(status, 200, "object {i}: from the other server");
+        assert!(
+            body == content(&path, 0, 0..size),
+            "object {i}: wrong bytes"
+        );
+        assert!(seen(&bad, &path) <= 1, "object {i}: {:?}", bad.log());
+    }
+    assert!(bad.requests() >= 1, "the 503 server was tried");
+    let s = proxy.stats().await;
+    assert!(s["origin_retries"] >= 1, "{s:?}");
+}

@@ -3,7 +3,8 @@
 //! timeouts, retries (backoff, budget, deadline), circuit breakers and minimum body rate.
 //!
 //! Blame follows `origin::outcome`: connection-level failures are charged to the server at
-//! once; a 502/503/504 is retried on another server and charged only when a peer then answers
+//! once; a 502/503/504 is retried only on another server that has not seen the request (never
+//! on the same one: with none left it is the answer) and charged only when a peer then answers
 //! the same request; 500 and every other answer are the application's, returned as they are.
 
 use super::outcome::{classify_type, status_verdict, FailureClass, StatusEvidence, StatusVerdict};
@@ -245,12 +246,18 @@ pub async fn open(
 
 /// Send `req` to the group: pick a server (healthy, breaker closed, not yet tried when another
 /// is available, and preferably not one in `avoid`; panic routing when every server is
-/// ejected), and on connection failures and 502/503/504 retry on another after an exponential
-/// backoff with full jitter, within the group's attempts and retry budget. No try or backoff
-/// starts after `until`, and a try still waiting for its answer at `until` is abandoned.
+/// ejected), and on connection failures retry after an exponential backoff with full jitter,
+/// within the group's attempts and retry budget. No try or backoff starts after `until`, and a
+/// try still waiting for its answer at `until` is abandoned.
 ///
-/// `Ok` is any answer with a status, including the last 502/503/504 when the tries ran out, so
-/// that the caller can pass the origin's own answer on; `Err` means no server answered at all.
+/// A 502/503/504 answer is retried only on a *different* server: one of the group not yet
+/// tried for this request (nor in `avoid`) and in rotation (as nginx's `proxy_next_upstream
+/// http_50x`, never the same server twice). When none is left, that answer is final: a server
+/// that answered is never asked the same request again.
+///
+/// `Ok` is any answer with a status, including the last 502/503/504 when no other server was
+/// left or the tries ran out, so that the caller can pass the origin's own answer on; `Err`
+/// means no server answered at all.
 pub async fn open_until(
     connector: &Arc<Connector>,
     pool: &UpstreamPool,
@@ -271,6 +278,10 @@ pub async fn open_until(
     };
     for attempt in 0..pool.settings.retry.attempts {
         if attempt > 0 {
+            if gateway_answer.is_some() && !pool.has_untried(&tried) {
+                // The gateway answer in hand is final: every server has seen this request.
+                break;
+            }
             if !pool.budget.try_retry() {
                 pool.stats
                     .retries_over_budget
@@ -297,7 +308,15 @@ pub async fn open_until(
         if Instant::now() >= until {
             break;
         }
-        let sel = pool.pick(req.hash_key.as_bytes(), &tried);
+        let sel = if gateway_answer.is_some() {
+            // After a gateway answer, only a server that has not seen this request.
+            match pool.pick_untried(req.hash_key.as_bytes(), &tried) {
+                Some(sel) => sel,
+                None => break,
+            }
+        } else {
+            pool.pick(req.hash_key.as_bytes(), &tried)
+        };
         let addr = sel.addr;
         tried.push(addr);
         match tokio::time::timeout_at(until, try_server(connector, pool, addr, req)).await {
@@ -352,6 +371,9 @@ pub async fn open_until(
         None => Err(last),
     }
 }
+
+/// Interim (1xx) answers skipped before a final one; more is a broken server.
+const MAX_INTERIM_RESPONSES: u32 = 16;
 
 async fn try_server(
     connector: &Arc<Connector>,
@@ -416,14 +438,39 @@ async fn try_server(
         .finish_request_body()
         .await
         .map_err(|e| fail(format!("sending request: {e}"), classify(&e)))?;
-    session
-        .read_response_header()
-        .await
-        .map_err(|e| fail(format!("reading response header: {e}"), classify(&e)))?;
-    let header = session
-        .response_header()
-        .cloned()
-        .ok_or_else(|| fail("no response header".into(), FailureClass::Framing))?;
+    // Interim answers (`100 Continue`, `103 Early Hints`, ...) come before the final one: Pingora
+    // returns each as the response header, with no body reader behind it, so read on until the
+    // final header (RFC 9110 §15.2). A `101` to a request that asked for no upgrade, or an
+    // endless stream of interim answers, breaks the exchange: the server's fault.
+    let mut interim = 0;
+    let header = loop {
+        session
+            .read_response_header()
+            .await
+            .map_err(|e| fail(format!("reading response header: {e}"), classify(&e)))?;
+        let header = session
+            .response_header()
+            .cloned()
+            .ok_or_else(|| fail("no response header".into(), FailureClass::Framing))?;
+        match header.status.as_u16() {
+            101 => {
+                return Err(fail(
+                    "origin answered 101 Switching Protocols to a request without Upgrade".into(),
+                    FailureClass::Framing,
+                ))
+            }
+            100..=199 if interim < MAX_INTERIM_RESPONSES => interim += 1,
+            s @ 100..=199 => {
+                return Err(fail(
+                    format!(
+                        "origin sent more than {MAX_INTERIM_RESPONSES} interim answers (last {s})"
+                    ),
+                    FailureClass::Framing,
+                ))
+            }
+            _ => break header,
+        }
+    };
     Ok(OriginResponse {
         session: Some(session),
         peer,

@@ -290,6 +290,21 @@ impl UpstreamPool {
         }
     }
 
+    /// Whether the group has a server not in `tried` (in rotation or not).
+    pub fn has_untried(&self, tried: &[SocketAddr]) -> bool {
+        self.settings
+            .servers
+            .iter()
+            .any(|s| !tried.contains(&s.addr))
+    }
+
+    /// A server not in `tried` that is in rotation (healthy, breaker admitting), if any: where
+    /// a gateway answer (502/503/504) may be retried. Never a server already tried, and no
+    /// panic routing: with none left, the gateway answer stands.
+    pub fn pick_untried(&self, key: &[u8], tried: &[SocketAddr]) -> Option<Selected> {
+        self.pick_where(key, |a| !tried.contains(a))
+    }
+
     /// Whether the whole group looks down: every server ejected or failing (a streak the
     /// ejection cap held back). A request with a stale copy serves it at once instead of waiting
     /// on such a group.
