@@ -70,6 +70,7 @@ impl PyServer {
                 std::thread::sleep(Duration::from_millis(50));
             }
             let _ = child.kill();
+            let _ = child.wait();
         }
         panic!("python3 -m http.server did not start");
     }

@@ -195,6 +195,7 @@ impl CacheLayer {
     /// Metadata for the object, from the cache or the origins (a discovery fetch asks for the
     /// chunks `first..=last`). `Ok(None)` when there is none to serve: either an error
     /// response was written, or `ctx.pass_through` is set.
+    #[allow(clippy::too_many_arguments)]
     async fn lookup(
         &self,
         session: &mut Session,
@@ -313,8 +314,12 @@ impl CacheLayer {
         directives: &freshness::RequestDirectives,
     ) -> Option<Lookup> {
         let now = SystemTime::now();
+        // The age to the nanosecond: a request's `max-age=0` revalidates a copy stored a
+        // moment ago too.
+        let age = std::time::Duration::from_secs(m.initial_age)
+            + now.duration_since(m.stored_at).unwrap_or_default();
         let stored = freshness::Stored {
-            age: std::time::Duration::from_secs(m.age(now)),
+            age,
             lifetime: m.lifetime(),
             must_revalidate: m.must_revalidate,
             no_cache: false,

@@ -95,6 +95,17 @@ pub enum Fault {
     SlowChunked { bytes_per_sec: u64 },
     /// Wait this long before sending the response head.
     DelayHeaders(Duration),
+    /// Send an interim answer with this 1xx status before every response head, e.g. 103:
+    /// `HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n` (other codes: no field).
+    Interim(u16),
+    /// Object responses carry no `ETag` and no `Last-Modified` (conditionals are ignored);
+    /// `size: Some(n)` also makes every object `n` bytes long, whatever its path says.
+    NoValidators { size: Option<u64> },
+    /// A single-range request on an object gets 206 with the right `Content-Range` but only
+    /// (at most) 100 body bytes, `Content-Length` matching the bytes sent.
+    Broken206,
+    /// Every object GET (with or without `Range`) gets 206 `bytes 0-99/<size>` with 100 bytes.
+    Always206,
 }
 
 /// One request as the origin saw it.
@@ -1066,6 +1077,11 @@ fn etag_matches_weak(list: &str, etag: &str) -> bool {
 }
 
 fn object_response(req: &Request, s: &Settings, key: &str, size: u64, download: bool) -> Response {
+    let no_validators = matches!(s.fault, Some(Fault::NoValidators { .. }));
+    let size = match s.fault {
+        Some(Fault::NoValidators { size: Some(n) }) => n,
+        _ => size,
+    };
     let tag = etag(key, s.version);
     let lm_secs = LAST_MODIFIED_BASE + s.version as u64;
     let mut headers = vec![
@@ -1077,6 +1093,9 @@ fn object_response(req: &Request, s: &Settings, key: &str, size: u64, download: 
         ("Last-Modified".to_string(), http_date(lm_secs)),
         ("Accept-Ranges".to_string(), "bytes".to_string()),
     ];
+    if no_validators {
+        headers.retain(|(n, _)| n != "ETag" && n != "Last-Modified");
+    }
     if download {
         headers.push(("Cache-Control".into(), "no-store".into()));
     } else if let Some(cc) = &s.cache_control {
@@ -1100,7 +1119,24 @@ fn object_response(req: &Request, s: &Settings, key: &str, size: u64, download: 
         (Some(inm), _) => etag_matches_weak(inm, &tag),
         (None, Some(ims)) => parse_http_date(ims).is_some_and(|t| lm_secs <= t),
         (None, None) => false,
-    };
+    } && !no_validators;
+    if s.fault == Some(Fault::Always206) && req.method == "GET" {
+        let n = size.min(100);
+        headers.push((
+            "Content-Range".into(),
+            format!("bytes 0-{}/{size}", n.saturating_sub(1)),
+        ));
+        return Response {
+            status: 206,
+            headers,
+            body: Body::Object {
+                key: key.to_string(),
+                version: s.version,
+                start: 0,
+                len: n,
+            },
+        };
+    }
     if not_modified {
         return Response {
             status: 304,
@@ -1147,7 +1183,11 @@ fn object_response(req: &Request, s: &Settings, key: &str, size: u64, download: 
                     key: key.to_string(),
                     version: s.version,
                     start: a,
-                    len: b - a,
+                    len: if s.fault == Some(Fault::Broken206) {
+                        (b - a).min(100)
+                    } else {
+                        b - a
+                    },
                 },
             }
         }
@@ -1211,6 +1251,13 @@ async fn write_response(
 
     if let Some(Fault::DelayHeaders(d)) = s.fault {
         tokio::time::sleep(d).await;
+    }
+    if let Some(Fault::Interim(code)) = s.fault {
+        let interim = match code {
+            103 => "HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n".to_string(),
+            _ => format!("HTTP/1.1 {code} {}\r\n\r\n", reason(code)),
+        };
+        c.sock.write_all(interim.as_bytes()).await?;
     }
     c.sock.write_all(head.as_bytes()).await?;
 
