@@ -238,7 +238,7 @@ async fn rate_after_sends_the_first_bytes_at_full_speed() {
     let first = first_mib.expect("a mebibyte arrived");
     // Paced, the first MiB would take 4 s; unpaced it takes a blink.
     assert!(
-        first < Duration::from_millis(800),
+        first < Duration::from_millis(2000),
         "first MiB at full speed: {first:?}"
     );
     // The rest (512 KiB less the burst) is paced at 256 KiB/s: about 1.9 s in all.

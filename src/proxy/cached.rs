@@ -214,7 +214,7 @@ impl CacheLayer {
         if directives.only_if_cached {
             // RFC 9111 §5.2.1.7: nothing usable stored, and the origin is not to be asked.
             ctx.cache_status = Some(CacheStatus::Request("only-if-cached"));
-            respond::send_error(session, 504, &ctx.request_id).await?;
+            send_failure(session, ctx, 504).await?;
             return Ok(None);
         }
         let lock = self.cache.lock_object(&obj.key).await;
@@ -541,7 +541,7 @@ impl CacheLayer {
             status,
             detail: None,
         });
-        respond::send_error(session, status, &ctx.request_id).await?;
+        send_failure(session, ctx, status).await?;
         Ok(None)
     }
 
@@ -673,7 +673,7 @@ impl CacheLayer {
                     status: 502,
                     detail: Some(detail(&e)),
                 });
-                respond::send_error(session, 502, &ctx.request_id).await?;
+                send_failure(session, ctx, 502).await?;
                 return Ok(());
             }
         };
@@ -743,7 +743,7 @@ impl CacheLayer {
                         status: 502,
                         detail: Some(detail(&e)),
                     });
-                    return respond::send_error(session, 502, &ctx.request_id).await;
+                    return send_failure(session, ctx, 502).await;
                 }
             }
         };
@@ -789,6 +789,12 @@ impl CacheLayer {
         }
         Ok(h)
     }
+}
+
+/// An error answer with the `Cache-Status` already decided in `ctx`.
+async fn send_failure(session: &mut Session, ctx: &RequestCtx, status: u16) -> Result<()> {
+    let cache_status = CacheStatus::log_field(ctx.cache_status);
+    respond::send_cache_error(session, status, &ctx.request_id, &cache_status).await
 }
 
 /// Write a body piece; on a shaped response, paced by the client's download (split into pieces

@@ -78,6 +78,22 @@ pub async fn send_error(
     send_short(session, status, request_id, &[]).await
 }
 
+/// An error answer from the cache layer, saying what the cache did (`Cache-Status`).
+pub async fn send_cache_error(
+    session: &mut Session,
+    status: u16,
+    request_id: &str,
+    cache_status: &str,
+) -> pingora_error::Result<()> {
+    send_short(
+        session,
+        status,
+        request_id,
+        &[("cache-status", cache_status)],
+    )
+    .await
+}
+
 /// 429 for a client at its `max_downloads` or `max_connections`, with `Retry-After`.
 pub async fn send_too_many(session: &mut Session, request_id: &str) -> pingora_error::Result<()> {
     send_short(session, 429, request_id, &[("retry-after", "1")]).await
