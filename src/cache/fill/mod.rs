@@ -175,6 +175,23 @@ pub(super) fn same_version_offset(
             resp.status()
         )));
     };
+    if resp.status() == 206 {
+        // A partial answer whose length contradicts its Content-Range (e.g. a range compressed
+        // on the fly) is no part of the object, whatever its validator says.
+        if let Some(why) = discover::partial_contradiction(resp, Some((offset, u64::MAX))) {
+            return Err(FillError::Origin(format!(
+                "origin sent a broken 206 to a {what}: {why}"
+            )));
+        }
+    }
+    // The same representation: an answer in another Content-Encoding is another version.
+    fn encoding(v: Option<&str>) -> Option<&str> {
+        v.map(str::trim)
+            .filter(|e| !e.eq_ignore_ascii_case("identity"))
+    }
+    if encoding(resp.header_str("content-encoding")) != encoding(meta.header("content-encoding")) {
+        return Err(FillError::VersionChanged);
+    }
     let same_version = total.is_some_and(|t| meta.same_version(&resp.header().headers, t));
     if same_version && offset <= from {
         Ok(offset)

@@ -1660,3 +1660,68 @@ async fn a_reader_that_joins_a_run_late_keeps_its_rest_findable() {
         "links gave their budget back"
     );
 }
+
+// ---- answers that are no part of the stored object -----------------------------------------
+
+/// A reply that is only a header (enough for the checks made before any body byte).
+struct HeaderOnly(ResponseHeader);
+
+#[async_trait]
+impl OriginReply for HeaderOnly {
+    fn header(&self) -> &ResponseHeader {
+        &self.0
+    }
+    fn server(&self) -> SocketAddr {
+        SERVERS[0]
+    }
+    async fn next_piece(&mut self) -> Result<Option<Bytes>, FetchError> {
+        Ok(None)
+    }
+    async fn finish(self: Box<Self>) {}
+}
+
+fn partial(v: &Version, range: &str, extra: &[(&'static str, &str)]) -> HeaderOnly {
+    let mut h = ResponseHeader::build(206, None).unwrap();
+    h.insert_header("etag", v.etag.as_str()).unwrap();
+    h.insert_header("content-range", range).unwrap();
+    for (n, val) in extra {
+        h.insert_header(*n, *val).unwrap();
+    }
+    HeaderOnly(h)
+}
+
+#[test]
+fn a_partial_answer_in_another_encoding_or_of_contradicting_length_is_not_the_object() {
+    let v = version(3000, 1, "\"v1\"");
+    let meta = meta_of(&v, SystemTime::now() + Duration::from_secs(60));
+    let ok = partial(&v, "bytes 1000-1999/3000", &[("content-length", "1000")]);
+    assert_eq!(
+        same_version_offset(&ok, &meta, 1000, "chunk fetch"),
+        Ok(1000)
+    );
+    // The same range compressed on the fly: shorter than its Content-Range says.
+    let short = partial(
+        &v,
+        "bytes 1000-1999/3000",
+        &[("content-length", "312"), ("content-encoding", "gzip")],
+    );
+    assert!(matches!(
+        same_version_offset(&short, &meta, 1000, "chunk fetch"),
+        Err(FillError::Origin(_))
+    ));
+    // Another encoding of the same validator is another representation.
+    let gzip = partial(&v, "bytes 1000-1999/3000", &[("content-encoding", "gzip")]);
+    assert_eq!(
+        same_version_offset(&gzip, &meta, 1000, "chunk fetch"),
+        Err(FillError::VersionChanged)
+    );
+    let identity = partial(
+        &v,
+        "bytes 1000-1999/3000",
+        &[("content-encoding", "identity")],
+    );
+    assert_eq!(
+        same_version_offset(&identity, &meta, 1000, "chunk fetch"),
+        Ok(1000)
+    );
+}
