@@ -85,6 +85,41 @@ pub struct ServerSettings {
     pub access_log_format: crate::access_log::Format,
     /// `None` = stderr.
     pub access_log_path: Option<PathBuf>,
+    pub connections: ConnectionSettings,
+}
+
+/// How client connections are bounded in time, number and request size (`server.*` keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionSettings {
+    /// An idle keep-alive connection is closed after this; zero turns keep-alive off.
+    pub keepalive_timeout: Duration,
+    /// The whole request header must arrive within this (from the connection's start for its
+    /// first request, from the first byte for later ones).
+    pub header_timeout: Duration,
+    /// Longest wait for the next piece of a request body.
+    pub body_timeout: Duration,
+    /// Longest a response write may make no progress (a client that stopped reading).
+    pub send_timeout: Duration,
+    /// Open client connections; `None` = derived from the file-descriptor limit at start.
+    pub max_connections: Option<usize>,
+    /// Request line plus header fields, in bytes: larger is answered 431.
+    pub max_header_size: usize,
+    /// Request target, in bytes: longer is answered 414.
+    pub max_uri_size: usize,
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        ConnectionSettings {
+            keepalive_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
+            max_connections: None,
+            max_header_size: 64 << 10,
+            max_uri_size: 8 << 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -356,6 +391,56 @@ fn nonzero_size(path: &str, at: &Spanned<units::Size>) -> Result<u64, ConfigErro
     Ok(at.value.0)
 }
 
+fn connection_settings(s: &schema::RawServer) -> Result<ConnectionSettings, ConfigError> {
+    let d = ConnectionSettings::default();
+    let positive = |t: &Option<Spanned<units::Dur>>, key: &str, default: Duration| match t {
+        Some(v) if v.value.0.is_zero() => Err(err_at(
+            format!("server.{key}"),
+            v,
+            "must be greater than zero",
+        )),
+        Some(v) => Ok(v.value.0),
+        None => Ok(default),
+    };
+    // The header limits bound what one connection may make the proxy buffer; past 1 MiB
+    // Pingora itself refuses the header.
+    let header_size =
+        |t: &Option<Spanned<units::Size>>, key: &str, min: u64, default: usize| match t {
+            Some(v) if v.value.0 < min || v.value.0 > 1 << 20 => Err(err_at(
+                format!("server.{key}"),
+                v,
+                format!("must be between {min} bytes and 1MiB"),
+            )),
+            Some(v) => Ok(v.value.0 as usize),
+            None => Ok(default),
+        };
+    Ok(ConnectionSettings {
+        // Zero is allowed here: no keep-alive, as nginx's `keepalive_timeout 0`.
+        keepalive_timeout: s
+            .keepalive_timeout
+            .as_ref()
+            .map(|v| v.value.0)
+            .unwrap_or(d.keepalive_timeout),
+        header_timeout: positive(&s.header_timeout, "header_timeout", d.header_timeout)?,
+        body_timeout: positive(&s.body_timeout, "body_timeout", d.body_timeout)?,
+        send_timeout: positive(&s.send_timeout, "send_timeout", d.send_timeout)?,
+        max_connections: match &s.max_connections {
+            Some(v) if v.value == 0 => {
+                return Err(err_at("server.max_connections", v, "must be at least 1"))
+            }
+            Some(v) => Some(v.value),
+            None => None,
+        },
+        max_header_size: header_size(
+            &s.max_header_size,
+            "max_header_size",
+            1024,
+            d.max_header_size,
+        )?,
+        max_uri_size: header_size(&s.max_uri_size, "max_uri_size", 256, d.max_uri_size)?,
+    })
+}
+
 fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let s = raw.server;
     let threads = match &s.threads {
@@ -377,6 +462,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             }
         },
     };
+    let connections = connection_settings(&s)?;
     let server = ServerSettings {
         threads,
         pid_file: s.pid_file.unwrap_or_else(|| "/tmp/edgeslice.pid".into()),
@@ -398,6 +484,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         access_log: s.access_log.unwrap_or(true),
         access_log_format,
         access_log_path: s.access_log_path.map(PathBuf::from),
+        connections,
     };
 
     let listen = match raw.listen {

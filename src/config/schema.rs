@@ -77,6 +77,13 @@ pub struct RawServer {
     pub access_log: Option<bool>,
     pub access_log_format: Option<Spanned<String>>,
     pub access_log_path: Option<String>,
+    pub keepalive_timeout: Option<Spanned<Dur>>,
+    pub header_timeout: Option<Spanned<Dur>>,
+    pub body_timeout: Option<Spanned<Dur>>,
+    pub send_timeout: Option<Spanned<Dur>>,
+    pub max_connections: Option<Spanned<usize>>,
+    pub max_header_size: Option<Spanned<Size>>,
+    pub max_uri_size: Option<Spanned<Size>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -488,3 +488,69 @@ fn access_log_keys() {
     let y = GOOD.replace("  threads: 2\n", "  threads: 2\n  access_log_format: xml\n");
     assert_err(&y, "server.access_log_format", 3, "unknown format");
 }
+
+#[test]
+fn connection_keys_have_defaults_and_are_checked() {
+    let c = Config::from_yaml(GOOD).unwrap();
+    assert_eq!(c.server.connections, ConnectionSettings::default());
+    assert_eq!(
+        c.server.connections.keepalive_timeout,
+        Duration::from_secs(60)
+    );
+    assert_eq!(c.server.connections.header_timeout, Duration::from_secs(10));
+    assert_eq!(c.server.connections.body_timeout, Duration::from_secs(60));
+    assert_eq!(c.server.connections.max_connections, None);
+    let y = GOOD.replace(
+        "  threads: 2\n",
+        "  threads: 2\n  keepalive_timeout: 0s\n  header_timeout: 5s\n  body_timeout: 30s\n  send_timeout: 20s\n  max_connections: 1000\n  max_header_size: 32KiB\n  max_uri_size: 4KiB\n",
+    );
+    let s = Config::from_yaml(&y).unwrap().server.connections;
+    assert_eq!(
+        s.keepalive_timeout,
+        Duration::ZERO,
+        "0 turns keep-alive off"
+    );
+    assert_eq!(s.header_timeout, Duration::from_secs(5));
+    assert_eq!(s.body_timeout, Duration::from_secs(30));
+    assert_eq!(s.send_timeout, Duration::from_secs(20));
+    assert_eq!(s.max_connections, Some(1000));
+    assert_eq!((s.max_header_size, s.max_uri_size), (32 << 10, 4 << 10));
+
+    let with = |line: &str| GOOD.replace("  threads: 2\n", &format!("  threads: 2\n  {line}\n"));
+    assert_err(
+        &with("header_timeout: 0s"),
+        "server.header_timeout",
+        3,
+        "greater than zero",
+    );
+    assert_err(
+        &with("body_timeout: 0s"),
+        "server.body_timeout",
+        3,
+        "greater than zero",
+    );
+    assert_err(
+        &with("send_timeout: 0s"),
+        "server.send_timeout",
+        3,
+        "greater than zero",
+    );
+    assert_err(
+        &with("max_connections: 0"),
+        "server.max_connections",
+        3,
+        "at least 1",
+    );
+    assert_err(
+        &with("max_header_size: 2MiB"),
+        "server.max_header_size",
+        3,
+        "between",
+    );
+    assert_err(
+        &with("max_uri_size: 10"),
+        "server.max_uri_size",
+        3,
+        "between",
+    );
+}
