@@ -3,6 +3,7 @@
 //! It must stay cheap and never touch the data path's locks.
 
 use crate::cache::store::ChunkCache;
+use crate::conn::table::ConnTable;
 use crate::origin::ResilienceStats;
 use async_trait::async_trait;
 use http::Response;
@@ -53,6 +54,27 @@ impl AdminApp {
                 r.failures_of(class)
             ));
         }
+        for (name, t) in [
+            ("client", &self.connections),
+            ("admin", &self.admin_connections),
+        ] {
+            let Some(t) = t else { continue };
+            let st = &t.stats;
+            out.push_str(&format!(
+                "{name}_connections_open {}\n{name}_connections_max {}\n{name}_connections_accepted {}\n{name}_connections_reclaimed {}\n\
+                 {name}_connections_refused {}\n{name}_keepalive_closed {}\n{name}_header_timeouts {}\n{name}_send_timeouts {}\n\
+                 {name}_oversize_headers_rejected {}\n",
+                t.open(),
+                t.max(),
+                n(&st.accepted),
+                n(&st.reclaimed),
+                n(&st.refused),
+                n(&st.keepalive_closed),
+                n(&st.header_timeouts),
+                n(&st.send_timeouts),
+                n(&st.oversize_rejected),
+            ));
+        }
         if let Some(sh) = &self.shaping {
             out.push_str(&format!(
                 "shaping_bytes {}\nshaping_delayed_us {}\nshaping_active_clients {}\nshaping_refused_downloads {}\nshaping_refused_connections {}\n",
@@ -72,6 +94,10 @@ pub struct AdminApp {
     pub stats: Arc<ResilienceStats>,
     /// Shaping counters, when `shaping` is configured.
     pub shaping: Option<Arc<crate::shaping::ShapingStats>>,
+    /// The proxy listeners' connection table.
+    pub connections: Option<Arc<ConnTable>>,
+    /// The admin listener's own connection table.
+    pub admin_connections: Option<Arc<ConnTable>>,
 }
 
 fn text(status: u16, body: &str) -> Response<Vec<u8>> {

@@ -3,7 +3,7 @@
 //! The data path, top to bottom:
 //!
 //! ```text
-//! client ─► listener (pingora) ─► route (host, path prefix) ─► request id, forwarded headers
+//! client ─► listener ─► conn (cap, timeouts, header limits) ─► pingora session ─► route (host, path prefix) ─► request id, forwarded headers
 //!                                    │
 //!             cacheable GET/HEAD ────┤──── everything else: pass-through proxy (pingora upstream path)
 //!                                    ▼
@@ -24,6 +24,7 @@ pub mod access_log;
 pub mod admin;
 pub mod cache;
 pub mod config;
+pub mod conn;
 pub mod origin;
 pub mod proxy;
 pub mod range;

@@ -4,8 +4,12 @@
 use crate::admin::AdminApp;
 use crate::cache::store::ChunkCache;
 use crate::config::Config;
+use crate::conn::limits;
+use crate::conn::table::ConnTable;
+use crate::conn::Front;
 use crate::origin::ResilienceStats;
 use crate::proxy::Edge;
+use pingora_core::listeners::Listeners;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::server::ShutdownWatch;
@@ -13,6 +17,9 @@ use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Connections the admin listener holds at once (it has its own cap, apart from the proxy's).
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
 /// Process-level options from the command line (Pingora's own flags).
 #[derive(Debug, Default, Clone, Copy)]
@@ -49,6 +56,7 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
     let conf = server_conf(&config, run)
         .validate()
         .map_err(|e| e.to_string())?;
+    let nofile = limits::raise_nofile_limit().map_err(|e| format!("reading RLIMIT_NOFILE: {e}"))?;
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
@@ -59,11 +67,39 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
         .map_err(|e| format!("building upstream pools: {e}"))?;
     let health_checks: Vec<_> = edge.pools().filter_map(|p| p.health_service()).collect();
     let shaping = edge.shaping_stats();
-    let mut proxy =
-        pingora_proxy::http_proxy_service_with_name(&server.configuration, edge, "edgeslice");
-    for addr in &config.listen {
-        proxy.add_tcp(&addr.to_string());
+    let connections = &config.server.connections;
+    let max_connections = connections
+        .max_connections
+        .unwrap_or_else(|| limits::default_max_connections(nofile));
+    if max_connections as u64 + limits::RESERVED_FDS > nofile {
+        log::warn!(
+            "server.max_connections {max_connections} is over what the file-descriptor limit {nofile} allows; accept() may fail before the cap is reached"
+        );
     }
+    log::info!(
+        "connections: at most {max_connections} clients (file-descriptor limit {nofile}), keepalive_timeout {:?}, header_timeout {:?}, body_timeout {:?}, send_timeout {:?}",
+        connections.keepalive_timeout,
+        connections.header_timeout,
+        connections.body_timeout,
+        connections.send_timeout
+    );
+    let front = Front::new(
+        pingora_proxy::http_proxy(&server.configuration, edge),
+        connections,
+        max_connections,
+    );
+    let client_table = front.table();
+    let mut listeners = Listeners::new();
+    for addr in &config.listen {
+        listeners.add_listener(crate::conn::listener(&addr.to_string()));
+    }
+    let proxy = Service::with_listeners("edgeslice".to_string(), listeners, front);
+    server.add_service(background_service(
+        "memory trim",
+        crate::conn::trim::MemoryTrim {
+            tables: vec![client_table.clone()],
+        },
+    ));
     server.add_service(proxy);
     server.add_service(background_service(
         "cache drain",
@@ -77,15 +113,22 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
     }
 
     if let Some(addr) = config.admin_listen {
-        let mut admin = Service::new(
-            "edgeslice admin".to_string(),
-            AdminApp {
-                cache,
-                stats,
-                shaping,
-            },
-        );
-        admin.add_tcp(&addr.to_string());
+        // Its own runtime thread and connection cap: /healthz answers while the proxy is
+        // saturated.
+        let mut app = AdminApp {
+            cache,
+            stats,
+            shaping,
+            connections: Some(client_table),
+            admin_connections: None,
+        };
+        let admin_table = ConnTable::new(ADMIN_MAX_CONNECTIONS);
+        app.admin_connections = Some(admin_table.clone());
+        let front = Front::with_table(app, connections, admin_table);
+        let mut listeners = Listeners::new();
+        listeners.add_listener(crate::conn::listener(&addr.to_string()));
+        let mut admin = Service::with_listeners("edgeslice admin".to_string(), listeners, front);
+        admin.threads = Some(1);
         server.add_service(admin);
     }
     Ok(server)

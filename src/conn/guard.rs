@@ -1,0 +1,506 @@
+//! The client connection as Pingora sees it: the accepted stream wrapped so that time and size
+//! limits hold whatever Pingora's own reads and writes do.
+//!
+//! - Waiting for a request (a new connection, or keep-alive between requests): the connection
+//!   ends quietly after `header_timeout` (new) or `keepalive_timeout` (idle), or as soon as the
+//!   table reclaims it for a new client.
+//! - While a request header arrives, it must be complete within `header_timeout` (408), its
+//!   request line within `max_uri_size` (414) and the whole within `max_header_size` (431). The
+//!   answer is written here, before Pingora has parsed (or buffered) the oversized header.
+//! - A write that makes no progress for `send_timeout` fails: a client that stopped reading
+//!   cannot hold a response (and its buffers) forever.
+//!
+//! Reads and writes that make progress pass straight through: no copy, no timer.
+
+use super::header_scan::{HeaderLimits, HeaderScan, Scan};
+use super::table::{Conn, ConnTable, Phase};
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora_core::protocols::raw_connect::ProxyDigest;
+use pingora_core::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl, Stream,
+    TimingDigest, UniqueID, UniqueIDType, ALPN,
+};
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+/// After answering 408/414/431, input is read and dropped for at most this long (or this many
+/// bytes) before the connection closes, so that closing does not reset the answer away before
+/// the client reads it (nginx's lingering close).
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_MAX_BYTES: usize = 4 << 20;
+
+/// The limits a guard enforces, shared by every connection of a service.
+#[derive(Debug)]
+pub struct GuardSettings {
+    /// `None`: no keep-alive.
+    pub keepalive_timeout: Option<Duration>,
+    pub header_timeout: Duration,
+    pub send_timeout: Duration,
+    pub limits: HeaderLimits,
+    canned: Canned,
+}
+
+/// The complete answers a guard writes itself.
+#[derive(Debug)]
+struct Canned {
+    timeout: Bytes,
+    uri_too_long: Bytes,
+    too_large: Bytes,
+    busy: Bytes,
+}
+
+fn canned(status: &str, body: &str, extra: &str) -> Bytes {
+    Bytes::from(format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}",
+        body.len()
+    ))
+}
+
+impl GuardSettings {
+    pub fn new(
+        keepalive_timeout: Option<Duration>,
+        header_timeout: Duration,
+        send_timeout: Duration,
+        limits: HeaderLimits,
+    ) -> GuardSettings {
+        GuardSettings {
+            keepalive_timeout,
+            header_timeout,
+            send_timeout,
+            limits,
+            canned: Canned {
+                timeout: canned("408 Request Timeout", "request header timed out\n", ""),
+                uri_too_long: canned("414 URI Too Long", "request target too long\n", ""),
+                too_large: canned(
+                    "431 Request Header Fields Too Large",
+                    "request header too large\n",
+                    "",
+                ),
+                busy: canned(
+                    "503 Service Unavailable",
+                    "too many connections\n",
+                    "Retry-After: 1\r\n",
+                ),
+            },
+        }
+    }
+
+    /// The answer to a connection refused at the cap.
+    pub fn busy_response(&self) -> &Bytes {
+        &self.canned.busy
+    }
+}
+
+/// An answer being written by the guard, then the lingering close.
+struct Reject {
+    response: Bytes,
+    written: usize,
+    shut: bool,
+    drained: usize,
+}
+
+/// One client connection, guarded.
+pub struct Guarded {
+    inner: Stream,
+    conn: Arc<Conn>,
+    table: Arc<ConnTable>,
+    settings: Arc<GuardSettings>,
+    scan: HeaderScan,
+    /// When the header now arriving must be complete.
+    header_deadline: Option<Instant>,
+    read_timer: Option<(Instant, Pin<Box<Sleep>>)>,
+    /// When a write that has made no progress times out.
+    write_deadline: Option<Instant>,
+    write_timer: Option<(Instant, Pin<Box<Sleep>>)>,
+    reject: Option<Reject>,
+}
+
+impl fmt::Debug for Guarded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guarded")
+            .field("inner", &self.inner)
+            .field("phase", &self.conn.phase())
+            .finish()
+    }
+}
+
+/// Whether `deadline` has passed, arming `timer` for it (and waking `cx` then) if not.
+fn expired(
+    timer: &mut Option<(Instant, Pin<Box<Sleep>>)>,
+    deadline: Instant,
+    cx: &mut Context<'_>,
+) -> bool {
+    let (at, sleep) = timer.get_or_insert_with(|| {
+        (
+            deadline,
+            Box::pin(tokio::time::sleep_until(deadline.into())),
+        )
+    });
+    if *at != deadline {
+        sleep.as_mut().reset(deadline.into());
+        *at = deadline;
+    }
+    sleep.as_mut().poll(cx).is_ready()
+}
+
+impl Guarded {
+    pub fn new(
+        inner: Stream,
+        conn: Arc<Conn>,
+        table: Arc<ConnTable>,
+        settings: Arc<GuardSettings>,
+    ) -> Guarded {
+        Guarded {
+            inner,
+            conn,
+            table,
+            settings,
+            scan: HeaderScan::default(),
+            header_deadline: None,
+            read_timer: None,
+            write_deadline: None,
+            write_timer: None,
+            reject: None,
+        }
+    }
+
+    /// When a read in `phase` gives up, if ever.
+    fn read_deadline(&self, phase: Phase) -> Option<Instant> {
+        let since = || self.table.instant_at(self.conn.since_ms());
+        match phase {
+            Phase::Fresh => Some(since() + self.settings.header_timeout),
+            Phase::Idle => self.settings.keepalive_timeout.map(|k| since() + k),
+            Phase::Header => self.header_deadline,
+            Phase::Busy | Phase::Closing => None,
+        }
+    }
+
+    fn start_reject(&mut self, response: Bytes, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.reject = Some(Reject {
+            response,
+            written: 0,
+            shut: false,
+            drained: 0,
+        });
+        self.conn.begin_request();
+        self.header_deadline = Some(Instant::now() + LINGER);
+        self.poll_reject(cx)
+    }
+
+    /// Write the answer, half-close, then drop input until the client closes or the linger
+    /// ends; then end of stream, so that Pingora drops the connection.
+    fn poll_reject(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let linger_end = self.header_deadline.unwrap_or_else(Instant::now);
+        let Some(r) = self.reject.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        while r.written < r.response.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &r.response[r.written..]) {
+                Poll::Ready(Ok(n)) if n > 0 => r.written += n,
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    if expired(&mut self.read_timer, linger_end, cx) {
+                        return Poll::Ready(Ok(()));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+        if !r.shut {
+            match Pin::new(&mut self.inner).poll_shutdown(cx) {
+                Poll::Ready(Ok(())) => r.shut = true,
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let mut scratch = [0u8; 4096];
+        loop {
+            let mut sink = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut sink) {
+                Poll::Ready(Ok(())) if !sink.filled().is_empty() => {
+                    r.drained += sink.filled().len();
+                    if r.drained > LINGER_MAX_BYTES {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(_) => return Poll::Ready(Ok(())),
+                Poll::Pending => {
+                    if expired(&mut self.read_timer, linger_end, cx) {
+                        return Poll::Ready(Ok(()));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// A write made no progress: fail it once it has made none for `send_timeout`.
+    fn write_stalled(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        let deadline = *self
+            .write_deadline
+            .get_or_insert_with(|| Instant::now() + self.settings.send_timeout);
+        if expired(&mut self.write_timer, deadline, cx) {
+            self.table
+                .stats
+                .send_timeouts
+                .fetch_add(1, Ordering::Relaxed);
+            return Some(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "send_timeout: the client read nothing for {:?}",
+                    self.settings.send_timeout
+                ),
+            ));
+        }
+        None
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.reject.is_some() {
+            return this.poll_reject(cx);
+        }
+        let phase = this.conn.phase();
+        if phase == Phase::Closing {
+            return Poll::Ready(Ok(()));
+        }
+        let waiting = matches!(phase, Phase::Fresh | Phase::Idle);
+        if waiting {
+            this.conn.register_reader(cx.waker());
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                let mut phase = phase;
+                if waiting {
+                    if !this.conn.begin_header() {
+                        // Reclaimed just now: the connection ends, as it would have a moment
+                        // earlier (a client must retry a request raced with a close).
+                        buf.set_filled(before);
+                        return Poll::Ready(Ok(()));
+                    }
+                    let start = if phase == Phase::Fresh {
+                        this.table.instant_at(this.conn.since_ms())
+                    } else {
+                        Instant::now()
+                    };
+                    this.header_deadline = Some(start + this.settings.header_timeout);
+                    this.scan = HeaderScan::default();
+                    phase = Phase::Header;
+                }
+                if phase == Phase::Header {
+                    let canned = &this.settings.canned;
+                    let reject = match this
+                        .scan
+                        .feed(&buf.filled()[before..], &this.settings.limits)
+                    {
+                        Scan::Partial => None,
+                        Scan::Complete(_) => {
+                            this.conn.begin_request();
+                            this.header_deadline = None;
+                            None
+                        }
+                        Scan::UriTooLong => Some(canned.uri_too_long.clone()),
+                        Scan::TooLarge => Some(canned.too_large.clone()),
+                    };
+                    if let Some(response) = reject {
+                        this.table
+                            .stats
+                            .oversize_rejected
+                            .fetch_add(1, Ordering::Relaxed);
+                        log::info!(
+                            "client {}: request header over the limits (max_uri_size {}, max_header_size {}): {}",
+                            peer(&this.inner),
+                            this.settings.limits.max_uri,
+                            this.settings.limits.max_header,
+                            String::from_utf8_lossy(&response[9..12])
+                        );
+                        buf.set_filled(before);
+                        return this.start_reject(response, cx);
+                    }
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(r) => Poll::Ready(r),
+            Poll::Pending => {
+                let Some(deadline) = this.read_deadline(phase) else {
+                    return Poll::Pending;
+                };
+                if !expired(&mut this.read_timer, deadline, cx) {
+                    return Poll::Pending;
+                }
+                match phase {
+                    Phase::Header => {
+                        this.table
+                            .stats
+                            .header_timeouts
+                            .fetch_add(1, Ordering::Relaxed);
+                        log::info!(
+                            "client {}: request header not complete within header_timeout {:?}: 408",
+                            peer(&this.inner),
+                            this.settings.header_timeout
+                        );
+                        let response = this.settings.canned.timeout.clone();
+                        this.start_reject(response, cx)
+                    }
+                    _ => {
+                        if phase == Phase::Idle {
+                            this.table
+                                .stats
+                                .keepalive_closed
+                                .fetch_add(1, Ordering::Relaxed);
+                        }
+                        // End of stream: Pingora closes a connection that sent nothing quietly.
+                        Poll::Ready(Ok(()))
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn peer(stream: &Stream) -> String {
+    stream
+        .get_socket_digest()
+        .and_then(|d| d.peer_addr().map(|a| a.to_string()))
+        .unwrap_or_else(|| "-".into())
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write(cx, data) {
+            Poll::Ready(r) => {
+                this.write_deadline = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => match this.write_stalled(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write_vectored(cx, bufs) {
+            Poll::Ready(r) => {
+                this.write_deadline = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => match this.write_stalled(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_flush(cx) {
+            Poll::Ready(r) => {
+                this.write_deadline = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => match this.write_stalled(cx) {
+                Some(e) => Poll::Ready(Err(e)),
+                None => Poll::Pending,
+            },
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[async_trait]
+impl Shutdown for Guarded {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for Guarded {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for Guarded {
+    fn get_ssl_digest(&self) -> Option<Arc<pingora_core::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for Guarded {
+    fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for Guarded {
+    fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for Guarded {
+    fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for Guarded {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}

@@ -1,0 +1,334 @@
+//! Every open client connection of a listener service, so that at `max_connections` the idle
+//! ones can be closed, oldest first, to admit new clients (nginx's reusable connections), and
+//! past that new connections are refused at once rather than left to hang.
+//!
+//! Each connection's [`Phase`] is an atomic that its stream guard, its request loop and the
+//! reclaimer move forward; the table's lock is taken only when a connection opens, closes or
+//! must be reclaimed, never per request.
+
+use futures::task::AtomicWaker;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Where a connection is in its life. Only `Fresh` and `Idle` connections may be reclaimed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    /// Accepted; not a byte of its first request yet.
+    Fresh = 0,
+    /// A keep-alive connection between requests.
+    Idle = 1,
+    /// A request header is arriving.
+    Header = 2,
+    /// A request is being served.
+    Busy = 3,
+    /// Reclaimed: its next read ends the connection. Final.
+    Closing = 4,
+}
+
+impl Phase {
+    fn from_u8(v: u8) -> Phase {
+        match v {
+            0 => Phase::Fresh,
+            1 => Phase::Idle,
+            2 => Phase::Header,
+            3 => Phase::Busy,
+            _ => Phase::Closing,
+        }
+    }
+}
+
+/// What the table and a connection's guard share.
+#[derive(Debug)]
+pub struct Conn {
+    id: u64,
+    phase: AtomicU8,
+    /// When it became `Fresh` or `Idle`, in ms since the table's epoch: reclaim order.
+    since_ms: AtomicU64,
+    /// The task reading the connection, woken when it is reclaimed.
+    reader: AtomicWaker,
+}
+
+impl Conn {
+    pub fn phase(&self) -> Phase {
+        Phase::from_u8(self.phase.load(Ordering::Acquire))
+    }
+
+    fn advance(&self, from: &[Phase], to: Phase) -> bool {
+        let mut cur = self.phase.load(Ordering::Acquire);
+        loop {
+            if !from.contains(&Phase::from_u8(cur)) {
+                return false;
+            }
+            match self.phase.compare_exchange_weak(
+                cur,
+                to as u8,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// The first byte of a request arrived.
+    pub fn begin_header(&self) -> bool {
+        self.advance(&[Phase::Fresh, Phase::Idle], Phase::Header)
+    }
+
+    /// A request header has been read: serving it.
+    pub fn begin_request(&self) -> bool {
+        self.advance(&[Phase::Fresh, Phase::Idle, Phase::Header], Phase::Busy)
+    }
+
+    /// The response is done and the connection kept alive.
+    pub fn set_idle(&self, since_ms: u64) {
+        self.since_ms.store(since_ms, Ordering::Relaxed);
+        self.advance(&[Phase::Busy, Phase::Header], Phase::Idle);
+    }
+
+    /// When the connection last became reclaimable, in ms since the table's epoch.
+    pub fn since_ms(&self) -> u64 {
+        self.since_ms.load(Ordering::Relaxed)
+    }
+
+    /// Register the task that reads the connection (called while it waits for a request).
+    pub fn register_reader(&self, waker: &std::task::Waker) {
+        self.reader.register(waker);
+    }
+}
+
+/// Connection counters, for `/stats` (and the metrics issue).
+#[derive(Debug, Default)]
+pub struct ConnStats {
+    pub accepted: AtomicU64,
+    pub reclaimed: AtomicU64,
+    pub refused: AtomicU64,
+    pub keepalive_closed: AtomicU64,
+    pub header_timeouts: AtomicU64,
+    pub send_timeouts: AtomicU64,
+    /// Requests answered 414 or 431 before Pingora parsed them.
+    pub oversize_rejected: AtomicU64,
+}
+
+/// How many idle connections one reclaim closes at most (nginx drains up to 32): enough that
+/// a burst of new clients does not rescan the table for each one.
+const RECLAIM_BATCH: usize = 16;
+
+#[derive(Debug)]
+pub struct ConnTable {
+    max: usize,
+    epoch: Instant,
+    open: AtomicUsize,
+    /// Reclaimed connections not yet gone: they no longer count against `max`.
+    closing: AtomicUsize,
+    next_id: AtomicU64,
+    conns: Mutex<HashMap<u64, Arc<Conn>>>,
+    pub stats: ConnStats,
+}
+
+impl ConnTable {
+    pub fn new(max: usize) -> Arc<ConnTable> {
+        Arc::new(ConnTable {
+            max: max.max(1),
+            epoch: Instant::now(),
+            open: AtomicUsize::new(0),
+            closing: AtomicUsize::new(0),
+            next_id: AtomicU64::new(0),
+            conns: Mutex::new(HashMap::new()),
+            stats: ConnStats::default(),
+        })
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Connections open now (reclaimed ones still closing included).
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Milliseconds since the table's epoch.
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The instant `ms` after the epoch.
+    pub fn instant_at(&self, ms: u64) -> Instant {
+        self.epoch + Duration::from_millis(ms)
+    }
+
+    /// Admit a new connection: under the cap; or at it, after closing the oldest idle ones.
+    /// `None`: at the cap with nothing idle; the caller refuses the connection.
+    pub fn admit(self: &Arc<Self>) -> Option<Admission> {
+        let open = self.open.fetch_add(1, Ordering::AcqRel) + 1;
+        let closing = self.closing.load(Ordering::Acquire);
+        if open.saturating_sub(closing) > self.max && self.reclaim(RECLAIM_BATCH) == 0 {
+            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let conn = Arc::new(Conn {
+            id,
+            phase: AtomicU8::new(Phase::Fresh as u8),
+            since_ms: AtomicU64::new(self.now_ms()),
+            reader: AtomicWaker::new(),
+        });
+        self.lock().insert(id, conn.clone());
+        Some(Admission {
+            table: self.clone(),
+            conn,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Conn>>> {
+        // A panic while holding it cannot leave the map inconsistent (single inserts/removes).
+        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Close up to `n` of the longest-idle reclaimable connections; how many were.
+    fn reclaim(&self, n: usize) -> usize {
+        let victims: Vec<Arc<Conn>> = {
+            let conns = self.lock();
+            let mut idle: Vec<&Arc<Conn>> = conns
+                .values()
+                .filter(|c| matches!(c.phase(), Phase::Fresh | Phase::Idle))
+                .collect();
+            let n = n.min(idle.len());
+            if n == 0 {
+                return 0;
+            }
+            if n < idle.len() {
+                idle.select_nth_unstable_by_key(n - 1, |c| c.since_ms());
+            }
+            idle[..n].iter().map(|c| (*c).clone()).collect()
+        };
+        let mut closed = 0;
+        for c in victims {
+            if c.advance(&[Phase::Fresh, Phase::Idle], Phase::Closing) {
+                self.closing.fetch_add(1, Ordering::AcqRel);
+                c.reader.wake();
+                closed += 1;
+            }
+        }
+        self.stats
+            .reclaimed
+            .fetch_add(closed as u64, Ordering::Relaxed);
+        closed
+    }
+}
+
+/// An admitted connection: removed from the table when dropped.
+#[derive(Debug)]
+pub struct Admission {
+    table: Arc<ConnTable>,
+    conn: Arc<Conn>,
+}
+
+impl Admission {
+    pub fn conn(&self) -> &Arc<Conn> {
+        &self.conn
+    }
+
+    pub fn table(&self) -> &Arc<ConnTable> {
+        &self.table
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.table.lock().remove(&self.conn.id);
+        if self.conn.phase() == Phase::Closing {
+            self.table.closing.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.table.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admits_up_to_the_cap_then_refuses_when_nothing_is_idle() {
+        let t = ConnTable::new(3);
+        let held: Vec<_> = (0..3).map(|_| t.admit().expect("under the cap")).collect();
+        for a in &held {
+            assert!(a.conn().begin_header());
+            assert!(a.conn().begin_request());
+        }
+        assert!(t.admit().is_none(), "all busy: refused");
+        assert_eq!(t.stats.refused.load(Ordering::Relaxed), 1);
+        assert_eq!(t.open(), 3);
+        drop(held);
+        assert_eq!(t.open(), 0);
+        assert!(t.admit().is_some());
+    }
+
+    #[test]
+    fn at_the_cap_the_longest_idle_connections_are_reclaimed_first() {
+        let t = ConnTable::new(4);
+        let held: Vec<_> = (0..4).map(|_| t.admit().expect("under the cap")).collect();
+        // 0 and 2 are busy; 3 went idle before 1.
+        for a in &held {
+            a.conn().begin_request();
+        }
+        held[3].conn().set_idle(10);
+        held[1].conn().set_idle(20);
+        let new = t.admit().expect("an idle connection makes room");
+        // A batch closes every idle one there is (two here), never a busy one.
+        assert_eq!(held[3].conn().phase(), Phase::Closing);
+        assert_eq!(held[1].conn().phase(), Phase::Closing);
+        assert_eq!(held[0].conn().phase(), Phase::Busy);
+        assert_eq!(held[2].conn().phase(), Phase::Busy);
+        // The closing ones no longer count: one more fits without reclaiming.
+        let another = t.admit().expect("room left by the second reclaimed");
+        new.conn().begin_request();
+        another.conn().begin_request();
+        assert!(t.admit().is_none(), "now full of busy connections");
+        drop((new, another));
+        drop(held);
+        assert_eq!(t.open(), 0);
+        assert_eq!(t.closing.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn the_oldest_of_many_idle_are_chosen() {
+        let t = ConnTable::new(40);
+        let held: Vec<_> = (0..40).map(|_| t.admit().unwrap()).collect();
+        for (i, a) in held.iter().enumerate() {
+            a.conn().begin_request();
+            // Reverse order: the last admitted went idle first.
+            a.conn().set_idle(1000 - i as u64);
+        }
+        let _new = t.admit().unwrap();
+        let closed: Vec<usize> = (0..40)
+            .filter(|&i| held[i].conn().phase() == Phase::Closing)
+            .collect();
+        assert_eq!(closed, (40 - RECLAIM_BATCH..40).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_connection_serving_a_request_is_never_reclaimed() {
+        let t = ConnTable::new(1);
+        let a = t.admit().unwrap();
+        a.conn().begin_header();
+        assert!(t.admit().is_none(), "a header is arriving: not idle");
+        assert_eq!(a.conn().phase(), Phase::Header);
+        // Reclaimed while idle, it stays closing whatever else happens to it.
+        a.conn().begin_request();
+        a.conn().set_idle(5);
+        let _b = t.admit().unwrap();
+        assert_eq!(a.conn().phase(), Phase::Closing);
+        assert!(!a.conn().begin_header());
+        assert!(!a.conn().begin_request());
+        a.conn().set_idle(6);
+        assert_eq!(a.conn().phase(), Phase::Closing);
+    }
+}
