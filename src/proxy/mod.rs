@@ -16,6 +16,7 @@ pub mod cache_status;
 pub mod cached;
 pub mod ctx;
 pub mod headers;
+pub mod request_line;
 pub mod respond;
 pub mod slices;
 
@@ -296,10 +297,34 @@ impl ProxyHttp for Edge {
         RequestCtx::new()
     }
 
+    fn on_connection_reuse(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+        prev_ctx: Box<dyn std::any::Any + Send + Sync>,
+    ) {
+        crate::conn::request_started(prev_ctx);
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
         ctx.request_id =
             headers::request_id(req.headers.get(headers::X_REQUEST_ID).map(|v| v.as_bytes()));
+        let max_uri = self.config.server.connections.max_uri_size;
+        if let Err(refused) = request_line::normalize(session.req_header_mut(), max_uri) {
+            log::info!(
+                "rid={} client {}: {}: {}",
+                ctx.request_id,
+                client_ip(session),
+                refused.reason(),
+                refused.status()
+            );
+            // The rest of the connection cannot be trusted to be framed as the client meant.
+            session.set_keepalive(None);
+            respond::send_error(session, refused.status(), &ctx.request_id).await?;
+            return Ok(true);
+        }
+        let req = session.req_header();
         let host = request_host(req);
         let path = req.uri.path().to_string();
         let Some(route) = self.config.route(&host, &path).cloned() else {

@@ -43,6 +43,7 @@ pub fn reason(status: u16) -> &'static str {
         400 => "bad request",
         404 => "no route for this host and path",
         405 => "method not allowed",
+        414 => "request target too long",
         416 => "range not satisfiable",
         429 => "too many concurrent downloads or connections for this client",
         500 => "internal error",
