@@ -160,7 +160,9 @@ mod tests {
 
     #[test]
     fn a_long_request_line_is_414_even_before_it_ends() {
-        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(300));
+        // The scan allows REQUEST_LINE_SLACK around the target (the exact check is made once
+        // the line is parsed): 256 + 64 is the most a line may be.
+        let long = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(360));
         assert_eq!(scan_all(&[long.as_bytes()]), Scan::UriTooLong);
         let unfinished = format!("GET /{}", "a".repeat(400));
         assert_eq!(scan_all(&[unfinished.as_bytes()]), Scan::UriTooLong);
