@@ -368,19 +368,25 @@ async fn at_max_connections_idle_connections_make_room_and_admin_stays_responsiv
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_cap_with_nothing_idle_new_connections_are_refused_at_once() {
     let origin = Origin::start().await;
-    let proxy = Proxy::start_with_server(
-        &routes(&origin, true),
-        "  max_connections: 4\n  header_timeout: 30s\n",
+    let yaml = format!(
+        "upstreams:\n  origin:\n    servers: [\"{}\"]\n    read_timeout: 30s\n    deadline: 60s\nroutes:\n  - path_prefix: /\n    upstream: origin\n    cache: false\n",
+        origin.addr()
     );
-    // Four connections in the middle of a header: busy, not reclaimable.
+    let proxy = Proxy::start_with_server(&yaml, "  max_connections: 4\n");
+    // Four connections whose requests wait on a hanging origin: busy, not reclaimable.
+    origin.set_fault(common::origin::Fault::Hang);
     let busy: Vec<TcpStream> = (0..4)
-        .map(|_| {
+        .map(|i| {
             let mut s = connect(proxy.addr);
-            s.write_all(b"GET /obj/10/x HTTP/1.1\r\n").unwrap();
+            s.write_all(&get(&format!("/obj/10/busy-{i}"), "example.com"))
+                .unwrap();
             s
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        origin.wait_requests(4, Duration::from_secs(10)).await,
+        "the four requests reach the origin"
+    );
     let start = Instant::now();
     let resp = exchange(proxy.addr, &get("/obj/10/x", "example.com")).expect("an answer");
     assert_eq!(resp.status, 503);
@@ -393,6 +399,7 @@ async fn past_the_cap_with_nothing_idle_new_connections_are_refused_at_once() {
     assert!(proxy.stats().await["client_connections_refused"] >= 1);
     // Once they go, clients are served again.
     drop(busy);
+    origin.clear_fault();
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let r = exchange(proxy.addr, &get("/obj/10/x", "example.com")).expect("answer");
@@ -437,6 +444,38 @@ async fn pipelined_requests_are_answered_in_order_on_pass_through() {
     let proxy = Proxy::start(&routes(&origin, false));
     pipelined(&proxy, &["/obj/3000/q1", "/obj/70000/q2", "/obj/10/q3"]);
     assert!(origin.requests() >= 4);
+}
+
+/// Pipelined requests that arrive in pieces: a header split across writes, the next request
+/// sent while the previous one is being served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_arriving_in_pieces_are_answered_in_order() {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(&routes(&origin, true));
+    let paths = ["/obj/5000/r1", "/obj/200000/r2", "/obj/10/r3", "/obj/70/r4"];
+    let all: Vec<u8> = paths.iter().flat_map(|p| get(p, "example.com")).collect();
+    for cuts in [[10usize, 50, 60], [30, 31, 90], [1, 2, 3]] {
+        let mut s = connect(proxy.addr);
+        let mut prev = 0;
+        for c in cuts.into_iter().chain([all.len()]) {
+            s.write_all(&all[prev..c]).unwrap();
+            prev = c;
+            std::thread::sleep(Duration::from_millis(60));
+        }
+        let mut r = Reader::new(s);
+        for p in paths {
+            let resp = r
+                .response()
+                .unwrap_or_else(|| panic!("no response for {p} ({cuts:?})"));
+            assert_eq!(resp.status, 200, "{p}");
+            let size: u64 = p.split('/').nth(2).unwrap().parse().unwrap();
+            assert_eq!(
+                resp.body,
+                content(p, 0, 0..size),
+                "{p}: bytes in order ({cuts:?})"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -310,7 +310,10 @@ impl AsyncRead for Guarded {
                         .feed(&buf.filled()[before..], &this.settings.limits)
                     {
                         Scan::Partial => None,
-                        Scan::Complete(_) => {
+                        Scan::Complete(end) => {
+                            if end < buf.filled().len() - before {
+                                this.conn.note_overread();
+                            }
                             this.conn.begin_request();
                             this.header_deadline = None;
                             None
@@ -333,6 +336,9 @@ impl AsyncRead for Guarded {
                         buf.set_filled(before);
                         return this.start_reject(response, cx);
                     }
+                }
+                if phase == Phase::Busy {
+                    this.conn.note_overread();
                 }
                 Poll::Ready(Ok(()))
             }

@@ -7,8 +7,12 @@
 //!  accept ─► ConnTable::admit ──none idle at the cap──► 503, close
 //!               │ (oldest idle connections reclaimed to make room)
 //!               ▼
-//!   Guarded stream ─► loop { HttpServerApp::process_new_http(session) ─► kept alive? ─► Idle }
+//!   Guarded stream ─► loop { wait for a request's first byte (only the stream held: ~12 KiB)
+//!                            HttpServerApp::process_new_http(session) ─► kept alive? ─► Idle }
 //! ```
+//!
+//! The wait is skipped when Pingora may already hold the next request (bytes arrived past the
+//! header: a body or pipelined requests); Pingora's own read then waits, under the guard.
 //!
 //! It replaces the keep-alive loop of Pingora's blanket `ServerApp for HttpServerApp` (which
 //! would impose its fixed 60 s keep-alive) with the same steps plus ours. HTTP/1.x only: the
@@ -62,7 +66,7 @@ pub struct RequestTicket(Arc<Conn>);
 /// bytes it already held, which the guard never saw arrive).
 pub fn request_started(ctx: Box<dyn Any + Send + Sync>) {
     if let Ok(ticket) = ctx.downcast::<RequestTicket>() {
-        ticket.0.begin_request();
+        ticket.0.request_parsed();
     }
 }
 
@@ -121,6 +125,48 @@ async fn refuse(mut stream: Stream, guard: &GuardSettings) {
     .await;
 }
 
+/// How waiting for a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Its first byte arrived (and stays in the stream).
+    Request,
+    /// The deadline passed.
+    TimedOut,
+    /// Reclaimed, shutting down, or closed by the client.
+    Ended,
+}
+
+/// Wait until a request starts to arrive on an idle (or new) connection.
+async fn wait_for_request(
+    stream: &mut Stream,
+    conn: &Conn,
+    deadline: std::time::Instant,
+    shutdown: &ShutdownWatch,
+) -> Wait {
+    if *shutdown.borrow() {
+        return Wait::Ended;
+    }
+    let mut shutdown = shutdown.clone();
+    let reclaimed = std::future::poll_fn(|cx| {
+        conn.register_reader(cx.waker());
+        if conn.phase() == table::Phase::Closing {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    });
+    let mut first = [0u8; 1];
+    tokio::select! {
+        peeked = stream.try_peek(&mut first) => match peeked {
+            Ok(true) => Wait::Request,
+            _ => Wait::Ended,
+        },
+        _ = reclaimed => Wait::Ended,
+        _ = tokio::time::sleep_until(deadline.into()) => Wait::TimedOut,
+        _ = shutdown.changed() => Wait::Ended,
+    }
+}
+
 #[async_trait]
 impl<A> ServerApp for Front<A>
 where
@@ -136,12 +182,16 @@ where
             return None;
         };
         let conn = admission.conn().clone();
-        let stream: Stream = Box::new(Guarded::new(
+        let mut stream: Stream = Box::new(Guarded::new(
             stream,
             conn.clone(),
             self.table.clone(),
             self.guard.clone(),
         ));
+        let first_deadline = self.table.instant_at(conn.since_ms()) + self.guard.header_timeout;
+        if wait_for_request(&mut stream, &conn, first_deadline, shutdown).await != Wait::Request {
+            return None;
+        }
         let mut session = ServerSession::new_http1(stream);
         let mut settings: Option<HttpPersistentSettings> = None;
         loop {
@@ -158,8 +208,27 @@ where
             session.set_read_timeout(Some(self.body_timeout));
             session.set_connection_user_context(Some(Box::new(RequestTicket(conn.clone()))));
             let reused = self.app.process_new_http(session, shutdown).await?;
-            let (stream, next) = reused.consume();
-            conn.set_idle(self.table.now_ms());
+            let (mut stream, next) = reused.consume();
+            let idle_since = self.table.now_ms();
+            conn.set_idle(idle_since);
+            // Unless the next request may already be in Pingora's hands (bytes came past the
+            // header: a body or a pipelined request), wait for it here, holding only the
+            // stream, not Pingora's per-request state (about 14 KiB less per idle connection).
+            if !conn.take_overread() {
+                let keepalive = self.guard.keepalive_timeout?;
+                let deadline = self.table.instant_at(idle_since) + keepalive;
+                match wait_for_request(&mut stream, &conn, deadline, shutdown).await {
+                    Wait::Request => {}
+                    Wait::TimedOut => {
+                        self.table
+                            .stats
+                            .keepalive_closed
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return None;
+                    }
+                    Wait::Ended => return None,
+                }
+            }
             session = ServerSession::new_http1(stream);
             settings = next;
         }

@@ -8,7 +8,7 @@
 
 use futures::task::AtomicWaker;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,9 @@ pub struct Conn {
     since_ms: AtomicU64,
     /// The task reading the connection, woken when it is reclaimed.
     reader: AtomicWaker,
+    /// Bytes arrived past the current request's header (a body, or pipelined requests):
+    /// Pingora may hold the start of the next request already.
+    overread: AtomicBool,
 }
 
 impl Conn {
@@ -84,10 +87,30 @@ impl Conn {
         self.advance(&[Phase::Fresh, Phase::Idle, Phase::Header], Phase::Busy)
     }
 
+    /// Pingora parsed a request header (its hook). Unless the guard saw that header end
+    /// (`Busy`), it came at least in part from bytes Pingora already held (a pipelined
+    /// request), which may hold more: the next wait must be Pingora's own read.
+    pub fn request_parsed(&self) {
+        if self.phase() != Phase::Busy {
+            self.note_overread();
+        }
+        self.begin_request();
+    }
+
     /// The response is done and the connection kept alive.
     pub fn set_idle(&self, since_ms: u64) {
         self.since_ms.store(since_ms, Ordering::Relaxed);
         self.advance(&[Phase::Busy, Phase::Header], Phase::Idle);
+    }
+
+    /// Bytes arrived past a request header.
+    pub fn note_overread(&self) {
+        self.overread.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether bytes arrived past the header since the last call.
+    pub fn take_overread(&self) -> bool {
+        self.overread.swap(false, Ordering::Relaxed)
     }
 
     /// When the connection last became reclaimable, in ms since the table's epoch.
@@ -179,6 +202,7 @@ impl ConnTable {
             phase: AtomicU8::new(Phase::Fresh as u8),
             since_ms: AtomicU64::new(self.now_ms()),
             reader: AtomicWaker::new(),
+            overread: AtomicBool::new(false),
         });
         self.lock().insert(id, conn.clone());
         Some(Admission {
@@ -312,6 +336,23 @@ mod tests {
             .filter(|&i| held[i].conn().phase() == Phase::Closing)
             .collect();
         assert_eq!(closed, (40 - RECLAIM_BATCH..40).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_request_parsed_from_held_bytes_marks_the_connection_overread() {
+        let t = ConnTable::new(4);
+        let a = t.admit().unwrap();
+        // Seen arriving and ending by the guard: nothing held past it.
+        a.conn().begin_header();
+        a.conn().begin_request();
+        a.conn().request_parsed();
+        assert!(!a.conn().take_overread());
+        // Parsed while idle: it came from Pingora's pipelined prefix.
+        a.conn().set_idle(1);
+        a.conn().request_parsed();
+        assert_eq!(a.conn().phase(), Phase::Busy);
+        assert!(a.conn().take_overread());
+        assert!(!a.conn().take_overread(), "taken once");
     }
 
     #[test]
