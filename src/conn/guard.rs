@@ -122,6 +122,21 @@ pub struct Guarded {
     write_deadline: Option<Instant>,
     write_timer: Option<(Instant, Pin<Box<Sleep>>)>,
     reject: Option<Reject>,
+    /// Bytes read while waiting for a request ([`Guarded::poll_wait`]), handed to the next
+    /// reads before the socket's. Empty (unallocated) otherwise.
+    stash: Vec<u8>,
+    stash_pos: usize,
+}
+
+/// How waiting for a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Its first bytes arrived (kept for the next read).
+    Request,
+    /// The deadline passed.
+    TimedOut,
+    /// Reclaimed, or closed by the client.
+    Ended,
 }
 
 impl fmt::Debug for Guarded {
@@ -170,7 +185,53 @@ impl Guarded {
             write_deadline: None,
             write_timer: None,
             reject: None,
+            stash: Vec::new(),
+            stash_pos: 0,
         }
+    }
+
+    /// Wait for the first bytes of a request, until `deadline`, without a read buffer of the
+    /// caller's: what arrives is kept (one read of at most 4 KiB) for the next `poll_read`.
+    pub fn poll_wait(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<Wait> {
+        if self.conn.phase() == Phase::Closing {
+            return Poll::Ready(Wait::Ended);
+        }
+        self.conn.register_reader(cx.waker());
+        if self.conn.phase() == Phase::Closing {
+            return Poll::Ready(Wait::Ended);
+        }
+        let mut scratch = [0u8; 4096];
+        let mut rb = ReadBuf::new(&mut scratch);
+        match Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) if !rb.filled().is_empty() => {
+                self.stash = rb.filled().to_vec();
+                self.stash_pos = 0;
+                Poll::Ready(Wait::Request)
+            }
+            Poll::Ready(_) => Poll::Ready(Wait::Ended),
+            Poll::Pending => {
+                if expired(&mut self.read_timer, deadline, cx) {
+                    Poll::Ready(Wait::TimedOut)
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
+    }
+
+    /// Hand stashed bytes to `buf`; whether there were any.
+    fn take_stash(&mut self, buf: &mut ReadBuf<'_>) -> bool {
+        if self.stash_pos >= self.stash.len() {
+            return false;
+        }
+        let n = (self.stash.len() - self.stash_pos).min(buf.remaining());
+        buf.put_slice(&self.stash[self.stash_pos..self.stash_pos + n]);
+        self.stash_pos += n;
+        if self.stash_pos == self.stash.len() {
+            self.stash = Vec::new();
+            self.stash_pos = 0;
+        }
+        true
     }
 
     /// When a read in `phase` gives up, if ever.
@@ -284,7 +345,12 @@ impl AsyncRead for Guarded {
             this.conn.register_reader(cx.waker());
         }
         let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+        let read = if this.take_stash(buf) {
+            Poll::Ready(Ok(()))
+        } else {
+            Pin::new(&mut this.inner).poll_read(cx, buf)
+        };
+        match read {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
                 let mut phase = phase;
                 if waiting {

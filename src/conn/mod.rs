@@ -25,7 +25,7 @@ pub mod table;
 pub mod trim;
 
 use async_trait::async_trait;
-use guard::{GuardSettings, Guarded};
+use guard::{GuardSettings, Guarded, Wait};
 use header_scan::{HeaderLimits, MAX_FIELDS};
 use pingora_core::apps::{HttpPersistentSettings, HttpServerApp, ServerApp};
 use pingora_core::protocols::http::ServerSession;
@@ -125,46 +125,24 @@ async fn refuse(mut stream: Stream, guard: &GuardSettings) {
     .await;
 }
 
-/// How waiting for a request ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Wait {
-    /// Its first byte arrived (and stays in the stream).
-    Request,
-    /// The deadline passed.
-    TimedOut,
-    /// Reclaimed, shutting down, or closed by the client.
-    Ended,
-}
-
-/// Wait until a request starts to arrive on an idle (or new) connection.
+/// Wait until a request starts to arrive on an idle (or new) connection, holding only the
+/// stream. Its first bytes stay in the stream for Pingora. A shutdown reclaims idle
+/// connections through the table ([`Front`]'s `cleanup`), so no shutdown watch is polled here:
+/// it would take the watch's lock, shared by every connection, once per request.
 async fn wait_for_request(
-    stream: &mut Stream,
-    conn: &Conn,
+    stream: &mut Guarded,
     deadline: std::time::Instant,
     shutdown: &ShutdownWatch,
 ) -> Wait {
     if *shutdown.borrow() {
         return Wait::Ended;
     }
-    let mut shutdown = shutdown.clone();
-    let reclaimed = std::future::poll_fn(|cx| {
-        conn.register_reader(cx.waker());
-        if conn.phase() == table::Phase::Closing {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    });
-    let mut first = [0u8; 1];
-    tokio::select! {
-        peeked = stream.try_peek(&mut first) => match peeked {
-            Ok(true) => Wait::Request,
-            _ => Wait::Ended,
-        },
-        _ = reclaimed => Wait::Ended,
-        _ = tokio::time::sleep_until(deadline.into()) => Wait::TimedOut,
-        _ = shutdown.changed() => Wait::Ended,
-    }
+    std::future::poll_fn(|cx| stream.poll_wait(cx, deadline)).await
+}
+
+/// The guarded stream back from Pingora (it is always ours).
+fn guarded(stream: Stream) -> Option<Box<Guarded>> {
+    stream.into_any().downcast::<Guarded>().ok()
 }
 
 #[async_trait]
@@ -182,14 +160,14 @@ where
             return None;
         };
         let conn = admission.conn().clone();
-        let mut stream: Stream = Box::new(Guarded::new(
+        let mut stream = Box::new(Guarded::new(
             stream,
             conn.clone(),
             self.table.clone(),
             self.guard.clone(),
         ));
         let first_deadline = self.table.instant_at(conn.since_ms()) + self.guard.header_timeout;
-        if wait_for_request(&mut stream, &conn, first_deadline, shutdown).await != Wait::Request {
+        if wait_for_request(&mut stream, first_deadline, shutdown).await != Wait::Request {
             return None;
         }
         let mut session = ServerSession::new_http1(stream);
@@ -208,7 +186,7 @@ where
             session.set_read_timeout(Some(self.body_timeout));
             session.set_connection_user_context(Some(Box::new(RequestTicket(conn.clone()))));
             let reused = self.app.process_new_http(session, shutdown).await?;
-            let (mut stream, next) = reused.consume();
+            let (stream, next) = reused.consume();
             let idle_since = self.table.now_ms();
             conn.set_idle(idle_since);
             // Unless the next request may already be in Pingora's hands (bytes came past the
@@ -217,7 +195,8 @@ where
             if !conn.take_overread() {
                 let keepalive = self.guard.keepalive_timeout?;
                 let deadline = self.table.instant_at(idle_since) + keepalive;
-                match wait_for_request(&mut stream, &conn, deadline, shutdown).await {
+                let mut stream = guarded(stream)?;
+                match wait_for_request(&mut stream, deadline, shutdown).await {
                     Wait::Request => {}
                     Wait::TimedOut => {
                         self.table
@@ -228,13 +207,17 @@ where
                     }
                     Wait::Ended => return None,
                 }
+                session = ServerSession::new_http1(stream);
+            } else {
+                session = ServerSession::new_http1(stream);
             }
-            session = ServerSession::new_http1(stream);
             settings = next;
         }
     }
 
     async fn cleanup(&self) {
+        // The listeners are closed: idle connections end now, busy ones after their request.
+        self.table.close_idle();
         self.app.http_cleanup().await
     }
 }

@@ -216,6 +216,11 @@ impl ConnTable {
         self.conns.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Close every idle (and not yet used) connection: the service is shutting down.
+    pub fn close_idle(&self) -> usize {
+        self.reclaim(usize::MAX)
+    }
+
     /// Close up to `n` of the longest-idle reclaimable connections; how many were.
     fn reclaim(&self, n: usize) -> usize {
         let victims: Vec<Arc<Conn>> = {
