@@ -4,12 +4,13 @@
 //!
 //! Formats (`server.access_log_format`): `text` (one `key=value` line, as before) or `json` (one
 //! JSON object per line). Sink (`server.access_log_path`): a file, appended to, or stderr.
+//! On SIGUSR1 the file is opened again by its path, for logrotate.
 
 use serde::Serialize;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, SystemTime};
@@ -131,9 +132,11 @@ pub struct AccessLog {
     format: Format,
     tx: SyncSender<String>,
     /// The receiving end and the sink, until the writer thread takes them.
-    pending: Mutex<Option<(Receiver<String>, Sink)>>,
+    pending: Mutex<Option<(Receiver<String>, Writer)>>,
     started: Once,
     dropped: Arc<AtomicU64>,
+    /// Set to have the writer reopen its file (SIGUSR1, after logrotate moved it).
+    reopen: Arc<AtomicBool>,
 }
 
 impl AccessLog {
@@ -151,9 +154,10 @@ impl AccessLog {
         Ok(AccessLog {
             format,
             tx,
-            pending: Mutex::new(Some((rx, sink))),
+            pending: Mutex::new(Some((rx, Writer { sink, path }))),
             started: Once::new(),
             dropped: Arc::new(AtomicU64::new(0)),
+            reopen: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -164,10 +168,11 @@ impl AccessLog {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .take();
-            if let Some((rx, sink)) = pending {
+            if let Some((rx, writer)) = pending {
+                let reopen = self.reopen.clone();
                 let spawned = std::thread::Builder::new()
                     .name("access-log".into())
-                    .spawn(move || write_loop(rx, sink));
+                    .spawn(move || write_loop(rx, writer, &reopen));
                 if let Err(e) = spawned {
                     log::warn!("access log: cannot start the writer thread: {e}");
                 }
@@ -191,21 +196,62 @@ impl AccessLog {
         self.dropped.load(Ordering::Relaxed)
     }
 
+    /// The flag that has the writer reopen its file: set it on SIGUSR1.
+    pub fn reopen_flag(&self) -> Arc<AtomicBool> {
+        self.reopen.clone()
+    }
+
     pub fn dropped_counter(&self) -> Arc<AtomicU64> {
         self.dropped.clone()
     }
 }
 
-fn write_loop(rx: Receiver<String>, mut sink: Sink) {
+/// The sink and where it was opened, to open it again.
+struct Writer {
+    sink: Sink,
+    path: Option<PathBuf>,
+}
+
+impl Writer {
+    /// Flush and open the file again by its path (logrotate moved the old one away). On failure
+    /// the old file is kept.
+    fn reopen(&mut self) {
+        let Some(path) = self.path.as_deref() else {
+            return;
+        };
+        let _ = self.sink.flush();
+        match Sink::open(Some(path)) {
+            Ok(sink) => {
+                self.sink = sink;
+                log::info!("access log: reopened {}", path.display());
+            }
+            Err(e) => log::warn!(
+                "access log: cannot reopen {}: {e}; still writing to the old file",
+                path.display()
+            ),
+        }
+    }
+}
+
+fn write_loop(rx: Receiver<String>, mut writer: Writer, reopen: &AtomicBool) {
     let mut failing = false;
-    let mut dirty = false;
+    // Since when written lines wait in the buffer.
+    let mut dirty: Option<std::time::Instant> = None;
     loop {
+        if reopen.swap(false, Ordering::AcqRel) {
+            writer.reopen();
+            dirty = None;
+        }
+        let sink = &mut writer.sink;
+        if dirty.is_some_and(|since| since.elapsed() >= FLUSH_EVERY) {
+            let _ = sink.flush();
+            dirty = None;
+        }
         let line = match rx.recv_timeout(FLUSH_EVERY) {
             Ok(l) => l,
             Err(RecvTimeoutError::Timeout) => {
-                if dirty {
+                if dirty.take().is_some() {
                     let _ = sink.flush();
-                    dirty = false;
                 }
                 continue;
             }
@@ -214,7 +260,7 @@ fn write_loop(rx: Receiver<String>, mut sink: Sink) {
         match sink.write_line(&line) {
             Ok(()) => {
                 failing = false;
-                dirty = true;
+                dirty.get_or_insert_with(std::time::Instant::now);
             }
             Err(e) if !failing => {
                 // Once per failing spell, not per line.
@@ -224,7 +270,7 @@ fn write_loop(rx: Receiver<String>, mut sink: Sink) {
             Err(_) => {}
         }
     }
-    let _ = sink.flush();
+    let _ = writer.sink.flush();
 }
 
 #[cfg(test)]
@@ -288,6 +334,57 @@ mod tests {
         // 100k lines, far beyond the pipe and the queue: the loop ended (a blocking log would
         // hang here), and what did not fit was dropped and counted.
         assert!(log.dropped() > 0);
+    }
+
+    #[test]
+    fn lines_reach_the_file_while_traffic_never_pauses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let log = AccessLog::start(Format::Text, Some(path.clone())).unwrap();
+        let start = std::time::Instant::now();
+        // A line every 20 ms: the writer never sees a pause as long as FLUSH_EVERY.
+        while start.elapsed() < FLUSH_EVERY * 4 {
+            log.log(&entry());
+            std::thread::sleep(Duration::from_millis(20));
+            if std::fs::read_to_string(&path).is_ok_and(|t| !t.is_empty()) {
+                return;
+            }
+        }
+        panic!(
+            "nothing flushed within {:?} of steady traffic",
+            FLUSH_EVERY * 4
+        );
+    }
+
+    #[test]
+    fn reopen_starts_a_new_file_at_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let moved = dir.path().join("access.log.1");
+        let log = AccessLog::start(Format::Text, Some(path.clone())).unwrap();
+        log.log(&entry());
+        let wait_for = |p: &std::path::Path| {
+            let start = std::time::Instant::now();
+            while !std::fs::read_to_string(p).is_ok_and(|t| !t.is_empty()) {
+                assert!(start.elapsed() < Duration::from_secs(5), "{}", p.display());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        wait_for(&path);
+        std::fs::rename(&path, &moved).unwrap();
+        log.reopen_flag().store(true, Ordering::Release);
+        // The writer notices within one FLUSH_EVERY.
+        std::thread::sleep(FLUSH_EVERY * 2);
+        log.log(&entry());
+        wait_for(&path);
+        let entries = |p: &std::path::Path| {
+            std::fs::read_to_string(p)
+                .unwrap()
+                .matches("rid=r1")
+                .count()
+        };
+        assert_eq!(entries(&moved), 1);
+        assert_eq!(entries(&path), 1);
     }
 
     trait NonBlock {

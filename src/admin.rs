@@ -75,6 +75,9 @@ impl AdminApp {
                 n(&st.oversize_rejected),
             ));
         }
+        if let Some(d) = &self.access_log_dropped {
+            out.push_str(&format!("access_log_dropped {}\n", n(d)));
+        }
         if let Some(sh) = &self.shaping {
             out.push_str(&format!(
                 "shaping_bytes {}\nshaping_delayed_us {}\nshaping_active_clients {}\nshaping_refused_downloads {}\nshaping_refused_connections {}\n",
@@ -98,6 +101,8 @@ pub struct AdminApp {
     pub connections: Option<Arc<ConnTable>>,
     /// The admin listener's own connection table.
     pub admin_connections: Option<Arc<ConnTable>>,
+    /// Access-log lines dropped because the writer could not keep up.
+    pub access_log_dropped: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 fn text(status: u16, body: &str) -> Response<Vec<u8>> {

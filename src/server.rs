@@ -67,6 +67,7 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
         .map_err(|e| format!("building upstream pools: {e}"))?;
     let health_checks: Vec<_> = edge.pools().filter_map(|p| p.health_service()).collect();
     let shaping = edge.shaping_stats();
+    let access_log = edge.access_log_handles();
     let connections = &config.server.connections;
     let max_connections = connections
         .max_connections
@@ -94,6 +95,14 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
         listeners.add_listener(crate::conn::listener(&addr.to_string()));
     }
     let proxy = Service::with_listeners("edgeslice".to_string(), listeners, front);
+    if let Some((reopen, _)) = &access_log {
+        server.add_service(background_service(
+            "access log reopen",
+            ReopenOnSigusr1 {
+                flag: reopen.clone(),
+            },
+        ));
+    }
     server.add_service(background_service(
         "memory trim",
         crate::conn::trim::MemoryTrim {
@@ -121,6 +130,7 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
             shaping,
             connections: Some(client_table),
             admin_connections: None,
+            access_log_dropped: access_log.map(|(_, dropped)| dropped),
         };
         let admin_table = ConnTable::new(ADMIN_MAX_CONNECTIONS);
         app.admin_connections = Some(admin_table.clone());
@@ -156,6 +166,37 @@ impl BackgroundService for CacheDrain {
                 self.cache.running_tasks(),
                 self.timeout
             );
+        }
+    }
+}
+
+/// SIGUSR1 has the access log reopen its file (logrotate's `postrotate`), as nginx does.
+struct ReopenOnSigusr1 {
+    flag: Arc<std::sync::atomic::AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl BackgroundService for ReopenOnSigusr1 {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut usr1 = match signal(SignalKind::user_defined1()) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("access log: cannot listen for SIGUSR1 ({e}); no reopen on signal");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                got = usr1.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    log::info!("SIGUSR1: reopening the access log");
+                    self.flag.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
         }
     }
 }

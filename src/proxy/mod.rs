@@ -118,6 +118,18 @@ impl Edge {
         })
     }
 
+    /// The access log's reopen flag and dropped-line counter, when the access log is on.
+    pub fn access_log_handles(
+        &self,
+    ) -> Option<(
+        Arc<std::sync::atomic::AtomicBool>,
+        Arc<std::sync::atomic::AtomicU64>,
+    )> {
+        self.access_log
+            .as_ref()
+            .map(|l| (l.reopen_flag(), l.dropped_counter()))
+    }
+
     /// Shaping counters, when `shaping` is configured.
     pub fn shaping_stats(&self) -> Option<Arc<ShapingStats>> {
         self.shaper.as_ref().map(|s| s.stats().clone())
