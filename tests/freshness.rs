@@ -9,14 +9,13 @@
 
 mod common;
 
-use common::origin::{content, etag, http_date, Origin, RequestRecord};
+use common::origin::{content, etag, http_date, Origin};
 use common::proxy::Proxy;
-use reqwest::header::HeaderMap;
+use common::reply::{config, describe, get, get_whole, records_for, send, start, within, CHUNK};
 use reqwest::StatusCode;
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-const CHUNK: u64 = 64 * 1024;
 /// Upper bound on every test.
 const TEST_LIMIT: Duration = Duration::from_secs(30);
 /// Long enough for a `max-age=1` response to be stale.
@@ -24,101 +23,7 @@ const EXPIRY_WAIT: Duration = Duration::from_millis(1500);
 
 /// Run a test body, failing it if it takes longer than [`TEST_LIMIT`].
 async fn bounded<F: Future<Output = ()>>(body: F) {
-    tokio::time::timeout(TEST_LIMIT, body)
-        .await
-        .expect("test exceeded its time limit");
-}
-
-/// `extra_cache` is inserted under `cache:` (e.g. `"  default_ttl: 60s\n"`).
-fn config(origin: &Origin, extra_cache: &str) -> String {
-    format!(
-        "cache:\n  chunk_size: 64KiB\n{extra_cache}  memory:\n    capacity: 64MiB\n  disk:\n    path: {{DIR}}/cache\n    capacity: 64MiB\nupstreams:\n  origin:\n    servers: [\"{}\"]\n    connect_timeout: 500ms\n    read_timeout: 2s\nroutes:\n  - path_prefix: /\n    upstream: origin\n    cache: true\n",
-        origin.addr()
-    )
-}
-
-/// Start the proxy off the async threads, so the test's time limit also covers the start.
-async fn start(yaml: String) -> Proxy {
-    tokio::task::spawn_blocking(move || Proxy::start(&yaml))
-        .await
-        .expect("proxy start")
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn cache_status(&self) -> &str {
-        self.header("cache-status").unwrap_or("")
-    }
-
-    fn age(&self) -> Option<u64> {
-        self.header("age").and_then(|v| v.trim().parse().ok())
-    }
-}
-
-async fn send(req: reqwest::RequestBuilder) -> Reply {
-    let resp = req.send().await.expect("request");
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp.bytes().await.expect("body").to_vec();
-    Reply {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn get(proxy: &Proxy, path: &str) -> reqwest::RequestBuilder {
-    common::client().get(proxy.url(path))
-}
-
-/// GET the whole object and check it is exactly version `version` of `path`.
-async fn get_whole(proxy: &Proxy, path: &str, size: u64, version: u32) -> Reply {
-    let r = send(get(proxy, path)).await;
-    assert_eq!(r.status, StatusCode::OK, "GET {path}");
-    assert_eq!(r.body.len() as u64, size, "GET {path}: length");
-    assert!(
-        r.body == content(path, version, 0..size),
-        "GET {path}: bytes differ from version {version}"
-    );
-    r
-}
-
-/// Requests the origin logged for `path` (query included in the record's path).
-fn records_for(origin: &Origin, path: &str) -> Vec<RequestRecord> {
-    origin
-        .log()
-        .into_iter()
-        .filter(|r| r.path == path)
-        .collect()
-}
-
-fn describe(log: &[RequestRecord]) -> Vec<String> {
-    log.iter()
-        .map(|r| {
-            let mut s = format!("{} {}", r.method, r.path);
-            for n in [
-                "range",
-                "if-none-match",
-                "if-modified-since",
-                "if-range",
-                "authorization",
-            ] {
-                if let Some(v) = r.header(n) {
-                    s.push_str(&format!(" [{n}: {v}]"));
-                }
-            }
-            s
-        })
-        .collect()
+    within(TEST_LIMIT, body).await
 }
 
 fn now_secs() -> u64 {

@@ -10,165 +10,21 @@ mod common;
 
 use common::origin::{content, Fault, Origin, RequestRecord};
 use common::proxy::Proxy;
-use reqwest::header::HeaderMap;
+use common::reply::{
+    config, describe, get, get_range, get_whole, range, records_for, send, start, try_send,
+    wait_records, within, Reply, CHUNK,
+};
 use reqwest::StatusCode;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-const CHUNK: u64 = 64 * 1024;
 /// Upper bound on every test.
 const TEST_LIMIT: Duration = Duration::from_secs(40);
 /// Long enough for a `max-age=1` response to be stale.
 const EXPIRY_WAIT: Duration = Duration::from_millis(2000);
 
 async fn bounded<F: Future<Output = ()>>(body: F) {
-    tokio::time::timeout(TEST_LIMIT, body)
-        .await
-        .expect("test exceeded its time limit");
-}
-
-/// `extra_cache` is inserted under `cache:` (e.g. `"  heuristic_fraction: 0\n"`).
-fn config(origin: &Origin, extra_cache: &str) -> String {
-    format!(
-        "cache:\n  chunk_size: 64KiB\n{extra_cache}  memory:\n    capacity: 64MiB\n  disk:\n    path: {{DIR}}/cache\n    capacity: 64MiB\nupstreams:\n  origin:\n    servers: [\"{}\"]\n    connect_timeout: 500ms\n    read_timeout: 2s\nroutes:\n  - path_prefix: /\n    upstream: origin\n    cache: true\n",
-        origin.addr()
-    )
-}
-
-async fn start(yaml: String) -> Proxy {
-    tokio::task::spawn_blocking(move || Proxy::start(&yaml))
-        .await
-        .expect("proxy start")
-}
-
-/// A client that never follows redirects (so a 301 is seen as it is).
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("reqwest client")
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn cache_status(&self) -> &str {
-        self.header("cache-status").unwrap_or("")
-    }
-}
-
-/// Send, returning an error when the response or its body failed (e.g. a truncated body); the
-/// error names the status, Content-Length, Cache-Status and how many body bytes arrived.
-async fn try_send(req: reqwest::RequestBuilder) -> Result<Reply, String> {
-    let mut resp = req.send().await.map_err(|e| format!("request: {e}"))?;
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let mut body = Vec::new();
-    loop {
-        match resp.chunk().await {
-            Ok(Some(c)) => body.extend_from_slice(&c),
-            Ok(None) => break,
-            Err(e) => {
-                let h = |n: &str| {
-                    headers
-                        .get(n)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-")
-                        .to_string()
-                };
-                return Err(format!(
-                    "body of {status} (content-length {}, content-range {}, cache-status {:?}) failed after {} bytes: {e}",
-                    h("content-length"),
-                    h("content-range"),
-                    h("cache-status"),
-                    body.len()
-                ));
-            }
-        }
-    }
-    Ok(Reply {
-        status,
-        headers,
-        body,
-    })
-}
-
-async fn send(req: reqwest::RequestBuilder) -> Reply {
-    try_send(req).await.expect("request failed")
-}
-
-fn get(proxy: &Proxy, path: &str) -> reqwest::RequestBuilder {
-    client().get(proxy.url(path))
-}
-
-fn range(proxy: &Proxy, path: &str, a: u64, b: u64) -> reqwest::RequestBuilder {
-    get(proxy, path).header("range", format!("bytes={a}-{b}"))
-}
-
-/// GET the whole object and check it is exactly version `version` of `path`.
-async fn get_whole(proxy: &Proxy, path: &str, size: u64, version: u32) -> Reply {
-    let r = send(get(proxy, path)).await;
-    assert_eq!(r.status, StatusCode::OK, "GET {path}");
-    assert_eq!(r.body.len() as u64, size, "GET {path}: length");
-    assert!(
-        r.body == content(path, version, 0..size),
-        "GET {path}: bytes differ from version {version}"
-    );
-    r
-}
-
-/// GET `bytes=a-b` (inclusive) and check it is a 206 with exactly those bytes.
-async fn get_range(proxy: &Proxy, path: &str, a: u64, b: u64, version: u32) -> Reply {
-    let r = send(range(proxy, path, a, b)).await;
-    assert_eq!(
-        r.status,
-        StatusCode::PARTIAL_CONTENT,
-        "GET {path} bytes={a}-{b}"
-    );
-    assert!(
-        r.body == content(path, version, a..b + 1),
-        "GET {path} bytes={a}-{b}: bytes differ from version {version}"
-    );
-    r
-}
-
-fn records_for(origin: &Origin, path: &str) -> Vec<RequestRecord> {
-    origin
-        .log()
-        .into_iter()
-        .filter(|r| r.path == path)
-        .collect()
-}
-
-fn describe(log: &[RequestRecord]) -> Vec<String> {
-    log.iter()
-        .map(|r| {
-            let mut s = format!("{} {}", r.method, r.path);
-            for n in [
-                "range",
-                "if-none-match",
-                "if-modified-since",
-                "if-range",
-                "cache-control",
-                "x-variant",
-            ] {
-                if let Some(v) = r.header(n) {
-                    s.push_str(&format!(" [{n}: {v}]"));
-                }
-            }
-            s
-        })
-        .collect()
+    within(TEST_LIMIT, body).await
 }
 
 fn is_conditional(r: &RequestRecord) -> bool {
@@ -184,20 +40,6 @@ fn assert_origin(origin: &Origin, path: &str, n: usize, what: &str) {
         "{what}: origin requests for {path}: {:?}",
         describe(&recs)
     );
-}
-
-/// Poll until `path` has at least `n` origin requests, for at most `within`.
-async fn wait_records(origin: &Origin, path: &str, n: usize, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    loop {
-        if records_for(origin, path).len() >= n {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

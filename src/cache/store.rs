@@ -216,16 +216,29 @@ impl ChunkCache {
         self.pass.contains_key(key)
     }
 
+    /// The shard of the object-lock map holding `key`'s mutex.
+    fn object_lock_shard(
+        &self,
+        key: &ObjectKey,
+    ) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, Arc<tokio::sync::Mutex<()>>>> {
+        let i = (self.flights_hash(key) as usize) % self.object_locks.len();
+        self.object_locks[i]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The mutex of one object, made on first use (its `ObjectLock` removes it when unused).
+    fn object_mutex(&self, key: &ObjectKey) -> Arc<tokio::sync::Mutex<()>> {
+        self.object_lock_shard(key)
+            .entry(key.clone())
+            .or_default()
+            .clone()
+    }
+
     /// Serialise discovery and revalidation of one object, so concurrent cold requests make
     /// one origin request for its metadata.
     pub async fn lock_object(self: &Arc<Self>, key: &ObjectKey) -> ObjectLock {
-        let lock = {
-            let i = (self.flights_hash(key) as usize) % self.object_locks.len();
-            let mut shard = self.object_locks[i]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            shard.entry(key.clone()).or_default().clone()
-        };
+        let lock = self.object_mutex(key);
         let guard = lock.clone().lock_owned().await;
         ObjectLock {
             cache: self.clone(),
@@ -238,13 +251,7 @@ impl ChunkCache {
     /// The object's lock if nobody holds it (a background revalidation runs only when no
     /// other discovery or revalidation of the object does).
     pub fn try_lock_object(self: &Arc<Self>, key: &ObjectKey) -> Option<ObjectLock> {
-        let lock = {
-            let i = (self.flights_hash(key) as usize) % self.object_locks.len();
-            let mut shard = self.object_locks[i]
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            shard.entry(key.clone()).or_default().clone()
-        };
+        let lock = self.object_mutex(key);
         let guard = lock.clone().try_lock_owned().ok();
         // Built even when the lock is taken, so its Drop tidies the map entry made above.
         let held = ObjectLock {
@@ -401,10 +408,7 @@ pub struct ObjectLock {
 impl Drop for ObjectLock {
     fn drop(&mut self) {
         self._guard.take();
-        let i = (self.cache.flights_hash(&self.key) as usize) % self.cache.object_locks.len();
-        let mut shard = self.cache.object_locks[i]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut shard = self.cache.object_lock_shard(&self.key);
         // Two references: the map's and ours. More means someone else waits: leave it.
         if Arc::strong_count(&self.lock) <= 2 {
             shard.remove(&self.key);

@@ -5,6 +5,7 @@
 pub mod nginx;
 pub mod origin;
 pub mod proxy;
+pub mod reply;
 
 /// A reqwest client that never uses a system proxy and does not pool across tests.
 pub fn client() -> reqwest::Client {
