@@ -124,16 +124,15 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
     if let Some(addr) = config.admin_listen {
         // Its own runtime thread and connection cap: /healthz answers while the proxy is
         // saturated.
-        let mut app = AdminApp {
+        let admin_table = ConnTable::new(ADMIN_MAX_CONNECTIONS);
+        let app = AdminApp {
             cache,
             stats,
             shaping,
             connections: Some(client_table),
-            admin_connections: None,
+            admin_connections: Some(admin_table.clone()),
             access_log_dropped: access_log.map(|(_, dropped)| dropped),
         };
-        let admin_table = ConnTable::new(ADMIN_MAX_CONNECTIONS);
-        app.admin_connections = Some(admin_table.clone());
         let front = Front::with_table(app, connections, admin_table);
         let mut listeners = Listeners::new();
         listeners.add_listener(crate::conn::listener(&addr.to_string()));

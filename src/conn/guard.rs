@@ -103,6 +103,8 @@ impl GuardSettings {
 /// An answer being written by the guard, then the lingering close.
 struct Reject {
     response: Bytes,
+    /// When the lingering close ends, written or not.
+    until: Instant,
     written: usize,
     shut: bool,
     drained: usize,
@@ -248,22 +250,23 @@ impl Guarded {
     fn start_reject(&mut self, response: Bytes, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.reject = Some(Reject {
             response,
+            until: Instant::now() + LINGER,
             written: 0,
             shut: false,
             drained: 0,
         });
         self.conn.begin_request();
-        self.header_deadline = Some(Instant::now() + LINGER);
+        self.header_deadline = None;
         self.poll_reject(cx)
     }
 
     /// Write the answer, half-close, then drop input until the client closes or the linger
     /// ends; then end of stream, so that Pingora drops the connection.
     fn poll_reject(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let linger_end = self.header_deadline.unwrap_or_else(Instant::now);
         let Some(r) = self.reject.as_mut() else {
             return Poll::Ready(Ok(()));
         };
+        let linger_end = r.until;
         while r.written < r.response.len() {
             match Pin::new(&mut self.inner).poll_write(cx, &r.response[r.written..]) {
                 Poll::Ready(Ok(n)) if n > 0 => r.written += n,

@@ -192,12 +192,14 @@ where
             // Unless the next request may already be in Pingora's hands (bytes came past the
             // header: a body or a pipelined request), wait for it here, holding only the
             // stream, not Pingora's per-request state (about 14 KiB less per idle connection).
-            if !conn.take_overread() {
+            let stream: Stream = if conn.take_overread() {
+                stream
+            } else {
                 let keepalive = self.guard.keepalive_timeout?;
                 let deadline = self.table.instant_at(idle_since) + keepalive;
                 let mut stream = guarded(stream)?;
                 match wait_for_request(&mut stream, deadline, shutdown).await {
-                    Wait::Request => {}
+                    Wait::Request => stream,
                     Wait::TimedOut => {
                         self.table
                             .stats
@@ -207,10 +209,8 @@ where
                     }
                     Wait::Ended => return None,
                 }
-                session = ServerSession::new_http1(stream);
-            } else {
-                session = ServerSession::new_http1(stream);
-            }
+            };
+            session = ServerSession::new_http1(stream);
             settings = next;
         }
     }

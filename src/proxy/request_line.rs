@@ -61,22 +61,13 @@ pub fn normalize(req: &mut RequestHeader, max_uri: usize) -> Result<(), Refusal>
             return Err(Refusal::BadTarget);
         }
         let host = HeaderValue::from_bytes(authority).map_err(|_| Refusal::BadTarget)?;
-        let path: &[u8] = if path_and_query.is_empty() {
-            b"/"
-        } else {
-            path_and_query
-        };
-        if path.first() != Some(&b'/') {
-            // `http://host?q`: the path is empty, the query stays.
-            let mut with_slash = Vec::with_capacity(path.len() + 1);
-            with_slash.push(b'/');
-            with_slash.extend_from_slice(path);
-            let uri = Uri::try_from(with_slash).map_err(|_| Refusal::BadTarget)?;
-            req.set_uri(uri);
-        } else {
-            let uri = Uri::try_from(path).map_err(|_| Refusal::BadTarget)?;
-            req.set_uri(uri);
+        // `http://host` has an empty path: "/"; `http://host?q` keeps its query after it.
+        let uri = match path_and_query.first() {
+            Some(b'/') => Uri::try_from(path_and_query),
+            _ => Uri::try_from([b"/", path_and_query].concat()),
         }
+        .map_err(|_| Refusal::BadTarget)?;
+        req.set_uri(uri);
         req.insert_header(http::header::HOST, host)
             .map_err(|_| Refusal::BadTarget)?;
         return Ok(());
