@@ -34,9 +34,10 @@ struct Cli {
 /// freed. (Same as `MALLOC_MMAP_THRESHOLD_=131072`.)
 ///
 /// glibc also gives each thread that contends for the heap an arena of its own (up to 8 per
-/// core), and the blocking threads of disk I/O each fragment one: two arenas measured peak RSS
-/// 218–239 MiB where the default gave 231–265 MiB on the same workloads (tests/memory_bound.rs).
-/// (Same as `MALLOC_ARENA_MAX=2`.)
+/// core), and the blocking threads of disk I/O each fragment one. Two arenas: three runs of
+/// tests/memory_bound.rs peaked at 218–239 MiB against 251–265 MiB with the default, but later
+/// runs varied 221–280 MiB, so that test cannot tell the gain from its noise; kept as the
+/// usual setting for a server whose memory must stay bounded. (Same as `MALLOC_ARENA_MAX=2`.)
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 fn fix_mmap_threshold() {
     // SAFETY: mallopt only changes allocator tunables; it is called first thing in main,

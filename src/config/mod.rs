@@ -391,16 +391,23 @@ fn nonzero_size(path: &str, at: &Spanned<units::Size>) -> Result<u64, ConfigErro
     Ok(at.value.0)
 }
 
-fn connection_settings(s: &schema::RawServer) -> Result<ConnectionSettings, ConfigError> {
-    let d = ConnectionSettings::default();
-    let positive = |t: &Option<Spanned<units::Dur>>, key: &str, default: Duration| match t {
-        Some(v) if v.value.0.is_zero() => Err(err_at(
-            format!("server.{key}"),
-            v,
-            "must be greater than zero",
-        )),
+/// A duration that must not be zero, `default` when absent.
+fn positive_duration(
+    path: &str,
+    t: &Option<Spanned<units::Dur>>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    match t {
+        Some(v) if v.value.0.is_zero() => Err(err_at(path, v, "must be greater than zero")),
         Some(v) => Ok(v.value.0),
         None => Ok(default),
+    }
+}
+
+fn connection_settings(s: &schema::RawServer) -> Result<ConnectionSettings, ConfigError> {
+    let d = ConnectionSettings::default();
+    let positive = |t: &Option<Spanned<units::Dur>>, key: &str, default: Duration| {
+        positive_duration(&format!("server.{key}"), t, default)
     };
     // The header limits bound what one connection may make the proxy buffer; past 1 MiB
     // Pingora itself refuses the header.
@@ -604,14 +611,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             .enumerate()
             .map(|(i, s)| parse_server(&format!("{base}.servers[{i}]"), s))
             .collect::<Result<Vec<_>, _>>()?;
-        let positive = |t: &Option<Spanned<units::Dur>>, key: &str, default| match t {
-            Some(v) if v.value.0.is_zero() => Err(err_at(
-                format!("{base}.{key}"),
-                v,
-                "must be greater than zero",
-            )),
-            Some(v) => Ok(v.value.0),
-            None => Ok(default),
+        let positive = |t: &Option<Spanned<units::Dur>>, key: &str, default| {
+            positive_duration(&format!("{base}.{key}"), t, default)
         };
         let at_least_one = |t: &Option<Spanned<u32>>, key: &str, default: u32| match t {
             Some(v) if v.value == 0 => {
