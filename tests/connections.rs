@@ -210,6 +210,32 @@ async fn a_trickled_header_is_cut_off_after_header_timeout_with_408() {
     );
     assert_eq!(origin.requests(), 0, "nothing reached the origin");
     assert!(proxy.stats().await["client_header_timeouts"] >= 1);
+    assert_no_error_lines(&proxy);
+}
+
+/// Hostile or departing clients are routine: they must not write ERROR lines (any client could
+/// flood the log).
+fn assert_no_error_lines(proxy: &Proxy) {
+    let log = proxy.log();
+    let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "ERROR lines: {errors:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_downloads_are_not_errors() {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(&routes(&origin, true));
+    for cached in [false, true] {
+        for i in 0..10 {
+            let mut r = Reader::new(connect(proxy.addr));
+            r.s.write_all(&get(&format!("/obj/8388608/abort-{i}"), "example.com"))
+                .unwrap();
+            assert!(r.fill(), "the download started (cached: {cached})");
+            // Gone after the first bytes.
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_no_error_lines(&proxy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -509,6 +535,7 @@ async fn request_lines_are_strict() {
     // The limits are not off by one the other way: a large but allowed request is served.
     let fine = format!("/obj/10/{}", "a".repeat(4000));
     assert_eq!(status(&get(&fine, "example.com")), Some(200));
+    assert_no_error_lines(&proxy);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

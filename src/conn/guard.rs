@@ -192,33 +192,131 @@ impl Guarded {
         }
     }
 
-    /// Wait for the first bytes of a request, until `deadline`, without a read buffer of the
-    /// caller's: what arrives is kept (one read of at most 4 KiB) for the next `poll_read`.
-    pub fn poll_wait(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<Wait> {
-        if self.conn.phase() == Phase::Closing {
-            return Poll::Ready(Wait::Ended);
-        }
-        self.conn.register_reader(cx.waker());
-        if self.conn.phase() == Phase::Closing {
-            return Poll::Ready(Wait::Ended);
-        }
-        let mut scratch = [0u8; 4096];
-        let mut rb = ReadBuf::new(&mut scratch);
-        match Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
-            Poll::Ready(Ok(())) if !rb.filled().is_empty() => {
-                self.stash = rb.filled().to_vec();
-                self.stash_pos = 0;
-                Poll::Ready(Wait::Request)
+    /// Wait for a request, holding only this stream: until its whole header has arrived (kept
+    /// for the next reads, which Pingora parses at once), or the connection is to end. The wait
+    /// for the first byte ends after `header_timeout` on a new connection and
+    /// `keepalive_timeout` on an idle one; a header that arrives too slowly or too large is
+    /// answered (408, 414, 431) here, before Pingora has seen a byte of it, so it neither holds
+    /// Pingora's per-request state nor makes it log a broken request.
+    pub fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Wait> {
+        loop {
+            if self.reject.is_some() {
+                return self.poll_reject(cx).map(|_| Wait::Ended);
             }
-            Poll::Ready(_) => Poll::Ready(Wait::Ended),
-            Poll::Pending => {
-                if expired(&mut self.read_timer, deadline, cx) {
-                    Poll::Ready(Wait::TimedOut)
-                } else {
-                    Poll::Pending
+            let phase = self.conn.phase();
+            match phase {
+                Phase::Closing => return Poll::Ready(Wait::Ended),
+                Phase::Busy => return Poll::Ready(Wait::Request),
+                Phase::Fresh | Phase::Idle => {
+                    self.conn.register_reader(cx.waker());
+                    if self.conn.phase() == Phase::Closing {
+                        return Poll::Ready(Wait::Ended);
+                    }
+                }
+                Phase::Header => {}
+            }
+            let mut scratch = [0u8; 4096];
+            let mut rb = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if !rb.filled().is_empty() => {
+                    if phase != Phase::Header && !self.header_arrived(phase) {
+                        return Poll::Ready(Wait::Ended);
+                    }
+                    let start = self.stash.len();
+                    self.stash.extend_from_slice(rb.filled());
+                    if let Some(response) = self.scan_header(start) {
+                        self.stash = Vec::new();
+                        self.begin_reject(response);
+                    }
+                }
+                Poll::Ready(_) => return Poll::Ready(Wait::Ended),
+                Poll::Pending => {
+                    let Some(deadline) = self.read_deadline(phase) else {
+                        return Poll::Pending;
+                    };
+                    if !expired(&mut self.read_timer, deadline, cx) {
+                        return Poll::Pending;
+                    }
+                    if phase != Phase::Header {
+                        return Poll::Ready(Wait::TimedOut);
+                    }
+                    let response = self.header_timed_out();
+                    self.stash = Vec::new();
+                    self.begin_reject(response);
                 }
             }
         }
+    }
+
+    /// The first bytes of a request header arrived in `phase` (`Fresh` or `Idle`): it must be
+    /// complete within `header_timeout` (counted from the connection's start for its first
+    /// request). `false`: the table reclaimed the connection just now; it ends (a client must
+    /// retry a request raced with a keep-alive close).
+    fn header_arrived(&mut self, phase: Phase) -> bool {
+        if !self.conn.begin_header() {
+            return false;
+        }
+        let start = if phase == Phase::Fresh {
+            self.table.instant_at(self.conn.since_ms())
+        } else {
+            Instant::now()
+        };
+        self.header_deadline = Some(start + self.settings.header_timeout);
+        self.scan = HeaderScan::default();
+        true
+    }
+
+    /// Scan header bytes that just arrived: `bytes[start..]` of the stash. At the header's end
+    /// the request is busy (and bytes past it noted); over a limit, the answer to send.
+    fn scan_header_bytes(&mut self, bytes: &[u8]) -> Option<Bytes> {
+        let canned = &self.settings.canned;
+        let response = match self.scan.feed(bytes, &self.settings.limits) {
+            Scan::Partial => return None,
+            Scan::Complete(end) => {
+                if end < bytes.len() {
+                    self.conn.note_overread();
+                }
+                self.conn.begin_request();
+                self.header_deadline = None;
+                return None;
+            }
+            Scan::UriTooLong => canned.uri_too_long.clone(),
+            Scan::TooLarge => canned.too_large.clone(),
+        };
+        self.table
+            .stats
+            .oversize_rejected
+            .fetch_add(1, Ordering::Relaxed);
+        log::info!(
+            "client {}: request header over the limits (max_uri_size {}, max_header_size {}): {}",
+            peer(&self.inner),
+            self.settings.limits.max_uri,
+            self.settings.limits.max_header,
+            String::from_utf8_lossy(&response[9..12])
+        );
+        Some(response)
+    }
+
+    /// [`Guarded::scan_header_bytes`] over the stash from `start`.
+    fn scan_header(&mut self, start: usize) -> Option<Bytes> {
+        let stash = std::mem::take(&mut self.stash);
+        let response = self.scan_header_bytes(&stash[start..]);
+        self.stash = stash;
+        response
+    }
+
+    /// The header did not arrive within `header_timeout`: the 408 to send.
+    fn header_timed_out(&mut self) -> Bytes {
+        self.table
+            .stats
+            .header_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+        log::info!(
+            "client {}: request header not complete within header_timeout {:?}: 408",
+            peer(&self.inner),
+            self.settings.header_timeout
+        );
+        self.settings.canned.timeout.clone()
     }
 
     /// Hand stashed bytes to `buf`; whether there were any.
@@ -247,7 +345,8 @@ impl Guarded {
         }
     }
 
-    fn start_reject(&mut self, response: Bytes, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Answer `response` and close: driven by [`Guarded::poll_reject`].
+    fn begin_reject(&mut self, response: Bytes) {
         self.reject = Some(Reject {
             response,
             until: Instant::now() + LINGER,
@@ -257,7 +356,6 @@ impl Guarded {
         });
         self.conn.begin_request();
         self.header_deadline = None;
-        self.poll_reject(cx)
     }
 
     /// Write the answer, half-close, then drop input until the client closes or the linger
@@ -362,71 +460,33 @@ impl AsyncRead for Guarded {
         if phase == Phase::Closing {
             return Poll::Ready(Ok(()));
         }
+        // A header the wait collected: already scanned, handed over as it is.
+        if this.take_stash(buf) {
+            return Poll::Ready(Ok(()));
+        }
+        // Otherwise Pingora reads the socket itself (it may hold the start of a pipelined
+        // request): the same limits, applied as the bytes pass.
         let waiting = matches!(phase, Phase::Fresh | Phase::Idle);
         if waiting {
             this.conn.register_reader(cx.waker());
         }
         let before = buf.filled().len();
-        let read = if this.take_stash(buf) {
-            Poll::Ready(Ok(()))
-        } else {
-            Pin::new(&mut this.inner).poll_read(cx, buf)
-        };
-        match read {
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
-                let mut phase = phase;
-                if waiting {
-                    if !this.conn.begin_header() {
-                        // Reclaimed just now: the connection ends, as it would have a moment
-                        // earlier (a client must retry a request raced with a close).
-                        buf.set_filled(before);
-                        return Poll::Ready(Ok(()));
-                    }
-                    let start = if phase == Phase::Fresh {
-                        this.table.instant_at(this.conn.since_ms())
-                    } else {
-                        Instant::now()
-                    };
-                    this.header_deadline = Some(start + this.settings.header_timeout);
-                    this.scan = HeaderScan::default();
-                    phase = Phase::Header;
+                if waiting && !this.header_arrived(phase) {
+                    buf.set_filled(before);
+                    return Poll::Ready(Ok(()));
                 }
-                if phase == Phase::Header {
-                    let canned = &this.settings.canned;
-                    let reject = match this
-                        .scan
-                        .feed(&buf.filled()[before..], &this.settings.limits)
-                    {
-                        Scan::Partial => None,
-                        Scan::Complete(end) => {
-                            if end < buf.filled().len() - before {
-                                this.conn.note_overread();
-                            }
-                            this.conn.begin_request();
-                            this.header_deadline = None;
-                            None
+                match this.conn.phase() {
+                    Phase::Header => {
+                        if let Some(response) = this.scan_header_bytes(&buf.filled()[before..]) {
+                            buf.set_filled(before);
+                            this.begin_reject(response);
+                            return this.poll_reject(cx);
                         }
-                        Scan::UriTooLong => Some(canned.uri_too_long.clone()),
-                        Scan::TooLarge => Some(canned.too_large.clone()),
-                    };
-                    if let Some(response) = reject {
-                        this.table
-                            .stats
-                            .oversize_rejected
-                            .fetch_add(1, Ordering::Relaxed);
-                        log::info!(
-                            "client {}: request header over the limits (max_uri_size {}, max_header_size {}): {}",
-                            peer(&this.inner),
-                            this.settings.limits.max_uri,
-                            this.settings.limits.max_header,
-                            String::from_utf8_lossy(&response[9..12])
-                        );
-                        buf.set_filled(before);
-                        return this.start_reject(response, cx);
                     }
-                }
-                if phase == Phase::Busy {
-                    this.conn.note_overread();
+                    Phase::Busy => this.conn.note_overread(),
+                    _ => {}
                 }
                 Poll::Ready(Ok(()))
             }
@@ -438,31 +498,19 @@ impl AsyncRead for Guarded {
                 if !expired(&mut this.read_timer, deadline, cx) {
                     return Poll::Pending;
                 }
-                match phase {
-                    Phase::Header => {
-                        this.table
-                            .stats
-                            .header_timeouts
-                            .fetch_add(1, Ordering::Relaxed);
-                        log::info!(
-                            "client {}: request header not complete within header_timeout {:?}: 408",
-                            peer(&this.inner),
-                            this.settings.header_timeout
-                        );
-                        let response = this.settings.canned.timeout.clone();
-                        this.start_reject(response, cx)
-                    }
-                    _ => {
-                        if phase == Phase::Idle {
-                            this.table
-                                .stats
-                                .keepalive_closed
-                                .fetch_add(1, Ordering::Relaxed);
-                        }
-                        // End of stream: Pingora closes a connection that sent nothing quietly.
-                        Poll::Ready(Ok(()))
-                    }
+                if phase == Phase::Header {
+                    let response = this.header_timed_out();
+                    this.begin_reject(response);
+                    return this.poll_reject(cx);
                 }
+                if phase == Phase::Idle {
+                    this.table
+                        .stats
+                        .keepalive_closed
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                // End of stream: Pingora closes a connection that sent nothing quietly.
+                Poll::Ready(Ok(()))
             }
         }
     }

@@ -7,7 +7,8 @@
 //!  accept ─► ConnTable::admit ──none idle at the cap──► 503, close
 //!               │ (oldest idle connections reclaimed to make room)
 //!               ▼
-//!   Guarded stream ─► loop { wait for a request's first byte (only the stream held: ~12 KiB)
+//!   Guarded stream ─► loop { wait for a request's whole header (only the stream held: ~12 KiB;
+//!                              408/414/431 answered here)
 //!                            HttpServerApp::process_new_http(session) ─► kept alive? ─► Idle }
 //! ```
 //!
@@ -129,15 +130,11 @@ async fn refuse(mut stream: Stream, guard: &GuardSettings) {
 /// stream. Its first bytes stay in the stream for Pingora. A shutdown reclaims idle
 /// connections through the table ([`Front`]'s `cleanup`), so no shutdown watch is polled here:
 /// it would take the watch's lock, shared by every connection, once per request.
-async fn wait_for_request(
-    stream: &mut Guarded,
-    deadline: std::time::Instant,
-    shutdown: &ShutdownWatch,
-) -> Wait {
+async fn wait_for_request(stream: &mut Guarded, shutdown: &ShutdownWatch) -> Wait {
     if *shutdown.borrow() {
         return Wait::Ended;
     }
-    std::future::poll_fn(|cx| stream.poll_wait(cx, deadline)).await
+    std::future::poll_fn(|cx| stream.poll_wait(cx)).await
 }
 
 /// The guarded stream back from Pingora (it is always ours).
@@ -166,8 +163,7 @@ where
             self.table.clone(),
             self.guard.clone(),
         ));
-        let first_deadline = self.table.instant_at(conn.since_ms()) + self.guard.header_timeout;
-        if wait_for_request(&mut stream, first_deadline, shutdown).await != Wait::Request {
+        if wait_for_request(&mut stream, shutdown).await != Wait::Request {
             return None;
         }
         let mut session = ServerSession::new_http1(stream);
@@ -187,18 +183,17 @@ where
             session.set_connection_user_context(Some(Box::new(RequestTicket(conn.clone()))));
             let reused = self.app.process_new_http(session, shutdown).await?;
             let (stream, next) = reused.consume();
-            let idle_since = self.table.now_ms();
-            conn.set_idle(idle_since);
+            conn.set_idle(self.table.now_ms());
             // Unless the next request may already be in Pingora's hands (bytes came past the
             // header: a body or a pipelined request), wait for it here, holding only the
             // stream, not Pingora's per-request state (about 14 KiB less per idle connection).
             let stream: Stream = if conn.take_overread() {
                 stream
             } else {
-                let keepalive = self.guard.keepalive_timeout?;
-                let deadline = self.table.instant_at(idle_since) + keepalive;
+                // Without keep-alive Pingora does not reuse; never wait forever here.
+                self.guard.keepalive_timeout?;
                 let mut stream = guarded(stream)?;
-                match wait_for_request(&mut stream, deadline, shutdown).await {
+                match wait_for_request(&mut stream, shutdown).await {
                     Wait::Request => stream,
                     Wait::TimedOut => {
                         self.table

@@ -318,6 +318,13 @@ impl ProxyHttp for Edge {
         crate::conn::request_started(prev_ctx);
     }
 
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
+        // A client that left mid-response is routine (aborted downloads, players seeking):
+        // `fail_to_proxy` logs it at debug, and Pingora's own ERROR line for it would let any
+        // client flood the log.
+        respond::status_for_error(error) == respond::CLIENT_CLOSED
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
         ctx.request_id =
