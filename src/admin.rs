@@ -1,5 +1,6 @@
 //! The admin endpoint (`admin.listen`): `GET /healthz` answers `ok` while the process serves;
-//! `GET /stats` reports cache occupancy.
+//! `GET /stats` reports cache occupancy. Calls that change anything are `POST`s carrying
+//! `Authorization: Bearer <admin.token>` (see [`AdminApp::authorize`]).
 //! It must stay cheap and never touch the data path's locks.
 
 use crate::cache::store::ChunkCache;
@@ -103,6 +104,60 @@ pub struct AdminApp {
     pub admin_connections: Option<Arc<ConnTable>>,
     /// Access-log lines dropped because the writer could not keep up.
     pub access_log_dropped: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// `admin.token`: required by every mutating call; `None` refuses them all.
+    pub token: Option<String>,
+}
+
+impl AdminApp {
+    /// A mutating call is allowed only as a `POST` with `Authorization: Bearer <admin.token>`:
+    /// `Err` is the answer otherwise (405, 401 without or with a wrong token, 403 when no token
+    /// is configured).
+    fn authorize(&self, session: &ServerSession) -> Result<(), Response<Vec<u8>>> {
+        let req = session.req_header();
+        if req.method != http::Method::POST {
+            let mut r = text(405, "use POST\n");
+            r.headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+            return Err(r);
+        }
+        let Some(token) = self.token.as_deref() else {
+            return Err(text(
+                403,
+                "mutating admin calls are off: set admin.token in the config\n",
+            ));
+        };
+        let given = req
+            .headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer);
+        match given {
+            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(()),
+            _ => {
+                let mut r = text(401, "admin.token required: Authorization: Bearer <token>\n");
+                r.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer realm=\"edgeslice admin\""),
+                );
+                Err(r)
+            }
+        }
+    }
+}
+
+/// The credentials of an `Authorization: Bearer <token>` field (the scheme is case-insensitive).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Compares without stopping at the first difference, so response time says nothing about how
+/// much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn text(status: u16, body: &str) -> Response<Vec<u8>> {
@@ -124,5 +179,26 @@ impl ServeHttp for AdminApp {
             "/stats" => text(200, &self.stats()),
             _ => text(404, "not found\n"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_credentials() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Bearer"), None);
+    }
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"s3cret-token", b"s3cret-token"));
+        assert!(!constant_time_eq(b"s3cret-token", b"s3cret-tokem"));
+        assert!(!constant_time_eq(b"s3cret", b"s3cret-token"));
     }
 }

@@ -132,6 +132,7 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
             connections: Some(client_table),
             admin_connections: Some(admin_table.clone()),
             access_log_dropped: access_log.map(|(_, dropped)| dropped),
+            token: config.admin_token.clone(),
         };
         let front = Front::with_table(app, connections, admin_table);
         let mut listeners = Listeners::new();

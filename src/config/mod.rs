@@ -63,6 +63,9 @@ pub struct Config {
     pub server: ServerSettings,
     pub listen: Vec<SocketAddr>,
     pub admin_listen: Option<SocketAddr>,
+    /// `admin.token`: the bearer token every mutating admin call must carry; `None` = such
+    /// calls are refused.
+    pub admin_token: Option<String>,
     pub cache: CacheSettings,
     pub upstreams: BTreeMap<String, Arc<UpstreamSettings>>,
     pub routes: Vec<Arc<Route>>,
@@ -515,6 +518,20 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         Some(a) => Some(parse_addr("admin.listen", &a.listen)?),
         None => None,
     };
+    let admin_token = match raw.admin.as_ref().and_then(|a| a.token.as_ref()) {
+        Some(t) => {
+            let v = t.value.trim();
+            if v.len() < 8 || !v.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(err_at(
+                    "admin.token",
+                    t,
+                    "must be at least 8 visible ASCII characters (no spaces)",
+                ));
+            }
+            Some(v.to_string())
+        }
+        None => None,
+    };
 
     let c = raw.cache;
     let chunk_size = match &c.chunk_size {
@@ -902,6 +919,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         server,
         listen,
         admin_listen,
+        admin_token,
         cache,
         upstreams,
         routes,

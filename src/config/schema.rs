@@ -90,6 +90,7 @@ pub struct RawServer {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: Spanned<String>,
+    pub token: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -59,6 +59,7 @@ fn good_config_parses() {
     assert_eq!(c.upstreams["origin"].servers.len(), 2);
     assert_eq!(c.upstreams["origin"].read_timeout, Duration::from_secs(5));
     assert_eq!(c.admin_listen, Some("127.0.0.1:9180".parse().unwrap()));
+    assert_eq!(c.admin_token, None);
     assert!(c.route("a.example.com", "/x").is_some());
     assert!(
         c.route("example.com", "/x").is_none(),
@@ -553,4 +554,24 @@ fn connection_keys_have_defaults_and_are_checked() {
         3,
         "between",
     );
+}
+
+#[test]
+fn admin_token_is_checked() {
+    let with = |token: &str| {
+        Config::from_yaml(&format!(
+            "listen: [\"127.0.0.1:8080\"]\nadmin:\n  listen: 127.0.0.1:9180\n  token: {token}\nupstreams:\n  o:\n    servers: [\"127.0.0.1:1\"]\nroutes:\n  - upstream: o\n"
+        ))
+    };
+    assert_eq!(
+        with("s3cret-token")
+            .expect("valid token")
+            .admin_token
+            .as_deref(),
+        Some("s3cret-token")
+    );
+    let e = with("short").expect_err("too short");
+    assert_eq!(e.path, "admin.token");
+    assert_eq!(e.line, Some(4));
+    assert!(with("\"has space in it\"").is_err());
 }
