@@ -217,10 +217,9 @@ impl Metrics {
         };
         m.register(build);
         // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
-        if let Err(e) = m
-            .registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
-        {
+        if let Err(e) = m.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )) {
             log::error!("metrics: {e}");
         }
         m
