@@ -16,7 +16,7 @@
 mod common;
 
 use common::origin::{content, Fault, Origin};
-use common::proxy::free_port;
+use common::proxy::{free_port, Proxy};
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -25,6 +25,10 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+
+const DASHBOARD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/grafana/edgeslice.json");
+const RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/prometheus-rules.yml");
+const SCRAPE_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/prometheus.yml");
 
 // ---------------------------------------------------------------------------------------------
 // Plain HTTP/1.1 over std sockets (one request per connection), bounded by timeouts.
@@ -463,4 +467,509 @@ fn upgrade_scenario(slow: Arc<Origin>, slow_addr: SocketAddr, fast_addr: SocketA
     let after = get(addr, "fast", &probe_path(0), Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("B does not answer: {e:?}"));
     assert_eq!(after.status, 200);
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a)–(c) The dashboard, the rules and the metrics a running edgeslice exposes.
+
+/// Panels operators rely on (issue 12): the dashboard must keep these titles.
+const REQUIRED_PANELS: &[&str] = &[
+    "Requests by cache result",
+    "Hit ratio (requests and bytes)",
+    "Response throughput by cache result",
+    "Latency percentiles (time to last byte)",
+    "Origin requests by server and outcome",
+    "Origin errors by server",
+    "Origin traffic by server",
+    "Retries and resumes",
+    "Retry ratio",
+    "Breaker state",
+    "Breaker transitions",
+    "Cache occupancy vs capacity",
+    "Connections",
+    "Shaping",
+    "Shaping clients and refusals",
+];
+
+/// A proxy with one route of each kind, by host: the default caching route, `pass`
+/// (pass-through), `flaky` (an upstream whose first server refuses connections, with a breaker
+/// that trips at once, so misses there are retried on the second) and `shaped` (paced, one
+/// download per client).
+fn workload_config(origin: &Origin, dead: SocketAddr) -> String {
+    let o = origin.addr();
+    format!(
+        "cache:\n  chunk_size: 64KiB\n  memory:\n    capacity: 16MiB\n  disk:\n    path: {{DIR}}/cache\n    capacity: 16MiB\n\
+         upstreams:\n  origin:\n    servers: [\"{o}\"]\n    connect_timeout: 500ms\n    read_timeout: 2s\n\
+         \x20 flaky:\n    servers: [\"{dead}\", \"{o}\"]\n    connect_timeout: 500ms\n    read_timeout: 2s\n    circuit_breaker: {{failure_threshold: 1, open_for: 1s}}\n    retry: {{attempts: 3, backoff: 1ms}}\n\
+         shaping:\n  classes:\n    slow:\n      rate: 256KiB/s\n      burst: 16KiB\n      max_downloads: 1\n\
+         routes:\n  - host: pass\n    upstream: origin\n    cache: false\n  - host: flaky\n    upstream: flaky\n  - host: shaped\n    upstream: origin\n    shaping: slow\n  - path_prefix: /\n    upstream: origin\n"
+    )
+}
+
+/// A loopback address nothing listens on (the port was just free).
+fn dead_addr() -> SocketAddr {
+    format!("127.0.0.1:{}", free_port()).parse().unwrap()
+}
+
+/// Start a proxy, drive a small workload through it (a miss, a hit, a pass-through, an origin
+/// error, an application 404, retried misses on a refusing server, a shaped download and one
+/// refused beside it) and return the proxy with its `/metrics` text.
+async fn scraped(origin: &Origin) -> (Proxy, String) {
+    origin.set_cache_control(Some("max-age=3600"));
+    let yaml = workload_config(origin, dead_addr());
+    let proxy = tokio::task::spawn_blocking(move || Proxy::start(&yaml))
+        .await
+        .expect("proxy start");
+    let addr = proxy.addr;
+    tokio::task::spawn_blocking(move || workload(addr))
+        .await
+        .expect("workload");
+    let text = metrics_text(&proxy).await;
+    (proxy, text)
+}
+
+fn workload(addr: SocketAddr) {
+    let t = Duration::from_secs(10);
+    let expect = |host: &str, path: &str, status: u16| {
+        let r = get(addr, host, path, t).unwrap_or_else(|e| panic!("GET {host}{path}: {e:?}"));
+        assert_eq!(r.status, status, "GET {host}{path}");
+        r
+    };
+    expect("default", "/obj/100000/a", 200); // miss
+    expect("default", "/obj/100000/a", 200); // hit
+    expect("pass", "/obj/3000/p", 200); // pass-through
+    expect("default", "/status/503/e", 503); // an origin error
+    expect("pass", "/nothing", 404);
+    for i in 0..4 {
+        expect("flaky", &format!("/obj/5000/f{i}"), 200); // retried past the dead server
+    }
+    // A shaped download, and a second one beside it refused (max_downloads 1).
+    let first = std::thread::spawn(move || get(addr, "shaped", "/obj/262144/s", t));
+    std::thread::sleep(Duration::from_millis(150));
+    let second = get(addr, "shaped", "/obj/262144/s2", t).expect("second shaped GET");
+    let first = first.join().expect("shaped download").expect("shaped GET");
+    assert_eq!(first.status, 200);
+    assert_eq!(first.body.len(), 262144);
+    assert_eq!(second.status, 429, "the second download of one client");
+}
+
+async fn metrics_text(proxy: &Proxy) -> String {
+    let r = common::client()
+        .get(format!("http://{}/metrics", proxy.admin))
+        .send()
+        .await
+        .expect("GET /metrics");
+    let status = r.status();
+    let text = r.text().await.expect("/metrics body");
+    assert_eq!(status, 200, "GET /metrics: {text}");
+    text
+}
+
+/// Names in an exposition: family names (`# HELP`/`# TYPE`) and sample names (a histogram's
+/// `_bucket`, `_sum` and `_count` among them).
+fn exposed_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line
+            .strip_prefix("# TYPE ")
+            .or_else(|| line.strip_prefix("# HELP "))
+        {
+            if let Some(name) = rest.split_whitespace().next() {
+                out.insert(name.to_string());
+            }
+        } else if !line.starts_with('#') && !line.trim().is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            out.insert(line[..end].to_string());
+        }
+    }
+    out
+}
+
+/// Every `edgeslice_[a-z0-9_]+` identifier in `expr`.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    const PREFIX: &str = "edgeslice_";
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let mut out = BTreeSet::new();
+    let mut from = 0;
+    while let Some(i) = expr[from..].find(PREFIX) {
+        let start = from + i;
+        let end = start
+            + expr[start..]
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(expr.len() - start);
+        let before_ok = !expr[..start].chars().next_back().is_some_and(ident);
+        if before_ok && end > start + PREFIX.len() {
+            out.insert(expr[start..end].to_string());
+        }
+        from = end.max(start + 1);
+    }
+    out
+}
+
+/// The string values of `keys` anywhere under `v`, each with its path.
+fn strings_under(
+    v: &serde_json::Value,
+    keys: &[&str],
+    path: &str,
+    out: &mut Vec<(String, String)>,
+) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                let p = format!("{path}.{k}");
+                match x {
+                    serde_json::Value::String(s) if keys.contains(&k.as_str()) => {
+                        out.push((p, s.clone()))
+                    }
+                    _ => strings_under(x, keys, &p, out),
+                }
+            }
+        }
+        serde_json::Value::Array(a) => {
+            for (i, x) in a.iter().enumerate() {
+                strings_under(x, keys, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn dashboard() -> serde_json::Value {
+    let text = std::fs::read_to_string(DASHBOARD).expect("read the dashboard");
+    serde_json::from_str(&text).expect("the dashboard is not valid JSON")
+}
+
+fn rules() -> serde_json::Value {
+    let text = std::fs::read_to_string(RULES).expect("read the rules");
+    serde_saphyr::from_str(&text).expect("the rules are not valid YAML")
+}
+
+/// Every panel, those inside collapsed rows included.
+fn panels(d: &serde_json::Value) -> Vec<&serde_json::Value> {
+    let mut out = Vec::new();
+    for p in d["panels"].as_array().expect("dashboard.panels") {
+        out.push(p);
+        if let Some(inner) = p["panels"].as_array() {
+            out.extend(inner);
+        }
+    }
+    out
+}
+
+/// `(where, expression)` of every PromQL expression in the dashboard (panel targets) and the
+/// rules; template variable queries separately (they are Grafana's `label_values(...)`).
+fn dashboard_exprs(d: &serde_json::Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    strings_under(&d["panels"], &["expr"], "panels", &mut out);
+    out
+}
+
+fn rule_exprs(r: &serde_json::Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    strings_under(r, &["expr"], "rules", &mut out);
+    out
+}
+
+fn variable_queries(d: &serde_json::Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    strings_under(
+        &d["templating"],
+        &["query", "definition"],
+        "templating",
+        &mut out,
+    );
+    out
+}
+
+#[test]
+fn dashboard_has_the_required_panels_and_no_empty_query() {
+    let d = dashboard();
+    let datasource = d["templating"]["list"]
+        .as_array()
+        .expect("templating.list")
+        .iter()
+        .find(|v| v["type"] == "datasource")
+        .expect("a datasource variable");
+    assert_eq!(datasource["query"], "prometheus");
+    let var = format!("${{{}}}", datasource["name"].as_str().unwrap());
+    let all = panels(&d);
+    let titles: BTreeSet<&str> = all.iter().filter_map(|p| p["title"].as_str()).collect();
+    for want in REQUIRED_PANELS {
+        assert!(
+            titles.contains(want),
+            "no panel titled {want:?}; have {titles:?}"
+        );
+    }
+    let mut ids = BTreeSet::new();
+    for p in &all {
+        let title = p["title"].as_str().unwrap_or("?");
+        assert!(
+            ids.insert(p["id"].as_u64().expect("panel id")),
+            "duplicate id in {title}"
+        );
+        assert!(p["gridPos"]["w"].as_u64().is_some(), "{title}: no gridPos");
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], var.as_str(), "{title}: datasource");
+        let targets = p["targets"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+        assert!(!targets.is_empty(), "{title}: no query");
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap_or("");
+            assert!(!expr.trim().is_empty(), "{title}: empty expr");
+            assert!(
+                !metric_names(expr).is_empty(),
+                "{title}: {expr} reads no edgeslice metric"
+            );
+        }
+    }
+    let rules = rule_exprs(&rules());
+    assert!(rules.len() >= 2, "rules: {rules:?}");
+    assert!(rules.iter().all(|(_, e)| !e.trim().is_empty()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_and_rules_query_only_metrics_the_binary_exposes() {
+    let origin = Origin::start().await;
+    let (_proxy, text) = scraped(&origin).await;
+    let exposed = exposed_names(&text);
+    let d = dashboard();
+    let mut queries = dashboard_exprs(&d);
+    queries.extend(variable_queries(&d));
+    queries.extend(rule_exprs(&rules()));
+    let mut used = BTreeSet::new();
+    let mut missing = Vec::new();
+    for (at, expr) in &queries {
+        for name in metric_names(expr) {
+            if !exposed.contains(&name) {
+                missing.push(format!("{name} (in {at})"));
+            }
+            used.insert(name);
+        }
+    }
+    let exposed_edgeslice: Vec<_> = exposed
+        .iter()
+        .filter(|n| n.starts_with("edgeslice_"))
+        .collect();
+    eprintln!(
+        "{} queries use {} metric names; /metrics exposes {} edgeslice names",
+        queries.len(),
+        used.len(),
+        exposed_edgeslice.len()
+    );
+    assert!(
+        missing.is_empty(),
+        "queried but not exposed:\n{}\n\nexposed: {exposed_edgeslice:?}",
+        missing.join("\n")
+    );
+}
+
+/// Run `promtool` with `args`, `stdin` piped in; its exit status and output.
+fn promtool(args: &[&str], stdin: &str) -> (ExitStatus, String) {
+    let mut child = Command::new("promtool")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run promtool ({e}): install Debian's prometheus (apt-get install prometheus)")
+        });
+    let mut input = child.stdin.take().expect("promtool stdin");
+    let stdin = stdin.to_string();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(stdin.as_bytes());
+    });
+    let out = child.wait_with_output().expect("promtool output");
+    let _ = writer.join();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promtool_accepts_the_metrics_the_rules_and_the_scrape_config() {
+    let origin = Origin::start().await;
+    let (_proxy, text) = scraped(&origin).await;
+    let (status, out) = promtool(&["check", "metrics"], &text);
+    eprintln!("promtool check metrics: {status}\n{out}");
+    assert!(
+        status.success(),
+        "promtool check metrics failed ({status}):\n{out}\n--- scraped text ---\n{text}"
+    );
+    for args in [
+        &["check", "rules", RULES][..],
+        &["check", "config", SCRAPE_CONFIG][..],
+    ] {
+        let (status, out) = promtool(args, "");
+        assert!(
+            status.success(),
+            "promtool {args:?} failed ({status}):\n{out}"
+        );
+    }
+}
+
+/// A real Prometheus on a free loopback port, scraping `target` every second with the example
+/// rules loaded; killed on drop.
+fn start_prometheus(dir: &Path, target: SocketAddr) -> (Owned, SocketAddr) {
+    let conf = dir.join("prometheus.yml");
+    std::fs::write(
+        &conf,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {RULES}\n\
+             scrape_configs:\n  - job_name: edgeslice\n    metrics_path: /metrics\n    static_configs:\n      - targets: [\"{target}\"]\n"
+        ),
+    )
+    .expect("prometheus.yml");
+    let mut last = String::new();
+    for attempt in 0..3 {
+        let web: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new("prometheus");
+        cmd.arg(format!("--config.file={}", conf.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={web}"));
+        let mut p = Owned::spawn(
+            "prometheus",
+            &mut cmd,
+            dir.join(format!("prometheus-{attempt}.log")),
+        );
+        let ready = wait_until(Duration::from_secs(15), || {
+            p.exited().is_some()
+                || get(web, "prometheus", "/-/ready", Duration::from_secs(1))
+                    .is_ok_and(|r| r.status == 200)
+        });
+        if ready && p.exited().is_none() {
+            return (p, web);
+        }
+        last = p.log();
+    }
+    panic!("prometheus did not start:\n{last}");
+}
+
+/// `GET /api/v1/<path>` with `query` on Prometheus, as JSON.
+async fn prometheus_api(web: SocketAddr, path: &str, query: &[(&str, &str)]) -> serde_json::Value {
+    let r = common::client()
+        .get(format!("http://{web}/api/v1/{path}"))
+        .query(query)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("prometheus /api/v1/{path}: {e}"));
+    let text = r.text().await.expect("prometheus body");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("prometheus /api/v1/{path}: {e}: {text}"))
+}
+
+/// A dashboard expression as Prometheus can evaluate it: Grafana's variables replaced.
+fn without_variables(expr: &str) -> String {
+    let expr = expr
+        .replace("$__rate_interval", "1m")
+        .replace("$__interval", "1m");
+    let mut out = String::new();
+    let mut chars = expr.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        // `$name` or `${name}`: every other variable is a multi-value label matcher.
+        if chars.peek() == Some(&'{') {
+            for c in chars.by_ref() {
+                if c == '}' {
+                    break;
+                }
+            }
+        } else {
+            while chars
+                .peek()
+                .is_some_and(|c| c.is_ascii_alphanumeric() || *c == '_')
+            {
+                chars.next();
+            }
+        }
+        out.push_str(".*");
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_admin_listener_and_evaluates_every_query() {
+    let origin = Origin::start().await;
+    let (proxy, _) = scraped(&origin).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().to_path_buf();
+    let admin = proxy.admin;
+    let (prometheus, web) = tokio::task::spawn_blocking(move || start_prometheus(&dir, admin))
+        .await
+        .expect("start prometheus");
+    let t0 = Instant::now();
+    let up = loop {
+        let v = prometheus_api(web, "query", &[("query", "up")]).await;
+        let result = v["data"]["result"].as_array().cloned().unwrap_or_default();
+        if let Some(s) = result.iter().find(|s| s["metric"]["job"] == "edgeslice") {
+            if s["value"][1] == "1" {
+                break t0.elapsed();
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "no up == 1 for the edgeslice target within 30 s: {v}\ntargets: {}\nprometheus log:\n{}",
+            prometheus_api(web, "targets", &[]).await,
+            tail(&prometheus.log(), 40)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("prometheus: up == 1 after {up:?}");
+    // The scraped samples are there, under the names the dashboard reads.
+    let v = prometheus_api(
+        web,
+        "query",
+        &[("query", "sum(edgeslice_http_requests_total)")],
+    )
+    .await;
+    assert!(
+        v["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|s| s.parse::<f64>().ok())
+            .is_some_and(|n| n > 0.0),
+        "no edgeslice_http_requests_total in prometheus: {v}"
+    );
+    // Every dashboard expression is valid PromQL.
+    let d = dashboard();
+    let exprs = dashboard_exprs(&d);
+    for (at, expr) in &exprs {
+        let q = without_variables(expr);
+        let v = prometheus_api(web, "query", &[("query", q.as_str())]).await;
+        assert_eq!(v["status"], "success", "{at}: {q}\n{v}");
+    }
+    // The alert rules are loaded and evaluate without error.
+    let want_rules = rule_exprs(&rules()).len();
+    let t1 = Instant::now();
+    loop {
+        let v = prometheus_api(web, "rules", &[]).await;
+        let loaded: Vec<serde_json::Value> = v["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
+        let healthy = loaded.iter().filter(|r| r["health"] == "ok").count();
+        if loaded.len() == want_rules && healthy == want_rules {
+            break;
+        }
+        assert!(
+            t1.elapsed() < Duration::from_secs(15),
+            "rules not all loaded and healthy: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "prometheus: {} dashboard expressions evaluated, rules healthy after {:?}",
+        exprs.len(),
+        t1.elapsed()
+    );
 }
