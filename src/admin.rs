@@ -5,11 +5,14 @@
 
 use crate::cache::store::ChunkCache;
 use crate::conn::table::ConnTable;
+use crate::metrics::{one, Metrics, Pulled};
+use crate::origin::outcome::FailureClass;
 use crate::origin::ResilienceStats;
 use async_trait::async_trait;
 use http::Response;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 impl AdminApp {
@@ -106,12 +109,247 @@ pub struct AdminApp {
     pub access_log_dropped: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// `admin.token`: required by every mutating call; `None` refuses them all.
     pub token: Option<String>,
+    /// The registry `GET /metrics` renders.
+    pub metrics: Arc<Metrics>,
+}
+
+fn load(v: &AtomicU64) -> f64 {
+    v.load(Ordering::Relaxed) as f64
+}
+
+impl AdminApp {
+    /// Adds to the registry the figures read at scrape time from what this view holds: the
+    /// same sources `/stats` prints, so the two never disagree.
+    pub fn register_figures(&self) {
+        let m = &self.metrics;
+        let cache = self.cache.clone();
+        m.register(Pulled::gauge(
+            "edgeslice_cache_bytes",
+            "Bytes stored in the cache, by tier.",
+            &["tier"],
+            move || {
+                vec![
+                    (vec!["memory".into()], cache.memory_weight() as f64),
+                    (vec!["disk".into()], cache.disk_used() as f64),
+                ]
+            },
+        ));
+        let cache = self.cache.clone();
+        m.register(Pulled::gauge(
+            "edgeslice_cache_capacity_bytes",
+            "Configured capacity of each cache tier (0: no disk tier).",
+            &["tier"],
+            move || {
+                vec![
+                    (vec!["memory".into()], cache.memory_capacity() as f64),
+                    (vec!["disk".into()], cache.disk_capacity() as f64),
+                ]
+            },
+        ));
+        let cache = self.cache.clone();
+        m.register(Pulled::gauge(
+            "edgeslice_cache_fills_in_flight",
+            "Chunk fills in progress or held by readers.",
+            &[],
+            move || one(cache.flights.len() as f64),
+        ));
+        let cache = self.cache.clone();
+        m.register(Pulled::counter(
+            "edgeslice_cache_coalesced_total",
+            "Chunk reads that joined a fetch already in flight instead of asking the origin.",
+            &[],
+            move || one(cache.flights.coalesced() as f64),
+        ));
+        let cache = self.cache.clone();
+        m.register(Pulled::counter(
+            "edgeslice_cache_disk_write_errors_total",
+            "Chunk writes to the disk tier that failed.",
+            &[],
+            move || one(cache.disk_write_errors() as f64),
+        ));
+        let cache = self.cache.clone();
+        m.register(Pulled::counter(
+            "edgeslice_cache_disk_writes_skipped_total",
+            "Chunk copies not written to disk because its queue was full or writes were paused.",
+            &[],
+            move || one(cache.disk_writes_skipped() as f64),
+        ));
+        let r = self.stats.clone();
+        m.register(Pulled::counter(
+            "edgeslice_cache_stale_served_total",
+            "Responses served from an expired copy because every origin failed (stale-if-error).",
+            &[],
+            move || one(load(&r.stale_served)),
+        ));
+        let r = self.stats.clone();
+        m.register(Pulled::counter(
+            "edgeslice_origin_retries_over_budget_total",
+            "Retries not made because the upstream's retry budget was spent.",
+            &[],
+            move || one(load(&r.retries_over_budget)),
+        ));
+        let r = self.stats.clone();
+        m.register(Pulled::counter(
+            "edgeslice_origin_panic_routed_total",
+            "Tries sent to an ejected server because every server of the group was ejected or down.",
+            &[],
+            move || one(load(&r.all_ejected)),
+        ));
+        let r = self.stats.clone();
+        m.register(Pulled::counter(
+            "edgeslice_origin_ejections_capped_total",
+            "Breaker trips held back by max_ejected_percent.",
+            &[],
+            move || one(load(&r.ejections_capped)),
+        ));
+        let r = self.stats.clone();
+        m.register(Pulled::counter(
+            "edgeslice_origin_gateway_uncharged_total",
+            "502/503/504 answers charged to no server (alone, or every server failed the request).",
+            &[],
+            move || one(load(&r.gateway_uncharged)),
+        ));
+        let r = self.stats.clone();
+        m.register(Pulled::counter(
+            "edgeslice_origin_failures_charged_total",
+            "Failures charged to servers' circuit breakers, by class.",
+            &["class"],
+            move || {
+                FailureClass::ALL
+                    .iter()
+                    .map(|c| (vec![c.as_str().to_string()], r.failures_of(*c) as f64))
+                    .collect()
+            },
+        ));
+        let tables: Vec<(&'static str, Arc<ConnTable>)> = [
+            ("client", &self.connections),
+            ("admin", &self.admin_connections),
+        ]
+        .into_iter()
+        .filter_map(|(n, t)| t.clone().map(|t| (n, t)))
+        .collect();
+        let tables = Arc::new(tables);
+        type ConnFigure = fn(&ConnTable) -> f64;
+        let conn: [(&str, &str, bool, ConnFigure); 9] = [
+            (
+                "edgeslice_connections_open",
+                "Client connections open, by listener.",
+                false,
+                |t| t.open() as f64,
+            ),
+            (
+                "edgeslice_connections_max",
+                "The cap of open connections (server.max_connections), by listener.",
+                false,
+                |t| t.max() as f64,
+            ),
+            (
+                "edgeslice_connections_accepted_total",
+                "Connections accepted.",
+                true,
+                |t| load(&t.stats.accepted),
+            ),
+            (
+                "edgeslice_connections_reclaimed_total",
+                "Idle keep-alive connections closed at the cap to admit new ones.",
+                true,
+                |t| load(&t.stats.reclaimed),
+            ),
+            (
+                "edgeslice_connections_refused_total",
+                "Connections refused with 503 at the cap.",
+                true,
+                |t| load(&t.stats.refused),
+            ),
+            (
+                "edgeslice_keepalive_closed_total",
+                "Idle keep-alive connections closed at keepalive_timeout.",
+                true,
+                |t| load(&t.stats.keepalive_closed),
+            ),
+            (
+                "edgeslice_header_timeouts_total",
+                "Connections closed (or answered 408) at header_timeout.",
+                true,
+                |t| load(&t.stats.header_timeouts),
+            ),
+            (
+                "edgeslice_send_timeouts_total",
+                "Responses cut because the client read nothing for send_timeout.",
+                true,
+                |t| load(&t.stats.send_timeouts),
+            ),
+            (
+                "edgeslice_oversize_headers_rejected_total",
+                "Requests answered 414 or 431 before parsing.",
+                true,
+                |t| load(&t.stats.oversize_rejected),
+            ),
+        ];
+        for (name, help, counter, read) in conn {
+            let tables = tables.clone();
+            let samples = move || {
+                tables
+                    .iter()
+                    .map(|(n, t)| (vec![n.to_string()], read(t)))
+                    .collect()
+            };
+            m.register(if counter {
+                Pulled::counter(name, help, &["listener"], samples)
+            } else {
+                Pulled::gauge(name, help, &["listener"], samples)
+            });
+        }
+        if let Some(d) = self.access_log_dropped.clone() {
+            m.register(Pulled::counter(
+                "edgeslice_access_log_dropped_total",
+                "Access-log lines dropped because the log's sink could not keep up.",
+                &[],
+                move || one(load(&d)),
+            ));
+        }
+        if let Some(sh) = self.shaping.clone() {
+            let s = sh.clone();
+            m.register(Pulled::counter(
+                "edgeslice_shaping_bytes_total",
+                "Response body bytes paced by shaping.",
+                &[],
+                move || one(load(&s.shaped_bytes)),
+            ));
+            let s = sh.clone();
+            m.register(Pulled::counter(
+                "edgeslice_shaping_delay_seconds_total",
+                "Total time response pieces were held back by shaping.",
+                &[],
+                move || one(load(&s.delayed_us) / 1e6),
+            ));
+            let s = sh.clone();
+            m.register(Pulled::gauge(
+                "edgeslice_shaping_active_clients",
+                "Clients with a shaped response in progress.",
+                &[],
+                move || one(load(&s.active_clients)),
+            ));
+            m.register(Pulled::counter(
+                "edgeslice_shaping_refused_total",
+                "Requests refused with 429 by a shaping class's cap, by reason.",
+                &["reason"],
+                move || {
+                    vec![
+                        (vec!["downloads".into()], load(&sh.refused_downloads)),
+                        (vec!["connections".into()], load(&sh.refused_connections)),
+                    ]
+                },
+            ));
+        }
+    }
 }
 
 impl AdminApp {
     /// A mutating call is allowed only as a `POST` with `Authorization: Bearer <admin.token>`:
     /// `Err` is the answer otherwise (405, 401 without or with a wrong token, 403 when no token
     /// is configured).
+    #[allow(clippy::result_large_err)] // the answer itself; built only on a refusal
     fn authorize(&self, session: &ServerSession) -> Result<(), Response<Vec<u8>>> {
         let req = session.req_header();
         if req.method != http::Method::POST {
@@ -177,6 +415,16 @@ impl ServeHttp for AdminApp {
         match path.as_str() {
             "/healthz" => text(200, "ok\n"),
             "/stats" => text(200, &self.stats()),
+            "/metrics" => {
+                let body = self.metrics.render();
+                Response::builder()
+                    .status(200)
+                    .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                    .header("content-length", body.len())
+                    .header("cache-control", "no-store")
+                    .body(body.into_bytes())
+                    .unwrap_or_else(|_| Response::new(Vec::new()))
+            }
             _ => text(404, "not found\n"),
         }
     }

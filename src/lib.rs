@@ -25,6 +25,7 @@ pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod conn;
+pub mod metrics;
 pub mod origin;
 pub mod proxy;
 pub mod range;

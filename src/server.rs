@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::conn::limits;
 use crate::conn::table::ConnTable;
 use crate::conn::Front;
+use crate::metrics::Metrics;
 use crate::origin::ResilienceStats;
 use crate::proxy::Edge;
 use pingora_core::listeners::Listeners;
@@ -62,7 +63,8 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
 
     let cache =
         Arc::new(ChunkCache::new(&config.cache).map_err(|e| format!("opening the cache: {e}"))?);
-    let stats = Arc::new(ResilienceStats::default());
+    let metrics = Arc::new(Metrics::new());
+    let stats = Arc::new(ResilienceStats::new(metrics.clone()));
     let edge = Edge::new(config.clone(), cache.clone(), stats.clone())
         .map_err(|e| format!("building upstream pools: {e}"))?;
     let health_checks: Vec<_> = edge.pools().filter_map(|p| p.health_service()).collect();
@@ -133,7 +135,9 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
             admin_connections: Some(admin_table.clone()),
             access_log_dropped: access_log.map(|(_, dropped)| dropped),
             token: config.admin_token.clone(),
+            metrics,
         };
+        app.register_figures();
         let front = Front::with_table(app, connections, admin_table);
         let mut listeners = Listeners::new();
         listeners.add_listener(crate::conn::listener(&addr.to_string()));

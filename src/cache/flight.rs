@@ -249,6 +249,8 @@ pub struct FlightMap<K> {
     hasher: std::collections::hash_map::RandomState,
     /// Bytes of chunks linked from one flight to the next (see [`RETAIN_LIMIT`]).
     retained: Arc<AtomicU64>,
+    /// Joins of a fill still in progress: origin fetches saved by coalescing.
+    coalesced: AtomicU64,
 }
 
 enum Entry {
@@ -290,7 +292,13 @@ impl<K: Hash + Eq + Clone> FlightMap<K> {
             shards,
             hasher: Default::default(),
             retained: Arc::new(AtomicU64::new(0)),
+            coalesced: AtomicU64::new(0),
         }
+    }
+
+    /// How many times a chunk was waited for on a fill already in progress instead of fetched.
+    pub fn coalesced(&self) -> u64 {
+        self.coalesced.load(Ordering::Relaxed)
     }
 
     /// Let `prev` (a fill of a run) keep `next` (the run's following fill, of `bytes` bytes)
@@ -332,7 +340,10 @@ impl<K: Hash + Eq + Clone> FlightMap<K> {
     pub fn join_or_start(&self, key: &K, check: impl FnOnce() -> Option<Bytes>) -> Joined {
         let mut shard = self.shard(key);
         match shard.map.get(key) {
-            Some(Entry::Filling(f)) => return Joined::Existing(f.clone()),
+            Some(Entry::Filling(f)) => {
+                self.coalesced.fetch_add(1, Ordering::Relaxed);
+                return Joined::Existing(f.clone());
+            }
             Some(Entry::Done(w)) => match w.upgrade() {
                 Some(f) => return Joined::Existing(f),
                 None => {

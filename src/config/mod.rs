@@ -243,6 +243,22 @@ pub struct Route {
     pub query_key: QueryKey,
     /// The shaping class of this route's responses; `None` = not shaped.
     pub shaping: Option<Arc<ShapingClass>>,
+    /// The route's `route` label in metrics: its host pattern and path prefix
+    /// (`*.example.com/video/`, or `/video/` for any host).
+    pub label: String,
+    /// Its request figures, looked up on its first request (kept here so that a request finds
+    /// them without a lookup; a reloaded route looks them up again).
+    pub metrics: std::sync::OnceLock<Arc<crate::metrics::RouteMetrics>>,
+}
+
+impl Route {
+    fn label_of(host: &HostMatch, path_prefix: &str) -> String {
+        match host {
+            HostMatch::Any => path_prefix.to_string(),
+            HostMatch::Exact(h) => format!("{h}{path_prefix}"),
+            HostMatch::Suffix(s) => format!("*{s}{path_prefix}"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -906,6 +922,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             }
         };
         routes.push(Arc::new(Route {
+            label: Route::label_of(&host, &path_prefix),
+            metrics: Default::default(),
             host,
             path_prefix,
             upstream,

@@ -9,6 +9,7 @@
 
 use super::outcome::{classify_type, status_verdict, FailureClass, StatusEvidence, StatusVerdict};
 use super::pool::{Selected, UpstreamPool};
+use crate::metrics::OriginOutcome;
 use bytes::Bytes;
 use pingora_core::connectors::http::Connector;
 use pingora_core::protocols::http::client::HttpSession;
@@ -88,6 +89,8 @@ pub struct OriginResponse {
     selected: Option<Selected>,
     request_id: String,
     rate: RateCheck,
+    /// Counts the body bytes as they arrive (`edgeslice_origin_response_bytes_total`).
+    body_bytes: Option<prometheus::IntCounter>,
 }
 
 /// The origin body's throughput, measured over the time spent *waiting on the origin* only (not
@@ -156,6 +159,9 @@ impl OriginResponse {
         let (class, message) = match read {
             Ok(piece) => {
                 let n = piece.as_ref().map_or(0, |p| p.len() as u64);
+                if let Some(c) = &self.body_bytes {
+                    c.inc_by(n);
+                }
                 match self.rate.record(n, waited) {
                     Ok(()) => return Ok(piece),
                     Err(observed) => (
@@ -298,7 +304,7 @@ pub async fn open_until(
                 break;
             }
             tokio::time::sleep(delay).await;
-            pool.stats.retries.fetch_add(1, Ordering::Relaxed);
+            pool.count_retry();
             log::warn!(
                 "rid={} retry {attempt} of {} after {delay:?}: {last}",
                 req.request_id,
@@ -319,7 +325,16 @@ pub async fn open_until(
         };
         let addr = sel.addr;
         tried.push(addr);
-        match tokio::time::timeout_at(until, try_server(connector, pool, addr, req)).await {
+        let tried = tokio::time::timeout_at(until, try_server(connector, pool, addr, req)).await;
+        let outcome = match &tried {
+            Ok(Ok(resp)) => Some(OriginOutcome::Answered(resp.status())),
+            Ok(Err(e)) => e.class.map(OriginOutcome::Failed),
+            Err(_) => Some(OriginOutcome::Failed(FailureClass::ReadTimeout)),
+        };
+        if let Some(o) = outcome {
+            pool.count_request(addr, o);
+        }
+        match tried {
             Ok(Ok(mut resp)) => {
                 let status = resp.status();
                 if status_verdict(status) == StatusVerdict::Answered {
@@ -471,6 +486,7 @@ async fn try_server(
             _ => break header,
         }
     };
+    let body_bytes = pool.body_bytes(addr, header.status.as_u16());
     Ok(OriginResponse {
         session: Some(session),
         peer,
@@ -480,6 +496,7 @@ async fn try_server(
         selected: None,
         request_id: req.request_id.clone(),
         rate: RateCheck::new(pool.settings.min_rate, pool.settings.read_timeout),
+        body_bytes,
     })
 }
 

@@ -36,6 +36,18 @@ pub struct ResilienceStats {
     pub resumes: AtomicU64,
     /// Responses served stale because every origin failed.
     pub stale_served: AtomicU64,
+    /// The metrics registry: pools take their upstream's and servers' figures from it.
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+impl ResilienceStats {
+    /// Counters starting at zero, feeding `metrics`.
+    pub fn new(metrics: std::sync::Arc<crate::metrics::Metrics>) -> ResilienceStats {
+        ResilienceStats {
+            metrics,
+            ..ResilienceStats::default()
+        }
+    }
 }
 
 impl ResilienceStats {

@@ -20,12 +20,14 @@ use super::budget::RetryBudget;
 use super::outcome::FailureClass;
 use super::ResilienceStats;
 use crate::config::{Balance, UpstreamSettings};
+use crate::metrics::{OriginOutcome, UpstreamMetrics};
 use pingora_core::services::background::GenBackgroundService;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 use pingora_load_balancing::health_check::HttpHealthCheck;
 use pingora_load_balancing::selection::{Consistent, RoundRobin};
 use pingora_load_balancing::{discovery, Backend, Backends, LoadBalancer};
+use prometheus::IntCounter;
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -53,6 +55,8 @@ pub struct UpstreamPool {
     pub budget: RetryBudget,
     pub backoff: Backoff,
     pub stats: Arc<ResilienceStats>,
+    /// This group's and its servers' figures for `/metrics`.
+    pub metrics: Arc<UpstreamMetrics>,
     max_iterations: usize,
 }
 
@@ -70,6 +74,7 @@ pub struct Selected {
 /// What a [`Selected`] needs of its group to report an outcome.
 struct GroupView {
     stats: Arc<ResilienceStats>,
+    metrics: Arc<UpstreamMetrics>,
     /// Held while a failure is recorded, so that two servers tripping at once cannot both slip
     /// under the ejection cap. Taken only on failures, never on the success path.
     trip_lock: Arc<Mutex<()>>,
@@ -83,7 +88,7 @@ impl Selected {
     pub fn succeeded(mut self, request_id: &str) {
         if let Some(a) = self.admission.take() {
             let t = self.breaker.record_success(a);
-            log_transition(&self.group.stats, self.addr, t, None, request_id);
+            log_transition(&self.group, self.addr, t, None, request_id);
         }
     }
 
@@ -118,7 +123,7 @@ impl Selected {
             ok
         };
         let t = me.record_failure_gated(a, &mut may_eject);
-        log_transition(&g.stats, self.addr, t, Some(class), request_id);
+        log_transition(g, self.addr, t, Some(class), request_id);
     }
 
     /// The try ended without saying anything about the server (the client went away, our own
@@ -128,13 +133,17 @@ impl Selected {
 }
 
 fn log_transition(
-    stats: &ResilienceStats,
+    group: &GroupView,
     addr: SocketAddr,
     t: Option<Transition>,
     class: Option<FailureClass>,
     request_id: &str,
 ) {
     let Some(t) = t else { return };
+    let stats = &group.stats;
+    if let Some(m) = group.metrics.server(&addr) {
+        m.transition(t.to);
+    }
     let counter = match t.to {
         BreakerState::Open => &stats.breaker_opened,
         BreakerState::HalfOpen => &stats.breaker_half_opened,
@@ -214,7 +223,14 @@ impl UpstreamPool {
             .collect();
         let n = settings.servers.len();
         let max_ejected = (n * settings.max_ejected_percent as usize / 100).max(1);
+        let server_breakers: Vec<_> = settings
+            .servers
+            .iter()
+            .filter_map(|s| breakers.get(&s.addr).map(|b| (s.addr, b)))
+            .collect();
+        let metrics = Arc::new(stats.metrics.upstream(&settings.name, &server_breakers));
         let group = Arc::new(GroupView {
+            metrics: metrics.clone(),
             stats: stats.clone(),
             trip_lock: Arc::new(Mutex::new(())),
             breakers: breakers.values().cloned().collect(),
@@ -229,12 +245,31 @@ impl UpstreamPool {
                 max: retry.max_backoff,
             },
             max_iterations: weight_sum + settings.servers.len() + 1,
+            metrics,
             settings,
             lb,
             breakers,
             group,
             stats,
         })
+    }
+
+    /// Count a try after the first (cache fetch or pass-through).
+    pub fn count_retry(&self) {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        self.metrics.retries.inc();
+    }
+
+    /// Count a try sent to `server` and what became of it.
+    pub fn count_request(&self, server: SocketAddr, outcome: OriginOutcome) {
+        if let Some(m) = self.metrics.server(&server) {
+            m.request(outcome);
+        }
+    }
+
+    /// The counter of body bytes `server` sends in an answer with `status`.
+    pub fn body_bytes(&self, server: SocketAddr, status: u16) -> Option<IntCounter> {
+        self.metrics.server(&server).map(|m| m.body_bytes(status))
     }
 
     pub fn name(&self) -> &str {
@@ -357,7 +392,7 @@ impl UpstreamPool {
             Lb::Hash(l) => l.select_with(key, self.max_iterations, accept),
         };
         let (addr, breaker, admission) = admitted.into_inner()?;
-        log_transition(&self.stats, addr, admission.transition(), None, "-");
+        log_transition(&self.group, addr, admission.transition(), None, "-");
         Some(Selected {
             addr,
             breaker,

@@ -1,6 +1,7 @@
 //! The RFC 9211 `Cache-Status` of a response, as a value: set where the cache layer decides,
 //! rendered in one place ([`CacheStatus::render`]) for the header and the access log.
 
+use crate::metrics::CacheResult;
 use std::borrow::Cow;
 
 /// What the cache did for a request (`None` in the request context: it was not involved).
@@ -66,6 +67,27 @@ impl CacheStatus {
                 status,
                 detail: Some(d),
             } => format!("edgeslice; fwd=miss; fwd-status={status}; detail={d}").into(),
+        }
+    }
+
+    /// The `cache` label of metrics.
+    pub fn result(status: Option<CacheStatus>) -> CacheResult {
+        match status {
+            None => CacheResult::None,
+            Some(CacheStatus::Hit) => CacheResult::Hit,
+            Some(
+                CacheStatus::StaleIfError
+                | CacheStatus::StaleWhileRevalidate
+                | CacheStatus::StaleAccepted,
+            ) => CacheResult::Stale,
+            Some(CacheStatus::Partial) => CacheResult::Partial,
+            Some(CacheStatus::Revalidated | CacheStatus::RequestRevalidated) => {
+                CacheResult::Revalidated
+            }
+            Some(CacheStatus::Miss | CacheStatus::Relayed { .. } | CacheStatus::Failed { .. }) => {
+                CacheResult::Miss
+            }
+            Some(CacheStatus::Bypass(_) | CacheStatus::Request(_)) => CacheResult::Pass,
         }
     }
 

@@ -32,6 +32,10 @@ pub struct UpstreamCtx {
     pub status_retry: bool,
     /// Tries that got a gateway answer, charged only if a peer then answers (outcome.rs).
     pub evidence: StatusEvidence,
+    /// The current try was counted in `edgeslice_origin_requests_total` (it answered).
+    pub counted: bool,
+    /// Counts the current answer's body bytes (`edgeslice_origin_response_bytes_total`).
+    pub body_bytes: Option<prometheus::IntCounter>,
 }
 
 impl RequestCtx {

@@ -25,6 +25,7 @@ use crate::cache::fill::{OriginAccess, OriginGroup};
 use crate::cache::key::ObjectKey;
 use crate::cache::store::ChunkCache;
 use crate::config::{Config, Route};
+use crate::metrics::OriginOutcome;
 use crate::origin::outcome::{classify_error, status_verdict, StatusVerdict};
 use crate::origin::pool::{Selected, UpstreamPool};
 use crate::origin::ResilienceStats;
@@ -187,6 +188,23 @@ impl Edge {
         ctx.route
             .as_ref()
             .and_then(|r| self.pools.get(&r.upstream.name))
+    }
+
+    /// Count a pass-through try that failed before its answer was counted, when the failure was
+    /// the server's (a client's abort or our own error says nothing about it).
+    fn count_failed_try(
+        &self,
+        ctx: &RequestCtx,
+        addr: std::net::SocketAddr,
+        e: &Error,
+        request_body_done: bool,
+    ) {
+        if ctx.upstream.counted {
+            return;
+        }
+        if let (Some(pool), Some(class)) = (self.pool(ctx), classify_error(e, request_body_done)) {
+            pool.count_request(addr, OriginOutcome::Failed(class));
+        }
     }
 
     pub fn pools(&self) -> impl Iterator<Item = &Arc<UpstreamPool>> {
@@ -377,6 +395,8 @@ impl ProxyHttp for Edge {
             .cloned()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "request has no route"))?;
         let attempt = ctx.upstream.tried.len() as u32;
+        ctx.upstream.counted = false;
+        ctx.upstream.body_bytes = None;
         if attempt == 0 {
             pool.budget.record_request();
         } else {
@@ -385,7 +405,7 @@ impl ProxyHttp for Edge {
             let remaining = pool.settings.deadline.saturating_sub(ctx.started.elapsed());
             let delay = pool.backoff.delay(attempt, &mut rand::rng()).min(remaining);
             tokio::time::sleep(delay).await;
-            pool.stats.retries.fetch_add(1, Ordering::Relaxed);
+            pool.count_retry();
             warn!(
                 "rid={} retry {attempt} after {delay:?} (tried {:?})",
                 ctx.request_id, ctx.upstream.tried
@@ -414,6 +434,7 @@ impl ProxyHttp for Edge {
         mut e: Box<Error>,
     ) -> Box<Error> {
         if let Some(sel) = ctx.upstream.current.take() {
+            self.count_failed_try(ctx, sel.addr, &e, true);
             charge(sel, &e, true, &ctx.request_id);
         }
         // Nothing reached the origin: any method may go to another server.
@@ -433,6 +454,7 @@ impl ProxyHttp for Edge {
         let mut e = e.more_context(format!("Peer: {peer}"));
         if let Some(sel) = ctx.upstream.current.take() {
             let body_done = session.as_mut().is_body_done();
+            self.count_failed_try(ctx, sel.addr, &e, body_done);
             charge(sel, &e, body_done, &ctx.request_id);
         }
         let retry =
@@ -448,6 +470,11 @@ impl ProxyHttp for Edge {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = upstream_response.status.as_u16();
+        if let (Some(pool), Some(&addr)) = (self.pool(ctx), ctx.upstream.tried.last()) {
+            pool.count_request(addr, OriginOutcome::Answered(status));
+            ctx.upstream.body_bytes = pool.body_bytes(addr, status);
+            ctx.upstream.counted = true;
+        }
         match status_verdict(status) {
             StatusVerdict::Answered => {
                 // Any earlier gateway answers to this request were outliers: charge them.
@@ -516,6 +543,19 @@ impl ProxyHttp for Edge {
         self.invalidate_after_unsafe(session, upstream_response.status, ctx)
             .await;
         Ok(())
+    }
+
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        if let (Some(c), Some(b)) = (&ctx.upstream.body_bytes, body.as_ref()) {
+            c.inc_by(b.len() as u64);
+        }
+        Ok(None)
     }
 
     fn response_body_filter(
@@ -588,14 +628,26 @@ impl ProxyHttp for Edge {
             }
         }
         ctx.upstream.evidence = Default::default();
-        let Some(log) = self.access_log.as_ref() else {
-            return;
-        };
         let req = session.req_header();
         let status = session
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
+        let metrics = &self.stats.metrics;
+        let route = match &ctx.route {
+            Some(r) => r.metrics.get_or_init(|| metrics.route(&r.label)),
+            None => metrics.unrouted(),
+        };
+        route.observe(
+            &req.method,
+            status,
+            CacheStatus::result(ctx.cache_status),
+            session.body_bytes_sent() as u64,
+            ctx.started.elapsed().as_secs_f64(),
+        );
+        let Some(log) = self.access_log.as_ref() else {
+            return;
+        };
         let upstream = ctx
             .upstream
             .tried

@@ -121,6 +121,7 @@ impl Origin for OriginGroup {
             .stats
             .resumes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.pool.metrics.resumes.inc();
     }
 
     fn all_failing(&self) -> bool {
