@@ -585,6 +585,131 @@ fn exposed_names(text: &str) -> BTreeSet<String> {
     out
 }
 
+/// Label values the dashboard's and the rules' matchers assume (`cache=~"hit|stale|revalidated"`,
+/// `cache!~"pass|none"`, `outcome!~"[1-4]xx"`, `edgeslice_breaker_state == 2`, ...): a value
+/// outside these would silently fall out of a ratio or an error panel.
+const LABEL_VALUES: &[(&str, &str, &[&str])] = &[
+    (
+        "edgeslice_http_requests_total",
+        "cache",
+        &[
+            "hit",
+            "stale",
+            "revalidated",
+            "partial",
+            "miss",
+            "pass",
+            "none",
+        ],
+    ),
+    (
+        "edgeslice_http_requests_total",
+        "status_class",
+        &["1xx", "2xx", "3xx", "4xx", "5xx", "none"],
+    ),
+    (
+        "edgeslice_origin_requests_total",
+        "outcome",
+        &[
+            "1xx",
+            "2xx",
+            "3xx",
+            "4xx",
+            "5xx",
+            "connect",
+            "connect_timeout",
+            "read_timeout",
+            "reset",
+            "framing",
+            "too_slow",
+            "gateway_status",
+        ],
+    ),
+    ("edgeslice_cache_bytes", "tier", &["memory", "disk"]),
+    (
+        "edgeslice_cache_capacity_bytes",
+        "tier",
+        &["memory", "disk"],
+    ),
+    (
+        "edgeslice_connections_open",
+        "listener",
+        &["client", "admin"],
+    ),
+    (
+        "edgeslice_breaker_transitions_total",
+        "to",
+        &["open", "half_open", "closed"],
+    ),
+    (
+        "edgeslice_shaping_refused_total",
+        "reason",
+        &["downloads", "connections"],
+    ),
+];
+
+/// One sample line of an exposition: name, labels, value.
+struct Sample {
+    name: String,
+    labels: Vec<(String, String)>,
+    value: String,
+}
+
+fn samples(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let end = line.find(['{', ' ']).unwrap_or(line.len());
+        let name = line[..end].to_string();
+        let mut labels = Vec::new();
+        let mut rest = &line[end..];
+        if let Some(inner) = rest.strip_prefix('{') {
+            let mut chars = inner.char_indices();
+            let (mut key, mut value, mut in_value, mut escaped) =
+                (String::new(), String::new(), false, false);
+            let mut close = inner.len();
+            while let Some((i, c)) = chars.next() {
+                if in_value {
+                    match (escaped, c) {
+                        (false, '\\') => escaped = true,
+                        (false, '"') => {
+                            in_value = false;
+                            labels.push((std::mem::take(&mut key), std::mem::take(&mut value)));
+                        }
+                        (true, 'n') => {
+                            value.push('\n');
+                            escaped = false;
+                        }
+                        (_, c) => {
+                            value.push(c);
+                            escaped = false;
+                        }
+                    }
+                } else {
+                    match c {
+                        '}' => {
+                            close = i + 1;
+                            break;
+                        }
+                        '"' => in_value = true,
+                        '=' | ',' | ' ' => {}
+                        c => key.push(c),
+                    }
+                }
+            }
+            rest = &inner[close..];
+        }
+        out.push(Sample {
+            name,
+            labels,
+            value: rest.trim().split(' ').next().unwrap_or("").to_string(),
+        });
+    }
+    out
+}
+
 /// Every `edgeslice_[a-z0-9_]+` identifier in `expr`.
 fn metric_names(expr: &str) -> BTreeSet<String> {
     const PREFIX: &str = "edgeslice_";
@@ -762,6 +887,48 @@ async fn dashboard_and_rules_query_only_metrics_the_binary_exposes() {
         "queried but not exposed:\n{}\n\nexposed: {exposed_edgeslice:?}",
         missing.join("\n")
     );
+
+    // The label values the matchers assume, and those the workload must have produced.
+    let samples = samples(&text);
+    let values = |family: &str, label: &str| -> BTreeSet<String> {
+        samples
+            .iter()
+            .filter(|s| s.name == family)
+            .filter_map(|s| s.labels.iter().find(|(k, _)| k == label))
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    for (family, label, allowed) in LABEL_VALUES {
+        let seen = values(family, label);
+        let unknown: Vec<_> = seen
+            .iter()
+            .filter(|v| !allowed.contains(&v.as_str()))
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "{family}{{{label}}} has values the dashboard does not expect: {unknown:?}"
+        );
+    }
+    let cache = values("edgeslice_http_requests_total", "cache");
+    for want in ["hit", "miss", "none"] {
+        assert!(
+            cache.contains(want),
+            "no cache=\"{want}\" after the workload: {cache:?}"
+        );
+    }
+    let outcomes = values("edgeslice_origin_requests_total", "outcome");
+    assert!(outcomes.contains("connect"), "outcomes: {outcomes:?}");
+    for s in samples
+        .iter()
+        .filter(|s| s.name == "edgeslice_breaker_state")
+    {
+        assert!(
+            ["0", "1", "2"].contains(&s.value.as_str()),
+            "edgeslice_breaker_state {:?} = {}",
+            s.labels,
+            s.value
+        );
+    }
 }
 
 /// Run `promtool` with `args`, `stdin` piped in; its exit status and output.
