@@ -666,11 +666,10 @@ fn samples(text: &str) -> Vec<Sample> {
         let mut labels = Vec::new();
         let mut rest = &line[end..];
         if let Some(inner) = rest.strip_prefix('{') {
-            let mut chars = inner.char_indices();
             let (mut key, mut value, mut in_value, mut escaped) =
                 (String::new(), String::new(), false, false);
             let mut close = inner.len();
-            while let Some((i, c)) = chars.next() {
+            for (i, c) in inner.char_indices() {
                 if in_value {
                     match (escaped, c) {
                         (false, '\\') => escaped = true,
