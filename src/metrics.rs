@@ -216,6 +216,13 @@ impl Metrics {
             registry,
         };
         m.register(build);
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+        if let Err(e) = m
+            .registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+        {
+            log::error!("metrics: {e}");
+        }
         m
     }
 
@@ -732,6 +739,8 @@ mod tests {
         assert!(text.contains("# TYPE edgeslice_test_open gauge"));
         assert!(text.contains("edgeslice_test_open 3"));
         assert!(text.contains("edgeslice_build_info{version="));
+        assert!(text.contains("# TYPE process_resident_memory_bytes gauge"));
+        assert!(text.contains("process_open_fds "));
     }
 
     #[test]
