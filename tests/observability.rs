@@ -1,8 +1,9 @@
 //! Observability and operations (issue 12), against the real binary:
 //!
 //! * the Grafana dashboard (`conf/grafana/edgeslice.json`) and the alert rules
-//!   (`conf/prometheus-rules.yml`) query only metric names a running edgeslice exposes, and the
-//!   dashboard has every panel operators rely on;
+//!   (`conf/prometheus-rules.yml`) query only metric names a running edgeslice exposes (its
+//!   `edgeslice_*` and `process_*` families), with the label values their matchers assume, and
+//!   the dashboard has every panel operators rely on;
 //! * `promtool check metrics` accepts the scraped `/metrics` text, `promtool check rules` the
 //!   rules and `promtool check config` the example scrape config (`conf/prometheus.yml`);
 //! * a real Prometheus scrapes the admin listener (`up == 1`) and evaluates every dashboard
@@ -489,6 +490,8 @@ const REQUIRED_PANELS: &[&str] = &[
     "Connections",
     "Shaping",
     "Shaping clients and refusals",
+    "CPU",
+    "Memory and file descriptors",
 ];
 
 /// A proxy with one route of each kind, by host: the default caching route, `pass`
@@ -709,23 +712,25 @@ fn samples(text: &str) -> Vec<Sample> {
     out
 }
 
-/// Every `edgeslice_[a-z0-9_]+` identifier in `expr`.
+/// Every metric name in `expr`: `edgeslice_[a-z0-9_]+`, and `process_[a-z0-9_]+` (the process
+/// figures the binary exports beside its own).
 fn metric_names(expr: &str) -> BTreeSet<String> {
-    const PREFIX: &str = "edgeslice_";
     let ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
     let mut out = BTreeSet::new();
-    let mut from = 0;
-    while let Some(i) = expr[from..].find(PREFIX) {
-        let start = from + i;
-        let end = start
-            + expr[start..]
-                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
-                .unwrap_or(expr.len() - start);
-        let before_ok = !expr[..start].chars().next_back().is_some_and(ident);
-        if before_ok && end > start + PREFIX.len() {
-            out.insert(expr[start..end].to_string());
+    for prefix in ["edgeslice_", "process_"] {
+        let mut from = 0;
+        while let Some(i) = expr[from..].find(prefix) {
+            let start = from + i;
+            let end = start
+                + expr[start..]
+                    .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                    .unwrap_or(expr.len() - start);
+            let before_ok = !expr[..start].chars().next_back().is_some_and(ident);
+            if before_ok && end > start + prefix.len() {
+                out.insert(expr[start..end].to_string());
+            }
+            from = end.max(start + 1);
         }
-        from = end.max(start + 1);
     }
     out
 }
@@ -843,7 +848,7 @@ fn dashboard_has_the_required_panels_and_no_empty_query() {
             assert!(!expr.trim().is_empty(), "{title}: empty expr");
             assert!(
                 !metric_names(expr).is_empty(),
-                "{title}: {expr} reads no edgeslice metric"
+                "{title}: {expr} reads no metric"
             );
         }
     }
