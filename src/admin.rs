@@ -1,8 +1,10 @@
 //! The admin endpoint (`admin.listen`): `GET /healthz` answers `ok` while the process serves;
 //! `GET /stats` reports cache occupancy. Calls that change anything are `POST`s carrying
-//! `Authorization: Bearer <admin.token>` (see [`AdminApp::authorize`]).
+//! `Authorization: Bearer <admin.token>` (see [`AdminApp::authorize`]): `POST /purge` (see
+//! `cache::purge`).
 //! It must stay cheap and never touch the data path's locks.
 
+use crate::cache::purge::Purge;
 use crate::cache::store::ChunkCache;
 use crate::conn::table::ConnTable;
 use crate::origin::ResilienceStats;
@@ -177,8 +179,26 @@ impl ServeHttp for AdminApp {
         match path.as_str() {
             "/healthz" => text(200, "ok\n"),
             "/stats" => text(200, &self.stats()),
+            "/purge" => self.purge(session).await,
             _ => text(404, "not found\n"),
         }
+    }
+}
+
+impl AdminApp {
+    /// `POST /purge?path=P[&host=H][&prefix=1][&soft=1]` or `?tag=T[&host=H][&soft=1]`:
+    /// `purged N` (see [`ChunkCache::purge`] for what N counts), 400 naming a bad parameter.
+    async fn purge(&self, session: &ServerSession) -> Response<Vec<u8>> {
+        if let Err(refused) = self.authorize(session) {
+            return refused;
+        }
+        let purge = match Purge::from_query(session.req_header().uri.query()) {
+            Ok(p) => Arc::new(p),
+            Err(why) => return text(400, &format!("bad purge: {why}\n")),
+        };
+        let n = self.cache.purge(&purge).await;
+        log::info!("admin purge {}: {n} objects", purge.describe());
+        text(200, &format!("purged {n}\n"))
     }
 }
 
