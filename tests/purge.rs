@@ -309,3 +309,36 @@ async fn soft_purge_keeps_a_stale_copy_for_errors_and_revalidates() {
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_by_path_takes_every_vary_variant() {
+    within(TEST_LIMIT, async {
+        let origin = Origin::start().await;
+        let proxy = start(config(&origin, Some(TOKEN))).await;
+        let varied = "/obj/5000/vary/a.bin";
+        let other = "/obj/5000/vary/b.bin";
+        let lang = |l: &'static str| get(&proxy, varied).header("accept-language", l);
+        origin.set_extra_header("Vary", "Accept-Language");
+        for l in ["en", "fr", "en"] {
+            assert_eq!(send(lang(l)).await.status, StatusCode::OK);
+        }
+        origin.clear_extra_headers();
+        fetch(&proxy, other).await;
+        assert_eq!(origin_count(&origin, varied), 2, "one fetch per variant");
+
+        assert_eq!(purged(&proxy, "path=/obj/5000/vary/a.bin").await, 2);
+        origin.set_extra_header("Vary", "Accept-Language");
+        for (l, total) in [("en", 3), ("fr", 4), ("en", 4), ("fr", 4)] {
+            let r = send(lang(l)).await;
+            assert_eq!(r.status, StatusCode::OK);
+            assert_eq!(
+                origin_count(&origin, varied),
+                total,
+                "{l}: {}",
+                r.cache_status()
+            );
+        }
+        check(&origin, &proxy, &[other], &[]).await;
+    })
+    .await
+}
