@@ -1747,6 +1747,47 @@ mod tests {
         assert_eq!(disk_bytes(dir.path()), store.used_bytes());
     }
 
+    /// `key=length` of every metadata entry (NUL shown as `/`).
+    async fn scan(store: &DiskStore) -> Vec<String> {
+        let mut found = store
+            .scan_metas(|key, data| Some(format!("{}={}", key.replace('\0', "/"), data.len())))
+            .await;
+        found.sort();
+        found
+    }
+
+    #[tokio::test]
+    async fn scan_metas_reads_only_metadata_entries_also_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+            store.put("a\0meta", None, Bytes::from_static(b"aa")).await;
+            store
+                .put("a\0chunk\00", Some("v"), Bytes::from(vec![1u8; 100]))
+                .await;
+            store.put("b\0meta", None, Bytes::from_static(b"bbb")).await;
+            store.put("whole", None, Bytes::from_static(b"w")).await;
+            assert_eq!(scan(&store).await, ["a/meta=2", "b/meta=3"]);
+        }
+        let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            scan(&store).await,
+            ["a/meta=2", "b/meta=3"],
+            "roles rebuilt at open"
+        );
+        // A corrupt metadata file is skipped and deleted, as a read would.
+        let path = entry_path(&store, "b\0meta");
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(scan(&store).await, ["a/meta=2"]);
+        assert!(!path.exists());
+        store.remove_object("a").await;
+        assert!(scan(&store).await.is_empty());
+        assert_eq!(store.object_count(), 1, "the whole-key entry stays");
+    }
+
     #[tokio::test]
     async fn corrupt_data_byte_is_a_miss_and_deleted() {
         let dir = tempfile::tempdir().unwrap();
