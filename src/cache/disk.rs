@@ -1763,7 +1763,7 @@ mod tests {
             let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
             store.put("a\0meta", None, Bytes::from_static(b"aa")).await;
             store
-                .put("a\0chunk\00", Some("v"), Bytes::from(vec![1u8; 100]))
+                .put("a\0chunk\x000", Some("v"), Bytes::from(vec![1u8; 100]))
                 .await;
             store.put("b\0meta", None, Bytes::from_static(b"bbb")).await;
             store.put("whole", None, Bytes::from_static(b"w")).await;
