@@ -1,11 +1,13 @@
 //! The admin endpoint (`admin.listen`): `GET /healthz` answers `ok` while the process serves;
 //! `GET /stats` reports cache occupancy. Calls that change anything are `POST`s carrying
-//! `Authorization: Bearer <admin.token>` (see [`AdminApp::authorize`]).
+//! `Authorization: Bearer <admin.token>` (see [`AdminApp::authorize`]): `POST /purge` (see
+//! `cache::purge`).
 //! It must stay cheap and never touch the data path's locks.
 
+use crate::cache::purge::Purge;
 use crate::cache::store::ChunkCache;
 use crate::conn::table::ConnTable;
-use crate::metrics::{one, Metrics, Pulled};
+use crate::metrics::{one, AdminAction, AdminResult, Metrics, Pulled};
 use crate::origin::outcome::FailureClass;
 use crate::origin::ResilienceStats;
 use async_trait::async_trait;
@@ -349,7 +351,8 @@ impl AdminApp {
     /// A mutating call is allowed only as a `POST` with `Authorization: Bearer <admin.token>`:
     /// `Err` is the answer otherwise (405, 401 without or with a wrong token, 403 when no token
     /// is configured).
-    #[allow(clippy::result_large_err)] // the answer itself; built only on a refusal
+    // The refusal is the answer itself, built once per admin call: its size costs nothing.
+    #[allow(clippy::result_large_err)]
     fn authorize(&self, session: &ServerSession) -> Result<(), Response<Vec<u8>>> {
         let req = session.req_header();
         if req.method != http::Method::POST {
@@ -425,8 +428,33 @@ impl ServeHttp for AdminApp {
                     .body(body.into_bytes())
                     .unwrap_or_else(|_| Response::new(Vec::new()))
             }
+            "/purge" => self.purge(session).await,
             _ => text(404, "not found\n"),
         }
+    }
+}
+
+impl AdminApp {
+    /// `POST /purge?path=P[&host=H][&prefix=1][&soft=1]` or `?tag=T[&host=H][&soft=1]`:
+    /// `purged N` (see [`ChunkCache::purge`] for what N counts), 400 naming a bad parameter.
+    async fn purge(&self, session: &ServerSession) -> Response<Vec<u8>> {
+        let count = |result| self.metrics.admin_call(AdminAction::Purge, result);
+        if let Err(refused) = self.authorize(session) {
+            count(AdminResult::Refused);
+            return refused;
+        }
+        let purge = match Purge::from_query(session.req_header().uri.query()) {
+            Ok(p) => Arc::new(p),
+            Err(why) => {
+                count(AdminResult::Error);
+                return text(400, &format!("bad purge: {why}\n"));
+            }
+        };
+        let n = self.cache.purge(&purge).await;
+        count(AdminResult::Ok);
+        self.metrics.purged(purge.soft, n as u64);
+        log::info!("admin purge {}: {n} objects", purge.describe());
+        text(200, &format!("purged {n}\n"))
     }
 }
 

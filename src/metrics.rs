@@ -107,6 +107,8 @@ pub struct Metrics {
     origin_retries: IntCounterVec,
     origin_resumes: IntCounterVec,
     breaker_transitions: IntCounterVec,
+    admin_calls: IntCounterVec,
+    purged: IntCounterVec,
     breakers: Arc<BreakerStates>,
     /// Requests no route matched.
     unrouted: OnceLock<Arc<RouteMetrics>>,
@@ -211,6 +213,18 @@ impl Metrics {
                 "Circuit breaker state changes, by the state entered.",
                 &["upstream", "server", "to"],
             ),
+            admin_calls: counter_vec(
+                r,
+                "edgeslice_admin_calls_total",
+                "Mutating admin calls, by action (purge, reload) and result (ok, refused, error).",
+                &["action", "result"],
+            ),
+            purged: counter_vec(
+                r,
+                "edgeslice_purged_objects_total",
+                "Cached objects purged through the admin listener, by mode (hard, soft).",
+                &["mode"],
+            ),
             breakers,
             unrouted: OnceLock::new(),
             registry,
@@ -238,6 +252,20 @@ impl Metrics {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+
+    /// Count a mutating admin call.
+    pub fn admin_call(&self, action: AdminAction, result: AdminResult) {
+        self.admin_calls
+            .with_label_values(&[action.label(), result.label()])
+            .inc();
+    }
+
+    /// Count objects purged.
+    pub fn purged(&self, soft: bool, objects: u64) {
+        self.purged
+            .with_label_values(&[if soft { "soft" } else { "hard" }])
+            .inc_by(objects);
     }
 
     /// The request figures of one route (labelled `label`); the caller keeps the handle.
@@ -268,6 +296,42 @@ impl Metrics {
             retries: self.origin_retries.with_label_values(&[name]),
             resumes: self.origin_resumes.with_label_values(&[name]),
             servers,
+        }
+    }
+}
+
+/// A mutating admin call (the `action` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminAction {
+    Purge,
+    Reload,
+}
+
+impl AdminAction {
+    fn label(self) -> &'static str {
+        match self {
+            AdminAction::Purge => "purge",
+            AdminAction::Reload => "reload",
+        }
+    }
+}
+
+/// How a mutating admin call ended (the `result` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminResult {
+    Ok,
+    /// Not authorized (401/403/405).
+    Refused,
+    /// Bad request or a failure (400, 5xx, an invalid config).
+    Error,
+}
+
+impl AdminResult {
+    fn label(self) -> &'static str {
+        match self {
+            AdminResult::Ok => "ok",
+            AdminResult::Refused => "refused",
+            AdminResult::Error => "error",
         }
     }
 }

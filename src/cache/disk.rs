@@ -407,6 +407,9 @@ struct IndexEntry {
     validator: u64,
     /// The group this entry belongs to.
     object: ObjectHash,
+    /// Whether this is its object's metadata entry ([`Role::Meta`]): what
+    /// [`DiskStore::scan_metas`] reads.
+    meta: bool,
 }
 
 #[derive(Debug)]
@@ -437,7 +440,7 @@ impl Index {
 
     /// Index an entry (replacing any entry of the same key); its object becomes the most
     /// recently used.
-    fn insert(&mut self, hash: KeyHash, object: ObjectHash, size: u64, validator: u64) {
+    fn insert(&mut self, hash: KeyHash, object: ObjectHash, size: u64, validator: u64, role: Role) {
         self.remove(&hash);
         self.map.insert(
             hash,
@@ -445,6 +448,7 @@ impl Index {
                 size,
                 validator,
                 object,
+                meta: role == Role::Meta,
             },
         );
         self.used = self.used.saturating_add(size);
@@ -732,7 +736,7 @@ impl DiskStore {
         let mut index = Index::default();
         for object in &objects {
             for f in object {
-                index.insert(f.hash, f.object, f.size, f.validator);
+                index.insert(f.hash, f.object, f.size, f.validator, f.role);
             }
         }
         let shared = Shared {
@@ -917,6 +921,27 @@ impl DiskStore {
         }
     }
 
+    /// Pass the key and data of every object's metadata entry (`"<object>\0meta"`) to `visit`
+    /// and collect what it returns: the admin's purge finds the objects that live only on
+    /// disk this way. One blocking task reads one small file per object, in no particular
+    /// order; the index lock is held only to list them, never across I/O, and recency is not
+    /// touched. An entry gone or unreadable meanwhile is skipped, a corrupt one deleted as
+    /// [`DiskStore::get`] would.
+    pub async fn scan_metas<T, F>(&self, visit: F) -> Vec<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&str, &[u8]) -> Option<T> + Send + 'static,
+    {
+        let shared = self.shared.clone();
+        match tokio::task::spawn_blocking(move || shared.scan_metas_blocking(visit)).await {
+            Ok(found) => found,
+            Err(e) => {
+                log::warn!("disk cache: scan task failed: {e}");
+                Vec::new()
+            }
+        }
+    }
+
     /// Whether the index holds `key` at `validator`, without any I/O. A `get` may still miss
     /// (the file turns out corrupt, or was evicted meanwhile).
     pub fn contains(&self, key: &str, validator: Option<&str>) -> bool {
@@ -1021,15 +1046,66 @@ impl Shared {
 
     fn get_blocking(&self, hash: &KeyHash, key: &str, validator: &str) -> Option<Bytes> {
         let path = self.path_for(hash);
+        let (buf, identity) = self.read_file(hash, &path)?;
+        let (same_version, data) = match decode_entry(&buf) {
+            Ok((h, data)) => (
+                h.key == key.as_bytes() && h.validator == validator.as_bytes(),
+                data,
+            ),
+            Err(e) => {
+                self.discard_corrupt(hash, &path, identity, &e.to_string());
+                return None;
+            }
+        };
+        if !same_version {
+            return None;
+        }
+        self.index().touch(hash);
+        Some(Bytes::from(buf).slice(data))
+    }
+
+    /// Every metadata entry's key and data passed to `visit`; see [`DiskStore::scan_metas`].
+    fn scan_metas_blocking<T>(&self, mut visit: impl FnMut(&str, &[u8]) -> Option<T>) -> Vec<T> {
+        // Listed first, so the index lock is never held across file I/O.
+        let metas: Vec<KeyHash> = self
+            .index()
+            .map
+            .iter()
+            .filter(|(_, e)| e.meta)
+            .map(|(h, _)| *h)
+            .collect();
+        let mut found = Vec::new();
+        for hash in metas {
+            let path = self.path_for(&hash);
+            let Some((buf, identity)) = self.read_file(&hash, &path) else {
+                continue;
+            };
+            match decode_entry(&buf) {
+                Ok((h, data)) if role_of(h.key) == Role::Meta => {
+                    let Ok(key) = std::str::from_utf8(h.key) else {
+                        continue;
+                    };
+                    found.extend(visit(key, &buf[data]));
+                }
+                Ok(_) => {}
+                Err(e) => self.discard_corrupt(&hash, &path, identity, &e.to_string()),
+            }
+        }
+        found
+    }
+
+    /// The whole file of an entry and its identity; `None` if it is gone (then forgotten),
+    /// unreadable, or larger than the capacity (then deleted as corrupt).
+    fn read_file(&self, hash: &KeyHash, path: &Path) -> Option<(Vec<u8>, (u64, u64))> {
         let read_failed = |what: &str, e: io::Error| {
             self.warn_limited("read", || {
                 format!("disk cache: cannot {what} {}: {e}", path.display())
             });
         };
-        let mut file = match File::open(&path) {
+        let mut file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                self.forget_if_missing(hash, &path);
+                self.forget_if_missing(hash, path);
                 return None;
             }
             Err(e) => {
@@ -1048,7 +1124,7 @@ impl Shared {
         let len = match usize::try_from(meta.len()) {
             Ok(len) if meta.len() <= self.capacity => len,
             _ => {
-                self.discard_corrupt(hash, &path, identity, "larger than the capacity");
+                self.discard_corrupt(hash, path, identity, "larger than the capacity");
                 return None;
             }
         };
@@ -1057,22 +1133,7 @@ impl Shared {
             read_failed("read", e);
             return None;
         }
-        drop(file);
-        let (same_version, data) = match decode_entry(&buf) {
-            Ok((h, data)) => (
-                h.key == key.as_bytes() && h.validator == validator.as_bytes(),
-                data,
-            ),
-            Err(e) => {
-                self.discard_corrupt(hash, &path, identity, &e.to_string());
-                return None;
-            }
-        };
-        if !same_version {
-            return None;
-        }
-        self.index().touch(hash);
-        Some(Bytes::from(buf).slice(data))
+        Some((buf, identity))
     }
 
     /// Delete a corrupt entry file, unless the path names another file by now (a fresh `put`).
@@ -1135,7 +1196,9 @@ impl Shared {
             index.touch_object(&object);
         }
         self.evict();
-        if let Err(e) = self.install(&hash, object, &path, &header, data, size, validator) {
+        let role = role_of(key.as_bytes());
+        let entry = (object, size, validator, role);
+        if let Err(e) = self.install(&hash, entry, &path, &header, data) {
             self.index().reserved -= size;
             self.remove_blocking(&hash);
             self.write_failed(&path, &e);
@@ -1144,16 +1207,13 @@ impl Shared {
 
     /// Write a temp file, rename it over `path` and index it. The temp file is deleted on any
     /// error.
-    #[allow(clippy::too_many_arguments)]
     fn install(
         &self,
         hash: &KeyHash,
-        object: ObjectHash,
+        (object, size, validator, role): (ObjectHash, u64, u64, Role),
         path: &Path,
         header: &[u8],
         data: &[u8],
-        size: u64,
-        validator: u64,
     ) -> io::Result<()> {
         let parent = path
             .parent()
@@ -1181,7 +1241,7 @@ impl Shared {
         }
         let mut index = self.index();
         index.reserved -= size;
-        index.insert(*hash, object, size, validator);
+        index.insert(*hash, object, size, validator, role);
         Ok(())
     }
 
@@ -1685,6 +1745,47 @@ mod tests {
         assert_eq!(store.entry_count(), 3);
         assert!(store.used_bytes() <= cap);
         assert_eq!(disk_bytes(dir.path()), store.used_bytes());
+    }
+
+    /// `key=length` of every metadata entry (NUL shown as `/`).
+    async fn scan(store: &DiskStore) -> Vec<String> {
+        let mut found = store
+            .scan_metas(|key, data| Some(format!("{}={}", key.replace('\0', "/"), data.len())))
+            .await;
+        found.sort();
+        found
+    }
+
+    #[tokio::test]
+    async fn scan_metas_reads_only_metadata_entries_also_after_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+            store.put("a\0meta", None, Bytes::from_static(b"aa")).await;
+            store
+                .put("a\0chunk\x000", Some("v"), Bytes::from(vec![1u8; 100]))
+                .await;
+            store.put("b\0meta", None, Bytes::from_static(b"bbb")).await;
+            store.put("whole", None, Bytes::from_static(b"w")).await;
+            assert_eq!(scan(&store).await, ["a/meta=2", "b/meta=3"]);
+        }
+        let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(
+            scan(&store).await,
+            ["a/meta=2", "b/meta=3"],
+            "roles rebuilt at open"
+        );
+        // A corrupt metadata file is skipped and deleted, as a read would.
+        let path = entry_path(&store, "b\0meta");
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        fs::write(&path, &bytes).unwrap();
+        assert_eq!(scan(&store).await, ["a/meta=2"]);
+        assert!(!path.exists());
+        store.remove_object("a").await;
+        assert!(scan(&store).await.is_empty());
+        assert_eq!(store.object_count(), 1, "the whole-key entry stays");
     }
 
     #[tokio::test]

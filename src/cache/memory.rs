@@ -53,6 +53,16 @@ where
         self.shard(key).invalidate(key)
     }
 
+    /// Call `f` with every entry (a snapshot per shard as moka iterates it: entries inserted
+    /// meanwhile may or may not be seen). For rare admin work, never the request path.
+    pub fn for_each(&self, mut f: impl FnMut(&K, &V)) {
+        for shard in &self.shards {
+            for (k, v) in shard.iter() {
+                f(&k, &v);
+            }
+        }
+    }
+
     /// Total weight, after applying pending evictions.
     pub fn weighted_size(&self) -> u64 {
         self.shards

@@ -7,5 +7,6 @@ pub mod freshness;
 pub mod key;
 pub mod memory;
 pub mod meta;
+pub mod purge;
 pub mod store;
 pub mod vary;

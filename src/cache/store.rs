@@ -11,12 +11,14 @@ use super::flight::{FlightMap, Joined};
 use super::key::{ChunkKey, ObjectKey, ObjectVersion};
 use super::memory::ShardedCache;
 use super::meta::ObjectMeta;
+use super::purge::Purge;
 use super::vary;
 use crate::config::CacheSettings;
+use crate::range::plan::chunk_count;
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Held by an origin transfer into the cache; see [`ChunkCache::fill_slot`].
 pub type FillSlot = tokio::sync::OwnedSemaphorePermit;
@@ -163,6 +165,76 @@ impl ChunkCache {
         if let Some(disk) = &self.disk {
             disk.remove_object(key.as_str()).await;
         }
+    }
+
+    /// Purge the objects `purge` names (see [`Purge`]), returning how many: every stored
+    /// object (each Vary variant is one) matched at this moment, found among the metadata in
+    /// memory and, on disk, by reading every object's metadata entry ([`DiskStore::scan_metas`])
+    /// so an object evicted from memory is found too. Each one is handled under its object
+    /// lock (after any discovery or revalidation in progress) and checked again first:
+    ///
+    /// * hard: its metadata goes from memory, the whole object from disk, and its chunks from
+    ///   memory, so the next request fetches it from the origin even if the origin still
+    ///   has the same version (same ETag): a purge often follows wrong bytes behind a right
+    ///   validator.
+    /// * soft: it is made stale now (kept, chunks too), so the next request revalidates it and
+    ///   stale-if-error (and stale-while-revalidate) can still serve it.
+    ///
+    /// Cost: one pass over the metadata in memory and one small file read per object on disk;
+    /// nothing on the request path. Not atomic with fills: a fill whose origin answer was on
+    /// its way before the purge can store it after.
+    pub async fn purge(self: &Arc<Self>, purge: &Arc<Purge>) -> usize {
+        let mut keys = BTreeSet::new();
+        self.metas.for_each(|key, meta| {
+            if purge.matches(key.as_str(), meta) {
+                keys.insert(key.clone());
+            }
+        });
+        if let Some(disk) = &self.disk {
+            let p = purge.clone();
+            let found = disk
+                .scan_metas(move |entry, data| {
+                    let key = entry.strip_suffix("\0meta")?;
+                    let meta = ObjectMeta::decode(data)?;
+                    p.matches(key, &meta).then(|| ObjectKey(key.into()))
+                })
+                .await;
+            keys.extend(found);
+        }
+        let mut purged = 0;
+        for key in keys {
+            let _lock = self.lock_object(&key).await;
+            let Some(meta) = self.meta(&key).await else {
+                continue; // gone meanwhile
+            };
+            if !purge.matches(key.as_str(), &meta) {
+                continue; // replaced meanwhile by a version the purge does not name
+            }
+            if purge.soft {
+                let now = SystemTime::now();
+                if meta.fresh_until > now {
+                    let stale = ObjectMeta {
+                        fresh_until: now,
+                        ..(*meta).clone()
+                    };
+                    self.put_meta(&key, Arc::new(stale)).await;
+                }
+            } else {
+                self.metas.invalidate(&key);
+                let version = ObjectVersion::new(key.clone(), meta.validator.as_str().into());
+                let chunks = chunk_count(meta.size, self.chunk_size)
+                    .min(chunk_count(self.max_object_size, self.chunk_size))
+                    .max(1);
+                for index in 0..chunks {
+                    self.memory.invalidate(&version.chunk(index));
+                }
+                if let Some(disk) = &self.disk {
+                    disk.remove_object(key.as_str()).await;
+                }
+            }
+            purged += 1;
+        }
+        purged
     }
 
     /// The key a request's response is stored under: the URL key itself, or, when that URL's
@@ -420,7 +492,6 @@ impl Drop for ObjectLock {
 mod tests {
     use super::*;
     use crate::config::DiskSettings;
-    use std::time::SystemTime;
 
     fn cache_on_disk(dir: &std::path::Path) -> ChunkCache {
         ChunkCache::new(&CacheSettings {
@@ -465,6 +536,79 @@ mod tests {
             cache.store_chunk(&version, index, Bytes::from(vec![index as u8; 1000]));
         }
         assert!(cache.drain(Duration::from_secs(10)).await);
+    }
+
+    fn tagged(validator: &str, surrogate_key: &str) -> Arc<ObjectMeta> {
+        let mut m = (*meta(validator)).clone();
+        m.headers = vec![("surrogate-key".into(), surrogate_key.into())];
+        Arc::new(m)
+    }
+
+    fn purge(q: &str) -> Arc<Purge> {
+        Arc::new(Purge::from_query(Some(q)).unwrap())
+    }
+
+    #[tokio::test]
+    async fn hard_purge_drops_metadata_disk_object_and_memory_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(cache_on_disk(dir.path()));
+        let a = ObjectKey("o|h|/v/a.ts".into());
+        let b = ObjectKey("o|h|/v/b.ts".into());
+        let m = meta("\"v1\"");
+        store_object(&cache, &a, &m).await;
+        store_object(&cache, &b, &m).await;
+        let b_bytes = cache.disk_used() / 2;
+        assert_eq!(cache.purge(&purge("path=/v/a.ts")).await, 1);
+        assert!(cache.meta(&a).await.is_none());
+        let version = ObjectVersion::new(a.clone(), m.validator.as_str().into());
+        for index in 0..3 {
+            assert!(!cache.has_chunk(&version, index), "chunk {index} of a");
+        }
+        assert_eq!(cache.disk_used(), b_bytes, "a's files gone, b's kept");
+        let kept = ObjectVersion::new(b.clone(), m.validator.as_str().into());
+        assert!(cache.memory_chunk(&kept.chunk(2)).is_some());
+        assert!(cache.meta(&b).await.is_some());
+        assert_eq!(cache.purge(&purge("path=/v/a.ts")).await, 0, "nothing left");
+    }
+
+    #[tokio::test]
+    async fn purge_finds_objects_only_on_disk_and_counts_each_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            ObjectKey("o|h|/v/a.ts".into()),
+            ObjectKey("o|h|/v/b.ts?x=1#vary-1-ab".into()),
+            ObjectKey("o|h2|/w/c".into()),
+        );
+        {
+            let cache = cache_on_disk(dir.path());
+            store_object(&cache, &a, &tagged("\"a\"", "video ep-1")).await;
+            store_object(&cache, &b, &tagged("\"b\"", "video")).await;
+            store_object(&cache, &c, &tagged("\"c\"", "other")).await;
+        }
+        // Over the same directory, as after a restart: nothing in memory but what is read.
+        let cache = Arc::new(cache_on_disk(dir.path()));
+        assert!(cache.meta(&b).await.is_some(), "b in memory and on disk");
+        let now = SystemTime::now();
+
+        assert_eq!(cache.purge(&purge("path=/v/&prefix=1&soft=1")).await, 2);
+        for key in [&a, &b] {
+            let m = cache.meta(key).await.expect("soft purge keeps the object");
+            assert!(!m.is_fresh(SystemTime::now()), "{key:?} stale");
+            assert!(m.fresh_until >= now - Duration::from_secs(1));
+        }
+        assert!(cache.meta(&c).await.unwrap().is_fresh(SystemTime::now()));
+
+        assert_eq!(cache.purge(&purge("tag=VIDEO&host=h")).await, 2);
+        assert!(cache.meta(&a).await.is_none());
+        assert!(cache.meta(&b).await.is_none());
+        assert_eq!(cache.purge(&purge("tag=ep-1")).await, 0);
+        assert_eq!(
+            cache.purge(&purge("path=/w/c&host=h")).await,
+            0,
+            "other host"
+        );
+        assert_eq!(cache.purge(&purge("path=/w/c&host=H2")).await, 1);
+        assert_eq!(cache.disk_used(), 0, "every file gone");
     }
 
     #[tokio::test]
