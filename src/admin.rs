@@ -1,11 +1,14 @@
 //! The admin endpoint (`admin.listen`): `GET /healthz` answers `ok` while the process serves;
 //! `GET /stats` reports cache occupancy. Calls that change anything are `POST`s carrying
-//! `Authorization: Bearer <admin.token>` (see [`AdminApp::authorize`]).
+//! `Authorization: Bearer <admin.token>` (see [`AdminApp::authorize`]): `POST /reload` reads the
+//! config file again (`crate::reload`).
 //! It must stay cheap and never touch the data path's locks.
 
 use crate::cache::store::ChunkCache;
 use crate::conn::table::ConnTable;
 use crate::origin::ResilienceStats;
+use crate::reload::ReloadHandle;
+use crate::runtime::Current;
 use async_trait::async_trait;
 use http::Response;
 use pingora_core::apps::http_app::ServeHttp;
@@ -79,7 +82,8 @@ impl AdminApp {
         if let Some(d) = &self.access_log_dropped {
             out.push_str(&format!("access_log_dropped {}\n", n(d)));
         }
-        if let Some(sh) = &self.shaping {
+        let shaping_on = self.current.load().config.shaping.is_some();
+        if let Some(sh) = self.shaping.as_ref().filter(|_| shaping_on) {
             out.push_str(&format!(
                 "shaping_bytes {}\nshaping_delayed_us {}\nshaping_active_clients {}\nshaping_refused_downloads {}\nshaping_refused_connections {}\n",
                 n(&sh.shaped_bytes),
@@ -96,7 +100,7 @@ impl AdminApp {
 pub struct AdminApp {
     pub cache: Arc<ChunkCache>,
     pub stats: Arc<ResilienceStats>,
-    /// Shaping counters, when `shaping` is configured.
+    /// Shaping counters (shown while `shaping` is configured).
     pub shaping: Option<Arc<crate::shaping::ShapingStats>>,
     /// The proxy listeners' connection table.
     pub connections: Option<Arc<ConnTable>>,
@@ -104,14 +108,19 @@ pub struct AdminApp {
     pub admin_connections: Option<Arc<ConnTable>>,
     /// Access-log lines dropped because the writer could not keep up.
     pub access_log_dropped: Option<Arc<std::sync::atomic::AtomicU64>>,
-    /// `admin.token`: required by every mutating call; `None` refuses them all.
-    pub token: Option<String>,
+    /// The configuration in force: `admin.token` is read from it at each call, so a reload
+    /// changes it.
+    pub current: Current,
+    /// Where `POST /reload` asks; `None`: not available.
+    pub reload: Option<ReloadHandle>,
 }
 
 impl AdminApp {
     /// A mutating call is allowed only as a `POST` with `Authorization: Bearer <admin.token>`:
     /// `Err` is the answer otherwise (405, 401 without or with a wrong token, 403 when no token
     /// is configured).
+    // The `Err` is the admin answer itself, built once per refused call: boxing it buys nothing.
+    #[allow(clippy::result_large_err)]
     fn authorize(&self, session: &ServerSession) -> Result<(), Response<Vec<u8>>> {
         let req = session.req_header();
         if req.method != http::Method::POST {
@@ -120,7 +129,8 @@ impl AdminApp {
                 .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
             return Err(r);
         }
-        let Some(token) = self.token.as_deref() else {
+        let current = self.current.load();
+        let Some(token) = current.config.admin_token.as_deref() else {
             return Err(text(
                 403,
                 "mutating admin calls are off: set admin.token in the config\n",
@@ -177,6 +187,18 @@ impl ServeHttp for AdminApp {
         match path.as_str() {
             "/healthz" => text(200, "ok\n"),
             "/stats" => text(200, &self.stats()),
+            "/reload" => {
+                if let Err(refused) = self.authorize(session) {
+                    return refused;
+                }
+                match &self.reload {
+                    Some(r) => match r.reload().await {
+                        Ok(done) => text(200, &done.answer()),
+                        Err(e) => text(e.status(), &e.answer()),
+                    },
+                    None => text(503, "reload is not available\n"),
+                }
+            }
             _ => text(404, "not found\n"),
         }
     }

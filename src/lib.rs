@@ -28,5 +28,7 @@ pub mod conn;
 pub mod origin;
 pub mod proxy;
 pub mod range;
+pub mod reload;
+pub mod runtime;
 pub mod server;
 pub mod shaping;
