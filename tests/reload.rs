@@ -338,3 +338,53 @@ async fn keys_that_cannot_change_live_are_named_and_left_as_they_run() {
     wait_log_lines(&proxy, IN_FORCE, 2);
     wait_log_lines(&proxy, "not applied (not live", 2);
 }
+
+/// Wait until the origin has seen `n` requests for `path`.
+async fn wait_origin(origin: &Origin, path: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while origin_saw(origin, path) < n {
+        assert!(
+            Instant::now() < deadline,
+            "the origin saw {} of {n} requests for {path}",
+            origin_saw(origin, path)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_follow_the_reloaded_upstreams() {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(&config(&origin, OBJ_ROUTE));
+    let checked = |path: &str| {
+        format!(
+            "    read_timeout: 5s\n    health_check:\n      path: {path}\n      interval: 50ms\n"
+        )
+    };
+    // Added by a reload: the new pool is checked.
+    edit_config(&proxy, "    read_timeout: 5s\n", &checked("/obj/1/first"));
+    assert_eq!(post_reload(&proxy, Some(TOKEN)).await.0, 200);
+    wait_origin(&origin, "/obj/1/first", 3).await;
+
+    // Changed: the new pool is checked and the replaced one no longer is. The new loop's
+    // checks are the clock: ten more of them, and at most one more of the old (one may have
+    // been under way at the swap).
+    edit_config(&proxy, "/obj/1/first", "/obj/1/second");
+    assert_eq!(post_reload(&proxy, Some(TOKEN)).await.0, 200);
+    wait_origin(&origin, "/obj/1/second", 1).await;
+    let first = origin_saw(&origin, "/obj/1/first");
+    let second = origin_saw(&origin, "/obj/1/second");
+    wait_origin(&origin, "/obj/1/second", second + 10).await;
+    assert!(
+        origin_saw(&origin, "/obj/1/first") <= first + 1,
+        "the replaced pool is still health-checked"
+    );
+
+    // An unchanged reload keeps the pool and its loop.
+    assert_eq!(post_reload(&proxy, Some(TOKEN)).await.0, 200);
+    assert!(
+        proxy.log_contains("1 kept and 0 new (1 health-checked)"),
+        "{}",
+        proxy.log()
+    );
+}
