@@ -166,6 +166,9 @@ impl ReloadHandle {
 pub struct ReloadService {
     reloader: Reloader,
     requests: Mutex<Option<mpsc::Receiver<Reply>>>,
+    /// Keeps the queue open without an admin listener (no handle held), so the task runs on
+    /// for SIGHUP and the health checks.
+    _open: mpsc::Sender<Reply>,
 }
 
 impl ReloadService {
@@ -174,6 +177,7 @@ impl ReloadService {
         let service = ReloadService {
             reloader,
             requests: Mutex::new(Some(requests)),
+            _open: queue.clone(),
         };
         (service, ReloadHandle { queue })
     }
@@ -222,8 +226,7 @@ impl BackgroundService for ReloadService {
                         log::error!("reload refused, the running configuration stays: {}", e.answer().trim_end());
                     }
                 }
-                request = requests.recv() => {
-                    let Some(reply) = request else { return };
+                Some(reply) = requests.recv() => {
                     log::info!("POST /reload: reloading {}", self.reloader.file.display());
                     let outcome = self.reloader.reload(&health);
                     if let Err(e) = &outcome {
