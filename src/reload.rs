@@ -101,9 +101,16 @@ impl Reloader {
 
     /// Read the file again and put it in force. `health`: the shutdown watch the pools'
     /// health-check loops stop on (they are spawned on the caller's runtime).
-    pub fn reload(&self, health: &ShutdownWatch) -> Result<Reloaded, Refused> {
-        let new = Config::load_checked(&self.file)
-            .map_err(|e| Refused::Invalid(config::error_report(&self.file, &e)))?;
+    pub async fn reload(&self, health: &ShutdownWatch) -> Result<Reloaded, Refused> {
+        // Reading the file, checking the disk directory and resolving host names block: not on
+        // the thread the health checks run on.
+        let file = self.file.clone();
+        let loaded = tokio::task::spawn_blocking(move || {
+            Config::load_checked(&file).map_err(|e| config::error_report(&file, &e))
+        })
+        .await
+        .map_err(|e| Refused::Failed(format!("edgeslice: reload failed: {e}")))?;
+        let new = loaded.map_err(Refused::Invalid)?;
         let old = self.current.load_full();
         let (applied, ignored) = live::apply(&old.config, new);
         let (next, pools) =
@@ -222,13 +229,13 @@ impl BackgroundService for ReloadService {
                 _ = shutdown.changed() => return,
                 Some(()) = async { hup.as_mut()?.recv().await } => {
                     log::info!("SIGHUP: reloading {}", self.reloader.file.display());
-                    if let Err(e) = self.reloader.reload(&health) {
+                    if let Err(e) = self.reloader.reload(&health).await {
                         log::error!("reload refused, the running configuration stays: {}", e.answer().trim_end());
                     }
                 }
                 Some(reply) = requests.recv() => {
                     log::info!("POST /reload: reloading {}", self.reloader.file.display());
-                    let outcome = self.reloader.reload(&health);
+                    let outcome = self.reloader.reload(&health).await;
                     if let Err(e) = &outcome {
                         log::error!("reload refused, the running configuration stays: {}", e.answer().trim_end());
                     }

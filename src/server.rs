@@ -74,8 +74,9 @@ pub fn build(config: Config, run: RunOptions, file: PathBuf) -> Result<Server, S
     let (runtime, _) = Runtime::build(config.clone(), None, &shared, None)
         .map_err(|e| format!("building upstream pools: {e}"))?;
     let current = Arc::new(ArcSwap::from_pointee(runtime));
-    let edge = Edge::new(current.clone(), cache.clone(), stats.clone())
-        .map_err(|e| format!("building upstream pools: {e}"))?;
+    // Fails only on opening the access log (the message names server.access_log_path).
+    let edge =
+        Edge::new(current.clone(), cache.clone(), stats.clone()).map_err(|e| e.to_string())?;
     // The reload task also runs the pools' health checks, the first ones included.
     let (reload, reload_handle) =
         ReloadService::new(Reloader::new(file, current.clone(), shared, edge.shaper()));
