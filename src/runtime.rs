@@ -12,7 +12,7 @@
 //!
 //! A pool whose settings did not change is carried into the next snapshot as it is, so its
 //! breakers, retry budget and health survive a reload. Active health checks run as tasks owned
-//! by the snapshots that hold their pool ([`HealthCheck`]): a pool replaced or removed stops
+//! by the snapshots that hold their pool (`HealthCheck`): a pool replaced or removed stops
 //! being checked once the last request using it has finished. This module must never hold a
 //! lock a request waits on.
 
