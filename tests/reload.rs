@@ -388,3 +388,53 @@ async fn health_checks_follow_the_reloaded_upstreams() {
         proxy.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_policy_reloads_over_the_same_stored_objects() {
+    let origin = Origin::start().await;
+    let yaml = config(&origin, OBJ_ROUTE).replace("cache:\n", "cache:\n  max_ranges: 1\n");
+    let proxy = Proxy::start(&yaml);
+    let path = "/obj/100000/ranges.bin";
+    let two_ranges = || async {
+        let resp = common::client()
+            .get(proxy.url(path))
+            .header("range", "bytes=0-9,20-29")
+            .send()
+            .await
+            .expect("request");
+        let h = resp.headers().clone();
+        let text = |n: &str| {
+            h.get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string()
+        };
+        (
+            resp.status().as_u16(),
+            text("content-type"),
+            text("cache-status"),
+        )
+    };
+    let (status, _, body) = get(&proxy, path).await;
+    assert_eq!(status, 200);
+    assert!(body == content(path, 0, 0..100_000));
+    // Over cache.max_ranges: the whole object.
+    let (status, _, cache_status) = two_ranges().await;
+    assert_eq!(status, 200);
+    assert!(cache_status.contains("hit"), "{cache_status}");
+    let fetched = origin_saw(&origin, path);
+
+    edit_config(&proxy, "max_ranges: 1", "max_ranges: 4");
+    assert_eq!(
+        post_reload(&proxy, Some(TOKEN)).await,
+        (200, "reloaded\n".to_string())
+    );
+    let (status, content_type, cache_status) = two_ranges().await;
+    assert_eq!(status, 206);
+    assert!(
+        content_type.starts_with("multipart/byteranges"),
+        "{content_type}"
+    );
+    assert!(cache_status.contains("hit"), "{cache_status}");
+    assert_eq!(origin_saw(&origin, path), fetched);
+}
