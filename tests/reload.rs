@@ -438,3 +438,37 @@ async fn the_cache_policy_reloads_over_the_same_stored_objects() {
     assert!(cache_status.contains("hit"), "{cache_status}");
     assert_eq!(origin_saw(&origin, path), fetched);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_asked_at_once_run_one_at_a_time() {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(&config(&origin, OBJ_ROUTE));
+    edit_config(&proxy, OBJ_ROUTE, &format!("{OBJ_ROUTE}{DOWNLOAD_ROUTE}"));
+    sighup(&proxy);
+    let answers =
+        futures::future::join_all((0..12).map(|_| post_reload(&proxy, Some(TOKEN)))).await;
+    // Each is done whole or refused at once (queue full): never a failure or a mix.
+    let done = answers.iter().filter(|(s, _)| *s == 200).count();
+    for (status, body) in &answers {
+        assert!(
+            (*status == 200 && body == "reloaded\n") || *status == 503,
+            "{status} {body}"
+        );
+    }
+    assert!(done >= 1, "{answers:?}");
+    // The SIGHUP's reload and each answered one: one "in force" line each.
+    wait_log_lines(&proxy, IN_FORCE, done + 1);
+    assert_eq!(log_lines(&proxy, IN_FORCE), done + 1, "{}", proxy.log());
+    assert_eq!(log_lines(&proxy, "reloading "), done + 1);
+    // Each reload's start and end are next to each other in the log.
+    let log = proxy.log();
+    let steps: Vec<bool> = log
+        .lines()
+        .filter(|l| l.contains("reloading ") || l.contains(IN_FORCE))
+        .map(|l| l.contains(IN_FORCE))
+        .collect();
+    for pair in steps.chunks(2) {
+        assert_eq!(pair, [false, true], "interleaved reloads:\n{log}");
+    }
+    assert_eq!(get(&proxy, "/download/1000").await.0, 200);
+}
