@@ -1,7 +1,7 @@
 //! The admin endpoint (`admin.listen`): `GET /healthz` answers `ok` while the process serves;
 //! `GET /stats` reports cache occupancy. Calls that change anything are `POST`s carrying
 //! `Authorization: Bearer <admin.token>` (see [`AdminApp::authorize`]): `POST /purge` (see
-//! `cache::purge`).
+//! `cache::purge`) and `POST /reload`, which reads the config file again (`crate::reload`).
 //! It must stay cheap and never touch the data path's locks.
 
 use crate::cache::purge::Purge;
@@ -10,6 +10,8 @@ use crate::conn::table::ConnTable;
 use crate::metrics::{one, AdminAction, AdminResult, Metrics, Pulled};
 use crate::origin::outcome::FailureClass;
 use crate::origin::ResilienceStats;
+use crate::reload::ReloadHandle;
+use crate::runtime::Current;
 use async_trait::async_trait;
 use http::Response;
 use pingora_core::apps::http_app::ServeHttp;
@@ -84,7 +86,8 @@ impl AdminApp {
         if let Some(d) = &self.access_log_dropped {
             out.push_str(&format!("access_log_dropped {}\n", n(d)));
         }
-        if let Some(sh) = &self.shaping {
+        let shaping_on = self.current.load().config.shaping.is_some();
+        if let Some(sh) = self.shaping.as_ref().filter(|_| shaping_on) {
             out.push_str(&format!(
                 "shaping_bytes {}\nshaping_delayed_us {}\nshaping_active_clients {}\nshaping_refused_downloads {}\nshaping_refused_connections {}\n",
                 n(&sh.shaped_bytes),
@@ -101,7 +104,7 @@ impl AdminApp {
 pub struct AdminApp {
     pub cache: Arc<ChunkCache>,
     pub stats: Arc<ResilienceStats>,
-    /// Shaping counters, when `shaping` is configured.
+    /// Shaping counters (shown while `shaping` is configured).
     pub shaping: Option<Arc<crate::shaping::ShapingStats>>,
     /// The proxy listeners' connection table.
     pub connections: Option<Arc<ConnTable>>,
@@ -109,8 +112,11 @@ pub struct AdminApp {
     pub admin_connections: Option<Arc<ConnTable>>,
     /// Access-log lines dropped because the writer could not keep up.
     pub access_log_dropped: Option<Arc<std::sync::atomic::AtomicU64>>,
-    /// `admin.token`: required by every mutating call; `None` refuses them all.
-    pub token: Option<String>,
+    /// The configuration in force: `admin.token` is read from it at each call, so a reload
+    /// changes it.
+    pub current: Current,
+    /// Where `POST /reload` asks; `None`: not available.
+    pub reload: Option<ReloadHandle>,
     /// The registry `GET /metrics` renders.
     pub metrics: Arc<Metrics>,
 }
@@ -361,7 +367,8 @@ impl AdminApp {
                 .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
             return Err(r);
         }
-        let Some(token) = self.token.as_deref() else {
+        let current = self.current.load();
+        let Some(token) = current.config.admin_token.as_deref() else {
             return Err(text(
                 403,
                 "mutating admin calls are off: set admin.token in the config\n",
@@ -429,12 +436,37 @@ impl ServeHttp for AdminApp {
                     .unwrap_or_else(|_| Response::new(Vec::new()))
             }
             "/purge" => self.purge(session).await,
+            "/reload" => self.reload_config(session).await,
             _ => text(404, "not found\n"),
         }
     }
 }
 
 impl AdminApp {
+    /// `POST /reload`: the config file read again and applied (`crate::reload`); 422 with the
+    /// same text as `edgeslice -t` when it is invalid.
+    async fn reload_config(&self, session: &ServerSession) -> Response<Vec<u8>> {
+        let count = |result| self.metrics.admin_call(AdminAction::Reload, result);
+        if let Err(refused) = self.authorize(session) {
+            count(AdminResult::Refused);
+            return refused;
+        }
+        let Some(r) = &self.reload else {
+            count(AdminResult::Error);
+            return text(503, "reload is not available\n");
+        };
+        match r.reload().await {
+            Ok(done) => {
+                count(AdminResult::Ok);
+                text(200, &done.answer())
+            }
+            Err(e) => {
+                count(AdminResult::Error);
+                text(e.status(), &e.answer())
+            }
+        }
+    }
+
     /// `POST /purge?path=P[&host=H][&prefix=1][&soft=1]` or `?tag=T[&host=H][&soft=1]`:
     /// `purged N` (see [`ChunkCache::purge`] for what N counts), 400 naming a bad parameter.
     async fn purge(&self, session: &ServerSession) -> Response<Vec<u8>> {

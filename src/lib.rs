@@ -14,6 +14,9 @@
 //!               assemble: 200 / 206 / multipart, streamed as chunks arrive
 //! ```
 //!
+//! Each request reads the configuration through the snapshot in force when it started
+//! ([`runtime`]); SIGHUP and `POST /reload` swap in the next one ([`reload`]).
+//!
 //! The binary (`src/main.rs`) only parses the command line, loads the config and starts the
 //! services built here; tests and benches use this library directly.
 
@@ -29,5 +32,7 @@ pub mod metrics;
 pub mod origin;
 pub mod proxy;
 pub mod range;
+pub mod reload;
+pub mod runtime;
 pub mod server;
 pub mod shaping;

@@ -1,7 +1,7 @@
 //! `edgeslice -c FILE` runs the proxy; `edgeslice -t -c FILE` checks the config and exits.
 
 use clap::Parser;
-use edgeslice::config::Config;
+use edgeslice::config::{self, Config};
 use edgeslice::server::{self, RunOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -55,13 +55,10 @@ fn main() -> ExitCode {
     fix_mmap_threshold();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    let config = match Config::load(&cli.conf).and_then(|c| c.check_paths().map(|()| c)) {
+    let config = match Config::load_checked(&cli.conf) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!(
-                "edgeslice: configuration error in {}: {e}",
-                cli.conf.display()
-            );
+            eprintln!("{}", config::error_report(&cli.conf, &e));
             return ExitCode::from(1);
         }
     };
@@ -76,7 +73,7 @@ fn main() -> ExitCode {
         daemon: cli.daemon,
         upgrade: cli.upgrade,
     };
-    match server::build(config, run) {
+    match server::build(config, run, cli.conf) {
         Ok(server) => server.run_forever(),
         Err(e) => {
             eprintln!("edgeslice: cannot start: {e}");

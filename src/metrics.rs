@@ -109,6 +109,8 @@ pub struct Metrics {
     breaker_transitions: IntCounterVec,
     admin_calls: IntCounterVec,
     purged: IntCounterVec,
+    reloads: IntCounterVec,
+    last_reload: prometheus::Gauge,
     breakers: Arc<BreakerStates>,
     /// Requests no route matched.
     unrouted: OnceLock<Arc<RouteMetrics>>,
@@ -145,6 +147,8 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> 
 }
 
 impl Metrics {
+    // The names and labels are constants checked by the unit tests (see `register`).
+    #[allow(clippy::expect_used)]
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let r = &registry;
@@ -156,10 +160,8 @@ impl Metrics {
             .buckets(DURATION_BUCKETS.to_vec()),
             &["route", "cache"],
         );
-        #[allow(clippy::expect_used)]
         let duration = register(r, duration.expect("a constant metric name"));
         let breakers = Arc::new(BreakerStates::default());
-        #[allow(clippy::expect_used)]
         registry
             .register(Box::new(BreakerCollector(breakers.clone())))
             .expect("metric names are unique");
@@ -225,11 +227,28 @@ impl Metrics {
                 "Cached objects purged through the admin listener, by mode (hard, soft).",
                 &["mode"],
             ),
+            reloads: counter_vec(
+                r,
+                "edgeslice_config_reloads_total",
+                "Configuration reloads (SIGHUP or POST /reload), by result (ok, error: the old configuration kept serving).",
+                &["result"],
+            ),
+            last_reload: register(
+                r,
+                prometheus::Gauge::new(
+                    "edgeslice_config_last_reload_success_timestamp_seconds",
+                    "When the configuration in force was loaded (start or last successful reload), Unix time.",
+                )
+                .expect("a constant metric name"),
+            ),
             breakers,
             unrouted: OnceLock::new(),
             registry,
         };
         m.register(build);
+        m.last_reload.set(unix_now());
+        m.reloads.with_label_values(&["ok"]);
+        m.reloads.with_label_values(&["error"]);
         // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
         if let Err(e) = m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
@@ -259,6 +278,17 @@ impl Metrics {
         self.admin_calls
             .with_label_values(&[action.label(), result.label()])
             .inc();
+    }
+
+    /// Count a reload; a successful one also sets the time the configuration in force was
+    /// loaded.
+    pub fn reloaded(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+        if ok {
+            self.last_reload.set(unix_now());
+        }
     }
 
     /// Count objects purged.
@@ -298,6 +328,13 @@ impl Metrics {
             servers,
         }
     }
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// A mutating admin call (the `action` label).

@@ -1,5 +1,6 @@
 //! Builds the Pingora server from a validated config: the proxy service on every `listen`
-//! address and the admin service on `admin.listen`.
+//! address, the admin service on `admin.listen`, and the reload task (SIGHUP, `POST /reload`)
+//! that swaps the configuration snapshot the proxy reads (`crate::runtime`).
 
 use crate::admin::AdminApp;
 use crate::cache::store::ChunkCache;
@@ -10,12 +11,16 @@ use crate::conn::Front;
 use crate::metrics::Metrics;
 use crate::origin::ResilienceStats;
 use crate::proxy::Edge;
+use crate::reload::{ReloadService, Reloader};
+use crate::runtime::{Runtime, Shared};
+use arc_swap::ArcSwap;
 use pingora_core::listeners::Listeners;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,8 +51,10 @@ pub fn server_conf(config: &Config, run: RunOptions) -> ServerConf {
     }
 }
 
-/// A ready-to-run Pingora server (call `run_forever`).
-pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
+/// A ready-to-run Pingora server (call `run_forever`); `file` is where `config` was read from,
+/// read again on each reload.
+pub fn build(config: Config, run: RunOptions, file: PathBuf) -> Result<Server, String> {
+    crate::reload::ignore_sighup_until_listening();
     let config = Arc::new(config);
     let opt = Opt {
         upgrade: run.upgrade,
@@ -65,9 +72,16 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
         Arc::new(ChunkCache::new(&config.cache).map_err(|e| format!("opening the cache: {e}"))?);
     let metrics = Arc::new(Metrics::new());
     let stats = Arc::new(ResilienceStats::new(metrics.clone()));
-    let edge = Edge::new(config.clone(), cache.clone(), stats.clone())
+    let shared = Shared::new(stats.clone());
+    let (runtime, _) = Runtime::build(config.clone(), None, &shared, None)
         .map_err(|e| format!("building upstream pools: {e}"))?;
-    let health_checks: Vec<_> = edge.pools().filter_map(|p| p.health_service()).collect();
+    let current = Arc::new(ArcSwap::from_pointee(runtime));
+    // Fails only on opening the access log (the message names server.access_log_path).
+    let edge =
+        Edge::new(current.clone(), cache.clone(), stats.clone()).map_err(|e| e.to_string())?;
+    // The reload task also runs the pools' health checks, the first ones included.
+    let (reload, reload_handle) =
+        ReloadService::new(Reloader::new(file, current.clone(), shared, edge.shaper()));
     let shaping = edge.shaping_stats();
     let access_log = edge.access_log_handles();
     let connections = &config.server.connections;
@@ -119,9 +133,7 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
             timeout: config.server.graceful_shutdown_timeout,
         },
     ));
-    for hc in health_checks {
-        server.add_boxed_service(hc);
-    }
+    server.add_service(background_service("config reload", reload));
 
     if let Some(addr) = config.admin_listen {
         // Its own runtime thread and connection cap: /healthz answers while the proxy is
@@ -130,11 +142,12 @@ pub fn build(config: Config, run: RunOptions) -> Result<Server, String> {
         let app = AdminApp {
             cache,
             stats,
-            shaping,
+            shaping: Some(shaping),
             connections: Some(client_table),
             admin_connections: Some(admin_table.clone()),
             access_log_dropped: access_log.map(|(_, dropped)| dropped),
-            token: config.admin_token.clone(),
+            current,
+            reload: Some(reload_handle),
             metrics,
         };
         app.register_figures();

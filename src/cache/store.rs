@@ -30,12 +30,6 @@ pub const HIT_FOR_PASS_TTL: Duration = Duration::from_secs(30);
 pub struct ChunkCache {
     pub chunk_size: u64,
     pub max_object_size: u64,
-    pub max_ranges: usize,
-    pub default_ttl: Option<Duration>,
-    /// Heuristic freshness: fraction of the time since Last-Modified (0 = off), and its cap.
-    pub heuristic_fraction: f64,
-    pub heuristic_max: Duration,
-    pub stale_if_error: Duration,
     memory: ShardedCache<ChunkKey, Bytes>,
     metas: ShardedCache<ObjectKey, Arc<ObjectMeta>>,
     pass: ShardedCache<ObjectKey, &'static str>,
@@ -89,11 +83,6 @@ impl ChunkCache {
         Ok(ChunkCache {
             chunk_size: settings.chunk_size,
             max_object_size: settings.max_object_size,
-            max_ranges: settings.max_ranges,
-            default_ttl: settings.default_ttl,
-            heuristic_fraction: settings.heuristic_fraction,
-            heuristic_max: settings.heuristic_max,
-            stale_if_error: settings.stale_if_error,
             memory,
             metas: ShardedCache::new(16, MAX_META_ENTRIES, moka::sync::Cache::new),
             pass: ShardedCache::new(16, 100_000, |cap| {

@@ -4,6 +4,7 @@
 //! below, which are what the rest of the program uses. Every error names the key path and the
 //! line (`upstreams.origin.servers[1] (line 12, column 7): ...`). Nothing here panics on input.
 
+pub mod live;
 mod schema;
 mod shaping;
 pub mod units;
@@ -144,13 +145,37 @@ pub struct CacheSettings {
     pub disk: Option<DiskSettings>,
 }
 
-#[derive(Debug, Clone)]
+/// The per-request part of `cache.*`: how long responses stay fresh and how ranges are served,
+/// not how the tiers are sized or what they admit. A request keeps the policy it started with
+/// (its fills too) across a reload.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachePolicy {
+    pub default_ttl: Option<Duration>,
+    pub stale_if_error: Duration,
+    pub heuristic_fraction: f64,
+    pub heuristic_max: Duration,
+    pub max_ranges: usize,
+}
+
+impl CacheSettings {
+    pub fn policy(&self) -> CachePolicy {
+        CachePolicy {
+            default_ttl: self.default_ttl,
+            stale_if_error: self.stale_if_error,
+            heuristic_fraction: self.heuristic_fraction,
+            heuristic_max: self.heuristic_max,
+            max_ranges: self.max_ranges,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct DiskSettings {
     pub path: PathBuf,
     pub capacity: u64,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
     pub name: String,
     pub servers: Vec<ServerSpec>,
@@ -291,7 +316,20 @@ pub const MAX_CONCURRENT_FILLS_LIMIT: usize = 4096;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// What `edgeslice -t` prints for a file that does not load; a reload answers the same text.
+pub fn error_report(file: &Path, e: &ConfigError) -> String {
+    format!("edgeslice: configuration error in {}: {e}", file.display())
+}
+
 impl Config {
+    /// Read and validate a config file, with the checks that need the file system
+    /// ([`Config::check_paths`]): what `-t`, the start and a reload all run.
+    pub fn load_checked(path: &Path) -> Result<Config, ConfigError> {
+        let c = Config::load(path)?;
+        c.check_paths()?;
+        Ok(c)
+    }
+
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {

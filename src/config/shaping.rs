@@ -37,6 +37,20 @@ pub struct ShapingClass {
     pub max_connections: u32,
 }
 
+/// No shaping: no classes, no node-wide rate, the default client table (what runs without a
+/// `shaping` section, so a reload can add one).
+impl Default for ShapingSettings {
+    fn default() -> Self {
+        ShapingSettings {
+            client_key: KeySource::RemoteAddr,
+            ipv6_prefix: DEFAULT_IPV6_PREFIX,
+            total_rate: 0,
+            max_clients: DEFAULT_MAX_CLIENTS,
+            classes: BTreeMap::new(),
+        }
+    }
+}
+
 pub const DEFAULT_BURST: u64 = 64 * 1024;
 pub const DEFAULT_IPV6_PREFIX: u8 = 64;
 pub const DEFAULT_MAX_CLIENTS: usize = 100_000;

@@ -45,7 +45,7 @@ use tokio::time::Instant;
 /// Breaker tuning. Degenerate values are sanitised by [`Breaker::new`]: a zero
 /// `failure_threshold` or `half_open_probes` means 1, and a `max_open_for` below `open_for`
 /// means the ejection never grows beyond `open_for`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BreakerConfig {
     /// Consecutive failures while `Closed` that trip the breaker.
     pub failure_threshold: u32,

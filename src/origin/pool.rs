@@ -1,8 +1,8 @@
 //! An upstream group at run time: its servers behind Pingora's load balancer (round robin or
 //! Ketama consistent hashing, both weighted), optional active health checks (Pingora's HTTP
-//! check, run as a background service), a circuit breaker per server (passive health: failures
-//! seen on real traffic, attributed by `origin::outcome`), and the retry budget and backoff
-//! shared by the group's requests.
+//! check, run by its owner: [`UpstreamPool::health_checks`]), a circuit breaker per server
+//! (passive health: failures seen on real traffic, attributed by `origin::outcome`), and the
+//! retry budget and backoff shared by the group's requests.
 //!
 //! Selection reads breaker state with atomics only; it never waits.
 //!
@@ -21,7 +21,6 @@ use super::outcome::FailureClass;
 use super::ResilienceStats;
 use crate::config::{Balance, UpstreamSettings};
 use crate::metrics::{OriginOutcome, UpstreamMetrics};
-use pingora_core::services::background::GenBackgroundService;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 use pingora_load_balancing::health_check::HttpHealthCheck;
@@ -276,14 +275,24 @@ impl UpstreamPool {
         &self.settings.name
     }
 
-    /// The background service that runs active health checks, if configured.
-    pub fn health_service(&self) -> Option<Box<dyn pingora_core::services::ServiceWithDependents>> {
+    /// The active health-check loop (Pingora's, every `health_check.interval`) until `shutdown`
+    /// turns true; `None` without `health_check`. Whoever runs it owns it: the reload module
+    /// spawns one per pool and aborts it when no configuration snapshot holds the pool.
+    pub fn health_checks(
+        &self,
+        shutdown: pingora_core::server::ShutdownWatch,
+    ) -> Option<futures::future::BoxFuture<'static, ()>> {
+        use pingora_core::services::background::BackgroundService;
         self.settings.health_check.as_ref()?;
-        let name = format!("health check {}", self.settings.name);
         Some(match &self.lb {
-            Lb::RoundRobin(l) => Box::new(GenBackgroundService::new(name, l.clone()))
-                as Box<dyn pingora_core::services::ServiceWithDependents>,
-            Lb::Hash(l) => Box::new(GenBackgroundService::new(name, l.clone())),
+            Lb::RoundRobin(l) => {
+                let l = l.clone();
+                Box::pin(async move { l.start(shutdown).await })
+            }
+            Lb::Hash(l) => {
+                let l = l.clone();
+                Box::pin(async move { l.start(shutdown).await })
+            }
         })
     }
 

@@ -148,6 +148,7 @@ impl CacheLayer {
                 .to_string(),
             request_id: ctx.request_id.clone(),
             forward,
+            policy: ctx.runtime.cache_policy.clone(),
         };
         let has_authorization = req.headers.contains_key(http::header::AUTHORIZATION);
         let is_head = req.method == http::Method::HEAD;
@@ -389,7 +390,7 @@ impl CacheLayer {
             Discovery::Uncacheable(reason) => self.pass(ctx, &obj.key, reason),
             Discovery::Slice { resp, reason } => {
                 self.cache.mark_uncacheable(&obj.key, reason);
-                let max_ranges = self.cache.max_ranges;
+                let max_ranges = obj.policy.max_ranges;
                 super::slices::relay_slices(
                     session, ctx, origin, obj, resp, range_req, max_ranges, reason,
                 )
@@ -585,7 +586,7 @@ impl CacheLayer {
             }
         };
         let decision = if if_range_ok {
-            resolve(&range_req, meta.size, self.cache.max_ranges)
+            resolve(&range_req, meta.size, obj.policy.max_ranges)
         } else {
             RangeDecision::Whole
         };

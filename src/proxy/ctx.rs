@@ -3,12 +3,16 @@
 use crate::config::Route;
 use crate::origin::outcome::StatusEvidence;
 use crate::origin::pool::Selected;
+use crate::runtime::Runtime;
 use crate::shaping::Download;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 pub struct RequestCtx {
+    /// The configuration in force when the request started: every phase, retry and cache
+    /// fill of the request uses it, whatever reloads happen meanwhile.
+    pub runtime: Arc<Runtime>,
     pub request_id: String,
     pub started: Instant,
     pub route: Option<Arc<Route>>,
@@ -39,8 +43,9 @@ pub struct UpstreamCtx {
 }
 
 impl RequestCtx {
-    pub fn new() -> Self {
+    pub fn new(runtime: Arc<Runtime>) -> Self {
         RequestCtx {
+            runtime,
             request_id: String::new(),
             started: Instant::now(),
             route: None,
@@ -49,11 +54,5 @@ impl RequestCtx {
             pass_through: false,
             download: None,
         }
-    }
-}
-
-impl Default for RequestCtx {
-    fn default() -> Self {
-        Self::new()
     }
 }

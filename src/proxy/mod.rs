@@ -1,6 +1,7 @@
 //! The Pingora `ProxyHttp` implementation: each phase is a few lines that delegate below.
 //!
 //! ```text
+//!  new_ctx ── the configuration snapshot in force (crate::runtime): the request keeps it
 //!  request_filter ── request id ── route? ──no──► 404
 //!        │                           │
 //!        │           cacheable GET/HEAD ──► chunk cache answers here (Ok(true))
@@ -21,14 +22,14 @@ pub mod respond;
 pub mod slices;
 
 use crate::access_log::{AccessLog, Entry as AccessEntry};
-use crate::cache::fill::{OriginAccess, OriginGroup};
 use crate::cache::key::ObjectKey;
 use crate::cache::store::ChunkCache;
-use crate::config::{Config, Route};
+use crate::config::{Route, ShapingSettings};
 use crate::metrics::OriginOutcome;
 use crate::origin::outcome::{classify_error, status_verdict, StatusVerdict};
 use crate::origin::pool::{Selected, UpstreamPool};
 use crate::origin::ResilienceStats;
+use crate::runtime::Current;
 use crate::shaping::identity::client_key;
 use crate::shaping::{ConnectionHandle, Refused, Shaper, ShapingStats};
 use async_trait::async_trait;
@@ -36,59 +37,41 @@ use cache_status::CacheStatus;
 use cached::{CacheLayer, Outcome};
 use ctx::RequestCtx;
 use log::warn;
-use pingora_core::connectors::http::Connector;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
-use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// The proxy: routing, pass-through and (later phases) the cache, shared by all requests.
+/// The proxy: routing, pass-through and the cache, shared by all requests. What a reload
+/// changes lives in the snapshot `runtime` holds; the rest (the cache, the shaper's client
+/// table, the access log) lives as long as the process.
 pub struct Edge {
-    config: Arc<Config>,
+    runtime: Current,
     pub stats: Arc<ResilienceStats>,
-    pools: HashMap<String, Arc<UpstreamPool>>,
-    /// The same groups as the cache's fill stages reach them.
-    origins: HashMap<String, OriginAccess>,
     cache: CacheLayer,
-    shaper: Option<Shaper>,
+    /// Always present, so shaping can be configured by a reload; without a `shaping` section
+    /// no route names a class and it is never asked.
+    shaper: Shaper,
     access_log: Option<AccessLog>,
 }
 
 impl Edge {
     pub fn new(
-        config: Arc<Config>,
+        runtime: Current,
         cache: Arc<ChunkCache>,
         stats: Arc<ResilienceStats>,
     ) -> std::io::Result<Edge> {
-        let mut pools = HashMap::new();
-        for (name, settings) in &config.upstreams {
-            pools.insert(
-                name.clone(),
-                Arc::new(UpstreamPool::new(settings.clone(), stats.clone())?),
-            );
-        }
-        let connector = Arc::new(Connector::new(None));
-        let origins = pools
-            .iter()
-            .map(|(name, pool)| {
-                let group: OriginAccess = Arc::new(OriginGroup {
-                    connector: connector.clone(),
-                    pool: pool.clone(),
-                });
-                (name.clone(), group)
-            })
-            .collect();
+        let config = runtime.load_full().config.clone();
         let cache = CacheLayer {
             cache,
             stats: stats.clone(),
         };
-        let shaper = config
-            .shaping
-            .as_ref()
-            .map(|s| Shaper::new(s.clone(), Arc::new(ShapingStats::default())));
+        let shaper = Shaper::new(
+            config.shaping.clone().unwrap_or_default(),
+            Arc::new(ShapingStats::default()),
+        );
         let access_log = if config.server.access_log {
             let s = &config.server;
             Some(
@@ -109,10 +92,8 @@ impl Edge {
             None
         };
         Ok(Edge {
-            config,
+            runtime,
             stats,
-            pools,
-            origins,
             cache,
             shaper,
             access_log,
@@ -131,9 +112,14 @@ impl Edge {
             .map(|l| (l.reopen_flag(), l.dropped_counter()))
     }
 
-    /// Shaping counters, when `shaping` is configured.
-    pub fn shaping_stats(&self) -> Option<Arc<ShapingStats>> {
-        self.shaper.as_ref().map(|s| s.stats().clone())
+    /// Shaping counters.
+    pub fn shaping_stats(&self) -> Arc<ShapingStats> {
+        self.shaper.stats().clone()
+    }
+
+    /// The shaper, whose settings a reload updates (its client table is kept).
+    pub fn shaper(&self) -> Shaper {
+        self.shaper.clone()
     }
 
     /// Start a shaped download for this request when its route has a shaping class: `Ok(false)`
@@ -144,10 +130,15 @@ impl Edge {
         ctx: &mut RequestCtx,
         route: &Route,
     ) -> Result<bool> {
-        let (Some(class), Some(shaper)) = (route.shaping.as_ref(), self.shaper.as_ref()) else {
+        let Some(class) = route.shaping.as_ref() else {
             return Ok(true);
         };
-        let s = shaper.settings();
+        let shaper = &self.shaper;
+        // Who the client is, by the settings the request started with.
+        let s: &ShapingSettings = match ctx.runtime.config.shaping.as_deref() {
+            Some(s) => s,
+            None => return Ok(true),
+        };
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -184,10 +175,11 @@ impl Edge {
         }
     }
 
-    fn pool(&self, ctx: &RequestCtx) -> Option<&Arc<UpstreamPool>> {
+    /// The pool of the request's route, in the snapshot the request started with.
+    fn pool<'c>(&self, ctx: &'c RequestCtx) -> Option<&'c Arc<UpstreamPool>> {
         ctx.route
             .as_ref()
-            .and_then(|r| self.pools.get(&r.upstream.name))
+            .and_then(|r| ctx.runtime.pools.get(&r.upstream.name))
     }
 
     /// Count a pass-through try that failed before its answer was counted, when the failure was
@@ -205,10 +197,6 @@ impl Edge {
         if let (Some(pool), Some(class)) = (self.pool(ctx), classify_error(e, request_body_done)) {
             pool.count_request(addr, OriginOutcome::Failed(class));
         }
-    }
-
-    pub fn pools(&self) -> impl Iterator<Item = &Arc<UpstreamPool>> {
-        self.pools.values()
     }
 
     /// RFC 9111 §4.4: a non-error response to an unsafe request (PUT, POST, DELETE, ...) on a
@@ -324,7 +312,7 @@ impl ProxyHttp for Edge {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::new()
+        RequestCtx::new(self.runtime.load_full())
     }
 
     fn on_connection_reuse(
@@ -347,7 +335,7 @@ impl ProxyHttp for Edge {
         let req = session.req_header();
         ctx.request_id =
             headers::request_id(req.headers.get(headers::X_REQUEST_ID).map(|v| v.as_bytes()));
-        let max_uri = self.config.server.connections.max_uri_size;
+        let max_uri = ctx.runtime.config.server.connections.max_uri_size;
         if let Err(refused) = request_line::normalize(session.req_header_mut(), max_uri) {
             log::info!(
                 "rid={} client {}: {}: {}",
@@ -364,7 +352,7 @@ impl ProxyHttp for Edge {
         let req = session.req_header();
         let host = request_host(req);
         let path = req.uri.path().to_string();
-        let Some(route) = self.config.route(&host, &path).cloned() else {
+        let Some(route) = ctx.runtime.config.route(&host, &path).cloned() else {
             respond::send_error(session, 404, &ctx.request_id).await?;
             return Ok(true);
         };
@@ -376,7 +364,7 @@ impl ProxyHttp for Edge {
         if !route.cache || !(method == http::Method::GET || method == http::Method::HEAD) {
             return Ok(false);
         }
-        let Some(origin) = self.origins.get(&route.upstream.name).cloned() else {
+        let Some(origin) = ctx.runtime.origins.get(&route.upstream.name).cloned() else {
             return Ok(false);
         };
         match self.cache.serve(session, ctx, &route, origin).await? {

@@ -18,6 +18,11 @@
 //! Locks: a shard of the client table on admission and release (never global); the client's
 //! own pacer per body piece; a rebalance takes a try-lock, so at most one thread does it and no
 //! other ever waits for it. Never panics on input.
+//!
+//! Reload: [`Shaper::update`] swaps the settings (`total_rate`) and the client table stays, so
+//! clients keep their downloads in progress and connection counts. A client's next request on a
+//! class whose limits changed moves the client's entry to them; a response already running
+//! keeps its own class's `rate_after` and `burst`, and shares the client's rate.
 
 pub mod bucket;
 pub mod fair;
@@ -25,6 +30,7 @@ pub mod identity;
 pub mod table;
 
 use crate::config::{ShapingClass, ShapingSettings};
+use arc_swap::ArcSwap;
 use bucket::Pacer;
 use fair::{water_fill, Claim};
 use identity::ClientKey;
@@ -63,7 +69,8 @@ pub struct ShapingStats {
 type EntryKey = (ClientKey, Arc<str>);
 
 struct Client {
-    class: Arc<ShapingClass>,
+    /// The class as of the client's latest admission (a reload may have changed it since).
+    class: ArcSwap<ShapingClass>,
     pacer: Mutex<Pacer>,
     /// Responses in progress.
     downloads: AtomicU32,
@@ -108,7 +115,7 @@ impl table::Entry for Client {
 }
 
 struct Inner {
-    settings: Arc<ShapingSettings>,
+    settings: ArcSwap<ShapingSettings>,
     clients: Table<EntryKey, Client>,
     /// Clients with a response in progress: what a rebalance looks at.
     active: Table<EntryKey, Client>,
@@ -146,7 +153,7 @@ impl Shaper {
             inner: Arc::new(Inner {
                 clients: Table::new(settings.max_clients),
                 active: Table::new(settings.max_clients),
-                settings,
+                settings: ArcSwap::new(settings),
                 stats,
                 base: Instant::now(),
                 next_rebalance: AtomicU64::new(0),
@@ -156,8 +163,16 @@ impl Shaper {
         }
     }
 
-    pub fn settings(&self) -> &ShapingSettings {
-        &self.inner.settings
+    pub fn settings(&self) -> Arc<ShapingSettings> {
+        self.inner.settings.load_full()
+    }
+
+    /// Put reloaded settings in force. The client table is kept (its size,
+    /// `shaping.max_clients`, is not changed by this); clients move to their class's new limits
+    /// at their next request.
+    pub fn update(&self, settings: Arc<ShapingSettings>) {
+        self.inner.settings.store(settings);
+        self.inner.rebalance(true);
     }
 
     pub fn stats(&self) -> &Arc<ShapingStats> {
@@ -183,7 +198,7 @@ impl Shaper {
         let key: EntryKey = (client, class.name.clone());
         let now = inner.micros(Instant::now());
         let entry = inner.clients.get_or_insert_with(&key, || Client {
-            class: class.clone(),
+            class: ArcSwap::new(class.clone()),
             pacer: Mutex::new(Pacer::default()),
             downloads: AtomicU32::new(0),
             rate: AtomicU64::new(class.rate),
@@ -194,6 +209,12 @@ impl Shaper {
             connections: Mutex::new(Vec::new()),
         });
         entry.last_used.store(now, Ordering::Relaxed);
+        if **entry.class.load() != **class {
+            // The class was reloaded with other limits: the client follows them from now on
+            // (a node-wide share is recomputed at the next rebalance).
+            entry.class.store(class.clone());
+            entry.rate.store(class.rate, Ordering::Relaxed);
+        }
         if let (max, Some(conn)) = (class.max_connections, connection) {
             if max > 0 && !entry.admit_connection(conn, max) {
                 inner
@@ -228,6 +249,7 @@ impl Shaper {
         Ok(Download {
             shaper: inner.clone(),
             key,
+            class: class.clone(),
             client: entry,
             own: Pacer::default(),
             sent: 0,
@@ -244,7 +266,7 @@ impl Inner {
     /// started or stopped), else when the period is due. Never waits: if another thread is
     /// rebalancing, it does the work.
     fn rebalance(&self, force: bool) {
-        let total = self.settings.total_rate;
+        let total = self.settings.load().total_rate;
         if total == 0 {
             return;
         }
@@ -273,10 +295,11 @@ impl Inner {
         let claims: Vec<Claim> = clients
             .iter()
             .map(|c| {
-                let cap = if c.class.rate == 0 {
+                let class = c.class.load();
+                let cap = if class.rate == 0 {
                     u64::MAX
                 } else {
-                    c.class.rate
+                    class.rate
                 };
                 if measure {
                     let used =
@@ -298,7 +321,7 @@ impl Inner {
                     c.demand.store(demand, Ordering::Relaxed);
                 }
                 Claim {
-                    weight: c.class.weight,
+                    weight: class.weight,
                     demand: c.demand.load(Ordering::Relaxed).min(cap),
                 }
             })
@@ -316,6 +339,8 @@ impl Inner {
 pub struct Download {
     shaper: Arc<Inner>,
     key: EntryKey,
+    /// The class this response was admitted in (its `rate_after` and `burst` hold to its end).
+    class: Arc<ShapingClass>,
     client: Arc<Client>,
     /// This response's own pacer, at the client's rate divided by its downloads in progress:
     /// it makes the split even whatever the piece sizes of each response.
@@ -329,7 +354,7 @@ impl Download {
     /// them. The first `rate_after` bytes of each response are not paced.
     pub fn pace(&mut self, n: usize) -> Duration {
         let n = n as u64;
-        let class = &self.client.class;
+        let class = &self.class;
         let free = class.rate_after.saturating_sub(self.sent).min(n);
         self.sent = self.sent.saturating_add(n);
         self.client.sent.fetch_add(n, Ordering::Relaxed);
@@ -388,7 +413,7 @@ impl Drop for Download {
             // The class rate again, until the next allocation.
             self.client
                 .rate
-                .store(self.client.class.rate, Ordering::Relaxed);
+                .store(self.client.class.load().rate, Ordering::Relaxed);
             self.client.allocated.store(0, Ordering::Relaxed);
             inner.rebalance(true);
         }
@@ -505,6 +530,29 @@ mod tests {
         let sent = run_uneven(&mut a, &mut b, 20).await;
         assert!(near(sent[0], sent[1], 0.10), "{sent:?}");
         assert!(near(sent[0] + sent[1], 20 * MIB, 0.05), "{sent:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reloaded_class_applies_from_the_clients_next_request_and_keeps_its_state() {
+        let s = shaper(0);
+        let before = class(MIB, 2, 0);
+        let running = s.admit(client(2), &before, None).expect("first");
+        // A reload halves the class's rate and allows one download per client.
+        let after = class(MIB / 2, 1, 0);
+        // The client's download in progress still counts against the new cap...
+        assert_eq!(
+            s.admit(client(2), &after, None).err(),
+            Some(Refused::Downloads { max: 1 })
+        );
+        // ...and the client now has the new rate, shared with the download in progress.
+        assert_eq!(running.rate(), MIB / 2);
+        drop(running);
+        let mut d = vec![s
+            .admit(client(2), &after, None)
+            .expect("after the first ended")];
+        let sent = run(&mut d, 10).await;
+        assert!(near(sent[0], 5 * MIB + 64 * KIB, 0.02), "{sent:?}");
+        assert_eq!(s.tracked_clients(), 1, "the client's entry was kept");
     }
 
     #[tokio::test(start_paused = true)]

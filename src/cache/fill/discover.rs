@@ -12,6 +12,7 @@ use crate::cache::key::ObjectVersion;
 use crate::cache::meta::ObjectMeta;
 use crate::cache::store::{ChunkCache, FillSlot, ObjectLock};
 use crate::cache::vary::{self, Vary};
+use crate::config::CachePolicy;
 use crate::origin::fetch::FetchError;
 use crate::range::plan::chunk_count;
 use bytes::{Buf, BytesMut};
@@ -21,7 +22,7 @@ use std::time::SystemTime;
 /// Build metadata from an origin response, or say why it must not be stored
 /// ([`freshness::store_policy`]: statuses, directives, targeted fields, heuristics).
 pub(super) fn meta_from(
-    cache: &ChunkCache,
+    policy: &CachePolicy,
     resp_headers: &http::HeaderMap,
     status: u16,
     size: u64,
@@ -32,11 +33,11 @@ pub(super) fn meta_from(
         headers: resp_headers,
         // The cache's own origin requests never carry a client's credentials.
         request_has_authorization: false,
-        default_ttl: cache.default_ttl,
-        default_stale_if_error: cache.stale_if_error,
+        default_ttl: policy.default_ttl,
+        default_stale_if_error: policy.stale_if_error,
         heuristic: Heuristic {
-            fraction: cache.heuristic_fraction,
-            max: cache.heuristic_max,
+            fraction: policy.heuristic_fraction,
+            max: policy.heuristic_max,
         },
         now,
     });
@@ -208,7 +209,7 @@ pub async fn discover_from(
             resp.finish().await;
             return Discovery::Failed(broken(status, "answer to a chunk fetch"));
         }
-        if let Some(meta) = whole_small_response(cache, &resp, status) {
+        if let Some(meta) = whole_small_response(cache, obj, &resp, status) {
             return keep_whole(cache, obj, resp, meta).await;
         }
         // The origin's own answer (an error, a redirect, ...): the client gets it as it is. A
@@ -233,7 +234,7 @@ pub async fn discover_from(
             remember: true,
         };
     }
-    let meta = match meta_from(cache, &resp.header().headers, status, size) {
+    let meta = match meta_from(&obj.policy, &resp.header().headers, status, size) {
         Ok(m) => Arc::new(m),
         // A whole 200 answers any request: pass it on rather than asking again.
         Err(reason) if status == 200 => {
@@ -324,7 +325,12 @@ pub(super) fn partial_contradiction(
 
 /// A cacheable response with a status of its own (a redirect, a 404, ...) and a body of known
 /// length that fits one chunk: kept whole and replayed as it is.
-fn whole_small_response(cache: &ChunkCache, resp: &Reply, status: u16) -> Option<ObjectMeta> {
+fn whole_small_response(
+    cache: &ChunkCache,
+    obj: &ObjectRequest,
+    resp: &Reply,
+    status: u16,
+) -> Option<ObjectMeta> {
     let len = if status == 204 {
         0
     } else {
@@ -333,7 +339,7 @@ fn whole_small_response(cache: &ChunkCache, resp: &Reply, status: u16) -> Option
     if len > cache.chunk_size {
         return None;
     }
-    meta_from(cache, &resp.header().headers, status, len).ok()
+    meta_from(&obj.policy, &resp.header().headers, status, len).ok()
 }
 
 /// Read a small response whole, keep it in chunk 0 and publish it.
@@ -390,7 +396,7 @@ fn stream_unknown_length(
         .map(str::to_string)
         .unwrap_or_else(|| ObjectMeta::unvalidated_identity(SystemTime::now()));
     // Check storability before reading a byte (the length is a placeholder here).
-    if let Err(reason) = meta_from(cache, &resp.header().headers, 200, 0) {
+    if let Err(reason) = meta_from(&obj.policy, &resp.header().headers, 200, 0) {
         return Discovery::Relay {
             resp,
             reason,
@@ -474,7 +480,7 @@ async fn split_unknown_length(
         if !acc.is_empty() {
             store(&mut acc, &mut index);
         }
-        match meta_from(&cache, &resp.header().headers, 200, total) {
+        match meta_from(&obj.policy, &resp.header().headers, 200, total) {
             Ok(mut meta) => {
                 // The chunks were stored under the name chosen before the length was known.
                 meta.validator = version.validator.to_string();

@@ -33,6 +33,7 @@ use super::flight::{FillError, Flight};
 use super::key::ObjectKey;
 use super::meta::ObjectMeta;
 use super::store::ChunkCache;
+use crate::config::CachePolicy;
 use crate::origin::fetch::{self, FetchError, OriginRequest};
 use crate::range::plan::chunk_bounds;
 use bytes::Bytes;
@@ -53,6 +54,9 @@ pub struct ObjectRequest {
     pub request_id: String,
     /// The client's end-to-end request fields, forwarded on every fetch for this request.
     pub forward: Arc<http::HeaderMap>,
+    /// How what the fetches bring is judged fresh: the policy in force when the request
+    /// started (a reload meanwhile does not change it).
+    pub policy: Arc<CachePolicy>,
 }
 
 impl ObjectRequest {

@@ -8,7 +8,7 @@
 use super::run::claim;
 use super::*;
 use crate::cache::key::ObjectVersion;
-use crate::config::CacheSettings;
+use crate::config::{CachePolicy, CacheSettings};
 use async_trait::async_trait;
 use pingora_http::ResponseHeader;
 use std::collections::VecDeque;
@@ -404,6 +404,13 @@ fn request(path: &str) -> ObjectRequest {
         host: "example.test".into(),
         request_id: "test".into(),
         forward: Default::default(),
+        policy: Arc::new(CachePolicy {
+            default_ttl: None,
+            stale_if_error: Duration::ZERO,
+            heuristic_fraction: 0.0,
+            heuristic_max: Duration::ZERO,
+            max_ranges: 16,
+        }),
     }
 }
 
