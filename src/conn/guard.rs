@@ -27,7 +27,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
@@ -128,7 +128,16 @@ pub struct Guarded {
     /// reads before the socket's. Empty (unallocated) otherwise.
     stash: Vec<u8>,
     stash_pos: usize,
+    /// Small writes (a response header) held until the next write or flush, so that a header
+    /// and a body piece leave in one `writev` rather than two `sendto`s. At most [`HOLD`]
+    /// bytes; released (unallocated) while the connection waits for its next request.
+    held: Vec<u8>,
 }
+
+/// The most bytes held back by [`Guarded::held`]: a response header and a little more. Pingora's
+/// socket write buffer (1460 bytes) already holds writes this small until a flush; holding them
+/// here instead lets the next, larger write carry them in the same system call.
+const HOLD: usize = 2048;
 
 /// How waiting for a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +197,7 @@ impl Guarded {
             write_timer: None,
             reject: None,
             stash: Vec::new(),
+            held: Vec::new(),
             stash_pos: 0,
         }
     }
@@ -199,6 +209,9 @@ impl Guarded {
     /// answered (408, 414, 431) here, before Pingora has seen a byte of it, so it neither holds
     /// Pingora's per-request state nor makes it log a broken request.
     pub fn poll_wait(&mut self, cx: &mut Context<'_>) -> Poll<Wait> {
+        if self.held.is_empty() && self.held.capacity() > 0 {
+            self.held = Vec::new();
+        }
         loop {
             if self.reject.is_some() {
                 return self.poll_reject(cx).map(|_| Wait::Ended);
@@ -405,6 +418,19 @@ impl Guarded {
         }
     }
 
+    /// Write out the held bytes (before a flush, a shutdown or a vectored write).
+    fn poll_write_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.held.is_empty() {
+            let polled = Pin::new(&mut self.inner).poll_write(cx, &self.held);
+            let n = ready!(self.after_write(polled, cx))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.held.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+
     /// A write (or flush) was polled: progress clears the stall deadline; no progress for
     /// `send_timeout` fails it.
     fn after_write<T>(
@@ -530,6 +556,26 @@ impl AsyncWrite for Guarded {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if this.held.len() + data.len() <= HOLD {
+            this.held.extend_from_slice(data);
+            return Poll::Ready(Ok(data.len()));
+        }
+        // The held bytes go first, with as much of `data` as the socket takes in the same call.
+        while !this.held.is_empty() {
+            let bufs = [io::IoSlice::new(&this.held), io::IoSlice::new(data)];
+            let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, &bufs);
+            let n = ready!(this.after_write(polled, cx))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            if n <= this.held.len() {
+                this.held.drain(..n);
+                continue;
+            }
+            let of_data = n - this.held.len();
+            this.held.clear();
+            return Poll::Ready(Ok(of_data));
+        }
         let polled = Pin::new(&mut this.inner).poll_write(cx, data);
         this.after_write(polled, cx)
     }
@@ -540,6 +586,7 @@ impl AsyncWrite for Guarded {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        ready!(this.poll_write_held(cx))?;
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.after_write(polled, cx)
     }
@@ -550,18 +597,25 @@ impl AsyncWrite for Guarded {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        ready!(this.poll_write_held(cx))?;
         let polled = Pin::new(&mut this.inner).poll_flush(cx);
         this.after_write(polled, cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        let this = self.get_mut();
+        ready!(this.poll_write_held(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
 #[async_trait]
 impl Shutdown for Guarded {
     async fn shutdown(&mut self) {
+        // Held bytes are part of what was written: they go before the close.
+        if !self.held.is_empty() {
+            let _ = std::future::poll_fn(|cx| self.poll_write_held(cx)).await;
+        }
         self.inner.shutdown().await
     }
 }
@@ -620,5 +674,158 @@ impl GetSocketDigest for Guarded {
 impl Peek for Guarded {
     async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
         self.inner.try_peek(buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tokio::io::AsyncWriteExt;
+
+    /// A socket that records each write call and what it carried; `budget` bytes per call at
+    /// most (a socket buffer filling up).
+    #[derive(Debug, Default)]
+    struct Recorder {
+        calls: Arc<Mutex<Vec<Vec<u8>>>>,
+        budget: usize,
+    }
+
+    impl AsyncRead for Recorder {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            _buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = data.len().min(self.budget);
+            self.calls.lock().unwrap().push(data[..n].to_vec());
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut all: Vec<u8> = bufs.iter().flat_map(|b| b.iter().copied()).collect();
+            all.truncate(self.budget);
+            let n = all.len();
+            self.calls.lock().unwrap().push(all);
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[async_trait]
+    impl Shutdown for Recorder {
+        async fn shutdown(&mut self) {}
+    }
+    impl UniqueID for Recorder {
+        fn id(&self) -> UniqueIDType {
+            0
+        }
+    }
+    impl Ssl for Recorder {}
+    impl GetTimingDigest for Recorder {
+        fn get_timing_digest(&self) -> Vec<Option<TimingDigest>> {
+            vec![]
+        }
+    }
+    impl GetProxyDigest for Recorder {
+        fn get_proxy_digest(&self) -> Option<Arc<ProxyDigest>> {
+            None
+        }
+    }
+    impl GetSocketDigest for Recorder {
+        fn get_socket_digest(&self) -> Option<Arc<SocketDigest>> {
+            None
+        }
+    }
+    impl Peek for Recorder {}
+
+    fn guarded(budget: usize) -> (Guarded, Arc<Mutex<Vec<Vec<u8>>>>) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let table = ConnTable::new(4);
+        let admission = table.admit().expect("admitted");
+        let settings = Arc::new(GuardSettings::new(
+            None,
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+            HeaderLimits {
+                max_header: 64 << 10,
+                max_uri: 8 << 10,
+                max_fields: 256,
+            },
+        ));
+        let inner: Stream = Box::new(Recorder {
+            calls: calls.clone(),
+            budget,
+        });
+        (
+            Guarded::new(inner, admission.conn().clone(), table, settings),
+            calls,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_header_and_a_body_leave_in_one_write() {
+        let (mut g, calls) = guarded(usize::MAX);
+        let header = vec![b'h'; 400];
+        let body = vec![b'b'; 4096];
+        g.write_all(&header).await.unwrap();
+        assert!(calls.lock().unwrap().is_empty(), "the header is held");
+        g.write_all(&body).await.unwrap();
+        g.flush().await.unwrap();
+        let calls = calls.lock().unwrap();
+        assert_eq!(calls.len(), 1, "one write call for header and body");
+        assert_eq!(calls[0], [header, body].concat());
+    }
+
+    #[tokio::test]
+    async fn held_bytes_go_out_on_flush_and_in_order_under_short_writes() {
+        // A header-only response: written at the flush.
+        let (mut g, calls) = guarded(usize::MAX);
+        g.write_all(b"HTTP/1.1 304 Not Modified\r\n\r\n")
+            .await
+            .unwrap();
+        g.flush().await.unwrap();
+        assert_eq!(
+            calls.lock().unwrap().concat(),
+            b"HTTP/1.1 304 Not Modified\r\n\r\n"
+        );
+
+        // A socket taking 300 bytes per call: every byte arrives once, in order.
+        let (mut g, calls) = guarded(300);
+        let header: Vec<u8> = (0..700u32).map(|i| (i % 251) as u8).collect();
+        let body: Vec<u8> = (0..10_000u32).map(|i| (i % 241) as u8).collect();
+        g.write_all(&header).await.unwrap();
+        g.write_all(&body).await.unwrap();
+        g.write_all(b"tail").await.unwrap();
+        AsyncWriteExt::shutdown(&mut g).await.unwrap();
+        assert_eq!(
+            calls.lock().unwrap().concat(),
+            [header, body, b"tail".to_vec()].concat()
+        );
     }
 }
