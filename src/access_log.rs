@@ -11,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, SystemTime};
 
@@ -32,6 +32,11 @@ pub const FIELDS: [&str; 9] = [
 pub const QUEUE_LINES: usize = 16 * 1024;
 /// The writer flushes at least this often while lines keep coming.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
+/// How often the writer looks at the queue while lines are coming (it holds
+/// `QUEUE_LINES`: 800,000 lines a second before any is dropped).
+const POLL_EVERY: Duration = Duration::from_millis(20);
+/// Empty looks (a quiet second) before the writer blocks on the queue instead.
+const IDLE_POLLS: u32 = 50;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -237,6 +242,7 @@ fn write_loop(rx: Receiver<String>, mut writer: Writer, reopen: &AtomicBool) {
     let mut failing = false;
     // Since when written lines wait in the buffer.
     let mut dirty: Option<std::time::Instant> = None;
+    let mut idle_polls = 0;
     loop {
         if reopen.swap(false, Ordering::AcqRel) {
             writer.reopen();
@@ -247,15 +253,31 @@ fn write_loop(rx: Receiver<String>, mut writer: Writer, reopen: &AtomicBool) {
             let _ = sink.flush();
             dirty = None;
         }
-        let line = match rx.recv_timeout(FLUSH_EVERY) {
-            Ok(l) => l,
-            Err(RecvTimeoutError::Timeout) => {
+        // Under traffic the queue is drained by polling, never by blocking on it: a worker's
+        // `try_send` then never has to wake this thread (a futex call per request). Only after
+        // a quiet spell does the writer block until the next line.
+        let line = match rx.try_recv() {
+            Ok(l) => {
+                idle_polls = 0;
+                l
+            }
+            Err(TryRecvError::Empty) if idle_polls < IDLE_POLLS => {
+                idle_polls += 1;
                 if dirty.take().is_some() {
                     let _ = sink.flush();
                 }
+                std::thread::sleep(POLL_EVERY);
                 continue;
             }
-            Err(RecvTimeoutError::Disconnected) => break,
+            Err(TryRecvError::Empty) => match rx.recv_timeout(FLUSH_EVERY) {
+                Ok(l) => {
+                    idle_polls = 0;
+                    l
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
+            Err(TryRecvError::Disconnected) => break,
         };
         match sink.write_line(&line) {
             Ok(()) => {
