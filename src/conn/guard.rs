@@ -609,6 +609,27 @@ impl AsyncWrite for Guarded {
     }
 }
 
+impl Drop for Guarded {
+    /// Pingora drops a connection it will not reuse without flushing it (a response that
+    /// failed mid-body, say): held bytes — the header and the first bytes of a body a client
+    /// can resume from — still go out if the socket takes them now. Best effort, never waits.
+    fn drop(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        while !self.held.is_empty() {
+            match Pin::new(&mut self.inner).poll_write(&mut cx, &self.held) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    self.held.drain(..n);
+                }
+                _ => return,
+            }
+        }
+        let _ = Pin::new(&mut self.inner).poll_flush(&mut cx);
+    }
+}
+
 #[async_trait]
 impl Shutdown for Guarded {
     async fn shutdown(&mut self) {
@@ -826,6 +847,23 @@ mod tests {
         assert_eq!(
             calls.lock().unwrap().concat(),
             [header, body, b"tail".to_vec()].concat()
+        );
+    }
+
+    #[tokio::test]
+    async fn held_bytes_go_out_when_the_connection_is_dropped_unflushed() {
+        // A response that fails after its header and a few body bytes: Pingora drops the
+        // connection without a flush; the client still gets what was written.
+        let (mut g, calls) = guarded(usize::MAX);
+        g.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+            .await
+            .unwrap();
+        g.write_all(b"first bytes").await.unwrap();
+        assert!(calls.lock().unwrap().is_empty());
+        drop(g);
+        assert_eq!(
+            calls.lock().unwrap().concat(),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nfirst bytes"
         );
     }
 }
