@@ -50,9 +50,54 @@ pub struct ObjectMeta {
     /// `stale-while-revalidate`: how long past `fresh_until` a stale copy may be served while
     /// one background revalidation runs.
     pub stale_while_revalidate: Duration,
+    /// `headers`, parsed once for the responses that replay them (see [`ObjectMeta::wire`]).
+    pub wire: WireHeaders,
+}
+
+/// The stored headers as validated names and values, built on the first response of a version
+/// and shared by all the others (a hit then clones refcounted values instead of parsing and
+/// allocating each field). Derived from `headers`: not stored, never compared, and not carried
+/// by a clone (a clone may change its headers; it builds its own on first use).
+#[derive(Default)]
+pub struct WireHeaders(std::sync::OnceLock<Box<[(http::HeaderName, http::HeaderValue)]>>);
+
+impl Clone for WireHeaders {
+    fn clone(&self) -> Self {
+        WireHeaders::default()
+    }
+}
+
+impl PartialEq for WireHeaders {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for WireHeaders {}
+
+impl std::fmt::Debug for WireHeaders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WireHeaders")
+    }
 }
 
 impl ObjectMeta {
+    /// The stored headers, parsed (once per version). A field that is not a valid name or value
+    /// (a damaged cache file) is left out rather than failing the response.
+    pub fn wire(&self) -> &[(http::HeaderName, http::HeaderValue)] {
+        self.wire.0.get_or_init(|| {
+            self.headers
+                .iter()
+                .filter_map(|(n, v)| {
+                    Some((
+                        http::HeaderName::from_bytes(n.as_bytes()).ok()?,
+                        http::HeaderValue::from_str(v).ok()?,
+                    ))
+                })
+                .collect()
+        })
+    }
+
     /// The validator for a response: the ETag when there is one, else Last-Modified plus size.
     /// `None` when the response has neither (it cannot be kept consistent across fetches).
     pub fn validator_of(
@@ -230,6 +275,7 @@ impl ObjectMeta {
             stale_if_error: sie?,
             must_revalidate: mr?,
             stale_while_revalidate: swr,
+            wire: Default::default(),
         })
     }
 }
@@ -256,6 +302,7 @@ mod tests {
             stale_if_error: Duration::from_secs(86400),
             must_revalidate: false,
             stale_while_revalidate: Duration::from_secs(30),
+            wire: Default::default(),
         }
     }
 

@@ -515,6 +515,7 @@ mod tests {
             stale_if_error: Duration::ZERO,
             must_revalidate: false,
             stale_while_revalidate: Duration::ZERO,
+            wire: Default::default(),
         })
     }
 

@@ -772,23 +772,45 @@ impl CacheLayer {
         ctx: &RequestCtx,
         now: SystemTime,
     ) -> Result<ResponseHeader> {
-        let mut h = ResponseHeader::build(status, Some(meta.headers.len() + 8))?;
-        for (n, v) in &meta.headers {
-            h.append_header(n.clone(), v.as_str())?;
+        // Built as `http` parts, without Pingora's header-case map: the stored fields are
+        // already parsed (`ObjectMeta::wire`), so a hit clones refcounted values instead of
+        // parsing and allocating each one. Standard names go out title-cased, others in lower
+        // case (as the origin's were stored).
+        let (mut parts, ()) = http::Response::new(()).into_parts();
+        parts.status = http::StatusCode::from_u16(status)
+            .map_err(|e| Error::because(ErrorType::InternalError, "stored status", e))?;
+        let wire = meta.wire();
+        parts.headers.reserve(wire.len() + 8);
+        for (n, v) in wire {
+            parts.headers.append(n.clone(), v.clone());
         }
-        h.insert_header("accept-ranges", "bytes")?;
-        h.insert_header("age", meta.age(now).to_string())?;
+        let h = &mut parts.headers;
+        h.insert(
+            http::header::ACCEPT_RANGES,
+            http::HeaderValue::from_static("bytes"),
+        );
+        h.insert(http::header::AGE, http::HeaderValue::from(meta.age(now)));
         // The stored Date is the origin's, kept as it was (RFC 9111 §4: a cache does not
         // update it); one is added only when the origin sent none.
-        if meta.header("date").is_none() {
-            h.insert_header("date", httpdate::fmt_http_date(now))?;
+        if !h.contains_key(http::header::DATE) {
+            if let Ok(v) = http::HeaderValue::from_str(&httpdate::fmt_http_date(now)) {
+                h.insert(http::header::DATE, v);
+            }
         }
-        h.insert_header("via", VIA_VALUE)?;
-        h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+        h.insert(http::header::VIA, http::HeaderValue::from_static(VIA_VALUE));
+        if let Ok(v) = http::HeaderValue::from_str(&ctx.request_id) {
+            h.insert(X_REQUEST_ID, v);
+        }
         if let Some(status) = ctx.cache_status {
-            h.insert_header("cache-status", status.render().as_ref())?;
+            let v = match status.render() {
+                std::borrow::Cow::Borrowed(s) => Ok(http::HeaderValue::from_static(s)),
+                std::borrow::Cow::Owned(s) => http::HeaderValue::try_from(s),
+            };
+            if let Ok(v) = v {
+                h.insert("cache-status", v);
+            }
         }
-        Ok(h)
+        Ok(ResponseHeader::from(parts))
     }
 }
 

@@ -90,6 +90,7 @@ pub(super) fn meta_from(
         stale_if_error,
         must_revalidate,
         stale_while_revalidate,
+        wire: Default::default(),
     })
 }
 

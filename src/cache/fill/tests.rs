@@ -433,6 +433,7 @@ fn meta_of(v: &Version, fresh_until: SystemTime) -> Arc<ObjectMeta> {
         stale_if_error: Duration::ZERO,
         must_revalidate: false,
         stale_while_revalidate: Duration::ZERO,
+        wire: Default::default(),
     })
 }
 
