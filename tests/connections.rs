@@ -69,16 +69,7 @@ impl Reader {
             let mut r = httparse::Response::new(&mut headers);
             if let Ok(httparse::Status::Complete(n)) = r.parse(&self.buf) {
                 let status = r.code.unwrap_or(0);
-                let headers: Vec<(String, String)> = r
-                    .headers
-                    .iter()
-                    .map(|h| {
-                        (
-                            h.name.to_ascii_lowercase(),
-                            String::from_utf8_lossy(h.value).into_owned(),
-                        )
-                    })
-                    .collect();
+                let headers = common::owned_headers(r.headers);
                 let len: usize = headers
                     .iter()
                     .find(|(k, _)| k == "content-length")

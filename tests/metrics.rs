@@ -32,17 +32,7 @@ fn sum(samples: &HashMap<String, f64>, name: &str, having: &[&str]) -> f64 {
 }
 
 async fn scrape(proxy: &Proxy) -> (String, HashMap<String, f64>) {
-    let resp = common::client()
-        .get(format!("http://{}/metrics", proxy.admin))
-        .send()
-        .await
-        .expect("GET /metrics");
-    assert_eq!(resp.status(), 200);
-    assert_eq!(
-        resp.headers()["content-type"],
-        "text/plain; version=0.0.4; charset=utf-8"
-    );
-    let text = resp.text().await.expect("body");
+    let text = proxy.metrics().await;
     let samples = parse(&text);
     (text, samples)
 }

@@ -74,16 +74,7 @@ fn get(addr: SocketAddr, host: &str, path: &str, timeout: Duration) -> Result<Re
         }
     };
     let status = head.code.unwrap_or(0);
-    let headers: Vec<(String, String)> = head
-        .headers
-        .iter()
-        .map(|h| {
-            (
-                h.name.to_ascii_lowercase(),
-                String::from_utf8_lossy(h.value).into_owned(),
-            )
-        })
-        .collect();
+    let headers = common::owned_headers(head.headers);
     let body = raw[len..].to_vec();
     if let Some((_, cl)) = headers.iter().find(|(n, _)| n == "content-length") {
         if cl.parse::<usize>().ok() != Some(body.len()) {
@@ -527,7 +518,7 @@ async fn scraped(origin: &Origin) -> (Proxy, String) {
     tokio::task::spawn_blocking(move || workload(addr))
         .await
         .expect("workload");
-    let text = metrics_text(&proxy).await;
+    let text = proxy.metrics().await;
     (proxy, text)
 }
 
@@ -554,18 +545,6 @@ fn workload(addr: SocketAddr) {
     assert_eq!(first.status, 200);
     assert_eq!(first.body.len(), 262144);
     assert_eq!(second.status, 429, "the second download of one client");
-}
-
-async fn metrics_text(proxy: &Proxy) -> String {
-    let r = common::client()
-        .get(format!("http://{}/metrics", proxy.admin))
-        .send()
-        .await
-        .expect("GET /metrics");
-    let status = r.status();
-    let text = r.text().await.expect("/metrics body");
-    assert_eq!(status, 200, "GET /metrics: {text}");
-    text
 }
 
 /// Names in an exposition: family names (`# HELP`/`# TYPE`) and sample names (a histogram's

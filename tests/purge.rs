@@ -270,24 +270,13 @@ async fn soft_purge_keeps_a_stale_copy_for_errors_and_revalidates() {
 
         assert_eq!(purged(&proxy, "path=/obj/5000/s/soft.bin&soft=1").await, 1);
         assert_eq!(purged(&proxy, "path=/obj/5000/s/hard.bin").await, 1);
-        let metrics = common::client()
-            .get(format!("http://{}/metrics", proxy.admin))
-            .send()
-            .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("body");
-        for line in [
-            "edgeslice_purged_objects_total{mode=\"soft\"} 1",
-            "edgeslice_purged_objects_total{mode=\"hard\"} 1",
-            "edgeslice_admin_calls_total{action=\"purge\",result=\"ok\"} 2",
-        ] {
-            assert!(
-                metrics.lines().any(|l| l == line),
-                "{line} missing:\n{metrics}"
-            );
-        }
+        proxy
+            .assert_metric_lines(&[
+                "edgeslice_purged_objects_total{mode=\"soft\"} 1",
+                "edgeslice_purged_objects_total{mode=\"hard\"} 1",
+                "edgeslice_admin_calls_total{action=\"purge\",result=\"ok\"} 2",
+            ])
+            .await;
 
         origin.set_fault(Fault::Status(503));
         let before = origin_count(&origin, soft);

@@ -297,25 +297,14 @@ async fn an_invalid_file_is_refused_with_the_check_message_and_the_old_config_se
     assert_eq!(post_reload(&proxy, Some(TOKEN)).await.0, 200);
 
     // Operators see both refusals (POST and SIGHUP) and the success.
-    let metrics = common::client()
-        .get(format!("http://{}/metrics", proxy.admin))
-        .send()
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("body");
-    for line in [
-        "edgeslice_config_reloads_total{result=\"error\"} 2",
-        "edgeslice_config_reloads_total{result=\"ok\"} 1",
-        "edgeslice_admin_calls_total{action=\"reload\",result=\"error\"} 1",
-        "edgeslice_admin_calls_total{action=\"reload\",result=\"ok\"} 1",
-    ] {
-        assert!(
-            metrics.lines().any(|l| l == line),
-            "{line} missing:\n{metrics}"
-        );
-    }
+    proxy
+        .assert_metric_lines(&[
+            "edgeslice_config_reloads_total{result=\"error\"} 2",
+            "edgeslice_config_reloads_total{result=\"ok\"} 1",
+            "edgeslice_admin_calls_total{action=\"reload\",result=\"error\"} 1",
+            "edgeslice_admin_calls_total{action=\"reload\",result=\"ok\"} 1",
+        ])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,6 +7,19 @@ pub mod origin;
 pub mod proxy;
 pub mod reply;
 
+/// A parsed response head's fields as (lower-case name, value) pairs, for raw-socket tests.
+pub fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect()
+}
+
 /// A reqwest client that never uses a system proxy and does not pool across tests.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()

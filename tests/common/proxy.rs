@@ -155,6 +155,34 @@ impl Proxy {
         std::fs::read_to_string(self.dir.join("edgeslice.log")).unwrap_or_default()
     }
 
+    /// The admin endpoint's `GET /metrics` text (asserted 200 in the Prometheus text format).
+    pub async fn metrics(&self) -> String {
+        let resp = super::client()
+            .get(format!("http://{}/metrics", self.admin))
+            .send()
+            .await
+            .expect("GET /metrics");
+        let status = resp.status();
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let text = resp.text().await.expect("/metrics body");
+        assert_eq!(status, 200, "GET /metrics: {text}");
+        assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+        text
+    }
+
+    /// Assert that `/metrics` has each of `lines`, exactly (a sample and its value).
+    pub async fn assert_metric_lines(&self, lines: &[&str]) {
+        let text = self.metrics().await;
+        for line in lines {
+            assert!(text.lines().any(|l| l == *line), "{line} missing:\n{text}");
+        }
+    }
+
     /// The admin endpoint's `/stats` counters.
     pub async fn stats(&self) -> std::collections::HashMap<String, u64> {
         let text = super::client()
