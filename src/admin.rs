@@ -125,6 +125,24 @@ fn load(v: &AtomicU64) -> f64 {
     v.load(Ordering::Relaxed) as f64
 }
 
+/// A family of one unlabelled sample, `read` from `source` at scrape time (a counter, or a
+/// gauge).
+fn read_one<T: Send + Sync + 'static>(
+    counter: bool,
+    name: &str,
+    help: &str,
+    source: &Arc<T>,
+    read: fn(&T) -> f64,
+) -> Pulled {
+    let source = source.clone();
+    let samples = move || one(read(&source));
+    if counter {
+        Pulled::counter(name, help, &[], samples)
+    } else {
+        Pulled::gauge(name, help, &[], samples)
+    }
+}
+
 impl AdminApp {
     /// Adds to the registry the figures read at scrape time from what this view holds: the
     /// same sources `/stats` prints, so the two never disagree.
@@ -154,68 +172,68 @@ impl AdminApp {
                 ]
             },
         ));
-        let cache = self.cache.clone();
-        m.register(Pulled::gauge(
+        m.register(read_one(
+            false,
             "edgeslice_cache_fills_in_flight",
             "Chunk fills in progress or held by readers.",
-            &[],
-            move || one(cache.flights.len() as f64),
+            &self.cache,
+            |x| x.flights.len() as f64,
         ));
-        let cache = self.cache.clone();
-        m.register(Pulled::counter(
+        m.register(read_one(
+            true,
             "edgeslice_cache_coalesced_total",
             "Chunk reads that joined a fetch already in flight instead of asking the origin.",
-            &[],
-            move || one(cache.flights.coalesced() as f64),
+            &self.cache,
+            |x| x.flights.coalesced() as f64,
         ));
-        let cache = self.cache.clone();
-        m.register(Pulled::counter(
+        m.register(read_one(
+            true,
             "edgeslice_cache_disk_write_errors_total",
             "Chunk writes to the disk tier that failed.",
-            &[],
-            move || one(cache.disk_write_errors() as f64),
+            &self.cache,
+            |x| x.disk_write_errors() as f64,
         ));
-        let cache = self.cache.clone();
-        m.register(Pulled::counter(
+        m.register(read_one(
+            true,
             "edgeslice_cache_disk_writes_skipped_total",
             "Chunk copies not written to disk because its queue was full or writes were paused.",
-            &[],
-            move || one(cache.disk_writes_skipped() as f64),
+            &self.cache,
+            |x| x.disk_writes_skipped() as f64,
         ));
-        let r = self.stats.clone();
-        m.register(Pulled::counter(
+        m.register(read_one(
+            true,
             "edgeslice_cache_stale_served_total",
             "Responses served from an expired copy because every origin failed (stale-if-error).",
-            &[],
-            move || one(load(&r.stale_served)),
+            &self.stats,
+            |x| load(&x.stale_served),
         ));
-        let r = self.stats.clone();
-        m.register(Pulled::counter(
+        m.register(read_one(
+            true,
             "edgeslice_origin_retries_over_budget_total",
             "Retries not made because the upstream's retry budget was spent.",
-            &[],
-            move || one(load(&r.retries_over_budget)),
+            &self.stats,
+            |x| load(&x.retries_over_budget),
         ));
-        let r = self.stats.clone();
-        m.register(Pulled::counter(
+        m.register(read_one(
+            true,
             "edgeslice_origin_panic_routed_total",
             "Tries sent to an ejected server because every server of the group was ejected or down.",
-            &[],
-            move || one(load(&r.all_ejected)),
+            &self.stats,
+            |x| load(&x.all_ejected),
         ));
-        let r = self.stats.clone();
-        m.register(Pulled::counter(
+        m.register(read_one(
+            true,
             "edgeslice_origin_ejections_capped_total",
             "Breaker trips held back by max_ejected_percent.",
-            &[],
-            move || one(load(&r.ejections_capped)),
+            &self.stats,
+            |x| load(&x.ejections_capped),
         ));
-        let r = self.stats.clone();
-        m.register(Pulled::counter(
+        m.register(read_one(
+            true,
             "edgeslice_origin_gateway_uncharged_total",
             "502/503/504 answers charged to no server (alone, or every server failed the request).",
-            &[],
-            move || one(load(&r.gateway_uncharged)),
+            &self.stats,
+            |x| load(&x.gateway_uncharged),
         ));
         let r = self.stats.clone();
         m.register(Pulled::counter(
@@ -317,26 +335,26 @@ impl AdminApp {
             ));
         }
         if let Some(sh) = self.shaping.clone() {
-            let s = sh.clone();
-            m.register(Pulled::counter(
+            m.register(read_one(
+                true,
                 "edgeslice_shaping_bytes_total",
                 "Response body bytes paced by shaping.",
-                &[],
-                move || one(load(&s.shaped_bytes)),
+                &sh,
+                |x| load(&x.shaped_bytes),
             ));
-            let s = sh.clone();
-            m.register(Pulled::counter(
+            m.register(read_one(
+                true,
                 "edgeslice_shaping_delay_seconds_total",
                 "Total time response pieces were held back by shaping.",
-                &[],
-                move || one(load(&s.delayed_us) / 1e6),
+                &sh,
+                |x| load(&x.delayed_us) / 1e6,
             ));
-            let s = sh.clone();
-            m.register(Pulled::gauge(
+            m.register(read_one(
+                false,
                 "edgeslice_shaping_active_clients",
                 "Clients with a shaped response in progress.",
-                &[],
-                move || one(load(&s.active_clients)),
+                &sh,
+                |x| load(&x.active_clients),
             ));
             m.register(Pulled::counter(
                 "edgeslice_shaping_refused_total",
