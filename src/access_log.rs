@@ -7,8 +7,10 @@
 //! On SIGUSR1 the file is opened again by its path, for logrotate.
 
 use serde::Serialize;
+use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
@@ -44,11 +46,13 @@ pub enum Format {
     Json,
 }
 
-/// One request, as logged.
+/// One request, as logged. Built from borrowed and plain values, so logging a request allocates
+/// only its line.
 #[derive(Debug, Serialize)]
 pub struct Entry<'a> {
-    /// Seconds since the Unix epoch, with milliseconds.
-    pub ts: f64,
+    /// Milliseconds since the Unix epoch; written as seconds with three decimals (`ts`).
+    #[serde(rename = "ts", serialize_with = "seconds")]
+    pub ts_ms: u64,
     pub method: &'a str,
     pub path: &'a str,
     pub status: u16,
@@ -58,53 +62,93 @@ pub struct Entry<'a> {
     /// RFC 9211 `Cache-Status`, `-` when the cache was not involved.
     pub cache: &'a str,
     /// The last origin server tried, `-` if none.
-    pub upstream: &'a str,
+    #[serde(serialize_with = "or_dash")]
+    pub upstream: Option<SocketAddr>,
     pub request_id: &'a str,
-    pub client: &'a str,
+    /// The client's address, `unknown` if it has none (a Unix socket).
+    #[serde(serialize_with = "or_unknown")]
+    pub client: Option<IpAddr>,
 }
 
 impl Entry<'_> {
-    pub fn now() -> f64 {
+    pub fn now_ms() -> u64 {
         SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| (d.as_millis() as f64) / 1000.0)
-            .unwrap_or(0.0)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
     }
 
+    /// The line, newline included, written into one buffer sized for it up front (no
+    /// float formatting, no intermediate strings).
     fn line(&self, format: Format) -> String {
+        let mut out = String::with_capacity(192 + self.path.len() + self.request_id.len());
         match format {
             Format::Json => {
-                let mut s = serde_json::to_string(self).unwrap_or_default();
-                s.push('\n');
-                s
+                // serde_json writes UTF-8 only: `from_utf8` cannot fail.
+                let mut buf = std::mem::take(&mut out).into_bytes();
+                if serde_json::to_writer(&mut buf, self).is_ok() {
+                    buf.push(b'\n');
+                    out = String::from_utf8(buf).unwrap_or_default();
+                }
             }
-            Format::Text => format!(
-                "{:.3} {} {} {} bytes={} dur_ms={} cache={:?} upstream={} rid={} client={}\n",
-                self.ts,
-                self.method,
-                self.path,
-                self.status,
-                self.bytes,
-                self.duration_ms,
-                self.cache,
-                self.upstream,
-                self.request_id,
-                self.client
-            ),
+            Format::Text => {
+                let _ = writeln!(
+                    out,
+                    "{}.{:03} {} {} {} bytes={} dur_ms={} cache={:?} upstream={} rid={} client={}",
+                    self.ts_ms / 1000,
+                    self.ts_ms % 1000,
+                    self.method,
+                    self.path,
+                    self.status,
+                    self.bytes,
+                    self.duration_ms,
+                    self.cache,
+                    Dash(self.upstream.as_ref(), "-"),
+                    self.request_id,
+                    Dash(self.client.as_ref(), "unknown"),
+                );
+            }
+        }
+        out
+    }
+}
+
+/// An optional value, or a placeholder when absent.
+struct Dash<'a, T>(Option<&'a T>, &'static str);
+
+impl<T: std::fmt::Display> std::fmt::Display for Dash<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(v) => v.fmt(f),
+            None => f.write_str(self.1),
         }
     }
 }
 
+fn seconds<S: serde::Serializer>(ms: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(*ms as f64 / 1000.0)
+}
+
+fn or_dash<S: serde::Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&Dash(v.as_ref(), "-"))
+}
+
+fn or_unknown<S: serde::Serializer>(v: &Option<IpAddr>, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&Dash(v.as_ref(), "unknown"))
+}
+
 /// Where lines go.
 enum Sink {
-    Stderr(io::Stderr),
+    /// Buffered like a file (whole lines per write, flushed by the writer's clock): one
+    /// `write` per line to stderr cost 4 % of a worker's time on small hits.
+    Stderr(BufWriter<io::Stderr>),
     File(BufWriter<File>),
 }
 
 impl Sink {
     fn open(path: Option<&Path>) -> io::Result<Sink> {
         Ok(match path {
-            None => Sink::Stderr(io::stderr()),
+            None => Sink::Stderr(BufWriter::with_capacity(64 * 1024, io::stderr())),
             Some(p) => Sink::File(BufWriter::with_capacity(
                 64 * 1024,
                 OpenOptions::new().create(true).append(true).open(p)?,
@@ -301,16 +345,16 @@ mod tests {
 
     fn entry() -> Entry<'static> {
         Entry {
-            ts: 1.5,
+            ts_ms: 1500,
             method: "GET",
             path: "/a \"quoted\"\npath",
             status: 206,
             bytes: 4096,
             duration_ms: 3,
             cache: "edgeslice; hit",
-            upstream: "-",
+            upstream: None,
             request_id: "r1",
-            client: "127.0.0.2",
+            client: Some(IpAddr::from([127, 0, 0, 2])),
         }
     }
 
@@ -333,6 +377,27 @@ mod tests {
     fn text_lines_keep_the_old_shape() {
         let line = entry().line(Format::Text);
         assert!(line.contains("GET /a") && line.contains("rid=r1") && line.contains("bytes=4096"));
+        assert!(line.starts_with("1.500 GET "), "{line}");
+        assert!(
+            line.ends_with(" upstream=- rid=r1 client=127.0.0.2\n"),
+            "{line}"
+        );
+        let e = Entry {
+            ts_ms: 1_700_000_000_007,
+            upstream: Some("10.0.0.1:8080".parse().unwrap()),
+            client: None,
+            ..entry()
+        };
+        let line = e.line(Format::Text);
+        assert!(line.starts_with("1700000000.007 "), "{line}");
+        assert!(
+            line.ends_with(" upstream=10.0.0.1:8080 rid=r1 client=unknown\n"),
+            "{line}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&e.line(Format::Json)).unwrap();
+        assert_eq!(v["ts"], 1_700_000_000.007);
+        assert_eq!(v["upstream"], "10.0.0.1:8080");
+        assert_eq!(v["client"], "unknown");
     }
 
     #[test]

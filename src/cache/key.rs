@@ -27,11 +27,14 @@ impl ObjectKey {
         mode: &QueryKey,
     ) -> ObjectKey {
         let q = normalize_query(query, mode);
-        let key = if q.is_empty() {
-            format!("{upstream}|{host}|{path}")
-        } else {
-            format!("{upstream}|{host}|{path}?{q}")
-        };
+        let mut key = String::with_capacity(upstream.len() + host.len() + path.len() + q.len() + 3);
+        for part in [upstream, "|", host, "|", path] {
+            key.push_str(part);
+        }
+        if !q.is_empty() {
+            key.push('?');
+            key.push_str(&q);
+        }
         ObjectKey(key.into())
     }
 

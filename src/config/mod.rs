@@ -1000,7 +1000,12 @@ impl Config {
 
     /// The first route matching `host` (without port, any case) and `path`.
     pub fn route(&self, host: &str, path: &str) -> Option<&Arc<Route>> {
-        let host = host.to_ascii_lowercase();
+        // Callers pass the request's host already in lower case: no copy then.
+        let host: std::borrow::Cow<str> = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            host.to_ascii_lowercase().into()
+        } else {
+            host.into()
+        };
         self.routes
             .iter()
             .find(|r| r.host.matches(&host) && path.starts_with(r.path_prefix.as_str()))

@@ -95,7 +95,13 @@ pub fn request_id(incoming: Option<&[u8]>) -> String {
     }
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(32);
+    for b in bytes {
+        id.push(HEX[usize::from(b >> 4)] as char);
+        id.push(HEX[usize::from(b & 0xf)] as char);
+    }
+    id
 }
 
 /// `X-Forwarded-For` value: the existing list with the client appended.
@@ -173,6 +179,9 @@ mod tests {
         assert_eq!(request_id(Some(b"abc-123")), "abc-123");
         let fresh = request_id(None);
         assert_eq!(fresh.len(), 32);
+        assert!(fresh
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         assert_ne!(fresh, request_id(None));
         assert_eq!(request_id(Some(b"has space")).len(), 32);
         assert_eq!(request_id(Some(&[b'a'; 200])).len(), 32);

@@ -262,9 +262,14 @@ impl Edge {
 
 /// The cache key of a request on `route`.
 pub(crate) fn object_key(route: &Route, req: &RequestHeader) -> ObjectKey {
+    object_key_at(route, &request_host(req), req)
+}
+
+/// [`object_key`] with the request's host (from [`request_host`]) already in hand.
+pub(crate) fn object_key_at(route: &Route, host: &str, req: &RequestHeader) -> ObjectKey {
     ObjectKey::new(
         &route.upstream.name,
-        &request_host(req),
+        host,
         req.uri.path(),
         req.uri.query(),
         &route.query_key,
@@ -279,13 +284,10 @@ pub(crate) fn request_host(req: &RequestHeader) -> String {
         .and_then(|v| v.to_str().ok())
         .or_else(|| req.uri.host())
         .unwrap_or("");
-    let host = if raw.starts_with('[') {
-        raw.split(']')
-            .next()
-            .map(|h| format!("{h}]"))
-            .unwrap_or_default()
-    } else {
-        raw.split(':').next().unwrap_or("").to_string()
+    // Without the port: up to the `]` of an IPv6 literal, else up to the first `:`.
+    let host = match raw.strip_prefix('[') {
+        Some(rest) => rest.find(']').map_or(raw, |end| &raw[..end + 2]),
+        None => raw.split(':').next().unwrap_or(""),
     };
     host.to_ascii_lowercase()
 }
@@ -351,8 +353,7 @@ impl ProxyHttp for Edge {
         }
         let req = session.req_header();
         let host = request_host(req);
-        let path = req.uri.path().to_string();
-        let Some(route) = ctx.runtime.config.route(&host, &path).cloned() else {
+        let Some(route) = ctx.runtime.config.route(&host, req.uri.path()).cloned() else {
             respond::send_error(session, 404, &ctx.request_id).await?;
             return Ok(true);
         };
@@ -636,23 +637,41 @@ impl ProxyHttp for Edge {
         let Some(log) = self.access_log.as_ref() else {
             return;
         };
-        let upstream = ctx
-            .upstream
-            .tried
-            .last()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|| "-".into());
         log.log(&AccessEntry {
-            ts: AccessEntry::now(),
+            ts_ms: AccessEntry::now_ms(),
             method: req.method.as_str(),
             path: req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
             status,
             bytes: session.body_bytes_sent() as u64,
             duration_ms: ctx.started.elapsed().as_millis() as u64,
             cache: &CacheStatus::log_field(ctx.cache_status),
-            upstream: &upstream,
+            upstream: ctx.upstream.tried.last().copied(),
             request_id: &ctx.request_id,
-            client: &client_ip(session),
+            client: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request_host;
+    use pingora_http::RequestHeader;
+
+    #[test]
+    fn request_host_drops_the_port_and_folds_case() {
+        for (host, want) in [
+            ("Media.Example.COM:8080", "media.example.com"),
+            ("example.com", "example.com"),
+            ("[::1]:8080", "[::1]"),
+            ("[2001:DB8::1]", "[2001:db8::1]"),
+            ("", ""),
+        ] {
+            let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+            req.insert_header("host", host).unwrap();
+            assert_eq!(request_host(&req), want, "{host}");
+        }
     }
 }
