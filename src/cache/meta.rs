@@ -59,7 +59,40 @@ pub struct ObjectMeta {
 /// allocating each field). Derived from `headers`: not stored, never compared, and not carried
 /// by a clone (a clone may change its headers; it builds its own on first use).
 #[derive(Default)]
-pub struct WireHeaders(std::sync::OnceLock<Box<[(http::HeaderName, http::HeaderValue)]>>);
+pub struct WireHeaders(std::sync::OnceLock<Wire>);
+
+/// What every response of one version shares, computed on its first response: the stored
+/// fields, the `Content-Length` of the whole object, and the `/<size>` tail of every
+/// `Content-Range` (so a hit formats only the numbers its own range adds).
+#[derive(Debug)]
+pub struct Wire {
+    pub fields: Box<[(http::HeaderName, http::HeaderValue)]>,
+    pub length: http::HeaderValue,
+    pub range_tail: Box<str>,
+}
+
+impl Wire {
+    /// `Content-Range: bytes <first>-<last>/<size>` without intermediate strings.
+    pub fn content_range(&self, first: u64, last: u64) -> http::HeaderValue {
+        let mut a = itoa::Buffer::new();
+        let mut b = itoa::Buffer::new();
+        let (first, last) = (a.format(first), b.format(last));
+        let mut v =
+            bytes::BytesMut::with_capacity(7 + first.len() + last.len() + self.range_tail.len());
+        for part in ["bytes ", first, "-", last, &self.range_tail] {
+            v.extend_from_slice(part.as_bytes());
+        }
+        // Digits, '-', '/' and ASCII letters only: always a valid value.
+        http::HeaderValue::from_maybe_shared(v.freeze())
+            .unwrap_or_else(|_| http::HeaderValue::from_static("bytes */0"))
+    }
+
+    /// `Content-Range: bytes */<size>` (a 416's).
+    pub fn unsatisfied_range(&self) -> http::HeaderValue {
+        http::HeaderValue::from_str(&format!("bytes *{}", self.range_tail))
+            .unwrap_or_else(|_| http::HeaderValue::from_static("bytes */0"))
+    }
+}
 
 impl Clone for WireHeaders {
     fn clone(&self) -> Self {
@@ -84,9 +117,10 @@ impl std::fmt::Debug for WireHeaders {
 impl ObjectMeta {
     /// The stored headers, parsed (once per version). A field that is not a valid name or value
     /// (a damaged cache file) is left out rather than failing the response.
-    pub fn wire(&self) -> &[(http::HeaderName, http::HeaderValue)] {
-        self.wire.0.get_or_init(|| {
-            self.headers
+    pub fn wire(&self) -> &Wire {
+        self.wire.0.get_or_init(|| Wire {
+            fields: self
+                .headers
                 .iter()
                 .filter_map(|(n, v)| {
                     Some((
@@ -94,7 +128,9 @@ impl ObjectMeta {
                         http::HeaderValue::from_str(v).ok()?,
                     ))
                 })
-                .collect()
+                .collect(),
+            length: http::HeaderValue::from(self.size),
+            range_tail: format!("/{}", self.size).into(),
         })
     }
 
@@ -303,6 +339,34 @@ mod tests {
             must_revalidate: false,
             stale_while_revalidate: Duration::from_secs(30),
             wire: Default::default(),
+        }
+    }
+
+    #[test]
+    fn wire_precomputes_lengths_and_range_tails() {
+        let m = sample();
+        let w = m.wire();
+        assert_eq!(w.length, "123456");
+        assert_eq!(w.content_range(0, 4095), "bytes 0-4095/123456");
+        assert_eq!(
+            w.content_range(123_455, 123_455),
+            "bytes 123455-123455/123456"
+        );
+        assert_eq!(w.unsatisfied_range(), "bytes */123456");
+        assert_eq!(w.fields.len(), 2);
+        // A clone (whose size may change) builds its own.
+        let mut c = m.clone();
+        c.size = 7;
+        assert_eq!(c.wire().content_range(0, 6), "bytes 0-6/7");
+    }
+
+    proptest! {
+        #[test]
+        fn content_range_matches_format(first in any::<u64>(), last in any::<u64>(), size in any::<u64>()) {
+            let mut m = sample();
+            m.size = size;
+            let v = m.wire().content_range(first, last);
+            prop_assert_eq!(v.to_str().unwrap(), format!("bytes {first}-{last}/{size}"));
         }
     }
 

@@ -125,7 +125,7 @@ impl CacheLayer {
     ) -> Result<Outcome> {
         let req = session.req_header();
         let host = super::request_host(req);
-        let base = super::object_key(route, req);
+        let base = super::object_key_at(route, &host, req);
         let forward = Arc::new(super::headers::fill_request_headers(&req.headers));
         let key = self.cache.variant(&base, &forward);
         if self.cache.is_marked_uncacheable(&key) {
@@ -597,7 +597,7 @@ impl CacheLayer {
                 ctx.cache_status = Some(cache_status(lookup, true));
                 let body = Bytes::from_static(b"416 range not satisfiable\n");
                 let mut h = self.base_header(416, &meta, ctx, now)?;
-                h.insert_header("content-range", format!("bytes */{}", meta.size))?;
+                h.insert_header("content-range", meta.wire().unsatisfied_range())?;
                 h.insert_header("content-type", "text/plain; charset=utf-8")?;
                 h.insert_header("content-length", body.len().to_string())?;
                 session.write_response_header(Box::new(h), is_head).await?;
@@ -619,17 +619,14 @@ impl CacheLayer {
                     )]
                 };
                 let mut h = self.base_header(200, &meta, ctx, now)?;
-                h.insert_header("content-length", meta.size.to_string())?;
+                h.insert_header("content-length", meta.wire().length.clone())?;
                 (whole, Bytes::new(), h)
             }
             RangeDecision::Partial(ranges) if ranges.len() == 1 => {
                 let r = ranges[0];
                 let mut h = self.base_header(206, &meta, ctx, now)?;
-                h.insert_header(
-                    "content-range",
-                    format!("bytes {}-{}/{}", r.start, r.end, meta.size),
-                )?;
-                h.insert_header("content-length", r.len().to_string())?;
+                h.insert_header("content-range", meta.wire().content_range(r.start, r.end))?;
+                h.insert_header("content-length", http::HeaderValue::from(r.len()))?;
                 (vec![(Bytes::new(), r)], Bytes::new(), h)
             }
             RangeDecision::Partial(ranges) => {
@@ -641,7 +638,7 @@ impl CacheLayer {
                 );
                 let mut h = self.base_header(206, &meta, ctx, now)?;
                 h.insert_header("content-type", layout.content_type())?;
-                h.insert_header("content-length", layout.body_len().to_string())?;
+                h.insert_header("content-length", http::HeaderValue::from(layout.body_len()))?;
                 (layout.parts, layout.trailer, h)
             }
         };
@@ -753,7 +750,7 @@ impl CacheLayer {
         let mut h = self.base_header(meta.status, meta, ctx, now)?;
         h.remove_header("accept-ranges");
         if meta.status != 204 {
-            h.insert_header("content-length", meta.size.to_string())?;
+            h.insert_header("content-length", meta.wire().length.clone())?;
         }
         session
             .write_response_header(Box::new(h), is_head || body.is_empty())
@@ -772,46 +769,60 @@ impl CacheLayer {
         ctx: &RequestCtx,
         now: SystemTime,
     ) -> Result<ResponseHeader> {
-        // Built as `http` parts, without Pingora's header-case map: the stored fields are
-        // already parsed (`ObjectMeta::wire`), so a hit clones refcounted values instead of
-        // parsing and allocating each one. Standard names go out title-cased, others in lower
-        // case (as the origin's were stored).
-        let (mut parts, ()) = http::Response::new(()).into_parts();
-        parts.status = http::StatusCode::from_u16(status)
-            .map_err(|e| Error::because(ErrorType::InternalError, "stored status", e))?;
-        let wire = meta.wire();
-        parts.headers.reserve(wire.len() + 8);
-        for (n, v) in wire {
-            parts.headers.append(n.clone(), v.clone());
-        }
-        let h = &mut parts.headers;
-        h.insert(
-            http::header::ACCEPT_RANGES,
-            http::HeaderValue::from_static("bytes"),
-        );
-        h.insert(http::header::AGE, http::HeaderValue::from(meta.age(now)));
-        // The stored Date is the origin's, kept as it was (RFC 9111 §4: a cache does not
-        // update it); one is added only when the origin sent none.
-        if !h.contains_key(http::header::DATE) {
-            if let Ok(v) = http::HeaderValue::from_str(&httpdate::fmt_http_date(now)) {
-                h.insert(http::header::DATE, v);
-            }
-        }
-        h.insert(http::header::VIA, http::HeaderValue::from_static(VIA_VALUE));
-        if let Ok(v) = http::HeaderValue::from_str(&ctx.request_id) {
-            h.insert(X_REQUEST_ID, v);
-        }
-        if let Some(status) = ctx.cache_status {
-            let v = match status.render() {
-                std::borrow::Cow::Borrowed(s) => Ok(http::HeaderValue::from_static(s)),
-                std::borrow::Cow::Owned(s) => http::HeaderValue::try_from(s),
-            };
-            if let Ok(v) = v {
-                h.insert("cache-status", v);
-            }
-        }
-        Ok(ResponseHeader::from(parts))
+        hit_header(status, meta, &ctx.request_id, ctx.cache_status, now)
     }
+}
+
+/// The response header of an answer from the cache: the stored fields plus `Accept-Ranges`,
+/// `Age`, `Date` (only when the origin sent none), `Via`, `X-Request-Id` and `Cache-Status`.
+/// The caller adds the framing (`Content-Length`, `Content-Range`).
+///
+/// Built as `http` parts, without Pingora's header-case map: the stored fields are already
+/// parsed (`ObjectMeta::wire`), so a hit clones refcounted values instead of parsing and
+/// allocating each one. Standard names go out title-cased, others in lower case (as the
+/// origin's were stored).
+pub fn hit_header(
+    status: u16,
+    meta: &ObjectMeta,
+    request_id: &str,
+    cache_status: Option<CacheStatus>,
+    now: SystemTime,
+) -> Result<ResponseHeader> {
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = http::StatusCode::from_u16(status)
+        .map_err(|e| Error::because(ErrorType::InternalError, "stored status", e))?;
+    let wire = &meta.wire().fields;
+    parts.headers.reserve(wire.len() + 8);
+    for (n, v) in wire.iter() {
+        parts.headers.append(n.clone(), v.clone());
+    }
+    let h = &mut parts.headers;
+    h.insert(
+        http::header::ACCEPT_RANGES,
+        http::HeaderValue::from_static("bytes"),
+    );
+    h.insert(http::header::AGE, http::HeaderValue::from(meta.age(now)));
+    // The stored Date is the origin's, kept as it was (RFC 9111 §4: a cache does not
+    // update it); one is added only when the origin sent none.
+    if !h.contains_key(http::header::DATE) {
+        if let Ok(v) = http::HeaderValue::from_str(&httpdate::fmt_http_date(now)) {
+            h.insert(http::header::DATE, v);
+        }
+    }
+    h.insert(http::header::VIA, http::HeaderValue::from_static(VIA_VALUE));
+    if let Ok(v) = http::HeaderValue::from_str(request_id) {
+        h.insert(X_REQUEST_ID, v);
+    }
+    if let Some(status) = cache_status {
+        let v = match status.render() {
+            std::borrow::Cow::Borrowed(s) => Ok(http::HeaderValue::from_static(s)),
+            std::borrow::Cow::Owned(s) => http::HeaderValue::try_from(s),
+        };
+        if let Ok(v) = v {
+            h.insert("cache-status", v);
+        }
+    }
+    Ok(ResponseHeader::from(parts))
 }
 
 /// An error answer with the `Cache-Status` already decided in `ctx`.
