@@ -18,21 +18,36 @@
 //!   all pushed before reading (`prefilled`) or pushed while the reader waits (`live`), on a
 //!   current-thread tokio runtime.
 //!
+//! - `header/206_hit`: the response header of a 4 KiB range hit on a stored object with 8
+//!   origin fields, built (`hit_header` + `Content-Range` + `Content-Length`) and serialized to
+//!   HTTP/1 bytes. In-run peers: `pingora_build_from_strings` builds the same header the plain
+//!   Pingora way (`ResponseHeader::build`, each stored field inserted from its strings, the
+//!   framing `format!`ted: what a hit paid before the stored fields were parsed once per
+//!   version), and `serialize_only` writes an already built header: the floor.
+//! - `disk/read_1mib`: `DiskStore::get` of a 1 MiB chunk whose file is in the page cache (index
+//!   lookup, `spawn_blocking`, open, read, header and CRC check), on a 2-worker tokio runtime.
+//!   In-run peers: `tokio_fs_read` (the same size file read through tokio's blocking pool, no
+//!   index, no check) and `std_fs_read` (a plain synchronous read).
+//!
 //! Each benchmark is short (20 samples, 1 s warm-up, 2 s measurement) so the whole run takes
 //! about a minute; `cargo test --bench hot_path` runs each routine once as a smoke test.
 
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use edgeslice::cache::disk::DiskStore;
 use edgeslice::cache::flight::{Flight, FlightReader, Joined};
 use edgeslice::cache::key::ObjectKey;
 use edgeslice::cache::key::{ChunkKey, ObjectVersion};
+use edgeslice::cache::meta::ObjectMeta;
 use edgeslice::cache::store::ChunkCache;
 use edgeslice::config::{CacheSettings, QueryKey, DEFAULT_MAX_RANGES};
+use edgeslice::proxy::cache_status::CacheStatus;
+use edgeslice::proxy::cached::hit_header;
 use edgeslice::range::{
     parse_range, resolve, spans, ByteRange, ChunkSpan, MultipartLayout, RangeDecision,
 };
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
@@ -239,6 +254,172 @@ fn bench_memory_hit_contended(c: &mut Criterion) {
     g.finish();
 }
 
+// ---- header -----------------------------------------------------------------------------
+
+/// A stored 16 MiB object with the fields a typical origin sends.
+fn stored_meta() -> ObjectMeta {
+    let now = SystemTime::now();
+    let headers: Vec<(String, String)> = [
+        ("content-type", "video/mp4"),
+        ("etag", "\"5f3c2a1b-1000000\""),
+        ("last-modified", "Wed, 21 Oct 2025 07:28:00 GMT"),
+        ("cache-control", "public, max-age=3600"),
+        ("date", "Mon, 30 Nov 2026 12:00:00 GMT"),
+        ("server", "nginx/1.22.1"),
+        ("x-content-type-options", "nosniff"),
+        ("access-control-allow-origin", "*"),
+    ]
+    .iter()
+    .map(|(n, v)| (n.to_string(), v.to_string()))
+    .collect();
+    ObjectMeta {
+        status: 200,
+        size: 16 * MIB,
+        validator: "\"5f3c2a1b-1000000\"".into(),
+        etag: Some("\"5f3c2a1b-1000000\"".into()),
+        last_modified: Some("Wed, 21 Oct 2025 07:28:00 GMT".into()),
+        headers,
+        stored_at: now,
+        initial_age: 0,
+        fresh_until: now + Duration::from_secs(3600),
+        stale_if_error: Duration::ZERO,
+        must_revalidate: false,
+        stale_while_revalidate: Duration::ZERO,
+        wire: Default::default(),
+    }
+}
+
+const RID: &str = "0123456789abcdef0123456789abcdef";
+
+fn edgeslice_206(meta: &ObjectMeta, now: SystemTime) -> pingora_http::ResponseHeader {
+    let mut h = hit_header(206, meta, RID, Some(CacheStatus::Hit), now).expect("a valid status");
+    h.insert_header("content-range", meta.wire().content_range(0, 4095))
+        .expect("a valid value");
+    h.insert_header("content-length", http::HeaderValue::from(4096u64))
+        .expect("a valid value");
+    h
+}
+
+/// The same header built the plain Pingora way, from the stored strings.
+fn pingora_206(meta: &ObjectMeta, now: SystemTime) -> pingora_http::ResponseHeader {
+    let mut h = pingora_http::ResponseHeader::build(206, Some(meta.headers.len() + 8))
+        .expect("a valid status");
+    for (n, v) in &meta.headers {
+        h.append_header(n.clone(), v.as_str()).expect("valid field");
+    }
+    h.insert_header("accept-ranges", "bytes").expect("valid");
+    h.insert_header("age", meta.age(now).to_string())
+        .expect("valid");
+    h.insert_header("via", "1.1 edgeslice").expect("valid");
+    h.insert_header("x-request-id", RID).expect("valid");
+    h.insert_header("cache-status", "edgeslice; hit")
+        .expect("valid");
+    h.insert_header(
+        "content-range",
+        format!("bytes {}-{}/{}", 0, 4095, meta.size),
+    )
+    .expect("valid");
+    h.insert_header("content-length", 4096u64.to_string())
+        .expect("valid");
+    h
+}
+
+fn wire_text(h: &pingora_http::ResponseHeader) -> Vec<String> {
+    let mut buf = bytes::BytesMut::new();
+    h.header_to_h1_wire(&mut buf);
+    let mut lines: Vec<String> = String::from_utf8(buf.to_vec())
+        .expect("ASCII")
+        .split("\r\n")
+        .filter(|l| !l.is_empty())
+        .map(str::to_ascii_lowercase)
+        .collect();
+    lines.sort();
+    lines
+}
+
+fn bench_header(c: &mut Criterion) {
+    let meta = stored_meta();
+    let now = SystemTime::now();
+    // Both ways write the same fields and values (name case aside): the comparison is fair.
+    let ours = wire_text(&edgeslice_206(&meta, now));
+    assert_eq!(ours, wire_text(&pingora_206(&meta, now)));
+    assert!(
+        ours.contains(&"content-range: bytes 0-4095/16777216".to_string()),
+        "{ours:?}"
+    );
+    assert_eq!(ours.len(), meta.headers.len() + 7, "{ours:?}");
+
+    let mut buf = bytes::BytesMut::with_capacity(4096);
+    let mut g = c.benchmark_group("header/206_hit");
+    g.bench_function("edgeslice", |b| {
+        b.iter(|| {
+            buf.clear();
+            edgeslice_206(black_box(&meta), now).header_to_h1_wire(&mut buf);
+            black_box(buf.len())
+        })
+    });
+    g.bench_function("pingora_build_from_strings", |b| {
+        b.iter(|| {
+            buf.clear();
+            pingora_206(black_box(&meta), now).header_to_h1_wire(&mut buf);
+            black_box(buf.len())
+        })
+    });
+    let built = edgeslice_206(&meta, now);
+    g.bench_function("serialize_only", |b| {
+        b.iter(|| {
+            buf.clear();
+            black_box(&built).header_to_h1_wire(&mut buf);
+            black_box(buf.len())
+        })
+    });
+    g.finish();
+}
+
+// ---- disk -------------------------------------------------------------------------------
+
+fn bench_disk_read(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = DiskStore::open(&dir.path().join("cache"), GIB).expect("the disk tier opens");
+    let version = version();
+    let entry = version.key.chunk_entry(0);
+    let chunk = chunk_1mib();
+    rt.block_on(store.put(&entry, Some(&version.validator), chunk.clone()));
+    let read = rt
+        .block_on(store.get(&entry, Some(&version.validator)))
+        .expect("the chunk was just stored");
+    assert_eq!(read, chunk, "the disk tier returns the stored bytes");
+    let plain = dir.path().join("plain.bin");
+    std::fs::write(&plain, &chunk).expect("a plain file");
+
+    let mut g = c.benchmark_group("disk/read_1mib");
+    g.throughput(Throughput::Bytes(MIB));
+    g.bench_function("disk_store_get", |b| {
+        b.to_async(&rt).iter(|| async {
+            let got = store.get(&entry, Some(&version.validator)).await;
+            assert_eq!(got.map(|b| b.len() as u64), Some(MIB));
+        })
+    });
+    g.bench_function("tokio_fs_read", |b| {
+        b.to_async(&rt).iter(|| async {
+            let got = tokio::fs::read(&plain).await.expect("readable");
+            assert_eq!(got.len() as u64, MIB);
+        })
+    });
+    g.bench_function("std_fs_read", |b| {
+        b.iter(|| {
+            let got = std::fs::read(black_box(&plain)).expect("readable");
+            assert_eq!(got.len() as u64, MIB);
+        })
+    });
+    g.finish();
+}
+
 // ---- flight -----------------------------------------------------------------------------
 
 /// Read a window to the end; returns the number of bytes read.
@@ -299,6 +480,7 @@ criterion_group! {
         .sample_size(20)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(2));
-    targets = bench_range, bench_memory_hit, bench_memory_hit_contended, bench_flight
+    targets = bench_range, bench_header, bench_memory_hit, bench_memory_hit_contended,
+        bench_disk_read, bench_flight
 }
 criterion_main!(hot_path);
