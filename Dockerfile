@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# Build stage: pingora-core needs cmake and a C compiler for zlib-ng.
+# Build stage: pingora-core needs cmake and a C compiler for zlib-ng; jemalloc (the allocator)
+# builds with the C compiler and make, both in this image.
 FROM rust:1-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
