@@ -28,6 +28,30 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
+/// Whether process `pid` holds a listening TCP socket on 127.0.0.1:`port` (its socket inode
+/// in `/proc/net/tcp` is one of the process's descriptors).
+fn listens_on(pid: u32, port: u16) -> bool {
+    let local = format!("0100007F:{port:04X}");
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // local_address, state (0A: LISTEN), inode.
+            (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(|e| e.ok())
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .any(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+}
+
 fn healthy(admin: SocketAddr) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_millis(200)) else {
         return false;
@@ -110,7 +134,10 @@ impl Proxy {
                 if let Some(Ok(Some(_))) = p.child.as_mut().map(|c| c.try_wait()) {
                     break; // exited: most likely lost the port race
                 }
-                if healthy(admin) && TcpStream::connect(addr).is_ok() {
+                // Both ports must be the child's own: between `free_port` and the child's bind,
+                // another test's server can take a port, and would then answer in its place.
+                let pid = p.pid();
+                if healthy(admin) && listens_on(pid, admin.port()) && listens_on(pid, addr.port()) {
                     return p;
                 }
                 std::thread::sleep(Duration::from_millis(50));
