@@ -3,7 +3,10 @@
 //! Groups:
 //! - `range/parse+resolve`: `parse_range` + `resolve` of a single, a suffix and a 5-range
 //!   header against a 1 GiB object; `range/multipart_layout`: the framing of the 5-range answer.
-//! - `range/spans`: collecting the chunk spans of a 16 MiB range over 1 MiB chunks.
+//!   In-run peer `naive_numbers`: reading the same headers' numbers with `split` and
+//!   `str::parse` and no validation at all (the floor: what any parser pays to read them).
+//! - `range/spans`: collecting the chunk spans of a 16 MiB range over 1 MiB chunks, next to
+//!   `naive_loop`: the same spans from a plain index loop (no overflow checks, no iterator).
 //! - `cache/memory_hit`: `ChunkCache::memory_chunk` of a present 1 MiB chunk, next to its in-run
 //!   peers: a plain `Bytes::clone` of the same chunk (what a zero-copy hit should cost, plus a
 //!   lookup) and a 1 MiB copy (`memcpy_1mib` into a reused buffer, `to_vec_1mib` with a fresh
@@ -106,6 +109,16 @@ fn partial_count(d: &RangeDecision) -> usize {
     }
 }
 
+/// The floor of reading a Range header: its numbers, split and parsed, nothing checked.
+fn naive_numbers(header: &[u8]) -> Vec<(Option<u64>, Option<u64>)> {
+    let text = std::str::from_utf8(header).unwrap_or("");
+    text.trim_start_matches("bytes=")
+        .split(',')
+        .filter_map(|r| r.trim().split_once('-'))
+        .map(|(a, b)| (a.parse().ok(), b.parse().ok()))
+        .collect()
+}
+
 fn bench_range(c: &mut Criterion) {
     let mut g = c.benchmark_group("range/parse+resolve");
     for (name, header, parts) in [
@@ -114,7 +127,11 @@ fn bench_range(c: &mut Criterion) {
         ("multi5", MULTI5, 5),
     ] {
         assert_eq!(partial_count(&parse_and_resolve(header)), parts, "{name}");
+        assert_eq!(naive_numbers(header).len(), parts, "{name}");
         g.bench_function(name, |b| b.iter(|| parse_and_resolve(black_box(header))));
+        g.bench_function(format!("naive_numbers/{name}"), |b| {
+            b.iter(|| naive_numbers(black_box(header)))
+        });
     }
     g.finish();
 
@@ -147,10 +164,30 @@ fn bench_range(c: &mut Criterion) {
     let collected: Vec<ChunkSpan> = spans(range, MIB).collect();
     assert_eq!(collected.len(), 17);
     assert_eq!(collected.iter().map(|s| s.len).sum::<u64>(), 16 * MIB);
+    assert_eq!(naive_spans(range, MIB), collected);
     g.bench_function("16mib_over_1mib_chunks", |b| {
         b.iter(|| spans(black_box(range), black_box(MIB)).collect::<Vec<ChunkSpan>>())
     });
+    g.bench_function("naive_loop", |b| {
+        b.iter(|| naive_spans(black_box(range), black_box(MIB)))
+    });
     g.finish();
+}
+
+/// The same spans from a plain loop over chunk indexes (no checks: the floor of planning).
+fn naive_spans(range: ByteRange, chunk: u64) -> Vec<ChunkSpan> {
+    let (first, last) = (range.start / chunk, range.end / chunk);
+    let mut out = Vec::with_capacity((last - first + 1) as usize);
+    for index in first..=last {
+        let from = (index * chunk).max(range.start);
+        let to = ((index + 1) * chunk - 1).min(range.end);
+        out.push(ChunkSpan {
+            index,
+            offset: from - index * chunk,
+            len: to - from + 1,
+        });
+    }
+    out
 }
 
 // ---- cache ------------------------------------------------------------------------------
