@@ -116,16 +116,18 @@ pub struct CacheLayer {
 }
 
 impl CacheLayer {
+    /// Answer a GET or HEAD on a cached route from the cache; `host` is the request's host as
+    /// [`super::request_host`] gives it (computed once, for routing).
     pub async fn serve(
         &self,
         session: &mut Session,
         ctx: &mut RequestCtx,
         route: &Arc<Route>,
+        host: &str,
         origin: OriginAccess,
     ) -> Result<Outcome> {
         let req = session.req_header();
-        let host = super::request_host(req);
-        let base = super::object_key_at(route, &host, req);
+        let base = super::object_key_at(route, host, req);
         let forward = Arc::new(super::headers::fill_request_headers(&req.headers));
         let key = self.cache.variant(&base, &forward);
         if self.cache.is_marked_uncacheable(&key) {
@@ -144,7 +146,7 @@ impl CacheLayer {
                 .headers
                 .get(http::header::HOST)
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or(&host)
+                .unwrap_or(host)
                 .to_string(),
             request_id: ctx.request_id.clone(),
             forward,

@@ -139,14 +139,10 @@ impl Edge {
             Some(s) => s,
             None => return Ok(true),
         };
-        let peer = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
         let key = client_key(
             &s.client_key,
             s.ipv6_prefix,
-            peer,
+            client_addr(session),
             &session.req_header().headers,
         );
         // The socket digest lives exactly as long as the client's connection.
@@ -301,12 +297,17 @@ fn charge(sel: Selected, e: &Error, request_body_done: bool, request_id: &str) {
     }
 }
 
-fn client_ip(session: &Session) -> String {
+/// The client's IP address; `None` when it has none (a Unix-socket client).
+fn client_addr(session: &Session) -> Option<std::net::IpAddr> {
     session
         .client_addr()
         .and_then(|a| a.as_inet())
-        .map(|a| a.ip().to_string())
-        .unwrap_or_else(|| "unknown".into())
+        .map(|a| a.ip())
+}
+
+/// [`client_addr`] as text, `unknown` when there is none.
+fn client_ip(session: &Session) -> String {
+    client_addr(session).map_or_else(|| "unknown".into(), |ip| ip.to_string())
 }
 
 #[async_trait]
@@ -368,7 +369,11 @@ impl ProxyHttp for Edge {
         let Some(origin) = ctx.runtime.origins.get(&route.upstream.name).cloned() else {
             return Ok(false);
         };
-        match self.cache.serve(session, ctx, &route, origin).await? {
+        match self
+            .cache
+            .serve(session, ctx, &route, &host, origin)
+            .await?
+        {
             Outcome::Served => Ok(true),
             Outcome::PassThrough => Ok(false),
         }
@@ -622,6 +627,8 @@ impl ProxyHttp for Edge {
             .response_written()
             .map(|r| r.status.as_u16())
             .unwrap_or(0);
+        let bytes = session.body_bytes_sent() as u64;
+        let elapsed = ctx.started.elapsed();
         let metrics = &self.stats.metrics;
         let route = match &ctx.route {
             Some(r) => r.metrics.get_or_init(|| metrics.route(&r.label)),
@@ -631,8 +638,8 @@ impl ProxyHttp for Edge {
             &req.method,
             status,
             CacheStatus::result(ctx.cache_status),
-            session.body_bytes_sent() as u64,
-            ctx.started.elapsed().as_secs_f64(),
+            bytes,
+            elapsed.as_secs_f64(),
         );
         let Some(log) = self.access_log.as_ref() else {
             return;
@@ -642,15 +649,12 @@ impl ProxyHttp for Edge {
             method: req.method.as_str(),
             path: req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"),
             status,
-            bytes: session.body_bytes_sent() as u64,
-            duration_ms: ctx.started.elapsed().as_millis() as u64,
+            bytes,
+            duration_ms: elapsed.as_millis() as u64,
             cache: &CacheStatus::log_field(ctx.cache_status),
             upstream: ctx.upstream.tried.last().copied(),
             request_id: &ctx.request_id,
-            client: session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip()),
+            client: client_addr(session),
         });
     }
 }
