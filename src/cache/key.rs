@@ -97,6 +97,17 @@ pub struct ChunkKey {
     pub index: u64,
 }
 
+/// `bytes` as lower-case hex digits (request ids, variant keys), without `fmt`.
+pub fn lower_hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(HEX[usize::from(b >> 4)] as char);
+        out.push(HEX[usize::from(b & 0xf)] as char);
+    }
+    out
+}
+
 /// `all`: the query as sent; `ignore`: nothing; `keep`: only the listed parameters, in name
 /// order (so `?b=2&a=1` and `?a=1&b=2` share an entry).
 pub fn normalize_query(query: Option<&str>, mode: &QueryKey) -> String {
@@ -123,6 +134,14 @@ pub fn normalize_query(query: Option<&str>, mode: &QueryKey) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lower_hex_matches_format() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let want: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(lower_hex(&bytes), want);
+        assert_eq!(lower_hex(&[]), "");
+    }
 
     #[test]
     fn query_modes() {

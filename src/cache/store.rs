@@ -239,10 +239,7 @@ impl ChunkCache {
     fn variant_of(base: &ObjectKey, marker: &VaryMarker, request: &http::HeaderMap) -> ObjectKey {
         let values = vary::variant_key(&marker.fields, request);
         let digest = blake3::hash(values.as_bytes());
-        let hex: String = digest.as_bytes()[..12]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let hex = super::key::lower_hex(&digest.as_bytes()[..12]);
         ObjectKey(format!("{}#vary-{:x}-{hex}", base.as_str(), marker.nonce).into())
     }
 

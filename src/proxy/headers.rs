@@ -95,13 +95,7 @@ pub fn request_id(incoming: Option<&[u8]>) -> String {
     }
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = String::with_capacity(32);
-    for b in bytes {
-        id.push(HEX[usize::from(b >> 4)] as char);
-        id.push(HEX[usize::from(b & 0xf)] as char);
-    }
-    id
+    crate::cache::key::lower_hex(&bytes)
 }
 
 /// `X-Forwarded-For` value: the existing list with the client appended.
