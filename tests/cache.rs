@@ -36,10 +36,7 @@ async fn get(
 }
 
 fn cache_status(h: &reqwest::header::HeaderMap) -> String {
-    h.get("cache-status")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string()
+    common::header_text(h, "cache-status")
 }
 
 /// Wait until the disk tier holds at least `n` files (writes are asynchronous).

@@ -103,12 +103,7 @@ async fn get_range(proxy: &Proxy, path: &str, range: &str) -> (u16, String, Vec<
         .await
         .expect("request");
     let status = r.status().as_u16();
-    let cs = r
-        .headers()
-        .get("cache-status")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let cs = common::header_text(r.headers(), "cache-status");
     (status, cs, r.bytes().await.expect("body").to_vec())
 }
 

@@ -45,12 +45,7 @@ async fn get(proxy: &Proxy, path: &str) -> (u16, String, Vec<u8>) {
         .await
         .expect("request");
     let status = resp.status().as_u16();
-    let cache_status = resp
-        .headers()
-        .get("cache-status")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let cache_status = common::header_text(resp.headers(), "cache-status");
     let body = resp.bytes().await.expect("body").to_vec();
     (status, cache_status, body)
 }
@@ -413,12 +408,7 @@ async fn the_cache_policy_reloads_over_the_same_stored_objects() {
             .await
             .expect("request");
         let h = resp.headers().clone();
-        let text = |n: &str| {
-            h.get(n)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_string()
-        };
+        let text = |n: &str| common::header_text(&h, n);
         (
             resp.status().as_u16(),
             text("content-type"),

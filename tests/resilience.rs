@@ -28,12 +28,7 @@ async fn get(proxy: &Proxy, path: &str) -> (StatusCode, Vec<u8>, String) {
         .await
         .expect("request");
     let status = resp.status();
-    let cs = resp
-        .headers()
-        .get("cache-status")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let cs = common::header_text(resp.headers(), "cache-status");
     (
         status,
         resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default(),

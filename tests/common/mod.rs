@@ -20,6 +20,15 @@ pub fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> 
         .collect()
 }
 
+/// The value of the field `name` as text, empty when absent or not visible ASCII.
+pub fn header_text(headers: &reqwest::header::HeaderMap, name: &str) -> String {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
 /// A reqwest client that never uses a system proxy and does not pool across tests.
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()

@@ -190,12 +190,7 @@ impl Proxy {
             .await
             .expect("GET /metrics");
         let status = resp.status();
-        let content_type = resp
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_string();
+        let content_type = super::header_text(resp.headers(), "content-type");
         let text = resp.text().await.expect("/metrics body");
         assert_eq!(status, 200, "GET /metrics: {text}");
         assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
