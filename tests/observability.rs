@@ -260,8 +260,7 @@ fn start_a(dir: &Path, slow: SocketAddr, fast: SocketAddr) -> (Owned, PathBuf, S
     let conf = dir.join("edgeslice.yaml");
     let mut last = String::new();
     for _ in 0..5 {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let (addr, admin) = common::proxy::listen_and_admin_addrs();
         std::fs::write(&conf, upgrade_config(dir, addr, admin, slow, fast)).expect("config");
         let mut a = edgeslice("edgeslice A", &conf, false, dir.join("a.log"));
         let up = wait_until(Duration::from_secs(20), || {

@@ -52,6 +52,16 @@ fn listens_on(pid: u32, port: u16) -> bool {
         .any(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
 }
 
+/// Two distinct free addresses on 127.0.0.1, for a proxy's listener and its admin listener:
+/// held at once while picked, since two [`free_port`] calls can return the same port (the admin
+/// listener would then answer in the proxy's place).
+pub fn listen_and_admin_addrs() -> (SocketAddr, SocketAddr) {
+    let a = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    let b = TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    let addr = |l: &TcpListener| l.local_addr().expect("local addr");
+    (addr(&a), addr(&b))
+}
+
 fn healthy(admin: SocketAddr) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_millis(200)) else {
         return false;
@@ -96,8 +106,7 @@ impl Proxy {
     fn start_in_with(dir: &Path, yaml: &str, server_extra: &str) -> Proxy {
         let mut last_log = String::new();
         for _ in 0..5 {
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-            let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let (addr, admin) = listen_and_admin_addrs();
             let body = yaml.replace("{DIR}", &dir.display().to_string());
             let extra = server_extra.replace("{DIR}", &dir.display().to_string());
             let full = format!(
