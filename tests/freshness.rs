@@ -315,15 +315,35 @@ async fn set_cookie_response_is_not_stored_and_cookie_reaches_client() {
     .await;
 }
 
+/// `Vary: Cookie`: fills never carry cookies, so what they store is the variant for requests
+/// without one, and only those are answered from it; a request with a cookie always reaches
+/// the origin with it (issue 20: a logged-in user never gets the anonymous answer).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn vary_cookie_is_not_stored() {
+async fn vary_cookie_stores_the_cookieless_variant_only() {
     bounded(async {
         let origin = Origin::start().await;
         origin.set_extra_header("Vary", "Cookie");
         let proxy = start(config(&origin, "")).await;
         let size = 3 * CHUNK + 4;
         let path = format!("/obj/{size}/vary-cookie.bin");
-        assert_not_stored(&origin, &proxy, &path, size, 4).await;
+        let r = get_whole(&proxy, &path, size, 0).await;
+        assert_eq!(r.cache_status(), "edgeslice; fwd=miss; stored");
+        let r = get_whole(&proxy, &path, size, 0).await;
+        assert_eq!(r.cache_status(), "edgeslice; hit");
+        for i in 0..3 {
+            let before = origin.requests();
+            let r = send(get(&proxy, &path).header("cookie", "s=1")).await;
+            assert_eq!(r.status, StatusCode::OK);
+            assert!(r.body == content(&path, 0, 0..size), "#{i}: bytes");
+            assert!(
+                !r.cache_status().contains("hit"),
+                "#{i}: {}",
+                r.cache_status()
+            );
+            assert_eq!(origin.requests(), before + 1, "#{i}: one origin request");
+            let last = origin.log().pop().expect("logged");
+            assert_eq!(last.header("cookie"), Some("s=1"), "#{i}: cookie forwarded");
+        }
     })
     .await;
 }

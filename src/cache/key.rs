@@ -11,6 +11,8 @@
 //! wrongly, never served wrongly: entries are looked up by their full key and validator).
 
 use crate::config::QueryKey;
+use crate::proxy::canonical::param_name;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// The name of a cached object; cheap to clone.
@@ -108,25 +110,37 @@ pub fn lower_hex(bytes: &[u8]) -> String {
     out
 }
 
-/// `all`: the query as sent; `ignore`: nothing; `keep`: only the listed parameters, in name
-/// order (so `?b=2&a=1` and `?a=1&b=2` share an entry).
-pub fn normalize_query(query: Option<&str>, mode: &QueryKey) -> String {
+/// The part of a (canonical) query string that is keyed, which is also exactly what a fill
+/// forwards: a parameter the origin sees is always in the key. `all`: the query; `ignore`:
+/// nothing; `keep`: the parameters whose name, read as applications read it (percent-decoded,
+/// `+` as a space: `canonical::param_name`), is one of the listed names exactly, ordered by
+/// name with repeated names kept in the order sent (so `?b=2&a=1` and `?a=1&b=2` share an
+/// entry, while `?v=1&v=2` and `?v=2&v=1`, which origins read differently, do not).
+pub fn normalize_query<'q>(query: Option<&'q str>, mode: &QueryKey) -> Cow<'q, str> {
     let Some(q) = query.filter(|q| !q.is_empty()) else {
-        return String::new();
+        return Cow::Borrowed("");
     };
     match mode {
-        QueryKey::All => q.to_string(),
-        QueryKey::Ignore => String::new(),
+        QueryKey::All => Cow::Borrowed(q),
+        QueryKey::Ignore => Cow::Borrowed(""),
         QueryKey::Keep(names) => {
-            let mut kept: Vec<&str> = q
+            let mut kept: Vec<(Cow<str>, &str)> = q
                 .split('&')
-                .filter(|pair| {
-                    let name = pair.split('=').next().unwrap_or("");
-                    names.iter().any(|n| n == name)
+                .filter_map(|pair| {
+                    let name = param_name(pair.split('=').next().unwrap_or(""));
+                    names.iter().any(|n| *n == name).then_some((name, pair))
                 })
                 .collect();
-            kept.sort();
-            kept.join("&")
+            // Stable: repeated names keep the order they came in.
+            kept.sort_by(|a, b| a.0.cmp(&b.0));
+            let mut out = String::with_capacity(q.len());
+            for (i, (_, pair)) in kept.iter().enumerate() {
+                if i > 0 {
+                    out.push('&');
+                }
+                out.push_str(pair);
+            }
+            Cow::Owned(out)
         }
     }
 }
@@ -141,6 +155,26 @@ mod tests {
         let want: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(lower_hex(&bytes), want);
         assert_eq!(lower_hex(&[]), "");
+    }
+
+    #[test]
+    fn kept_parameters_are_matched_as_origins_read_their_names() {
+        let keep = QueryKey::Keep(vec!["v".into()]);
+        // A name spelled another way is the same parameter to an origin: kept (and so
+        // forwarded, in the spelling that was keyed).
+        assert_eq!(normalize_query(Some("%76=EVIL"), &keep), "%76=EVIL");
+        // Names that differ once decoded are other parameters: neither keyed nor forwarded.
+        assert_eq!(normalize_query(Some("V=EVIL"), &keep), "");
+        assert_eq!(normalize_query(Some("v%20=EVIL"), &keep), "");
+        assert_eq!(normalize_query(Some("v+=EVIL"), &keep), "");
+        // Repeats keep their order: origins take the first or the last.
+        assert_eq!(normalize_query(Some("v=EVIL&v=1"), &keep), "v=EVIL&v=1");
+        assert_eq!(normalize_query(Some("v=1&v=EVIL"), &keep), "v=1&v=EVIL");
+        assert_ne!(
+            ObjectKey::new("o", "h", "/p", Some("v=EVIL&v=1"), &keep),
+            ObjectKey::new("o", "h", "/p", Some("v=1"), &keep)
+        );
+        assert_eq!(normalize_query(Some("w=1&v=2&&v"), &keep), "v=2&v");
     }
 
     #[test]

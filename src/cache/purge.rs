@@ -119,7 +119,9 @@ impl Purge {
             return false;
         };
         if let Some(h) = &self.host {
-            if !parts.host.eq_ignore_ascii_case(h) {
+            // Keys carry a port only when it is not the default one; a purge by host names
+            // the host on every port.
+            if !host_name(parts.host).eq_ignore_ascii_case(h) {
                 return false;
             }
         }
@@ -144,6 +146,17 @@ impl Purge {
             .unwrap_or_default();
         let mode = if self.soft { "soft" } else { "hard" };
         format!("{what}{host} ({mode})")
+    }
+}
+
+/// A key's host without its port (`example.com:8080` → `example.com`, `[::1]:81` → `[::1]`).
+fn host_name(authority: &str) -> &str {
+    match authority.rfind(':') {
+        Some(i) if !authority[i..].contains(']') && !authority[..i].contains(':') => {
+            &authority[..i]
+        }
+        Some(i) if authority.starts_with('[') && authority[..i].ends_with(']') => &authority[..i],
+        _ => authority,
     }
 }
 
@@ -318,6 +331,15 @@ mod tests {
             Selector::Path(b"/a+b".to_vec())
         );
         assert_eq!(purge("host=[::1]:80&path=/").host.as_deref(), Some("[::1]"));
+    }
+
+    #[test]
+    fn key_hosts_lose_their_port_for_matching() {
+        assert_eq!(host_name("example.com:8080"), "example.com");
+        assert_eq!(host_name("example.com"), "example.com");
+        assert_eq!(host_name("[::1]:81"), "[::1]");
+        assert_eq!(host_name("[::1]"), "[::1]");
+        assert_eq!(host_name("10.0.0.1:81"), "10.0.0.1");
     }
 
     #[test]

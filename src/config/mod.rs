@@ -90,6 +90,10 @@ pub struct ServerSettings {
     /// `None` = stderr.
     pub access_log_path: Option<PathBuf>,
     pub connections: ConnectionSettings,
+    /// Runs of `/` in request paths become one before routing and keying.
+    pub merge_slashes: bool,
+    /// Peers whose `X-Forwarded-*` fields are believed (load balancers in front).
+    pub trusted_proxies: Vec<crate::shaping::identity::Cidr>,
 }
 
 /// How client connections are bounded in time, number and request size (`server.*` keys).
@@ -527,6 +531,14 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         },
     };
     let connections = connection_settings(&s)?;
+    let mut trusted_proxies = Vec::new();
+    if let Some(list) = &s.trusted_proxies {
+        for (i, block) in list.value.iter().enumerate() {
+            let cidr = crate::shaping::identity::Cidr::parse(block)
+                .map_err(|e| err_at(format!("server.trusted_proxies[{i}]"), list, e))?;
+            trusted_proxies.push(cidr);
+        }
+    }
     let server = ServerSettings {
         threads,
         pid_file: s.pid_file.unwrap_or_else(|| "/tmp/edgeslice.pid".into()),
@@ -549,6 +561,8 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         access_log_format,
         access_log_path: s.access_log_path.map(PathBuf::from),
         connections,
+        merge_slashes: s.merge_slashes.unwrap_or(true),
+        trusted_proxies,
     };
 
     let listen = match raw.listen {
@@ -869,6 +883,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
     let shaping = raw.shaping.as_ref().map(shaping::validate).transpose()?;
+    let s_merge_slashes = server.merge_slashes;
     let mut routes = Vec::new();
     for (i, r) in raw_routes.value.iter().enumerate() {
         let base = format!("routes[{i}]");
@@ -902,7 +917,18 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                         "only a leading wildcard is supported (`*.example.com`)",
                     ));
                 } else {
-                    HostMatch::Exact(v)
+                    // Requests are matched by their canonical host name: a route's is written
+                    // the same way (no trailing dot, no port).
+                    match crate::proxy::canonical::host(v.as_bytes(), 0) {
+                        Ok(c) if c.port.is_none() => HostMatch::Exact(c.name),
+                        _ => {
+                            return Err(err_at(
+                                format!("{base}.host"),
+                                h,
+                                format!("invalid host {v:?}: a host name, without a port"),
+                            ))
+                        }
+                    }
                 }
             }
         };
@@ -915,7 +941,31 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                     "must start with `/`",
                 ))
             }
-            Some(p) => p.value.clone(),
+            Some(p) => {
+                // Requests are routed by their canonical path, so a prefix in another spelling
+                // (`/a/../b/`, `/%62/`, `//b/`) would never match.
+                let merge = s_merge_slashes;
+                match crate::proxy::canonical::path(p.value.as_bytes(), merge) {
+                    Ok(c) if c == p.value.as_str() => p.value.clone(),
+                    Ok(c) => {
+                        return Err(err_at(
+                            format!("{base}.path_prefix"),
+                            p,
+                            format!(
+                                "{:?} is not in canonical form (requests are routed by their normalised path): write {c:?}",
+                                p.value
+                            ),
+                        ))
+                    }
+                    Err(_) => {
+                        return Err(err_at(
+                            format!("{base}.path_prefix"),
+                            p,
+                            "malformed percent-escape or NUL",
+                        ))
+                    }
+                }
+            }
         };
         let query_key = match &r.cache_key {
             None => QueryKey::All,

@@ -84,6 +84,8 @@ pub struct RawServer {
     pub max_connections: Option<Spanned<usize>>,
     pub max_header_size: Option<Spanned<Size>>,
     pub max_uri_size: Option<Spanned<Size>>,
+    pub merge_slashes: Option<bool>,
+    pub trusted_proxies: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

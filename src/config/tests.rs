@@ -575,3 +575,39 @@ fn admin_token_is_checked() {
     assert_eq!(e.line, Some(4));
     assert!(with("\"has space in it\"").is_err());
 }
+
+#[test]
+fn request_normalisation_keys() {
+    let c = Config::from_yaml(GOOD).expect("good config");
+    assert!(c.server.merge_slashes);
+    assert!(c.server.trusted_proxies.is_empty());
+    let yaml = GOOD.replace(
+        "  threads: 2\n",
+        "  threads: 2\n  merge_slashes: false\n  trusted_proxies: [10.0.0.0/8, \"::1\"]\n",
+    );
+    let c = Config::from_yaml(&yaml).expect("config");
+    assert!(!c.server.merge_slashes);
+    assert_eq!(c.server.trusted_proxies.len(), 2);
+    assert!(c.server.trusted_proxies[0].contains("10.1.2.3".parse().unwrap()));
+    let yaml = GOOD.replace(
+        "  threads: 2\n",
+        "  threads: 2\n  trusted_proxies: [10.0.0.0/8, nonsense]\n",
+    );
+    assert_err(&yaml, "server.trusted_proxies[1]", 3, "invalid address block");
+}
+
+#[test]
+fn route_hosts_and_prefixes_are_written_canonical() {
+    // A trailing dot and case are normalised, as requests' hosts are.
+    let yaml = GOOD.replace("\"*.example.com\"", "Media.Example.com.");
+    let c = Config::from_yaml(&yaml).expect("config");
+    assert_eq!(c.routes[0].host, HostMatch::Exact("media.example.com".into()));
+    let yaml = GOOD.replace("\"*.example.com\"", "media.example.com:8080");
+    assert_err(&yaml, "routes[0].host", 20, "without a port");
+    let yaml = GOOD.replace("    path_prefix: /\n", "    path_prefix: /a/../b/\n");
+    assert_err(&yaml, "routes[0].path_prefix", 21, "write \"/b/\"");
+    let yaml = GOOD.replace("    path_prefix: /\n", "    path_prefix: /%76ideo/\n");
+    assert_err(&yaml, "routes[0].path_prefix", 21, "write \"/video/\"");
+    let yaml = GOOD.replace("    path_prefix: /\n", "    path_prefix: //video/\n");
+    assert_err(&yaml, "routes[0].path_prefix", 21, "write \"/video/\"");
+}

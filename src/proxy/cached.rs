@@ -77,6 +77,48 @@ fn discovery_span(req: &RangeRequest, chunk_size: u64) -> (u64, u64) {
     }
 }
 
+/// `Cache-Status` detail of a request passed through because the URL's responses vary on a
+/// field fills do not forward.
+const UNFORWARDED_VARY: &str = "vary-unforwarded";
+
+/// The credentials a request carries: fills never forward them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Credentials {
+    None,
+    /// `Cookie` (and no `Authorization`): fills never carry it. A stored response whose
+    /// variant it selects answers (one that does not vary on Cookie); anything else a fill
+    /// brings is not for it, and it is asked for with the cookie, as pass-through.
+    Cookie,
+    /// `Authorization`: a stored response answers only when it allows that (RFC 9111 §3.5);
+    /// a miss is the request's own, and its fill carries the credentials (the answer is
+    /// stored only when it allows sharing).
+    Authorization,
+}
+
+impl Credentials {
+    fn of(headers: &http::HeaderMap) -> Credentials {
+        if headers.contains_key(http::header::AUTHORIZATION) {
+            Credentials::Authorization
+        } else if headers.contains_key(http::header::COOKIE) {
+            Credentials::Cookie
+        } else {
+            Credentials::None
+        }
+    }
+
+    /// Whether a stored response may answer a request with these credentials.
+    fn may_use(self, meta: &ObjectMeta) -> bool {
+        self != Credentials::Authorization || allows_authorized(meta)
+    }
+
+    fn detail(self) -> &'static str {
+        match self {
+            Credentials::Authorization => "authorization",
+            _ => "cookie",
+        }
+    }
+}
+
 /// Whether a stored response may answer a request with `Authorization` (RFC 9111 §3.5).
 fn allows_authorized(meta: &ObjectMeta) -> bool {
     let mut map = http::HeaderMap::new();
@@ -128,31 +170,49 @@ impl CacheLayer {
     ) -> Result<Outcome> {
         let req = session.req_header();
         let base = super::object_key_at(route, host, req);
-        let forward = Arc::new(super::headers::fill_request_headers(&req.headers));
-        let key = self.cache.variant(&base, &forward);
+        let credentials = Credentials::of(&req.headers);
+        let mut forward =
+            super::headers::fill_request_headers(&req.headers, &super::forwarded(session, ctx));
+        if credentials == Credentials::Authorization {
+            // A miss of a request with Authorization is that request's own: its fill carries
+            // the credentials, and what it brings is stored only if the response allows
+            // sharing it (RFC 9111 §3.5: `public`, `s-maxage`, `must-revalidate`).
+            for v in req.headers.get_all(http::header::AUTHORIZATION) {
+                forward.append(http::header::AUTHORIZATION, v.clone());
+            }
+        }
+        let forward = Arc::new(forward);
+        // The variant this request selects, by its own fields (RFC 9111 §4.1).
+        let key = self.cache.variant(&base, &req.headers);
         if self.cache.is_marked_uncacheable(&key) {
             ctx.cache_status = Some(CacheStatus::Bypass("uncacheable"));
             return Ok(Outcome::PassThrough);
         }
+        if key != self.cache.variant(&base, &forward) {
+            // The URL's responses vary on a field fills do not forward (credentials, a
+            // forwarding or override field): no fill can fetch this request's variant.
+            ctx.cache_status = Some(CacheStatus::Bypass(UNFORWARDED_VARY));
+            return Ok(Outcome::PassThrough);
+        }
+        // What the origin is asked for is what the key holds: the canonical path and the
+        // keyed part of the query, nothing else (`cache_key.query`).
+        let keyed_query = crate::cache::key::normalize_query(req.uri.query(), &route.query_key);
+        let mut path_and_query =
+            String::with_capacity(req.uri.path().len() + keyed_query.len() + 1);
+        path_and_query.push_str(req.uri.path());
+        if !keyed_query.is_empty() {
+            path_and_query.push('?');
+            path_and_query.push_str(&keyed_query);
+        }
         let mut obj = ObjectRequest {
             key,
             base,
-            path_and_query: req
-                .uri
-                .path_and_query()
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_else(|| "/".into()),
-            host: req
-                .headers
-                .get(http::header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or(host)
-                .to_string(),
+            path_and_query,
+            host: host.to_string(),
             request_id: ctx.request_id.clone(),
             forward,
             policy: ctx.runtime.cache_policy.clone(),
         };
-        let has_authorization = req.headers.contains_key(http::header::AUTHORIZATION);
         let is_head = req.method == http::Method::HEAD;
         let range_req = header(session, "range")
             .map(parse_range)
@@ -168,6 +228,16 @@ impl CacheLayer {
             ctx.cache_status = Some(CacheStatus::Request("no-store"));
             return Ok(Outcome::PassThrough);
         }
+        if credentials == Credentials::Authorization {
+            if let Some(m) = self.cache.meta(&obj.key).await {
+                if !allows_authorized(&m) {
+                    // Stored from a request without credentials and not shareable with one
+                    // that has them: the client's own request goes to the origin.
+                    ctx.cache_status = Some(CacheStatus::Request("authorization"));
+                    return Ok(Outcome::PassThrough);
+                }
+            }
+        }
         let (meta, lookup) = match self
             .lookup(
                 session,
@@ -177,6 +247,7 @@ impl CacheLayer {
                 &directives,
                 discovery,
                 &range_req,
+                credentials,
             )
             .await?
         {
@@ -184,12 +255,6 @@ impl CacheLayer {
             None if ctx.pass_through => return Ok(Outcome::PassThrough),
             None => return Ok(Outcome::Served),
         };
-        if has_authorization && !allows_authorized(&meta) {
-            // Origin fetches of the cache never carry a client's credentials; what they stored
-            // answers a request with credentials only when it allows that (RFC 9111 §3.5).
-            ctx.cache_status = Some(CacheStatus::Request("authorization"));
-            return Ok(Outcome::PassThrough);
-        }
         self.respond(session, ctx, &obj, &origin, meta, lookup, range_req)
             .await?;
         Ok(Outcome::Served)
@@ -208,8 +273,12 @@ impl CacheLayer {
         directives: &freshness::RequestDirectives,
         (first, last): (u64, u64),
         range_req: &RangeRequest,
+        credentials: Credentials,
     ) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
         if let Some(m) = self.cache.meta(&obj.key).await {
+            if !credentials.may_use(&m) {
+                return self.credentials_pass(ctx, credentials);
+            }
             if let Some(usable) = self.usable(&m, obj, origin, directives) {
                 return Ok(Some((m, usable)));
             }
@@ -223,10 +292,16 @@ impl CacheLayer {
         let lock = self.cache.lock_object(&obj.key).await;
         // Whoever held the lock may have learnt that the URL's responses vary.
         obj.key = self.cache.variant(&obj.base, &obj.forward);
+        if !self.fill_answers(session, obj) {
+            return self.unforwarded_vary(ctx);
+        }
         let mut stale = None;
         // A stale copy that cannot be revalidated, kept to serve if fetching it again fails.
         let mut fallback = None;
         if let Some(m) = self.cache.meta(&obj.key).await {
+            if !credentials.may_use(&m) {
+                return self.credentials_pass(ctx, credentials);
+            }
             if let Some(usable) = self.usable(&m, obj, origin, directives) {
                 // Someone else discovered or revalidated it while we waited.
                 return Ok(Some((m, usable)));
@@ -279,7 +354,16 @@ impl CacheLayer {
                     )
                     .await;
                     return self
-                        .discovered(session, ctx, obj, origin, range_req, found, None)
+                        .discovered(
+                            session,
+                            ctx,
+                            obj,
+                            origin,
+                            range_req,
+                            found,
+                            None,
+                            credentials,
+                        )
                         .await;
                 }
                 Revalidation::Uncacheable(reason) => return self.pass(ctx, &obj.key, reason),
@@ -302,8 +386,17 @@ impl CacheLayer {
             }
         }
         let found = fill::discover(&self.cache, origin, obj, first, last, lock).await;
-        self.discovered(session, ctx, obj, origin, range_req, found, fallback)
-            .await
+        self.discovered(
+            session,
+            ctx,
+            obj,
+            origin,
+            range_req,
+            found,
+            fallback,
+            credentials,
+        )
+        .await
     }
 
     /// Whether a stored response answers this request without asking the origin first
@@ -380,9 +473,32 @@ impl CacheLayer {
         range_req: &RangeRequest,
         found: Discovery,
         fallback: Option<Arc<ObjectMeta>>,
+        credentials: Credentials,
     ) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
         // Stored (or marked) under the variant the response selected, if it varies.
         obj.key = self.cache.variant(&obj.base, &obj.forward);
+        let stored = matches!(found, Discovery::Stored(_) | Discovery::Streaming { .. });
+        if stored && !self.fill_answers(session, obj) {
+            // Stored for the requests it answers; not this one, which selects another variant.
+            return self.unforwarded_vary(ctx);
+        }
+        if credentials == Credentials::Cookie && !stored && !matches!(found, Discovery::Failed(_)) {
+            // The fill asked without the client's credentials, and what it got is not a
+            // stored response usable for this request (relayed, sliced, uncacheable): the
+            // client's own request goes to the origin, credentials and all. What later
+            // requests may skip is remembered as it would have been.
+            match &found {
+                Discovery::Relay {
+                    reason,
+                    remember: true,
+                    ..
+                }
+                | Discovery::Slice { reason, .. }
+                | Discovery::Uncacheable(reason) => self.cache.mark_uncacheable(&obj.key, reason),
+                _ => {}
+            }
+            return self.credentials_pass(ctx, credentials);
+        }
         match found {
             Discovery::Stored(m) => Ok(Some((m, Lookup::Discovered))),
             Discovery::Streaming { headers, body } => {
@@ -515,6 +631,30 @@ impl CacheLayer {
         }
         resp.finish().await;
         session.write_response_body(None, true).await
+    }
+
+    /// Whether what a fill fetches (the variant its forwarded fields select) is the variant
+    /// this client's own fields select.
+    fn fill_answers(&self, session: &Session, obj: &ObjectRequest) -> bool {
+        self.cache.variant(&obj.base, &session.req_header().headers) == obj.key
+    }
+
+    /// Pass a request through to be asked with its credentials.
+    fn credentials_pass(
+        &self,
+        ctx: &mut RequestCtx,
+        credentials: Credentials,
+    ) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
+        ctx.cache_status = Some(CacheStatus::Request(credentials.detail()));
+        ctx.pass_through = true;
+        Ok(None)
+    }
+
+    /// Pass a request through because its variant is not one a fill can fetch.
+    fn unforwarded_vary(&self, ctx: &mut RequestCtx) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
+        ctx.cache_status = Some(CacheStatus::Bypass(UNFORWARDED_VARY));
+        ctx.pass_through = true;
+        Ok(None)
     }
 
     fn pass(

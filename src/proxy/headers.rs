@@ -1,9 +1,28 @@
-//! Header rules for forwarding (RFC 9110 §7.6): hop-by-hop fields are removed in both
-//! directions, `X-Forwarded-For`, `X-Forwarded-Proto` and `Via` are added, and every request
-//! carries an `X-Request-Id` (the client's, when it is sane, else a new one).
+//! Header rules for forwarding, for fills and pass-through alike (RFC 9110 §7.6): hop-by-hop
+//! fields are removed in both directions, `Via` is added, every request carries an
+//! `X-Request-Id` (the client's, when it is sane, else a new one), and what the origin learns
+//! about *who* asked and *how* the request arrived is what the proxy asserts ([`Forwarded`]),
+//! never a client's claim.
+//!
+//! - Forwarding fields (`Forwarded`, `X-Forwarded-*`, `X-Real-IP` and its kin: see
+//!   [`is_forwarding_field`]) from a peer outside `server.trusted_proxies` are removed, and
+//!   `X-Forwarded-For` (the peer) and `X-Forwarded-Proto` (the listener's scheme) are set. From
+//!   a trusted peer the `X-Forwarded-For` chain is kept from the last hop it does not vouch for
+//!   (the client; forged hops before it are dropped) with the peer appended, and a valid
+//!   `X-Forwarded-Proto` is kept.
+//! - A fill's answer is shared, so a fill forwards no client field that could change the
+//!   origin's answer without being in the key: besides credentials, validators and framing
+//!   ([`NOT_FORWARDED_ON_FILLS`]), no forwarding field even from a trusted peer, and no field
+//!   that overrides the URL, host, scheme or method ([`is_override_field`]). The other
+//!   end-to-end fields are forwarded: content negotiation (`Accept*`), `User-Agent`,
+//!   `Cache-Control` and the like; an origin whose answer depends on one says so in `Vary`,
+//!   and the cache keys the variant on it (RFC 9111 §4.1); a request whose variant a fill
+//!   cannot fetch (it varies on a field fills do not forward) is passed through instead.
 
-use http::header::{HeaderMap, HeaderName, CONNECTION, UPGRADE};
+use crate::shaping::identity::Cidr;
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, UPGRADE};
 use rand::RngCore;
+use std::net::IpAddr;
 
 pub const X_REQUEST_ID: &str = "x-request-id";
 pub const VIA_VALUE: &str = "1.1 edgeslice";
@@ -24,6 +43,8 @@ pub fn hop_by_hop_names(headers: &HeaderMap, keep_upgrade: bool) -> Vec<HeaderNa
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .filter(|n| !(keep_upgrade && n == UPGRADE))
+        // A client cannot make the request lose its Host by naming it in Connection.
+        .filter(|n| n != HOST)
         .collect();
     names.extend(HOP_BY_HOP.iter().map(|n| HeaderName::from_static(n)));
     if !keep_upgrade {
@@ -63,24 +84,145 @@ const NOT_FORWARDED_ON_FILLS: [&str; 15] = [
     "x-request-id",
 ];
 
-/// Whether a cache fill forwards the client's field `name` (lower case) when it is
-/// end-to-end: not one of [`NOT_FORWARDED_ON_FILLS`].
-pub fn forwarded_on_fills(name: &str) -> bool {
-    !NOT_FORWARDED_ON_FILLS.contains(&name)
+/// Fields that say who asked or how the request arrived: the proxy's to assert
+/// ([`Forwarded`]); from an untrusted peer they are dropped on every path, on fills always.
+pub fn is_forwarding_field(name: &str) -> bool {
+    name.starts_with("x-forwarded-")
+        || matches!(
+            name,
+            "forwarded"
+                | "x-real-ip"
+                | "x-client-ip"
+                | "client-ip"
+                | "true-client-ip"
+                | "x-cluster-client-ip"
+                | "x-originating-ip"
+                | "x-remote-ip"
+                | "x-remote-addr"
+                | "x-proxyuser-ip"
+                | "cf-connecting-ip"
+                | "fastly-client-ip"
+                | "x-scheme"
+                | "x-url-scheme"
+                | "front-end-https"
+        )
 }
 
-/// The client's end-to-end request fields a cache fill forwards to the origin (so a response
-/// that varies on them is the one this client asked for): all but hop-by-hop fields and
-/// [`NOT_FORWARDED_ON_FILLS`].
-pub fn fill_request_headers(client: &HeaderMap) -> HeaderMap {
+/// Fields that tell an origin to act on another URL, host or method than the request's own
+/// (`X-Original-URL`, `X-Rewrite-URL`, `X-Host`, `X-HTTP-Method-Override`, ...). Origins act on
+/// them without a `Vary`: a fill never forwards them. Pass-through does (the answer is the
+/// client's alone; some APIs take method overrides from clients).
+pub fn is_override_field(name: &str) -> bool {
+    name.starts_with("x-original-")
+        || name.starts_with("x-rewrite-")
+        || name.starts_with("x-override-")
+        || name.contains("method-override")
+        || matches!(name, "x-http-method" | "x-host" | "x-http-host-override")
+}
+
+/// Whether a cache fill forwards the client's field `name` (lower case) when it is
+/// end-to-end: not one of [`NOT_FORWARDED_ON_FILLS`], not a forwarding field (the fill
+/// carries the proxy's own), not an override.
+pub fn forwarded_on_fills(name: &str) -> bool {
+    !NOT_FORWARDED_ON_FILLS.contains(&name)
+        && !is_forwarding_field(name)
+        && !is_override_field(name)
+}
+
+/// The request fields a cache fill sends the origin: the client's end-to-end fields that
+/// [`forwarded_on_fills`] allows (so a response that varies on them is the one this client
+/// asked for), then what the proxy asserts ([`Forwarded`]).
+pub fn fill_request_headers(client: &HeaderMap, asserted: &Forwarded) -> HeaderMap {
     let hop = hop_by_hop_names(client, false);
-    let mut out = HeaderMap::with_capacity(client.len());
+    let mut out = HeaderMap::with_capacity(client.len() + 2);
     for (name, value) in client {
         if !hop.contains(name) && forwarded_on_fills(name.as_str()) {
             out.append(name.clone(), value.clone());
         }
     }
+    asserted.insert_into(&mut out);
     out
+}
+
+/// What the proxy asserts about a request's origin: `X-Forwarded-For` and
+/// `X-Forwarded-Proto`, and whether the peer is a trusted proxy (whose forwarding fields pass
+/// on pass-through).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forwarded {
+    pub for_chain: String,
+    pub proto: &'static str,
+    pub peer_trusted: bool,
+}
+
+impl Forwarded {
+    /// For a request with `incoming` fields from `peer` on a listener of `scheme`.
+    pub fn of(
+        incoming: &HeaderMap,
+        peer: Option<IpAddr>,
+        trusted: &[Cidr],
+        scheme: &'static str,
+    ) -> Forwarded {
+        let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
+        let Some(peer) = peer else {
+            return Forwarded {
+                for_chain: "unknown".into(),
+                proto: scheme,
+                peer_trusted: false,
+            };
+        };
+        if !is_trusted(peer) {
+            return Forwarded {
+                for_chain: peer.to_string(),
+                proto: scheme,
+                peer_trusted: false,
+            };
+        }
+        // From the right: the hops the trusted proxies added, up to and including the first
+        // one they do not vouch for (the client). What a client wrote before that is dropped.
+        let mut hops: Vec<&str> = Vec::new();
+        for hop in incoming
+            .get_all("x-forwarded-for")
+            .iter()
+            .rev()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.rsplit(','))
+        {
+            let Some(ip) = crate::shaping::identity::parse_hop(hop) else {
+                break;
+            };
+            hops.push(hop.trim());
+            if !is_trusted(ip) {
+                break;
+            }
+        }
+        let mut for_chain = String::new();
+        for hop in hops.iter().rev() {
+            for_chain.push_str(hop);
+            for_chain.push_str(", ");
+        }
+        for_chain.push_str(&peer.to_string());
+        let proto = match incoming
+            .get("x-forwarded-proto")
+            .map(|v| v.as_bytes().trim_ascii())
+        {
+            Some(p) if p.eq_ignore_ascii_case(b"https") => "https",
+            Some(p) if p.eq_ignore_ascii_case(b"http") => "http",
+            _ => scheme,
+        };
+        Forwarded {
+            for_chain,
+            proto,
+            peer_trusted: true,
+        }
+    }
+
+    /// Set `X-Forwarded-For` and `X-Forwarded-Proto` in `headers`.
+    pub fn insert_into(&self, headers: &mut HeaderMap) {
+        if let Ok(v) = HeaderValue::from_str(&self.for_chain) {
+            headers.insert("x-forwarded-for", v);
+        }
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(self.proto));
+    }
 }
 
 /// The client's request id if it is a reasonable token (printable ASCII, at most 128 bytes),
@@ -96,17 +238,6 @@ pub fn request_id(incoming: Option<&[u8]>) -> String {
     let mut bytes = [0u8; 16];
     rand::rng().fill_bytes(&mut bytes);
     crate::cache::key::lower_hex(&bytes)
-}
-
-/// `X-Forwarded-For` value: the existing list with the client appended.
-pub fn forwarded_for(existing: Option<&[u8]>, client_ip: &str) -> String {
-    match existing
-        .and_then(|v| std::str::from_utf8(v).ok())
-        .map(str::trim)
-    {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {client_ip}"),
-        _ => client_ip.to_string(),
-    }
 }
 
 /// `Via` value: the existing chain with this hop appended.
@@ -161,11 +292,54 @@ mod tests {
             h.append(HeaderName::from_static(n), v.parse().unwrap());
         }
         h.append("accept-language", "de".parse().unwrap());
-        let out = fill_request_headers(&h);
+        for (n, v) in [
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-proto", "javascript"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-scheme", "https"),
+            ("x-forwarded-port", "6666"),
+            ("x-forwarded-prefix", "/evil"),
+            ("forwarded", "for=6.6.6.6;proto=https"),
+            ("x-real-ip", "6.6.6.6"),
+            ("true-client-ip", "6.6.6.6"),
+            ("x-original-url", "/admin"),
+            ("x-rewrite-url", "/admin"),
+            ("x-http-method-override", "DELETE"),
+            ("x-http-method", "DELETE"),
+            ("x-method-override", "DELETE"),
+            ("x-host", "evil.example"),
+            ("connection", "host"),
+        ] {
+            h.append(HeaderName::from_static(n), v.parse().unwrap());
+        }
+        let asserted = Forwarded::of(&h, Some("127.0.0.1".parse().unwrap()), &[], "http");
+        let out = fill_request_headers(&h, &asserted);
         let mut names: Vec<&str> = out.keys().map(|n| n.as_str()).collect();
         names.sort();
-        assert_eq!(names, ["accept-encoding", "accept-language", "user-agent"]);
+        assert_eq!(
+            names,
+            [
+                "accept-encoding",
+                "accept-language",
+                "user-agent",
+                "x-forwarded-for",
+                "x-forwarded-proto"
+            ]
+        );
         assert_eq!(out.get_all("accept-language").iter().count(), 2);
+        assert_eq!(out["x-forwarded-for"], "127.0.0.1");
+        assert_eq!(out["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn connection_never_removes_host() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Host, x-a".parse().unwrap());
+        h.insert("host", "example.com".parse().unwrap());
+        h.insert("x-a", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["host"], "example.com");
     }
 
     #[test]
@@ -182,12 +356,39 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_chains() {
-        assert_eq!(forwarded_for(None, "1.2.3.4"), "1.2.3.4");
-        assert_eq!(
-            forwarded_for(Some(b"5.6.7.8"), "1.2.3.4"),
-            "5.6.7.8, 1.2.3.4"
-        );
+    fn an_untrusted_peer_is_the_whole_chain() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "6.6.6.6, 7.7.7.7".parse().unwrap());
+        h.insert("x-forwarded-proto", "https".parse().unwrap());
+        let f = Forwarded::of(&h, Some("203.0.113.9".parse().unwrap()), &[], "http");
+        assert_eq!(f.for_chain, "203.0.113.9");
+        assert_eq!(f.proto, "http");
+        assert!(!f.peer_trusted);
+        assert_eq!(Forwarded::of(&h, None, &[], "http").for_chain, "unknown");
         assert_eq!(via(Some(b"1.1 other")), "1.1 other, 1.1 edgeslice");
+    }
+
+    #[test]
+    fn a_trusted_peer_vouches_for_its_hops_up_to_the_client() {
+        let trusted = [Cidr::parse("10.0.0.0/8").unwrap()];
+        let mut h = HeaderMap::new();
+        // A forged hop, the client, then a trusted hop.
+        h.append("x-forwarded-for", "6.6.6.6, 198.51.100.4".parse().unwrap());
+        h.append("x-forwarded-for", "10.1.2.3".parse().unwrap());
+        h.insert("x-forwarded-proto", "HTTPS".parse().unwrap());
+        let f = Forwarded::of(&h, Some("10.0.0.7".parse().unwrap()), &trusted, "http");
+        assert_eq!(f.for_chain, "198.51.100.4, 10.1.2.3, 10.0.0.7");
+        assert_eq!(f.proto, "https");
+        assert!(f.peer_trusted);
+        // A garbage hop ends the walk; a bad proto falls back to the listener's scheme.
+        let mut h = HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            "1.2.3.4, garbage, 10.1.1.1".parse().unwrap(),
+        );
+        h.insert("x-forwarded-proto", "javascript".parse().unwrap());
+        let f = Forwarded::of(&h, Some("10.0.0.7".parse().unwrap()), &trusted, "http");
+        assert_eq!(f.for_chain, "10.1.1.1, 10.0.0.7");
+        assert_eq!(f.proto, "http");
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod cache_status;
 pub mod cached;
+pub mod canonical;
 pub mod ctx;
 pub mod headers;
 pub mod request_line;
@@ -258,10 +259,10 @@ impl Edge {
 
 /// The cache key of a request on `route`.
 pub(crate) fn object_key(route: &Route, req: &RequestHeader) -> ObjectKey {
-    object_key_at(route, &request_host(req), req)
+    object_key_at(route, request_host(req), req)
 }
 
-/// [`object_key`] with the request's host (from [`request_host`]) already in hand.
+/// [`object_key`] with the request's host (its canonical authority) already in hand.
 pub(crate) fn object_key_at(route: &Route, host: &str, req: &RequestHeader) -> ObjectKey {
     ObjectKey::new(
         &route.upstream.name,
@@ -272,20 +273,14 @@ pub(crate) fn object_key_at(route: &Route, host: &str, req: &RequestHeader) -> O
     )
 }
 
-/// The request's host without port: the `Host` header, else the URI authority.
-pub(crate) fn request_host(req: &RequestHeader) -> String {
-    let raw = req
-        .headers
+/// The request's host as keys and origin requests carry it: the `Host` field, which
+/// `request_filter` made canonical (lower case, no trailing dot, a port only when it is not
+/// the default; see [`canonical`]).
+pub(crate) fn request_host(req: &RequestHeader) -> &str {
+    req.headers
         .get(http::header::HOST)
         .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri.host())
-        .unwrap_or("");
-    // Without the port: up to the `]` of an IPv6 literal, else up to the first `:`.
-    let host = match raw.strip_prefix('[') {
-        Some(rest) => rest.find(']').map_or(raw, |end| &raw[..end + 2]),
-        None => raw.split(':').next().unwrap_or(""),
-    };
-    host.to_ascii_lowercase()
+        .unwrap_or("")
 }
 
 /// Report a try that ended in `e`: charged to the server only when the error is its own
@@ -303,6 +298,17 @@ fn client_addr(session: &Session) -> Option<std::net::IpAddr> {
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(|a| a.ip())
+}
+
+/// What the proxy asserts about who sent this request (`X-Forwarded-For`, `-Proto`), by the
+/// `server.trusted_proxies` the request started with.
+pub(crate) fn forwarded(session: &Session, ctx: &RequestCtx) -> headers::Forwarded {
+    headers::Forwarded::of(
+        &session.req_header().headers,
+        client_addr(session),
+        &ctx.runtime.config.server.trusted_proxies,
+        request_line::HTTP_SCHEME,
+    )
 }
 
 /// [`client_addr`] as text, `unknown` when there is none.
@@ -338,23 +344,31 @@ impl ProxyHttp for Edge {
         let req = session.req_header();
         ctx.request_id =
             headers::request_id(req.headers.get(headers::X_REQUEST_ID).map(|v| v.as_bytes()));
-        let max_uri = ctx.runtime.config.server.connections.max_uri_size;
-        if let Err(refused) = request_line::normalize(session.req_header_mut(), max_uri) {
-            log::info!(
-                "rid={} client {}: {}: {}",
-                ctx.request_id,
-                client_ip(session),
-                refused.reason(),
-                refused.status()
-            );
-            // The rest of the connection cannot be trusted to be framed as the client meant.
-            session.set_keepalive(None);
-            respond::send_error(session, refused.status(), &ctx.request_id).await?;
-            return Ok(true);
-        }
+        let server = &ctx.runtime.config.server;
+        let (max_uri, merge_slashes) = (server.connections.max_uri_size, server.merge_slashes);
+        let host = match request_line::normalize(session.req_header_mut(), max_uri, merge_slashes) {
+            Ok(host) => host,
+            Err(refused) => {
+                log::debug!(
+                    "rid={} client {}: {}: {}",
+                    ctx.request_id,
+                    client_ip(session),
+                    refused.reason(),
+                    refused.status()
+                );
+                // The rest of the connection cannot be trusted to be framed as the client meant.
+                session.set_keepalive(None);
+                respond::send_error(session, refused.status(), &ctx.request_id).await?;
+                return Ok(true);
+            }
+        };
         let req = session.req_header();
-        let host = request_host(req);
-        let Some(route) = ctx.runtime.config.route(&host, req.uri.path()).cloned() else {
+        let Some(route) = ctx
+            .runtime
+            .config
+            .route(&host.name, req.uri.path())
+            .cloned()
+        else {
             respond::send_error(session, 404, &ctx.request_id).await?;
             return Ok(true);
         };
@@ -371,7 +385,7 @@ impl ProxyHttp for Edge {
         };
         match self
             .cache
-            .serve(session, ctx, &route, &host, origin)
+            .serve(session, ctx, &route, &host.authority(), origin)
             .await?
         {
             Outcome::Served => Ok(true),
@@ -502,15 +516,20 @@ impl ProxyHttp for Edge {
         for name in headers::hop_by_hop_names(&upstream_request.headers, keep_upgrade) {
             upstream_request.remove_header(&name);
         }
-        let xff = headers::forwarded_for(
-            upstream_request
+        let asserted = forwarded(session, ctx);
+        if !asserted.peer_trusted {
+            let claims: Vec<_> = upstream_request
                 .headers
-                .get("x-forwarded-for")
-                .map(|v| v.as_bytes()),
-            &client_ip(session),
-        );
-        upstream_request.insert_header("x-forwarded-for", xff)?;
-        upstream_request.insert_header("x-forwarded-proto", "http")?;
+                .keys()
+                .filter(|n| headers::is_forwarding_field(n.as_str()))
+                .cloned()
+                .collect();
+            for name in claims {
+                upstream_request.remove_header(&name);
+            }
+        }
+        upstream_request.insert_header("x-forwarded-for", asserted.for_chain.as_str())?;
+        upstream_request.insert_header("x-forwarded-proto", asserted.proto)?;
         let via = headers::via(upstream_request.headers.get("via").map(|v| v.as_bytes()));
         upstream_request.insert_header("via", via)?;
         upstream_request.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
@@ -656,26 +675,5 @@ impl ProxyHttp for Edge {
             request_id: &ctx.request_id,
             client: client_addr(session),
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::request_host;
-    use pingora_http::RequestHeader;
-
-    #[test]
-    fn request_host_drops_the_port_and_folds_case() {
-        for (host, want) in [
-            ("Media.Example.COM:8080", "media.example.com"),
-            ("example.com", "example.com"),
-            ("[::1]:8080", "[::1]"),
-            ("[2001:DB8::1]", "[2001:db8::1]"),
-            ("", ""),
-        ] {
-            let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-            req.insert_header("host", host).unwrap();
-            assert_eq!(request_host(&req), want, "{host}");
-        }
     }
 }

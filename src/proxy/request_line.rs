@@ -1,24 +1,41 @@
-//! The request target and Host, checked before routing (RFC 9112 §3.2–3.3).
+//! The request target and Host, checked and made canonical before routing (RFC 9112 §3.2–3.3,
+//! RFC 9110 §7.2, RFC 3986 §6.2.2).
 //!
 //! - Only origin-form (`/path?q`) and absolute-form (`http://host/path`) targets are served,
 //!   and asterisk-form (`*`) for OPTIONS; anything else (`GET foo`) is 400, never a guess.
 //! - An absolute-form target's authority is the request's host (§3.2.2): it replaces `Host`,
 //!   and the target becomes origin-form, so routing, the cache key and the origin request all
 //!   see one host.
-//! - An HTTP/1.1 request without `Host` is 400 (§3.2).
+//! - A request without `Host`, HTTP/1.0 included, or with more than one, is 400 (§3.2; nginx
+//!   answers the same); so is a `Host` that is not a valid host (`canonical::host`).
+//! - The `Host` field and the target are rewritten to their canonical forms ([`canonical`]):
+//!   whatever spelling a client uses, routing, shaping, the cache key, fills and pass-through
+//!   all see the same host, path and query.
 //! - A target over `server.max_uri_size` is 414 (the guard refuses longer request lines before
 //!   they are parsed; this catches the rest exactly).
 
-use http::{HeaderValue, Method, Uri, Version};
+use super::canonical::{self, Host};
+use http::{HeaderValue, Method, Uri};
 use pingora_http::authority::{is_http_family_scheme, raw_target_authority, RawTargetAuthority};
 use pingora_http::RequestHeader;
+
+/// The port a plain-HTTP listener's hosts default to.
+pub const HTTP_DEFAULT_PORT: u16 = 80;
+/// The scheme of the plain-HTTP listeners (`X-Forwarded-Proto`).
+pub const HTTP_SCHEME: &str = "http";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
     /// 400: neither origin-form nor absolute-form (nor `OPTIONS *`).
     BadTarget,
-    /// 400: HTTP/1.1 without Host.
+    /// 400: no Host.
     MissingHost,
+    /// 400: more than one Host field.
+    DuplicateHost,
+    /// 400: a Host that is not a host.
+    BadHost,
+    /// 400: a path with a malformed escape or an encoded NUL.
+    BadPath,
     /// 414.
     TooLong,
 }
@@ -26,28 +43,36 @@ pub enum Refusal {
 impl Refusal {
     pub fn status(self) -> u16 {
         match self {
-            Refusal::BadTarget | Refusal::MissingHost => 400,
             Refusal::TooLong => 414,
+            _ => 400,
         }
     }
 
     pub fn reason(self) -> &'static str {
         match self {
             Refusal::BadTarget => "request target is neither origin-form nor absolute-form",
-            Refusal::MissingHost => "HTTP/1.1 request without Host",
+            Refusal::MissingHost => "request without Host",
+            Refusal::DuplicateHost => "more than one Host field",
+            Refusal::BadHost => "invalid Host",
+            Refusal::BadPath => "malformed percent-escape or NUL in the path",
             Refusal::TooLong => "request target over server.max_uri_size",
         }
     }
 }
 
-/// Check the request line and bring an absolute-form request to origin-form with its authority
-/// as Host.
-pub fn normalize(req: &mut RequestHeader, max_uri: usize) -> Result<(), Refusal> {
+/// Check the request line and Host, and rewrite both to their canonical forms (an
+/// absolute-form request becomes origin-form with its authority as Host). Returns the host.
+pub fn normalize(
+    req: &mut RequestHeader,
+    max_uri: usize,
+    merge_slashes: bool,
+) -> Result<Host, Refusal> {
     let raw = req.raw_path();
     if raw.len() > max_uri {
         return Err(Refusal::TooLong);
     }
-    let origin_form = raw.first() == Some(&b'/') || (raw == b"*" && req.method == Method::OPTIONS);
+    let asterisk = raw == b"*" && req.method == Method::OPTIONS;
+    let origin_form = raw.first() == Some(&b'/') || asterisk;
     if !origin_form {
         let RawTargetAuthority::Absolute {
             scheme,
@@ -60,7 +85,7 @@ pub fn normalize(req: &mut RequestHeader, max_uri: usize) -> Result<(), Refusal>
         if !is_http_family_scheme(scheme) || authority.is_empty() || authority.contains(&b'@') {
             return Err(Refusal::BadTarget);
         }
-        let host = HeaderValue::from_bytes(authority).map_err(|_| Refusal::BadTarget)?;
+        let host = HeaderValue::from_bytes(authority).map_err(|_| Refusal::BadHost)?;
         // `http://host` has an empty path: "/"; `http://host?q` keeps its query after it.
         let uri = match path_and_query.first() {
             Some(b'/') => Uri::try_from(path_and_query),
@@ -70,17 +95,61 @@ pub fn normalize(req: &mut RequestHeader, max_uri: usize) -> Result<(), Refusal>
         req.set_uri(uri);
         req.insert_header(http::header::HOST, host)
             .map_err(|_| Refusal::BadTarget)?;
+    }
+    let host = {
+        let mut fields = req.headers.get_all(http::header::HOST).iter();
+        let (Some(value), None) = (fields.next(), fields.next()) else {
+            return Err(if req.headers.contains_key(http::header::HOST) {
+                Refusal::DuplicateHost
+            } else {
+                Refusal::MissingHost
+            });
+        };
+        canonical::host(value.as_bytes(), HTTP_DEFAULT_PORT).map_err(|_| Refusal::BadHost)?
+    };
+    let authority = host.authority();
+    if req.headers.get(http::header::HOST).map(|v| v.as_bytes()) != Some(authority.as_bytes()) {
+        let v = HeaderValue::from_str(&authority).map_err(|_| Refusal::BadHost)?;
+        req.insert_header(http::header::HOST, v)
+            .map_err(|_| Refusal::BadHost)?;
+    }
+    if !asterisk {
+        canonical_target(req, merge_slashes)?;
+    }
+    Ok(host)
+}
+
+/// Rewrite the origin-form target to its canonical path and query (no change, no copy, when
+/// it already is).
+fn canonical_target(req: &mut RequestHeader, merge_slashes: bool) -> Result<(), Refusal> {
+    let raw = req.raw_path();
+    let (path, query) = match raw.iter().position(|&b| b == b'?') {
+        Some(q) => (&raw[..q], Some(&raw[q + 1..])),
+        None => (raw, None),
+    };
+    let path = canonical::path(path, merge_slashes).map_err(|_| Refusal::BadPath)?;
+    let query = query.map(String::from_utf8_lossy);
+    let canonical_query = query.as_deref().map(canonical::query);
+    let unchanged = matches!(path, std::borrow::Cow::Borrowed(_))
+        && matches!(canonical_query, None | Some(std::borrow::Cow::Borrowed(_)))
+        && std::str::from_utf8(raw).is_ok();
+    if unchanged {
         return Ok(());
     }
-    if req.version == Version::HTTP_11 && !req.headers.contains_key(http::header::HOST) {
-        return Err(Refusal::MissingHost);
+    let mut target = path.into_owned();
+    if let Some(q) = canonical_query {
+        target.push('?');
+        target.push_str(&q);
     }
+    let uri = Uri::try_from(target).map_err(|_| Refusal::BadPath)?;
+    req.set_uri(uri);
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Version;
 
     fn req(method: &str, target: &[u8], host: Option<&str>) -> RequestHeader {
         let mut r = RequestHeader::build(method, target, None).expect("build");
@@ -94,10 +163,15 @@ mod tests {
         r.headers.get("host").unwrap().to_str().unwrap()
     }
 
+    fn norm(r: &mut RequestHeader) -> Result<Host, Refusal> {
+        normalize(r, 8192, true)
+    }
+
     #[test]
     fn origin_form_passes_unchanged() {
         let mut r = req("GET", b"/a/b?c=1", Some("example.com"));
-        assert_eq!(normalize(&mut r, 8192), Ok(()));
+        let h = norm(&mut r).unwrap();
+        assert_eq!((h.name.as_str(), h.port), ("example.com", None));
         assert_eq!(r.raw_path(), b"/a/b?c=1");
         assert_eq!(host(&r), "example.com");
     }
@@ -114,49 +188,81 @@ mod tests {
         ] {
             let mut r = req("GET", t, Some("example.com"));
             assert_eq!(
-                normalize(&mut r, 8192),
+                norm(&mut r),
                 Err(Refusal::BadTarget),
                 "{}",
                 String::from_utf8_lossy(t)
             );
         }
         let mut r = req("OPTIONS", b"*", Some("example.com"));
-        assert_eq!(normalize(&mut r, 8192), Ok(()));
+        assert!(norm(&mut r).is_ok());
+        assert_eq!(r.raw_path(), b"*");
     }
 
     #[test]
     fn absolute_form_sets_host_and_becomes_origin_form() {
         let mut r = req("GET", b"http://Media.Example.com:8080/v/seg.ts?x=1", None);
-        assert_eq!(normalize(&mut r, 8192), Ok(()));
-        assert_eq!(host(&r), "Media.Example.com:8080");
+        let h = norm(&mut r).unwrap();
+        assert_eq!((h.name.as_str(), h.port), ("media.example.com", Some(8080)));
+        assert_eq!(host(&r), "media.example.com:8080");
         assert_eq!(r.raw_path(), b"/v/seg.ts?x=1");
         assert_eq!(r.uri.path(), "/v/seg.ts");
         // No path: "/"; a query without a path keeps the query.
         let mut r = req("GET", b"http://example.com", None);
-        assert_eq!(normalize(&mut r, 8192), Ok(()));
+        assert!(norm(&mut r).is_ok());
         assert_eq!(r.raw_path(), b"/");
         let mut r = req("GET", b"http://example.com?q=2", None);
-        assert_eq!(normalize(&mut r, 8192), Ok(()));
+        assert!(norm(&mut r).is_ok());
         assert_eq!(r.raw_path(), b"/?q=2");
-        // Userinfo is refused.
+        // Userinfo is refused; so is an authority that is not a host.
         let mut r = req("GET", b"http://user@example.com/", None);
-        assert_eq!(normalize(&mut r, 8192), Err(Refusal::BadTarget));
+        assert_eq!(norm(&mut r), Err(Refusal::BadTarget));
+        let mut r = req("GET", b"http://example.com:evil.net/", None);
+        assert_eq!(norm(&mut r), Err(Refusal::BadHost));
     }
 
     #[test]
-    fn http_11_needs_a_host_and_http_10_does_not() {
+    fn every_version_needs_exactly_one_valid_host() {
         let mut r = req("GET", b"/", None);
-        assert_eq!(normalize(&mut r, 8192), Err(Refusal::MissingHost));
+        assert_eq!(norm(&mut r), Err(Refusal::MissingHost));
         let mut r = req("GET", b"/", None);
         r.set_version(Version::HTTP_10);
-        assert_eq!(normalize(&mut r, 8192), Ok(()));
+        assert_eq!(norm(&mut r), Err(Refusal::MissingHost));
+        let mut r = req("GET", b"/", Some("a.example"));
+        r.append_header("host", "b.example").unwrap();
+        assert_eq!(norm(&mut r), Err(Refusal::DuplicateHost));
+        for bad in ["www.example.com:evil.net", "x evil", "a..b", "h:99999"] {
+            let mut r = req("GET", b"/", Some(bad));
+            assert_eq!(norm(&mut r), Err(Refusal::BadHost), "{bad}");
+        }
+    }
+
+    #[test]
+    fn host_and_target_are_rewritten_canonical() {
+        let mut r = req(
+            "GET",
+            b"/x/../%73//big?%76=1",
+            Some("Media.Example.COM.:80"),
+        );
+        let h = norm(&mut r).unwrap();
+        assert_eq!(h.name, "media.example.com");
+        assert_eq!(host(&r), "media.example.com");
+        assert_eq!(r.raw_path(), b"/s/big?v=1");
+        assert_eq!(r.uri.path(), "/s/big");
+        assert_eq!(r.uri.query(), Some("v=1"));
+        // Without merging, a double slash stays.
+        let mut r = req("GET", b"//s/big", Some("h"));
+        normalize(&mut r, 8192, false).unwrap();
+        assert_eq!(r.raw_path(), b"//s/big");
+        let mut r = req("GET", b"/a%zz", Some("h"));
+        assert_eq!(norm(&mut r), Err(Refusal::BadPath));
     }
 
     #[test]
     fn a_long_target_is_414() {
         let long = format!("/{}", "a".repeat(300));
         let mut r = req("GET", long.as_bytes(), Some("h"));
-        assert_eq!(normalize(&mut r, 256), Err(Refusal::TooLong));
-        assert_eq!(normalize(&mut r, 301), Ok(()));
+        assert_eq!(normalize(&mut r, 256, true), Err(Refusal::TooLong));
+        assert!(normalize(&mut r, 301, true).is_ok());
     }
 }

@@ -166,7 +166,7 @@ pub fn client_key(
 }
 
 /// One `X-Forwarded-For` element: an address, possibly `[v6]:port` or `v4:port`.
-fn parse_hop(hop: &str) -> Option<IpAddr> {
+pub fn parse_hop(hop: &str) -> Option<IpAddr> {
     let h = hop.trim();
     if let Ok(ip) = h.parse() {
         return Some(ip);

@@ -18,6 +18,17 @@
 //!   `status <code> for <path>\n` and no cache headers: one URL's application error.
 //! * `GET`/`HEAD /echo-headers`: 200 with the request headers as the body, one
 //!   `name: value` line each, in the order received.
+//! * `GET`/`HEAD /reflect[/<anything>]`: a naive application that trusts what it is sent, for
+//!   cache-poisoning tests: 200 with `target: <request target>` and then every request header
+//!   (`name: value` lines) as the body, with `Cache-Control` as set (default `max-age=3600`)
+//!   and no `Vary`. Under `/reflect/redirect[...]` it answers `301` instead, with `Location:
+//!   <X-Forwarded-Proto or http>://<X-Forwarded-Host or Host><path>` (cacheable the same way).
+//! * `GET`/`HEAD /session[/<anything>]`: an application with logins: `Authorization: Bearer
+//!   good` gets 200 `secret\n` (`Cache-Control: private`), any other `Authorization` 401; a
+//!   `Cookie` with `session=<user>` gets 200 `hello <user>\n` (private); no credentials get
+//!   200 `anonymous\n` with `Set-Cookie: session=; Max-Age=0` (a logout), or, on a path
+//!   containing `cacheable`, with `Cache-Control: max-age=3600` instead. Every answer says
+//!   `Vary: Cookie, Authorization`.
 //! * `POST`/`PUT` to any path: the body (Content-Length or chunked) is read streaming and
 //!   only its length and CRC-32 are kept; the answer is 200 with body `len=<n> crc=<08x>`.
 //! * anything else: 404 (other paths) or 405 (other methods), with a short body.
@@ -912,6 +923,76 @@ struct Response {
     body: Body,
 }
 
+/// `/reflect`: see the module doc.
+fn reflect(req: &Request, s: &Settings, path: &str) -> Response {
+    let cc = s
+        .cache_control
+        .clone()
+        .unwrap_or_else(|| DEFAULT_CACHE_CONTROL.to_string());
+    let mut r = if path.starts_with("/reflect/redirect") {
+        let proto = find_header(&req.headers, "x-forwarded-proto").unwrap_or("http");
+        let host = find_header(&req.headers, "x-forwarded-host")
+            .or_else(|| find_header(&req.headers, "host"))
+            .unwrap_or("");
+        let mut r = text(301, "moved\n");
+        r.headers
+            .push(("Location".into(), format!("{proto}://{host}{path}")));
+        r
+    } else {
+        let mut body = format!("target: {}\n", req.target);
+        for (n, v) in &req.headers {
+            body.push_str(&format!("{n}: {v}\n"));
+        }
+        text(200, body)
+    };
+    r.headers.push(("Cache-Control".into(), cc));
+    r
+}
+
+/// `/session`: see the module doc.
+fn session(req: &Request, path: &str) -> Response {
+    let mut r = match (
+        find_header(&req.headers, "authorization"),
+        find_header(&req.headers, "cookie"),
+    ) {
+        (Some("Bearer good"), _) => {
+            let mut r = text(200, "secret\n");
+            r.headers.push(("Cache-Control".into(), "private".into()));
+            r
+        }
+        (Some(_), _) => {
+            let mut r = text(401, "unauthorized\n");
+            r.headers.push(("WWW-Authenticate".into(), "Bearer".into()));
+            r
+        }
+        (None, Some(cookie)) => {
+            let user = cookie
+                .split(';')
+                .filter_map(|c| c.trim().strip_prefix("session="))
+                .next()
+                .unwrap_or("nobody");
+            let mut r = text(200, format!("hello {user}\n"));
+            r.headers.push(("Cache-Control".into(), "private".into()));
+            r
+        }
+        (None, None) if path.contains("cacheable") => {
+            let mut r = text(200, "anonymous\n");
+            r.headers
+                .push(("Cache-Control".into(), "max-age=3600".into()));
+            r
+        }
+        (None, None) => {
+            let mut r = text(200, "anonymous\n");
+            r.headers
+                .push(("Set-Cookie".into(), "session=; Max-Age=0".into()));
+            r
+        }
+    };
+    r.headers
+        .push(("Vary".into(), "Cookie, Authorization".into()));
+    r
+}
+
 fn text(status: u16, body: impl Into<String>) -> Response {
     Response {
         status,
@@ -984,6 +1065,12 @@ fn build_response(req: &Request, s: &Settings, up_len: u64, up_crc: u32) -> Resp
         .filter(|c| (200..=599).contains(c))
     {
         return text(code, format!("status {code} for {path}\n"));
+    }
+    if path == "/reflect" || path.starts_with("/reflect/") {
+        return reflect(req, s, path);
+    }
+    if path == "/session" || path.starts_with("/session/") {
+        return session(req, path);
     }
     if path == "/echo-headers" {
         let mut body = String::new();

@@ -22,17 +22,19 @@ use std::time::SystemTime;
 /// Build metadata from an origin response, or say why it must not be stored
 /// ([`freshness::store_policy`]: statuses, directives, targeted fields, heuristics).
 pub(super) fn meta_from(
-    policy: &CachePolicy,
+    obj: &ObjectRequest,
     resp_headers: &http::HeaderMap,
     status: u16,
     size: u64,
 ) -> Result<ObjectMeta, &'static str> {
     let now = SystemTime::now();
+    let policy: &CachePolicy = &obj.policy;
     let policy = freshness::store_policy(&StorePolicyInput {
         status,
         headers: resp_headers,
-        // The cache's own origin requests never carry a client's credentials.
-        request_has_authorization: false,
+        // A fill carries a client's Authorization only for that client's own miss; what it
+        // brings is stored only when the response allows it (RFC 9111 §3.5).
+        request_has_authorization: obj.forward.contains_key(http::header::AUTHORIZATION),
         default_ttl: policy.default_ttl,
         default_stale_if_error: policy.stale_if_error,
         heuristic: Heuristic {
@@ -171,29 +173,13 @@ pub async fn discover_from(
         resp.finish().await;
         return Discovery::Failed(broken(status, why));
     }
-    // A response that varies is stored as the variant this request selects (RFC 9111 §4.1);
-    // `Vary: *` is never stored (store_policy refuses it).
+    // A response that varies is stored as the variant the fill's own fields select (RFC 9111
+    // §4.1); `Vary: *` is never stored (store_policy refuses it). When it varies on a field
+    // fills never send (credentials, forwarding and override fields), that is the variant
+    // for "absent": the cache layer serves it only to requests without the field, and passes
+    // the others through (`proxy::cached`).
     let variant;
     let obj = match vary::parse_vary(&resp.header().headers) {
-        // Varying on a field fills never send (credentials, cookies): the stored answer would
-        // be the one for "absent", whatever the client sent. Not kept.
-        Vary::Fields(fields)
-            if fields
-                .iter()
-                .any(|f| !crate::proxy::headers::forwarded_on_fills(f)) =>
-        {
-            return match status {
-                206 => Discovery::Slice {
-                    resp,
-                    reason: "vary",
-                },
-                _ => Discovery::Relay {
-                    resp,
-                    reason: "vary",
-                    remember: true,
-                },
-            };
-        }
         Vary::Fields(fields) => {
             variant = ObjectRequest {
                 key: cache.learn_vary(&obj.base, fields, &obj.forward),
@@ -235,7 +221,7 @@ pub async fn discover_from(
             remember: true,
         };
     }
-    let meta = match meta_from(&obj.policy, &resp.header().headers, status, size) {
+    let meta = match meta_from(obj, &resp.header().headers, status, size) {
         Ok(m) => Arc::new(m),
         // A whole 200 answers any request: pass it on rather than asking again.
         Err(reason) if status == 200 => {
@@ -340,7 +326,7 @@ fn whole_small_response(
     if len > cache.chunk_size {
         return None;
     }
-    meta_from(&obj.policy, &resp.header().headers, status, len).ok()
+    meta_from(obj, &resp.header().headers, status, len).ok()
 }
 
 /// Read a small response whole, keep it in chunk 0 and publish it.
@@ -397,7 +383,7 @@ fn stream_unknown_length(
         .map(str::to_string)
         .unwrap_or_else(|| ObjectMeta::unvalidated_identity(SystemTime::now()));
     // Check storability before reading a byte (the length is a placeholder here).
-    if let Err(reason) = meta_from(&obj.policy, &resp.header().headers, 200, 0) {
+    if let Err(reason) = meta_from(obj, &resp.header().headers, 200, 0) {
         return Discovery::Relay {
             resp,
             reason,
@@ -481,7 +467,7 @@ async fn split_unknown_length(
         if !acc.is_empty() {
             store(&mut acc, &mut index);
         }
-        match meta_from(&obj.policy, &resp.header().headers, 200, total) {
+        match meta_from(&obj, &resp.header().headers, 200, total) {
             Ok(mut meta) => {
                 // The chunks were stored under the name chosen before the length was known.
                 meta.validator = version.validator.to_string();

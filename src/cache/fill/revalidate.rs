@@ -71,7 +71,7 @@ pub async fn revalidate(
         while let Ok(Some(_)) = resp.next_piece().await {}
     }
     resp.finish().await;
-    match meta_from(&obj.policy, &merged, 200, meta.size) {
+    match meta_from(obj, &merged, 200, meta.size) {
         Ok(mut fresh) => {
             // Keep the version identity we hold chunks under.
             fresh.validator = meta.validator.clone();
