@@ -236,6 +236,24 @@ impl ChunkCache {
         }
     }
 
+    /// The variant a request selects by its own fields, and the one its fill fetches (by the
+    /// fields the fill forwards), with one lookup: the same key unless the URL's responses
+    /// vary on a field fills do not send.
+    pub fn variants(
+        &self,
+        base: &ObjectKey,
+        request: &http::HeaderMap,
+        forwarded: &http::HeaderMap,
+    ) -> (ObjectKey, ObjectKey) {
+        match self.vary.get(base) {
+            Some(marker) => (
+                Self::variant_of(base, &marker, request),
+                Self::variant_of(base, &marker, forwarded),
+            ),
+            None => (base.clone(), base.clone()),
+        }
+    }
+
     fn variant_of(base: &ObjectKey, marker: &VaryMarker, request: &http::HeaderMap) -> ObjectKey {
         let values = vary::variant_key(&marker.fields, request);
         let digest = blake3::hash(values.as_bytes());

@@ -183,12 +183,12 @@ impl CacheLayer {
         }
         let forward = Arc::new(forward);
         // The variant this request selects, by its own fields (RFC 9111 §4.1).
-        let key = self.cache.variant(&base, &req.headers);
+        let (key, fill_key) = self.cache.variants(&base, &req.headers, &forward);
         if self.cache.is_marked_uncacheable(&key) {
             ctx.cache_status = Some(CacheStatus::Bypass("uncacheable"));
             return Ok(Outcome::PassThrough);
         }
-        if key != self.cache.variant(&base, &forward) {
+        if key != fill_key {
             // The URL's responses vary on a field fills do not forward (credentials, a
             // forwarding or override field): no fill can fetch this request's variant.
             ctx.cache_status = Some(CacheStatus::Bypass(UNFORWARDED_VARY));
