@@ -593,7 +593,12 @@ fn request_normalisation_keys() {
         "  threads: 2\n",
         "  threads: 2\n  trusted_proxies: [10.0.0.0/8, nonsense]\n",
     );
-    assert_err(&yaml, "server.trusted_proxies[1]", 3, "invalid address block");
+    assert_err(
+        &yaml,
+        "server.trusted_proxies[1]",
+        3,
+        "invalid address block",
+    );
 }
 
 #[test]
@@ -601,7 +606,10 @@ fn route_hosts_and_prefixes_are_written_canonical() {
     // A trailing dot and case are normalised, as requests' hosts are.
     let yaml = GOOD.replace("\"*.example.com\"", "Media.Example.com.");
     let c = Config::from_yaml(&yaml).expect("config");
-    assert_eq!(c.routes[0].host, HostMatch::Exact("media.example.com".into()));
+    assert_eq!(
+        c.routes[0].host,
+        HostMatch::Exact("media.example.com".into())
+    );
     let yaml = GOOD.replace("\"*.example.com\"", "media.example.com:8080");
     assert_err(&yaml, "routes[0].host", 20, "without a port");
     let yaml = GOOD.replace("    path_prefix: /\n", "    path_prefix: /a/../b/\n");

@@ -177,26 +177,11 @@ impl Forwarded {
                 peer_trusted: false,
             };
         }
-        // From the right: the hops the trusted proxies added, up to and including the first
-        // one they do not vouch for (the client). What a client wrote before that is dropped.
-        let mut hops: Vec<&str> = Vec::new();
-        for hop in incoming
-            .get_all("x-forwarded-for")
-            .iter()
-            .rev()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.rsplit(','))
-        {
-            let Some(ip) = crate::shaping::identity::parse_hop(hop) else {
-                break;
-            };
-            hops.push(hop.trim());
-            if !is_trusted(ip) {
-                break;
-            }
-        }
+        // The hops the trusted proxies vouch for, ending with the client's; what a client
+        // wrote before its own hop is dropped.
+        let hops = crate::shaping::identity::vouched_hops(incoming, is_trusted);
         let mut for_chain = String::new();
-        for hop in hops.iter().rev() {
+        for (_, hop) in hops.iter().rev() {
             for_chain.push_str(hop);
             for_chain.push_str(", ");
         }

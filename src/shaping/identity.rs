@@ -146,27 +146,41 @@ pub fn client_key(
             // Walk the hops right to left (nearest first); the first one we do not trust is the
             // client. A hop that does not parse ends the walk: nothing left of it can be
             // believed, so the last trusted hop stands for the client.
-            let mut client = peer;
-            for hop in headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .rev()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.rsplit(','))
-            {
-                let Some(ip) = parse_hop(hop) else { break };
-                client = ip;
-                if !is_trusted(ip) {
-                    break;
-                }
-            }
+            let client = vouched_hops(headers, is_trusted)
+                .last()
+                .map_or(peer, |(ip, _)| *ip);
             by_ip(client)
         }
     }
 }
 
+/// The `X-Forwarded-For` hops a trusted peer vouches for, from the right (the nearest first):
+/// those its trusted proxies added, up to and including the first hop none of them is (the
+/// client). An element that is not an address ends the walk. What a client wrote before its
+/// own hop is never among them.
+pub fn vouched_hops(
+    headers: &http::HeaderMap,
+    is_trusted: impl Fn(IpAddr) -> bool,
+) -> Vec<(IpAddr, &str)> {
+    let mut hops = Vec::new();
+    for hop in headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .rev()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.rsplit(','))
+    {
+        let Some(ip) = parse_hop(hop) else { break };
+        hops.push((ip, hop.trim()));
+        if !is_trusted(ip) {
+            break;
+        }
+    }
+    hops
+}
+
 /// One `X-Forwarded-For` element: an address, possibly `[v6]:port` or `v4:port`.
-pub fn parse_hop(hop: &str) -> Option<IpAddr> {
+fn parse_hop(hop: &str) -> Option<IpAddr> {
     let h = hop.trim();
     if let Ok(ip) = h.parse() {
         return Some(ip);
