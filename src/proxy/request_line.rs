@@ -6,8 +6,9 @@
 //!   and the target becomes origin-form, so routing, the cache key and the origin request all
 //!   see one host.
 //! - An HTTP/1.1 request without `Host` is 400 (§3.2).
-//! - A target over `server.max_uri_size` is 414 (the guard refuses longer request lines before
-//!   they are parsed; this catches the rest exactly).
+//! - A target over `server.max_uri_size` is 414, and a header over `server.max_header_size`
+//!   431 (the guard refuses longer request lines and headers before they are parsed; this
+//!   catches the rest exactly, such as a pipelined header whose start the guard did not see).
 
 use http::{HeaderValue, Method, Uri, Version};
 use pingora_http::authority::{is_http_family_scheme, raw_target_authority, RawTargetAuthority};
@@ -21,6 +22,8 @@ pub enum Refusal {
     MissingHost,
     /// 414.
     TooLong,
+    /// 431.
+    HeaderTooLarge,
 }
 
 impl Refusal {
@@ -28,6 +31,7 @@ impl Refusal {
         match self {
             Refusal::BadTarget | Refusal::MissingHost => 400,
             Refusal::TooLong => 414,
+            Refusal::HeaderTooLarge => 431,
         }
     }
 
@@ -36,8 +40,18 @@ impl Refusal {
             Refusal::BadTarget => "request target is neither origin-form nor absolute-form",
             Refusal::MissingHost => "HTTP/1.1 request without Host",
             Refusal::TooLong => "request target over server.max_uri_size",
+            Refusal::HeaderTooLarge => "request header over server.max_header_size",
         }
     }
+}
+
+/// The parsed header's size (request line, fields and line ends, as received) against
+/// `max_header`.
+pub fn check_header_size(raw_len: usize, max_header: usize) -> Result<(), Refusal> {
+    if raw_len > max_header {
+        return Err(Refusal::HeaderTooLarge);
+    }
+    Ok(())
 }
 
 /// Check the request line and bring an absolute-form request to origin-form with its authority
