@@ -349,6 +349,17 @@ impl ProxyHttp for Edge {
             || respond::status_for_error(error) == respond::CLIENT_CLOSED
     }
 
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        error: &Error,
+        _context: pingora_proxy::ProxyWarnLogContext,
+    ) -> bool {
+        // A try (or a cache fill) that ended through the client's doing: not a warning either.
+        respond::client_fault(error).is_some()
+    }
+
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
         ctx.request_id =
