@@ -204,9 +204,12 @@ where
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let started = Instant::now();
-        let client = stream
-            .get_socket_digest()
-            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()));
+        // Only wanted for an access-log line.
+        let client = self.access_log.as_ref().and_then(|_| {
+            stream
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
+        });
         let Some(admission) = self.table.admit() else {
             refuse(stream, &self.guard).await;
             self.log_unparsed(503, client, started);
