@@ -68,6 +68,40 @@ impl CacheResult {
     }
 }
 
+/// How a client made its request fail (`edgeslice_client_errors_total{kind}`). Never the
+/// origin's fault, never logged above debug: any client could otherwise flood the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientFault {
+    /// It closed or reset the connection before the exchange was over (an aborted upload or
+    /// download).
+    Closed,
+    /// Its body came too slowly (`body_timeout`, `body_min_rate`), or it stopped reading
+    /// (`send_timeout`).
+    Timeout,
+    /// Its request could not be understood: bad chunked framing, a bad request line or target.
+    Malformed,
+    /// Its header was over `max_uri_size` or `max_header_size` once parsed.
+    TooLarge,
+}
+
+impl ClientFault {
+    pub const ALL: [ClientFault; 4] = [
+        ClientFault::Closed,
+        ClientFault::Timeout,
+        ClientFault::Malformed,
+        ClientFault::TooLarge,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ClientFault::Closed => "closed",
+            ClientFault::Timeout => "timeout",
+            ClientFault::Malformed => "malformed",
+            ClientFault::TooLarge => "too_large",
+        }
+    }
+}
+
 /// Methods as a label: the registered ones, everything else `other` (a client must not be able
 /// to mint label values).
 const METHODS: [&str; 8] = [
@@ -110,6 +144,8 @@ pub struct Metrics {
     admin_calls: IntCounterVec,
     purged: IntCounterVec,
     reloads: IntCounterVec,
+    /// Requests that failed through their client's doing, by [`ClientFault`].
+    client_errors: [IntCounter; ClientFault::ALL.len()],
     last_reload: prometheus::Gauge,
     breakers: Arc<BreakerStates>,
     /// Requests no route matched.
@@ -241,6 +277,15 @@ impl Metrics {
                 )
                 .expect("a constant metric name"),
             ),
+            client_errors: {
+                let family = counter_vec(
+                    r,
+                    "edgeslice_client_errors_total",
+                    "Requests that failed through their client's doing (logged at debug only), by kind: closed (left or reset mid-request), timeout (body_timeout, body_min_rate, send_timeout), malformed (bad framing or request line), too_large (header over the limits after parsing).",
+                    &["kind"],
+                );
+                ClientFault::ALL.map(|k| family.with_label_values(&[k.label()]))
+            },
             breakers,
             unrouted: OnceLock::new(),
             registry,
@@ -271,6 +316,11 @@ impl Metrics {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# encoding failed: {e}\n"))
+    }
+
+    /// Count a request that failed through its client's doing.
+    pub fn client_error(&self, fault: ClientFault) {
+        self.client_errors[fault as usize].inc();
     }
 
     /// Count a mutating admin call.

@@ -84,6 +84,7 @@ pub fn build(config: Config, run: RunOptions, file: PathBuf) -> Result<Server, S
         ReloadService::new(Reloader::new(file, current.clone(), shared, edge.shaper()));
     let shaping = edge.shaping_stats();
     let access_log = edge.access_log_handles();
+    let early_log = edge.access_log();
     let connections = &config.server.connections;
     let max_connections = connections
         .max_connections
@@ -104,7 +105,8 @@ pub fn build(config: Config, run: RunOptions, file: PathBuf) -> Result<Server, S
         pingora_proxy::http_proxy(&server.configuration, edge),
         connections,
         max_connections,
-    );
+    )
+    .with_access_log(early_log);
     let client_table = front.table();
     let mut listeners = Listeners::new();
     for addr in &config.listen {

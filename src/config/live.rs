@@ -62,6 +62,7 @@ pub fn apply(old: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
         "server.header_timeout",
     );
     differ(oc.body_timeout != nc.body_timeout, "server.body_timeout");
+    differ(oc.body_min_rate != nc.body_min_rate, "server.body_min_rate");
     differ(oc.send_timeout != nc.send_timeout, "server.send_timeout");
     differ(
         oc.max_connections != nc.max_connections,

@@ -106,6 +106,10 @@ pub struct ConnectionSettings {
     pub header_timeout: Duration,
     /// Longest wait for the next piece of a request body.
     pub body_timeout: Duration,
+    /// The slowest a request body may arrive on average, in bytes per second, after a grace of
+    /// `body_timeout`: the whole body must be in by `body_timeout + received / body_min_rate`
+    /// from its start. Zero: no bound but `body_timeout` per read.
+    pub body_min_rate: u64,
     /// Longest a response write may make no progress (a client that stopped reading).
     pub send_timeout: Duration,
     /// Open client connections; `None` = derived from the file-descriptor limit at start.
@@ -122,6 +126,7 @@ impl Default for ConnectionSettings {
             keepalive_timeout: Duration::from_secs(60),
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(60),
+            body_min_rate: 500,
             send_timeout: Duration::from_secs(60),
             max_connections: None,
             max_header_size: 64 << 10,
@@ -491,6 +496,18 @@ fn connection_settings(s: &schema::RawServer) -> Result<ConnectionSettings, Conf
             .unwrap_or(d.keepalive_timeout),
         header_timeout: positive(&s.header_timeout, "header_timeout", d.header_timeout)?,
         body_timeout: positive(&s.body_timeout, "body_timeout", d.body_timeout)?,
+        body_min_rate: match &s.body_min_rate {
+            // Past this every upload would be cut: surely a slip of the unit.
+            Some(v) if v.value.0 > 1 << 30 => {
+                return Err(err_at(
+                    "server.body_min_rate",
+                    v,
+                    "must be at most 1GiB/s (0 turns the bound off)",
+                ))
+            }
+            Some(v) => v.value.0,
+            None => d.body_min_rate,
+        },
         send_timeout: positive(&s.send_timeout, "send_timeout", d.send_timeout)?,
         max_connections: match &s.max_connections {
             Some(v) if v.value == 0 => {

@@ -80,6 +80,7 @@ pub struct RawServer {
     pub keepalive_timeout: Option<Spanned<Dur>>,
     pub header_timeout: Option<Spanned<Dur>>,
     pub body_timeout: Option<Spanned<Dur>>,
+    pub body_min_rate: Option<Spanned<Rate>>,
     pub send_timeout: Option<Spanned<Dur>>,
     pub max_connections: Option<Spanned<usize>>,
     pub max_header_size: Option<Spanned<Size>>,

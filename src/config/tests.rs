@@ -516,6 +516,10 @@ fn connection_keys_have_defaults_and_are_checked() {
     assert_eq!(s.send_timeout, Duration::from_secs(20));
     assert_eq!(s.max_connections, Some(1000));
     assert_eq!((s.max_header_size, s.max_uri_size), (32 << 10, 4 << 10));
+    assert_eq!(
+        c.server.connections.body_min_rate, 500,
+        "Apache's MinRate by default"
+    );
 
     let with = |line: &str| GOOD.replace("  threads: 2\n", &format!("  threads: 2\n  {line}\n"));
     assert_err(
@@ -547,6 +551,25 @@ fn connection_keys_have_defaults_and_are_checked() {
         "server.max_header_size",
         3,
         "between",
+    );
+    for (rate, want) in [("2KiB/s", 2048), ("0", 0), ("100B/s", 100)] {
+        let s = Config::from_yaml(&with(&format!("body_min_rate: {rate}")))
+            .unwrap()
+            .server
+            .connections;
+        assert_eq!(s.body_min_rate, want, "{rate}");
+    }
+    assert_err(
+        &with("body_min_rate: 2GiB/s"),
+        "server.body_min_rate",
+        3,
+        "at most 1GiB/s",
+    );
+    assert_err(
+        &with("body_min_rate: fast"),
+        "server.body_min_rate",
+        3,
+        "invalid rate",
     );
     assert_err(
         &with("max_uri_size: 10"),

@@ -128,6 +128,12 @@ pub struct Guarded {
     /// reads before the socket's. Empty (unallocated) otherwise.
     stash: Vec<u8>,
     stash_pos: usize,
+    /// Pingora holds bytes of the next request already (pipelined with the previous one): the
+    /// next header is scanned from where those bytes end ([`HeaderScan::resumed`]).
+    prefix_held: bool,
+    /// The stash holds bytes kept back from Pingora after a line end that may have ended the
+    /// header ([`Scan::Ambiguous`]): scanned before they go on if the header did not end there.
+    probing: bool,
     /// Small writes (a response header) held until the next write or flush, so that a header
     /// and a body piece leave in one `writev` rather than two `sendto`s. At most [`HOLD`]
     /// bytes; released (unallocated) while the connection waits for its next request.
@@ -138,6 +144,17 @@ pub struct Guarded {
 /// socket write buffer (1460 bytes) already holds writes this small until a flush; holding them
 /// here instead lets the next, larger write carry them in the same system call.
 const HOLD: usize = 2048;
+
+/// What the guard does with header bytes it just scanned.
+enum Verdict {
+    /// They go on to Pingora.
+    Pass,
+    /// Over a limit: this answer instead.
+    Reject(Bytes),
+    /// The first this many go on; the rest wait until it is known whether the header ended
+    /// there ([`Guarded::resolve_probe`]).
+    HoldFrom(usize),
+}
 
 /// How waiting for a request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,7 +216,15 @@ impl Guarded {
             stash: Vec::new(),
             held: Vec::new(),
             stash_pos: 0,
+            prefix_held: false,
+            probing: false,
         }
+    }
+
+    /// Whether Pingora holds the start of the next request (bytes that came with the previous
+    /// one): set by the keep-alive loop before each request.
+    pub fn set_prefix_held(&mut self, held: bool) {
+        self.prefix_held = held;
     }
 
     /// Wait for a request, holding only this stream: until its whole header has arrived (kept
@@ -218,15 +243,21 @@ impl Guarded {
             }
             let phase = self.conn.phase();
             match phase {
-                Phase::Closing => return Poll::Ready(Wait::Ended),
+                Phase::Closing => {
+                    if let Some(response) = self.reclaimed_mid_header() {
+                        self.stash = Vec::new();
+                        self.begin_reject(response);
+                        continue;
+                    }
+                    return Poll::Ready(Wait::Ended);
+                }
                 Phase::Busy => return Poll::Ready(Wait::Request),
-                Phase::Fresh | Phase::Idle => {
+                Phase::Fresh | Phase::Idle | Phase::Header => {
                     self.conn.register_reader(cx.waker());
                     if self.conn.phase() == Phase::Closing {
-                        return Poll::Ready(Wait::Ended);
+                        continue;
                     }
                 }
-                Phase::Header => {}
             }
             let mut scratch = [0u8; 4096];
             let mut rb = ReadBuf::new(&mut scratch);
@@ -275,24 +306,31 @@ impl Guarded {
             Instant::now()
         };
         self.header_deadline = Some(start + self.settings.header_timeout);
-        self.scan = HeaderScan::default();
+        // Bytes Pingora already holds may be the start of this header: the scan cannot know
+        // where in it these bytes fall.
+        self.scan = if std::mem::take(&mut self.prefix_held) {
+            HeaderScan::resumed()
+        } else {
+            HeaderScan::default()
+        };
         true
     }
 
-    /// Scan header bytes that just arrived: `bytes[start..]` of the stash. At the header's end
-    /// the request is busy (and bytes past it noted); over a limit, the answer to send.
-    fn scan_header_bytes(&mut self, bytes: &[u8]) -> Option<Bytes> {
+    /// Scan header bytes that just arrived. At the header's end the request is busy (and bytes
+    /// past it noted); over a limit, the answer to send.
+    fn scan_header_bytes(&mut self, bytes: &[u8]) -> Verdict {
         let canned = &self.settings.canned;
         let response = match self.scan.feed(bytes, &self.settings.limits) {
-            Scan::Partial => return None,
+            Scan::Partial => return Verdict::Pass,
             Scan::Complete(end) => {
                 if end < bytes.len() {
                     self.conn.note_overread();
                 }
                 self.conn.begin_request();
                 self.header_deadline = None;
-                return None;
+                return Verdict::Pass;
             }
+            Scan::Ambiguous(at) => return Verdict::HoldFrom(at),
             Scan::UriTooLong => canned.uri_too_long.clone(),
             Scan::TooLarge => canned.too_large.clone(),
         };
@@ -300,22 +338,62 @@ impl Guarded {
             .stats
             .oversize_rejected
             .fetch_add(1, Ordering::Relaxed);
-        log::info!(
+        log::debug!(
             "client {}: request header over the limits (max_uri_size {}, max_header_size {}): {}",
             peer(&self.inner),
             self.settings.limits.max_uri,
             self.settings.limits.max_header,
             String::from_utf8_lossy(&response[9..12])
         );
-        Some(response)
+        Verdict::Reject(response)
     }
 
-    /// [`Guarded::scan_header_bytes`] over the stash from `start`.
+    /// [`Guarded::scan_header_bytes`] over the stash from `start`. (Only a resumed scan holds
+    /// bytes back, and those are never scanned while waiting for a request.)
     fn scan_header(&mut self, start: usize) -> Option<Bytes> {
         let stash = std::mem::take(&mut self.stash);
-        let response = self.scan_header_bytes(&stash[start..]);
+        let verdict = self.scan_header_bytes(&stash[start..]);
         self.stash = stash;
-        response
+        match verdict {
+            Verdict::Reject(response) => Some(response),
+            Verdict::Pass | Verdict::HoldFrom(_) => None,
+        }
+    }
+
+    /// Bytes were held back at a line end that may have ended the header. If Pingora reads
+    /// again before it has parsed a request, the header goes on: scan the held bytes now (they
+    /// are handed over next). `Some`: the answer to send.
+    fn resolve_probe(&mut self) -> Option<Bytes> {
+        if !std::mem::take(&mut self.probing) || self.conn.phase() != Phase::Header {
+            return None;
+        }
+        self.scan.continues();
+        let stash = std::mem::take(&mut self.stash);
+        let verdict = self.scan_header_bytes(&stash[self.stash_pos..]);
+        self.stash = stash;
+        match verdict {
+            Verdict::Reject(response) => {
+                self.stash = Vec::new();
+                self.stash_pos = 0;
+                Some(response)
+            }
+            Verdict::Pass | Verdict::HoldFrom(_) => None,
+        }
+    }
+
+    /// The table reclaimed the connection while a header was arriving (the longest-arriving
+    /// header at the cap): the 408 to send, once.
+    fn reclaimed_mid_header(&mut self) -> Option<Bytes> {
+        self.header_deadline.take()?;
+        self.table
+            .stats
+            .header_timeouts
+            .fetch_add(1, Ordering::Relaxed);
+        log::debug!(
+            "client {}: request header still arriving when the connection table was full: 408",
+            peer(&self.inner)
+        );
+        Some(self.settings.canned.timeout.clone())
     }
 
     /// The header did not arrive within `header_timeout`: the 408 to send.
@@ -324,7 +402,7 @@ impl Guarded {
             .stats
             .header_timeouts
             .fetch_add(1, Ordering::Relaxed);
-        log::info!(
+        log::debug!(
             "client {}: request header not complete within header_timeout {:?}: 408",
             peer(&self.inner),
             self.settings.header_timeout
@@ -360,6 +438,8 @@ impl Guarded {
 
     /// Answer `response` and close: driven by [`Guarded::poll_reject`].
     fn begin_reject(&mut self, response: Bytes) {
+        self.conn
+            .answered_unparsed(status_of(&response).unwrap_or(0));
         self.reject = Some(Reject {
             response,
             until: Instant::now() + LINGER,
@@ -484,16 +564,27 @@ impl AsyncRead for Guarded {
         }
         let phase = this.conn.phase();
         if phase == Phase::Closing {
+            if let Some(response) = this.reclaimed_mid_header() {
+                this.stash = Vec::new();
+                this.begin_reject(response);
+                return this.poll_reject(cx);
+            }
             return Poll::Ready(Ok(()));
         }
-        // A header the wait collected: already scanned, handed over as it is.
+        if let Some(response) = this.resolve_probe() {
+            this.begin_reject(response);
+            return this.poll_reject(cx);
+        }
+        // A header the wait collected, or bytes held back at a line end: scanned (or past the
+        // header), handed over as they are.
         if this.take_stash(buf) {
             return Poll::Ready(Ok(()));
         }
         // Otherwise Pingora reads the socket itself (it may hold the start of a pipelined
         // request): the same limits, applied as the bytes pass.
         let waiting = matches!(phase, Phase::Fresh | Phase::Idle);
-        if waiting {
+        if waiting || phase == Phase::Header {
+            // Woken if the table reclaims the connection.
             this.conn.register_reader(cx.waker());
         }
         let before = buf.filled().len();
@@ -504,13 +595,21 @@ impl AsyncRead for Guarded {
                     return Poll::Ready(Ok(()));
                 }
                 match this.conn.phase() {
-                    Phase::Header => {
-                        if let Some(response) = this.scan_header_bytes(&buf.filled()[before..]) {
+                    Phase::Header => match this.scan_header_bytes(&buf.filled()[before..]) {
+                        Verdict::Pass => {}
+                        Verdict::Reject(response) => {
                             buf.set_filled(before);
                             this.begin_reject(response);
                             return this.poll_reject(cx);
                         }
-                    }
+                        Verdict::HoldFrom(at) => {
+                            // Nothing is stashed here (a stash is handed over first).
+                            this.stash = buf.filled()[before + at..].to_vec();
+                            this.stash_pos = 0;
+                            buf.set_filled(before + at);
+                            this.probing = !this.stash.is_empty();
+                        }
+                    },
                     Phase::Busy => this.conn.note_overread(),
                     _ => {}
                 }
@@ -542,6 +641,16 @@ impl AsyncRead for Guarded {
     }
 }
 
+/// The status of a response whose head starts `data` (`HTTP/1.x NNN`).
+fn status_of(data: &[u8]) -> Option<u16> {
+    let rest = data.strip_prefix(b"HTTP/1.")?;
+    let code = rest.get(2..5)?;
+    if rest.get(1) != Some(&b' ') || !code.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(code).ok()?.parse().ok()
+}
+
 fn peer(stream: &Stream) -> String {
     stream
         .get_socket_digest()
@@ -556,6 +665,13 @@ impl AsyncWrite for Guarded {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if !this.conn.app_has_request() {
+            // Pingora answering a request it would not hand over (400 to a header it could not
+            // parse): noted for the access log.
+            if let Some(status) = status_of(data) {
+                this.conn.answered_unparsed(status);
+            }
+        }
         if this.held.len() + data.len() <= HOLD {
             this.held.extend_from_slice(data);
             return Poll::Ready(Ok(data.len()));
@@ -586,6 +702,11 @@ impl AsyncWrite for Guarded {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if !this.conn.app_has_request() {
+            if let Some(status) = bufs.first().and_then(|b| status_of(b)) {
+                this.conn.answered_unparsed(status);
+            }
+        }
         ready!(this.poll_write_held(cx))?;
         let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         this.after_write(polled, cx)

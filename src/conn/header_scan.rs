@@ -1,7 +1,14 @@
 //! Watches the bytes of a request header as they arrive, before Pingora parses them: where the
 //! header ends, and whether it is over the limits (a request line too long → 414; the whole
-//! header too large or too many fields → 431). Pure: it keeps four counters and never buffers,
+//! header too large or too many fields → 431). Pure: it keeps a few counters and never buffers,
 //! so a client cannot make it hold more than the bytes Pingora already holds.
+//!
+//! A header can also be watched from its middle ([`HeaderScan::resumed`]): when pipelined
+//! requests came in one write, Pingora may already hold the start of the next header (bytes
+//! the guard saw go by as part of the previous request). The scan then does not know where it
+//! is in that header until the first line end: it neither takes that line for the request line
+//! (the exact 414 check is made once Pingora has parsed the line) nor decides alone whether an
+//! empty first segment ends the header ([`Scan::Ambiguous`]).
 
 /// What one header may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +36,11 @@ pub enum Scan {
     Complete(usize),
     UriTooLong,
     TooLarge,
+    /// A resumed scan met a line end with nothing before it, this many bytes into the bytes
+    /// just fed: the end of the header if the bytes before the scan ended a line, else the
+    /// end of that line. Whoever holds those bytes decides: [`HeaderScan::continues`] if the
+    /// header goes on.
+    Ambiguous(usize),
 }
 
 /// The state of one header's scan. Start a new one for each request.
@@ -42,9 +54,26 @@ pub struct HeaderScan {
     cr: bool,
     /// Finished non-empty lines: the request line, then fields.
     lines: usize,
+    /// A resumed scan that has not yet seen a line end: where it is in the header is unknown.
+    unknown_line: bool,
 }
 
 impl HeaderScan {
+    /// A scan of a header whose first bytes went by unseen (held by Pingora from an earlier
+    /// read): the request line is taken as past, and the size counts from here.
+    pub fn resumed() -> HeaderScan {
+        HeaderScan {
+            lines: 1,
+            unknown_line: true,
+            ..HeaderScan::default()
+        }
+    }
+
+    /// After [`Scan::Ambiguous`]: the header did not end there; feed the bytes after it.
+    pub fn continues(&mut self) {
+        self.unknown_line = false;
+    }
+
     /// Feed the next bytes received. After anything but `Partial` the scan is over.
     pub fn feed(&mut self, data: &[u8], limits: &HeaderLimits) -> Scan {
         let mut start = 0;
@@ -56,6 +85,16 @@ impl HeaderScan {
             self.line = 0;
             self.cr = false;
             start = lf + 1;
+            if std::mem::take(&mut self.unknown_line) {
+                if content == 0 {
+                    return Scan::Ambiguous(start);
+                }
+                // The tail of a line begun before the scan: a field (or the request line).
+                if self.total > limits.max_header {
+                    return Scan::TooLarge;
+                }
+                continue;
+            }
             if content == 0 {
                 if self.lines > 0 {
                     return Scan::Complete(start);
@@ -187,6 +226,56 @@ mod tests {
     fn a_flood_of_empty_lines_is_bounded() {
         let flood = b"\r\n".repeat(600);
         assert_eq!(scan_all(&[&flood]), Scan::TooLarge);
+    }
+
+    fn resumed_all(parts: &[&[u8]]) -> Scan {
+        let mut s = HeaderScan::resumed();
+        for p in parts {
+            match s.feed(p, &LIMITS) {
+                Scan::Partial => continue,
+                other => return other,
+            }
+        }
+        Scan::Partial
+    }
+
+    #[test]
+    fn a_resumed_scan_takes_no_line_for_the_request_line() {
+        // The tail of a long field (a Cookie whose start Pingora holds) is not a request line:
+        // no 414, and the header is accepted up to max_header_size counted from here.
+        let tail = format!("{}\r\nAccept: */*\r\n\r\nNEXT", "c".repeat(600));
+        let want = tail.len() - 4;
+        assert_eq!(resumed_all(&[tail.as_bytes()]), Scan::Complete(want));
+        // Over max_header_size from here: 431.
+        let big = format!("{}\r\n", "c".repeat(1100));
+        assert_eq!(resumed_all(&[big.as_bytes()]), Scan::TooLarge);
+        let unfinished = "c".repeat(1100);
+        assert_eq!(resumed_all(&[unfinished.as_bytes()]), Scan::TooLarge);
+        // Fields are still counted.
+        let many: String = (0..9).map(|i| format!("F{i}: v\r\n")).collect();
+        let req = format!("ookie: a\r\n{many}\r\n");
+        assert_eq!(resumed_all(&[req.as_bytes()]), Scan::TooLarge);
+    }
+
+    #[test]
+    fn a_resumed_scan_leaves_an_empty_first_line_to_the_holder() {
+        // "\r\n" first: the end of the header if the unseen bytes ended a line, else the end
+        // of their last line. The holder decides.
+        let mut s = HeaderScan::resumed();
+        assert_eq!(
+            s.feed(b"\r\nAccept: x\r\n\r\n", &LIMITS),
+            Scan::Ambiguous(2)
+        );
+        s.continues();
+        assert_eq!(s.feed(b"Accept: x\r\n\r\n", &LIMITS), Scan::Complete(13));
+        // A bare LF (the unseen bytes ended with CR) too.
+        assert_eq!(resumed_all(&[b"\nBODY"]), Scan::Ambiguous(1));
+        // Split anywhere, the same.
+        let mut s = HeaderScan::resumed();
+        assert_eq!(s.feed(b"\r", &LIMITS), Scan::Partial);
+        assert_eq!(s.feed(b"\nX", &LIMITS), Scan::Ambiguous(1));
+        // Only the first line is ambiguous: after a seen line end, the empty line ends it.
+        assert_eq!(resumed_all(&[b"e: 1\r\n", b"\r\nBODY"]), Scan::Complete(2));
     }
 
     proptest! {

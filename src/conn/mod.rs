@@ -15,6 +15,10 @@
 //! The wait is skipped when Pingora may already hold the next request (bytes arrived past the
 //! header: a body or pipelined requests); Pingora's own read then waits, under the guard.
 //!
+//! Every answer given before the HTTP application has a request (the guard's 408/414/431,
+//! Pingora's 400 to a header it cannot parse, the 503 at the cap) gets its access-log line
+//! here, with `-` for what was never parsed.
+//!
 //! It replaces the keep-alive loop of Pingora's blanket `ServerApp for HttpServerApp` (which
 //! would impose its fixed 60 s keep-alive) with the same steps plus ours. HTTP/1.x only: the
 //! listeners are plain TCP without h2c.
@@ -38,7 +42,10 @@ use std::time::Duration;
 use table::{Conn, ConnTable};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use crate::access_log::{AccessLog, Entry as AccessEntry};
 use crate::config::ConnectionSettings;
+use std::net::IpAddr;
+use std::time::Instant;
 
 /// The read buffer of each client connection's socket. Pingora's default is 64 KiB, zeroed on
 /// allocation: 35 KiB of RSS per idle connection measured with it. A request header rarely
@@ -77,6 +84,8 @@ pub struct Front<A> {
     table: Arc<ConnTable>,
     guard: Arc<GuardSettings>,
     body_timeout: Duration,
+    /// Where answers given before the application had a request are logged.
+    access_log: Option<Arc<AccessLog>>,
 }
 
 impl<A> Front<A> {
@@ -102,12 +111,54 @@ impl<A> Front<A> {
                 },
             )),
             body_timeout: settings.body_timeout,
+            access_log: None,
         }
+    }
+
+    /// Log answers given before the application had a request to `log`.
+    pub fn with_access_log(mut self, log: Option<Arc<AccessLog>>) -> Front<A> {
+        self.access_log = log;
+        self
+    }
+
+    /// One access-log line for an answer given before a request was parsed.
+    fn log_unparsed(&self, status: u16, client: Option<IpAddr>, since: Instant) {
+        let Some(log) = self.access_log.as_ref() else {
+            return;
+        };
+        log.log(&AccessEntry {
+            ts_ms: AccessEntry::now_ms(),
+            method: "-",
+            path: "-",
+            status,
+            bytes: 0,
+            duration_ms: since.elapsed().as_millis() as u64,
+            cache: "-",
+            upstream: None,
+            request_id: "-",
+            client,
+        });
     }
 
     /// The connection table, for counters.
     pub fn table(&self) -> Arc<ConnTable> {
         self.table.clone()
+    }
+}
+
+/// Logs, when the connection ends, an answer given before the application had a request.
+struct Logged<'a, A> {
+    front: &'a Front<A>,
+    conn: Arc<Conn>,
+    client: Option<IpAddr>,
+    since: Instant,
+}
+
+impl<A> Drop for Logged<'_, A> {
+    fn drop(&mut self) {
+        if let Some(status) = self.conn.take_unparsed_answer() {
+            self.front.log_unparsed(status, self.client, self.since);
+        }
     }
 }
 
@@ -152,9 +203,23 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let started = Instant::now();
+        // Only wanted for an access-log line.
+        let client = self.access_log.as_ref().and_then(|_| {
+            stream
+                .get_socket_digest()
+                .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
+        });
         let Some(admission) = self.table.admit() else {
             refuse(stream, &self.guard).await;
+            self.log_unparsed(503, client, started);
             return None;
+        };
+        let _logged = Logged {
+            front: self,
+            conn: admission.conn().clone(),
+            client,
+            since: started,
         };
         let conn = admission.conn().clone();
         let mut stream = Box::new(Guarded::new(
@@ -187,12 +252,15 @@ where
             // Unless the next request may already be in Pingora's hands (bytes came past the
             // header: a body or a pipelined request), wait for it here, holding only the
             // stream, not Pingora's per-request state (about 14 KiB less per idle connection).
+            let mut stream = guarded(stream)?;
             let stream: Stream = if conn.take_overread() {
+                // What Pingora holds may be the first part of the next header.
+                stream.set_prefix_held(true);
                 stream
             } else {
+                stream.set_prefix_held(false);
                 // Without keep-alive Pingora does not reuse; never wait forever here.
                 self.guard.keepalive_timeout?;
-                let mut stream = guarded(stream)?;
                 match wait_for_request(&mut stream, shutdown).await {
                     Wait::Request => stream,
                     Wait::TimedOut => {

@@ -1,6 +1,9 @@
 //! Every open client connection of a listener service, so that at `max_connections` the idle
-//! ones can be closed, oldest first, to admit new clients (nginx's reusable connections), and
-//! past that new connections are refused at once rather than left to hang.
+//! ones can be closed, oldest first, to admit new clients (nginx's reusable connections); with
+//! none idle, the connections whose request header has been arriving longest (each is
+//! answered 408), so that clients that never finish a header cannot hold the cap for
+//! `header_timeout` at a time; past that new connections are refused at once rather than left
+//! to hang.
 //!
 //! Each connection's [`Phase`] is an atomic that its stream guard, its request loop and the
 //! reclaimer move forward; the table's lock is taken only when a connection opens, closes or
@@ -8,11 +11,12 @@
 
 use futures::task::AtomicWaker;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Where a connection is in its life. Only `Fresh` and `Idle` connections may be reclaimed.
+/// Where a connection is in its life. `Fresh` and `Idle` connections are reclaimed first, then
+/// `Header` ones; never `Busy` ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Phase {
@@ -52,6 +56,12 @@ pub struct Conn {
     /// Bytes arrived past the current request's header (a body, or pipelined requests):
     /// Pingora may hold the start of the next request already.
     overread: AtomicBool,
+    /// The HTTP application has the current request (its header parsed and handed over).
+    app_request: AtomicBool,
+    /// The status of an answer written before the application had a request (the guard's
+    /// 408/414/431, Pingora's 400 to a header it could not parse), until the access log takes
+    /// it; 0: none.
+    unparsed_answer: AtomicU16,
 }
 
 impl Conn {
@@ -94,11 +104,31 @@ impl Conn {
         if self.phase() != Phase::Busy {
             self.note_overread();
         }
+        self.app_request.store(true, Ordering::Relaxed);
         self.begin_request();
+    }
+
+    /// Whether the application has the current request.
+    pub fn app_has_request(&self) -> bool {
+        self.app_request.load(Ordering::Relaxed)
+    }
+
+    /// An answer with `status` was written to a request the application never had.
+    pub fn answered_unparsed(&self, status: u16) {
+        self.unparsed_answer.store(status, Ordering::Relaxed);
+    }
+
+    /// The status of such an answer since the last call, if any.
+    pub fn take_unparsed_answer(&self) -> Option<u16> {
+        match self.unparsed_answer.swap(0, Ordering::Relaxed) {
+            0 => None,
+            s => Some(s),
+        }
     }
 
     /// The response is done and the connection kept alive.
     pub fn set_idle(&self, since_ms: u64) {
+        self.app_request.store(false, Ordering::Relaxed);
         self.since_ms.store(since_ms, Ordering::Relaxed);
         self.advance(&[Phase::Busy, Phase::Header], Phase::Idle);
     }
@@ -203,6 +233,8 @@ impl ConnTable {
             since_ms: AtomicU64::new(self.now_ms()),
             reader: AtomicWaker::new(),
             overread: AtomicBool::new(false),
+            app_request: AtomicBool::new(false),
+            unparsed_answer: AtomicU16::new(0),
         });
         self.lock().insert(id, conn.clone());
         Some(Admission {
@@ -221,13 +253,25 @@ impl ConnTable {
         self.reclaim(usize::MAX)
     }
 
-    /// Close up to `n` of the longest-idle reclaimable connections; how many were.
+    /// Close up to `n` of the longest-idle reclaimable connections; how many were. When none is
+    /// idle (and this is not a shutdown), the one whose header has been arriving longest.
     fn reclaim(&self, n: usize) -> usize {
+        let closed = self.reclaim_in(&[Phase::Fresh, Phase::Idle], n);
+        if closed > 0 || n == usize::MAX {
+            return closed;
+        }
+        // A header that has been arriving since before every other is the likeliest to be a
+        // client that never finishes one; one is enough to admit the newcomer.
+        self.reclaim_in(&[Phase::Header], 1)
+    }
+
+    /// Close up to `n` connections in `phases`, those there longest first.
+    fn reclaim_in(&self, phases: &[Phase], n: usize) -> usize {
         let victims: Vec<Arc<Conn>> = {
             let conns = self.lock();
             let mut idle: Vec<&Arc<Conn>> = conns
                 .values()
-                .filter(|c| matches!(c.phase(), Phase::Fresh | Phase::Idle))
+                .filter(|c| phases.contains(&c.phase()))
                 .collect();
             let n = n.min(idle.len());
             if n == 0 {
@@ -240,7 +284,7 @@ impl ConnTable {
         };
         let mut closed = 0;
         for c in victims {
-            if c.advance(&[Phase::Fresh, Phase::Idle], Phase::Closing) {
+            if c.advance(phases, Phase::Closing) {
                 self.closing.fetch_add(1, Ordering::AcqRel);
                 c.reader.wake();
                 closed += 1;
@@ -361,14 +405,31 @@ mod tests {
     }
 
     #[test]
+    fn with_none_idle_the_longest_arriving_header_makes_room() {
+        let t = ConnTable::new(3);
+        let held: Vec<_> = (0..3).map(|_| t.admit().unwrap()).collect();
+        held[0].conn().begin_request();
+        held[1].conn().since_ms.store(50, Ordering::Relaxed);
+        held[1].conn().begin_header();
+        held[2].conn().since_ms.store(10, Ordering::Relaxed);
+        held[2].conn().begin_header();
+        let _new = t.admit().expect("a stalled header makes room");
+        assert_eq!(held[2].conn().phase(), Phase::Closing, "the oldest header");
+        assert_eq!(held[1].conn().phase(), Phase::Header, "one at a time");
+        assert_eq!(held[0].conn().phase(), Phase::Busy, "never a busy one");
+        // A shutdown closes idle connections only.
+        assert_eq!(t.close_idle(), 1, "only the new, not yet used one");
+        assert_eq!(held[1].conn().phase(), Phase::Header);
+    }
+
+    #[test]
     fn a_connection_serving_a_request_is_never_reclaimed() {
         let t = ConnTable::new(1);
         let a = t.admit().unwrap();
-        a.conn().begin_header();
-        assert!(t.admit().is_none(), "a header is arriving: not idle");
-        assert_eq!(a.conn().phase(), Phase::Header);
-        // Reclaimed while idle, it stays closing whatever else happens to it.
         a.conn().begin_request();
+        assert!(t.admit().is_none(), "a request is being served: not idle");
+        assert_eq!(a.conn().phase(), Phase::Busy);
+        // Reclaimed while idle, it stays closing whatever else happens to it.
         a.conn().set_idle(5);
         let _b = t.admit().unwrap();
         assert_eq!(a.conn().phase(), Phase::Closing);

@@ -24,6 +24,10 @@ pub struct RequestCtx {
     /// The shaped download this response belongs to (its route has a shaping class); dropped
     /// with the context, which ends the download.
     pub download: Option<Download>,
+    /// The request body's time bound, once a body is being read for the origin.
+    pub body: Option<super::body::BodyClock>,
+    /// We answered the client's `Expect: 100-continue` ourselves (to admit its body).
+    pub continue_sent: bool,
 }
 
 #[derive(Default)]
@@ -53,6 +57,8 @@ impl RequestCtx {
             cache_status: None,
             pass_through: false,
             download: None,
+            body: None,
+            continue_sent: false,
         }
     }
 }

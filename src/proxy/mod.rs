@@ -6,6 +6,8 @@
 //!        │                           │
 //!        │           cacheable GET/HEAD ──► chunk cache answers here (Ok(true))
 //!        ▼
+//!  proxy_upstream_filter ── a request body arrives (whole up to 64 KiB) before any origin
+//!        │                  connection; its total time bounded by body_min_rate (body.rs)
 //!  upstream_peer ── pick a server of the route's group (called again on each retry)
 //!  upstream_request_filter ── strip hop-by-hop, add X-Forwarded-*, Via, X-Request-Id
 //!  response_filter ── strip hop-by-hop, add Via, X-Request-Id
@@ -13,6 +15,7 @@
 //!  logging ── one access-log line
 //! ```
 
+pub mod body;
 pub mod cache_status;
 pub mod cached;
 pub mod canonical;
@@ -55,7 +58,11 @@ pub struct Edge {
     /// Always present, so shaping can be configured by a reload; without a `shaping` section
     /// no route names a class and it is never asked.
     shaper: Shaper,
-    access_log: Option<AccessLog>,
+    access_log: Option<Arc<AccessLog>>,
+    /// `server.body_timeout` and `server.body_min_rate` as started with (`server.*` keys do
+    /// not reload).
+    body_timeout: std::time::Duration,
+    body_min_rate: u64,
 }
 
 impl Edge {
@@ -75,7 +82,7 @@ impl Edge {
         );
         let access_log = if config.server.access_log {
             let s = &config.server;
-            Some(
+            Some(Arc::new(
                 AccessLog::start(s.access_log_format, s.access_log_path.clone()).map_err(|e| {
                     std::io::Error::new(
                         e.kind(),
@@ -88,7 +95,7 @@ impl Edge {
                         ),
                     )
                 })?,
-            )
+            ))
         } else {
             None
         };
@@ -98,7 +105,14 @@ impl Edge {
             cache,
             shaper,
             access_log,
+            body_timeout: config.server.connections.body_timeout,
+            body_min_rate: config.server.connections.body_min_rate,
         })
+    }
+
+    /// The access log, for answers given before a request reaches the proxy (`conn`).
+    pub fn access_log(&self) -> Option<Arc<AccessLog>> {
+        self.access_log.clone()
     }
 
     /// The access log's reopen flag and dropped-line counter, when the access log is on.
@@ -334,10 +348,22 @@ impl ProxyHttp for Edge {
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
-        // A client that left mid-response is routine (aborted downloads, players seeking):
-        // `fail_to_proxy` logs it at debug, and Pingora's own ERROR line for it would let any
-        // client flood the log.
-        respond::status_for_error(error) == respond::CLIENT_CLOSED
+        // Whatever a client did (left mid-response, aborted an upload, sent a bad chunked body,
+        // trickled its body): `fail_to_proxy` counts it and logs it at debug. Pingora's own
+        // ERROR line for it would let any client flood the log.
+        respond::client_fault(error).is_some()
+            || respond::status_for_error(error) == respond::CLIENT_CLOSED
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &RequestCtx,
+        error: &Error,
+        _context: pingora_proxy::ProxyWarnLogContext,
+    ) -> bool {
+        // A try (or a cache fill) that ended through the client's doing: not a warning either.
+        respond::client_fault(error).is_some()
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
@@ -345,10 +371,25 @@ impl ProxyHttp for Edge {
         ctx.request_id =
             headers::request_id(req.headers.get(headers::X_REQUEST_ID).map(|v| v.as_bytes()));
         let server = &ctx.runtime.config.server;
-        let (max_uri, merge_slashes) = (server.connections.max_uri_size, server.merge_slashes);
-        let host = match request_line::normalize(session.req_header_mut(), max_uri, merge_slashes) {
+        let limits = &server.connections;
+        let (max_uri, max_header) = (limits.max_uri_size, limits.max_header_size);
+        let merge_slashes = server.merge_slashes;
+        let raw_header = session
+            .as_http1()
+            .map_or(0, |h1| h1.get_headers_raw_bytes().len());
+        let checked = request_line::check_header_size(raw_header, max_header).and_then(|()| {
+            request_line::normalize(session.req_header_mut(), max_uri, merge_slashes)
+        });
+        let host = match checked {
             Ok(host) => host,
             Err(refused) => {
+                // The client's doing: counted, and at debug (any client could flood the log).
+                self.stats.metrics.client_error(match refused {
+                    request_line::Refusal::TooLong | request_line::Refusal::HeaderTooLarge => {
+                        respond::ClientFault::TooLarge
+                    }
+                    _ => respond::ClientFault::Malformed,
+                });
                 log::debug!(
                     "rid={} client {}: {}: {}",
                     ctx.request_id,
@@ -390,6 +431,33 @@ impl ProxyHttp for Edge {
         {
             Outcome::Served => Ok(true),
             Outcome::PassThrough => Ok(false),
+        }
+    }
+
+    async fn proxy_upstream_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<bool> {
+        // Admission before the origin connection: the body first (body.rs).
+        let mut clock = body::BodyClock::new(ctx.started, self.body_timeout, self.body_min_rate);
+        let admitted = body::admit(session, &mut clock).await?;
+        ctx.continue_sent = admitted.continue_sent;
+        ctx.body = Some(clock);
+        Ok(true)
+    }
+
+    async fn request_body_filter(
+        &self,
+        session: &mut Session,
+        _body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Each piece sets the wait for the next one: the body's total bound (body.rs).
+        match ctx.body.as_mut() {
+            Some(clock) => body::pace(session, clock),
+            None => Ok(()),
         }
     }
 
@@ -533,6 +601,10 @@ impl ProxyHttp for Edge {
         let via = headers::via(upstream_request.headers.get("via").map(|v| v.as_bytes()));
         upstream_request.insert_header("via", via)?;
         upstream_request.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
+        if ctx.continue_sent {
+            // The client has had its 100 and sent the body; another would reach it as noise.
+            upstream_request.remove_header(&http::header::EXPECT);
+        }
         Ok(())
     }
 
@@ -593,9 +665,14 @@ impl ProxyHttp for Edge {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let status = respond::status_for_error(e);
-        // A client that leaves is routine (aborted downloads, players seeking): not a warning,
-        // or any client could flood the log.
-        let level = if status == respond::CLIENT_CLOSED {
+        // Whatever a client did is routine (aborted downloads and uploads, players seeking,
+        // broken or trickled bodies): counted, and not a warning, or any client could flood
+        // the log.
+        let fault = respond::client_fault(e);
+        if let Some(f) = fault {
+            self.stats.metrics.client_error(f);
+        }
+        let level = if fault.is_some() || status == respond::CLIENT_CLOSED {
             log::Level::Debug
         } else {
             log::Level::Warn
@@ -615,10 +692,14 @@ impl ProxyHttp for Edge {
         // Nothing can be written once the response has started or the client is gone.
         let can_write = session.response_written().is_none()
             && !matches!(e.esource(), pingora_error::ErrorSource::Downstream)
-            || matches!(status, 400);
+            || matches!(status, 400 | 408);
         if can_write && session.response_written().is_none() {
             if let Err(we) = respond::send_error(session, status, &ctx.request_id).await {
-                warn!("rid={} could not send error response: {we}", ctx.request_id);
+                log::log!(
+                    level,
+                    "rid={} could not send error response: {we}",
+                    ctx.request_id
+                );
             }
         }
         FailToProxy {

@@ -11,8 +11,9 @@
 //! - The `Host` field and the target are rewritten to their canonical forms ([`canonical`]):
 //!   whatever spelling a client uses, routing, shaping, the cache key, fills and pass-through
 //!   all see the same host, path and query.
-//! - A target over `server.max_uri_size` is 414 (the guard refuses longer request lines before
-//!   they are parsed; this catches the rest exactly).
+//! - A target over `server.max_uri_size` is 414, and a header over `server.max_header_size`
+//!   431 (the guard refuses longer request lines and headers before they are parsed; this
+//!   catches the rest exactly, such as a pipelined header whose start the guard did not see).
 
 use super::canonical::{self, Host};
 use http::{HeaderValue, Method, Uri};
@@ -38,12 +39,15 @@ pub enum Refusal {
     BadPath,
     /// 414.
     TooLong,
+    /// 431.
+    HeaderTooLarge,
 }
 
 impl Refusal {
     pub fn status(self) -> u16 {
         match self {
             Refusal::TooLong => 414,
+            Refusal::HeaderTooLarge => 431,
             _ => 400,
         }
     }
@@ -56,8 +60,18 @@ impl Refusal {
             Refusal::BadHost => "invalid Host",
             Refusal::BadPath => "malformed percent-escape or NUL in the path",
             Refusal::TooLong => "request target over server.max_uri_size",
+            Refusal::HeaderTooLarge => "request header over server.max_header_size",
         }
     }
+}
+
+/// The parsed header's size (request line, fields and line ends, as received) against
+/// `max_header`.
+pub fn check_header_size(raw_len: usize, max_header: usize) -> Result<(), Refusal> {
+    if raw_len > max_header {
+        return Err(Refusal::HeaderTooLarge);
+    }
+    Ok(())
 }
 
 /// Check the request line and Host, and rewrite both to their canonical forms (an

@@ -6,6 +6,8 @@ use pingora_error::{Error, ErrorType};
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
 
+pub use crate::metrics::ClientFault;
+
 /// The status a proxy error maps to: timeouts are 504, every other upstream failure is 502,
 /// a malformed request is 400.
 /// The status logged for a request whose client closed the connection before its response was
@@ -16,6 +18,8 @@ pub fn status_for_error(e: &Error) -> u16 {
     use ErrorType::*;
     match e.etype() {
         HTTPStatus(code) => *code,
+        // The client's body did not come in time (`body_timeout`, `body_min_rate`).
+        ReadTimedout if matches!(e.esource(), pingora_error::ErrorSource::Downstream) => 408,
         // The client went away while its response was being written: nginx's 499, nobody's
         // failure but the client's (an origin write error is `Upstream`).
         WriteError if !matches!(e.esource(), pingora_error::ErrorSource::Upstream) => CLIENT_CLOSED,
@@ -37,14 +41,31 @@ pub fn status_for_error(e: &Error) -> u16 {
     }
 }
 
+/// How the client made the request fail, when it did: errors whose source is the client's
+/// connection (Pingora tags them `Downstream`). `None`: the origin's, or ours.
+pub fn client_fault(e: &Error) -> Option<ClientFault> {
+    use ErrorType::*;
+    if !matches!(e.esource(), pingora_error::ErrorSource::Downstream) {
+        return None;
+    }
+    Some(match e.etype() {
+        ReadTimedout | WriteTimedout => ClientFault::Timeout,
+        // A send_timeout from the connection guard surfaces as a failed write too.
+        ReadError | WriteError | ConnectionClosed => ClientFault::Closed,
+        _ => ClientFault::Malformed,
+    })
+}
+
 /// A one-line reason for a status, for the body.
 pub fn reason(status: u16) -> &'static str {
     match status {
         400 => "bad request",
         404 => "no route for this host and path",
         405 => "method not allowed",
+        408 => "request body timed out",
         414 => "request target too long",
         416 => "range not satisfiable",
+        431 => "request header too large",
         429 => "too many concurrent downloads or connections for this client",
         500 => "internal error",
         502 => "bad gateway: the upstream could not be reached or failed",

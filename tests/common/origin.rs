@@ -165,6 +165,8 @@ struct Shared {
     requests: AtomicU64,
     body_bytes_sent: AtomicU64,
     connections: AtomicU64,
+    /// Connections open now.
+    open: Arc<AtomicU64>,
     log: Mutex<VecDeque<RequestRecord>>,
 }
 
@@ -212,6 +214,7 @@ impl Origin {
             requests: AtomicU64::new(0),
             body_bytes_sent: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            open: Arc::new(AtomicU64::new(0)),
             log: Mutex::new(VecDeque::new()),
         });
         let (shutdown, _) = watch::channel(());
@@ -288,6 +291,11 @@ impl Origin {
         self.shared.connections.load(Ordering::SeqCst)
     }
 
+    /// Connections open now (accepted and not yet closed by either side).
+    pub fn open_connections(&self) -> u64 {
+        self.shared.open.load(Ordering::SeqCst)
+    }
+
     /// The last [`LOG_CAPACITY`] requests, oldest first. A request is logged once its body was
     /// read, before its response is sent.
     pub fn log(&self) -> Vec<RequestRecord> {
@@ -361,6 +369,22 @@ impl Drop for Origin {
     }
 }
 
+/// Counts an open connection for as long as it lives.
+struct OpenGuard(Arc<AtomicU64>);
+
+impl OpenGuard {
+    fn new(open: Arc<AtomicU64>) -> OpenGuard {
+        open.fetch_add(1, Ordering::SeqCst);
+        OpenGuard(open)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     let s = TcpSocket::new_v4()?;
     s.set_reuseaddr(true)?;
@@ -373,9 +397,11 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: watch
         match listener.accept().await {
             Ok((sock, _)) => {
                 let conn = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
+                let open = OpenGuard::new(shared.open.clone());
                 let shared = shared.clone();
                 let mut shutdown = shutdown.clone();
                 tokio::spawn(async move {
+                    let _open = open;
                     tokio::select! {
                         _ = serve_connection(sock, conn, shared) => {}
                         // Nothing is ever sent: this resolves when the Origin drops.
