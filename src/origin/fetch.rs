@@ -252,9 +252,11 @@ pub async fn open(
 
 /// Send `req` to the group: pick a server (healthy, breaker closed, not yet tried when another
 /// is available, and preferably not one in `avoid`; panic routing when every server is
-/// ejected), and on connection failures retry after an exponential backoff with full jitter,
-/// within the group's attempts and retry budget. No try or backoff starts after `until`, and a
-/// try still waiting for its answer at `until` is abandoned.
+/// ejected), and on the server's own failures (`origin::outcome`) retry after an exponential
+/// backoff with full jitter, within the group's attempts and retry budget. A failure that is
+/// not the server's (a request we could not even build) is neither charged nor retried. No try
+/// or backoff starts after `until`, and a try still waiting for its answer at `until` is
+/// abandoned.
 ///
 /// A 502/503/504 answer is retried only on a *different* server: one of the group not yet
 /// tried for this request (nor in `avoid`) and in rotation (as nginx's `proxy_next_upstream
@@ -359,9 +361,14 @@ pub async fn open_until(
                 }
             }
             Ok(Err(e)) => {
-                let class = e.class.unwrap_or(FailureClass::Connect);
-                sel.failed(class, &req.request_id);
                 log::warn!("rid={} origin {addr} failed: {e}", req.request_id);
+                let Some(class) = e.class else {
+                    // Not the server's failure (ours): nothing to charge, nothing to retry.
+                    sel.release();
+                    last = e;
+                    break;
+                };
+                sel.failed(class, &req.request_id);
                 last = e;
             }
             Err(_) => {

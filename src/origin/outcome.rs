@@ -96,7 +96,8 @@ pub fn status_verdict(status: u16) -> StatusVerdict {
 }
 
 /// Classify a Pingora error seen while talking to an origin. `None`: not the origin server's
-/// fault (the client's doing, or ours), so nothing is charged.
+/// fault (the client's doing, or ours), so nothing is charged, and nothing is retried either:
+/// a retry is for a failure of the server's own (the same rule decides both).
 ///
 /// `request_body_done`: whether the client had sent its whole request body. A server that times
 /// out or closes while it is still owed request bytes is waiting on the client, not failing.

@@ -40,6 +40,9 @@ pub struct UpstreamCtx {
     pub counted: bool,
     /// Counts the current answer's body bytes (`edgeslice_origin_response_bytes_total`).
     pub body_bytes: Option<prometheus::IntCounter>,
+    /// The request was counted in the group's retry budget (once it reached the origin side:
+    /// a request refused before it was sent, for the client's doing, is never counted).
+    pub budget_counted: bool,
 }
 
 impl RequestCtx {

@@ -2,7 +2,7 @@
 //! directions, `X-Forwarded-For`, `X-Forwarded-Proto` and `Via` are added, and every request
 //! carries an `X-Request-Id` (the client's, when it is sane, else a new one).
 
-use http::header::{HeaderMap, HeaderName, CONNECTION, UPGRADE};
+use http::header::{HeaderMap, HeaderName, CONNECTION, HOST, UPGRADE};
 use rand::RngCore;
 
 pub const X_REQUEST_ID: &str = "x-request-id";
@@ -13,9 +13,10 @@ pub const VIA_VALUE: &str = "1.1 edgeslice";
 const HOP_BY_HOP: [&str; 4] = ["keep-alive", "proxy-connection", "te", "trailer"];
 
 /// The hop-by-hop fields present in `headers`: the fixed list, `Connection` itself, and every
-/// field it names. `Upgrade` (and `Connection`) stay only when `keep_upgrade` (a protocol
-/// upgrade Pingora is proxying). Pingora's header types keep a case map, so callers remove the
-/// names through their own API.
+/// field it names, except `Host`: the request's host routes and keys it, so a client naming it
+/// in `Connection` never removes it (Pingora refuses such a request on pass-through). `Upgrade`
+/// (and `Connection`) stay only when `keep_upgrade` (a protocol upgrade Pingora is proxying).
+/// Pingora's header types keep a case map, so callers remove the names through their own API.
 pub fn hop_by_hop_names(headers: &HeaderMap, keep_upgrade: bool) -> Vec<HeaderName> {
     let mut names: Vec<HeaderName> = headers
         .get_all(CONNECTION)
@@ -23,7 +24,7 @@ pub fn hop_by_hop_names(headers: &HeaderMap, keep_upgrade: bool) -> Vec<HeaderNa
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(keep_upgrade && n == UPGRADE))
+        .filter(|n| !(keep_upgrade && n == UPGRADE) && n != HOST)
         .collect();
     names.extend(HOP_BY_HOP.iter().map(|n| HeaderName::from_static(n)));
     if !keep_upgrade {
@@ -138,6 +139,17 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn host_named_in_connection_is_never_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Host, x-secret".parse().unwrap());
+        h.insert("host", "media.example".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["host"], "media.example");
     }
 
     #[test]

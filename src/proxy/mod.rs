@@ -222,9 +222,24 @@ impl Edge {
         }
     }
 
-    /// Whether a failed pass-through try may be retried: within the group's attempts, deadline
-    /// and retry budget; before any response byte went to the client; and, for a method that
-    /// is not idempotent, only when the request provably never reached an origin (`connect_failure`).
+    /// Count the request in its group's retry budget, once: when it is sent to an origin, or
+    /// when connecting for it failed by the server's fault. A request refused before it was
+    /// sent (by Pingora or by us, for what the client sent) never reaches the budget.
+    fn count_in_budget(&self, ctx: &mut RequestCtx) {
+        if ctx.upstream.budget_counted {
+            return;
+        }
+        if let Some(pool) = self.pool(ctx) {
+            pool.budget.record_request();
+            ctx.upstream.budget_counted = true;
+        }
+    }
+
+    /// Whether a failed pass-through try may be retried: only for a failure of the server's own
+    /// (the callers check `classify_error`) or a gateway answer; within the group's attempts,
+    /// deadline and retry budget; before any response byte went to the client; and, for a
+    /// method that is not idempotent, only when the request provably never reached an origin
+    /// (`connect_failure`).
     fn may_retry(&self, session: &Session, ctx: &RequestCtx, connect_failure: bool) -> bool {
         let Some(pool) = self.pool(ctx) else {
             return false;
@@ -391,9 +406,7 @@ impl ProxyHttp for Edge {
         let attempt = ctx.upstream.tried.len() as u32;
         ctx.upstream.counted = false;
         ctx.upstream.body_bytes = None;
-        if attempt == 0 {
-            pool.budget.record_request();
-        } else {
+        if attempt > 0 {
             // A retry that fail_to_connect / error_while_proxy decided: back off first, never
             // past the request's deadline.
             let remaining = pool.settings.deadline.saturating_sub(ctx.started.elapsed());
@@ -431,8 +444,12 @@ impl ProxyHttp for Edge {
             self.count_failed_try(ctx, sel.addr, &e, true);
             charge(sel, &e, true, &ctx.request_id);
         }
+        // Retried only when the failure is the server's own (the same rule that charges it).
         // Nothing reached the origin: any method may go to another server.
-        let retry = self.may_retry(session, ctx, true);
+        let retry = classify_error(&e, true).is_some() && {
+            self.count_in_budget(ctx);
+            self.may_retry(session, ctx, true)
+        };
         e.set_retry(retry);
         e
     }
@@ -446,13 +463,16 @@ impl ProxyHttp for Edge {
         _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        let body_done = session.as_mut().is_body_done();
         if let Some(sel) = ctx.upstream.current.take() {
-            let body_done = session.as_mut().is_body_done();
             self.count_failed_try(ctx, sel.addr, &e, body_done);
             charge(sel, &e, body_done, &ctx.request_id);
         }
-        let retry =
-            std::mem::take(&mut ctx.upstream.status_retry) || self.may_retry(session, ctx, false);
+        // A gateway answer's retry was decided in upstream_response_filter. Otherwise only a
+        // failure of the server's own is retried: never one the client caused (a request
+        // Pingora refused, a broken or short request body, a client gone) nor our own error.
+        let retry = std::mem::take(&mut ctx.upstream.status_retry)
+            || (classify_error(&e, body_done).is_some() && self.may_retry(session, ctx, false));
         e.set_retry(retry);
         e
     }
@@ -498,6 +518,8 @@ impl ProxyHttp for Edge {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // The request goes out now: it counts in the group's retry budget.
+        self.count_in_budget(ctx);
         let keep_upgrade = session.is_upgrade_req();
         for name in headers::hop_by_hop_names(&upstream_request.headers, keep_upgrade) {
             upstream_request.remove_header(&name);
