@@ -69,6 +69,14 @@ impl FailureClass {
     pub fn index(self) -> usize {
         self as usize
     }
+
+    /// A failure to connect at all (refused, unreachable, timed out): the server is *down*, as
+    /// an active health check would find, rather than an outlier among servers that answer. Its
+    /// ejection neither counts towards nor is held back by `max_ejected_percent` (see
+    /// `origin::pool`): it serves nothing either way.
+    pub fn is_down(self) -> bool {
+        matches!(self, FailureClass::Connect | FailureClass::ConnectTimeout)
+    }
 }
 
 impl std::fmt::Display for FailureClass {

@@ -7,8 +7,13 @@
 //! Selection reads breaker state with atomics only; it never waits.
 //!
 //! Never a self-made outage:
-//! - at most `max_ejected_percent` of the group's servers are ejected at once (at least one
-//!   may always be): a trip beyond that is held back and the server stays in rotation;
+//! - at most `max_ejected_percent` of the group's servers are ejected at once as *outliers*
+//!   (for their answers: gateway statuses, resets, read timeouts, broken framing, trickling
+//!   bodies; at least one may always be): a trip beyond that is held back and the server stays
+//!   in rotation. A server that cannot be connected to at all is *down*
+//!   ([`FailureClass::is_down`]), as an active health check would find: its ejection takes no
+//!   capacity that was serving, so it neither counts towards the cap nor is held back by it
+//!   (otherwise a dead server would keep a failing one in rotation);
 //! - when every server is ejected anyway (breakers `Open`/`HalfOpen` with no probe slot, or
 //!   marked down by active health checks), selection enters *panic routing*: it picks a server
 //!   regardless, as Envoy does below its panic threshold, so requests still reach a server that
@@ -30,7 +35,7 @@ use prometheus::IntCounter;
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -77,9 +82,18 @@ struct GroupView {
     /// Held while a failure is recorded, so that two servers tripping at once cannot both slip
     /// under the ejection cap. Taken only on failures, never on the success path.
     trip_lock: Arc<Mutex<()>>,
-    /// Every breaker of the group, to count how many are ejected before a trip.
-    breakers: Vec<Arc<Breaker>>,
+    /// Every server of the group, to count how many are ejected as outliers before a trip.
+    members: Vec<Member>,
+    /// Outlier ejections allowed at once (`max_ejected_percent` of the group, at least 1).
     max_ejected: usize,
+}
+
+/// A server's breaker and why it was last ejected.
+struct Member {
+    breaker: Arc<Breaker>,
+    /// Its last trip was for being down (connect failures), not as an outlier: while ejected
+    /// it does not count towards `max_ejected`. Written under `trip_lock`.
+    down: AtomicBool,
 }
 
 impl Selected {
@@ -92,8 +106,8 @@ impl Selected {
     }
 
     /// The try failed by the server's own fault (see `origin::outcome`): charge its breaker.
-    /// A `Closed → Open` trip happens only while fewer than `max_ejected` servers of the group
-    /// are ejected.
+    /// A `Closed → Open` trip for a down server ([`FailureClass::is_down`]) always happens; an
+    /// outlier's only while fewer than `max_ejected` other servers are ejected as outliers.
     pub fn failed(mut self, class: FailureClass, request_id: &str) {
         self.group.stats.count_failure(class);
         let Some(a) = self.admission.take() else {
@@ -103,10 +117,17 @@ impl Selected {
         let _trip = g.trip_lock.lock().unwrap_or_else(|e| e.into_inner());
         let me = &self.breaker;
         let mut may_eject = || {
+            if class.is_down() {
+                return true;
+            }
             let others = g
-                .breakers
+                .members
                 .iter()
-                .filter(|b| !Arc::ptr_eq(b, me) && b.is_ejected())
+                .filter(|m| {
+                    !Arc::ptr_eq(&m.breaker, me)
+                        && !m.down.load(Ordering::Relaxed)
+                        && m.breaker.is_ejected()
+                })
                 .count();
             let ok = others < g.max_ejected;
             if !ok {
@@ -114,14 +135,19 @@ impl Selected {
                 // Counted on every failure past the threshold; logged at debug so a storm of
                 // failures cannot flood the log (the trips themselves are WARN lines).
                 log::debug!(
-                    "rid={request_id} origin {} failing ({class}) but {others} of {} servers are already ejected (max_ejected_percent): kept in rotation",
+                    "rid={request_id} origin {} failing ({class}) but {others} of {} servers are already ejected as outliers (max_ejected_percent): kept in rotation",
                     self.addr,
-                    g.breakers.len()
+                    g.members.len()
                 );
             }
             ok
         };
         let t = me.record_failure_gated(a, &mut may_eject);
+        if t.is_some_and(|t| t.to == BreakerState::Open) {
+            if let Some(m) = g.members.iter().find(|m| Arc::ptr_eq(&m.breaker, me)) {
+                m.down.store(class.is_down(), Ordering::Relaxed);
+            }
+        }
         log_transition(g, self.addr, t, Some(class), request_id);
     }
 
@@ -232,7 +258,13 @@ impl UpstreamPool {
             metrics: metrics.clone(),
             stats: stats.clone(),
             trip_lock: Arc::new(Mutex::new(())),
-            breakers: breakers.values().cloned().collect(),
+            members: breakers
+                .values()
+                .map(|b| Member {
+                    breaker: b.clone(),
+                    down: AtomicBool::new(false),
+                })
+                .collect(),
             max_ejected,
         });
         let retry = settings.retry;
@@ -557,12 +589,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn at_most_max_ejected_percent_is_ejected() {
         let p = pool(2, 50);
-        // Both servers refuse connections.
+        // Both servers reset every request.
         for _ in 0..10 {
             for a in addrs(&p) {
                 let sel = p.pick(b"/x", &[]);
                 let _ = a;
-                sel.failed(FailureClass::Connect, "t");
+                sel.failed(FailureClass::Reset, "t");
             }
         }
         let open: Vec<_> = addrs(&p)
@@ -589,13 +621,81 @@ mod tests {
     async fn zero_percent_still_lets_one_server_go() {
         let p = pool(3, 0);
         for _ in 0..30 {
-            p.pick(b"/x", &[]).failed(FailureClass::Connect, "t");
+            p.pick(b"/x", &[]).failed(FailureClass::ReadTimeout, "t");
         }
         let ejected = addrs(&p)
             .iter()
             .filter(|a| p.breaker(a).is_some_and(|b| b.is_ejected()))
             .count();
         assert_eq!(ejected, 1);
+    }
+
+    fn ejected(p: &UpstreamPool) -> Vec<SocketAddr> {
+        addrs(p)
+            .into_iter()
+            .filter(|a| p.breaker(a).is_some_and(|b| b.is_ejected()))
+            .collect()
+    }
+
+    /// Charge `class` to `addr` until its breaker has seen `n` failures.
+    fn charge_n(p: &UpstreamPool, addr: SocketAddr, class: FailureClass, n: usize) {
+        let mut charged = 0;
+        while charged < n {
+            let sel = p.pick(b"/x", &[]);
+            if sel.addr == addr {
+                sel.failed(class, "t");
+                charged += 1;
+            } else {
+                sel.succeeded("t");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_down_server_neither_fills_nor_is_held_by_the_cap() {
+        // Three servers, 50 %: one outlier ejection at a time.
+        for max in [0, 50] {
+            let p = pool(3, max);
+            let [dead, failing, _good] = [addrs(&p)[0], addrs(&p)[1], addrs(&p)[2]];
+            charge_n(&p, dead, FailureClass::Connect, 3);
+            assert_eq!(ejected(&p), vec![dead]);
+            // The dead server's ejection leaves room for the outlier.
+            charge_n(&p, failing, FailureClass::GatewayStatus, 3);
+            assert_eq!(
+                ejected(&p).len(),
+                2,
+                "max {max}: the outlier is ejected too"
+            );
+            assert_eq!(state(&p, failing), BreakerState::Open);
+            assert_eq!(p.stats.ejections_capped.load(Ordering::Relaxed), 0);
+        }
+
+        // The other way round: an outlier fills the cap, a down server is ejected anyway.
+        let p = pool(3, 0);
+        let [a, b, c] = [addrs(&p)[0], addrs(&p)[1], addrs(&p)[2]];
+        charge_n(&p, a, FailureClass::Reset, 3);
+        charge_n(&p, b, FailureClass::ConnectTimeout, 3);
+        assert_eq!(ejected(&p).len(), 2);
+        // A second outlier is held back: only one outlier ejection at a time.
+        charge_n(&p, c, FailureClass::TooSlow, 3);
+        assert_eq!(state(&p, c), BreakerState::Closed);
+        assert!(p.stats.ejections_capped.load(Ordering::Relaxed) >= 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_down_server_probed_back_into_an_outlier_counts_as_one() {
+        let p = pool(3, 0);
+        let [a, b, _c] = [addrs(&p)[0], addrs(&p)[1], addrs(&p)[2]];
+        charge_n(&p, a, FailureClass::Connect, 3);
+        advance(SEC * 10).await;
+        // Its probe now connects but resets: ejected again, as an outlier this time.
+        let probe = p.pick_untried(b"/x", &[b, _c]).expect("the probe");
+        assert_eq!(probe.addr, a);
+        probe.failed(FailureClass::Reset, "t");
+        assert_eq!(state(&p, a), BreakerState::Open);
+        // So the cap (one outlier) is full: b is held back.
+        charge_n(&p, b, FailureClass::GatewayStatus, 3);
+        assert_eq!(state(&p, b), BreakerState::Closed);
     }
 
     #[tokio::test(start_paused = true)]
