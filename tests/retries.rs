@@ -1,11 +1,16 @@
 //! Who retries, and what retries cost (README, "Origin resilience"): a failure the client caused
-//! is never retried nor charged to anyone.
+//! is never retried nor charged to anyone; a retry that an untried server answers costs the
+//! retry budget nothing, so a dead server and a 503 server beside a healthy one cost clients
+//! nothing; a URL failing on every server stops being retried for a while; and when most of
+//! the group fails the budget still caps the retries.
 
 mod common;
 
-use common::origin::Origin;
-use common::proxy::Proxy;
+use common::origin::{content, Fault, Origin};
+use common::proxy::{free_port, Proxy};
 use std::time::Duration;
+
+const CHUNK: u64 = 64 * 1024;
 
 /// A group over `servers` with the default breaker and retry settings (`failure_threshold: 5`,
 /// `max_ejected_percent: 50`, `attempts: 3`, `budget: 20`) unless `upstream_extra` (lines of
@@ -16,6 +21,10 @@ fn config(servers: &[String], upstream_extra: &str, cache: bool) -> String {
         "cache:\n  chunk_size: 64KiB\n  memory:\n    capacity: 64MiB\nupstreams:\n  origin:\n    servers: [{}]\n    connect_timeout: 500ms\n    read_timeout: 2s\n    deadline: 10s\n{upstream_extra}routes:\n  - path_prefix: /\n    upstream: origin\n    cache: {cache}\n",
         list.join(", ")
     )
+}
+
+fn dead_addr() -> String {
+    format!("127.0.0.1:{}", free_port())
 }
 
 /// One metric sample's value (`name` with its labels, as printed), 0 when absent.
@@ -59,6 +68,21 @@ async fn raw_status(proxy: &Proxy, request: &[u8], wait: Duration) -> String {
     let _ = tokio::time::timeout(wait, read_head).await;
     let text = String::from_utf8_lossy(&out).into_owned();
     text.lines().next().unwrap_or("").to_string()
+}
+
+/// GET `path` with `range` (inclusive): the status and the body.
+async fn get_range(proxy: &Proxy, path: &str, range: (u64, u64)) -> (u16, Vec<u8>) {
+    let resp = common::client()
+        .get(proxy.url(path))
+        .header("range", format!("bytes={}-{}", range.0, range.1))
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    (
+        status,
+        resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default(),
+    )
 }
 
 async fn get(proxy: &Proxy, path: &str) -> (u16, Vec<u8>) {
@@ -204,5 +228,215 @@ async fn client_side_failures_are_never_retried_nor_counted() {
         assert_eq!(s["origin_breaker_opened"], 0, "{s:?}");
         a.reset_stats();
         b.reset_stats();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 14. A dead server and a 503 server beside a healthy one cost clients nothing.
+// ---------------------------------------------------------------------------------------------
+
+/// The group of the issue: one server refusing connections, one answering 503 to everything,
+/// one healthy, with the default breaker and retry settings. Sixty cold range GETs all succeed
+/// byte-exact, through the cache and passed through; the 503 server is ejected although the
+/// dead one is too (a server that refuses connections is down, not an outlier: it does not fill
+/// `max_ejected_percent`), and no retry is refused by the budget (each retry an untried server
+/// answered is given back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_and_a_503_server_beside_a_healthy_one_cost_no_request() {
+    let failing = Origin::start().await;
+    let healthy = Origin::start().await;
+    failing.set_fault(Fault::Status(503));
+    for cache in [true, false] {
+        let servers = [
+            dead_addr(),
+            failing.addr().to_string(),
+            healthy.addr().to_string(),
+        ];
+        let proxy = Proxy::start(&config(&servers, "", cache));
+        for i in 0..60u64 {
+            let size = 4 * CHUNK + i;
+            let path = format!("/obj/{size}/trio-{cache}-{i}.bin");
+            let range = (1000 + i * 7, CHUNK + 5000 + i * 11);
+            let (status, body) = get_range(&proxy, &path, range).await;
+            assert_eq!(status, 206, "request {i} (cache: {cache})");
+            assert!(
+                body == content(&path, 0, range.0..range.1 + 1),
+                "request {i} (cache: {cache}): wrong bytes"
+            );
+        }
+        let s = proxy.stats().await;
+        println!(
+            "cache {cache}: the 503 server saw {} requests; {s:?}",
+            failing.requests()
+        );
+        assert_eq!(s["origin_retries_over_budget"], 0, "cache {cache}: {s:?}");
+        // Every request was answered in the end: each retry was given back to the budget.
+        assert!(s["origin_retries"] >= 2, "{s:?}");
+        assert_eq!(s["origin_retries_given_back"], s["origin_retries"], "{s:?}");
+        assert!(
+            s["origin_breaker_opened"] >= 2,
+            "both the dead and the 503 server ejected (cache: {cache}): {s:?}"
+        );
+        assert_eq!(s["origin_ejections_capped"], 0, "{s:?}");
+        // Ejected within its failure threshold (5) and a few requests in flight around it.
+        assert!(
+            failing.requests() <= 8,
+            "the 503 server saw {} requests (cache: {cache})",
+            failing.requests()
+        );
+        failing.reset_stats();
+        healthy.reset_stats();
+    }
+}
+
+/// Neighbours on `max_ejected_percent`: with 0 % (one ejection allowed) the 503 server is
+/// still ejected beside the dead one; a dead server that times out instead of refusing
+/// (`connect_timeout`) is down too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_server_never_fills_the_ejection_cap() {
+    let failing = Origin::start().await;
+    let healthy = Origin::start().await;
+    failing.set_fault(Fault::Status(503));
+    for extra in [
+        "    circuit_breaker:\n      max_ejected_percent: 0\n",
+        "    circuit_breaker:\n      max_ejected_percent: 100\n",
+    ] {
+        let servers = [
+            dead_addr(),
+            failing.addr().to_string(),
+            healthy.addr().to_string(),
+        ];
+        let proxy = Proxy::start(&config(&servers, extra, false));
+        for i in 0..30u64 {
+            let path = format!("/obj/{}/cap-{i}.bin", 3 * CHUNK);
+            let (status, body) = get_range(&proxy, &path, (10, 20_000)).await;
+            assert_eq!(status, 206, "request {i} ({extra})");
+            assert!(body == content(&path, 0, 10..20_001));
+        }
+        let s = proxy.stats().await;
+        assert!(s["origin_breaker_opened"] >= 2, "{extra}: {s:?}");
+        assert_eq!(s["origin_retries_over_budget"], 0, "{extra}: {s:?}");
+        failing.reset_stats();
+    }
+}
+
+/// The budget still caps retries when most of the group fails: every server answers 503 to
+/// everything. Sixty cold requests for distinct URLs each get the origin's 503; their retries
+/// (each wasted: the next server failed too) stay within max(10, 20 % of 60) = 12 per 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_every_server_fails_the_budget_caps_retries() {
+    let origins = [
+        Origin::start().await,
+        Origin::start().await,
+        Origin::start().await,
+    ];
+    for o in &origins {
+        o.set_fault(Fault::Status(503));
+    }
+    let servers: Vec<String> = origins.iter().map(|o| o.addr().to_string()).collect();
+    for cache in [true, false] {
+        let proxy = Proxy::start(&config(&servers, "", cache));
+        let started = std::time::Instant::now();
+        for i in 0..60u64 {
+            let path = format!("/obj/{}/all-503-{cache}-{i}.bin", 2 * CHUNK);
+            let (status, _) = get_range(&proxy, &path, (0, 999)).await;
+            assert_eq!(status, 503, "request {i} (cache: {cache})");
+        }
+        let took = started.elapsed();
+        let s = proxy.stats().await;
+        let seen: u64 = origins.iter().map(|o| o.requests()).sum();
+        println!("cache {cache}: {seen} origin requests, {s:?} in {took:?}");
+        // Each window of 10 s allows max(10, 20 % of its requests) retries.
+        let windows = took.as_secs() / 10 + 1;
+        let bound = windows * 12;
+        assert!(
+            s["origin_retries"] <= bound,
+            "cache {cache}: {} retries (bound {bound}): {s:?}",
+            s["origin_retries"]
+        );
+        assert!(s["origin_retries"] >= 10, "the floor is spent: {s:?}");
+        assert_eq!(
+            seen,
+            60 + s["origin_retries"],
+            "one origin request per try (cache: {cache})"
+        );
+        assert!(s["origin_retries_over_budget"] >= 40, "{s:?}");
+        assert_eq!(
+            s["origin_breaker_opened"], 0,
+            "a URL failing everywhere ejects nobody"
+        );
+        for o in &origins {
+            o.reset_stats();
+        }
+    }
+}
+
+/// The neighbouring case: one hot URL answering 503 on every server beside good URLs, with a
+/// 503 server that keeps being probed back (short ejections). The hot URL stops being retried
+/// once it has failed on every server, so it never spends the budget the good URLs' retries
+/// need: every good request gets its bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_url_failing_everywhere_never_makes_good_urls_fail() {
+    let failing = Origin::start().await;
+    let healthy = Origin::start().await;
+    failing.set_fault(Fault::Status(503));
+    for cache in [false, true] {
+        let servers = [
+            dead_addr(),
+            failing.addr().to_string(),
+            healthy.addr().to_string(),
+        ];
+        // Ejections of 200 ms that never grow: the 503 server is probed with real requests
+        // all through the test, and each probe that meets a good URL needs a retry.
+        let extra = "    circuit_breaker:\n      open_for: 200ms\n      max_open_for: 200ms\n";
+        let proxy = std::sync::Arc::new(Proxy::start(&config(&servers, extra, cache)));
+        let mut tasks = Vec::new();
+        for t in 0..4u64 {
+            let proxy = proxy.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut failed = Vec::new();
+                for i in 0..60u64 {
+                    for _ in 0..3 {
+                        // The origins' 503, or a 502 when the last try met the dead server.
+                        let (status, _) = get(&proxy, "/status/503/hot").await;
+                        assert!(status == 503 || status == 502, "hot URL: {status}");
+                    }
+                    let size = 2 * CHUNK + t * 1000 + i;
+                    let path = format!("/obj/{size}/good-{cache}-{t}-{i}.bin");
+                    let (status, body) = get_range(&proxy, &path, (5, 70_000)).await;
+                    if status != 206 || body != content(&path, 0, 5..70_001) {
+                        failed.push((i, status));
+                    }
+                    if i % 10 == 0 {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                failed
+            }));
+        }
+        let mut failed = Vec::new();
+        for t in tasks {
+            failed.extend(t.await.expect("client task"));
+        }
+        let s = proxy.stats().await;
+        assert!(
+            failed.is_empty(),
+            "cache {cache}: good URLs failed: {failed:?}; {s:?}"
+        );
+        let hot: usize = [&failing, &healthy]
+            .iter()
+            .map(|o| {
+                o.log()
+                    .iter()
+                    .filter(|r| r.path == "/status/503/hot")
+                    .count()
+            })
+            .sum();
+        println!("cache {cache}: hot URL reached origins {hot} times for 720 requests; {s:?}");
+        // Without the memory each hot request would reach both live servers.
+        assert!(hot < 800, "the hot URL kept being retried: {hot}");
+        assert!(s["origin_retries_skipped_failing_url"] >= 600, "{s:?}");
+        failing.reset_stats();
+        healthy.reset_stats();
     }
 }

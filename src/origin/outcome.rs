@@ -146,9 +146,15 @@ pub fn classify_type(etype: &ErrorType, request_body_done: bool) -> Option<Failu
 /// status, the URL fails everywhere: the earlier holds are released uncharged (the newest is
 /// held in turn). Whatever is still held when the request ends is released uncharged, so a lone
 /// server, or a request whose retries ran out, charges nobody for statuses.
+///
+/// When gateway answers came from two servers or more and none answered, the URL failed
+/// everywhere it was tried ([`StatusEvidence::failed_everywhere`]): `origin::failing`
+/// remembers it for a while.
 #[derive(Default)]
 pub struct StatusEvidence {
     held: Vec<Selected>,
+    /// Gateway answers came from more than one server, and no server answered since.
+    several: bool,
 }
 
 impl StatusEvidence {
@@ -156,7 +162,9 @@ impl StatusEvidence {
     /// this server failed the same request too.
     pub fn hold(&mut self, sel: Selected) {
         let addr = sel.addr;
+        let before = self.held.len();
         self.held.retain(|h| h.addr == addr);
+        self.several |= self.held.len() < before;
         self.held.push(sel);
     }
 
@@ -164,11 +172,18 @@ impl StatusEvidence {
     /// *other* servers; release the ones of `addr` itself (the same server answered well, so
     /// its gateway answer was a blip, not evidence).
     pub fn answered_by(&mut self, addr: SocketAddr, request_id: &str) {
+        self.several = false;
         for sel in self.held.drain(..) {
             if sel.addr != addr {
                 sel.failed(FailureClass::GatewayStatus, request_id);
             }
         }
+    }
+
+    /// Whether the request got gateway answers from two servers or more and no answer: the URL
+    /// fails everywhere it was tried.
+    pub fn failed_everywhere(&self) -> bool {
+        self.several && !self.held.is_empty()
     }
 
     /// Servers currently held (for tests and logs).

@@ -22,6 +22,7 @@
 use super::backoff::Backoff;
 use super::breaker::{Admission, Breaker, BreakerState, Transition};
 use super::budget::RetryBudget;
+use super::failing::FailingUrls;
 use super::outcome::FailureClass;
 use super::ResilienceStats;
 use crate::config::{Balance, UpstreamSettings};
@@ -57,6 +58,8 @@ pub struct UpstreamPool {
     /// What outcome reports need: stats, the trip lock and the ejection cap.
     group: Arc<GroupView>,
     pub budget: RetryBudget,
+    /// URLs that just failed on every server: their gateway answers are not retried.
+    pub failing_urls: FailingUrls,
     pub backoff: Backoff,
     pub stats: Arc<ResilienceStats>,
     /// This group's and its servers' figures for `/metrics`.
@@ -271,6 +274,7 @@ impl UpstreamPool {
         let weight_sum: usize = settings.servers.iter().map(|s| s.weight as usize).sum();
         Ok(UpstreamPool {
             budget: RetryBudget::new(retry.budget_percent, BUDGET_MIN_RETRIES, BUDGET_WINDOW),
+            failing_urls: FailingUrls::new(),
             backoff: Backoff {
                 base: retry.backoff,
                 max: retry.max_backoff,
@@ -338,7 +342,8 @@ impl UpstreamPool {
     /// yet tried; such a try carries no admission. Never fails: a group has at least one server.
     pub fn pick(&self, key: &[u8], tried: &[SocketAddr]) -> Selected {
         if let Some(sel) = self
-            .pick_where(key, |a| !tried.contains(a))
+            .pick_retry(key, tried)
+            .or_else(|| self.pick_where(key, |a| !tried.contains(a)))
             .or_else(|| self.pick_where(key, |_| true))
         {
             return sel;
@@ -378,7 +383,32 @@ impl UpstreamPool {
     /// a gateway answer (502/503/504) may be retried. Never a server already tried, and no
     /// panic routing: with none left, the gateway answer stands.
     pub fn pick_untried(&self, key: &[u8], tried: &[SocketAddr]) -> Option<Selected> {
-        self.pick_where(key, |a| !tried.contains(a))
+        self.pick_retry(key, tried)
+            .or_else(|| self.pick_where(key, |a| !tried.contains(a)))
+    }
+
+    /// For a retry (`tried` not empty): an untried server whose last outcomes were all good
+    /// ([`Breaker::is_clean`]), so that a retry after a failure does not land on a server that
+    /// is failing too (a dead one not yet ejected, an outlier held back by the cap) while a
+    /// clean one is there. First tries are never steered this way: they keep every server's
+    /// record current.
+    fn pick_retry(&self, key: &[u8], tried: &[SocketAddr]) -> Option<Selected> {
+        if tried.is_empty() {
+            return None;
+        }
+        self.pick_where(key, |a| {
+            !tried.contains(a) && self.breakers.get(a).is_some_and(|b| b.is_clean())
+        })
+    }
+
+    /// Whether [`UpstreamPool::pick_untried`] would likely find a server: one not in `tried`
+    /// whose breaker admits traffic. Reserves nothing and ignores active health checks (the
+    /// pick itself has the last word); decides whether a gateway answer is worth a retry before
+    /// the retry budget is asked.
+    pub fn may_pick_untried(&self, tried: &[SocketAddr]) -> bool {
+        self.settings.servers.iter().any(|s| {
+            !tried.contains(&s.addr) && self.breakers.get(&s.addr).is_some_and(|b| b.allows())
+        })
     }
 
     /// Whether the whole group looks down: every server ejected or failing (a streak the
