@@ -7,7 +7,8 @@
 //! request (never on the same one: with none left it is the answer; nor for a URL that just
 //! failed on every server, `origin::failing`) and charged only when a peer then answers the
 //! same request; 500 and every other answer are the application's, returned as they are. A
-//! retry that its server answers is given back to the retry budget (`origin::budget`).
+//! request's retries are given back to the retry budget when it is answered in the end, or
+//! when their try could not connect (`origin::budget`).
 
 use super::budget::RequestRetries;
 use super::outcome::{classify_type, status_verdict, FailureClass, StatusEvidence, StatusVerdict};
@@ -265,8 +266,8 @@ pub async fn open(
 /// tried for this request (nor in `avoid`) and in rotation (as nginx's `proxy_next_upstream
 /// http_50x`, never the same server twice). When none is left, that answer is final: a server
 /// that answered is never asked the same request again. A URL that failed on every server
-/// moments ago gets one try (`origin::failing`). Retries are given back to the budget when the request is
-/// answered in the end, or when their try could not connect (`origin::budget`).
+/// moments ago gets one try (`origin::failing`). Retries are given back to the budget when the
+/// request is answered in the end, or when their try could not connect (`origin::budget`).
 ///
 /// `Ok` is any answer with a status, including the last 502/503/504 when no other server was
 /// left or the tries ran out, so that the caller can pass the origin's own answer on; `Err`

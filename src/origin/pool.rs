@@ -337,7 +337,8 @@ impl UpstreamPool {
     }
 
     /// Choose a server for `key` (the cache key under consistent hashing): healthy, admitted by
-    /// its breaker, and not in `tried` when another such server exists. When no server is
+    /// its breaker, and not in `tried` when another such server exists (for a retry, preferably
+    /// one whose last outcomes were all good: [`UpstreamPool::pick_retry`]). When no server is
     /// admitted (all ejected or marked down), panic routing picks one anyway, preferring one not
     /// yet tried; such a try carries no admission. Never fails: a group has at least one server.
     pub fn pick(&self, key: &[u8], tried: &[SocketAddr]) -> Selected {
@@ -369,14 +370,6 @@ impl UpstreamPool {
             panic: true,
             group: self.group.clone(),
         }
-    }
-
-    /// Whether the group has a server not in `tried` (in rotation or not).
-    pub fn has_untried(&self, tried: &[SocketAddr]) -> bool {
-        self.settings
-            .servers
-            .iter()
-            .any(|s| !tried.contains(&s.addr))
     }
 
     /// A server not in `tried` that is in rotation (healthy, breaker admitting), if any: where
@@ -726,6 +719,27 @@ mod tests {
         // So the cap (one outlier) is full: b is held back.
         charge_n(&p, b, FailureClass::GatewayStatus, 3);
         assert_eq!(state(&p, b), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_prefers_a_server_whose_last_outcomes_were_good() {
+        let p = pool(3, 50);
+        let [a, b, c] = [addrs(&p)[0], addrs(&p)[1], addrs(&p)[2]];
+        // a failed once (below the threshold): still in rotation, but not clean.
+        charge_n(&p, a, FailureClass::Connect, 1);
+        assert_eq!(state(&p, a), BreakerState::Closed);
+        for _ in 0..20 {
+            // A retry after b failed goes to c, never to a, whatever the rotation.
+            let sel = p.pick(b"/x", &[b]);
+            assert_eq!(sel.addr, c);
+            sel.succeeded("t");
+            assert_eq!(p.pick_untried(b"/x", &[b]).map(|s| s.addr), Some(c));
+        }
+        // With no clean server untried, any untried one.
+        assert_eq!(p.pick(b"/x", &[b, c]).addr, a);
+        // First tries are not steered: a still gets its share.
+        let firsts: Vec<SocketAddr> = (0..6).map(|_| p.pick(b"/x", &[]).addr).collect();
+        assert!(firsts.contains(&a), "{firsts:?}");
     }
 
     #[tokio::test(start_paused = true)]
