@@ -51,9 +51,11 @@ impl AdminApp {
             c.running_tasks(),
         ));
         out.push_str(&format!(
-            "origin_ejections_capped {}\norigin_gateway_uncharged {}\n",
+            "origin_ejections_capped {}\norigin_gateway_uncharged {}\norigin_retries_given_back {}\norigin_retries_skipped_failing_url {}\n",
             n(&r.ejections_capped),
             n(&r.gateway_uncharged),
+            n(&r.retries_given_back),
+            n(&r.retries_skipped_failing_url),
         ));
         for class in crate::origin::outcome::FailureClass::ALL {
             out.push_str(&format!(
@@ -213,6 +215,20 @@ impl AdminApp {
             "Retries not made because the upstream's retry budget was spent.",
             &self.stats,
             |x| load(&x.retries_over_budget),
+        ));
+        m.register(read_one(
+            true,
+            "edgeslice_origin_retries_given_back_total",
+            "Retries given back to the retry budget: their request was answered in the end, or their try could not connect.",
+            &self.stats,
+            |x| load(&x.retries_given_back),
+        ));
+        m.register(read_one(
+            true,
+            "edgeslice_origin_retries_skipped_failing_url_total",
+            "Failed tries not retried because their URL had just failed on every server tried.",
+            &self.stats,
+            |x| load(&x.retries_skipped_failing_url),
         ));
         m.register(read_one(
             true,

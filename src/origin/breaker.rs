@@ -375,6 +375,19 @@ impl Breaker {
         }
     }
 
+    /// Whether the server's last outcomes were all good: `Closed` with no failure since its
+    /// last success. A retry prefers such a server (`origin::pool`). Lock-free.
+    pub fn is_clean(&self) -> bool {
+        let s = &self.shared;
+        match s.load_phase() {
+            (epoch, BreakerState::Closed) => {
+                let (tag, count) = unpack_failures(s.closed_failures.load(Ordering::Acquire));
+                tag != epoch_tag(epoch) || count == 0
+            }
+            _ => false,
+        }
+    }
+
     /// Number of times this breaker has tripped (`Closed`/`HalfOpen` → `Open`), for metrics.
     pub fn trips(&self) -> u64 {
         self.shared.trips.load(Ordering::Relaxed)
@@ -585,6 +598,22 @@ mod tests {
         assert!(!b.allows());
         assert!(b.try_acquire().is_none());
         assert_eq!(b.trips(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn clean_until_a_failure_and_again_after_a_success() {
+        let b = Breaker::new(cfg(3, 1));
+        assert!(b.is_clean());
+        assert_eq!(fail(&b), None);
+        assert!(!b.is_clean());
+        assert_eq!(succeed(&b), None);
+        assert!(b.is_clean());
+        trip(&b);
+        assert!(!b.is_clean(), "ejected");
+        let p = assert_ejected_for(&b, SEC).await;
+        assert!(!b.is_clean(), "probing");
+        assert_eq!(b.record_success(p), t(HalfOpen, Closed));
+        assert!(b.is_clean(), "closed again");
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,11 +5,26 @@
 //! The budget protects a struggling origin from retry storms: when most requests fail, retrying
 //! each of them would multiply the load exactly when the origin can least take it.
 //!
+//! What it counts is *wasted* retries. A retry is charged when it is admitted
+//! ([`RetryBudget::try_retry`] hands out a [`RetryTicket`]), so retries in flight count, and
+//! given back ([`RetryBudget::give_back`], kept per request by [`RequestRetries`]) when it
+//! proved no waste:
+//! - its request got an answer in the end (any status but 502/503/504): every retry of it was
+//!   failover to a server that works, not a storm. So a dead or failing server beside healthy
+//!   ones costs the budget nothing once its traffic moves to them;
+//! - its own try could not connect (refused, unreachable, timed out): it put no load on an
+//!   origin.
+//!
+//! Retries of requests that fail anyway stay charged (as does a retry whose outcome never
+//! came). So when most of the group fails, retries are at most `max(floor, percent ×
+//! requests)` per window.
+//!
 //! The window is a ring of [`BUCKETS`] buckets of `window / BUCKETS` each. Every bucket counter
 //! is a single `AtomicU64` packing the bucket's slot number (high 32 bits) with its count (low 32
 //! bits), so a stale bucket is recycled by the same compare-and-swap that counts into it:
-//! [`RetryBudget::record_request`] is lock-free and cheap enough for every request. Spending a
-//! retry takes a short mutex so that concurrent retries cannot overshoot the budget.
+//! [`RetryBudget::record_request`] and [`RetryBudget::give_back`] are lock-free and cheap enough
+//! for every request. Spending a retry takes a short mutex so that concurrent retries cannot
+//! overshoot the budget.
 //!
 //! This module must never sleep, never block beyond that short mutex, never allocate after
 //! construction and never panic on any input (zero window, zero or huge percent, counters
@@ -73,9 +88,11 @@ impl RetryBudget {
         bump(&self.requests[bucket_index(slot)], slot);
     }
 
-    /// Try to spend one retry: true if the retries in the window are fewer than
-    /// `max(min_per_window, requests_in_window * percent / 100)`; the retry is recorded when true.
-    pub fn try_retry(&self) -> bool {
+    /// Try to spend one retry: a ticket if the retries charged in the window are fewer than
+    /// `max(min_per_window, requests_in_window * percent / 100)`; the retry is charged then.
+    /// Hand the ticket to [`RetryBudget::give_back`] if the retry's server answers; dropping it
+    /// keeps the retry charged.
+    pub fn try_retry(&self) -> Option<RetryTicket> {
         let _guard = self.spend.lock().unwrap_or_else(|e| e.into_inner());
         let slot = self.current_slot();
         let requests = sum(&self.requests, slot);
@@ -83,10 +100,16 @@ impl RetryBudget {
         let allowed = (requests.saturating_mul(self.percent) / 100).max(self.min_per_window);
         if retries < allowed {
             bump(&self.retries[bucket_index(slot)], slot);
-            true
+            Some(RetryTicket { slot })
         } else {
-            false
+            None
         }
+    }
+
+    /// The retry of `ticket` was answered by its server: it no longer counts against the
+    /// budget. Lock-free. A ticket older than the window has expired anyway: nothing to do.
+    pub fn give_back(&self, ticket: RetryTicket) {
+        unbump(&self.retries[bucket_index(ticket.slot)], ticket.slot);
     }
 
     /// Retries still available in the current window (for metrics and the admin page).
@@ -116,6 +139,73 @@ impl RetryBudget {
     }
 }
 
+/// One retry charged to a [`RetryBudget`]; give it back when the retry was answered. Dropping
+/// it keeps the retry charged (it failed, or nobody knows).
+#[derive(Debug)]
+#[must_use = "give the ticket back with RetryBudget::give_back when the retry is answered"]
+pub struct RetryTicket {
+    /// The slot the retry was charged in.
+    slot: u32,
+}
+
+/// The retries one request charged to the budget, and what became of them (see the module
+/// doc): given back when the request is answered, or for a try that could not connect; kept
+/// charged when the request fails anyway.
+#[derive(Debug, Default)]
+pub struct RequestRetries {
+    /// Admitted, its try not started yet.
+    next: Option<RetryTicket>,
+    /// The try in progress is this retry.
+    current: Option<RetryTicket>,
+    /// Earlier retries of the request: they failed.
+    failed: Vec<RetryTicket>,
+}
+
+impl RequestRetries {
+    /// A retry was admitted: it is the next try.
+    pub fn admitted(&mut self, ticket: RetryTicket) {
+        if let Some(unused) = self.next.replace(ticket) {
+            self.failed.push(unused);
+        }
+    }
+
+    /// The next try starts (the admitted retry, if any).
+    pub fn start_try(&mut self) {
+        if let Some(done) = self.current.take() {
+            self.failed.push(done);
+        }
+        self.current = self.next.take();
+    }
+
+    /// The current try could not connect: its retry put no load on an origin.
+    pub fn not_connected(&mut self, budget: &RetryBudget) -> u64 {
+        self.current.take().map_or(0, |t| {
+            budget.give_back(t);
+            1
+        })
+    }
+
+    /// The request got an answer: all its retries were failover. Returns how many were given
+    /// back.
+    pub fn answered(&mut self, budget: &RetryBudget) -> u64 {
+        let mut n = 0;
+        for t in self.failed.drain(..).chain(self.current.take()) {
+            budget.give_back(t);
+            n += 1;
+        }
+        n
+    }
+
+    /// The request ends: a retry admitted but never started is given back; the others stay
+    /// charged.
+    pub fn finish(&mut self, budget: &RetryBudget) -> u64 {
+        self.next.take().map_or(0, |t| {
+            budget.give_back(t);
+            1
+        })
+    }
+}
+
 fn pack(slot: u32, count: u32) -> u64 {
     ((slot as u64) << 32) | count as u64
 }
@@ -139,6 +229,16 @@ fn bump(cell: &AtomicU64, slot: u32) {
             1
         };
         Some(pack(slot, count))
+    });
+}
+
+/// Take one back from the bucket for `slot`, if it still holds that slot (otherwise the charge
+/// has left the window already).
+fn unbump(cell: &AtomicU64, slot: u32) {
+    // `None` (nothing to take back) is the expected answer for an expired charge.
+    let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+        let (stamp, count) = unpack(word);
+        (stamp == slot && count > 0).then(|| pack(slot, count - 1))
     });
 }
 
@@ -166,7 +266,7 @@ mod tests {
 
     fn spend_all(b: &RetryBudget) -> u32 {
         let mut n = 0;
-        while b.try_retry() {
+        while b.try_retry().is_some() {
             n += 1;
             assert!(n < 1_000_000, "budget never ran out");
         }
@@ -180,9 +280,9 @@ mod tests {
             b.record_request();
         }
         for i in 0..20 {
-            assert!(b.try_retry(), "retry {} refused", i + 1);
+            assert!(b.try_retry().is_some(), "retry {} refused", i + 1);
         }
-        assert!(!b.try_retry(), "21st retry allowed");
+        assert!(b.try_retry().is_none(), "21st retry allowed");
         assert_eq!(b.remaining(), 0);
     }
 
@@ -209,7 +309,7 @@ mod tests {
 
         // Half a window later the spent retries (and the requests) still count.
         tokio::time::advance(WINDOW / 2).await;
-        assert!(!b.try_retry());
+        assert!(b.try_retry().is_none());
 
         // Once the window has slid past, old retries no longer count against the budget.
         tokio::time::advance(WINDOW / 2).await;
@@ -223,14 +323,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn old_retries_expire_bucket_by_bucket() {
         let b = RetryBudget::new(0, 2, WINDOW);
-        assert!(b.try_retry());
+        assert!(b.try_retry().is_some());
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(b.try_retry());
-        assert!(!b.try_retry());
+        assert!(b.try_retry().is_some());
+        assert!(b.try_retry().is_none());
         // The first retry leaves the window; the second is still in it.
         tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(b.try_retry());
-        assert!(!b.try_retry());
+        assert!(b.try_retry().is_some());
+        assert!(b.try_retry().is_none());
     }
 
     #[tokio::test(start_paused = true)]
@@ -260,23 +360,105 @@ mod tests {
         assert_eq!(spend_all(&b), 3);
         let b = RetryBudget::new(0, 0, WINDOW);
         b.record_request();
-        assert!(!b.try_retry());
+        assert!(b.try_retry().is_none());
     }
 
     #[tokio::test(start_paused = true)]
     async fn degenerate_inputs_do_not_panic() {
         let b = RetryBudget::new(u32::MAX, u32::MAX, Duration::ZERO);
         b.record_request();
-        assert!(b.try_retry());
+        assert!(b.try_retry().is_some());
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(b.try_retry());
+        assert!(b.try_retry().is_some());
         let b = RetryBudget::new(50, 0, Duration::MAX);
         b.record_request();
         b.record_request();
-        assert!(b.try_retry());
-        assert!(!b.try_retry());
+        assert!(b.try_retry().is_some());
+        assert!(b.try_retry().is_none());
         tokio::time::advance(Duration::from_secs(3600 * 24 * 365)).await;
-        assert!(!b.try_retry());
+        assert!(b.try_retry().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answered_retry_is_given_back() {
+        let b = RetryBudget::new(20, 3, WINDOW);
+        // Any number of retries that their servers answer cost nothing.
+        for _ in 0..1000 {
+            let t = b.try_retry().expect("admitted");
+            b.give_back(t);
+        }
+        assert_eq!(b.remaining(), 3);
+        // Wasted ones (tickets dropped) are charged: the floor of 3, then refused.
+        for _ in 0..3 {
+            drop(b.try_retry().expect("within the floor"));
+        }
+        assert!(b.try_retry().is_none());
+        assert_eq!(b.remaining(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tickets_in_flight_count_until_given_back() {
+        let b = RetryBudget::new(0, 2, WINDOW);
+        let t1 = b.try_retry().expect("first");
+        let t2 = b.try_retry().expect("second");
+        assert!(
+            b.try_retry().is_none(),
+            "two in flight fill a budget of two"
+        );
+        b.give_back(t1);
+        let t3 = b.try_retry().expect("a slot came back");
+        b.give_back(t2);
+        b.give_back(t3);
+        assert_eq!(b.remaining(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ticket_older_than_the_window_takes_nothing_back() {
+        let b = RetryBudget::new(0, 1, WINDOW);
+        let old = b.try_retry().expect("first");
+        tokio::time::advance(WINDOW).await;
+        // The old charge expired; a new one sits in the same bucket of the ring.
+        let new = b.try_retry().expect("a new window");
+        b.give_back(old);
+        assert!(b.try_retry().is_none(), "the new charge still counts");
+        b.give_back(new);
+        assert_eq!(b.remaining(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_answered_in_the_end_gives_back_all_its_retries() {
+        let b = RetryBudget::new(0, 3, WINDOW);
+        let mut r = RequestRetries::default();
+        r.start_try(); // the first try
+        for _ in 0..2 {
+            r.admitted(b.try_retry().expect("admitted"));
+            r.start_try();
+        }
+        assert_eq!(b.remaining(), 1, "two retries in flight");
+        assert_eq!(r.answered(&b), 2);
+        assert_eq!(b.remaining(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_failing_anyway_keeps_its_retries_charged() {
+        let b = RetryBudget::new(0, 3, WINDOW);
+        let mut r = RequestRetries::default();
+        r.start_try();
+        r.admitted(b.try_retry().expect("admitted"));
+        r.start_try();
+        // This retry could not connect: given back.
+        assert_eq!(r.not_connected(&b), 1);
+        r.admitted(b.try_retry().expect("admitted"));
+        r.start_try();
+        // A third retry admitted, never started (the request ended first): given back.
+        r.admitted(b.try_retry().expect("admitted"));
+        assert_eq!(r.finish(&b), 1);
+        drop(r);
+        assert_eq!(
+            b.remaining(),
+            2,
+            "the one retry that reached a server and failed"
+        );
     }
 
     #[test]
@@ -287,7 +469,7 @@ mod tests {
         }
         let granted: u32 = std::thread::scope(|s| {
             let handles: Vec<_> = (0..8)
-                .map(|_| s.spawn(|| (0..100).filter(|_| b.try_retry()).count() as u32))
+                .map(|_| s.spawn(|| (0..100).filter(|_| b.try_retry().is_some()).count() as u32))
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap_or(0)).sum()
         });

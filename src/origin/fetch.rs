@@ -3,10 +3,14 @@
 //! timeouts, retries (backoff, budget, deadline), circuit breakers and minimum body rate.
 //!
 //! Blame follows `origin::outcome`: connection-level failures are charged to the server at
-//! once; a 502/503/504 is retried only on another server that has not seen the request (never
-//! on the same one: with none left it is the answer) and charged only when a peer then answers
-//! the same request; 500 and every other answer are the application's, returned as they are.
+//! once and retried; a 502/503/504 is retried only on another server that has not seen the
+//! request (never on the same one: with none left it is the answer; nor for a URL that just
+//! failed on every server, `origin::failing`) and charged only when a peer then answers the
+//! same request; 500 and every other answer are the application's, returned as they are. A
+//! request's retries are given back to the retry budget when it is answered in the end, or
+//! when their try could not connect (`origin::budget`).
 
+use super::budget::RequestRetries;
 use super::outcome::{classify_type, status_verdict, FailureClass, StatusEvidence, StatusVerdict};
 use super::pool::{Selected, UpstreamPool};
 use crate::metrics::OriginOutcome;
@@ -252,14 +256,18 @@ pub async fn open(
 
 /// Send `req` to the group: pick a server (healthy, breaker closed, not yet tried when another
 /// is available, and preferably not one in `avoid`; panic routing when every server is
-/// ejected), and on connection failures retry after an exponential backoff with full jitter,
-/// within the group's attempts and retry budget. No try or backoff starts after `until`, and a
-/// try still waiting for its answer at `until` is abandoned.
+/// ejected), and on the server's own failures (`origin::outcome`) retry after an exponential
+/// backoff with full jitter, within the group's attempts and retry budget. A failure that is
+/// not the server's (a request we could not even build) is neither charged nor retried. No try
+/// or backoff starts after `until`, and a try still waiting for its answer at `until` is
+/// abandoned.
 ///
 /// A 502/503/504 answer is retried only on a *different* server: one of the group not yet
 /// tried for this request (nor in `avoid`) and in rotation (as nginx's `proxy_next_upstream
 /// http_50x`, never the same server twice). When none is left, that answer is final: a server
-/// that answered is never asked the same request again.
+/// that answered is never asked the same request again. A URL that failed on every server
+/// moments ago gets one try (`origin::failing`). Retries are given back to the budget when the
+/// request is answered in the end, or when their try could not connect (`origin::budget`).
 ///
 /// `Ok` is any answer with a status, including the last 502/503/504 when no other server was
 /// left or the tries ran out, so that the caller can pass the origin's own answer on; `Err`
@@ -272,6 +280,7 @@ pub async fn open_until(
     until: Instant,
 ) -> Result<OriginResponse, FetchError> {
     pool.budget.record_request();
+    let url = pool.failing_urls.mark(req.hash_key.as_bytes());
     let mut tried: Vec<SocketAddr> = avoid.to_vec();
     let mut evidence = StatusEvidence::default();
     let mut gateway_answer: Option<OriginResponse> = None;
@@ -282,13 +291,23 @@ pub async fn open_until(
         timed_out: false,
         class: None,
     };
+    let mut retries = RequestRetries::default();
     for attempt in 0..pool.settings.retry.attempts {
         if attempt > 0 {
-            if gateway_answer.is_some() && !pool.has_untried(&tried) {
-                // The gateway answer in hand is final: every server has seen this request.
+            // A URL that just failed on every server gets one try (unless this request is the
+            // one finding out).
+            if !evidence.failed_everywhere() && pool.failing_urls.is_failing(url) {
+                pool.stats
+                    .retries_skipped_failing_url
+                    .fetch_add(1, Ordering::Relaxed);
                 break;
             }
-            if !pool.budget.try_retry() {
+            // The gateway answer in hand is final when no server that has not seen this
+            // request may take it.
+            if gateway_answer.is_some() && !pool.may_pick_untried(&tried) {
+                break;
+            }
+            let Some(t) = pool.budget.try_retry() else {
                 pool.stats
                     .retries_over_budget
                     .fetch_add(1, Ordering::Relaxed);
@@ -298,18 +317,13 @@ pub async fn open_until(
                     pool.name()
                 );
                 break;
-            }
+            };
+            retries.admitted(t);
             let delay = pool.backoff.delay(attempt, &mut rand::rng());
             if Instant::now() + delay >= until {
                 break;
             }
             tokio::time::sleep(delay).await;
-            pool.count_retry();
-            log::warn!(
-                "rid={} retry {attempt} of {} after {delay:?}: {last}",
-                req.request_id,
-                req.path_and_query
-            );
         }
         if Instant::now() >= until {
             break;
@@ -323,7 +337,16 @@ pub async fn open_until(
         } else {
             pool.pick(req.hash_key.as_bytes(), &tried)
         };
+        retries.start_try();
         let addr = sel.addr;
+        if attempt > 0 {
+            pool.count_retry();
+            log::warn!(
+                "rid={} retry {attempt} of {} on {addr}: {last}",
+                req.request_id,
+                req.path_and_query
+            );
+        }
         tried.push(addr);
         let tried = tokio::time::timeout_at(until, try_server(connector, pool, addr, req)).await;
         let outcome = match &tried {
@@ -338,7 +361,13 @@ pub async fn open_until(
             Ok(Ok(mut resp)) => {
                 let status = resp.status();
                 if status_verdict(status) == StatusVerdict::Answered {
+                    // Failover, not a storm: the request's retries cost the budget nothing.
+                    let n = retries.answered(&pool.budget);
+                    pool.stats
+                        .retries_given_back
+                        .fetch_add(n, Ordering::Relaxed);
                     evidence.answered_by(addr, &req.request_id);
+                    pool.failing_urls.answered(url);
                     resp.selected = Some(sel);
                     if let Some(old) = gateway_answer.take() {
                         old.discard().await;
@@ -357,11 +386,27 @@ pub async fn open_until(
                 if let Some(old) = gateway_answer.replace(resp) {
                     old.discard().await;
                 }
+                if evidence.failed_everywhere() {
+                    // Two servers failed this URL: the next requests for it get one try for a
+                    // while (this one goes on, should a third server answer it).
+                    pool.failing_urls.failed_everywhere(url);
+                }
             }
             Ok(Err(e)) => {
-                let class = e.class.unwrap_or(FailureClass::Connect);
-                sel.failed(class, &req.request_id);
                 log::warn!("rid={} origin {addr} failed: {e}", req.request_id);
+                let Some(class) = e.class else {
+                    // Not the server's failure (ours): nothing to charge, nothing to retry.
+                    sel.release();
+                    last = e;
+                    break;
+                };
+                if class.is_down() {
+                    let n = retries.not_connected(&pool.budget);
+                    pool.stats
+                        .retries_given_back
+                        .fetch_add(n, Ordering::Relaxed);
+                }
+                sel.failed(class, &req.request_id);
                 last = e;
             }
             Err(_) => {
@@ -377,6 +422,10 @@ pub async fn open_until(
             }
         }
     }
+    let n = retries.finish(&pool.budget);
+    pool.stats
+        .retries_given_back
+        .fetch_add(n, Ordering::Relaxed);
     if evidence.held().next().is_some() {
         pool.stats.gateway_uncharged.fetch_add(1, Ordering::Relaxed);
     }

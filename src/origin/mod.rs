@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod breaker;
 pub mod budget;
+pub mod failing;
 pub mod fetch;
 pub mod outcome;
 pub mod pool;
@@ -18,6 +19,12 @@ pub struct ResilienceStats {
     pub retries: AtomicU64,
     /// Retries refused because the budget was spent.
     pub retries_over_budget: AtomicU64,
+    /// Retries given back to the budget: their request was answered in the end, or their try
+    /// could not connect (`origin::budget`).
+    pub retries_given_back: AtomicU64,
+    /// Failed tries not retried because their URL had just failed on every server
+    /// (`origin::failing`).
+    pub retries_skipped_failing_url: AtomicU64,
     pub breaker_opened: AtomicU64,
     pub breaker_half_opened: AtomicU64,
     pub breaker_closed: AtomicU64,

@@ -69,6 +69,14 @@ impl FailureClass {
     pub fn index(self) -> usize {
         self as usize
     }
+
+    /// A failure to connect at all (refused, unreachable, timed out): the server is *down*, as
+    /// an active health check would find, rather than an outlier among servers that answer. Its
+    /// ejection neither counts towards nor is held back by `max_ejected_percent` (see
+    /// `origin::pool`): it serves nothing either way.
+    pub fn is_down(self) -> bool {
+        matches!(self, FailureClass::Connect | FailureClass::ConnectTimeout)
+    }
 }
 
 impl std::fmt::Display for FailureClass {
@@ -96,7 +104,8 @@ pub fn status_verdict(status: u16) -> StatusVerdict {
 }
 
 /// Classify a Pingora error seen while talking to an origin. `None`: not the origin server's
-/// fault (the client's doing, or ours), so nothing is charged.
+/// fault (the client's doing, or ours), so nothing is charged, and nothing is retried either:
+/// a retry is for a failure of the server's own (the same rule decides both).
 ///
 /// `request_body_done`: whether the client had sent its whole request body. A server that times
 /// out or closes while it is still owed request bytes is waiting on the client, not failing.
@@ -137,9 +146,15 @@ pub fn classify_type(etype: &ErrorType, request_body_done: bool) -> Option<Failu
 /// status, the URL fails everywhere: the earlier holds are released uncharged (the newest is
 /// held in turn). Whatever is still held when the request ends is released uncharged, so a lone
 /// server, or a request whose retries ran out, charges nobody for statuses.
+///
+/// When gateway answers came from two servers or more and none answered, the URL failed
+/// everywhere it was tried ([`StatusEvidence::failed_everywhere`]): `origin::failing`
+/// remembers it for a while.
 #[derive(Default)]
 pub struct StatusEvidence {
     held: Vec<Selected>,
+    /// Gateway answers came from more than one server, and no server answered since.
+    several: bool,
 }
 
 impl StatusEvidence {
@@ -147,7 +162,9 @@ impl StatusEvidence {
     /// this server failed the same request too.
     pub fn hold(&mut self, sel: Selected) {
         let addr = sel.addr;
+        let before = self.held.len();
         self.held.retain(|h| h.addr == addr);
+        self.several |= self.held.len() < before;
         self.held.push(sel);
     }
 
@@ -155,11 +172,18 @@ impl StatusEvidence {
     /// *other* servers; release the ones of `addr` itself (the same server answered well, so
     /// its gateway answer was a blip, not evidence).
     pub fn answered_by(&mut self, addr: SocketAddr, request_id: &str) {
+        self.several = false;
         for sel in self.held.drain(..) {
             if sel.addr != addr {
                 sel.failed(FailureClass::GatewayStatus, request_id);
             }
         }
+    }
+
+    /// Whether the request got gateway answers from two servers or more and no answer: the URL
+    /// fails everywhere it was tried.
+    pub fn failed_everywhere(&self) -> bool {
+        self.several && !self.held.is_empty()
     }
 
     /// Servers currently held (for tests and logs).

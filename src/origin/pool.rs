@@ -7,8 +7,13 @@
 //! Selection reads breaker state with atomics only; it never waits.
 //!
 //! Never a self-made outage:
-//! - at most `max_ejected_percent` of the group's servers are ejected at once (at least one
-//!   may always be): a trip beyond that is held back and the server stays in rotation;
+//! - at most `max_ejected_percent` of the group's servers are ejected at once as *outliers*
+//!   (for their answers: gateway statuses, resets, read timeouts, broken framing, trickling
+//!   bodies; at least one may always be): a trip beyond that is held back and the server stays
+//!   in rotation. A server that cannot be connected to at all is *down*
+//!   ([`FailureClass::is_down`]), as an active health check would find: its ejection takes no
+//!   capacity that was serving, so it neither counts towards the cap nor is held back by it
+//!   (otherwise a dead server would keep a failing one in rotation);
 //! - when every server is ejected anyway (breakers `Open`/`HalfOpen` with no probe slot, or
 //!   marked down by active health checks), selection enters *panic routing*: it picks a server
 //!   regardless, as Envoy does below its panic threshold, so requests still reach a server that
@@ -17,6 +22,7 @@
 use super::backoff::Backoff;
 use super::breaker::{Admission, Breaker, BreakerState, Transition};
 use super::budget::RetryBudget;
+use super::failing::FailingUrls;
 use super::outcome::FailureClass;
 use super::ResilienceStats;
 use crate::config::{Balance, UpstreamSettings};
@@ -30,7 +36,7 @@ use prometheus::IntCounter;
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,6 +58,8 @@ pub struct UpstreamPool {
     /// What outcome reports need: stats, the trip lock and the ejection cap.
     group: Arc<GroupView>,
     pub budget: RetryBudget,
+    /// URLs that just failed on every server: their gateway answers are not retried.
+    pub failing_urls: FailingUrls,
     pub backoff: Backoff,
     pub stats: Arc<ResilienceStats>,
     /// This group's and its servers' figures for `/metrics`.
@@ -77,9 +85,18 @@ struct GroupView {
     /// Held while a failure is recorded, so that two servers tripping at once cannot both slip
     /// under the ejection cap. Taken only on failures, never on the success path.
     trip_lock: Arc<Mutex<()>>,
-    /// Every breaker of the group, to count how many are ejected before a trip.
-    breakers: Vec<Arc<Breaker>>,
+    /// Every server of the group, to count how many are ejected as outliers before a trip.
+    members: Vec<Member>,
+    /// Outlier ejections allowed at once (`max_ejected_percent` of the group, at least 1).
     max_ejected: usize,
+}
+
+/// A server's breaker and why it was last ejected.
+struct Member {
+    breaker: Arc<Breaker>,
+    /// Its last trip was for being down (connect failures), not as an outlier: while ejected
+    /// it does not count towards `max_ejected`. Written under `trip_lock`.
+    down: AtomicBool,
 }
 
 impl Selected {
@@ -92,8 +109,8 @@ impl Selected {
     }
 
     /// The try failed by the server's own fault (see `origin::outcome`): charge its breaker.
-    /// A `Closed → Open` trip happens only while fewer than `max_ejected` servers of the group
-    /// are ejected.
+    /// A `Closed → Open` trip for a down server ([`FailureClass::is_down`]) always happens; an
+    /// outlier's only while fewer than `max_ejected` other servers are ejected as outliers.
     pub fn failed(mut self, class: FailureClass, request_id: &str) {
         self.group.stats.count_failure(class);
         let Some(a) = self.admission.take() else {
@@ -103,10 +120,17 @@ impl Selected {
         let _trip = g.trip_lock.lock().unwrap_or_else(|e| e.into_inner());
         let me = &self.breaker;
         let mut may_eject = || {
+            if class.is_down() {
+                return true;
+            }
             let others = g
-                .breakers
+                .members
                 .iter()
-                .filter(|b| !Arc::ptr_eq(b, me) && b.is_ejected())
+                .filter(|m| {
+                    !Arc::ptr_eq(&m.breaker, me)
+                        && !m.down.load(Ordering::Relaxed)
+                        && m.breaker.is_ejected()
+                })
                 .count();
             let ok = others < g.max_ejected;
             if !ok {
@@ -114,14 +138,19 @@ impl Selected {
                 // Counted on every failure past the threshold; logged at debug so a storm of
                 // failures cannot flood the log (the trips themselves are WARN lines).
                 log::debug!(
-                    "rid={request_id} origin {} failing ({class}) but {others} of {} servers are already ejected (max_ejected_percent): kept in rotation",
+                    "rid={request_id} origin {} failing ({class}) but {others} of {} servers are already ejected as outliers (max_ejected_percent): kept in rotation",
                     self.addr,
-                    g.breakers.len()
+                    g.members.len()
                 );
             }
             ok
         };
         let t = me.record_failure_gated(a, &mut may_eject);
+        if t.is_some_and(|t| t.to == BreakerState::Open) {
+            if let Some(m) = g.members.iter().find(|m| Arc::ptr_eq(&m.breaker, me)) {
+                m.down.store(class.is_down(), Ordering::Relaxed);
+            }
+        }
         log_transition(g, self.addr, t, Some(class), request_id);
     }
 
@@ -232,13 +261,20 @@ impl UpstreamPool {
             metrics: metrics.clone(),
             stats: stats.clone(),
             trip_lock: Arc::new(Mutex::new(())),
-            breakers: breakers.values().cloned().collect(),
+            members: breakers
+                .values()
+                .map(|b| Member {
+                    breaker: b.clone(),
+                    down: AtomicBool::new(false),
+                })
+                .collect(),
             max_ejected,
         });
         let retry = settings.retry;
         let weight_sum: usize = settings.servers.iter().map(|s| s.weight as usize).sum();
         Ok(UpstreamPool {
             budget: RetryBudget::new(retry.budget_percent, BUDGET_MIN_RETRIES, BUDGET_WINDOW),
+            failing_urls: FailingUrls::new(),
             backoff: Backoff {
                 base: retry.backoff,
                 max: retry.max_backoff,
@@ -301,12 +337,14 @@ impl UpstreamPool {
     }
 
     /// Choose a server for `key` (the cache key under consistent hashing): healthy, admitted by
-    /// its breaker, and not in `tried` when another such server exists. When no server is
+    /// its breaker, and not in `tried` when another such server exists (for a retry, preferably
+    /// one whose last outcomes were all good: [`UpstreamPool::pick_retry`]). When no server is
     /// admitted (all ejected or marked down), panic routing picks one anyway, preferring one not
     /// yet tried; such a try carries no admission. Never fails: a group has at least one server.
     pub fn pick(&self, key: &[u8], tried: &[SocketAddr]) -> Selected {
         if let Some(sel) = self
-            .pick_where(key, |a| !tried.contains(a))
+            .pick_retry(key, tried)
+            .or_else(|| self.pick_where(key, |a| !tried.contains(a)))
             .or_else(|| self.pick_where(key, |_| true))
         {
             return sel;
@@ -334,19 +372,36 @@ impl UpstreamPool {
         }
     }
 
-    /// Whether the group has a server not in `tried` (in rotation or not).
-    pub fn has_untried(&self, tried: &[SocketAddr]) -> bool {
-        self.settings
-            .servers
-            .iter()
-            .any(|s| !tried.contains(&s.addr))
-    }
-
     /// A server not in `tried` that is in rotation (healthy, breaker admitting), if any: where
     /// a gateway answer (502/503/504) may be retried. Never a server already tried, and no
     /// panic routing: with none left, the gateway answer stands.
     pub fn pick_untried(&self, key: &[u8], tried: &[SocketAddr]) -> Option<Selected> {
-        self.pick_where(key, |a| !tried.contains(a))
+        self.pick_retry(key, tried)
+            .or_else(|| self.pick_where(key, |a| !tried.contains(a)))
+    }
+
+    /// For a retry (`tried` not empty): an untried server whose last outcomes were all good
+    /// ([`Breaker::is_clean`]), so that a retry after a failure does not land on a server that
+    /// is failing too (a dead one not yet ejected, an outlier held back by the cap) while a
+    /// clean one is there. First tries are never steered this way: they keep every server's
+    /// record current.
+    fn pick_retry(&self, key: &[u8], tried: &[SocketAddr]) -> Option<Selected> {
+        if tried.is_empty() {
+            return None;
+        }
+        self.pick_where(key, |a| {
+            !tried.contains(a) && self.breakers.get(a).is_some_and(|b| b.is_clean())
+        })
+    }
+
+    /// Whether [`UpstreamPool::pick_untried`] would likely find a server: one not in `tried`
+    /// whose breaker admits traffic. Reserves nothing and ignores active health checks (the
+    /// pick itself has the last word); decides whether a gateway answer is worth a retry before
+    /// the retry budget is asked.
+    pub fn may_pick_untried(&self, tried: &[SocketAddr]) -> bool {
+        self.settings.servers.iter().any(|s| {
+            !tried.contains(&s.addr) && self.breakers.get(&s.addr).is_some_and(|b| b.allows())
+        })
     }
 
     /// Whether the whole group looks down: every server ejected or failing (a streak the
@@ -557,12 +612,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn at_most_max_ejected_percent_is_ejected() {
         let p = pool(2, 50);
-        // Both servers refuse connections.
+        // Both servers reset every request.
         for _ in 0..10 {
             for a in addrs(&p) {
                 let sel = p.pick(b"/x", &[]);
                 let _ = a;
-                sel.failed(FailureClass::Connect, "t");
+                sel.failed(FailureClass::Reset, "t");
             }
         }
         let open: Vec<_> = addrs(&p)
@@ -589,13 +644,102 @@ mod tests {
     async fn zero_percent_still_lets_one_server_go() {
         let p = pool(3, 0);
         for _ in 0..30 {
-            p.pick(b"/x", &[]).failed(FailureClass::Connect, "t");
+            p.pick(b"/x", &[]).failed(FailureClass::ReadTimeout, "t");
         }
         let ejected = addrs(&p)
             .iter()
             .filter(|a| p.breaker(a).is_some_and(|b| b.is_ejected()))
             .count();
         assert_eq!(ejected, 1);
+    }
+
+    fn ejected(p: &UpstreamPool) -> Vec<SocketAddr> {
+        addrs(p)
+            .into_iter()
+            .filter(|a| p.breaker(a).is_some_and(|b| b.is_ejected()))
+            .collect()
+    }
+
+    /// Charge `class` to `addr` until its breaker has seen `n` failures.
+    fn charge_n(p: &UpstreamPool, addr: SocketAddr, class: FailureClass, n: usize) {
+        let mut charged = 0;
+        while charged < n {
+            let sel = p.pick(b"/x", &[]);
+            if sel.addr == addr {
+                sel.failed(class, "t");
+                charged += 1;
+            } else {
+                sel.succeeded("t");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_down_server_neither_fills_nor_is_held_by_the_cap() {
+        // Three servers, 50 %: one outlier ejection at a time.
+        for max in [0, 50] {
+            let p = pool(3, max);
+            let [dead, failing, _good] = [addrs(&p)[0], addrs(&p)[1], addrs(&p)[2]];
+            charge_n(&p, dead, FailureClass::Connect, 3);
+            assert_eq!(ejected(&p), vec![dead]);
+            // The dead server's ejection leaves room for the outlier.
+            charge_n(&p, failing, FailureClass::GatewayStatus, 3);
+            assert_eq!(
+                ejected(&p).len(),
+                2,
+                "max {max}: the outlier is ejected too"
+            );
+            assert_eq!(state(&p, failing), BreakerState::Open);
+            assert_eq!(p.stats.ejections_capped.load(Ordering::Relaxed), 0);
+        }
+
+        // The other way round: an outlier fills the cap, a down server is ejected anyway.
+        let p = pool(3, 0);
+        let [a, b, c] = [addrs(&p)[0], addrs(&p)[1], addrs(&p)[2]];
+        charge_n(&p, a, FailureClass::Reset, 3);
+        charge_n(&p, b, FailureClass::ConnectTimeout, 3);
+        assert_eq!(ejected(&p).len(), 2);
+        // A second outlier is held back: only one outlier ejection at a time.
+        charge_n(&p, c, FailureClass::TooSlow, 3);
+        assert_eq!(state(&p, c), BreakerState::Closed);
+        assert!(p.stats.ejections_capped.load(Ordering::Relaxed) >= 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_down_server_probed_back_into_an_outlier_counts_as_one() {
+        let p = pool(3, 0);
+        let [a, b, _c] = [addrs(&p)[0], addrs(&p)[1], addrs(&p)[2]];
+        charge_n(&p, a, FailureClass::Connect, 3);
+        advance(SEC * 10).await;
+        // Its probe now connects but resets: ejected again, as an outlier this time.
+        let probe = p.pick_untried(b"/x", &[b, _c]).expect("the probe");
+        assert_eq!(probe.addr, a);
+        probe.failed(FailureClass::Reset, "t");
+        assert_eq!(state(&p, a), BreakerState::Open);
+        // So the cap (one outlier) is full: b is held back.
+        charge_n(&p, b, FailureClass::GatewayStatus, 3);
+        assert_eq!(state(&p, b), BreakerState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_prefers_a_server_whose_last_outcomes_were_good() {
+        let p = pool(3, 50);
+        let [a, b, c] = [addrs(&p)[0], addrs(&p)[1], addrs(&p)[2]];
+        // a failed once (below the threshold): still in rotation, but not clean.
+        charge_n(&p, a, FailureClass::Connect, 1);
+        assert_eq!(state(&p, a), BreakerState::Closed);
+        for _ in 0..20 {
+            // A retry after b failed goes to c, never to a, whatever the rotation.
+            let sel = p.pick(b"/x", &[b]);
+            assert_eq!(sel.addr, c);
+            sel.succeeded("t");
+            assert_eq!(p.pick_untried(b"/x", &[b]).map(|s| s.addr), Some(c));
+        }
+        // With no clean server untried, any untried one.
+        assert_eq!(p.pick(b"/x", &[b, c]).addr, a);
+        // First tries are not steered: a still gets its share.
+        let firsts: Vec<SocketAddr> = (0..6).map(|_| p.pick(b"/x", &[]).addr).collect();
+        assert!(firsts.contains(&a), "{firsts:?}");
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,6 +1,8 @@
 //! The per-request context, split by concern so each phase touches only what it owns.
 
 use crate::config::Route;
+use crate::origin::budget::RequestRetries;
+use crate::origin::failing::UrlMark;
 use crate::origin::outcome::StatusEvidence;
 use crate::origin::pool::Selected;
 use crate::runtime::Runtime;
@@ -44,6 +46,13 @@ pub struct UpstreamCtx {
     pub counted: bool,
     /// Counts the current answer's body bytes (`edgeslice_origin_response_bytes_total`).
     pub body_bytes: Option<prometheus::IntCounter>,
+    /// The retries this request charged to the group's budget (given back if it is answered).
+    pub retries: RequestRetries,
+    /// The request was counted in the group's retry budget (once it reached the origin side:
+    /// a request refused before it was sent, for the client's doing, is never counted).
+    pub budget_counted: bool,
+    /// The request's URL in the group's table of URLs failing everywhere (`origin::failing`).
+    pub url: Option<UrlMark>,
 }
 
 impl RequestCtx {

@@ -32,9 +32,10 @@ pub const VIA_VALUE: &str = "1.1 edgeslice";
 const HOP_BY_HOP: [&str; 4] = ["keep-alive", "proxy-connection", "te", "trailer"];
 
 /// The hop-by-hop fields present in `headers`: the fixed list, `Connection` itself, and every
-/// field it names. `Upgrade` (and `Connection`) stay only when `keep_upgrade` (a protocol
-/// upgrade Pingora is proxying). Pingora's header types keep a case map, so callers remove the
-/// names through their own API.
+/// field it names, except `Host`: the request's host routes and keys it, so a client naming it
+/// in `Connection` never removes it (Pingora refuses such a request on pass-through). `Upgrade`
+/// (and `Connection`) stay only when `keep_upgrade` (a protocol upgrade Pingora is proxying).
+/// Pingora's header types keep a case map, so callers remove the names through their own API.
 pub fn hop_by_hop_names(headers: &HeaderMap, keep_upgrade: bool) -> Vec<HeaderName> {
     let mut names: Vec<HeaderName> = headers
         .get_all(CONNECTION)
@@ -257,6 +258,17 @@ mod tests {
     }
 
     #[test]
+    fn host_named_in_connection_is_never_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Host, x-secret".parse().unwrap());
+        h.insert("host", "media.example".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["host"], "media.example");
+    }
+
+    #[test]
     fn fills_forward_end_to_end_fields_only() {
         let mut h = HeaderMap::new();
         for (n, v) in [
@@ -314,17 +326,6 @@ mod tests {
         assert_eq!(out.get_all("accept-language").iter().count(), 2);
         assert_eq!(out["x-forwarded-for"], "127.0.0.1");
         assert_eq!(out["x-forwarded-proto"], "http");
-    }
-
-    #[test]
-    fn connection_never_removes_host() {
-        let mut h = HeaderMap::new();
-        h.insert("connection", "Host, x-a".parse().unwrap());
-        h.insert("host", "example.com".parse().unwrap());
-        h.insert("x-a", "1".parse().unwrap());
-        strip_hop_by_hop(&mut h, false);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert_eq!(h["host"], "example.com");
     }
 
     #[test]

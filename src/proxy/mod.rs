@@ -30,10 +30,11 @@ use crate::cache::key::ObjectKey;
 use crate::cache::store::ChunkCache;
 use crate::config::{Route, ShapingSettings};
 use crate::metrics::OriginOutcome;
+use crate::origin::budget::{RequestRetries, RetryBudget};
 use crate::origin::outcome::{classify_error, status_verdict, StatusVerdict};
 use crate::origin::pool::{Selected, UpstreamPool};
 use crate::origin::ResilienceStats;
-use crate::runtime::Current;
+use crate::runtime::{Current, Runtime};
 use crate::shaping::identity::client_key;
 use crate::shaping::{ConnectionHandle, Refused, Shaper, ShapingStats};
 use async_trait::async_trait;
@@ -188,9 +189,28 @@ impl Edge {
 
     /// The pool of the request's route, in the snapshot the request started with.
     fn pool<'c>(&self, ctx: &'c RequestCtx) -> Option<&'c Arc<UpstreamPool>> {
-        ctx.route
-            .as_ref()
-            .and_then(|r| ctx.runtime.pools.get(&r.upstream.name))
+        pool_of(&ctx.runtime, ctx.route.as_ref())
+    }
+
+    /// Give back to the budget the retries `give_back` returns (from the request's
+    /// [`RequestRetries`]), and count them.
+    fn give_back_retries(
+        ctx: &mut RequestCtx,
+        give_back: impl FnOnce(&mut RequestRetries, &RetryBudget) -> u64,
+    ) {
+        let RequestCtx {
+            runtime,
+            route,
+            upstream,
+            ..
+        } = ctx;
+        let Some(pool) = pool_of(runtime, route.as_ref()) else {
+            return;
+        };
+        let n = give_back(&mut upstream.retries, &pool.budget);
+        pool.stats
+            .retries_given_back
+            .fetch_add(n, Ordering::Relaxed);
     }
 
     /// Count a pass-through try that failed before its answer was counted, when the failure was
@@ -237,15 +257,32 @@ impl Edge {
         }
     }
 
-    /// Whether a failed pass-through try may be retried: within the group's attempts, deadline
-    /// and retry budget; before any response byte went to the client; and, for a method that
-    /// is not idempotent, only when the request provably never reached an origin (`connect_failure`).
-    fn may_retry(&self, session: &Session, ctx: &RequestCtx, connect_failure: bool) -> bool {
-        let Some(pool) = self.pool(ctx) else {
+    /// Count the request in its group's retry budget, once: when it is sent to an origin, or
+    /// when connecting for it failed by the server's fault. A request refused before it was
+    /// sent (by Pingora or by us, for what the client sent) never reaches the budget.
+    fn count_in_budget(&self, ctx: &mut RequestCtx) {
+        if ctx.upstream.budget_counted {
+            return;
+        }
+        if let Some(pool) = self.pool(ctx) {
+            pool.budget.record_request();
+            ctx.upstream.budget_counted = true;
+        }
+    }
+
+    /// Whether a failed pass-through try may be retried: only for a failure of the server's own
+    /// (the callers check `classify_error`) or a gateway answer; within the group's attempts,
+    /// deadline and retry budget; before any response byte went to the client; for a method
+    /// that is not idempotent, only when the request provably never reached an origin
+    /// (`Cause::Connect`). After a gateway answer a retry goes only to a server that has not
+    /// seen the request (`UpstreamPool::pick_untried`), and never for a URL that just failed on
+    /// every server (`origin::failing`). The retry's budget ticket is kept in the context.
+    fn may_retry(&self, session: &Session, ctx: &mut RequestCtx, cause: Cause) -> bool {
+        let Some(pool) = self.pool(ctx).cloned() else {
             return false;
         };
         let req = session.req_header();
-        if !connect_failure && !req.method.is_idempotent() {
+        if cause != Cause::Connect && !req.method.is_idempotent() {
             return false;
         }
         if session.response_written().is_some() || session.as_ref().retry_buffer_truncated() {
@@ -256,7 +293,25 @@ impl Edge {
         {
             return false;
         }
-        if !pool.budget.try_retry() {
+        // A URL that just failed on every server gets one try (unless this request is the one
+        // finding out).
+        if !ctx.upstream.evidence.failed_everywhere()
+            && ctx
+                .upstream
+                .url
+                .is_some_and(|u| pool.failing_urls.is_failing(u))
+        {
+            pool.stats
+                .retries_skipped_failing_url
+                .fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        let after_gateway =
+            cause == Cause::Gateway || ctx.upstream.evidence.held().next().is_some();
+        if after_gateway && !pool.may_pick_untried(&ctx.upstream.tried) {
+            return false;
+        }
+        let Some(ticket) = pool.budget.try_retry() else {
             pool.stats
                 .retries_over_budget
                 .fetch_add(1, Ordering::Relaxed);
@@ -266,9 +321,26 @@ impl Edge {
                 pool.name()
             );
             return false;
-        }
+        };
+        ctx.upstream.retries.admitted(ticket);
         true
     }
+}
+
+/// What a pass-through retry would follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// Connecting failed by the server's fault: nothing reached an origin.
+    Connect,
+    /// The server failed after the request was sent (reset, timeout, broken framing).
+    Failed,
+    /// The server answered 502/503/504.
+    Gateway,
+}
+
+/// The pool of `route`'s group in the configuration snapshot `runtime`.
+fn pool_of<'a>(runtime: &'a Runtime, route: Option<&Arc<Route>>) -> Option<&'a Arc<UpstreamPool>> {
+    route.and_then(|r| runtime.pools.get(&r.upstream.name))
 }
 
 /// The cache key of a request on `route`.
@@ -473,9 +545,7 @@ impl ProxyHttp for Edge {
         let attempt = ctx.upstream.tried.len() as u32;
         ctx.upstream.counted = false;
         ctx.upstream.body_bytes = None;
-        if attempt == 0 {
-            pool.budget.record_request();
-        } else {
+        if attempt > 0 {
             // A retry that fail_to_connect / error_while_proxy decided: back off first, never
             // past the request's deadline.
             let remaining = pool.settings.deadline.saturating_sub(ctx.started.elapsed());
@@ -488,8 +558,19 @@ impl ProxyHttp for Edge {
             );
         }
         let key = self.hash_key(session, ctx);
-        // Never a 503 of our own: with every server ejected, panic routing still picks one.
-        let sel = pool.pick(key.as_bytes(), &ctx.upstream.tried);
+        if attempt == 0 {
+            ctx.upstream.url = Some(pool.failing_urls.mark(key.as_bytes()));
+        }
+        // After a gateway answer only a server that has not seen the request (may_retry checked
+        // there is one; should it have left rotation since, any server). Never a 503 of our
+        // own: with every server ejected, panic routing still picks one.
+        let untried = if ctx.upstream.evidence.held().next().is_some() {
+            pool.pick_untried(key.as_bytes(), &ctx.upstream.tried)
+        } else {
+            None
+        };
+        let sel = untried.unwrap_or_else(|| pool.pick(key.as_bytes(), &ctx.upstream.tried));
+        ctx.upstream.retries.start_try();
         let addr = sel.addr;
         ctx.upstream.tried.push(addr);
         ctx.upstream.current = Some(sel);
@@ -513,8 +594,17 @@ impl ProxyHttp for Edge {
             self.count_failed_try(ctx, sel.addr, &e, true);
             charge(sel, &e, true, &ctx.request_id);
         }
+        // Retried only when the failure is the server's own (the same rule that charges it).
         // Nothing reached the origin: any method may go to another server.
-        let retry = self.may_retry(session, ctx, true);
+        let class = classify_error(&e, true);
+        if class.is_some_and(|c| c.is_down()) {
+            // A retry that could not connect put no load on an origin.
+            Self::give_back_retries(ctx, RequestRetries::not_connected);
+        }
+        let retry = class.is_some() && {
+            self.count_in_budget(ctx);
+            self.may_retry(session, ctx, Cause::Connect)
+        };
         e.set_retry(retry);
         e
     }
@@ -528,13 +618,17 @@ impl ProxyHttp for Edge {
         _client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
+        let body_done = session.as_mut().is_body_done();
         if let Some(sel) = ctx.upstream.current.take() {
-            let body_done = session.as_mut().is_body_done();
             self.count_failed_try(ctx, sel.addr, &e, body_done);
             charge(sel, &e, body_done, &ctx.request_id);
         }
-        let retry =
-            std::mem::take(&mut ctx.upstream.status_retry) || self.may_retry(session, ctx, false);
+        // A gateway answer's retry was decided in upstream_response_filter. Otherwise only a
+        // failure of the server's own is retried: never one the client caused (a request
+        // Pingora refused, a broken or short request body, a client gone) nor our own error.
+        let retry = std::mem::take(&mut ctx.upstream.status_retry)
+            || (classify_error(&e, body_done).is_some()
+                && self.may_retry(session, ctx, Cause::Failed));
         e.set_retry(retry);
         e
     }
@@ -553,6 +647,14 @@ impl ProxyHttp for Edge {
         }
         match status_verdict(status) {
             StatusVerdict::Answered => {
+                if ctx.upstream.tried.len() > 1 {
+                    // The request is answered: its retries were failover, not a storm, and are
+                    // given back to the budget.
+                    Self::give_back_retries(ctx, RequestRetries::answered);
+                }
+                if let (Some(pool), Some(url)) = (self.pool(ctx), ctx.upstream.url) {
+                    pool.failing_urls.answered(url);
+                }
                 // Any earlier gateway answers to this request were outliers: charge them.
                 if let Some(addr) = ctx.upstream.current.as_ref().map(|s| s.addr) {
                     ctx.upstream.evidence.answered_by(addr, &ctx.request_id);
@@ -562,7 +664,14 @@ impl ProxyHttp for Edge {
                 if let Some(sel) = ctx.upstream.current.take() {
                     ctx.upstream.evidence.hold(sel);
                 }
-                if self.may_retry(session, ctx, false) {
+                if ctx.upstream.evidence.failed_everywhere() {
+                    // Two servers failed this URL: the next requests for it get one try for a
+                    // while (this one goes on, should a third server answer it).
+                    if let (Some(pool), Some(url)) = (self.pool(ctx), ctx.upstream.url) {
+                        pool.failing_urls.failed_everywhere(url);
+                    }
+                }
+                if self.may_retry(session, ctx, Cause::Gateway) {
                     ctx.upstream.status_retry = true;
                     return Err(Error::explain(
                         ErrorType::HTTPStatus(status),
@@ -580,6 +689,8 @@ impl ProxyHttp for Edge {
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // The request goes out now: it counts in the group's retry budget.
+        self.count_in_budget(ctx);
         let keep_upgrade = session.is_upgrade_req();
         for name in headers::hop_by_hop_names(&upstream_request.headers, keep_upgrade) {
             upstream_request.remove_header(&name);
@@ -722,6 +833,10 @@ impl ProxyHttp for Edge {
             }
         }
         ctx.upstream.evidence = Default::default();
+        if !ctx.upstream.tried.is_empty() {
+            // A retry admitted but never started is given back.
+            Self::give_back_retries(ctx, RequestRetries::finish);
+        }
         let req = session.req_header();
         let status = session
             .response_written()
