@@ -104,6 +104,7 @@ pub struct RawCache {
     pub heuristic_max: Option<Dur>,
     pub max_ranges: Option<Spanned<usize>>,
     pub max_concurrent_fills: Option<Spanned<usize>>,
+    pub metadata_capacity: Option<Spanned<Size>>,
     pub memory: Option<RawMemory>,
     pub disk: Option<RawDisk>,
 }
@@ -119,6 +120,7 @@ pub struct RawMemory {
 pub struct RawDisk {
     pub path: Spanned<String>,
     pub capacity: Spanned<Size>,
+    pub index_capacity: Option<Spanned<Size>>,
 }
 
 #[derive(Debug, Deserialize)]
