@@ -512,6 +512,10 @@ mod tests {
     use crate::config::DiskSettings;
 
     fn cache_on_disk(dir: &std::path::Path) -> ChunkCache {
+        cache_with_metadata(dir, 1 << 20)
+    }
+
+    fn cache_with_metadata(dir: &std::path::Path, metadata_capacity: u64) -> ChunkCache {
         ChunkCache::new(&CacheSettings {
             chunk_size: 1000,
             max_object_size: 1 << 20,
@@ -522,7 +526,7 @@ mod tests {
             max_ranges: 16,
             max_concurrent_fills: 4,
             memory_capacity: 1 << 20,
-            metadata_capacity: 1 << 20,
+            metadata_capacity,
             disk: Some(DiskSettings {
                 path: dir.join("cache"),
                 capacity: 1 << 20,
@@ -630,6 +634,43 @@ mod tests {
         );
         assert_eq!(cache.purge(&purge("path=/w/c&host=H2")).await, 1);
         assert_eq!(cache.disk_used(), 0, "every file gone");
+    }
+
+    #[tokio::test]
+    async fn metadata_evicted_from_memory_is_found_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        // 64 KiB of metadata table; 300 objects of about 1.5 KiB of metadata each.
+        let cache = cache_with_metadata(dir.path(), 64 << 10);
+        let keys: Vec<ObjectKey> = (0..300)
+            .map(|i| ObjectKey(format!("o|h|/many/{i}/{}", "u".repeat(200)).into()))
+            .collect();
+        let mut metas = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let mut m = (*meta(&format!("\"v{i}\""))).clone();
+            m.headers = vec![
+                ("x-pad".into(), "p".repeat(300)),
+                ("x-n".into(), i.to_string()),
+            ];
+            let m = Arc::new(m);
+            cache.put_meta(key, m.clone()).await;
+            metas.push(m);
+        }
+        assert!(
+            cache.metadata_bytes() <= 64 << 10,
+            "{}",
+            cache.metadata_bytes()
+        );
+        let in_memory = keys
+            .iter()
+            .filter(|k| cache.tables.meta(k).is_some())
+            .count();
+        assert!(in_memory < 100, "{in_memory} of 300 in memory");
+        // Every object is still known, from disk, exactly as stored.
+        for (key, m) in keys.iter().zip(&metas) {
+            let found = cache.meta(key).await.expect("found on disk");
+            assert_eq!(found.validator, m.validator);
+            assert_eq!(found.headers, m.headers);
+        }
     }
 
     #[tokio::test]
