@@ -38,14 +38,14 @@ use super::store::{VaryMarker, HIT_FOR_PASS_TTL};
 use bytes::Bytes;
 use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 /// What moka keeps per entry besides the key and value we weigh (its hash-map bucket, the
-/// reference-counted wrappers of key and value, the access-order and timer-wheel nodes, the
-/// frequency sketch's share) and the `Arc` around our entry. Measured with every allocation
-/// counted (tests/table_weights.rs, `measure_fixed_overheads`): 335 bytes per entry, plus up to
-/// 16 bytes of frequency sketch once the table is full; charged with some margin.
-pub const ENTRY_OVERHEAD: u64 = 384;
+/// reference-counted wrappers of key and value, the access-order node, the frequency sketch's
+/// share) and the `Arc` around our entry. Measured with every allocation counted
+/// (tests/table_weights.rs, `measure_fixed_overheads`): 287 bytes per entry, plus up to 16
+/// bytes of frequency sketch once the table is full; charged with some margin.
+pub const ENTRY_OVERHEAD: u64 = 320;
 
 /// The same for a chunk of the memory tier (an LRU cache: no sketch, no timers), with the
 /// shared header a `Bytes` allocates when it is first cloned: measured 313 bytes.
@@ -90,14 +90,15 @@ enum Kind {
     Vary,
 }
 
-/// The key moka holds: a 128-bit keyed digest of the kind and the object key, never the object
-/// key itself. moka's map keeps a removed entry's key until it next tidies that part of the map
-/// (up to 26 removed entries per segment, 64 segments per shard); with URLs as keys that was
-/// up to 8 KiB per removed entry, held outside any weight. A digest is 16 bytes. The object key
-/// is kept in the value and compared on every lookup, so two keys with one digest (random
-/// 128-bit keys per process: never in practice) would only miss, never answer for each other.
+/// The key moka holds: a keyed 64-bit digest (SipHash, a random key per process) of the kind
+/// and the object key, never the object key itself. moka's map keeps a removed entry's key
+/// until it next tidies that part of the map (up to 26 removed entries per segment, 64
+/// segments per shard); with URLs as keys that was up to 8 KiB per removed entry, held outside
+/// any weight. A digest is 8 bytes. The object key is kept in the entry and compared on every
+/// lookup, so two keys with one digest (which no client can aim for without the process's key)
+/// only take each other's place, a miss: never an answer for the wrong URL.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Slot(u64, u64);
+struct Slot(u64);
 
 /// An entry: the object key it is for, and what is known.
 #[derive(Debug)]
@@ -109,8 +110,10 @@ struct Held {
 #[derive(Debug)]
 enum Known {
     Meta(Arc<ObjectMeta>),
-    /// Not cacheable, until the entry expires.
-    Pass,
+    /// Not cacheable, until this instant (checked on lookup: moka's per-entry expiry costs
+    /// every hit of the table about 100 ns; an expired mark waits for eviction in the table's
+    /// budget, or is dropped when looked up).
+    Pass(Instant),
     Vary(Arc<VaryMarker>),
 }
 
@@ -118,7 +121,7 @@ impl Known {
     fn kind(&self) -> Kind {
         match self {
             Known::Meta(_) => Kind::Meta,
-            Known::Pass => Kind::Pass,
+            Known::Pass(_) => Kind::Pass,
             Known::Vary(_) => Kind::Vary,
         }
     }
@@ -127,7 +130,7 @@ impl Known {
     fn bytes(&self) -> u64 {
         match self {
             Known::Meta(m) => m.memory_bytes(),
-            Known::Pass => 0,
+            Known::Pass(_) => 0,
             Known::Vary(v) => v.memory_bytes(),
         }
     }
@@ -141,26 +144,6 @@ fn weight(held: &Held) -> u64 {
         .saturating_add(held.known.bytes())
 }
 
-/// Hit-for-pass marks expire [`HIT_FOR_PASS_TTL`] after they were (last) set; the rest stays
-/// until evicted or invalidated.
-struct Expiry;
-
-impl moka::Expiry<Slot, Arc<Held>> for Expiry {
-    fn expire_after_create(&self, _: &Slot, held: &Arc<Held>, _: Instant) -> Option<Duration> {
-        matches!(held.known, Known::Pass).then_some(HIT_FOR_PASS_TTL)
-    }
-
-    fn expire_after_update(
-        &self,
-        _: &Slot,
-        held: &Arc<Held>,
-        _: Instant,
-        _: Option<Duration>,
-    ) -> Option<Duration> {
-        matches!(held.known, Known::Pass).then_some(HIT_FOR_PASS_TTL)
-    }
-}
-
 /// Shards of the table: enough that two cores seldom meet on one shard's read log, few
 /// enough that moka's fixed cost per shard (its logs, its map's 64 segments and the removed
 /// keys they hold) stays small.
@@ -169,8 +152,8 @@ const SHARDS: u64 = 8;
 /// The table; see the module docs.
 pub struct ObjectTables {
     table: ShardedCache<Slot, Arc<Held>>,
-    /// The keys of the two halves of [`Slot`], random per process.
-    digest: (RandomState, RandomState),
+    /// The key of the [`Slot`] digests, random per process.
+    digest: RandomState,
 }
 
 impl ObjectTables {
@@ -182,21 +165,17 @@ impl ObjectTables {
                 moka::sync::Cache::builder()
                     .max_capacity(cap)
                     .weigher(|_: &Slot, held: &Arc<Held>| weight_u32(weight(held)))
-                    .expire_after(Expiry)
                     .build()
             }),
-            digest: (RandomState::new(), RandomState::new()),
+            digest: RandomState::new(),
         }
     }
 
     fn slot(&self, kind: Kind, key: &ObjectKey) -> Slot {
-        let half = |state: &RandomState| {
-            let mut h = state.build_hasher();
-            kind.hash(&mut h);
-            key.as_str().hash(&mut h);
-            h.finish()
-        };
-        Slot(half(&self.digest.0), half(&self.digest.1))
+        let mut h = self.digest.build_hasher();
+        kind.hash(&mut h);
+        key.as_str().hash(&mut h);
+        Slot(h.finish())
     }
 
     /// The entry of `kind` for `key`, if held (and really for `key`: see [`Slot`]).
@@ -252,12 +231,23 @@ impl ObjectTables {
         });
     }
 
+    /// Remember for [`HIT_FOR_PASS_TTL`] that `key` is not cacheable.
     pub fn mark_pass(&self, key: &ObjectKey) {
-        self.insert(key, Known::Pass);
+        self.insert(key, Known::Pass(Instant::now() + HIT_FOR_PASS_TTL));
     }
 
     pub fn is_pass(&self, key: &ObjectKey) -> bool {
-        self.get(Kind::Pass, key).is_some()
+        match self.get(Kind::Pass, key).map(|held| match held.known {
+            Known::Pass(until) => until > Instant::now(),
+            _ => false,
+        }) {
+            Some(true) => true,
+            Some(false) => {
+                self.remove(Kind::Pass, key);
+                false
+            }
+            None => false,
+        }
     }
 
     pub fn remove_pass(&self, key: &ObjectKey) {
@@ -305,7 +295,7 @@ impl ObjectTables {
     pub fn pass_weight(key: &ObjectKey) -> u64 {
         weight(&Held {
             key: key.clone(),
-            known: Known::Pass,
+            known: Known::Pass(Instant::now()),
         })
     }
 
@@ -321,7 +311,7 @@ impl ObjectTables {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::SystemTime;
+    use std::time::{Duration, SystemTime};
 
     #[test]
     fn alloc_sizes_are_jemallocs_classes() {
@@ -424,6 +414,24 @@ mod tests {
             "{entries}"
         );
         assert!(entries < 1_000, "{entries}");
+    }
+
+    #[test]
+    fn hit_for_pass_marks_expire() {
+        let t = ObjectTables::new(1 << 20);
+        let (fresh, old) = (key(10), key(11));
+        t.mark_pass(&fresh);
+        let past = Instant::now()
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or_else(Instant::now);
+        t.insert(&old, Known::Pass(past));
+        assert!(t.is_pass(&fresh));
+        assert!(!t.is_pass(&old), "expired");
+        assert_eq!(
+            t.entry_count(),
+            1,
+            "the expired mark is dropped when looked up"
+        );
     }
 
     #[test]
