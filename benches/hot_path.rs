@@ -12,6 +12,11 @@
 //!   lookup) and a 1 MiB copy (`memcpy_1mib` into a reused buffer, `to_vec_1mib` with a fresh
 //!   allocation), which a hit must never pay. `join_fill_ready` is the second check the miss
 //!   path makes (shard lock + memory lookup) when a fill completed meanwhile.
+//! - `cache/meta_hit`: `ObjectTables::meta` of a stored object whose key is a 110-byte URL, and
+//!   `is_pass` of the same key (a miss): lookups every cached request makes before its chunks.
+//!   The table is keyed by a keyed 64-bit digest of the URL, with the URL compared in the
+//!   entry. In-run peer `moka_by_url`: the metadata table as it was before it was bounded in
+//!   bytes (16 moka caches keyed by the URL itself, a shard picked by hashing the URL).
 //! - `cache/memory_hit_contended`: lookups on 1 vs 2 threads at once, each on its own chunk of
 //!   one shared cache. The reported time is wall-clock per lookup *per thread* (equal times
 //!   for 1 and 2 threads mean perfect scaling); the throughput line is lookups/s over all
@@ -41,8 +46,10 @@ use edgeslice::cache::disk::DiskStore;
 use edgeslice::cache::flight::{Flight, FlightReader, Joined};
 use edgeslice::cache::key::ObjectKey;
 use edgeslice::cache::key::{ChunkKey, ObjectVersion};
+use edgeslice::cache::memory::ShardedCache;
 use edgeslice::cache::meta::ObjectMeta;
 use edgeslice::cache::store::ChunkCache;
+use edgeslice::cache::tables::ObjectTables;
 use edgeslice::config::{CacheSettings, QueryKey, DEFAULT_MAX_RANGES};
 use edgeslice::proxy::cache_status::CacheStatus;
 use edgeslice::proxy::cached::hit_header;
@@ -69,6 +76,7 @@ fn memory_only_cache() -> ChunkCache {
         max_ranges: DEFAULT_MAX_RANGES,
         max_concurrent_fills: edgeslice::config::DEFAULT_MAX_CONCURRENT_FILLS,
         memory_capacity: 64 * MIB,
+        metadata_capacity: 16 * MIB,
         disk: None,
     };
     ChunkCache::new(&settings).expect("a memory-only cache never fails to open")
@@ -223,6 +231,46 @@ fn bench_memory_hit(c: &mut Criterion) {
         })
     });
     g.bench_function("to_vec_1mib", |b| b.iter(|| black_box(&chunk[..]).to_vec()));
+    g.finish();
+}
+
+fn bench_meta_hit(c: &mut Criterion) {
+    let key = ObjectKey::new(
+        "origin",
+        "media.example.com",
+        "/videos/2026/12/some-series/season-1/episode-04/segment-000123.m4s",
+        Some("token=abcdef"),
+        &QueryKey::All,
+    );
+    let meta = Arc::new(ObjectMeta {
+        status: 200,
+        size: GIB,
+        validator: "\"v1\"".into(),
+        etag: Some("\"v1\"".into()),
+        last_modified: None,
+        headers: vec![("content-type".into(), "video/mp4".into())],
+        stored_at: SystemTime::now(),
+        initial_age: 0,
+        fresh_until: SystemTime::now() + Duration::from_secs(3600),
+        stale_if_error: Duration::ZERO,
+        must_revalidate: false,
+        stale_while_revalidate: Duration::ZERO,
+        wire: Default::default(),
+    });
+    let tables = ObjectTables::new(64 * MIB);
+    tables.insert_meta(&key, meta.clone());
+    assert!(tables.meta(&key).is_some());
+    // The metadata table before: 16 moka caches keyed by the URL, 200,000 entries.
+    let by_url: ShardedCache<ObjectKey, Arc<ObjectMeta>> =
+        ShardedCache::new(16, 200_000, moka::sync::Cache::new);
+    by_url.insert(key.clone(), meta);
+
+    let mut g = c.benchmark_group("cache/meta_hit");
+    g.bench_function("meta", |b| b.iter(|| tables.meta(black_box(&key))));
+    g.bench_function("is_pass_miss", |b| {
+        b.iter(|| tables.is_pass(black_box(&key)))
+    });
+    g.bench_function("moka_by_url", |b| b.iter(|| by_url.get(black_box(&key))));
     g.finish();
 }
 
@@ -517,7 +565,7 @@ criterion_group! {
         .sample_size(20)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(2));
-    targets = bench_range, bench_header, bench_memory_hit, bench_memory_hit_contended,
+    targets = bench_range, bench_header, bench_memory_hit, bench_meta_hit, bench_memory_hit_contended,
         bench_disk_read, bench_flight
 }
 criterion_main!(hot_path);

@@ -1,6 +1,8 @@
 //! The access log, off the hot path: a worker formats one line per request and hands it to a
-//! dedicated writer thread through a bounded queue. A full queue drops the line and counts it;
-//! a worker never waits for the log, whatever the sink does (a slow disk, a full pipe).
+//! dedicated writer thread through a queue bounded in lines and in bytes (a line carries the
+//! request path, up to `server.max_uri_size`: 16,384 lines of 8 KiB paths would be 128 MiB). A
+//! full queue drops the line and counts it; a worker never waits for the log, whatever the
+//! sink does (a slow disk, a full pipe).
 //!
 //! Formats (`server.access_log_format`): `text` (one `key=value` line, as before) or `json` (one
 //! JSON object per line). Sink (`server.access_log_path`): a file, appended to, or stderr.
@@ -32,6 +34,9 @@ pub const FIELDS: [&str; 9] = [
 
 /// Lines the queue holds before new ones are dropped.
 pub const QUEUE_LINES: usize = 16 * 1024;
+/// ... and bytes of lines (their allocations): 16,384 lines of 256 bytes, or 512 lines with
+/// paths of 8 KiB.
+pub const QUEUE_BYTES: u64 = 4 << 20;
 /// The writer flushes at least this often while lines keep coming.
 const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// How often the writer looks at the queue while lines are coming (it holds
@@ -184,6 +189,9 @@ pub struct AccessLog {
     pending: Mutex<Option<(Receiver<String>, Writer)>>,
     started: Once,
     dropped: Arc<AtomicU64>,
+    /// Bytes of the lines queued and not yet taken by the writer, at most `max_queued`.
+    queued: Arc<AtomicU64>,
+    max_queued: u64,
     /// Set to have the writer reopen its file (SIGUSR1, after logrotate moved it).
     reopen: Arc<AtomicBool>,
 }
@@ -198,14 +206,26 @@ impl AccessLog {
         path: Option<PathBuf>,
         queue: usize,
     ) -> io::Result<AccessLog> {
+        Self::start_with_limits(format, path, queue, QUEUE_BYTES)
+    }
+
+    /// A log whose queue holds at most `lines` lines and `bytes` bytes of them.
+    pub fn start_with_limits(
+        format: Format,
+        path: Option<PathBuf>,
+        lines: usize,
+        bytes: u64,
+    ) -> io::Result<AccessLog> {
         let sink = Sink::open(path.as_deref())?;
-        let (tx, rx) = mpsc::sync_channel(queue.max(1));
+        let (tx, rx) = mpsc::sync_channel(lines.max(1));
         Ok(AccessLog {
             format,
             tx,
             pending: Mutex::new(Some((rx, Writer { sink, path }))),
             started: Once::new(),
             dropped: Arc::new(AtomicU64::new(0)),
+            queued: Arc::new(AtomicU64::new(0)),
+            max_queued: bytes,
             reopen: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -219,9 +239,10 @@ impl AccessLog {
                 .take();
             if let Some((rx, writer)) = pending {
                 let reopen = self.reopen.clone();
+                let queued = self.queued.clone();
                 let spawned = std::thread::Builder::new()
                     .name("access-log".into())
-                    .spawn(move || write_loop(rx, writer, &reopen));
+                    .spawn(move || write_loop(rx, writer, &reopen, &queued));
                 if let Err(e) = spawned {
                     log::warn!("access log: cannot start the writer thread: {e}");
                 }
@@ -229,15 +250,30 @@ impl AccessLog {
         });
     }
 
-    /// Queue one line; never blocks. A full queue drops it (counted in [`AccessLog::dropped`]).
+    /// Queue one line; never blocks. A full queue (in lines or in bytes) drops it (counted in
+    /// [`AccessLog::dropped`]).
     pub fn log(&self, entry: &Entry<'_>) {
         self.ensure_writer();
-        match self.tx.try_send(entry.line(self.format)) {
+        let line = entry.line(self.format);
+        let weight = line_weight(&line);
+        let before = self.queued.fetch_add(weight, Ordering::AcqRel);
+        if before.saturating_add(weight) > self.max_queued {
+            self.queued.fetch_sub(weight, Ordering::AcqRel);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match self.tx.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.queued.fetch_sub(weight, Ordering::AcqRel);
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Bytes of lines waiting for the writer.
+    pub fn queued_bytes(&self) -> u64 {
+        self.queued.load(Ordering::Acquire)
     }
 
     /// Lines dropped because the writer could not keep up.
@@ -282,7 +318,12 @@ impl Writer {
     }
 }
 
-fn write_loop(rx: Receiver<String>, mut writer: Writer, reopen: &AtomicBool) {
+/// What a queued line holds: its buffer.
+fn line_weight(line: &String) -> u64 {
+    line.capacity() as u64
+}
+
+fn write_loop(rx: Receiver<String>, mut writer: Writer, reopen: &AtomicBool, queued: &AtomicU64) {
     let mut failing = false;
     // Since when written lines wait in the buffer.
     let mut dirty: Option<std::time::Instant> = None;
@@ -323,7 +364,10 @@ fn write_loop(rx: Receiver<String>, mut writer: Writer, reopen: &AtomicBool) {
             },
             Err(TryRecvError::Disconnected) => break,
         };
-        match sink.write_line(&line) {
+        let written = sink.write_line(&line);
+        queued.fetch_sub(line_weight(&line), Ordering::AcqRel);
+        drop(line);
+        match written {
             Ok(()) => {
                 failing = false;
                 dirty.get_or_insert_with(std::time::Instant::now);
@@ -398,6 +442,33 @@ mod tests {
         assert_eq!(v["ts"], 1_700_000_000.007);
         assert_eq!(v["upstream"], "10.0.0.1:8080");
         assert_eq!(v["client"], "unknown");
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_too() {
+        // A pipe nobody reads, as below: whatever does not fit is dropped.
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let _reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags_nonblock()
+            .open(&fifo)
+            .unwrap();
+        // Room for 10,000 lines, but only 1 MiB: lines with 8 KiB paths.
+        let log = AccessLog::start_with_limits(Format::Text, Some(fifo.clone()), 10_000, 1 << 20)
+            .unwrap();
+        let path = format!("/{}", "p".repeat(8192));
+        for _ in 0..5_000 {
+            log.log(&Entry {
+                path: &path,
+                ..entry()
+            });
+        }
+        assert!(log.queued_bytes() <= 1 << 20, "{}", log.queued_bytes());
+        assert!(log.dropped() > 4_000, "{} dropped", log.dropped());
     }
 
     #[test]

@@ -51,6 +51,13 @@ impl AdminApp {
             c.running_tasks(),
         ));
         out.push_str(&format!(
+            "cache_metadata_bytes {}\ncache_metadata_capacity_bytes {}\ncache_disk_index_bytes {}\ncache_disk_index_capacity_bytes {}\n",
+            c.metadata_bytes(),
+            c.metadata_capacity(),
+            c.disk_index_bytes(),
+            c.disk_index_capacity(),
+        ));
+        out.push_str(&format!(
             "origin_ejections_capped {}\norigin_gateway_uncharged {}\norigin_retries_given_back {}\norigin_retries_skipped_failing_url {}\n",
             n(&r.ejections_capped),
             n(&r.gateway_uncharged),
@@ -153,24 +160,31 @@ impl AdminApp {
         let cache = self.cache.clone();
         m.register(Pulled::gauge(
             "edgeslice_cache_bytes",
-            "Bytes stored in the cache, by tier.",
+            "Bytes stored in the cache, by tier; memory the metadata table and the disk index take.",
             &["tier"],
             move || {
                 vec![
                     (vec!["memory".into()], cache.memory_weight() as f64),
                     (vec!["disk".into()], cache.disk_used() as f64),
+                    (vec!["metadata".into()], cache.metadata_bytes() as f64),
+                    (vec!["disk_index".into()], cache.disk_index_bytes() as f64),
                 ]
             },
         ));
         let cache = self.cache.clone();
         m.register(Pulled::gauge(
             "edgeslice_cache_capacity_bytes",
-            "Configured capacity of each cache tier (0: no disk tier).",
+            "Configured capacity of each cache tier and table (0: no disk tier).",
             &["tier"],
             move || {
                 vec![
                     (vec!["memory".into()], cache.memory_capacity() as f64),
                     (vec!["disk".into()], cache.disk_capacity() as f64),
+                    (vec!["metadata".into()], cache.metadata_capacity() as f64),
+                    (
+                        vec!["disk_index".into()],
+                        cache.disk_index_capacity() as f64,
+                    ),
                 ]
             },
         ));

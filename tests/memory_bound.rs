@@ -2,6 +2,11 @@
 //! clients that stall mid-body leave the proxy's peak RSS within the memory tier's capacity
 //! plus a fixed overhead (64 MiB tier + 256 MiB; 192 MiB in issue 8, see `OVERHEAD_MIB`).
 //!
+//! The same for what the cache knows about objects (issue 20, C.11): floods of distinct long
+//! URLs (hit-for-pass, cached tiny objects, on a disk tier) and an origin sending large
+//! headers leave the peak within the tier, `cache.metadata_capacity` (and
+//! `cache.disk.index_capacity`) plus a fixed overhead, flat as the flood goes on.
+//!
 //! The proxy runs as its own process (the real binary), so its `VmHWM` is its own peak.
 
 mod common;
@@ -139,4 +144,190 @@ async fn forty_stalled_readers_stay_within_the_bound() {
         "bytes after the stalls"
     );
     assert_bounded(&proxy, "after the stalled readers left");
+}
+
+// ---- tables bounded in bytes (issue 20, C.11) ----------------------------------------------
+
+/// The memory tier of the table tests and their metadata budget (small, so the bounds bite
+/// quickly), and the overhead allowed on top of them: the process at rest (about 16 MiB), the
+/// tables' fixed part (about 3 MiB), the flood's connections and the allocator's slack.
+/// Before the tables were bounded in bytes, the same floods took 200 MiB to 2 GiB.
+const TABLES_TIER_MIB: u64 = 4;
+const TABLES_META_MIB: u64 = 8;
+const TABLES_OVERHEAD_MIB: u64 = 48;
+
+fn tables_config(origin: &Origin, disk: &str) -> String {
+    format!(
+        "cache:\n  chunk_size: 1MiB\n  memory:\n    capacity: {TABLES_TIER_MIB}MiB\n  metadata_capacity: {TABLES_META_MIB}MiB\n{disk}upstreams:\n  origin:\n    servers: [\"{}\"]\nroutes:\n  - path_prefix: /\n    upstream: origin\n",
+        origin.addr()
+    )
+}
+
+/// `n` GETs of distinct paths made by `path(i)`, 32 at a time on keep-alive connections,
+/// each answered `status`. Returns the proxy's RSS (MiB) after each quarter of them.
+async fn flood(
+    proxy: &Proxy,
+    n: usize,
+    status: u16,
+    path: impl Fn(usize) -> String + Send + Sync + 'static,
+) -> Vec<u64> {
+    const TASKS: usize = 32;
+    let path = std::sync::Arc::new(path);
+    let mut rss = Vec::new();
+    for quarter in 0..4 {
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|t| {
+                let client = common::client();
+                let base = proxy.url("");
+                let path = path.clone();
+                tokio::spawn(async move {
+                    let mut i = quarter * n / 4 + t;
+                    while i < (quarter + 1) * n / 4 {
+                        let p = path(i);
+                        let resp = client.get(format!("{base}{p}")).send().await.expect("GET");
+                        assert_eq!(resp.status(), status, "{}", &p[..p.len().min(64)]);
+                        resp.bytes().await.expect("body");
+                        i += TASKS;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("flood task");
+        }
+        rss.push(proxy.rss_kib() / 1024);
+    }
+    rss
+}
+
+/// A path of about `len` bytes, distinct for each `i`.
+fn long_path(prefix: &str, i: usize, len: usize) -> String {
+    let head = format!("{prefix}{i}-");
+    format!("{head}{}", "x".repeat(len.saturating_sub(head.len())))
+}
+
+/// The proxy's peak stays within the tier, the metadata budget, `extra_mib` (the disk index)
+/// and the overhead; the tables hold at most their capacities; and RSS plateaus: the second
+/// half of the flood adds little (tables that grew with distinct inputs grew linearly).
+async fn assert_tables_bounded(proxy: &Proxy, what: &str, rss: &[u64], extra_mib: u64) {
+    let peak = proxy.peak_rss_kib() / 1024;
+    let bound = TABLES_TIER_MIB + TABLES_META_MIB + extra_mib + TABLES_OVERHEAD_MIB;
+    let stats = proxy.stats().await;
+    let figure = |k: &str| stats.get(k).copied().unwrap_or(u64::MAX);
+    eprintln!(
+        "{what}: RSS by quarter {rss:?} MiB, peak {peak} MiB (bound {bound} MiB); metadata {} of {}, disk index {} of {}",
+        figure("cache_metadata_bytes"),
+        figure("cache_metadata_capacity_bytes"),
+        figure("cache_disk_index_bytes"),
+        figure("cache_disk_index_capacity_bytes"),
+    );
+    assert!(peak > 0, "could not read the proxy's peak RSS");
+    assert!(
+        peak <= bound,
+        "{what}: peak RSS {peak} MiB over the {TABLES_TIER_MIB} MiB tier + {TABLES_META_MIB} MiB metadata + {extra_mib} MiB + {TABLES_OVERHEAD_MIB} MiB"
+    );
+    assert_eq!(
+        figure("cache_metadata_capacity_bytes"),
+        TABLES_META_MIB << 20
+    );
+    assert!(figure("cache_metadata_bytes") <= TABLES_META_MIB << 20);
+    assert!(figure("cache_disk_index_bytes") <= figure("cache_disk_index_capacity_bytes"));
+    assert!(figure("cache_memory_bytes") <= TABLES_TIER_MIB << 20);
+    let (half, end) = (rss[1], rss[3]);
+    assert!(
+        end <= half + 8,
+        "{what}: RSS grew from {half} to {end} MiB over the second half of the flood"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distinct_long_urls_marked_hit_for_pass_stay_within_the_bound() {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(&tables_config(&origin, ""));
+    // Every answer is `no-store`: each URL is discovered once and marked hit-for-pass.
+    let rss = flood(&proxy, 100_000, 200, |i| {
+        long_path("/download/16/", i, 2048 + i % 2048)
+    })
+    .await;
+    assert_tables_bounded(
+        &proxy,
+        "100,000 distinct 2-4 KiB hit-for-pass URLs",
+        &rss,
+        0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_tiny_objects_with_long_urls_stay_within_the_bound() {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(&tables_config(&origin, ""));
+    let rss = flood(&proxy, 100_000, 200, |i| {
+        long_path("/obj/100/", i, 2048 + i % 2048)
+    })
+    .await;
+    let what = "100,000 cached 100-byte objects, 2-4 KiB URLs";
+    assert_tables_bounded(&proxy, what, &rss, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_objects_on_disk_keep_the_disk_index_within_its_capacity() {
+    let origin = Origin::start().await;
+    // Each object is two files of a few KiB (its metadata and its one chunk, with the URL in
+    // each): the 256 MiB disk would hold all of them, the 1 MiB index holds about 800.
+    // On tmpfs when there is one: the test is about the index, not the disk's speed.
+    let shm = std::path::Path::new("/dev/shm");
+    let tmp = if shm.is_dir() {
+        tempfile::tempdir_in(shm)
+    } else {
+        tempfile::tempdir()
+    }
+    .expect("tempdir");
+    let disk = format!(
+        "  disk:\n    path: {}/cache\n    capacity: 256MiB\n    index_capacity: 1MiB\n",
+        tmp.path().display()
+    );
+    let proxy = Proxy::start(&tables_config(&origin, &disk));
+    let rss = flood(&proxy, 20_000, 200, |i| long_path("/obj/100/", i, 1024)).await;
+    // Besides the index: the disk tier's blocking threads (about 60 while the flood runs,
+    // each with its stack and allocator cache: some 12 MiB against the memory-only floods).
+    let what = "20,000 cached 100-byte objects on disk, 1 KiB URLs";
+    assert_tables_bounded(&proxy, what, &rss, 1 + 16).await;
+    let stats = proxy.stats().await;
+    assert!(
+        stats["cache_disk_index_bytes"] > 1 << 19,
+        "the index filled up: {stats:?}"
+    );
+    // The first objects were evicted from the index, and so from disk (the bytes of the disk
+    // had room for all): the first URL is fetched again, and served right.
+    let before = origin.requests();
+    let first = common::client()
+        .get(proxy.url(&long_path("/obj/100/", 0, 1024)))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.bytes().await.expect("body").len(), 100);
+    assert_eq!(origin.requests(), before + 1, "evicted: fetched again");
+    assert!(stats["cache_disk_bytes"] < 16 << 20, "{stats:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_sending_large_headers_stays_within_the_bound() {
+    let origin = Origin::start().await;
+    // 8 KiB of response header in 64 fields, on every object.
+    for f in 0..64 {
+        origin.set_extra_header(&format!("x-pad-{f}"), &"h".repeat(120));
+    }
+    let proxy = Proxy::start(&tables_config(&origin, ""));
+    let rss = flood(&proxy, 40_000, 200, |i| long_path("/obj/100/", i, 2048)).await;
+    let what = "40,000 objects with 8 KiB of headers, 2 KiB URLs";
+    assert_tables_bounded(&proxy, what, &rss, 0).await;
+    // Stored headers are still replayed whole.
+    let resp = common::client()
+        .get(proxy.url(&long_path("/obj/100/", 39_999, 2048)))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(resp.headers()["x-pad-63"], "h".repeat(120).as_str());
 }

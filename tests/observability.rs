@@ -606,11 +606,15 @@ const LABEL_VALUES: &[(&str, &str, &[&str])] = &[
             "gateway_status",
         ],
     ),
-    ("edgeslice_cache_bytes", "tier", &["memory", "disk"]),
+    (
+        "edgeslice_cache_bytes",
+        "tier",
+        &["memory", "disk", "metadata", "disk_index"],
+    ),
     (
         "edgeslice_cache_capacity_bytes",
         "tier",
-        &["memory", "disk"],
+        &["memory", "disk", "metadata", "disk_index"],
     ),
     (
         "edgeslice_connections_open",

@@ -47,6 +47,16 @@
 //! and counted in the start-up log line. Object recency at open is the modification time of
 //! its newest member.
 //!
+//! # The index in memory
+//!
+//! The index holds a fixed-size record per entry and per object (hashes, sizes, recency),
+//! never keys: what it takes in memory is [`INDEX_ENTRY_BYTES`] per entry plus
+//! [`INDEX_OBJECT_BYTES`] per object (measured, worst case of the hash tables' load). That is
+//! bounded like the files are: besides the byte capacity of the files, the tier has an
+//! *index capacity* (`cache.disk.index_capacity`), and evicts least recently used objects
+//! while either is exceeded. Without it, objects of a few bytes (their files charged a few
+//! hundred bytes each) would let the index take several times the disk capacity in memory.
+//!
 //! # Write failures
 //!
 //! When a write fails (ENOSPC, EDQUOT, EIO or any other error) the temp file is deleted, the
@@ -97,6 +107,7 @@
 //! Recency survives a restart only approximately: `open` orders the objects it finds by the
 //! modification time of their newest file (that is, by when they were last written).
 
+use crate::config::default_index_capacity;
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -419,6 +430,15 @@ struct ObjectEntry {
     members: HashSet<KeyHash>,
 }
 
+/// What the index takes in memory per entry: its slot in `Index::map` (key hash and
+/// [`IndexEntry`], 89 bytes, at the lowest load a hash table has after growing, 7/16) and its
+/// slot in its object's member set (33 bytes, same load). Checked against jemalloc's count by
+/// tests/table_weights.rs.
+pub const INDEX_ENTRY_BYTES: u64 = 280;
+/// ... and per object: its slot in `Index::objects` (89 bytes at 7/16 load), its member set's
+/// first allocation (160 bytes) and its node share in `Index::lru` (about 110 bytes).
+pub const INDEX_OBJECT_BYTES: u64 = 480;
+
 /// Entries by key hash, grouped into objects, and the objects ordered by recency.
 #[derive(Debug, Default)]
 struct Index {
@@ -429,6 +449,9 @@ struct Index {
     /// Bytes of puts in progress (temp files being written): room is made for an entry before
     /// it is written, so `used + reserved` — everything on disk — never exceeds the capacity.
     reserved: u64,
+    /// Puts in progress, which will each add an entry and maybe an object to the index: room
+    /// is made for them in the index capacity too.
+    reserved_entries: u64,
     clock: u64,
 }
 
@@ -513,15 +536,36 @@ impl Index {
         o.members.into_iter().collect()
     }
 
-    /// When the bytes held (counting reserved room if `with_reserved`) exceed `limit`, take the
+    /// What the index takes in memory (see [`INDEX_ENTRY_BYTES`]), counting the room reserved
+    /// for puts in progress if `with_reserved`.
+    fn memory_bytes(&self, with_reserved: bool) -> u64 {
+        let reserved = if with_reserved {
+            self.reserved_entries
+                .saturating_mul(INDEX_ENTRY_BYTES + INDEX_OBJECT_BYTES)
+        } else {
+            0
+        };
+        (self.map.len() as u64)
+            .saturating_mul(INDEX_ENTRY_BYTES)
+            .saturating_add((self.objects.len() as u64).saturating_mul(INDEX_OBJECT_BYTES))
+            .saturating_add(reserved)
+    }
+
+    /// When the bytes held (counting reserved room if `with_reserved`) exceed `limit`, or what
+    /// the index takes in memory exceeds `index_limit`, take the
     /// least recently used object out of the index and return its members.
-    fn pop_lru_above(&mut self, limit: u64, with_reserved: bool) -> Option<Vec<KeyHash>> {
+    fn pop_lru_above(
+        &mut self,
+        limit: u64,
+        index_limit: u64,
+        with_reserved: bool,
+    ) -> Option<Vec<KeyHash>> {
         let held = if with_reserved {
             self.used.saturating_add(self.reserved)
         } else {
             self.used
         };
-        if held <= limit {
+        if held <= limit && self.memory_bytes(with_reserved) <= index_limit {
             return None;
         }
         let object = *self.lru.first_key_value()?.1;
@@ -651,6 +695,8 @@ pub struct DiskStore {
 struct Shared {
     dir: PathBuf,
     capacity: u64,
+    /// What the index may take in memory (see [`Index::memory_bytes`]).
+    index_capacity: u64,
     index: Mutex<Index>,
     /// Held (in blocking threads only) around every rename or delete of an entry file together
     /// with its index update. Lock order: stripe, then index; never the reverse.
@@ -692,11 +738,27 @@ impl DiskStore {
     /// is left alone, so a misconfigured path does not wipe unrelated files.
     ///
     /// Blocking: called once at start-up (the caller may run it in `spawn_blocking`).
+    ///
+    /// The index is bounded by the default `cache.disk.index_capacity`
+    /// ([`default_index_capacity`]); see [`DiskStore::open_bounded`].
     pub fn open(dir: &Path, capacity: u64) -> io::Result<DiskStore> {
-        DiskStore::open_with(dir, capacity, WRITE_ERROR_PAUSE)
+        DiskStore::open_bounded(dir, capacity, default_index_capacity(capacity))
     }
 
-    fn open_with(dir: &Path, capacity: u64, error_pause: Duration) -> io::Result<DiskStore> {
+    /// [`DiskStore::open`] with the index bounded to `index_capacity` bytes of memory
+    /// (`cache.disk.index_capacity`): objects are evicted, least recently used first, while
+    /// the index would take more. At open too: a directory holding more objects than the
+    /// index may keep is trimmed to the most recent ones.
+    pub fn open_bounded(dir: &Path, capacity: u64, index_capacity: u64) -> io::Result<DiskStore> {
+        DiskStore::open_with(dir, capacity, index_capacity, WRITE_ERROR_PAUSE)
+    }
+
+    fn open_with(
+        dir: &Path,
+        capacity: u64,
+        index_capacity: u64,
+        error_pause: Duration,
+    ) -> io::Result<DiskStore> {
         check_dir(dir).map_err(io::Error::other)?;
         fs::create_dir_all(dir)?;
         let marker = dir.join(MARKER);
@@ -742,6 +804,7 @@ impl DiskStore {
         let shared = Shared {
             dir: dir.to_path_buf(),
             capacity,
+            index_capacity,
             index: Mutex::new(index),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             error_pause,
@@ -959,6 +1022,17 @@ impl DiskStore {
         self.shared.capacity
     }
 
+    /// What the index takes in memory now ([`INDEX_ENTRY_BYTES`] per entry,
+    /// [`INDEX_OBJECT_BYTES`] per object).
+    pub fn index_bytes(&self) -> u64 {
+        self.shared.index().memory_bytes(false)
+    }
+
+    /// What the index may take in memory.
+    pub fn index_capacity(&self) -> u64 {
+        self.shared.index_capacity
+    }
+
     pub fn entry_count(&self) -> usize {
         self.shared.index().map.len()
     }
@@ -1061,7 +1135,7 @@ impl Shared {
             return None;
         }
         self.index().touch(hash);
-        Some(Bytes::from(buf).slice(data))
+        Some(exact_data(buf, data))
     }
 
     /// Every metadata entry's key and data passed to `visit`; see [`DiskStore::scan_metas`].
@@ -1193,13 +1267,18 @@ impl Shared {
         {
             let mut index = self.index();
             index.reserved += size;
+            index.reserved_entries += 1;
             index.touch_object(&object);
         }
         self.evict();
         let role = role_of(key.as_bytes());
         let entry = (object, size, validator, role);
         if let Err(e) = self.install(&hash, entry, &path, &header, data) {
-            self.index().reserved -= size;
+            {
+                let mut index = self.index();
+                index.reserved -= size;
+                index.reserved_entries -= 1;
+            }
             self.remove_blocking(&hash);
             self.write_failed(&path, &e);
         }
@@ -1241,6 +1320,7 @@ impl Shared {
         }
         let mut index = self.index();
         index.reserved -= size;
+        index.reserved_entries -= 1;
         index.insert(*hash, object, size, validator, role);
         Ok(())
     }
@@ -1292,7 +1372,8 @@ impl Shared {
         }
     }
 
-    /// Evict least-recently-used objects until `used + reserved <= capacity`.
+    /// Evict least-recently-used objects until `used + reserved <= capacity` and the index,
+    /// with room for the puts in progress, fits its capacity.
     fn evict(&self) {
         self.evict_to(self.capacity, true);
     }
@@ -1301,7 +1382,9 @@ impl Shared {
     fn evict_to(&self, limit: u64, with_reserved: bool) {
         loop {
             // The index guard must not live into the loop body (lock order: stripe, index).
-            let victim = self.index().pop_lru_above(limit, with_reserved);
+            let victim = self
+                .index()
+                .pop_lru_above(limit, self.index_capacity, with_reserved);
             let Some(members) = victim else { break };
             self.delete_members(members);
         }
@@ -1316,6 +1399,19 @@ impl Shared {
                 format!("disk cache: cannot delete {}: {e}", path.display())
             }),
         }
+    }
+}
+
+/// The data of an entry file read whole into `buf`, as `Bytes` that hold little more than the
+/// data: the memory tier weighs a chunk by its length, so a small chunk must not keep its
+/// file's header (and the key in it, up to 64 KiB) alive behind it. When the header is more
+/// than a sixteenth of the buffer the data is copied out (at most 15 times the header: small),
+/// otherwise the buffer is kept and sliced (no copy of a large chunk).
+fn exact_data(buf: Vec<u8>, data: Range<usize>) -> Bytes {
+    if data.start.saturating_mul(16) > buf.len() {
+        Bytes::copy_from_slice(buf.get(data).unwrap_or_default())
+    } else {
+        Bytes::from(buf).slice(data)
     }
 }
 
@@ -2244,6 +2340,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_index_is_bounded_in_memory_by_evicting_whole_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        // Objects of a metadata entry and two one-byte chunks: 3 entries and 1 object each,
+        // 1,320 bytes of index for about 200 bytes of files.
+        let per_object = 3 * INDEX_ENTRY_BYTES + INDEX_OBJECT_BYTES;
+        let index_capacity = 20 * per_object + per_object / 2;
+        let store = DiskStore::open_bounded(dir.path(), 1 << 30, index_capacity).unwrap();
+        assert_eq!(store.index_capacity(), index_capacity);
+        for n in 0..200 {
+            put_object(&store, &format!("obj-{n}"), 2, 1).await;
+            assert!(
+                store.index_bytes() <= index_capacity,
+                "{} bytes of index after obj-{n}",
+                store.index_bytes()
+            );
+        }
+        // The bytes were never the limit: the index was. The 20 most recent objects, whole.
+        assert!(store.used_bytes() < 1 << 20);
+        assert_eq!(store.object_count(), 20);
+        assert_eq!(store.index_bytes(), 20 * per_object);
+        for n in 0..180 {
+            assert_eq!(held(&store, &format!("obj-{n}"), 2), (false, 0), "obj-{n}");
+        }
+        for n in 180..200 {
+            assert_eq!(held(&store, &format!("obj-{n}"), 2), (true, 2), "obj-{n}");
+        }
+        assert_eq!(files_under(dir.path()).len(), store.entry_count());
+        assert_eq!(disk_bytes(dir.path()), store.used_bytes());
+        drop(store);
+
+        // Reopened with a smaller index: the most recent objects that fit.
+        let store = DiskStore::open_bounded(dir.path(), 1 << 30, 5 * per_object).unwrap();
+        assert_eq!(store.object_count(), 5);
+        assert!(store.index_bytes() <= 5 * per_object);
+        assert_eq!(files_under(dir.path()).len(), store.entry_count());
+    }
+
+    #[test]
+    fn small_data_read_from_disk_does_not_keep_its_files_header() {
+        // 4 bytes behind an 8 KiB header (a long key): copied out, so the 8 KiB buffer goes.
+        let buf = vec![0u8; 8004];
+        let base = buf.as_ptr() as usize;
+        let small = exact_data(buf, 8000..8004);
+        assert_eq!(small.len(), 4);
+        assert_ne!(small.as_ptr() as usize, base + 8000, "copied out");
+        // A large chunk behind a small header: a slice of the buffer, no copy.
+        let buf = vec![7u8; 100_000];
+        let base = buf.as_ptr() as usize;
+        let big = exact_data(buf, 100..100_000);
+        assert_eq!(big.len(), 99_900);
+        assert_eq!(big.as_ptr() as usize, base + 100, "sliced in place");
+    }
+
+    #[tokio::test]
     async fn after_a_restart_the_most_recent_objects_are_kept_and_orphans_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
@@ -2369,7 +2519,7 @@ mod tests {
     async fn a_failing_disk_pauses_reclaims_counts_and_warns_rarely() {
         let dir = tempfile::tempdir().unwrap();
         let pause = Duration::from_millis(300);
-        let store = DiskStore::open_with(dir.path(), 1 << 20, pause).unwrap();
+        let store = DiskStore::open_with(dir.path(), 1 << 20, 16 << 20, pause).unwrap();
         for n in 0..10 {
             put_object(&store, &format!("obj-{n}"), 2, 1000).await;
         }

@@ -44,6 +44,12 @@ impl ObjectKey {
         &self.0
     }
 
+    /// What the key's allocation takes (the string and the `Arc`'s counters, rounded up to the
+    /// allocator's size class): what a table holding it is charged for the key.
+    pub fn memory_bytes(&self) -> u64 {
+        super::tables::arc_size(self.0.len())
+    }
+
     /// The disk-tier key of chunk `index` of this object.
     pub fn chunk_entry(&self, index: u64) -> String {
         format!("{}\0chunk\0{index}", self.0)

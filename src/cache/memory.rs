@@ -5,12 +5,28 @@
 //! `cache/memory_hit_contended` bench showed 2 threads no faster than 1). Independent shards,
 //! each with its share of the capacity, let hits on different keys proceed in parallel; the
 //! price is that eviction is least-recently-used per shard rather than across the whole tier.
+//!
+//! moka applies its evictions in maintenance passes, run once 64 writes are pending in a cache
+//! (or after a while): between two passes a cache holds what was inserted on top of its
+//! capacity. Counted in entries, that overshoot is as large as the entries are (64 chunks of
+//! 1 MiB; 64 metadata entries of an origin's largest headers), so [`ShardedCache::insert_weighed`]
+//! counts it in bytes instead and runs the pass itself once a shard has a sixteenth of its
+//! capacity pending.
 
 use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 pub struct ShardedCache<K, V> {
-    shards: Vec<moka::sync::Cache<K, V>>,
+    shards: Vec<Shard<K, V>>,
     hasher: std::collections::hash_map::RandomState,
+    /// Bytes inserted into a shard since its last maintenance pass that trigger the next one.
+    slack: u64,
+}
+
+struct Shard<K, V> {
+    cache: moka::sync::Cache<K, V>,
+    /// Bytes inserted since the last maintenance pass this wrapper ran.
+    pending: AtomicU64,
 }
 
 impl<K, V> ShardedCache<K, V>
@@ -27,14 +43,24 @@ where
         let n = shards.max(1);
         let per_shard = (capacity / n as u64).max(1);
         ShardedCache {
-            shards: (0..n).map(|_| build(per_shard)).collect(),
+            shards: (0..n)
+                .map(|_| Shard {
+                    cache: build(per_shard),
+                    pending: AtomicU64::new(0),
+                })
+                .collect(),
             hasher: Default::default(),
+            slack: per_shard / 16,
         }
     }
 
-    fn shard(&self, key: &K) -> &moka::sync::Cache<K, V> {
+    fn shard_of(&self, key: &K) -> &Shard<K, V> {
         let i = (self.hasher.hash_one(key) % self.shards.len() as u64) as usize;
         &self.shards[i]
+    }
+
+    fn shard(&self, key: &K) -> &moka::sync::Cache<K, V> {
+        &self.shard_of(key).cache
     }
 
     pub fn get(&self, key: &K) -> Option<V> {
@@ -49,6 +75,27 @@ where
         self.shard(&key).insert(key, value)
     }
 
+    /// Insert an entry of `weight` bytes (what the cache's weigher says); once a sixteenth of
+    /// the shard's capacity was inserted since its last maintenance pass, run one now, so a
+    /// shard never holds more than that beyond its capacity (see the module docs).
+    pub fn insert_weighed(&self, key: K, value: V, weight: u64) {
+        let shard = self.shard_of(&key);
+        shard.cache.insert(key, value);
+        let pending = shard.pending.fetch_add(weight, Ordering::AcqRel) + weight;
+        if pending > self.slack {
+            shard.pending.store(0, Ordering::Release);
+            shard.cache.run_pending_tasks();
+        }
+    }
+
+    /// The capacity of one shard.
+    pub fn shard_capacity(&self) -> u64 {
+        self.shards
+            .first()
+            .and_then(|s| s.cache.policy().max_capacity())
+            .unwrap_or(0)
+    }
+
     pub fn invalidate(&self, key: &K) {
         self.shard(key).invalidate(key)
     }
@@ -57,10 +104,21 @@ where
     /// meanwhile may or may not be seen). For rare admin work, never the request path.
     pub fn for_each(&self, mut f: impl FnMut(&K, &V)) {
         for shard in &self.shards {
-            for (k, v) in shard.iter() {
+            for (k, v) in shard.cache.iter() {
                 f(&k, &v);
             }
         }
+    }
+
+    /// Entries held, after applying pending work.
+    pub fn entry_count(&self) -> u64 {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.cache.run_pending_tasks();
+                s.cache.entry_count()
+            })
+            .sum()
     }
 
     /// Total weight, after applying pending evictions.
@@ -68,8 +126,8 @@ where
         self.shards
             .iter()
             .map(|s| {
-                s.run_pending_tasks();
-                s.weighted_size()
+                s.cache.run_pending_tasks();
+                s.cache.weighted_size()
             })
             .sum()
     }
@@ -77,7 +135,7 @@ where
     pub fn capacity(&self) -> u64 {
         self.shards
             .iter()
-            .filter_map(|s| s.policy().max_capacity())
+            .filter_map(|s| s.cache.policy().max_capacity())
             .sum()
     }
 }

@@ -134,6 +134,42 @@ impl ObjectMeta {
         })
     }
 
+    /// What this version takes from the allocator, once shared by an `Arc`: the struct, its
+    /// strings, the stored fields as text and (built on the first response, counted from the
+    /// start) as the parsed fields every response replays ([`ObjectMeta::wire`]). Each
+    /// allocation is rounded up to the allocator's size class. What the metadata table charges
+    /// (see `cache::tables`).
+    pub fn memory_bytes(&self) -> u64 {
+        use super::tables::{alloc_size, arc_size};
+        use std::mem::size_of;
+        let text = |s: &String| alloc_size(s.capacity() as u64);
+        let optional = |s: &Option<String>| s.as_ref().map_or(0, text);
+        let fields = self.headers.len() as u64;
+        let stored: u64 = self
+            .headers
+            .iter()
+            .map(|(n, v)| text(n) + text(v))
+            .sum::<u64>()
+            + alloc_size((self.headers.capacity() * size_of::<(String, String)>()) as u64);
+        // Parsed: each name and value in its own buffer, and the shared header a `Bytes`
+        // allocates when first cloned (every response clones them); the slice of pairs; the
+        // length value and the `Content-Range` tail.
+        let parsed: u64 = self
+            .headers
+            .iter()
+            .map(|(n, v)| alloc_size(n.len() as u64) + alloc_size(v.len() as u64) + 2 * 32)
+            .sum::<u64>()
+            + alloc_size(fields * size_of::<(http::HeaderName, http::HeaderValue)>() as u64)
+            + 2 * 32
+            + 32;
+        arc_size(size_of::<ObjectMeta>())
+            + text(&self.validator)
+            + optional(&self.etag)
+            + optional(&self.last_modified)
+            + stored
+            + parsed
+    }
+
     /// The validator for a response: the ETag when there is one, else Last-Modified plus size.
     /// `None` when the response has neither (it cannot be kept consistent across fetches).
     pub fn validator_of(

@@ -9,4 +9,5 @@ pub mod memory;
 pub mod meta;
 pub mod purge;
 pub mod store;
+pub mod tables;
 pub mod vary;

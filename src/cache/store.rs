@@ -12,6 +12,7 @@ use super::key::{ChunkKey, ObjectKey, ObjectVersion};
 use super::memory::ShardedCache;
 use super::meta::ObjectMeta;
 use super::purge::Purge;
+use super::tables::{self, ObjectTables};
 use super::vary;
 use crate::config::CacheSettings;
 use crate::range::plan::chunk_count;
@@ -31,11 +32,10 @@ pub struct ChunkCache {
     pub chunk_size: u64,
     pub max_object_size: u64,
     memory: ShardedCache<ChunkKey, Bytes>,
-    metas: ShardedCache<ObjectKey, Arc<ObjectMeta>>,
-    pass: ShardedCache<ObjectKey, &'static str>,
-    /// Objects whose responses carry `Vary`: the fields named, per URL key (see
-    /// [`ChunkCache::variant`]).
-    vary: ShardedCache<ObjectKey, Arc<VaryMarker>>,
+    /// Object metadata, hit-for-pass marks and, for URLs whose responses carry `Vary`, the
+    /// fields named (see [`ChunkCache::variant`]): bounded in bytes by
+    /// `cache.metadata_capacity`.
+    tables: ObjectTables,
     disk: Option<Arc<DiskStore>>,
     pub flights: FlightMap<ChunkKey>,
     /// Origin transfers into the cache that may run at once (see [`ChunkCache::fill_slot`]).
@@ -46,9 +46,6 @@ pub struct ChunkCache {
     object_locks: Vec<Mutex<HashMap<ObjectKey, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
-/// URL keys whose responses vary that are remembered (a few dozen bytes each).
-const MAX_VARY_ENTRIES: u64 = 65_536;
-
 /// What a URL's responses vary on, and a name for this learning of it: variants stored under
 /// an earlier marker (forgotten by an invalidation) are never found again.
 #[derive(Debug)]
@@ -57,9 +54,26 @@ pub struct VaryMarker {
     nonce: u64,
 }
 
-/// Metadata entries are small; they are bounded by count rather than counted in
-/// `cache.memory.capacity`.
-const MAX_META_ENTRIES: u64 = 200_000;
+impl VaryMarker {
+    /// A marker for `fields` with a new nonce.
+    pub fn new(fields: Vec<String>) -> VaryMarker {
+        VaryMarker {
+            fields,
+            nonce: rand::random(),
+        }
+    }
+
+    /// What the marker takes from the allocator (see `cache::tables`).
+    pub fn memory_bytes(&self) -> u64 {
+        tables::arc_size(std::mem::size_of::<VaryMarker>())
+            + tables::alloc_size((self.fields.capacity() * std::mem::size_of::<String>()) as u64)
+            + self
+                .fields
+                .iter()
+                .map(|f| tables::alloc_size(f.capacity() as u64))
+                .sum::<u64>()
+    }
+}
 
 impl ChunkCache {
     /// Build the tiers. Opening the disk tier scans its directory (blocking, once at start).
@@ -70,28 +84,22 @@ impl ChunkCache {
         let memory = ShardedCache::new(shards, settings.memory_capacity, |cap| {
             moka::sync::Cache::builder()
                 .max_capacity(cap)
-                .weigher(|_k: &ChunkKey, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
+                .weigher(|_k: &ChunkKey, v: &Bytes| tables::weight_u32(tables::chunk_weight(v)))
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build()
         });
         let disk = match &settings.disk {
-            Some(d) => Some(Arc::new(DiskStore::open(&d.path, d.capacity).map_err(
-                |e| std::io::Error::new(e.kind(), format!("cache.disk.path: {e}")),
-            )?)),
+            Some(d) => Some(Arc::new(
+                DiskStore::open_bounded(&d.path, d.capacity, d.index_capacity)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("cache.disk.path: {e}")))?,
+            )),
             None => None,
         };
         Ok(ChunkCache {
             chunk_size: settings.chunk_size,
             max_object_size: settings.max_object_size,
             memory,
-            metas: ShardedCache::new(16, MAX_META_ENTRIES, moka::sync::Cache::new),
-            pass: ShardedCache::new(16, 100_000, |cap| {
-                moka::sync::Cache::builder()
-                    .max_capacity(cap)
-                    .time_to_live(HIT_FOR_PASS_TTL)
-                    .build()
-            }),
-            vary: ShardedCache::new(16, MAX_VARY_ENTRIES, moka::sync::Cache::new),
+            tables: ObjectTables::new(settings.metadata_capacity),
             disk,
             flights: FlightMap::new(64),
             fill_slots: Arc::new(tokio::sync::Semaphore::new(settings.max_concurrent_fills)),
@@ -104,7 +112,7 @@ impl ChunkCache {
 
     /// The object's metadata: memory, else disk (promoted to memory).
     pub async fn meta(&self, key: &ObjectKey) -> Option<Arc<ObjectMeta>> {
-        if let Some(m) = self.metas.get(key) {
+        if let Some(m) = self.tables.meta(key) {
             return Some(m);
         }
         let disk = self.disk.as_ref()?;
@@ -115,13 +123,13 @@ impl ChunkCache {
             return None;
         };
         let meta = Arc::new(meta);
-        self.metas.insert(key.clone(), meta.clone());
+        self.tables.insert_meta(key, meta.clone());
         Some(meta)
     }
 
     pub async fn put_meta(&self, key: &ObjectKey, meta: Arc<ObjectMeta>) {
-        self.pass.invalidate(key);
-        self.metas.insert(key.clone(), meta.clone());
+        self.tables.remove_pass(key);
+        self.tables.insert_meta(key, meta.clone());
         if let Some(disk) = &self.disk {
             disk.put(&key.meta_entry(), None, meta.encode()).await;
         }
@@ -132,11 +140,11 @@ impl ChunkCache {
     /// on (they are keyed by validator) and age out.
     pub async fn invalidate(&self, key: &ObjectKey, old: &ObjectMeta) {
         if self
-            .metas
-            .get(key)
+            .tables
+            .meta(key)
             .is_some_and(|m| m.validator == old.validator)
         {
-            self.metas.invalidate(key);
+            self.tables.remove_meta(key);
         }
         if let Some(disk) = &self.disk {
             disk.remove_object(key.as_str()).await;
@@ -148,9 +156,9 @@ impl ChunkCache {
     /// chunks become unreachable with its metadata and age out.
     pub async fn forget(&self, key: &ObjectKey) {
         // Its variants become unreachable with the marker that named them.
-        self.vary.invalidate(key);
-        self.metas.invalidate(key);
-        self.pass.invalidate(key);
+        self.tables.remove_vary(key);
+        self.tables.remove_meta(key);
+        self.tables.remove_pass(key);
         if let Some(disk) = &self.disk {
             disk.remove_object(key.as_str()).await;
         }
@@ -174,7 +182,7 @@ impl ChunkCache {
     /// its way before the purge can store it after.
     pub async fn purge(self: &Arc<Self>, purge: &Arc<Purge>) -> usize {
         let mut keys = BTreeSet::new();
-        self.metas.for_each(|key, meta| {
+        self.tables.for_each_meta(|key, meta| {
             if purge.matches(key.as_str(), meta) {
                 keys.insert(key.clone());
             }
@@ -209,7 +217,7 @@ impl ChunkCache {
                     self.put_meta(&key, Arc::new(stale)).await;
                 }
             } else {
-                self.metas.invalidate(&key);
+                self.tables.remove_meta(&key);
                 let version = ObjectVersion::new(key.clone(), meta.validator.as_str().into());
                 let chunks = chunk_count(meta.size, self.chunk_size)
                     .min(chunk_count(self.max_object_size, self.chunk_size))
@@ -230,7 +238,7 @@ impl ChunkCache {
     /// responses vary (RFC 9111 §4.1), the variant named by the request's values of the
     /// fields they vary on (normalised by [`vary::variant_key`]).
     pub fn variant(&self, base: &ObjectKey, request: &http::HeaderMap) -> ObjectKey {
-        match self.vary.get(base) {
+        match self.tables.vary(base) {
             Some(marker) => Self::variant_of(base, &marker, request),
             None => base.clone(),
         }
@@ -245,7 +253,7 @@ impl ChunkCache {
         request: &http::HeaderMap,
         forwarded: &http::HeaderMap,
     ) -> (ObjectKey, ObjectKey) {
-        match self.vary.get(base) {
+        match self.tables.vary(base) {
             Some(marker) => (
                 Self::variant_of(base, &marker, request),
                 Self::variant_of(base, &marker, forwarded),
@@ -269,14 +277,11 @@ impl ChunkCache {
         fields: Vec<String>,
         request: &http::HeaderMap,
     ) -> ObjectKey {
-        let marker = match self.vary.get(base) {
+        let marker = match self.tables.vary(base) {
             Some(m) if m.fields == fields => m,
             _ => {
-                let m = Arc::new(VaryMarker {
-                    fields,
-                    nonce: rand::random(),
-                });
-                self.vary.insert(base.clone(), m.clone());
+                let m = Arc::new(VaryMarker::new(fields));
+                self.tables.insert_vary(base, m.clone());
                 m
             }
         };
@@ -285,11 +290,15 @@ impl ChunkCache {
 
     /// Remember for a while that `key` is not cacheable (`reason` for logs).
     pub fn mark_uncacheable(&self, key: &ObjectKey, reason: &'static str) {
-        self.pass.insert(key.clone(), reason);
+        log::debug!(
+            "{}: not cacheable ({reason}), passed for a while",
+            key.as_str()
+        );
+        self.tables.mark_pass(key);
     }
 
     pub fn is_marked_uncacheable(&self, key: &ObjectKey) -> bool {
-        self.pass.contains_key(key)
+        self.tables.is_pass(key)
     }
 
     /// The shard of the object-lock map holding `key`'s mutex.
@@ -373,8 +382,13 @@ impl ChunkCache {
             disk.remove(&entry).await;
             return None;
         }
-        self.memory.insert(version.chunk(index), data.clone());
+        self.insert_chunk(version.chunk(index), data.clone());
         Some(data)
+    }
+
+    fn insert_chunk(&self, id: ChunkKey, data: Bytes) {
+        let weight = tables::chunk_weight(&data);
+        self.memory.insert_weighed(id, data, weight);
     }
 
     /// Keep a completed chunk: memory now, disk in the background through the disk tier's
@@ -382,7 +396,7 @@ impl ChunkCache {
     /// copy is skipped and counted, never queued without bound: see
     /// [`DiskStore::put_in_background`].
     pub fn store_chunk(&self, version: &ObjectVersion, index: u64, data: Bytes) {
-        self.memory.insert(version.chunk(index), data.clone());
+        self.insert_chunk(version.chunk(index), data.clone());
         if let Some(disk) = &self.disk {
             disk.put_in_background(
                 version.key.chunk_entry(index),
@@ -453,6 +467,24 @@ impl ChunkCache {
         self.memory.capacity()
     }
 
+    /// Bytes held by the metadata table (metadata, hit-for-pass marks, Vary markers).
+    pub fn metadata_bytes(&self) -> u64 {
+        self.tables.weighted_size()
+    }
+
+    pub fn metadata_capacity(&self) -> u64 {
+        self.tables.capacity()
+    }
+
+    /// Bytes the disk tier's index takes in memory (0 without a disk tier).
+    pub fn disk_index_bytes(&self) -> u64 {
+        self.disk.as_ref().map(|d| d.index_bytes()).unwrap_or(0)
+    }
+
+    pub fn disk_index_capacity(&self) -> u64 {
+        self.disk.as_ref().map(|d| d.index_capacity()).unwrap_or(0)
+    }
+
     pub fn disk_capacity(&self) -> u64 {
         self.disk.as_ref().map(|d| d.capacity()).unwrap_or(0)
     }
@@ -498,6 +530,10 @@ mod tests {
     use crate::config::DiskSettings;
 
     fn cache_on_disk(dir: &std::path::Path) -> ChunkCache {
+        cache_with_metadata(dir, 1 << 20)
+    }
+
+    fn cache_with_metadata(dir: &std::path::Path, metadata_capacity: u64) -> ChunkCache {
         ChunkCache::new(&CacheSettings {
             chunk_size: 1000,
             max_object_size: 1 << 20,
@@ -508,9 +544,11 @@ mod tests {
             max_ranges: 16,
             max_concurrent_fills: 4,
             memory_capacity: 1 << 20,
+            metadata_capacity,
             disk: Some(DiskSettings {
                 path: dir.join("cache"),
                 capacity: 1 << 20,
+                index_capacity: 1 << 20,
             }),
         })
         .unwrap()
@@ -614,6 +652,43 @@ mod tests {
         );
         assert_eq!(cache.purge(&purge("path=/w/c&host=H2")).await, 1);
         assert_eq!(cache.disk_used(), 0, "every file gone");
+    }
+
+    #[tokio::test]
+    async fn metadata_evicted_from_memory_is_found_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        // 64 KiB of metadata table; 300 objects of about 1.5 KiB of metadata each.
+        let cache = cache_with_metadata(dir.path(), 64 << 10);
+        let keys: Vec<ObjectKey> = (0..300)
+            .map(|i| ObjectKey(format!("o|h|/many/{i}/{}", "u".repeat(200)).into()))
+            .collect();
+        let mut metas = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let mut m = (*meta(&format!("\"v{i}\""))).clone();
+            m.headers = vec![
+                ("x-pad".into(), "p".repeat(300)),
+                ("x-n".into(), i.to_string()),
+            ];
+            let m = Arc::new(m);
+            cache.put_meta(key, m.clone()).await;
+            metas.push(m);
+        }
+        assert!(
+            cache.metadata_bytes() <= 64 << 10,
+            "{}",
+            cache.metadata_bytes()
+        );
+        let in_memory = keys
+            .iter()
+            .filter(|k| cache.tables.meta(k).is_some())
+            .count();
+        assert!(in_memory < 100, "{in_memory} of 300 in memory");
+        // Every object is still known, from disk, exactly as stored.
+        for (key, m) in keys.iter().zip(&metas) {
+            let found = cache.meta(key).await.expect("found on disk");
+            assert_eq!(found.validator, m.validator);
+            assert_eq!(found.headers, m.headers);
+        }
     }
 
     #[tokio::test]

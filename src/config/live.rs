@@ -8,7 +8,7 @@
 //! Fixed for the life of the process (bound sockets, sized tables, Pingora's server
 //! configuration, the cache tiers): `listen`, `admin.listen`, every `server.*` key, `cache.chunk_size`
 //! (it names the stored chunks), `cache.max_object_size` and `cache.max_concurrent_fills` (the
-//! cache holds them), `cache.memory.capacity`, `cache.disk.*` and `shaping.max_clients`. A reload names those that changed and keeps them as
+//! cache holds them), `cache.memory.capacity`, `cache.metadata_capacity`, `cache.disk.*` and `shaping.max_clients`. A reload names those that changed and keeps them as
 //! they are; a graceful upgrade (`-u`, then SIGQUIT to the old process) applies them.
 //!
 //! [`CachePolicy`]: super::CachePolicy
@@ -89,10 +89,18 @@ pub fn apply(old: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
         oc.memory_capacity != nc.memory_capacity,
         "cache.memory.capacity",
     );
+    differ(
+        oc.metadata_capacity != nc.metadata_capacity,
+        "cache.metadata_capacity",
+    );
     match (&oc.disk, &nc.disk) {
         (Some(a), Some(b)) => {
             differ(a.path != b.path, "cache.disk.path");
             differ(a.capacity != b.capacity, "cache.disk.capacity");
+            differ(
+                a.index_capacity != b.index_capacity,
+                "cache.disk.index_capacity",
+            );
         }
         (None, None) => {}
         _ => differ(true, "cache.disk"),
@@ -221,6 +229,8 @@ routes:
                 "admin.listen",
                 "cache.chunk_size",
                 "cache.memory.capacity",
+                // Its default is a quarter of the memory tier: it changed with it.
+                "cache.metadata_capacity",
             ]
         );
         // Kept as they run...

@@ -151,6 +151,9 @@ pub struct CacheSettings {
     /// memory.
     pub max_concurrent_fills: usize,
     pub memory_capacity: u64,
+    /// Bytes of memory for what the cache knows about objects: metadata, hit-for-pass marks
+    /// and Vary markers (see `cache::tables`).
+    pub metadata_capacity: u64,
     pub disk: Option<DiskSettings>,
 }
 
@@ -182,6 +185,8 @@ impl CacheSettings {
 pub struct DiskSettings {
     pub path: PathBuf,
     pub capacity: u64,
+    /// Bytes of memory the disk tier's index may take (see `cache::disk`).
+    pub index_capacity: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -316,6 +321,21 @@ impl HostMatch {
 
 pub const DEFAULT_CHUNK_SIZE: u64 = 1 << 20;
 pub const DEFAULT_MEMORY_CAPACITY: u64 = 256 << 20;
+/// The smallest `cache.metadata_capacity` and `cache.disk.index_capacity`: a few hundred
+/// entries.
+pub const MIN_TABLE_CAPACITY: u64 = 64 << 10;
+
+/// The default `cache.metadata_capacity`: a quarter of the memory tier, at least 1 MiB.
+pub fn default_metadata_capacity(memory_capacity: u64) -> u64 {
+    (memory_capacity / 4).max(1 << 20)
+}
+
+/// The default `cache.disk.index_capacity` of a disk tier of `capacity` bytes: 0.1 % of it
+/// (the index of a disk full of files of about 400 KiB and up: chunks of the default size),
+/// at least 16 MiB (about 20,000 small objects).
+pub fn default_index_capacity(capacity: u64) -> u64 {
+    (capacity / 1024).max(16 << 20)
+}
 pub const DEFAULT_MAX_OBJECT_SIZE: u64 = 1 << 30;
 pub const DEFAULT_MAX_RANGES: usize = 16;
 /// Origin transfers into the cache at once, by default: with 1 MiB chunks, at most 32 MiB of
@@ -453,6 +473,18 @@ fn parse_server(path: &str, at: &Spanned<RawServerEntry>) -> Result<ServerSpec, 
 fn nonzero_size(path: &str, at: &Spanned<units::Size>) -> Result<u64, ConfigError> {
     if at.value.0 == 0 {
         return Err(err_at(path, at, "must be greater than zero"));
+    }
+    Ok(at.value.0)
+}
+
+/// The byte capacity of a table: at least [`MIN_TABLE_CAPACITY`].
+fn table_size(path: &str, at: &Spanned<units::Size>) -> Result<u64, ConfigError> {
+    if at.value.0 < MIN_TABLE_CAPACITY {
+        return Err(err_at(
+            path,
+            at,
+            format!("must be at least 64KiB (got {} bytes)", at.value.0),
+        ));
     }
     Ok(at.value.0)
 }
@@ -647,14 +679,24 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         Some(m) => nonzero_size("cache.memory.capacity", &m.capacity)?,
         None => DEFAULT_MEMORY_CAPACITY,
     };
+    let metadata_capacity = match &c.metadata_capacity {
+        Some(v) => table_size("cache.metadata_capacity", v)?,
+        None => default_metadata_capacity(memory_capacity),
+    };
     let disk = match &c.disk {
         Some(d) => {
             if d.path.value.trim().is_empty() {
                 return Err(err_at("cache.disk.path", &d.path, "must not be empty"));
             }
+            let capacity = nonzero_size("cache.disk.capacity", &d.capacity)?;
+            let index_capacity = match &d.index_capacity {
+                Some(v) => table_size("cache.disk.index_capacity", v)?,
+                None => default_index_capacity(capacity),
+            };
             Some(DiskSettings {
                 path: PathBuf::from(&d.path.value),
-                capacity: nonzero_size("cache.disk.capacity", &d.capacity)?,
+                capacity,
+                index_capacity,
             })
         }
         None => None,
@@ -678,6 +720,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         max_ranges,
         max_concurrent_fills,
         memory_capacity,
+        metadata_capacity,
         disk,
     };
 
@@ -936,7 +979,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 } else {
                     // Requests are matched by their canonical host name: a route's is written
                     // the same way (no trailing dot, no port).
-                    match crate::proxy::canonical::host(v.as_bytes(), 0) {
+                    match crate::proxy::canonical::host(v.as_bytes(), &[]) {
                         Ok(c) if c.port.is_none() => HostMatch::Exact(c.name),
                         _ => {
                             return Err(err_at(

@@ -107,6 +107,7 @@ pub struct RawCache {
     pub heuristic_max: Option<Dur>,
     pub max_ranges: Option<Spanned<usize>>,
     pub max_concurrent_fills: Option<Spanned<usize>>,
+    pub metadata_capacity: Option<Spanned<Size>>,
     pub memory: Option<RawMemory>,
     pub disk: Option<RawDisk>,
 }
@@ -122,6 +123,7 @@ pub struct RawMemory {
 pub struct RawDisk {
     pub path: Spanned<String>,
     pub capacity: Spanned<Size>,
+    pub index_capacity: Option<Spanned<Size>>,
 }
 
 #[derive(Debug, Deserialize)]

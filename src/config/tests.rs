@@ -642,3 +642,45 @@ fn route_hosts_and_prefixes_are_written_canonical() {
     let yaml = GOOD.replace("    path_prefix: /\n", "    path_prefix: //video/\n");
     assert_err(&yaml, "routes[0].path_prefix", 21, "write \"/video/\"");
 }
+
+fn table_capacities_default_from_the_tiers_and_are_checked() {
+    let c = Config::from_yaml(GOOD).expect("good config");
+    // A quarter of the 256 MiB memory tier; 0.1 % of the 10 GiB disk, at least 16 MiB.
+    assert_eq!(c.cache.metadata_capacity, 64 << 20);
+    assert_eq!(
+        c.cache.disk.as_ref().map(|d| d.index_capacity),
+        Some(16 << 20)
+    );
+    assert_eq!(
+        default_metadata_capacity(1 << 20),
+        1 << 20,
+        "at least 1 MiB"
+    );
+    assert_eq!(default_index_capacity(1 << 40), 1 << 30);
+
+    let set = GOOD
+        .replace("  memory:\n", "  metadata_capacity: 8MiB\n  memory:\n")
+        .replace(
+            "    capacity: 10GiB\n",
+            "    capacity: 10GiB\n    index_capacity: 2MiB\n",
+        );
+    let c = Config::from_yaml(&set).expect("capacities set");
+    assert_eq!(c.cache.metadata_capacity, 8 << 20);
+    assert_eq!(
+        c.cache.disk.as_ref().map(|d| d.index_capacity),
+        Some(2 << 20)
+    );
+
+    let small_meta = GOOD.replace("  memory:\n", "  metadata_capacity: 1KiB\n  memory:\n");
+    assert_err(&small_meta, "cache.metadata_capacity", 9, "at least 64KiB");
+    let zero_index = GOOD.replace(
+        "    capacity: 10GiB\n",
+        "    capacity: 10GiB\n    index_capacity: 0\n",
+    );
+    assert_err(
+        &zero_index,
+        "cache.disk.index_capacity",
+        14,
+        "at least 64KiB",
+    );
+}

@@ -4,8 +4,9 @@
 //!
 //! - **Host** (RFC 9110 §7.2, RFC 3986 §3.2.2): a reg-name of letters, digits, `-`, `_` and
 //!   dots, an IPv4 address or a bracketed IPv6 literal, then an optional port of digits. Case is
-//!   folded, one trailing dot and the scheme's default port are dropped (`Example.COM.:80` →
-//!   `example.com`). Anything else (`a:b:c`, `x evil`, `h:port`, `a..b`, percent signs, non-ASCII)
+//!   folded, one trailing dot and a default port are dropped (`Example.COM.:80` →
+//!   `example.com`): the scheme's, and the port the request arrived on (a client of a listener
+//!   on `:8080` names it `host:8080`; it is the same site as `host`, and one object). Anything else (`a:b:c`, `x evil`, `h:port`, `a..b`, percent signs, non-ASCII)
 //!   is refused: the caller answers 400.
 //! - **Path** (RFC 3986 §6.2.2): percent-encoded unreserved characters and `%2F` are decoded,
 //!   other escapes get upper-case hex digits, bytes that may not appear raw are escaped, runs of
@@ -55,9 +56,9 @@ pub enum BadHost {
     Port,
 }
 
-/// Parse and normalise a `Host` field value (or an absolute-form authority) for a scheme whose
-/// default port is `default_port`.
-pub fn host(raw: &[u8], default_port: u16) -> Result<Host, BadHost> {
+/// Parse and normalise a `Host` field value (or an absolute-form authority); a port among
+/// `default_ports` is dropped.
+pub fn host(raw: &[u8], default_ports: &[u16]) -> Result<Host, BadHost> {
     let raw = trim_ows(raw);
     if raw.is_empty() {
         return Err(BadHost::Empty);
@@ -83,7 +84,7 @@ pub fn host(raw: &[u8], default_port: u16) -> Result<Host, BadHost> {
             let p: u32 = digits.iter().fold(0, |n, d| n * 10 + u32::from(d - b'0'));
             match u16::try_from(p) {
                 Ok(0) | Err(_) => return Err(BadHost::Port),
-                Ok(p) if p == default_port => None,
+                Ok(p) if default_ports.contains(&p) => None,
                 Ok(p) => Some(p),
             }
         }
@@ -347,7 +348,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn h(s: &str) -> Result<(String, Option<u16>), BadHost> {
-        host(s.as_bytes(), 80).map(|h| (h.name, h.port))
+        host(s.as_bytes(), &[80]).map(|h| (h.name, h.port))
     }
 
     #[test]
@@ -387,7 +388,13 @@ mod tests {
             Ok(("[2001:db8::1]".into(), Some(443)))
         );
         assert_eq!(h("in_ternal-host"), Ok(("in_ternal-host".into(), None)));
-        assert_eq!(host(b"a.b:443", 443).map(|h| h.port), Ok(None));
+        assert_eq!(host(b"a.b:443", &[443]).map(|h| h.port), Ok(None));
+        // The port the request arrived on is a default too.
+        assert_eq!(host(b"a.b:8080", &[80, 8080]).map(|h| h.port), Ok(None));
+        assert_eq!(
+            host(b"a.b:8081", &[80, 8080]).map(|h| h.port),
+            Ok(Some(8081))
+        );
     }
 
     #[test]
@@ -425,9 +432,9 @@ mod tests {
 
     #[test]
     fn authority_carries_a_non_default_port() {
-        let x = host(b"Example.com:8080", 80).unwrap();
+        let x = host(b"Example.com:8080", &[80]).unwrap();
         assert_eq!(x.authority(), "example.com:8080");
-        let y = host(b"Example.com:80", 80).unwrap();
+        let y = host(b"Example.com:80", &[80]).unwrap();
         assert_eq!(y.authority(), "example.com");
     }
 
@@ -530,13 +537,13 @@ mod tests {
 
         #[test]
         fn host_never_panics(raw in proptest::collection::vec(any::<u8>(), 0..40)) {
-            let _ = host(&raw, 80);
+            let _ = host(&raw, &[80]);
         }
 
         #[test]
         fn canonical_hosts_are_fixed_points(raw in "[a-zA-Z0-9._-]{1,20}(:[0-9]{1,5})?") {
-            if let Ok(x) = host(raw.as_bytes(), 80) {
-                let again = host(x.authority().as_bytes(), 80).unwrap();
+            if let Ok(x) = host(raw.as_bytes(), &[80]) {
+                let again = host(x.authority().as_bytes(), &[80]).unwrap();
                 prop_assert_eq!(again, x);
             }
         }

@@ -449,8 +449,14 @@ impl ProxyHttp for Edge {
         let raw_header = session
             .as_http1()
             .map_or(0, |h1| h1.get_headers_raw_bytes().len());
+        let local_port = session
+            .digest()
+            .and_then(|d| d.socket_digest.as_ref())
+            .and_then(|s| s.local_addr())
+            .and_then(|a| a.as_inet())
+            .map(|a| a.port());
         let checked = request_line::check_header_size(raw_header, max_header).and_then(|()| {
-            request_line::normalize(session.req_header_mut(), max_uri, merge_slashes)
+            request_line::normalize(session.req_header_mut(), max_uri, merge_slashes, local_port)
         });
         let host = match checked {
             Ok(host) => host,

@@ -75,11 +75,13 @@ pub fn check_header_size(raw_len: usize, max_header: usize) -> Result<(), Refusa
 }
 
 /// Check the request line and Host, and rewrite both to their canonical forms (an
-/// absolute-form request becomes origin-form with its authority as Host). Returns the host.
+/// absolute-form request becomes origin-form with its authority as Host). `local_port`: the
+/// port the request arrived on, a default port of its host like the scheme's. Returns the host.
 pub fn normalize(
     req: &mut RequestHeader,
     max_uri: usize,
     merge_slashes: bool,
+    local_port: Option<u16>,
 ) -> Result<Host, Refusal> {
     let raw = req.raw_path();
     if raw.len() > max_uri {
@@ -119,7 +121,8 @@ pub fn normalize(
                 Refusal::MissingHost
             });
         };
-        canonical::host(value.as_bytes(), HTTP_DEFAULT_PORT).map_err(|_| Refusal::BadHost)?
+        let defaults = [HTTP_DEFAULT_PORT, local_port.unwrap_or(HTTP_DEFAULT_PORT)];
+        canonical::host(value.as_bytes(), &defaults).map_err(|_| Refusal::BadHost)?
     };
     let authority = host.authority();
     if req.headers.get(http::header::HOST).map(|v| v.as_bytes()) != Some(authority.as_bytes()) {
@@ -178,7 +181,7 @@ mod tests {
     }
 
     fn norm(r: &mut RequestHeader) -> Result<Host, Refusal> {
-        normalize(r, 8192, true)
+        normalize(r, 8192, true, None)
     }
 
     #[test]
@@ -252,6 +255,18 @@ mod tests {
     }
 
     #[test]
+    fn the_port_a_request_arrived_on_is_a_default_port() {
+        let mut r = req("GET", b"/", Some("Example.com:8080"));
+        let h = normalize(&mut r, 8192, true, Some(8080)).unwrap();
+        assert_eq!((h.name.as_str(), h.port), ("example.com", None));
+        assert_eq!(host(&r), "example.com");
+        let mut r = req("GET", b"/", Some("example.com:6666"));
+        let h = normalize(&mut r, 8192, true, Some(8080)).unwrap();
+        assert_eq!(h.port, Some(6666));
+        assert_eq!(host(&r), "example.com:6666");
+    }
+
+    #[test]
     fn host_and_target_are_rewritten_canonical() {
         let mut r = req(
             "GET",
@@ -266,7 +281,7 @@ mod tests {
         assert_eq!(r.uri.query(), Some("v=1"));
         // Without merging, a double slash stays.
         let mut r = req("GET", b"//s/big", Some("h"));
-        normalize(&mut r, 8192, false).unwrap();
+        normalize(&mut r, 8192, false, None).unwrap();
         assert_eq!(r.raw_path(), b"//s/big");
         let mut r = req("GET", b"/a%zz", Some("h"));
         assert_eq!(norm(&mut r), Err(Refusal::BadPath));
@@ -276,7 +291,7 @@ mod tests {
     fn a_long_target_is_414() {
         let long = format!("/{}", "a".repeat(300));
         let mut r = req("GET", long.as_bytes(), Some("h"));
-        assert_eq!(normalize(&mut r, 256, true), Err(Refusal::TooLong));
-        assert!(normalize(&mut r, 301, true).is_ok());
+        assert_eq!(normalize(&mut r, 256, true, None), Err(Refusal::TooLong));
+        assert!(normalize(&mut r, 301, true, None).is_ok());
     }
 }

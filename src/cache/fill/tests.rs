@@ -390,6 +390,7 @@ fn cache_keeping(max_object_size: u64) -> Arc<ChunkCache> {
             max_ranges: 16,
             max_concurrent_fills: 4,
             memory_capacity: 1 << 20,
+            metadata_capacity: 1 << 20,
             disk: None,
         })
         .unwrap(),
@@ -1567,6 +1568,7 @@ fn cache_with_memory_for(chunks: u64) -> Arc<ChunkCache> {
             max_ranges: 16,
             max_concurrent_fills: 4,
             memory_capacity: chunks * CHUNK,
+            metadata_capacity: 1 << 20,
             disk: None,
         })
         .unwrap(),
