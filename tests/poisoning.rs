@@ -260,6 +260,10 @@ async fn hosts_are_validated_normalised_and_keyed_as_forwarded() {
         "GET /reflect/h HTTP/1.1\nHost: www.example.com:99999\n",
         "GET /reflect/h HTTP/1.1\nHost: www.example.com\nHost: evil.example\n",
         "GET /reflect/h HTTP/1.1\nHost: \n",
+        // A Connection field that would strip the Host or a forwarding field (Pingora refuses
+        // to forward it on pass-through): refused alike on a cached route, before any fill.
+        "GET /reflect/h HTTP/1.1\nHost: www.example.com\nConnection: Host\n",
+        "GET /reflect/h HTTP/1.1\nHost: www.example.com\nConnection: X-Forwarded-Proto\n",
         // HTTP/1.0 needs a Host too (it would reach the origin as HTTP/1.1 without one).
         "GET /reflect/h HTTP/1.0\n",
         "GET /reflect/h HTTP/1.1\n",

@@ -37,6 +37,8 @@ pub enum Refusal {
     BadHost,
     /// 400: a path with a malformed escape or an encoded NUL.
     BadPath,
+    /// 400: a `Connection` field Pingora would refuse to forward ([`check_connection`]).
+    BadConnection,
     /// 414.
     TooLong,
     /// 431.
@@ -59,6 +61,9 @@ impl Refusal {
             Refusal::DuplicateHost => "more than one Host field",
             Refusal::BadHost => "invalid Host",
             Refusal::BadPath => "malformed percent-escape or NUL in the path",
+            Refusal::BadConnection => {
+                "Connection names a protected field, a malformed token, or too many"
+            }
             Refusal::TooLong => "request target over server.max_uri_size",
             Refusal::HeaderTooLarge => "request header over server.max_header_size",
         }
@@ -70,6 +75,44 @@ impl Refusal {
 pub fn check_header_size(raw_len: usize, max_header: usize) -> Result<(), Refusal> {
     if raw_len > max_header {
         return Err(Refusal::HeaderTooLarge);
+    }
+    Ok(())
+}
+
+/// Most `Connection` options a request may carry (Pingora's bound).
+const MAX_CONNECTION_OPTIONS: usize = 10;
+
+/// The `Connection` field as Pingora's upstream request sanitising accepts it (pingora-proxy
+/// `ConnectionNominations`): fewer than ten options, each a token, none naming `Host`,
+/// `X-Forwarded-For`, `-Host`, `-Proto` or a pseudo-header. Checked on arrival, so a request
+/// Pingora would refuse is refused alike on every route, before the cache or an origin
+/// connection is involved (it used to take a pooled origin connection on pass-through and
+/// pass on cached routes).
+pub fn check_connection(req: &RequestHeader) -> Result<(), Refusal> {
+    let mut options = 0;
+    for token in req
+        .headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+    {
+        options += 1;
+        let token_chars = token
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        let protected = [
+            "host",
+            "x-forwarded-for",
+            "x-forwarded-host",
+            "x-forwarded-proto",
+        ]
+        .iter()
+        .any(|p| token.eq_ignore_ascii_case(p.as_bytes()));
+        if options >= MAX_CONNECTION_OPTIONS || !token_chars || protected {
+            return Err(Refusal::BadConnection);
+        }
     }
     Ok(())
 }
@@ -87,6 +130,7 @@ pub fn normalize(
     if raw.len() > max_uri {
         return Err(Refusal::TooLong);
     }
+    check_connection(req)?;
     let asterisk = raw == b"*" && req.method == Method::OPTIONS;
     let origin_form = raw.first() == Some(&b'/') || asterisk;
     if !origin_form {
@@ -285,6 +329,32 @@ mod tests {
         assert_eq!(r.raw_path(), b"//s/big");
         let mut r = req("GET", b"/a%zz", Some("h"));
         assert_eq!(norm(&mut r), Err(Refusal::BadPath));
+    }
+
+    #[test]
+    fn connection_fields_pingora_would_refuse_are_400() {
+        for bad in [
+            "Host",
+            "close, X-Forwarded-For",
+            "x-forwarded-host",
+            "X-Forwarded-Proto",
+            ":authority",
+            "\"x-a\"",
+            "a, b, c, d, e, f, g, h, i, j",
+        ] {
+            let mut r = req("GET", b"/", Some("h"));
+            r.insert_header("connection", bad).unwrap();
+            assert_eq!(norm(&mut r), Err(Refusal::BadConnection), "{bad}");
+        }
+        for good in [
+            "close",
+            "keep-alive, x-private-hop",
+            "a, b, c, d, e, f, g, h, i",
+        ] {
+            let mut r = req("GET", b"/", Some("h"));
+            r.insert_header("connection", good).unwrap();
+            assert!(norm(&mut r).is_ok(), "{good}");
+        }
     }
 
     #[test]
