@@ -22,6 +22,7 @@
 pub mod guard;
 pub mod header_scan;
 pub mod limits;
+pub mod pace;
 pub mod table;
 pub mod trim;
 
@@ -64,11 +65,12 @@ pub struct RequestTicket(Arc<Conn>);
 
 /// Call from `ProxyHttp::on_connection_reuse` with its `prev_ctx`: the request has started, so
 /// its connection is no longer idle (this matters for a pipelined request Pingora parsed from
-/// bytes it already held, which the guard never saw arrive).
-pub fn request_started(ctx: Box<dyn Any + Send + Sync>) {
-    if let Ok(ticket) = ctx.downcast::<RequestTicket>() {
-        ticket.0.request_parsed();
-    }
+/// bytes it already held, which the guard never saw arrive). Returns the connection, for a
+/// shaped response's pacing ([`Conn::pace_response`]).
+pub fn request_started(ctx: Box<dyn Any + Send + Sync>) -> Option<Arc<Conn>> {
+    let ticket = ctx.downcast::<RequestTicket>().ok()?;
+    ticket.0.request_parsed();
+    Some(ticket.0)
 }
 
 /// A listener's HTTP application behind admission control and connection guards.
