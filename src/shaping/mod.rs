@@ -599,6 +599,21 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn after_many_clients_leave_the_one_left_gets_the_whole_rate() {
+        let s = shaper(MIB);
+        let c = class(MIB, 0, 0);
+        let mut all: Vec<Download> = (2..23)
+            .map(|n| s.admit(client(n), &c, None).expect("admitted"))
+            .collect();
+        run(&mut all, 3).await;
+        let mut left = all.split_off(20);
+        drop(all);
+        // Its share went from a 21st to the whole: within a few rebalances it uses it all.
+        let sent = run(&mut left, 10).await;
+        assert!(sent[0] > 8 * MIB, "{sent:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_slow_client_leaves_its_unused_share_to_the_others() {
         let s = shaper(3 * MIB);
         let c = class(10 * MIB, 0, 0);
