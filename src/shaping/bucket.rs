@@ -62,6 +62,19 @@ impl Pacer {
         let allowed_from = tat.checked_sub(secs(burst, rate)).unwrap_or(now);
         allowed_from.saturating_duration_since(now).min(MAX_WAIT)
     }
+
+    /// Give back `n` bytes reserved at `rate` but never sent (their response ended first), so
+    /// that they do not delay later reservations. Never refills past a full bucket.
+    pub fn refund(&mut self, now: Instant, n: u64, rate: u64) {
+        if rate == 0 {
+            return;
+        }
+        self.rescale(now, rate);
+        if let Some(tat) = self.tat {
+            let back = tat.checked_sub(secs(n, rate).min(MAX_WAIT)).unwrap_or(now);
+            self.tat = (back > now).then_some(back);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -156,6 +169,34 @@ mod tests {
         assert!(
             took.abs_diff(Duration::from_secs(4)) < Duration::from_millis(40),
             "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refund_gives_back_unsent_bytes_but_never_more_than_a_full_bucket() {
+        let (rate, burst) = (1024 * KIB, 256 * KIB);
+        let mut p = Pacer::default();
+        // Three pieces reserved back to back (the third would wait half a second).
+        for _ in 0..3 {
+            p.reserve(Instant::now(), 256 * KIB, rate, burst);
+        }
+        // The last two were never sent: the next piece waits as if it were the second.
+        p.refund(Instant::now(), 512 * KIB, rate);
+        let wait = p.reserve(Instant::now(), 256 * KIB, rate, burst);
+        assert!(
+            wait.abs_diff(Duration::from_millis(250)) < Duration::from_millis(1),
+            "{wait:?}"
+        );
+        // Refunding more than is reserved leaves a full bucket, not credit.
+        p.refund(Instant::now(), 64 * 1024 * KIB, rate);
+        assert_eq!(
+            p.reserve(Instant::now(), 256 * KIB, rate, burst),
+            Duration::ZERO
+        );
+        let wait = p.reserve(Instant::now(), 256 * KIB, rate, burst);
+        assert!(
+            wait.abs_diff(Duration::from_millis(250)) < Duration::from_millis(1),
+            "{wait:?}"
         );
     }
 
