@@ -154,6 +154,8 @@ struct Shared {
     requests: AtomicU64,
     body_bytes_sent: AtomicU64,
     connections: AtomicU64,
+    /// Connections accepted and not yet closed.
+    open: AtomicU64,
     log: Mutex<VecDeque<RequestRecord>>,
 }
 
@@ -201,6 +203,7 @@ impl Origin {
             requests: AtomicU64::new(0),
             body_bytes_sent: AtomicU64::new(0),
             connections: AtomicU64::new(0),
+            open: AtomicU64::new(0),
             log: Mutex::new(VecDeque::new()),
         });
         let (shutdown, _) = watch::channel(());
@@ -275,6 +278,12 @@ impl Origin {
     /// Connections accepted so far.
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Connections open now: accepted and not yet closed by either side (a connection counts as
+    /// closed once its task ends: the peer closed or reset it, or a write to it failed).
+    pub fn open_connections(&self) -> u64 {
+        self.shared.open.load(Ordering::SeqCst)
     }
 
     /// The last [`LOG_CAPACITY`] requests, oldest first. A request is logged once its body was
@@ -357,14 +366,25 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     s.listen(1024)
 }
 
+/// Counts a connection open for as long as its task runs (also when the task is dropped).
+struct OpenConnection(Arc<Shared>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, shutdown: watch::Receiver<()>) {
     loop {
         match listener.accept().await {
             Ok((sock, _)) => {
                 let conn = shared.connections.fetch_add(1, Ordering::SeqCst) + 1;
+                shared.open.fetch_add(1, Ordering::SeqCst);
                 let shared = shared.clone();
                 let mut shutdown = shutdown.clone();
                 tokio::spawn(async move {
+                    let _open = OpenConnection(shared.clone());
                     tokio::select! {
                         _ = serve_connection(sock, conn, shared) => {}
                         // Nothing is ever sent: this resolves when the Origin drops.
