@@ -317,3 +317,76 @@ async fn pacing_reserved_by_ghosts_is_given_back() {
         );
     }
 }
+
+/// What a pass-through response buffers for a client that stopped reading, at most: Pingora's
+/// pipeline holds up to ten pieces of one upstream read each, plus the read buffer, and reads
+/// are 16 KiB (vendor/README.md): 10 x 16 KiB + 16 KiB. It was 10 x 64 KiB + 64 KiB.
+const PASS_THROUGH_BUFFER_KIB: u64 = 176;
+/// A proxied request's own state while it is in progress (Pingora's sessions and tasks, the
+/// origin connection), measured with nothing buffered (an origin trickling 2 KB/s): 60 KiB.
+/// With allocator slack, what each stalled reader may cost beyond the buffer.
+const REQUEST_STATE_KIB: u64 = 96;
+
+/// 200 clients that send a GET for a large pass-through object, read its first bytes and stop
+/// reading with the connection open (a small receive buffer, so the kernel hides little):
+/// each costs the proxy a bounded amount of memory until `send_timeout`, and when they go,
+/// their slots and origin connections go too. Measured: 240 KiB each (723 KiB with Pingora's
+/// 64 KiB upstream reads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_pass_through_readers_hold_a_bounded_buffer_each() {
+    use tokio::io::AsyncReadExt;
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(&format!(
+        "upstreams:\n  origin:\n    servers: [\"{}\"]\nroutes:\n  - path_prefix: /\n    upstream: origin\n    cache: false\n",
+        origin.addr()
+    ));
+    let addr = proxy_addr(&proxy);
+    let n = 200u64;
+    // One request first, so that what every connection shares (pools, buffers, code) is in.
+    let (status, _) = fetch_from(&proxy, 3, "/download/1000").await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let base = proxy.rss_kib();
+    let mut readers = Vec::new();
+    let mut first = vec![0u8; 64 * 1024];
+    for i in 0..n {
+        let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+        sock.set_recv_buffer_size(4096).expect("rcvbuf");
+        let mut s = sock.connect(addr).await.expect("connect");
+        let req = format!(
+            "GET /download/{} HTTP/1.1\r\nHost: x\r\n\r\n",
+            256 * MIB + i
+        );
+        s.write_all(req.as_bytes()).await.expect("send");
+        let got = s.read(&mut first).await.expect("first bytes");
+        assert!(got > 0);
+        readers.push(s);
+    }
+    // Let every pipeline fill as far as it will.
+    until_true("every origin request", FREED_WITHIN, || {
+        origin.requests() > n
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let grown = proxy.rss_kib().saturating_sub(base);
+    let each = grown / n;
+    println!("{n} stalled pass-through readers: RSS +{grown} KiB, {each} KiB each");
+    assert!(proxy.rss_kib() > 0, "could not read the proxy's RSS");
+    assert!(
+        each <= PASS_THROUGH_BUFFER_KIB + REQUEST_STATE_KIB,
+        "{each} KiB per stalled reader, over the {PASS_THROUGH_BUFFER_KIB} KiB bound plus {REQUEST_STATE_KIB} KiB of request state"
+    );
+    // Each holds its slot and its origin connection until send_timeout; gone, they free both.
+    let s = proxy.stats().await;
+    assert_eq!(s["client_connections_open"], n, "{s:?}");
+    assert!(origin.open_connections() >= n);
+    leave(readers, Leave::Reset).await;
+    until(&proxy, "slots freed", FREED_WITHIN, |s| {
+        s["client_connections_open"] == 0
+    })
+    .await;
+    until_true("origin connections closed", FREED_WITHIN, || {
+        origin.open_connections() <= 1
+    })
+    .await;
+}
