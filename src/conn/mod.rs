@@ -1,6 +1,7 @@
 //! Client connections, before and around Pingora's HTTP/1.1 session: admission under
 //! `server.max_connections` (reclaiming idle connections, else refusing with 503 at once), the
-//! per-connection time and size limits ([`guard`]), and the keep-alive loop that hands each
+//! per-connection time and size limits ([`guard`]), the pacing of a shaped response at its
+//! writes with the client watched meanwhile ([`pace`]), and the keep-alive loop that hands each
 //! request to the HTTP application with pipelining on.
 //!
 //! ```text
