@@ -7,6 +7,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
+# Pingora's core with edgeslice's one change (vendor/README.md), patched in by Cargo.toml.
+COPY vendor ./vendor
 RUN cargo build --release --locked --bin edgeslice
 
 # Runtime stage: a small Debian with a non-root user.

@@ -80,7 +80,7 @@ impl AdminApp {
             out.push_str(&format!(
                 "{name}_connections_open {}\n{name}_connections_max {}\n{name}_connections_accepted {}\n{name}_connections_reclaimed {}\n\
                  {name}_connections_refused {}\n{name}_keepalive_closed {}\n{name}_header_timeouts {}\n{name}_send_timeouts {}\n\
-                 {name}_oversize_headers_rejected {}\n",
+                 {name}_oversize_headers_rejected {}\n{name}_paced_aborts {}\n",
                 t.open(),
                 t.max(),
                 n(&st.accepted),
@@ -90,6 +90,7 @@ impl AdminApp {
                 n(&st.header_timeouts),
                 n(&st.send_timeouts),
                 n(&st.oversize_rejected),
+                n(&st.paced_aborts),
             ));
         }
         if let Some(d) = &self.access_log_dropped {
@@ -286,7 +287,7 @@ impl AdminApp {
         .collect();
         let tables = Arc::new(tables);
         type ConnFigure = fn(&ConnTable) -> f64;
-        let conn: [(&str, &str, bool, ConnFigure); 9] = [
+        let conn: [(&str, &str, bool, ConnFigure); 10] = [
             (
                 "edgeslice_connections_open",
                 "Client connections open, by listener.",
@@ -340,6 +341,12 @@ impl AdminApp {
                 "Requests answered 414 or 431 before parsing.",
                 true,
                 |t| load(&t.stats.oversize_rejected),
+            ),
+            (
+                "edgeslice_paced_aborts_total",
+                "Shaped responses ended because the client left while a paced write waited.",
+                true,
+                |t| load(&t.stats.paced_aborts),
             ),
         ];
         for (name, help, counter, read) in conn {

@@ -643,6 +643,7 @@ fn route_hosts_and_prefixes_are_written_canonical() {
     assert_err(&yaml, "routes[0].path_prefix", 21, "write \"/video/\"");
 }
 
+#[test]
 fn table_capacities_default_from_the_tiers_and_are_checked() {
     let c = Config::from_yaml(GOOD).expect("good config");
     // A quarter of the 256 MiB memory tier; 0.1 % of the 10 GiB disk, at least 16 MiB.

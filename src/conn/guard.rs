@@ -9,6 +9,21 @@
 //!   answer is written here, before Pingora has parsed (or buffered) the oversized header.
 //! - A write that makes no progress for `send_timeout` fails: a client that stopped reading
 //!   cannot hold a response (and its buffers) forever.
+//! - A shaped response is paced here, at the write ([`super::pace`]): each write is accounted
+//!   with the response's pacer just before it goes, in parts of at most
+//!   [`super::pace::MAX_RESERVATION`], and waits until the pacer allows it. While a write waits,
+//!   the client is watched: a client that is gone fails the write at once (and the bytes
+//!   accounted for it are given back), so the response ends and frees its connection slot, its
+//!   download (and share of `shaping.total_rate`) and its origin connection, instead of
+//!   sleeping out a pacing delay nobody will read.
+//!
+//! "Gone" means the client's side of the connection ended: a FIN (read returns end of stream)
+//! or a reset (read fails). As nginx (unless `proxy_ignore_client_abort`) and Pingora's own idle
+//! probe do, a half-close counts as leaving: an HTTP/1.1 client that shuts down its sending side
+//! while still reading a response is rare, and cannot be told apart from one that closed.
+//! Bytes that arrive instead (a pipelined request) are kept, at most [`WATCH_STASH`], and handed
+//! to the next reads as if they came from the socket then; past that the socket is polled for
+//! a hang-up every [`WATCH_TICK`].
 //!
 //! Reads and writes that make progress pass straight through: no copy, no timer.
 
@@ -37,6 +52,11 @@ use tokio::time::Sleep;
 /// the client reads it (nginx's lingering close).
 const LINGER: Duration = Duration::from_secs(2);
 const LINGER_MAX_BYTES: usize = 4 << 20;
+
+/// Bytes the client watch of a paced wait reads ahead and keeps (a pipelined request), at most.
+pub const WATCH_STASH: usize = 4096;
+/// Once [`WATCH_STASH`] is full, how often a paced wait polls the socket for a hang-up instead.
+pub const WATCH_TICK: Duration = Duration::from_millis(100);
 
 /// The limits a guard enforces, shared by every connection of a service.
 #[derive(Debug)]
@@ -124,8 +144,9 @@ pub struct Guarded {
     write_deadline: Option<Instant>,
     write_timer: Option<(Instant, Pin<Box<Sleep>>)>,
     reject: Option<Reject>,
-    /// Bytes read while waiting for a request ([`Guarded::poll_wait`]), handed to the next
-    /// reads before the socket's. Empty (unallocated) otherwise.
+    /// Bytes read while waiting for a request ([`Guarded::poll_wait`]), or by the client watch
+    /// of a paced wait, handed to the next reads before the socket's. Empty (unallocated)
+    /// otherwise.
     stash: Vec<u8>,
     stash_pos: usize,
     /// Pingora holds bytes of the next request already (pipelined with the previous one): the
@@ -134,6 +155,13 @@ pub struct Guarded {
     /// The stash holds bytes kept back from Pingora after a line end that may have ended the
     /// header ([`Scan::Ambiguous`]): scanned before they go on if the header did not end there.
     probing: bool,
+    /// The stash holds bytes of the client watch: not yet seen by the header limits, so the
+    /// next reads treat them as if they came from the socket then.
+    stash_unscanned: bool,
+    /// The write gate's timer (shaped responses; see [`Conn::pace_response`]).
+    gate_timer: Option<(Instant, Pin<Box<Sleep>>)>,
+    /// The client watch's hang-up poll timer, once its stash is full.
+    watch_timer: Option<(Instant, Pin<Box<Sleep>>)>,
     /// Small writes (a response header) held until the next write or flush, so that a header
     /// and a body piece leave in one `writev` rather than two `sendto`s. At most [`HOLD`]
     /// bytes; released (unallocated) while the connection waits for its next request.
@@ -218,6 +246,9 @@ impl Guarded {
             stash_pos: 0,
             prefix_held: false,
             probing: false,
+            stash_unscanned: false,
+            gate_timer: None,
+            watch_timer: None,
         }
     }
 
@@ -421,8 +452,95 @@ impl Guarded {
         if self.stash_pos == self.stash.len() {
             self.stash = Vec::new();
             self.stash_pos = 0;
+            self.stash_unscanned = false;
         }
         true
+    }
+
+    /// A write of `want` bytes (> 0) is about to go: on a paced response, account it and wait
+    /// until the pacer allows it (watching the client); how many of the bytes may go now.
+    fn poll_pace(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        let Some(allowed) = self.conn.reserve_write(want) else {
+            return Poll::Ready(Ok(want));
+        };
+        ready!(self.poll_gate(cx))?;
+        Poll::Ready(Ok(allowed))
+    }
+
+    /// After a paced write: what was written is settled; on a failure, what was accounted is
+    /// given back.
+    fn after_paced(&self, r: &Poll<io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) => self.conn.written(*n),
+            Poll::Ready(Err(_)) => self.conn.refund_reserved(),
+            Poll::Pending => {}
+        }
+    }
+
+    /// Writes wait while the connection's write gate is closed (a shaped response's pacing),
+    /// watching the client: `Ready(Ok)` once the gate passes, `Ready(Err)` at once if the client
+    /// is gone.
+    fn poll_gate(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(at) = self.conn.write_gate() else {
+            return Poll::Ready(Ok(()));
+        };
+        if expired(&mut self.gate_timer, at, cx) {
+            self.conn.lift_write_gate(at);
+            return Poll::Ready(Ok(()));
+        }
+        if self.client_gone(cx) {
+            self.conn.refund_reserved();
+            self.table
+                .stats
+                .paced_aborts
+                .fetch_add(1, Ordering::Relaxed);
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the client closed the connection during a paced wait",
+            )));
+        }
+        Poll::Pending
+    }
+
+    /// Whether the client has left (FIN or reset), arranging for `cx` to be woken when that
+    /// may have changed: by the socket (a read is pending), or after [`WATCH_TICK`] once
+    /// [`WATCH_STASH`] bytes sent ahead are kept. Bytes read are kept for the next reads.
+    fn client_gone(&mut self, cx: &mut Context<'_>) -> bool {
+        // A header the wait collected and Pingora has not taken yet: never mixed with these.
+        let watchable = self.stash_unscanned || self.stash_pos >= self.stash.len();
+        while watchable && self.stash.len() - self.stash_pos < WATCH_STASH {
+            let mut scratch = [0u8; 1024];
+            let room = (WATCH_STASH - (self.stash.len() - self.stash_pos)).min(scratch.len());
+            let mut rb = ReadBuf::new(&mut scratch[..room]);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => return true,
+                Poll::Ready(Err(_)) => return true,
+                Poll::Ready(Ok(())) => {
+                    if !self.stash_unscanned {
+                        self.stash.clear();
+                        self.stash_pos = 0;
+                        self.stash_unscanned = true;
+                    }
+                    self.stash.extend_from_slice(rb.filled());
+                    // Past the request's header: the next request may start here.
+                    self.conn.note_overread();
+                }
+                Poll::Pending => return false,
+            }
+        }
+        // No read can be left pending: look at the socket itself now and again.
+        if hung_up(self.inner.id()) {
+            return true;
+        }
+        let next = Instant::now() + WATCH_TICK;
+        let due = self.watch_timer.as_ref().map(|(at, _)| *at);
+        let deadline = match due {
+            Some(at) if at > Instant::now() => at,
+            _ => next,
+        };
+        // Armed for `deadline`; it has not passed, so the poll registers the wake-up.
+        let _ = expired(&mut self.watch_timer, deadline, cx);
+        false
     }
 
     /// When a read in `phase` gives up, if ever.
@@ -566,6 +684,8 @@ impl AsyncRead for Guarded {
         if phase == Phase::Closing {
             if let Some(response) = this.reclaimed_mid_header() {
                 this.stash = Vec::new();
+                this.stash_pos = 0;
+                this.stash_unscanned = false;
                 this.begin_reject(response);
                 return this.poll_reject(cx);
             }
@@ -576,8 +696,8 @@ impl AsyncRead for Guarded {
             return this.poll_reject(cx);
         }
         // A header the wait collected, or bytes held back at a line end: scanned (or past the
-        // header), handed over as they are.
-        if this.take_stash(buf) {
+        // header), handed over as they are. (Bytes the client watch kept are scanned below.)
+        if !this.stash_unscanned && this.take_stash(buf) {
             return Poll::Ready(Ok(()));
         }
         // Otherwise Pingora reads the socket itself (it may hold the start of a pipelined
@@ -588,7 +708,13 @@ impl AsyncRead for Guarded {
             this.conn.register_reader(cx.waker());
         }
         let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+        // Bytes the client watch kept go through the same limits as the socket's.
+        let polled = if this.stash_unscanned && this.take_stash(buf) {
+            Poll::Ready(Ok(()))
+        } else {
+            Pin::new(&mut this.inner).poll_read(cx, buf)
+        };
+        match polled {
             Poll::Ready(Ok(())) if buf.filled().len() > before => {
                 if waiting && !this.header_arrived(phase) {
                     buf.set_filled(before);
@@ -603,9 +729,13 @@ impl AsyncRead for Guarded {
                             return this.poll_reject(cx);
                         }
                         Verdict::HoldFrom(at) => {
-                            // Nothing is stashed here (a stash is handed over first).
-                            this.stash = buf.filled()[before + at..].to_vec();
+                            // Held back, ahead of what the client watch kept and is not
+                            // handed over yet (a scanned stash is handed over first).
+                            let mut held = buf.filled()[before + at..].to_vec();
+                            held.extend_from_slice(&this.stash[this.stash_pos..]);
+                            this.stash = held;
                             this.stash_pos = 0;
+                            this.stash_unscanned = false;
                             buf.set_filled(before + at);
                             this.probing = !this.stash.is_empty();
                         }
@@ -651,6 +781,26 @@ fn status_of(data: &[u8]) -> Option<u16> {
     std::str::from_utf8(code).ok()?.parse().ok()
 }
 
+/// Whether the socket `fd` reports the client gone (its side closed, or an error), without
+/// reading. `false` for a stream without a descriptor.
+fn hung_up(fd: UniqueIDType) -> bool {
+    if fd < 0 {
+        return false;
+    }
+    #[cfg(target_os = "linux")]
+    let events = libc::POLLRDHUP;
+    #[cfg(not(target_os = "linux"))]
+    let events = libc::POLLHUP;
+    let mut p = libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout: poll only reads and writes that struct.
+    let n = unsafe { libc::poll(&mut p, 1, 0) };
+    n > 0 && p.revents & (events | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 fn peer(stream: &Stream) -> String {
     stream
         .get_socket_digest()
@@ -672,6 +822,61 @@ impl AsyncWrite for Guarded {
                 this.conn.answered_unparsed(status);
             }
         }
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let allowed = ready!(this.poll_pace(cx, data.len()))?;
+        let r = this.poll_write_allowed(cx, &data[..allowed]);
+        this.after_paced(&r);
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if !this.conn.app_has_request() {
+            if let Some(status) = bufs.first().and_then(|b| status_of(b)) {
+                this.conn.answered_unparsed(status);
+            }
+        }
+        if this.conn.is_paced() {
+            // Paced: one part at a time anyway.
+            let first = bufs
+                .iter()
+                .find(|b| !b.is_empty())
+                .map_or(&[][..], |b| &b[..]);
+            return Pin::new(this).poll_write(cx, first);
+        }
+        ready!(this.poll_write_held(cx))?;
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.after_write(polled, cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_write_held(cx))?;
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.after_write(polled, cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_write_held(cx))?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
+    }
+}
+
+impl Guarded {
+    /// Write `data` (already allowed by the pacing): small writes are held, see [`HOLD`].
+    fn poll_write_allowed(&mut self, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self;
         if this.held.len() + data.len() <= HOLD {
             this.held.extend_from_slice(data);
             return Poll::Ready(Ok(data.len()));
@@ -694,39 +899,6 @@ impl AsyncWrite for Guarded {
         }
         let polled = Pin::new(&mut this.inner).poll_write(cx, data);
         this.after_write(polled, cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if !this.conn.app_has_request() {
-            if let Some(status) = bufs.first().and_then(|b| status_of(b)) {
-                this.conn.answered_unparsed(status);
-            }
-        }
-        ready!(this.poll_write_held(cx))?;
-        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.after_write(polled, cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_write_held(cx))?;
-        let polled = Pin::new(&mut this.inner).poll_flush(cx);
-        this.after_write(polled, cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        ready!(this.poll_write_held(cx))?;
-        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -826,19 +998,56 @@ mod tests {
     use tokio::io::AsyncWriteExt;
 
     /// A socket that records each write call and what it carried; `budget` bytes per call at
-    /// most (a socket buffer filling up).
+    /// most (a socket buffer filling up). Its read side is what `input` says.
     #[derive(Debug, Default)]
     struct Recorder {
         calls: Arc<Mutex<Vec<Vec<u8>>>>,
         budget: usize,
+        input: Arc<Mutex<Input>>,
+    }
+
+    /// Each write call's bytes, in order.
+    type Writes = Arc<Mutex<Vec<Vec<u8>>>>;
+
+    /// What the client sends: bytes, then (maybe) its close or a reset.
+    #[derive(Debug, Default)]
+    struct Input {
+        bytes: Vec<u8>,
+        closed: bool,
+        reset: bool,
+        reader: Option<std::task::Waker>,
+    }
+
+    impl Input {
+        fn send(this: &Arc<Mutex<Input>>, f: impl FnOnce(&mut Input)) {
+            let mut i = this.lock().unwrap();
+            f(&mut i);
+            if let Some(w) = i.reader.take() {
+                w.wake();
+            }
+        }
     }
 
     impl AsyncRead for Recorder {
         fn poll_read(
             self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
-            _buf: &mut ReadBuf<'_>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
         ) -> Poll<io::Result<()>> {
+            let mut i = self.input.lock().unwrap();
+            if !i.bytes.is_empty() {
+                let n = i.bytes.len().min(buf.remaining());
+                buf.put_slice(&i.bytes[..n]);
+                i.bytes.drain(..n);
+                return Poll::Ready(Ok(()));
+            }
+            if i.reset {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            if i.closed {
+                return Poll::Ready(Ok(()));
+            }
+            i.reader = Some(cx.waker().clone());
             Poll::Pending
         }
     }
@@ -885,7 +1094,8 @@ mod tests {
     }
     impl UniqueID for Recorder {
         fn id(&self) -> UniqueIDType {
-            0
+            // No descriptor: the hang-up poll never looks at a real one.
+            -1
         }
     }
     impl Ssl for Recorder {}
@@ -907,7 +1117,15 @@ mod tests {
     impl Peek for Recorder {}
 
     fn guarded(budget: usize) -> (Guarded, Arc<Mutex<Vec<Vec<u8>>>>) {
+        let (g, calls, _) = guarded_with_input(budget);
+        (g, calls)
+    }
+
+    /// A guarded connection serving a request (busy), the record of its writes and its
+    /// client's input.
+    fn guarded_with_input(budget: usize) -> (Guarded, Writes, Arc<Mutex<Input>>) {
         let calls = Arc::new(Mutex::new(Vec::new()));
+        let input = Arc::new(Mutex::new(Input::default()));
         let table = ConnTable::new(4);
         let admission = table.admit().expect("admitted");
         let settings = Arc::new(GuardSettings::new(
@@ -923,11 +1141,161 @@ mod tests {
         let inner: Stream = Box::new(Recorder {
             calls: calls.clone(),
             budget,
+            input: input.clone(),
         });
-        (
-            Guarded::new(inner, admission.conn().clone(), table, settings),
-            calls,
-        )
+        let conn = admission.conn().clone();
+        conn.begin_header();
+        conn.begin_request();
+        // The admission stays with the table for the test's length.
+        std::mem::forget(admission);
+        (Guarded::new(inner, conn, table, settings), calls, input)
+    }
+
+    /// A pacer that asks each reservation to wait the next of `waits` (then none), and
+    /// records what it accounted and what was given back.
+    #[derive(Default, Clone)]
+    struct Script {
+        waits: Arc<Mutex<Vec<Duration>>>,
+        paced: Arc<Mutex<Vec<usize>>>,
+        refunded: Arc<Mutex<usize>>,
+    }
+
+    impl crate::conn::pace::BodyPacer for Script {
+        fn pace(&mut self, n: usize) -> Duration {
+            self.paced.lock().unwrap().push(n);
+            let mut w = self.waits.lock().unwrap();
+            if w.is_empty() {
+                Duration::ZERO
+            } else {
+                w.remove(0)
+            }
+        }
+        fn refund(&mut self, n: usize) {
+            *self.refunded.lock().unwrap() += n;
+        }
+    }
+
+    fn pace(g: &Guarded, waits: &[Duration]) -> Script {
+        let s = Script::default();
+        *s.waits.lock().unwrap() = waits.to_vec();
+        g.conn.pace_response(Box::new(s.clone()));
+        s
+    }
+
+    #[tokio::test]
+    async fn a_paced_write_waits_at_the_gate_then_goes_out_in_parts() {
+        let (mut g, calls, _input) = guarded_with_input(usize::MAX);
+        let script = pace(&g, &[Duration::from_millis(150)]);
+        let started = Instant::now();
+        g.write_all(&[7u8; 40_000]).await.unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        assert_eq!(calls.lock().unwrap().concat(), vec![7u8; 40_000]);
+        // Accounted part by part as the parts went, never more than one part ahead.
+        let part = crate::conn::pace::MAX_RESERVATION;
+        assert_eq!(
+            *script.paced.lock().unwrap(),
+            vec![part, part, 40_000 - 2 * part]
+        );
+        assert_eq!(g.conn.write_gate(), None, "lifted once passed");
+        // The response ends: nothing is paced any more.
+        g.conn.end_pacing();
+        g.write_all(&[8u8; 4096]).await.unwrap();
+        assert_eq!(script.paced.lock().unwrap().len(), 3);
+        assert_eq!(*script.refunded.lock().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_during_a_paced_wait_fails_the_write_at_once() {
+        for how in ["close", "reset"] {
+            let (mut g, calls, input) = guarded_with_input(usize::MAX);
+            let script = pace(&g, &[Duration::from_secs(30)]);
+            let leave = input.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Input::send(&leave, |i| match how {
+                    "close" => i.closed = true,
+                    _ => i.reset = true,
+                });
+            });
+            let r = tokio::time::timeout(Duration::from_secs(5), g.write_all(&[1u8; 4096]))
+                .await
+                .expect("ended long before the gate");
+            let e = r.expect_err("the write fails");
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted, "{how}");
+            assert!(calls.lock().unwrap().is_empty(), "{how}: nothing written");
+            assert_eq!(g.table.stats.paced_aborts.load(Ordering::Relaxed), 1);
+            // What was accounted for the write is given back.
+            assert_eq!(*script.refunded.lock().unwrap(), 4096, "{how}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_that_sent_more_than_is_kept_and_left_is_still_noticed() {
+        // A real socket: past WATCH_STASH bytes the watch polls the descriptor for a hang-up.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let table = ConnTable::new(4);
+        let admission = table.admit().expect("admitted");
+        let conn = admission.conn().clone();
+        conn.begin_header();
+        conn.begin_request();
+        let settings = Arc::new(GuardSettings::new(
+            None,
+            Duration::from_secs(10),
+            Duration::from_secs(10),
+            HeaderLimits {
+                max_header: 64 << 10,
+                max_uri: 8 << 10,
+                max_fields: 256,
+            },
+        ));
+        let inner: Stream = Box::new(pingora_core::protocols::l4::stream::Stream::from(server));
+        let mut g = Guarded::new(inner, conn.clone(), table.clone(), settings);
+        let _script = pace(&g, &[Duration::from_secs(30)]);
+        client.write_all(&[b'x'; 3 * WATCH_STASH]).await.unwrap();
+        let leave = async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Its own half-close; the bytes it sent stay unread on our side.
+            client.shutdown().await.unwrap();
+            client
+        };
+        let (r, _client) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(5), g.write_all(&[1u8; 4096])),
+            leave
+        );
+        let e = r.expect("noticed long before the gate").expect_err("fails");
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);
+        assert_eq!(
+            g.stash.len() - g.stash_pos,
+            WATCH_STASH,
+            "kept no more than this"
+        );
+        drop(admission);
+    }
+
+    #[tokio::test]
+    async fn bytes_sent_during_a_paced_wait_are_kept_for_the_next_reads() {
+        let (mut g, calls, input) = guarded_with_input(usize::MAX);
+        let _script = pace(&g, &[Duration::from_millis(100)]);
+        let next = b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        Input::send(&input, |i| i.bytes = next.clone());
+        g.write_all(&[2u8; 4096]).await.unwrap();
+        assert_eq!(calls.lock().unwrap().concat(), vec![2u8; 4096]);
+        // A pipelined request is not a client leaving: kept, and the next request starts
+        // from it (Pingora reads it next, the connection marked as having bytes past this
+        // request).
+        assert!(g.conn.take_overread());
+        g.conn.set_idle(g.table.now_ms());
+        let mut got = vec![0u8; 4096];
+        let n = tokio::io::AsyncReadExt::read(&mut g, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(&got[..n], &next[..]);
+        // It went through the header limits as socket bytes would: the request is busy.
+        assert_eq!(g.conn.phase(), Phase::Busy);
     }
 
     #[tokio::test]

@@ -1,6 +1,7 @@
 //! Client connections, before and around Pingora's HTTP/1.1 session: admission under
 //! `server.max_connections` (reclaiming idle connections, else refusing with 503 at once), the
-//! per-connection time and size limits ([`guard`]), and the keep-alive loop that hands each
+//! per-connection time and size limits ([`guard`]), the pacing of a shaped response at its
+//! writes with the client watched meanwhile ([`pace`]), and the keep-alive loop that hands each
 //! request to the HTTP application with pipelining on.
 //!
 //! ```text
@@ -26,6 +27,7 @@
 pub mod guard;
 pub mod header_scan;
 pub mod limits;
+pub mod pace;
 pub mod table;
 pub mod trim;
 
@@ -71,11 +73,12 @@ pub struct RequestTicket(Arc<Conn>);
 
 /// Call from `ProxyHttp::on_connection_reuse` with its `prev_ctx`: the request has started, so
 /// its connection is no longer idle (this matters for a pipelined request Pingora parsed from
-/// bytes it already held, which the guard never saw arrive).
-pub fn request_started(ctx: Box<dyn Any + Send + Sync>) {
-    if let Ok(ticket) = ctx.downcast::<RequestTicket>() {
-        ticket.0.request_parsed();
-    }
+/// bytes it already held, which the guard never saw arrive). Returns the connection, for a
+/// shaped response's pacing ([`Conn::pace_response`]).
+pub fn request_started(ctx: Box<dyn Any + Send + Sync>) -> Option<Arc<Conn>> {
+    let ticket = ctx.downcast::<RequestTicket>().ok()?;
+    ticket.0.request_parsed();
+    Some(ticket.0)
 }
 
 /// A listener's HTTP application behind admission control and connection guards.

@@ -9,6 +9,7 @@
 //! reclaimer move forward; the table's lock is taken only when a connection opens, closes or
 //! must be reclaimed, never per request.
 
+use super::pace::{BodyPacer, PacedWrites};
 use futures::task::AtomicWaker;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
@@ -62,6 +63,16 @@ pub struct Conn {
     /// 408/414/431, Pingora's 400 to a header it could not parse), until the access log takes
     /// it; 0: none.
     unparsed_answer: AtomicU16,
+    /// The pacer of the response in progress, when it is shaped ([`Conn::pace_response`]).
+    paced: Mutex<Option<PacedWrites>>,
+    /// Whether `paced` holds one (read per write, without the lock).
+    pacing: AtomicBool,
+    /// Writes on the connection wait until this instant, in µs since `epoch` (0: no gate):
+    /// what the pacer asked, enforced by the connection's guard, which watches for the client
+    /// leaving meanwhile.
+    write_gate_us: AtomicU64,
+    /// The table's epoch.
+    epoch: Instant,
 }
 
 impl Conn {
@@ -130,6 +141,7 @@ impl Conn {
     pub fn set_idle(&self, since_ms: u64) {
         self.app_request.store(false, Ordering::Relaxed);
         self.since_ms.store(since_ms, Ordering::Relaxed);
+        self.end_pacing();
         self.advance(&[Phase::Busy, Phase::Header], Phase::Idle);
     }
 
@@ -146,6 +158,98 @@ impl Conn {
     /// When the connection last became reclaimable, in ms since the table's epoch.
     pub fn since_ms(&self) -> u64 {
         self.since_ms.load(Ordering::Relaxed)
+    }
+
+    /// Pace the response in progress with `pacer`: from now on its writes are accounted just
+    /// before they go out and wait, in the connection's guard, until the pacer allows them,
+    /// while the guard watches the client: one that leaves (FIN or reset) fails the write at
+    /// once, which ends the response and frees what it holds. Ends with the response
+    /// ([`Conn::end_pacing`], or the next [`Conn::set_idle`]).
+    pub fn pace_response(&self, pacer: Box<dyn BodyPacer>) {
+        *self.lock_paced() = Some(PacedWrites::new(pacer));
+        self.pacing.store(true, Ordering::Release);
+    }
+
+    /// The response's pacing ends: bytes accounted but not written are given back, and the
+    /// pacer is dropped (for a shaped download, that ends it).
+    pub fn end_pacing(&self) {
+        self.write_gate_us.store(0, Ordering::Relaxed);
+        if self.pacing.swap(false, Ordering::AcqRel) {
+            let ended = self.lock_paced().take();
+            drop(ended);
+        }
+    }
+
+    /// Whether the response in progress is paced.
+    pub fn is_paced(&self) -> bool {
+        self.pacing.load(Ordering::Acquire)
+    }
+
+    fn lock_paced(&self) -> std::sync::MutexGuard<'_, Option<PacedWrites>> {
+        // Only this connection's task takes it; a panic cannot leave it inconsistent.
+        self.paced.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A write of `want` bytes is about to go: `None` when the response is not paced, else how
+    /// many of them may go once the write gate (set here when bytes were just accounted) has
+    /// passed.
+    pub(super) fn reserve_write(&self, want: usize) -> Option<usize> {
+        if !self.pacing.load(Ordering::Acquire) {
+            return None;
+        }
+        let (allowed, wait) = self.lock_paced().as_mut()?.reserve(want);
+        if !wait.is_zero() {
+            self.hold_writes_until(Instant::now() + wait);
+        }
+        Some(allowed)
+    }
+
+    /// `n` bytes allowed by [`Conn::reserve_write`] were written.
+    pub(super) fn written(&self, n: usize) {
+        if self.pacing.load(Ordering::Acquire) {
+            if let Some(p) = self.lock_paced().as_mut() {
+                p.written(n);
+            }
+        }
+    }
+
+    /// The bytes allowed will not be written (the client left, or the write failed).
+    pub(super) fn refund_reserved(&self) {
+        if self.pacing.load(Ordering::Acquire) {
+            if let Some(p) = self.lock_paced().as_mut() {
+                p.refund_reserved();
+            }
+        }
+    }
+
+    fn hold_writes_until(&self, at: Instant) {
+        self.write_gate_us
+            .fetch_max(self.micros(at), Ordering::AcqRel);
+    }
+
+    fn micros(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// When writes may go on, if they are held.
+    pub(super) fn write_gate(&self) -> Option<Instant> {
+        match self.write_gate_us.load(Ordering::Acquire) {
+            0 => None,
+            us => Some(self.epoch + Duration::from_micros(us)),
+        }
+    }
+
+    /// The gate `at` (from [`Conn::write_gate`]) has passed: lift it, unless a later one was
+    /// set meanwhile.
+    pub(super) fn lift_write_gate(&self, at: Instant) {
+        let _ = self.write_gate_us.compare_exchange(
+            self.micros(at),
+            0,
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
     }
 
     /// Register the task that reads the connection (called while it waits for a request).
@@ -165,6 +269,8 @@ pub struct ConnStats {
     pub send_timeouts: AtomicU64,
     /// Requests answered 414 or 431 before Pingora parsed them.
     pub oversize_rejected: AtomicU64,
+    /// Responses ended because their client left while a paced write waited.
+    pub paced_aborts: AtomicU64,
 }
 
 /// How many idle connections one reclaim closes at most (nginx drains up to 32): enough that
@@ -235,6 +341,10 @@ impl ConnTable {
             overread: AtomicBool::new(false),
             app_request: AtomicBool::new(false),
             unparsed_answer: AtomicU16::new(0),
+            paced: Mutex::new(None),
+            pacing: AtomicBool::new(false),
+            write_gate_us: AtomicU64::new(0),
+            epoch: self.epoch,
         });
         self.lock().insert(id, conn.clone());
         Some(Admission {

@@ -289,7 +289,9 @@ impl CacheLayer {
             send_failure(session, ctx, 504).await?;
             return Ok(None);
         }
-        let lock = self.cache.lock_object(&obj.key).await;
+        // Waits on other fills and on the origin watch the client: one that leaves frees its
+        // slot now, and never sets off an origin fetch nobody will read.
+        let lock = unless_client_left(session, self.cache.lock_object(&obj.key)).await?;
         // Whoever held the lock may have learnt that the URL's responses vary.
         obj.key = self.cache.variant(&obj.base, &obj.forward);
         if !self.fill_answers(session, obj) {
@@ -326,7 +328,8 @@ impl CacheLayer {
             // Fresh, but the request asked for revalidation (`no-cache`): RFC 9211 `fwd=request`.
             let forced = old.is_fresh(SystemTime::now());
             let revalidation = if old.has_validator() && old.is_ranged() {
-                fill::revalidate(&self.cache, origin, obj, &old).await
+                unless_client_left(session, fill::revalidate(&self.cache, origin, obj, &old))
+                    .await?
             } else {
                 // Nothing to ask the origin with (no validator), or a small response kept
                 // whole: fetched again.
@@ -342,17 +345,20 @@ impl CacheLayer {
                 Revalidation::Changed(None) => {}
                 Revalidation::Changed(Some(resp)) => {
                     // The revalidation's answer is the new object: no second request.
-                    let slot = self.cache.fill_slot().await;
-                    let found = fill::discover_from(
-                        &self.cache,
-                        origin,
-                        obj,
-                        lock,
-                        resp,
-                        Some((0, 0)),
-                        slot,
-                    )
-                    .await;
+                    let found = unless_client_left(session, async {
+                        let slot = self.cache.fill_slot().await;
+                        fill::discover_from(
+                            &self.cache,
+                            origin,
+                            obj,
+                            lock,
+                            resp,
+                            Some((0, 0)),
+                            slot,
+                        )
+                        .await
+                    })
+                    .await?;
                     return self
                         .discovered(
                             session,
@@ -385,7 +391,11 @@ impl CacheLayer {
                 }
             }
         }
-        let found = fill::discover(&self.cache, origin, obj, first, last, lock).await;
+        let found = unless_client_left(
+            session,
+            fill::discover(&self.cache, origin, obj, first, last, lock),
+        )
+        .await?;
         self.discovered(
             session,
             ctx,
@@ -579,8 +589,8 @@ impl CacheLayer {
             )
         };
         loop {
-            match body.recv().await {
-                Some(BodyStep::Piece(piece)) => write_body(session, ctx, piece).await?,
+            match unless_client_left(session, body.recv()).await? {
+                Some(BodyStep::Piece(piece)) => write_body(session, piece).await?,
                 Some(BodyStep::End) => break,
                 Some(BodyStep::Failed(e)) => return Err(broke(&e)),
                 None => return Err(broke(&FillError::Abandoned)),
@@ -618,8 +628,8 @@ impl CacheLayer {
             return Ok(());
         }
         loop {
-            match resp.next_piece().await {
-                Ok(Some(piece)) => write_body(session, ctx, piece).await?,
+            match unless_client_left(session, resp.next_piece()).await? {
+                Ok(Some(piece)) => write_body(session, piece).await?,
                 Ok(None) => break,
                 Err(e) => {
                     return Err(Error::explain(
@@ -805,26 +815,34 @@ impl CacheLayer {
             next_span: 0,
             current: None,
         };
-        let first = match body.next_piece(self, obj, origin, &meta, &version).await {
-            Ok(p) => p,
-            Err(e) => {
-                log::warn!("rid={} first chunk failed: {e}", ctx.request_id);
-                ctx.cache_status = Some(CacheStatus::Failed {
-                    status: 502,
-                    detail: Some(detail(&e)),
-                });
-                send_failure(session, ctx, 502).await?;
-                return Ok(());
-            }
-        };
+        let first =
+            match unless_client_left(session, body.next_piece(self, obj, origin, &meta, &version))
+                .await?
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    log::warn!("rid={} first chunk failed: {e}", ctx.request_id);
+                    ctx.cache_status = Some(CacheStatus::Failed {
+                        status: 502,
+                        detail: Some(detail(&e)),
+                    });
+                    send_failure(session, ctx, 502).await?;
+                    return Ok(());
+                }
+            };
         session.write_response_header(Box::new(head), false).await?;
         let mut piece = first;
         loop {
             match piece {
-                Some(p) => write_body(session, ctx, p).await?,
+                Some(p) => write_body(session, p).await?,
                 None => break,
             }
-            piece = match body.next_piece(self, obj, origin, &meta, &version).await {
+            piece = match unless_client_left(
+                session,
+                body.next_piece(self, obj, origin, &meta, &version),
+            )
+            .await?
+            {
                 Ok(p) => p,
                 Err(e) => {
                     log::warn!("rid={} aborting response mid-body: {e}", ctx.request_id);
@@ -836,7 +854,7 @@ impl CacheLayer {
             };
         }
         if !trailer.is_empty() {
-            write_body(session, ctx, trailer).await?;
+            write_body(session, trailer).await?;
         }
         session.write_response_body(None, true).await
     }
@@ -898,7 +916,7 @@ impl CacheLayer {
             .write_response_header(Box::new(h), is_head || body.is_empty())
             .await?;
         if !is_head && !body.is_empty() {
-            write_body(session, ctx, body).await?;
+            write_body(session, body).await?;
             session.write_response_body(None, true).await?;
         }
         Ok(())
@@ -973,30 +991,39 @@ async fn send_failure(session: &mut Session, ctx: &RequestCtx, status: u16) -> R
     respond::send_cache_error(session, status, &ctx.request_id, &cache_status).await
 }
 
-/// Write a body piece; on a shaped response, paced by the client's download (split into pieces
-/// of at most `MAX_PIECE` bytes, without copying, so the pacing is smooth).
-pub(super) async fn write_body(
+/// Write a body piece. A shaped response is paced at the connection's writes (`conn::pace`).
+pub(super) async fn write_body(session: &mut Session, piece: Bytes) -> Result<()> {
+    session.write_response_body(Some(piece), false).await
+}
+
+/// Await `next` (a response's next body piece) unless the client leaves first: a response
+/// whose client is gone ends now, not when its next piece arrives from a slow fill or origin.
+/// The watch is Pingora's idle probe on the client connection: a FIN or a reset ends the
+/// response; bytes of a pipelined request are kept for it; a request body (a GET may carry
+/// one) is read and dropped, as the cache never forwards it. A piece already in hand is taken
+/// without touching the socket.
+pub(super) async fn unless_client_left<T>(
     session: &mut Session,
-    ctx: &mut RequestCtx,
-    mut piece: Bytes,
-) -> Result<()> {
-    let Some(d) = ctx.download.as_mut() else {
-        return session.write_response_body(Some(piece), false).await;
-    };
-    if d.rate() == 0 {
-        // A class with caps only (no rate, no node-wide share): nothing to pace, write whole.
-        let _ = d.pace(piece.len());
-        return session.write_response_body(Some(piece), false).await;
-    }
-    while !piece.is_empty() {
-        let part = piece.split_to(piece.len().min(d.max_piece()));
-        let wait = d.pace(part.len());
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
+    next: impl std::future::Future<Output = T>,
+) -> Result<T> {
+    tokio::pin!(next);
+    loop {
+        tokio::select! {
+            biased;
+            v = &mut next => return Ok(v),
+            r = session.as_mut().read_body_or_idle(false) => {
+                if let Err(e) = r {
+                    // Logged as the client's doing (499), as a write to a gone client is.
+                    return Err(Error::because(
+                        ErrorType::WriteError,
+                        "the client left while its response waited for the next piece",
+                        e,
+                    )
+                    .into_down());
+                }
+            }
         }
-        session.write_response_body(Some(part), false).await?;
     }
-    Ok(())
 }
 
 fn detail(e: &FillError) -> &'static str {

@@ -1,6 +1,7 @@
 //! The per-request context, split by concern so each phase touches only what it owns.
 
 use crate::config::Route;
+use crate::conn::table::Conn;
 use crate::origin::budget::RequestRetries;
 use crate::origin::failing::UrlMark;
 use crate::origin::outcome::StatusEvidence;
@@ -23,8 +24,11 @@ pub struct RequestCtx {
     pub cache_status: Option<super::cache_status::CacheStatus>,
     /// The cache layer declined the request: proxy it upstream.
     pub pass_through: bool,
-    /// The shaped download this response belongs to (its route has a shaping class); dropped
-    /// with the context, which ends the download.
+    /// The client connection: a shaped response's download is handed to it, and paces its
+    /// writes ([`Conn::pace_response`]) until the response ends.
+    pub connection: Option<Arc<Conn>>,
+    /// A shaped download held here instead, unpaced, when the connection is unknown (never for
+    /// the proxy's guarded listeners); dropped with the context, which ends the download.
     pub download: Option<Download>,
     /// The request body's time bound, once a body is being read for the origin.
     pub body: Option<super::body::BodyClock>,
@@ -65,6 +69,7 @@ impl RequestCtx {
             upstream: UpstreamCtx::default(),
             cache_status: None,
             pass_through: false,
+            connection: None,
             download: None,
             body: None,
             continue_sent: false,

@@ -168,7 +168,13 @@ impl Edge {
             .map(|d| d as ConnectionHandle);
         match shaper.admit(key, class, connection.as_ref()) {
             Ok(d) => {
-                ctx.download = Some(d);
+                // Paced at the client connection's writes, which watch the client while a
+                // write waits (conn::pace). Every listener's connections are guarded, so the
+                // connection is known; were it not, the download would still hold its caps.
+                match ctx.connection.as_ref() {
+                    Some(c) => c.pace_response(Box::new(d)),
+                    None => ctx.download = Some(d),
+                }
                 Ok(true)
             }
             Err(refused) => {
@@ -413,10 +419,10 @@ impl ProxyHttp for Edge {
     fn on_connection_reuse(
         &self,
         _session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
         prev_ctx: Box<dyn std::any::Any + Send + Sync>,
     ) {
-        crate::conn::request_started(prev_ctx);
+        ctx.connection = crate::conn::request_started(prev_ctx);
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
@@ -760,21 +766,6 @@ impl ProxyHttp for Edge {
         Ok(None)
     }
 
-    fn response_body_filter(
-        &self,
-        _session: &mut Session,
-        body: &mut Option<bytes::Bytes>,
-        _end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> Result<Option<std::time::Duration>> {
-        // Pass-through bodies are paced by Pingora: it waits this long, then writes the piece.
-        let (Some(d), Some(b)) = (ctx.download.as_mut(), body.as_ref()) else {
-            return Ok(None);
-        };
-        let wait = d.pace(b.len());
-        Ok((!wait.is_zero()).then_some(wait))
-    }
-
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -826,6 +817,11 @@ impl ProxyHttp for Edge {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        // The shaped download ends with the response (bytes it accounted but did not write
+        // are given back to the client's pacer).
+        if let Some(c) = ctx.connection.as_ref() {
+            c.end_pacing();
+        }
         if let Some(sel) = ctx.upstream.current.take() {
             match e {
                 Some(e) => charge(sel, e, session.as_mut().is_body_done(), &ctx.request_id),

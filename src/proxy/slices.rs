@@ -5,7 +5,7 @@
 //! answer does not need past the first fetch's own span.
 
 use super::cache_status::CacheStatus;
-use super::cached::write_body;
+use super::cached::{unless_client_left, write_body};
 use super::ctx::RequestCtx;
 use super::headers::{hop_by_hop_names, via, X_REQUEST_ID};
 use crate::cache::fill::{ObjectRequest, OriginAccess, OriginReply, Reply};
@@ -129,7 +129,7 @@ pub async fn relay_slices(
         let mut at = start;
         let stop = want.1.min(end);
         while at <= stop {
-            let piece = match first.next_piece().await {
+            let piece = match unless_client_left(session, first.next_piece()).await? {
                 Ok(Some(p)) => p,
                 Ok(None) => return Err(failed("origin 206 ended early".into())),
                 Err(e) => return Err(failed(format!("origin body failed mid-response: {e}"))),
@@ -141,7 +141,6 @@ pub async fn relay_slices(
             if from < to {
                 write_body(
                     session,
-                    ctx,
                     piece.slice((from - p_start) as usize..(to - p_start) as usize),
                 )
                 .await?;
@@ -178,11 +177,11 @@ pub async fn relay_slices(
         }
         let mut at = next;
         while at <= want.1 {
-            match rest.next_piece().await {
+            match unless_client_left(session, rest.next_piece()).await? {
                 Ok(Some(p)) => {
                     let take = (want.1 + 1 - at).min(p.len() as u64) as usize;
                     at += take as u64;
-                    write_body(session, ctx, p.slice(..take)).await?;
+                    write_body(session, p.slice(..take)).await?;
                 }
                 Ok(None) => return Err(failed("origin 206 ended early".into())),
                 Err(e) => return Err(failed(format!("origin body failed mid-response: {e}"))),

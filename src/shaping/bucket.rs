@@ -20,6 +20,8 @@ pub const MAX_WAIT: Duration = Duration::from_secs(3600);
 pub struct Pacer {
     /// When the bucket will be full again if nothing more is sent; `None` = full now.
     tat: Option<Instant>,
+    /// The rate `tat` was reckoned at (bytes/s).
+    rate: u64,
 }
 
 fn secs(bytes: u64, rate: u64) -> Duration {
@@ -27,17 +29,51 @@ fn secs(bytes: u64, rate: u64) -> Duration {
 }
 
 impl Pacer {
+    /// The rate changed (a new share of `total_rate`, another download of the client): the
+    /// bytes still owed stay owed, and drain at the new rate. Without this, a client whose
+    /// rate went up would keep waiting out its debt at the old, lower rate; it would then use
+    /// less than it was given, and be given less at the next measurement.
+    fn rescale(&mut self, now: Instant, rate: u64) {
+        if self.rate == rate {
+            return;
+        }
+        let old = std::mem::replace(&mut self.rate, rate);
+        let Some(tat) = self.tat else {
+            return;
+        };
+        if old == 0 || tat <= now {
+            return;
+        }
+        let owed = (tat - now).as_secs_f64() * old as f64;
+        let drain = Duration::try_from_secs_f64(owed / rate as f64).unwrap_or(MAX_WAIT);
+        self.tat = Some(now + drain.min(MAX_WAIT));
+    }
+
     /// Account `n` bytes sent at `now` at `rate` bytes/s with `burst` bytes of tolerance, and
     /// return how long to wait before sending them. `rate == 0`: no pacing, zero wait.
     pub fn reserve(&mut self, now: Instant, n: u64, rate: u64, burst: u64) -> Duration {
         if rate == 0 {
             return Duration::ZERO;
         }
+        self.rescale(now, rate);
         let start = self.tat.map_or(now, |t| t.max(now));
         let tat = start + secs(n, rate).min(MAX_WAIT);
         self.tat = Some(tat);
         let allowed_from = tat.checked_sub(secs(burst, rate)).unwrap_or(now);
         allowed_from.saturating_duration_since(now).min(MAX_WAIT)
+    }
+
+    /// Give back `n` bytes reserved at `rate` but never sent (their response ended first), so
+    /// that they do not delay later reservations. Never refills past a full bucket.
+    pub fn refund(&mut self, now: Instant, n: u64, rate: u64) {
+        if rate == 0 {
+            return;
+        }
+        self.rescale(now, rate);
+        if let Some(tat) = self.tat {
+            let back = tat.checked_sub(secs(n, rate).min(MAX_WAIT)).unwrap_or(now);
+            self.tat = (back > now).then_some(back);
+        }
     }
 }
 
@@ -132,6 +168,53 @@ mod tests {
         let took = t0.elapsed();
         assert!(
             took.abs_diff(Duration::from_secs(4)) < Duration::from_millis(40),
+            "{took:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refund_gives_back_unsent_bytes_but_never_more_than_a_full_bucket() {
+        let (rate, burst) = (1024 * KIB, 256 * KIB);
+        let mut p = Pacer::default();
+        // Three pieces reserved back to back (the third would wait half a second).
+        for _ in 0..3 {
+            p.reserve(Instant::now(), 256 * KIB, rate, burst);
+        }
+        // The last two were never sent: the next piece waits as if it were the second.
+        p.refund(Instant::now(), 512 * KIB, rate);
+        let wait = p.reserve(Instant::now(), 256 * KIB, rate, burst);
+        assert!(
+            wait.abs_diff(Duration::from_millis(250)) < Duration::from_millis(1),
+            "{wait:?}"
+        );
+        // Refunding more than is reserved leaves a full bucket, not credit.
+        p.refund(Instant::now(), 64 * 1024 * KIB, rate);
+        assert_eq!(
+            p.reserve(Instant::now(), 256 * KIB, rate, burst),
+            Duration::ZERO
+        );
+        let wait = p.reserve(Instant::now(), 256 * KIB, rate, burst);
+        assert!(
+            wait.abs_diff(Duration::from_millis(250)) < Duration::from_millis(1),
+            "{wait:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn when_the_rate_changes_what_is_owed_drains_at_the_new_rate() {
+        let burst = 64 * KIB;
+        let mut p = Pacer::default();
+        // Backlogged at 64 KiB/s: a second's worth of bytes owed beyond the burst.
+        send(&mut p, 256 * KIB, 16 * KIB, 64 * KIB, burst).await;
+        p.reserve(Instant::now(), 64 * KIB, 64 * KIB, burst);
+        // At 1 MiB/s the same bytes drain sixteen times faster: the next piece waits for
+        // them and itself at the new rate (~78 ms), not the ~2 s left at the old one.
+        let wait = p.reserve(Instant::now(), 16 * KIB, 1024 * KIB, burst);
+        assert!(wait < Duration::from_millis(100), "{wait:?}");
+        // And the long-run rate is the new one.
+        let took = send(&mut p, 1024 * KIB, 16 * KIB, 1024 * KIB, burst).await;
+        assert!(
+            took.abs_diff(Duration::from_secs(1)) < Duration::from_millis(100),
             "{took:?}"
         );
     }

@@ -5,15 +5,22 @@
 //!               │                                    │
 //!               │                 max_downloads ─► 429 + Retry-After at once
 //!               ▼
-//!        Download ticket ─► every body piece: pace(n) ─► wait (bucket.rs, GCRA), then write
-//!                                      │
+//!        Download ticket, handed to the client connection (conn::pace)
+//!               │
+//!        every write, just before it goes: pace(n ≤ MAX_PIECE) ─► wait (bucket.rs, GCRA)
+//!               │        in the connection's guard, watching the client: gone ─► the write
+//!               │        fails at once and the n bytes are given back (Download::refund)
 //!              total_rate: active clients share it by weight, max-min fair (fair.rs),
 //!              rebalanced every REBALANCE and whenever a client starts or stops
 //! ```
 //!
 //! A client's connections and responses share one pacer, so together they get the client's
 //! rate and each an even part of it. Nothing is buffered to shape: the writer waits before it
-//! writes, so backpressure reaches whatever produces the bytes.
+//! writes, so backpressure reaches whatever produces the bytes. Bytes are accounted when they
+//! are about to be written, not when they are handed over (Pingora hands a proxied body over
+//! in batches): what was never written is never charged, and use (what `total_rate` measures
+//! demand by) is measured as the bytes go. The bytes paced are those the connection writes for
+//! the response: its header and framing with its body.
 //!
 //! Locks: a shard of the client table on admission and release (never global); the client's
 //! own pacer per body piece; a rebalance takes a try-lock, so at most one thread does it and no
@@ -44,9 +51,9 @@ use tokio::time::Instant;
 /// How often the node-wide share is recomputed from what clients actually used (also the window
 /// over which a client's use is measured).
 pub const REBALANCE: Duration = Duration::from_millis(250);
-/// Largest body piece written in one go on a shaped response: bigger pieces are split (without
-/// copying) so that pacing is smooth rather than one burst per chunk.
-pub const MAX_PIECE: usize = 16 * 1024;
+/// Largest piece accounted at once on a shaped response: the connection writes bigger pieces
+/// in parts of this size, each paced, so that pacing is smooth rather than one burst per chunk.
+pub const MAX_PIECE: usize = crate::conn::pace::MAX_RESERVATION;
 /// A client seen using less than its share is still given at least this much headroom.
 const MIN_DEMAND: u64 = 16 * 1024;
 
@@ -366,7 +373,7 @@ impl Download {
         let now = Instant::now();
         // Two pacers: the client's (all its responses together stay within its rate and
         // burst) and this response's (an even part of it).
-        let k = u64::from(self.client.downloads.load(Ordering::Relaxed).max(1));
+        let k = self.split();
         let own = self
             .own
             .reserve(now, paced, (rate / k).max(1), (class.burst / k).max(1));
@@ -390,14 +397,64 @@ impl Download {
         wait
     }
 
-    /// The largest piece to write at once (see [`MAX_PIECE`]).
-    pub fn max_piece(&self) -> usize {
-        MAX_PIECE
+    /// The last `n` bytes accounted by [`Download::pace`] were never written (the client left
+    /// during the wait, or the write failed): given back to the client's pacer, so that they do
+    /// not delay its other responses, and to its measured use, so that they do not count as
+    /// demand under `total_rate`.
+    pub fn refund(&mut self, n: u64) {
+        let n = n.min(self.sent);
+        if n == 0 {
+            return;
+        }
+        // The refunded bytes are the last accounted; the first `rate_after` went unpaced.
+        let paced = self.sent - self.class.rate_after.min(self.sent);
+        let refund = n.min(paced);
+        self.sent -= n;
+        let _ = self
+            .client
+            .sent
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                Some(s.saturating_sub(n))
+            });
+        if refund == 0 {
+            return;
+        }
+        let _ =
+            self.shaper
+                .stats
+                .shaped_bytes
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |s| {
+                    Some(s.saturating_sub(refund))
+                });
+        let rate = self.client.rate.load(Ordering::Relaxed);
+        let now = Instant::now();
+        self.own.refund(now, refund, (rate / self.split()).max(1));
+        self.client
+            .pacer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .refund(now, refund, rate);
+    }
+
+    /// How many ways the client's rate is split now (its responses in progress).
+    fn split(&self) -> u64 {
+        u64::from(self.client.downloads.load(Ordering::Relaxed).max(1))
     }
 
     /// The rate in force for this client now, bytes/s (0 = unpaced).
     pub fn rate(&self) -> u64 {
         self.client.rate.load(Ordering::Relaxed)
+    }
+}
+
+/// A shaped response is paced at its connection's writes ([`crate::conn::pace`]).
+impl crate::conn::pace::BodyPacer for Download {
+    fn pace(&mut self, n: usize) -> Duration {
+        Download::pace(self, n)
+    }
+
+    fn refund(&mut self, n: usize) {
+        Download::refund(self, n as u64)
     }
 }
 
@@ -599,6 +656,21 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn after_many_clients_leave_the_one_left_gets_the_whole_rate() {
+        let s = shaper(MIB);
+        let c = class(MIB, 0, 0);
+        let mut all: Vec<Download> = (2..23)
+            .map(|n| s.admit(client(n), &c, None).expect("admitted"))
+            .collect();
+        run(&mut all, 3).await;
+        let mut left = all.split_off(20);
+        drop(all);
+        // Its share went from a 21st to the whole: within a few rebalances it uses it all.
+        let sent = run(&mut left, 10).await;
+        assert!(sent[0] > 8 * MIB, "{sent:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_slow_client_leaves_its_unused_share_to_the_others() {
         let s = shaper(3 * MIB);
         let c = class(10 * MIB, 0, 0);
@@ -679,6 +751,34 @@ mod tests {
         let four = conn();
         assert!(s.admit(client(2), &c, Some(&four)).is_ok());
         assert_eq!(s.stats().refused_connections.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bytes_paced_but_never_written_are_given_back() {
+        let s = shaper(0);
+        let c = class(MIB, 0, 0);
+        // A download that accounted 1 MiB and wrote only the first 64 KiB (its client left):
+        // refunded, the client's next download is not held behind the rest.
+        let mut ghost = s.admit(client(2), &c, None).expect("ghost");
+        for _ in 0..16 {
+            let _ = ghost.pace(64 * KIB as usize);
+        }
+        ghost.refund(15 * 64 * KIB);
+        drop(ghost);
+        let mut next = s.admit(client(2), &c, None).expect("next");
+        // The ghost's 64 KiB written used the burst; the next piece waits its own time only.
+        let wait = next.pace(64 * KIB as usize);
+        assert!(wait <= Duration::from_millis(63), "{wait:?}");
+        assert_eq!(s.stats().shaped_bytes.load(Ordering::Relaxed), 128 * KIB);
+        // Not refunded, the same ghost would have held it back about a second.
+        let s = shaper(0);
+        let mut ghost = s.admit(client(2), &c, None).expect("ghost");
+        for _ in 0..16 {
+            let _ = ghost.pace(64 * KIB as usize);
+        }
+        drop(ghost);
+        let mut next = s.admit(client(2), &c, None).expect("next");
+        assert!(next.pace(64 * KIB as usize) > Duration::from_millis(900));
     }
 
     #[tokio::test(start_paused = true)]
