@@ -272,13 +272,14 @@ fn disk_index_weights_cover_entries_and_objects() {
     });
 }
 
-/// The measurement behind the fixed overheads (`cargo test --test table_weights -- --ignored
-/// --nocapture`): what a table costs made empty, what it costs at some sizes, and the cost of
-/// each entry from 10,000 to 100,000 of them (the per-entry overhead; below that, moka's
-/// shards and the hash tables' first allocations add a fixed part of about 1 MiB).
+/// The measurement behind the fixed overheads (`cargo test --test table_weights
+/// table_fixed -- --nocapture` prints it): what a table costs made empty, what it costs at
+/// some sizes, and the cost of each entry from 10,000 to 100,000 of them (the
+/// per-entry overhead; below that, moka's shards and the hash tables' first allocations add a
+/// fixed part of about 1 MiB). Checked: that fixed part, for each table, is within
+/// [`TABLE_FIXED`], which the README's memory bound counts.
 #[test]
-#[ignore]
-fn measure_fixed_overheads() {
+fn table_fixed_overheads_are_within_what_the_bound_counts() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let n = 100_000;
     let keys: Vec<ObjectKey> = (0..n).map(|i| key(i, 40)).collect();
@@ -291,6 +292,13 @@ fn measure_fixed_overheads() {
         let at = |n: usize| costs.iter().find(|(i, _)| *i == n).map_or(0, |(_, c)| *c);
         let marginal = (at(100_000) - at(10_000)) / 90_000;
         eprintln!("{what}: {fixed} B made empty, {costs:?} (entries, B); {marginal} B per entry from 10,000 to 100,000");
+        // What the table costs beyond its entries: made empty, and at 10,000 entries less
+        // their per-entry cost.
+        let fixed_part = fixed.max(at(10_000) - 10_000 * marginal);
+        assert!(
+            fixed_part <= TABLE_FIXED,
+            "{what}: a fixed part of {fixed_part} B, over the {TABLE_FIXED} B allowed for"
+        );
     };
 
     let before = live();
@@ -326,7 +334,8 @@ fn measure_fixed_overheads() {
 /// What a table costs besides its entries' weights, at most: moka's per-shard structures (its
 /// logs, the first segments of its maps and deques, the keys of removed entries its map keeps
 /// a while, the frequency sketch), about 1 MiB for the metadata table's 8 shards and 1.7 MiB
-/// for the memory tier's 16 ([`measure_fixed_overheads`]). The README's memory bound counts it.
+/// for the memory tier's 16 ([`table_fixed_overheads_are_within_what_the_bound_counts`]).
+/// The README's memory bound counts it.
 const TABLE_FIXED: i64 = 3 << 20;
 
 #[test]

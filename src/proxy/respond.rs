@@ -23,6 +23,10 @@ pub fn status_for_error(e: &Error) -> u16 {
         // The client went away while its response was being written: nginx's 499, nobody's
         // failure but the client's (an origin write error is `Upstream`).
         WriteError if !matches!(e.esource(), pingora_error::ErrorSource::Upstream) => CLIENT_CLOSED,
+        // Pingora's word for the client's connection closing under a pass-through response.
+        ConnectionClosed if matches!(e.esource(), pingora_error::ErrorSource::Downstream) => {
+            CLIENT_CLOSED
+        }
         ConnectTimedout | ReadTimedout | WriteTimedout => 504,
         ConnectRefused | ConnectNoRoute | ConnectError | ConnectionClosed | ConnectProxyFailure
         | TLSHandshakeFailure | HandshakeError => match e.esource() {
@@ -173,6 +177,14 @@ mod tests {
         );
         assert_eq!(
             status_for_error(&error(ErrorType::ConnectRefused, ErrorSource::Upstream)),
+            502
+        );
+        assert_eq!(
+            status_for_error(&error(ErrorType::ConnectionClosed, ErrorSource::Downstream)),
+            499
+        );
+        assert_eq!(
+            status_for_error(&error(ErrorType::ConnectionClosed, ErrorSource::Upstream)),
             502
         );
     }
