@@ -8,86 +8,10 @@ mod common;
 
 use common::origin::{content, Origin};
 use common::proxy::Proxy;
+use common::raw::{connect, exchange, routes, Reader};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
-
-fn routes(origin: &Origin, cache: bool) -> String {
-    format!(
-        "upstreams:\n  origin:\n    servers: [\"{}\"]\nroutes:\n  - path_prefix: /\n    upstream: origin\n    cache: {cache}\n",
-        origin.addr()
-    )
-}
-
-fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.set_nodelay(true).unwrap();
-    s
-}
-
-/// One response read off a connection: status and body (by Content-Length).
-struct Response {
-    status: u16,
-    body: Vec<u8>,
-}
-
-/// Reads responses off a connection, keeping bytes past the one returned.
-struct Reader {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Reader {
-    fn new(s: TcpStream) -> Reader {
-        Reader { s, buf: Vec::new() }
-    }
-
-    fn fill(&mut self) -> bool {
-        let mut chunk = [0u8; 65536];
-        match self.s.read(&mut chunk) {
-            Ok(0) | Err(_) => false,
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-        }
-    }
-
-    fn response(&mut self) -> Option<Response> {
-        loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut r = httparse::Response::new(&mut headers);
-            if let Ok(httparse::Status::Complete(n)) = r.parse(&self.buf) {
-                let status = r.code.unwrap_or(0);
-                let len: usize = r
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                    .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
-                    .unwrap_or(0);
-                while self.buf.len() < n + len {
-                    if !self.fill() {
-                        return None;
-                    }
-                }
-                let body = self.buf[n..n + len].to_vec();
-                self.buf.drain(..n + len);
-                return Some(Response { status, body });
-            }
-            if !self.fill() {
-                return None;
-            }
-        }
-    }
-}
-
-/// One request on a new connection; its response.
-fn exchange(addr: SocketAddr, request: &[u8]) -> Option<Response> {
-    let mut s = connect(addr);
-    s.write_all(request).ok()?;
-    Reader::new(s).response()
-}
 
 /// The value of `name{labels}` in the metrics text.
 fn metric(text: &str, series: &str) -> u64 {

@@ -7,125 +7,13 @@ mod common;
 
 use common::origin::{content, Origin};
 use common::proxy::Proxy;
-use std::io::{Read, Write};
+use common::raw::{connect, exchange, routes, Reader};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-fn routes(origin: &Origin, cache: bool) -> String {
-    format!(
-        "upstreams:\n  origin:\n    servers: [\"{}\"]\nroutes:\n  - path_prefix: /\n    upstream: origin\n    cache: {cache}\n",
-        origin.addr()
-    )
-}
-
-fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.set_nodelay(true).unwrap();
-    s
-}
-
-/// One response read off `s`: status, headers (lowercase names), body by Content-Length.
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// Reads responses off a connection, keeping bytes past the one returned.
-struct Reader {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Reader {
-    fn new(s: TcpStream) -> Reader {
-        Reader { s, buf: Vec::new() }
-    }
-
-    fn fill(&mut self) -> bool {
-        let mut chunk = [0u8; 65536];
-        match self.s.read(&mut chunk) {
-            Ok(0) | Err(_) => false,
-            Ok(n) => {
-                self.buf.extend_from_slice(&chunk[..n]);
-                true
-            }
-        }
-    }
-
-    fn response(&mut self) -> Option<Response> {
-        loop {
-            let mut headers = [httparse::EMPTY_HEADER; 64];
-            let mut r = httparse::Response::new(&mut headers);
-            if let Ok(httparse::Status::Complete(n)) = r.parse(&self.buf) {
-                let status = r.code.unwrap_or(0);
-                let headers = common::owned_headers(r.headers);
-                let len: usize = headers
-                    .iter()
-                    .find(|(k, _)| k == "content-length")
-                    .and_then(|(_, v)| v.parse().ok())
-                    .unwrap_or(0);
-                while self.buf.len() < n + len {
-                    if !self.fill() {
-                        return None;
-                    }
-                }
-                let body = self.buf[n..n + len].to_vec();
-                self.buf.drain(..n + len);
-                return Some(Response {
-                    status,
-                    headers,
-                    body,
-                });
-            }
-            if !self.fill() {
-                return None;
-            }
-        }
-    }
-
-    /// Seconds until the peer closes (reads and drops anything sent meanwhile).
-    fn wait_close(&mut self, limit: Duration) -> Option<Duration> {
-        let start = Instant::now();
-        self.s.set_read_timeout(Some(limit)).unwrap();
-        let mut chunk = [0u8; 4096];
-        loop {
-            match self.s.read(&mut chunk) {
-                Ok(0) => return Some(start.elapsed()),
-                Ok(_) => continue,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    return None
-                }
-                Err(_) => return Some(start.elapsed()),
-            }
-        }
-    }
-}
-
 fn get(path: &str, host: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").into_bytes()
-}
-
-/// One request on a new connection; its response.
-fn exchange(addr: SocketAddr, request: &[u8]) -> Option<Response> {
-    let mut s = connect(addr);
-    s.write_all(request).ok()?;
-    Reader::new(s).response()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@
 pub mod nginx;
 pub mod origin;
 pub mod proxy;
+pub mod raw;
 pub mod reply;
 
 /// A parsed response head's fields as (lower-case name, value) pairs, for raw-socket tests.
