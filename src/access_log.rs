@@ -444,19 +444,26 @@ mod tests {
         assert_eq!(v["client"], "unknown");
     }
 
-    #[test]
-    fn the_queue_is_bounded_in_bytes_too() {
-        // A pipe nobody reads, as below: whatever does not fit is dropped.
+    /// A named pipe with a reader kept open (so opening it for writing does not block) that
+    /// never reads: its directory, its path and the reader.
+    fn unread_pipe() -> (tempfile::TempDir, std::path::PathBuf, std::fs::File) {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("fifo");
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        let _reader = std::fs::OpenOptions::new()
+        let reader = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags_nonblock()
             .open(&fifo)
             .unwrap();
+        (dir, fifo, reader)
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_too() {
+        // A pipe nobody reads, as below: whatever does not fit is dropped.
+        let (_dir, fifo, _reader) = unread_pipe();
         // Room for 10,000 lines, but only 1 MiB: lines with 8 KiB paths.
         let log = AccessLog::start_with_limits(Format::Text, Some(fifo.clone()), 10_000, 1 << 20)
             .unwrap();
@@ -474,17 +481,7 @@ mod tests {
     #[test]
     fn a_blocked_sink_drops_lines_instead_of_waiting() {
         // A pipe nobody reads: the writer thread blocks once the pipe buffer is full.
-        let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("fifo");
-        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        // Keep a reader open (so opening for writing does not block) that never reads.
-        let _reader = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags_nonblock()
-            .open(&fifo)
-            .unwrap();
+        let (_dir, fifo, _reader) = unread_pipe();
         let log = AccessLog::start_with_queue(Format::Json, Some(fifo.clone()), 64).unwrap();
         for _ in 0..100_000 {
             log.log(&entry());

@@ -1121,14 +1121,9 @@ mod tests {
         (g, calls)
     }
 
-    /// A guarded connection serving a request (busy), the record of its writes and its
-    /// client's input.
-    fn guarded_with_input(budget: usize) -> (Guarded, Writes, Arc<Mutex<Input>>) {
-        let calls = Arc::new(Mutex::new(Vec::new()));
-        let input = Arc::new(Mutex::new(Input::default()));
-        let table = ConnTable::new(4);
-        let admission = table.admit().expect("admitted");
-        let settings = Arc::new(GuardSettings::new(
+    /// Ten-second timeouts and the default header limits, no send timeout.
+    fn test_settings() -> Arc<GuardSettings> {
+        Arc::new(GuardSettings::new(
             None,
             Duration::from_secs(10),
             Duration::from_secs(10),
@@ -1137,7 +1132,17 @@ mod tests {
                 max_uri: 8 << 10,
                 max_fields: 256,
             },
-        ));
+        ))
+    }
+
+    /// A guarded connection serving a request (busy), the record of its writes and its
+    /// client's input.
+    fn guarded_with_input(budget: usize) -> (Guarded, Writes, Arc<Mutex<Input>>) {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let input = Arc::new(Mutex::new(Input::default()));
+        let table = ConnTable::new(4);
+        let admission = table.admit().expect("admitted");
+        let settings = test_settings();
         let inner: Stream = Box::new(Recorder {
             calls: calls.clone(),
             budget,
@@ -1242,16 +1247,7 @@ mod tests {
         let conn = admission.conn().clone();
         conn.begin_header();
         conn.begin_request();
-        let settings = Arc::new(GuardSettings::new(
-            None,
-            Duration::from_secs(10),
-            Duration::from_secs(10),
-            HeaderLimits {
-                max_header: 64 << 10,
-                max_uri: 8 << 10,
-                max_fields: 256,
-            },
-        ));
+        let settings = test_settings();
         let inner: Stream = Box::new(pingora_core::protocols::l4::stream::Stream::from(server));
         let mut g = Guarded::new(inner, conn.clone(), table.clone(), settings);
         let _script = pace(&g, &[Duration::from_secs(30)]);
