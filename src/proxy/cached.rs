@@ -10,6 +10,11 @@
 //! Range (+ If-Range) ─► 200 / 206 / multipart / 416
 //! for each span: memory ─► fill in flight ─► disk ─► origin run, streamed as it arrives
 //! ```
+//! One discovery or revalidation per object runs at a time (the object lock). Requests that
+//! wait on it are answered by what it brings, even when that is already stale on receipt, so
+//! they never queue revalidations of their own; within `stale-while-revalidate` they do not
+//! wait at all.
+//!
 //! The response header is written only once the first byte is in hand, so a request whose
 //! origins all fail gets a 5xx, not a truncated 200. A fill that fails after the header is out
 //! aborts the response (the client sees a short body), never a wrong byte.
