@@ -414,6 +414,12 @@ impl ChunkCache {
         self.fill_slots.clone().acquire_owned().await.ok()
     }
 
+    /// A fill slot if one is free now, without waiting: a background revalidation takes one
+    /// or does not start, so at most `cache.max_concurrent_fills` of them run at once.
+    pub fn try_fill_slot(&self) -> Option<FillSlot> {
+        self.fill_slots.clone().try_acquire_owned().ok()
+    }
+
     /// Fill slots not taken right now.
     pub fn free_fill_slots(&self) -> usize {
         self.fill_slots.available_permits()

@@ -23,6 +23,10 @@ pub enum CacheStatus {
     Revalidated,
     /// The request asked for revalidation (`no-cache`, `max-age=0`); the origin said 304.
     RequestRevalidated,
+    /// Answered by the discovery or revalidation another request made while this one waited
+    /// on the object (RFC 9211 `collapsed`), though already stale on receipt; `stale`: this
+    /// request found a stale copy (`fwd=stale`), not none (`fwd=miss`).
+    Collapsed { stale: bool },
     /// Not cacheable (the reason): passed through.
     Bypass(&'static str),
     /// The request itself forbade the cache (`no-store`, credentials): passed through.
@@ -52,6 +56,8 @@ impl CacheStatus {
             CacheStatus::RequestRevalidated => {
                 "edgeslice; fwd=request; fwd-status=304; stored".into()
             }
+            CacheStatus::Collapsed { stale: true } => "edgeslice; fwd=stale; collapsed".into(),
+            CacheStatus::Collapsed { stale: false } => "edgeslice; fwd=miss; collapsed".into(),
             CacheStatus::Bypass(reason) => format!("edgeslice; fwd=bypass; detail={reason}").into(),
             CacheStatus::Request(reason) => {
                 format!("edgeslice; fwd=request; detail={reason}").into()
@@ -81,12 +87,17 @@ impl CacheStatus {
                 | CacheStatus::StaleAccepted,
             ) => CacheResult::Stale,
             Some(CacheStatus::Partial) => CacheResult::Partial,
-            Some(CacheStatus::Revalidated | CacheStatus::RequestRevalidated) => {
-                CacheResult::Revalidated
-            }
-            Some(CacheStatus::Miss | CacheStatus::Relayed { .. } | CacheStatus::Failed { .. }) => {
-                CacheResult::Miss
-            }
+            Some(
+                CacheStatus::Revalidated
+                | CacheStatus::RequestRevalidated
+                | CacheStatus::Collapsed { stale: true },
+            ) => CacheResult::Revalidated,
+            Some(
+                CacheStatus::Miss
+                | CacheStatus::Relayed { .. }
+                | CacheStatus::Failed { .. }
+                | CacheStatus::Collapsed { stale: false },
+            ) => CacheResult::Miss,
             Some(CacheStatus::Bypass(_) | CacheStatus::Request(_)) => CacheResult::Pass,
         }
     }
@@ -104,6 +115,10 @@ mod tests {
     #[test]
     fn renders_rfc_9211_values() {
         assert_eq!(CacheStatus::Hit.render(), "edgeslice; hit");
+        assert_eq!(
+            CacheStatus::Collapsed { stale: true }.render(),
+            "edgeslice; fwd=stale; collapsed"
+        );
         assert_eq!(
             CacheStatus::Relayed {
                 status: 404,

@@ -10,6 +10,11 @@
 //! Range (+ If-Range) ─► 200 / 206 / multipart / 416
 //! for each span: memory ─► fill in flight ─► disk ─► origin run, streamed as it arrives
 //! ```
+//! One discovery or revalidation per object runs at a time (the object lock). Requests that
+//! wait on it are answered by what it brings, even when that is already stale on receipt, so
+//! they never queue revalidations of their own; within `stale-while-revalidate` they do not
+//! wait at all.
+//!
 //! The response header is written only once the first byte is in hand, so a request whose
 //! origins all fail gets a 5xx, not a truncated 200. A fill that fails after the header is out
 //! aborts the response (the client sees a short body), never a wrong byte.
@@ -58,6 +63,12 @@ enum Lookup {
     StaleIfError,
     StaleWhileRevalidate,
     StaleAccepted,
+    /// Answered by a discovery or revalidation another request made while this one waited
+    /// on the object (the response just received, even if already stale on receipt);
+    /// `stale`: this request had found a stale copy, not none.
+    Collapsed {
+        stale: bool,
+    },
 }
 
 fn header<'a>(session: &'a Session, name: &str) -> Option<&'a [u8]> {
@@ -275,11 +286,20 @@ impl CacheLayer {
         range_req: &RangeRequest,
         credentials: Credentials,
     ) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
+        let mut seen_stale = false;
         if let Some(m) = self.cache.meta(&obj.key).await {
+            seen_stale = true;
             if !credentials.may_use(&m) {
                 return self.credentials_pass(ctx, credentials);
             }
-            if let Some(usable) = self.usable(&m, obj, origin, directives) {
+            if let Some(usable) = self.usable(&m, directives) {
+                if usable == Lookup::StaleWhileRevalidate {
+                    // One background revalidation per object: started unless another
+                    // discovery or revalidation holds the object (then that one is it).
+                    if let Some(lock) = self.cache.try_lock_object(&obj.key) {
+                        self.revalidate_in_background(lock, obj, origin, &m);
+                    }
+                }
                 return Ok(Some((m, usable)));
             }
         }
@@ -289,6 +309,13 @@ impl CacheLayer {
             send_failure(session, ctx, 504).await?;
             return Ok(None);
         }
+        // A response the origin gave for this object from now on (a discovery or revalidation
+        // by whoever holds the object while this request waits) answers this request, even if
+        // it is already stale on receipt (a slow revalidation, a Date in the past): RFC 9111
+        // lets a cache use a response just received, as Varnish's and nginx's waiting lists
+        // do. So requests that wait on one revalidation share its answer and never queue
+        // revalidations of their own, one after another.
+        let waited_since = SystemTime::now();
         // Waits on other fills and on the origin watch the client: one that leaves frees its
         // slot now, and never sets off an origin fetch nobody will read.
         let lock = unless_client_left(session, self.cache.lock_object(&obj.key)).await?;
@@ -304,9 +331,17 @@ impl CacheLayer {
             if !credentials.may_use(&m) {
                 return self.credentials_pass(ctx, credentials);
             }
-            if let Some(usable) = self.usable(&m, obj, origin, directives) {
+            if let Some(usable) = self.usable(&m, directives) {
                 // Someone else discovered or revalidated it while we waited.
+                if usable == Lookup::StaleWhileRevalidate {
+                    // This request holds the object: its revalidation runs in the background.
+                    self.revalidate_in_background(lock, obj, origin, &m);
+                }
                 return Ok(Some((m, usable)));
+            }
+            if m.stored_at >= waited_since {
+                // Received while this request waited: its answer, whatever its age.
+                return Ok(Some((m, Lookup::Collapsed { stale: seen_stale })));
             }
             stale = Some(m);
         }
@@ -411,12 +446,11 @@ impl CacheLayer {
 
     /// Whether a stored response answers this request without asking the origin first
     /// (RFC 9111 §4.2, §5.2.1: the request's max-age, min-fresh, max-stale and no-cache), or,
-    /// expired within its `stale-while-revalidate`, while one background revalidation runs.
+    /// expired within its `stale-while-revalidate`, while one background revalidation runs
+    /// (`Lookup::StaleWhileRevalidate`: the caller starts it, or finds one running).
     fn usable(
         &self,
         m: &Arc<ObjectMeta>,
-        obj: &ObjectRequest,
-        origin: &OriginAccess,
         directives: &freshness::RequestDirectives,
     ) -> Option<Lookup> {
         let now = SystemTime::now();
@@ -437,38 +471,52 @@ impl CacheLayer {
                 let only_expired = !directives.no_cache
                     && directives.max_age.is_none()
                     && directives.min_fresh.is_none();
-                if !(only_expired
+                (only_expired
                     && !m.is_fresh(now)
                     && m.has_validator()
                     && m.is_ranged()
                     && m.within_stale_while_revalidate(now))
-                {
-                    return None;
-                }
-                // One background revalidation per object: skipped while another discovery or
-                // revalidation holds the object.
-                let lock = self.cache.try_lock_object(&obj.key)?;
-                let (cache, origin, obj, old) =
-                    (self.cache.clone(), origin.clone(), obj.clone(), m.clone());
-                self.cache.spawn(async move {
-                    let outcome = fill::revalidate(&cache, &origin, &obj, &old).await;
-                    if let Revalidation::Changed(Some(resp)) = outcome {
-                        let slot = cache.fill_slot().await;
-                        let _ = fill::discover_from(
-                            &cache,
-                            &origin,
-                            &obj,
-                            lock,
-                            resp,
-                            Some((0, 0)),
-                            slot,
-                        )
-                        .await;
-                    }
-                });
-                Some(Lookup::StaleWhileRevalidate)
+                .then_some(Lookup::StaleWhileRevalidate)
             }
         }
+    }
+
+    /// Revalidate `old` in the background, holding the object's `lock` until it ends (so it is
+    /// the only one, and requests that need an answer from the origin wait on it and share
+    /// it). It is owned: a tracked task that ends with the origin's timeouts, holding a fill
+    /// slot from the start, so at most `cache.max_concurrent_fills` run at once; with none free
+    /// it does not start (the stale copy is served all the same, and a later request tries).
+    fn revalidate_in_background(
+        &self,
+        lock: crate::cache::store::ObjectLock,
+        obj: &ObjectRequest,
+        origin: &OriginAccess,
+        old: &Arc<ObjectMeta>,
+    ) {
+        let Some(slot) = self.cache.try_fill_slot() else {
+            log::debug!(
+                "no fill slot free: background revalidation of {} left to a later request",
+                obj.key.as_str()
+            );
+            return;
+        };
+        let (cache, origin, obj, old) =
+            (self.cache.clone(), origin.clone(), obj.clone(), old.clone());
+        self.cache.spawn(async move {
+            let outcome = fill::revalidate(&cache, &origin, &obj, &old).await;
+            if let Revalidation::Changed(Some(resp)) = outcome {
+                let _ = fill::discover_from(
+                    &cache,
+                    &origin,
+                    &obj,
+                    lock,
+                    resp,
+                    Some((0, 0)),
+                    Some(slot),
+                )
+                .await;
+            }
+        });
     }
 
     /// Act on what discovery found: metadata to serve from, or an answer already written
@@ -1045,6 +1093,7 @@ fn cache_status(lookup: Lookup, all_chunks_cached: bool) -> CacheStatus {
         (Lookup::StaleIfError, _) => CacheStatus::StaleIfError,
         (Lookup::StaleWhileRevalidate, _) => CacheStatus::StaleWhileRevalidate,
         (Lookup::StaleAccepted, _) => CacheStatus::StaleAccepted,
+        (Lookup::Collapsed { stale }, _) => CacheStatus::Collapsed { stale },
     }
 }
 

@@ -37,6 +37,11 @@
 //! no memory. Connections are persistent (`Connection: close` and HTTP/1.0 are honoured);
 //! malformed requests get 400 and the connection is closed.
 //!
+//! Timing and clock faults beside [`Fault`]: [`Origin::set_conditional_delay`] answers
+//! conditional requests late (with a `Date` from their arrival),
+//! [`Origin::set_date_offset`] shifts `Date`, and [`Origin::peak_conditional_in_flight`] says
+//! how many conditional requests were answered at once.
+//!
 //! Every request whose head was read is counted ([`Origin::requests`]) and logged
 //! ([`Origin::log`], the last [`LOG_CAPACITY`]). [`Fault`]s are injected with
 //! [`Origin::set_fault`]; the server is hand-written on tokio + httparse so that faults such as
@@ -158,6 +163,11 @@ struct Settings {
     version: u32,
     cache_control: Option<String>,
     extra: Vec<(String, String)>,
+    /// How long an answer to a conditional request waits before its head (see
+    /// [`Origin::set_conditional_delay`]).
+    conditional_delay: Duration,
+    /// Seconds added to the `Date` of every response (negative: behind).
+    date_offset: i64,
 }
 
 struct Shared {
@@ -168,6 +178,10 @@ struct Shared {
     /// Connections open now.
     open: Arc<AtomicU64>,
     log: Mutex<VecDeque<RequestRecord>>,
+    /// Conditional requests (`If-None-Match` / `If-Modified-Since`) being answered now, and
+    /// the most there ever were at once.
+    conditional_now: AtomicU64,
+    conditional_peak: AtomicU64,
 }
 
 impl Shared {
@@ -210,12 +224,16 @@ impl Origin {
                 version: 0,
                 cache_control: Some(DEFAULT_CACHE_CONTROL.to_string()),
                 extra: Vec::new(),
+                conditional_delay: Duration::ZERO,
+                date_offset: 0,
             }),
             requests: AtomicU64::new(0),
             body_bytes_sent: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             open: Arc::new(AtomicU64::new(0)),
             log: Mutex::new(VecDeque::new()),
+            conditional_now: AtomicU64::new(0),
+            conditional_peak: AtomicU64::new(0),
         });
         let (shutdown, _) = watch::channel(());
         let accept = tokio::spawn(accept_loop(listener, shared.clone(), shutdown.subscribe()));
@@ -274,6 +292,25 @@ impl Origin {
 
     pub fn clear_extra_headers(&self) {
         lock(&self.shared.settings).extra.clear();
+    }
+
+    /// Answer every conditional request (one with `If-None-Match` or `If-Modified-Since`)
+    /// that starts after this call `d` late: its head waits `d` after the request was read.
+    /// Its `Date` is taken when the request was read, before the wait, as application servers
+    /// stamp it, so a `max-age` shorter than `d` makes the answer stale on receipt.
+    pub fn set_conditional_delay(&self, d: Duration) {
+        lock(&self.shared.settings).conditional_delay = d;
+    }
+
+    /// Shift the `Date` of every response that starts after this call by `secs` seconds
+    /// (negative: the origin's clock is behind).
+    pub fn set_date_offset(&self, secs: i64) {
+        lock(&self.shared.settings).date_offset = secs;
+    }
+
+    /// The most conditional requests that were being answered at once.
+    pub fn peak_conditional_in_flight(&self) -> u64 {
+        self.shared.conditional_peak.load(Ordering::SeqCst)
     }
 
     /// Requests whose head was read (malformed ones are not counted).
@@ -906,6 +943,21 @@ async fn handle_one(c: &mut Conn, conn: u64, shared: &Shared) -> io::Result<Next
             .any(|t| t.eq_ignore_ascii_case("keep-alive"))
     };
     let resp = build_response(&req, &settings, len, crc);
+    let conditional = find_header(&req.headers, "if-none-match").is_some()
+        || find_header(&req.headers, "if-modified-since").is_some();
+    if !conditional {
+        return write_response(c, &req, resp, &settings, shared, keep_alive).await;
+    }
+    let now = shared.conditional_now.fetch_add(1, Ordering::SeqCst) + 1;
+    shared.conditional_peak.fetch_max(now, Ordering::SeqCst);
+    // Counted down however the answer ends (written, failed, or its task dropped).
+    struct InFlight<'a>(&'a AtomicU64);
+    impl Drop for InFlight<'_> {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    let _in_flight = InFlight(&shared.conditional_now);
     write_response(c, &req, resp, &settings, shared, keep_alive).await
 }
 
@@ -1347,7 +1399,10 @@ async fn write_response(
         head.push_str(v);
         head.push_str("\r\n");
     };
-    push("Date", &http_date(now_secs()));
+    push(
+        "Date",
+        &http_date(now_secs().saturating_add_signed(s.date_offset)),
+    );
     push("Server", "edgeslice-test-origin");
     for (n, v) in resp.headers.iter().chain(s.extra.iter()) {
         push(n, v);
@@ -1364,6 +1419,11 @@ async fn write_response(
 
     if let Some(Fault::DelayHeaders(d)) = s.fault {
         tokio::time::sleep(d).await;
+    }
+    let conditional = find_header(&req.headers, "if-none-match").is_some()
+        || find_header(&req.headers, "if-modified-since").is_some();
+    if conditional && !s.conditional_delay.is_zero() {
+        tokio::time::sleep(s.conditional_delay).await;
     }
     if let Some(Fault::Interim(code)) = s.fault {
         let interim = match code {
