@@ -110,18 +110,16 @@ pub(super) async fn distribute(
             let Some((_, flight)) = run.front() else {
                 break 'body Ok(());
             };
+            if open_ended && pos == meta.size {
+                // The object's last bytes reach no reader, and its last chunk is not stored,
+                // until the body is seen to end exactly here.
+                if let Err(e) = read_to_end(&mut resp, pos + piece.len() as u64, meta.size).await {
+                    break 'body Err(e);
+                }
+                piece.clear();
+            }
             flight.push(part);
             if pos == bounds.end + 1 {
-                if open_ended && pos == meta.size {
-                    // The object's last chunk is stored only once the body is seen to end
-                    // exactly here.
-                    if let Err(e) =
-                        read_to_end(&mut resp, pos + piece.len() as u64, meta.size).await
-                    {
-                        break 'body Err(e);
-                    }
-                    piece.clear();
-                }
                 run.complete_front(acc.split().freeze());
                 match bounds_of(&run) {
                     Some(b) => {
