@@ -20,6 +20,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const CHUNK: u64 = 64 * 1024;
+/// How old the nginx docroot files look.
+const OLD: Duration = Duration::from_secs(30 * 86_400);
 
 /// One route to one origin, memory tier of `memory`, no disk.
 fn config(origin: &Origin, memory: &str) -> String {
@@ -181,7 +183,6 @@ async fn a_chunked_origin_ignoring_range_keeps_working_after_evictions() {
     assert!(b.unwrap() == whole, "warm");
     assert_eq!(origin.requests(), 1);
 
-    let mut evictions = 0;
     for round in 0..6u64 {
         // 16 MiB of other objects, so that the big one loses chunks.
         for i in 0..16 {
@@ -211,31 +212,36 @@ async fn a_chunked_origin_ignoring_range_keeps_working_after_evictions() {
             }
         }
         let refetched = origin.requests() - before;
-        assert!(refetched <= 1, "round {round}: {refetched} origin requests");
-        evictions += refetched;
-        // Refetched once at most: the next request is a hit, exact.
-        let (s, h, b) = get(None).await;
+        let log: Vec<String> = origin
+            .log()
+            .iter()
+            .rev()
+            .take(refetched as usize)
+            .map(|r| {
+                format!(
+                    "{} {:?} {:?}",
+                    r.path,
+                    r.header("range"),
+                    r.header("if-range")
+                )
+            })
+            .collect();
+        // One request per stretch of missing chunks at most (a tier this tight also evicts
+        // the object's own chunks while it is refetched), never one per chunk (46).
+        assert!(
+            (1..=8).contains(&refetched),
+            "round {round}: {refetched} origin requests: {log:?}"
+        );
+        // Refetched once: the same request again is a hit, exact.
+        let (s2, h, b2) = get(range.clone()).await;
         assert_eq!(
-            (s, cache_status(&h).as_str()),
-            (200, "edgeslice; hit"),
+            (s2, cache_status(&h).as_str()),
+            (s, "edgeslice; hit"),
             "round {round}"
         );
-        assert!(b.unwrap() == whole, "round {round}: hit after the refetch");
+        assert!(b2.unwrap() == b, "round {round}: hit after the refetch");
         assert_eq!(origin.requests(), before + refetched);
     }
-    assert!(
-        evictions >= 3,
-        "the test evicted too little: {evictions} refetches"
-    );
-}
-
-/// Two routes: `/stream/` to a chunked origin, everything else to an ordinary one.
-fn two_origins(plain: &Origin, chunked: &Origin, memory: &str) -> String {
-    format!(
-        "cache:\n  chunk_size: 64KiB\n  memory:\n    capacity: {memory}\n  disk:\n    path: {{DIR}}/cache\n    capacity: 64MiB\nupstreams:\n  plain:\n    servers: [\"{}\"]\n    connect_timeout: 500ms\n    read_timeout: 5s\n  chunked:\n    servers: [\"{}\"]\n    connect_timeout: 500ms\n    read_timeout: 5s\nroutes:\n  - path_prefix: /stream/\n    upstream: chunked\n    cache: true\n  - path_prefix: /\n    upstream: plain\n    cache: true\n",
-        plain.addr(),
-        chunked.addr()
-    )
 }
 
 /// Time to the first body byte of `path`, after checking the bytes it brought.
@@ -246,17 +252,19 @@ async fn first_byte(proxy: &Proxy, path: &str) -> Duration {
     let mut stream = resp.bytes_stream();
     let first = stream.next().await.expect("a first piece").expect("body");
     let took = started.elapsed();
-    assert!(first[..] == content(&path["/stream".len()..], 0, 0..first.len() as u64)[..]);
+    assert!(first[..] == content(path, 0, 0..first.len() as u64)[..]);
     took
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abandoned_endless_stream_flushes_nothing_and_blocks_nobody() {
-    let plain = Origin::start().await;
     let chunked = Origin::start().await;
     chunked.set_fault(Fault::ChunkedNoLength);
-    // 16 MiB memory tier: streamed objects are staged up to 4 MiB.
-    let proxy = Proxy::start(&two_origins(&plain, &chunked, "16MiB"));
+    // 16 MiB memory tier (streamed objects are staged up to 4 MiB) and a disk tier.
+    let proxy = Proxy::start(&config(&chunked, "16MiB").replace(
+        "\nupstreams:",
+        "\n  disk:\n    path: {DIR}/cache\n    capacity: 64MiB\nupstreams:",
+    ));
     // 100 cached objects (6.4 MiB), each a hit.
     let objects: Vec<String> = (0..100)
         .map(|i| format!("/obj/{CHUNK}/kept-{i}.bin"))
@@ -270,10 +278,10 @@ async fn an_abandoned_endless_stream_flushes_nothing_and_blocks_nobody() {
             assert!(resp.bytes().await.unwrap()[..] == content(p, 0, 0..CHUNK)[..]);
         }
     }
-    assert_eq!(plain.requests(), 100);
+    assert_eq!(chunked.requests(), 100);
 
     // An endless chunked body (100 GB): the client reads 1 MiB and leaves.
-    let endless = "/stream/obj/100000000000/endless.bin";
+    let endless = "/obj/100000000000/endless.bin";
     let resp = common::client()
         .get(proxy.url(endless))
         .send()
@@ -285,7 +293,7 @@ async fn an_abandoned_endless_stream_flushes_nothing_and_blocks_nobody() {
     while got.len() < 1 << 20 {
         got.extend_from_slice(&stream.next().await.expect("more").expect("body"));
     }
-    assert!(got == content(&endless["/stream".len()..], 0, 0..got.len() as u64));
+    assert!(got == content(endless, 0, 0..got.len() as u64));
     drop(stream);
 
     // Another client is not held behind the abandoned fill.
@@ -305,35 +313,41 @@ async fn an_abandoned_endless_stream_flushes_nothing_and_blocks_nobody() {
         assert_eq!(cache_status(resp.headers()), "edgeslice; hit", "{p}");
         assert!(resp.bytes().await.unwrap()[..] == content(p, 0, 0..CHUNK)[..]);
     }
-    assert_eq!(plain.requests(), 100);
+    // The origin saw the 100 objects once each, then the endless one twice (its abandoned
+    // fill and the second client's request, passed through since it is not kept).
+    assert_eq!(chunked.requests(), 102);
+    eprintln!(
+        "endless stream: second client's first byte after {took:?}, origin sent {sent} bytes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_client_is_not_held_by_a_stalled_streamed_fill() {
-    let plain = Origin::start().await;
     let chunked = Origin::start().await;
     chunked.set_fault(Fault::ChunkedNoLength);
-    let proxy = Proxy::start(&two_origins(&plain, &chunked, "64MiB"));
-    // A 2 MiB streamed object (storable) whose first client reads a little and then stalls
-    // without leaving: its fill waits for it, holding the object.
-    let size = 2u64 << 20;
-    let path = format!("/stream/obj/{size}/stalled.bin");
+    let proxy = Proxy::start(&config(&chunked, "64MiB"));
+    // A 14 MiB streamed object (storable: staged up to 16 MiB) whose first client reads a
+    // little and then stalls without leaving: once the socket buffers on the way are full,
+    // its fill waits for it, holding the object.
+    let size = 14u64 << 20;
+    let path = format!("/obj/{size}/stalled.bin");
     let resp = common::client().get(proxy.url(&path)).send().await.unwrap();
     let mut stalled = resp.bytes_stream();
     let first = stalled.next().await.expect("a piece").expect("body");
-    assert!(first[..] == content(&path["/stream".len()..], 0, 0..first.len() as u64)[..]);
+    assert!(first[..] == content(&path, 0, 0..first.len() as u64)[..]);
     // A second client gets its first byte within a bounded wait (5 s lock hold), not after
     // the stalled one.
     let took = first_byte(&proxy, &path).await;
     assert!(took < Duration::from_secs(10), "first byte after {took:?}");
+    eprintln!("stalled streamed fill: second client's first byte after {took:?}");
     // The whole body, exact, for a third client; the stalled one then reads on, exact too.
     let resp = common::client().get(proxy.url(&path)).send().await.unwrap();
-    assert!(resp.bytes().await.unwrap()[..] == content(&path["/stream".len()..], 0, 0..size)[..]);
+    assert!(resp.bytes().await.unwrap()[..] == content(&path, 0, 0..size)[..]);
     let mut rest = first.to_vec();
     while let Some(p) = stalled.next().await {
         rest.extend_from_slice(&p.unwrap());
     }
-    assert!(rest == content(&path["/stream".len()..], 0, 0..size));
+    assert!(rest == content(&path, 0, 0..size));
     assert!(
         chunked.requests() <= 3,
         "{} origin requests",
@@ -400,6 +414,8 @@ async fn nginx_with_gzip_through_the_cache_gives_nginx_bytes() {
     let size = 3_000_000;
     let plain_text = text(size);
     nginx.put_bytes("/big.txt", &plain_text);
+    // Old files: cacheable by heuristic freshness (nginx sends no Cache-Control).
+    nginx.age_file("/big.txt", OLD);
     let direct = format!("http://{}/big.txt", nginx.addr);
     let gz = [("accept-encoding", "gzip")];
     // What nginx sends directly: gzip, chunked (no length).
@@ -410,6 +426,7 @@ async fn nginx_with_gzip_through_the_cache_gives_nginx_bytes() {
     assert!(gzip.len() < size / 2, "gzip made {} bytes", gzip.len());
     let (_, _, again) = fetch(direct.clone(), &gz).await;
     assert!(again == gzip, "nginx's gzip bytes are deterministic");
+    nginx.settle(Duration::from_secs(5));
     let before = nginx.requests();
 
     // 16 MiB tier (streamed objects staged up to 4 MiB), no disk: evictions are real.
@@ -465,6 +482,7 @@ async fn nginx_with_gzip_through_the_cache_gives_nginx_bytes() {
         for i in 0..20 {
             let p = format!("/fill-{round}-{i}.bin");
             let data = nginx.put_file(&p, 1 << 20);
+            nginx.age_file(&p, OLD);
             let (s, _, b) = fetch(proxy.url(&p), &gz).await;
             assert_eq!(s, 200);
             assert!(b == data, "{p}");
