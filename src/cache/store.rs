@@ -40,6 +40,11 @@ pub struct ChunkCache {
     pub flights: FlightMap<ChunkKey>,
     /// Origin transfers into the cache that may run at once (see [`ChunkCache::fill_slot`]).
     fill_slots: Arc<tokio::sync::Semaphore>,
+    /// Bytes that streamed fills (bodies of unknown length) may hold staged until their
+    /// object is known to be storable: a quarter of `cache.memory.capacity`, shared (see
+    /// [`ChunkCache::stage`]).
+    stage: Arc<tokio::sync::Semaphore>,
+    stage_capacity: u64,
     /// Every task the cache spawns (fills, disk work): bounded by the fill slots and the disk
     /// queue, and waited for at shutdown.
     tasks: tokio_util::task::TaskTracker,
@@ -75,6 +80,9 @@ impl VaryMarker {
     }
 }
 
+/// The staging budget of streamed fills is this share of the memory tier's capacity.
+const STAGE_SHARE: u64 = 4;
+
 impl ChunkCache {
     /// Build the tiers. Opening the disk tier scans its directory (blocking, once at start).
     pub fn new(settings: &CacheSettings) -> std::io::Result<ChunkCache> {
@@ -95,6 +103,8 @@ impl ChunkCache {
             )),
             None => None,
         };
+        let stage_capacity = (settings.memory_capacity / STAGE_SHARE)
+            .min(tokio::sync::Semaphore::MAX_PERMITS as u64);
         Ok(ChunkCache {
             chunk_size: settings.chunk_size,
             max_object_size: settings.max_object_size,
@@ -103,6 +113,8 @@ impl ChunkCache {
             disk,
             flights: FlightMap::new(64),
             fill_slots: Arc::new(tokio::sync::Semaphore::new(settings.max_concurrent_fills)),
+            stage: Arc::new(tokio::sync::Semaphore::new(stage_capacity as usize)),
+            stage_capacity,
             tasks: tokio_util::task::TaskTracker::new(),
             object_locks: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
         })
@@ -386,6 +398,12 @@ impl ChunkCache {
         Some(data)
     }
 
+    /// Evict a chunk from the memory tier (tests: an eviction on demand).
+    #[cfg(test)]
+    pub fn forget_chunk_for_test(&self, version: &ObjectVersion, index: u64) {
+        self.memory.invalidate(&version.chunk(index));
+    }
+
     fn insert_chunk(&self, id: ChunkKey, data: Bytes) {
         let weight = tables::chunk_weight(&data);
         self.memory.insert_weighed(id, data, weight);
@@ -418,6 +436,37 @@ impl ChunkCache {
     /// or does not start, so at most `cache.max_concurrent_fills` of them run at once.
     pub fn try_fill_slot(&self) -> Option<FillSlot> {
         self.fill_slots.clone().try_acquire_owned().ok()
+    }
+
+    /// Charge `bytes` more to the staging budget of streamed fills (see
+    /// `fill::discover`), added to `held`; `false` (nothing charged) when the budget is spent.
+    /// The bytes are given back when `held` is dropped.
+    pub fn stage(&self, held: &mut Option<tokio::sync::OwnedSemaphorePermit>, bytes: u64) -> bool {
+        let Ok(n) = u32::try_from(bytes) else {
+            return false;
+        };
+        match self.stage.clone().try_acquire_many_owned(n) {
+            Ok(p) => {
+                match held {
+                    Some(h) => h.merge(p),
+                    None => *held = Some(p),
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The staging budget of streamed fills, in bytes: the most one such object may be to be
+    /// cached (with `max_object_size`).
+    pub fn stage_capacity(&self) -> u64 {
+        self.stage_capacity
+    }
+
+    /// Bytes staged by streamed fills right now.
+    pub fn staged_bytes(&self) -> u64 {
+        self.stage_capacity
+            .saturating_sub(self.stage.available_permits() as u64)
     }
 
     /// Fill slots not taken right now.

@@ -21,6 +21,7 @@
 
 use super::cache_status::CacheStatus;
 use super::ctx::RequestCtx;
+use super::framing::{self, frame_unknown_length};
 use super::headers::{hop_by_hop_names, via, VIA_VALUE, X_REQUEST_ID};
 use super::respond;
 use crate::cache::fill::{
@@ -324,6 +325,13 @@ impl CacheLayer {
         if !self.fill_answers(session, obj) {
             return self.unforwarded_vary(ctx);
         }
+        if self.cache.is_marked_uncacheable(&obj.key) {
+            // Whoever held the lock found it not to be kept (a streamed body too large to
+            // stage): pass through rather than fetch it into the cache again.
+            ctx.cache_status = Some(CacheStatus::Bypass("uncacheable"));
+            ctx.pass_through = true;
+            return Ok(None);
+        }
         let mut stale = None;
         // A stale copy that cannot be revalidated, kept to serve if fetching it again fails.
         let mut fallback = None;
@@ -625,12 +633,16 @@ impl CacheLayer {
         h.insert_header("via", VIA_VALUE)?;
         h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
         h.insert_header("cache-status", status.render().as_ref())?;
+        // The length is known only at the end: chunked (or close-delimited to HTTP/1.0), so
+        // that a break shows.
+        let framing = frame_unknown_length(session, &mut h)?;
         let is_head = session.req_header().method == http::Method::HEAD;
         session.write_response_header(Box::new(h), is_head).await?;
         if is_head {
             return Ok(());
         }
-        let broke = |e: &dyn std::fmt::Display| {
+        let broke = |session: &Session, e: &dyn std::fmt::Display| {
+            framing::abort(session, framing);
             Error::explain(
                 ErrorType::HTTPStatus(502),
                 format!("origin body failed mid-response: {e}"),
@@ -640,8 +652,8 @@ impl CacheLayer {
             match unless_client_left(session, body.recv()).await? {
                 Some(BodyStep::Piece(piece)) => write_body(session, piece).await?,
                 Some(BodyStep::End) => break,
-                Some(BodyStep::Failed(e)) => return Err(broke(&e)),
-                None => return Err(broke(&FillError::Abandoned)),
+                Some(BodyStep::Failed(e)) => return Err(broke(session, &e)),
+                None => return Err(broke(session, &FillError::Abandoned)),
             }
         }
         session.write_response_body(None, true).await
@@ -669,6 +681,9 @@ impl CacheLayer {
         h.insert_header("via", via)?;
         h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
         h.insert_header("cache-status", cache_status.render().as_ref())?;
+        // A body without a length (the origin's was chunked: Transfer-Encoding is hop-by-hop)
+        // is framed so that a break shows.
+        let framing = frame_unknown_length(session, &mut h)?;
         let is_head = session.req_header().method == http::Method::HEAD;
         session.write_response_header(Box::new(h), is_head).await?;
         if is_head {
@@ -680,10 +695,11 @@ impl CacheLayer {
                 Ok(Some(piece)) => write_body(session, piece).await?,
                 Ok(None) => break,
                 Err(e) => {
+                    framing::abort(session, framing);
                     return Err(Error::explain(
                         ErrorType::HTTPStatus(502),
                         format!("origin body failed mid-response: {e}"),
-                    ))
+                    ));
                 }
             }
         }

@@ -20,6 +20,7 @@ pub mod cache_status;
 pub mod cached;
 pub mod canonical;
 pub mod ctx;
+pub mod framing;
 pub mod headers;
 pub mod request_line;
 pub mod respond;

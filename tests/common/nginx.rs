@@ -40,6 +40,11 @@ fn nginx_binary() -> PathBuf {
 
 impl Nginx {
     pub fn start() -> Nginx {
+        Nginx::start_with("")
+    }
+
+    /// As [`Nginx::start`], with `http_extra` (directives, e.g. `gzip on;`) in the `http` block.
+    pub fn start_with(http_extra: &str) -> Nginx {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
         std::fs::create_dir_all(dir.join("root")).expect("docroot");
@@ -59,7 +64,7 @@ impl Nginx {
                  log_format counted '$status $body_bytes_sent \"$http_range\"';\n  \
                  access_log {d}/access.log counted;\n  sendfile on;\n  tcp_nopush on;\n  \
                  etag on;\n  keepalive_requests 100000;\n  keepalive_timeout 60s;\n  \
-                 default_type application/octet-stream;\n  \
+                 default_type application/octet-stream;\n  {http_extra}\n  \
                  server {{\n    listen 127.0.0.1:{port};\n    root {d}/root;\n  }}\n}}\n"
             );
             let conf_path = dir.join("nginx.conf");
@@ -110,12 +115,17 @@ impl Nginx {
     /// the content.
     pub fn put_file(&self, path: &str, size: usize) -> Vec<u8> {
         let data = content(path, size);
+        self.put_bytes(path, &data);
+        data
+    }
+
+    /// Write `data` at `path` under the docroot.
+    pub fn put_bytes(&self, path: &str, data: &[u8]) {
         let file = self.dir.join("root").join(path.trim_start_matches('/'));
         if let Some(parent) = file.parent() {
             std::fs::create_dir_all(parent).expect("docroot dir");
         }
-        std::fs::write(&file, &data).expect("write docroot file");
-        data
+        std::fs::write(&file, data).expect("write docroot file");
     }
 
     /// Make the file at `path` look `age` old (its Last-Modified), as files on a real origin

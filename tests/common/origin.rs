@@ -109,6 +109,10 @@ pub enum Fault {
     ChunkedNoLength,
     /// [`Fault::ChunkedNoLength`], paced like [`Fault::Slow`].
     SlowChunked { bytes_per_sec: u64 },
+    /// [`Fault::ChunkedNoLength`], cut like [`Fault::ResetMidBody`]: `min(after, body length)`
+    /// body bytes, no terminating chunk, then a RST (an application server that dies while
+    /// streaming).
+    ChunkedCut { after: u64 },
     /// Wait this long before sending the response head.
     DelayHeaders(Duration),
     /// Send an interim answer with this 1xx status before every response head, e.g. 103:
@@ -1311,7 +1315,10 @@ fn object_response(req: &Request, s: &Settings, key: &str, size: u64, download: 
     }
     let ignore_range = matches!(
         s.fault,
-        Some(Fault::IgnoreRange) | Some(Fault::ChunkedNoLength) | Some(Fault::SlowChunked { .. })
+        Some(Fault::IgnoreRange)
+            | Some(Fault::ChunkedNoLength)
+            | Some(Fault::SlowChunked { .. })
+            | Some(Fault::ChunkedCut { .. })
     );
     let Some(range) = hdr("range").filter(|_| !ignore_range) else {
         return whole(headers);
@@ -1380,7 +1387,9 @@ async fn write_response(
         Framing::None
     } else if matches!(
         s.fault,
-        Some(Fault::ChunkedNoLength) | Some(Fault::SlowChunked { .. })
+        Some(Fault::ChunkedNoLength)
+            | Some(Fault::SlowChunked { .. })
+            | Some(Fault::ChunkedCut { .. })
     ) {
         if req.minor >= 1 {
             Framing::Chunked
@@ -1437,7 +1446,7 @@ async fn write_response(
     let send_body = req.method != "HEAD" && framing != Framing::None;
     let total = if send_body { resp.body.len() } else { 0 };
     let reset_after = match s.fault {
-        Some(Fault::ResetMidBody { after }) => Some(after),
+        Some(Fault::ResetMidBody { after }) | Some(Fault::ChunkedCut { after }) => Some(after),
         _ => None,
     };
     let limit = reset_after.map_or(total, |a| a.min(total));

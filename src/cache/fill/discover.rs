@@ -179,7 +179,7 @@ pub async fn discover_from(
     // for "absent": the cache layer serves it only to requests without the field, and passes
     // the others through (`proxy::cached`).
     let variant;
-    let obj = match vary::parse_vary(&resp.header().headers) {
+    let obj = match stored_vary(&resp.header().headers) {
         Vary::Fields(fields) => {
             variant = ObjectRequest {
                 key: cache.learn_vary(&obj.base, fields, &obj.forward),
@@ -266,6 +266,28 @@ pub async fn discover_from(
         _ => resp.finish().await,
     }
     Discovery::Stored(meta)
+}
+
+/// What a response varies on, as stored: its `Vary`, and `Accept-Encoding` too when it is in
+/// a content coding. nginx with `gzip on` sends no `Vary` unless `gzip_vary` is set (off by
+/// default): its gzip bytes, fetched for a client that accepts them, must not answer one that
+/// does not.
+fn stored_vary(headers: &http::HeaderMap) -> Vary {
+    let encoded = headers
+        .get(http::header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .is_some_and(|e| !e.is_empty() && !e.eq_ignore_ascii_case("identity"));
+    const AE: &str = "accept-encoding";
+    match vary::parse_vary(headers) {
+        Vary::None if encoded => Vary::Fields(vec![AE.to_string()]),
+        Vary::Fields(mut fields) if encoded && !fields.iter().any(|f| f == AE) => {
+            fields.push(AE.to_string());
+            fields.sort();
+            Vary::Fields(fields)
+        }
+        other => other,
+    }
 }
 
 /// An origin answer that is not the object's bytes: a 304 nobody asked for, a 206 without a
@@ -364,14 +386,24 @@ async fn keep_whole(
 /// waits while the client is this far behind (nothing but the client takes those bytes).
 const STREAM_QUEUE_PIECES: usize = 8;
 
+/// Longest a streamed fill keeps the object locked: requests that arrive meanwhile wait for it
+/// (and are then served from the cache) at most this long, then ask the origin themselves
+/// (nginx's `proxy_cache_lock_timeout`, 5 s). The lock is let go at once when the body will
+/// not be stored.
+pub(crate) const STREAM_LOCK_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// An origin that answers 200 with no length (chunked): the body is streamed to the requesting
-/// client through a bounded queue, and split into chunks as it passes. The metadata is
-/// published once the length is known, at the end; until then the object stays locked, so
-/// concurrent requests wait and are then served from the cache instead of fetching it again.
-/// The version is named by its ETag, else by this fetch alone (a Last-Modified validator
-/// includes the length, unknown until the end). Past `max_object_size` the
-/// client still gets the whole body, but nothing is kept. Memory: the queue plus the chunk
-/// being assembled, whatever the body's length.
+/// client through a bounded queue, and split into chunks as it passes. The chunks are staged,
+/// not admitted to the tiers, until the end shows the object storable; they are then stored
+/// and the metadata published. The version is named by its ETag, else by this fetch alone (a
+/// Last-Modified validator includes the length, unknown until the end).
+///
+/// Staging is bounded in bytes: an object is cached only up to `max_object_size` and the
+/// staging budget ([`ChunkCache::stage_capacity`], a quarter of the memory tier, shared by
+/// all streamed fills). Past either the client still gets the whole body, nothing is kept, and
+/// the fill stops as soon as its client is gone too: a fill nobody reads, of an object that
+/// will not be stored, pulls nothing more. An object longer than its bound is marked
+/// uncacheable (later requests pass through); a budget spent by other fills is not marked.
 fn stream_unknown_length(
     cache: &Arc<ChunkCache>,
     obj: &ObjectRequest,
@@ -403,53 +435,108 @@ fn stream_unknown_length(
     Discovery::Streaming { headers, body: rx }
 }
 
+/// The chunks of a streamed body, held until the object is known to be storable; their bytes
+/// are charged to the cache's staging budget until dropped.
+struct Staged {
+    chunks: Vec<bytes::Bytes>,
+    acc: BytesMut,
+    charged: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Staged {
+    fn new() -> Staged {
+        Staged {
+            chunks: Vec::new(),
+            acc: BytesMut::new(),
+            charged: None,
+        }
+    }
+}
+
+/// Wait for `next` (a read or a send of the streamed fill) and let go of the object lock when
+/// its hold time is up meanwhile, without cancelling `next`.
+async fn holding<T>(
+    lock: &mut Option<ObjectLock>,
+    until: tokio::time::Instant,
+    next: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(next);
+    loop {
+        tokio::select! {
+            biased;
+            v = &mut next => return v,
+            _ = tokio::time::sleep_until(until), if lock.is_some() => *lock = None,
+        }
+    }
+}
+
 async fn split_unknown_length(
     cache: Arc<ChunkCache>,
     obj: ObjectRequest,
     mut resp: Reply,
     version: ObjectVersion,
     body: tokio::sync::mpsc::Sender<BodyStep>,
-    _lock: ObjectLock,
+    lock: ObjectLock,
 ) {
     let cs = cache.chunk_size as usize;
-    let mut acc = BytesMut::with_capacity(cs);
-    let mut index = 0u64;
+    let bound = cache.max_object_size.min(cache.stage_capacity());
+    let mut lock = Some(lock);
+    let lock_until = tokio::time::Instant::now() + STREAM_LOCK_HOLD;
+    let mut staged = Some(Staged::new());
     let mut total = 0u64;
-    let mut storing = true;
     // The client is still reading: once it has gone and nothing is being stored, stop.
     let mut client = true;
-    let store = |acc: &mut BytesMut, index: &mut u64| {
-        cache.store_chunk(&version, *index, acc.split().freeze());
-        acc.reserve(cs);
-        *index += 1;
-    };
     loop {
-        match resp.next_piece().await {
+        match holding(&mut lock, lock_until, resp.next_piece()).await {
             Ok(Some(piece)) => {
                 total += piece.len() as u64;
-                if storing && total > cache.max_object_size {
-                    log::info!(
-                        "rid={} {} passes max_object_size: not cached",
-                        obj.request_id,
-                        obj.key.as_str()
-                    );
-                    cache.mark_uncacheable(&obj.key, "too-large");
-                    storing = false;
-                    acc = BytesMut::new();
-                }
-                let mut rest = piece.clone();
-                while storing && !rest.is_empty() {
-                    let take = (cs - acc.len()).min(rest.len());
-                    acc.extend_from_slice(&rest[..take]);
-                    rest.advance(take);
-                    if acc.len() == cs {
-                        store(&mut acc, &mut index);
+                if let Some(stage) = staged.as_mut() {
+                    let why = if total > bound {
+                        // Too large to stage: later requests pass through.
+                        cache.mark_uncacheable(&obj.key, "too-large");
+                        Some("passes its staging bound (max_object_size, a quarter of the memory tier)")
+                    } else if !cache.stage(&mut stage.charged, piece.len() as u64) {
+                        Some("finds the staging budget spent by other streamed fills")
+                    } else {
+                        None
+                    };
+                    match why {
+                        Some(why) => {
+                            log::info!(
+                                "rid={} {} {why}: not cached",
+                                obj.request_id,
+                                obj.key.as_str()
+                            );
+                            // Staged bytes and the lock go now: waiters need not wait for a
+                            // body that will not be stored.
+                            staged = None;
+                            lock = None;
+                        }
+                        None => {
+                            let mut rest = piece.clone();
+                            while !rest.is_empty() {
+                                if stage.acc.capacity() == 0 {
+                                    stage.acc.reserve(cs);
+                                }
+                                let take = (cs - stage.acc.len()).min(rest.len());
+                                stage.acc.extend_from_slice(&rest[..take]);
+                                rest.advance(take);
+                                if stage.acc.len() == cs {
+                                    stage.chunks.push(stage.acc.split().freeze());
+                                }
+                            }
+                        }
                     }
                 }
-                if client && body.send(BodyStep::Piece(piece)).await.is_err() {
+                if client
+                    && holding(&mut lock, lock_until, body.send(BodyStep::Piece(piece)))
+                        .await
+                        .is_err()
+                {
                     client = false;
                 }
-                if !client && !storing {
+                if !client && staged.is_none() {
+                    // Nobody reads it and it will not be stored: stop pulling.
                     return;
                 }
             }
@@ -463,12 +550,16 @@ async fn split_unknown_length(
             }
         }
     }
-    if storing {
-        if !acc.is_empty() {
-            store(&mut acc, &mut index);
+    if let Some(mut stage) = staged {
+        if !stage.acc.is_empty() {
+            stage.chunks.push(stage.acc.split().freeze());
         }
         match meta_from(&obj, &resp.header().headers, 200, total) {
             Ok(mut meta) => {
+                // Storable: the chunks are admitted to the tiers, then the metadata published.
+                for (index, chunk) in stage.chunks.drain(..).enumerate() {
+                    cache.store_chunk(&version, index as u64, chunk);
+                }
                 // The chunks were stored under the name chosen before the length was known.
                 meta.validator = version.validator.to_string();
                 cache.put_meta(&obj.key, Arc::new(meta)).await
@@ -476,6 +567,7 @@ async fn split_unknown_length(
             Err(reason) => cache.mark_uncacheable(&obj.key, reason),
         }
     }
+    drop(lock);
     resp.finish().await;
     if client {
         // Ignored when the client has gone meanwhile.

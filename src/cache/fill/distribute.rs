@@ -1,7 +1,7 @@
 //! Stage 4: an origin body cut into the chunks of its run; a broken transfer resumed.
 
 use super::run::Run;
-use super::{if_range, same_version_offset, ObjectRequest, OriginAccess, Reply};
+use super::{if_range, same_version_offset, unknown_length, ObjectRequest, OriginAccess, Reply};
 use crate::cache::flight::FillError;
 use crate::cache::meta::ObjectMeta;
 use crate::cache::store::FillSlot;
@@ -55,9 +55,16 @@ pub(super) async fn distribute(
     // starts after it (a transfer that keeps streaming at min_rate or better is never cut).
     let until = tokio::time::Instant::now() + origin.deadline();
     let mut failed: Vec<std::net::SocketAddr> = Vec::new();
+    // A whole 200 without a length: its length is checked as its bytes arrive.
+    let mut open_ended = unknown_length(&*resp);
     let outcome: Result<(), FillError> = 'body: loop {
         let mut piece = match resp.next_piece().await {
             Ok(Some(p)) => p,
+            Ok(None) if open_ended => {
+                // A chunked body that ended (properly) before the object's end: another
+                // length, so another version whatever its validator says.
+                break Err(FillError::VersionChanged);
+            }
             Ok(None) | Err(_) => {
                 let why = "origin transfer broke off mid-body";
                 if resumes_left == 0 {
@@ -75,6 +82,7 @@ pub(super) async fn distribute(
                             next.server()
                         );
                         resp = next;
+                        open_ended = unknown_length(&*resp);
                         // Where the new answer starts (a server that ignores Range sends the
                         // object from byte 0): the bytes before `pos` are skipped below.
                         body_pos = next_offset;
@@ -102,6 +110,14 @@ pub(super) async fn distribute(
             let Some((_, flight)) = run.front() else {
                 break 'body Ok(());
             };
+            if open_ended && pos == meta.size {
+                // The object's last bytes reach no reader, and its last chunk is not stored,
+                // until the body is seen to end exactly here.
+                if let Err(e) = read_to_end(&mut resp, pos + piece.len() as u64, meta.size).await {
+                    break 'body Err(e);
+                }
+                piece.clear();
+            }
             flight.push(part);
             if pos == bounds.end + 1 {
                 run.complete_front(acc.split().freeze());
@@ -111,10 +127,21 @@ pub(super) async fn distribute(
                         pos = b.start;
                         acc.reserve(b.len() as usize);
                     }
-                    None => break 'body Ok(()),
+                    None => {
+                        body_pos += piece.len() as u64;
+                        break 'body Ok(());
+                    }
                 }
             }
         }
+    };
+    // A length-less body whose run ended before the object's end (its last chunk was cached
+    // already): read on to its end, so a body of another length does not go unnoticed.
+    let outcome = match outcome {
+        Ok(()) if open_ended && body_pos < meta.size => {
+            read_to_end(&mut resp, body_pos, meta.size).await
+        }
+        other => other,
     };
     match outcome {
         Ok(()) => resp.finish().await,
@@ -151,4 +178,25 @@ async fn resume(
         .map_err(|e| FillError::Origin(e.to_string()))?;
     let offset = same_version_offset(&*resp, meta, from, "resume")?;
     Ok((resp, offset))
+}
+
+/// Read a length-less body on from object offset `at` to its end, which must be `size`: a body
+/// longer or shorter is another version (`VersionChanged`); a break leaves it unconfirmed (an
+/// `Origin` error).
+async fn read_to_end(resp: &mut Reply, mut at: u64, size: u64) -> Result<(), FillError> {
+    loop {
+        if at > size {
+            return Err(FillError::VersionChanged);
+        }
+        match resp.next_piece().await {
+            Ok(Some(p)) => at += p.len() as u64,
+            Ok(None) if at == size => return Ok(()),
+            Ok(None) => return Err(FillError::VersionChanged),
+            Err(e) => {
+                return Err(FillError::Origin(format!(
+                    "origin body broke before its end could be checked: {e}"
+                )))
+            }
+        }
+    }
 }

@@ -146,6 +146,11 @@ pub(super) fn if_range(meta: &ObjectMeta) -> Vec<(&'static str, String)> {
     }
 }
 
+/// Whether `resp` is a whole 200 whose length is unknown until its end (chunked).
+pub(super) fn unknown_length(resp: &dyn OriginReply) -> bool {
+    resp.status() == 200 && resp.header_str("content-length").is_none()
+}
+
 /// The total length and first byte offset an origin response carries: 206 from Content-Range,
 /// 200 from Content-Length (offset 0).
 fn response_extent(resp: &dyn OriginReply) -> Option<(u64, Option<u64>)> {
@@ -196,7 +201,18 @@ pub(super) fn same_version_offset(
     if encoding(resp.header_str("content-encoding")) != encoding(meta.header("content-encoding")) {
         return Err(FillError::VersionChanged);
     }
-    let same_version = total.is_some_and(|t| meta.same_version(&resp.header().headers, t));
+    let same_version = match total {
+        Some(t) => meta.same_version(&resp.header().headers, t),
+        // A whole 200 without a length (a chunked body, as from nginx with gzip, which ignores
+        // Range): the same version when its validator says so; its length is checked as the
+        // bytes arrive (`distribute`: a body longer or shorter than the object fails the
+        // fetch). Without a validator there is nothing to name the version by.
+        None => {
+            resp.status() == 200
+                && meta.has_validator()
+                && meta.same_version(&resp.header().headers, meta.size)
+        }
+    };
     if same_version && offset <= from {
         Ok(offset)
     } else {

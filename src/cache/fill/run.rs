@@ -2,8 +2,8 @@
 
 use super::distribute::distribute;
 use super::{
-    chunk_len, if_range, same_version_offset, ChunkSource, ObjectRequest, OriginAccess,
-    MAX_RUN_CHUNKS,
+    chunk_len, if_range, same_version_offset, unknown_length, ChunkSource, ObjectRequest,
+    OriginAccess, MAX_RUN_CHUNKS,
 };
 use crate::cache::flight::{FillError, Flight, Joined};
 use crate::cache::key::ObjectVersion;
@@ -208,5 +208,19 @@ async fn fill_run(origin: OriginAccess, obj: ObjectRequest, meta: Arc<ObjectMeta
         }
         Err(e) => return run.fail_all(e),
     };
+    if unknown_length(&*resp) {
+        // The whole object, of a length told only by its end: the run takes every missing
+        // chunk to the end, so that the end is reached and the length checked (see
+        // `distribute`), and the bytes the origin sends anyway fill what is missing.
+        let count = crate::range::plan::chunk_count(meta.size, cs);
+        for j in last.saturating_add(1)..count {
+            if run.cache.has_chunk(&run.version, j) {
+                continue;
+            }
+            if let Joined::Started(f) = run.cache.join_fill(&run.version.chunk(j)) {
+                run.push(j, f);
+            }
+        }
+    }
     distribute(origin, resp, offset, meta, obj, run, slot).await;
 }

@@ -1735,3 +1735,258 @@ fn a_partial_answer_in_another_encoding_or_of_contradicting_length_is_not_the_ob
         Ok(1000)
     );
 }
+
+// ---- chunked bodies without a length (issue 21, points 5 and 6) ---------------------------
+
+/// Stream a chunked discovery of `v` to its end, as its client reads it.
+async fn stream_to_end(cache: &Arc<ChunkCache>, origin: &OriginAccess, obj: &ObjectRequest) {
+    let Discovery::Streaming { mut body, .. } = discover_cold(cache, origin, obj, 0, 0).await
+    else {
+        panic!("a chunked 200 with an ETag is streamed");
+    };
+    tokio::time::timeout(WAIT, async {
+        while let Some(step) = body.recv().await {
+            if let BodyStep::Failed(e) = step {
+                panic!("stream failed: {e}");
+            }
+        }
+    })
+    .await
+    .expect("the stream hung");
+    settle(cache).await;
+}
+
+#[tokio::test]
+async fn an_evicted_chunk_refetched_as_a_chunked_200_of_the_same_version_is_served() {
+    // An origin that ignores Range and sends chunked bodies (nginx with gzip): the refetch of
+    // a missing chunk is a whole 200 without a length, with the same validator.
+    let cache = cache();
+    let v = version(4500, 1, "W/\"v1\"");
+    let chunked = || Answer {
+        chunked: true,
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone())
+        .script(vec![chunked(), chunked(), chunked()])
+        .build();
+    let obj = request("/chunked-evicted");
+    stream_to_end(&cache, &origin, &obj).await;
+    let meta = cache.meta(&obj.key).await.expect("stored");
+    let version = version_of(&obj.key, meta.validator.as_str());
+    // Chunks 1 and 2 go (evicted); 0, 3 and 4 stay.
+    cache.forget_chunk_for_test(&version, 1);
+    cache.forget_chunk_for_test(&version, 2);
+    assert!(!cache.has_chunk(&version, 1) && cache.has_chunk(&version, 3));
+    let got = read_chunk(&cache, &origin, &obj, &meta, 1, 1).await;
+    assert_eq!(
+        got.unwrap(),
+        chunk_of(&v, 1),
+        "the refetched chunk is the object's"
+    );
+    settle(&cache).await;
+    let kept = cache
+        .meta(&obj.key)
+        .await
+        .expect("the object is not dropped");
+    assert_eq!(kept.validator, meta.validator);
+    // The fetch took the following missing chunk too, and read on to the object's end.
+    assert!(
+        cache.has_chunk(&version, 2),
+        "chunk 2 filled by the same fetch"
+    );
+    for index in 0..5 {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 4).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    assert_eq!(fake.requests(), 2, "one discovery, one refetch");
+    assert_eq!(fake.seen()[1].range, Some((1000, 1999)));
+}
+
+#[tokio::test]
+async fn a_chunked_refetch_longer_or_shorter_than_the_object_stores_nothing() {
+    for (what, answer) in [
+        (
+            "longer",
+            Answer {
+                chunked: true,
+                // Same validator, 300 bytes more.
+                new_version: Some(version(4800, 1, "\"v1\"")),
+                ..Answer::default()
+            },
+        ),
+        (
+            "shorter",
+            Answer {
+                chunked: true,
+                end_after: Some(4400),
+                ..Answer::default()
+            },
+        ),
+    ] {
+        let cache = cache();
+        let v = version(4500, 1, "\"v1\"");
+        let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+        let obj = request("/chunked-lies");
+        let meta = known(&cache, &obj, &v).await;
+        let version = version_of(&obj.key, meta.validator.as_str());
+        // The last chunk: its bytes are right either way, but the body's end is not.
+        let got = read_chunk(&cache, &origin, &obj, &meta, 4, 4).await;
+        assert!(got.is_err(), "{what}: the fetch fails, got {got:?}");
+        settle(&cache).await;
+        assert!(!cache.has_chunk(&version, 4), "{what}: nothing stored");
+        assert!(
+            cache.meta(&obj.key).await.is_none(),
+            "{what}: the version is dropped"
+        );
+        assert_eq!(fake.requests(), 1, "{what}");
+    }
+}
+
+#[tokio::test]
+async fn a_chunked_refetch_without_a_validator_is_not_taken_as_the_same_version() {
+    let cache = cache();
+    let v = version(3000, 1, "\"v1\"");
+    let (_fake, origin) = FakeOrigin::new(v.clone())
+        .script(vec![Answer {
+            chunked: true,
+            ..Answer::default()
+        }])
+        .build();
+    let obj = request("/chunked-no-validator");
+    let mut meta = (*meta_of(&v, SystemTime::now() + Duration::from_secs(3600))).clone();
+    meta.etag = None;
+    meta.last_modified = None;
+    meta.validator = ObjectMeta::unvalidated_identity(SystemTime::now());
+    let meta = Arc::new(meta);
+    cache.put_meta(&obj.key, meta.clone()).await;
+    let got = read_chunk(&cache, &origin, &obj, &meta, 1, 1).await;
+    assert_eq!(got, Err(FillError::VersionChanged));
+}
+
+#[tokio::test]
+async fn an_oversized_streamed_body_nobody_reads_stops_and_stores_nothing() {
+    // 200 chunks from an origin with no length; at most 10 may be kept.
+    let cache = cache_keeping(10 * CHUNK);
+    let v = version(200 * CHUNK as usize, 1, "\"v1\"");
+    let (fake, origin) = FakeOrigin::new(v.clone())
+        .script(vec![Answer {
+            chunked: true,
+            ..Answer::default()
+        }])
+        .build();
+    let obj = request("/chunked-endless");
+    let Discovery::Streaming { mut body, .. } = discover_cold(&cache, &origin, &obj, 0, 0).await
+    else {
+        panic!("streamed");
+    };
+    // The client reads a little, then leaves.
+    let mut got = Vec::new();
+    while got.len() < 2 * CHUNK as usize {
+        match tokio::time::timeout(WAIT, body.recv()).await.expect("hung") {
+            Some(BodyStep::Piece(p)) => got.extend_from_slice(&p),
+            _ => panic!("the stream ended early"),
+        }
+    }
+    assert_eq!(got, v.body[..got.len()]);
+    // Staged, not admitted: nothing is in the tiers before the object is known storable.
+    let version = version_of(&obj.key, "\"v1\"");
+    assert!(
+        !cache.has_chunk(&version, 0),
+        "chunk 0 admitted before the end"
+    );
+    drop(body);
+    settle(&cache).await;
+    let pulled = fake.body_bytes();
+    assert!(
+        pulled <= 10 * CHUNK + 300,
+        "the fill went on after its client left: {pulled} bytes pulled"
+    );
+    assert!(
+        (0..200).all(|i| !cache.has_chunk(&version, i)),
+        "no chunk kept"
+    );
+    assert!(cache.meta(&obj.key).await.is_none());
+    assert!(cache.is_marked_uncacheable(&obj.key), "later requests pass");
+    assert_eq!(cache.staged_bytes(), 0, "the staging budget is given back");
+    assert!(
+        cache.try_lock_object(&obj.key).is_some(),
+        "the lock is free"
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_streamed_body_lets_go_of_the_lock_while_its_client_reads_on() {
+    let cache = cache_keeping(10 * CHUNK);
+    let v = version(30 * CHUNK as usize, 1, "\"v1\"");
+    let (_fake, origin) = FakeOrigin::new(v.clone())
+        .script(vec![Answer {
+            chunked: true,
+            ..Answer::default()
+        }])
+        .build();
+    let obj = request("/chunked-big");
+    let Discovery::Streaming { mut body, .. } = discover_cold(&cache, &origin, &obj, 0, 0).await
+    else {
+        panic!("streamed");
+    };
+    let mut got = Vec::new();
+    let mut lock_seen_free = false;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match body.recv().await {
+                Some(BodyStep::Piece(p)) => got.extend_from_slice(&p),
+                Some(BodyStep::End) => break,
+                _ => panic!("the stream failed"),
+            }
+            if got.len() as u64 > 12 * CHUNK && !lock_seen_free {
+                // Past the bound: nothing will be stored, so nobody need wait for it.
+                lock_seen_free = cache.try_lock_object(&obj.key).is_some();
+            }
+        }
+    })
+    .await
+    .expect("hung");
+    assert!(got == v.body[..], "the client gets the whole body");
+    assert!(lock_seen_free, "the lock was held past the bound");
+    settle(&cache).await;
+    assert!(cache.meta(&obj.key).await.is_none());
+    assert_eq!(cache.staged_bytes(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streamed_fill_holds_the_object_lock_for_a_bounded_time() {
+    let cache = cache();
+    let v = version(3000, 1, "\"v1\"");
+    let (_fake, origin) = FakeOrigin::new(v.clone())
+        .script(vec![Answer {
+            chunked: true,
+            ..Answer::default()
+        }])
+        .build();
+    let obj = request("/chunked-slow-client");
+    let Discovery::Streaming { mut body, .. } = discover_cold(&cache, &origin, &obj, 0, 0).await
+    else {
+        panic!("streamed");
+    };
+    // The client reads one piece and stalls; another request waits for the lock.
+    assert!(matches!(body.recv().await, Some(BodyStep::Piece(_))));
+    let waited = tokio::time::timeout(
+        discover::STREAM_LOCK_HOLD + Duration::from_secs(1),
+        cache.lock_object(&obj.key),
+    )
+    .await;
+    assert!(waited.is_ok(), "a second request waited past the hold time");
+    drop(waited);
+    // The stalled client reads on: the body is whole, and still stored.
+    let mut got = Vec::new();
+    while got.len() < 2700 {
+        match body.recv().await {
+            Some(BodyStep::Piece(p)) => got.extend_from_slice(&p),
+            _ => panic!("the stream failed"),
+        }
+    }
+    assert!(matches!(body.recv().await, Some(BodyStep::End)));
+    assert!(got == v.body[300..]);
+    settle(&cache).await;
+    assert_eq!(cache.meta(&obj.key).await.map(|m| m.size), Some(3000));
+}
