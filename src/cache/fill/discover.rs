@@ -252,6 +252,18 @@ pub async fn discover_from(
         }
         return Discovery::Uncacheable("no-length");
     };
+    if status == 206
+        && size > cache.max_object_size
+        && ObjectMeta::validator_of(resp.header_str("etag"), resp.header_str("last-modified"), 0)
+            .is_none()
+    {
+        // No validator and too large to fetch whole: never assembled from several fetches,
+        // so not kept; the client is answered from this answer and further range fetches.
+        return Discovery::Slice {
+            resp,
+            reason: "too-large",
+        };
+    }
     if status == 200 && size > cache.max_object_size {
         return Discovery::Relay {
             resp,

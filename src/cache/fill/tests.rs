@@ -2029,3 +2029,19 @@ async fn a_whole_206_without_a_validator_is_kept_from_that_one_fetch() {
     }
     assert_eq!(fake.requests(), 1, "the 206 held the whole object");
 }
+
+#[tokio::test]
+async fn a_validatorless_object_too_large_to_fetch_whole_is_not_kept() {
+    let cache = cache_keeping(2000);
+    let v = version(3500, 1, "unused");
+    let (fake, origin) = FakeOrigin::new(v.clone()).without_validators().build();
+    let obj = request("/no-validator-large");
+    let Discovery::Slice { mut resp, reason } = discover_cold(&cache, &origin, &obj, 1, 1).await
+    else {
+        panic!("answered in slices, not kept");
+    };
+    assert_eq!(reason, "too-large");
+    assert_eq!(read_reply(&mut resp).await, chunk_of(&v, 1));
+    assert!(cache.meta(&obj.key).await.is_none());
+    assert_eq!(fake.requests(), 1);
+}
