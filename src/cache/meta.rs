@@ -211,6 +211,36 @@ impl ObjectMeta {
         self.last_modified.is_some() || text("cache-control") == self.header("cache-control")
     }
 
+    /// Whether a 304 (its header fields) identifies this stored response for update, by RFC
+    /// 9111 §4.3.4's selection: an ETag in the 304 must be this version's (a strong one
+    /// exactly, a weak one by weak comparison); without an ETag, a Last-Modified must be this
+    /// version's. A 304 with neither answers the conditional built from this version's own
+    /// validators, so it names this version. A 304 that names another version selects no
+    /// stored response: it must not update this one.
+    pub fn identified_by_304(&self, not_modified: &http::HeaderMap) -> bool {
+        let text = |n: &str| {
+            not_modified
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+        };
+        if let Some(etag) = text("etag") {
+            let Some(stored) = self.etag.as_deref().map(str::trim) else {
+                return false;
+            };
+            let weak = |t: &str| t.strip_prefix("W/").unwrap_or(t).to_string();
+            return if etag.starts_with("W/") {
+                weak(etag) == weak(stored)
+            } else {
+                etag == stored
+            };
+        }
+        match text("last-modified") {
+            Some(lm) => self.last_modified.as_deref().map(str::trim) == Some(lm),
+            None => true,
+        }
+    }
+
     /// Whether the origin can be asked if this version is still current (ETag or
     /// Last-Modified). Without a validator, an expired object is fetched again.
     pub fn has_validator(&self) -> bool {
@@ -376,6 +406,42 @@ mod tests {
             stale_while_revalidate: Duration::from_secs(30),
             wire: Default::default(),
         }
+    }
+
+    #[test]
+    fn a_304_updates_only_the_version_its_validators_name() {
+        let m = sample();
+        let h = |fields: &[(&'static str, &str)]| {
+            let mut map = http::HeaderMap::new();
+            for (n, v) in fields {
+                map.insert(*n, http::HeaderValue::from_str(v).unwrap());
+            }
+            map
+        };
+        let lm = "Wed, 21 Oct 2015 07:28:00 GMT";
+        let other_lm = "Thu, 22 Oct 2015 07:28:00 GMT";
+        // The same strong ETag (whatever its Last-Modified says), or its weak form.
+        assert!(m.identified_by_304(&h(&[("etag", "\"v1\"")])));
+        assert!(m.identified_by_304(&h(&[("etag", "\"v1\""), ("last-modified", other_lm)])));
+        assert!(m.identified_by_304(&h(&[("etag", "W/\"v1\"")])));
+        // Another ETag names another version, strong or weak, even with the same date.
+        assert!(!m.identified_by_304(&h(&[("etag", "\"v2\"")])));
+        assert!(!m.identified_by_304(&h(&[("etag", "W/\"v2\""), ("last-modified", lm)])));
+        // No ETag: the Last-Modified decides.
+        assert!(m.identified_by_304(&h(&[("last-modified", lm)])));
+        assert!(!m.identified_by_304(&h(&[("last-modified", other_lm)])));
+        // No validator at all: the answer to the conditional this version's validators made.
+        assert!(m.identified_by_304(&h(&[("cache-control", "max-age=5")])));
+        // A stored response without an ETag is not the one a 304 with an ETag names; a weak
+        // stored ETag is not the one a strong ETag names.
+        let mut no_etag = sample();
+        no_etag.etag = None;
+        assert!(!no_etag.identified_by_304(&h(&[("etag", "\"v1\"")])));
+        assert!(no_etag.identified_by_304(&h(&[("last-modified", lm)])));
+        let mut weak = sample();
+        weak.etag = Some("W/\"v1\"".into());
+        assert!(!weak.identified_by_304(&h(&[("etag", "\"v1\"")])));
+        assert!(weak.identified_by_304(&h(&[("etag", "W/\"v1\"")])));
     }
 
     #[test]

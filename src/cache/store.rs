@@ -163,6 +163,20 @@ impl ChunkCache {
         }
     }
 
+    /// Drop an object version whose stored bytes may be wrong (a fill whose answer broke its
+    /// promised length): as [`ChunkCache::invalidate`], and its chunks leave memory now, so a
+    /// later discovery of the same validator cannot find them.
+    pub async fn discard(&self, key: &ObjectKey, meta: &ObjectMeta) {
+        self.invalidate(key, meta).await;
+        let version = ObjectVersion::new(key.clone(), meta.validator.as_str().into());
+        let chunks = chunk_count(meta.size, self.chunk_size)
+            .min(chunk_count(self.max_object_size, self.chunk_size))
+            .max(1);
+        for index in 0..chunks {
+            self.memory.invalidate(&version.chunk(index));
+        }
+    }
+
     /// Forget an object whatever its version (RFC 9111 §4.4: a successful unsafe request
     /// invalidates the target URI): its metadata, and on disk the whole object. Its memory
     /// chunks become unreachable with its metadata and age out.
@@ -369,6 +383,12 @@ impl ChunkCache {
 
     pub fn memory_chunk(&self, id: &ChunkKey) -> Option<Bytes> {
         self.memory.get(id)
+    }
+
+    /// Let go of a chunk in memory, as the tier's eviction does (tests).
+    #[cfg(test)]
+    pub fn evict_memory_chunk(&self, id: &ChunkKey) {
+        self.memory.invalidate(id);
     }
 
     /// Whether the chunk is held by a tier (memory, or the disk index) without reading it.

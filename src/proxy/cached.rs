@@ -250,22 +250,37 @@ impl CacheLayer {
                 }
             }
         }
-        let (meta, lookup) = match self
-            .lookup(
-                session,
-                ctx,
-                &mut obj,
-                &origin,
-                &directives,
-                discovery,
-                &range_req,
-                credentials,
-            )
-            .await?
-        {
-            Some(found) => found,
-            None if ctx.pass_through => return Ok(Outcome::PassThrough),
-            None => return Ok(Outcome::Served),
+        let mut looked = 0;
+        let (meta, lookup) = loop {
+            let found = match self
+                .lookup(
+                    session,
+                    ctx,
+                    &mut obj,
+                    &origin,
+                    &directives,
+                    discovery,
+                    &range_req,
+                    credentials,
+                )
+                .await?
+            {
+                Some(found) => found,
+                None if ctx.pass_through => return Ok(Outcome::PassThrough),
+                None => return Ok(Outcome::Served),
+            };
+            looked += 1;
+            // A version without a validator is served only from the one fetch that brought
+            // it: when part of it is gone, it is dropped and fetched whole again.
+            let (m, _) = &found;
+            if looked == 1 && m.is_ranged() && !m.has_validator() {
+                let version = ObjectVersion::new(obj.key.clone(), m.validator.as_str().into());
+                if !fill::whole_from_one_fetch(&self.cache, m, &version) {
+                    self.cache.invalidate(&obj.key, m).await;
+                    continue;
+                }
+            }
+            break found;
         };
         self.respond(session, ctx, &obj, &origin, meta, lookup, range_req)
             .await?;

@@ -126,6 +126,14 @@ pub enum Fault {
     Broken206,
     /// Every object GET (with or without `Range`) gets 206 `bytes 0-99/<size>` with 100 bytes.
     Always206,
+    /// A conditional request on an object (`If-None-Match` or `If-Modified-Since`) gets 304
+    /// with the current version's validators, whatever version the request named: after
+    /// [`Origin::set_etag_version`], a 304 naming another version than the one asked about.
+    NotModifiedAnyway,
+    /// A single-range request on an object gets 206 with the right `Content-Range`, chunked
+    /// (no `Content-Length`), and a body that is the whole object from byte 0: longer than
+    /// its range, and (for a range not at 0) the wrong bytes.
+    Overlong206,
 }
 
 /// One request as the origin saw it.
@@ -1306,7 +1314,8 @@ fn object_response(req: &Request, s: &Settings, key: &str, size: u64, download: 
             },
         };
     }
-    if not_modified {
+    let conditional = hdr("if-none-match").is_some() || hdr("if-modified-since").is_some();
+    if not_modified || (s.fault == Some(Fault::NotModifiedAnyway) && conditional) {
         return Response {
             status: 304,
             headers,
@@ -1354,11 +1363,15 @@ fn object_response(req: &Request, s: &Settings, key: &str, size: u64, download: 
                 body: Body::Object {
                     key: key.to_string(),
                     version: s.version,
-                    start: a,
-                    len: if s.fault == Some(Fault::Broken206) {
-                        (b - a).min(100)
+                    start: if s.fault == Some(Fault::Overlong206) {
+                        0
                     } else {
-                        b - a
+                        a
+                    },
+                    len: match s.fault {
+                        Some(Fault::Broken206) => (b - a).min(100),
+                        Some(Fault::Overlong206) => size,
+                        _ => b - a,
                     },
                 },
             }
@@ -1390,7 +1403,8 @@ async fn write_response(
         Some(Fault::ChunkedNoLength)
             | Some(Fault::SlowChunked { .. })
             | Some(Fault::ChunkedCut { .. })
-    ) {
+    ) || (s.fault == Some(Fault::Overlong206) && resp.status == 206)
+    {
         if req.minor >= 1 {
             Framing::Chunked
         } else {

@@ -148,7 +148,45 @@ pub async fn discover(
             Err(e) => return Discovery::Failed(e),
         };
     }
+    if let Some(whole) = needs_one_fetch(cache, obj, &*resp) {
+        // No validator: chunks of two fetches could be two versions that nothing tells apart.
+        // The object is fetched whole, and every chunk filled from that one answer.
+        resp.finish().await;
+        log::debug!(
+            "rid={} {} has no validator: fetching its {whole} bytes whole",
+            obj.request_id,
+            obj.key.as_str()
+        );
+        asked = None;
+        resp = match open(None).await {
+            Ok(r) => r,
+            Err(e) => return Discovery::Failed(e),
+        };
+    }
     discover_from(cache, origin, obj, lock, resp, asked, slot).await
+}
+
+/// The object's length when `resp` is a partial answer that would be kept but names no
+/// version (no ETag, no Last-Modified) and holds less than the whole object: such an object
+/// is filled from one whole fetch, never assembled from several ([`ObjectMeta::validator`]).
+fn needs_one_fetch(cache: &ChunkCache, obj: &ObjectRequest, resp: &dyn OriginReply) -> Option<u64> {
+    if resp.status() != 206
+        || ObjectMeta::validator_of(resp.header_str("etag"), resp.header_str("last-modified"), 0)
+            .is_some()
+    {
+        return None;
+    }
+    let (Some((a, b)), Some(total)) = resp
+        .header_str("content-range")
+        .and_then(fetch::parse_content_range)?
+    else {
+        return None;
+    };
+    let whole = a == 0 && b.saturating_add(1) == total;
+    // Too large to keep: answered in slices, as any object that is not kept.
+    let keep = total <= cache.max_object_size
+        && meta_from(obj, &resp.header().headers, 206, total).is_ok();
+    (!whole && keep).then_some(total)
 }
 
 /// Discovery from an origin answer already in hand (`asked`: the range it answers; `None` =
@@ -214,6 +252,18 @@ pub async fn discover_from(
         }
         return Discovery::Uncacheable("no-length");
     };
+    if status == 206
+        && size > cache.max_object_size
+        && ObjectMeta::validator_of(resp.header_str("etag"), resp.header_str("last-modified"), 0)
+            .is_none()
+    {
+        // No validator and too large to fetch whole: never assembled from several fetches,
+        // so not kept; the client is answered from this answer and further range fetches.
+        return Discovery::Slice {
+            resp,
+            reason: "too-large",
+        };
+    }
     if status == 200 && size > cache.max_object_size {
         return Discovery::Relay {
             resp,

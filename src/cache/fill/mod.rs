@@ -14,7 +14,13 @@
 //!
 //! Version rule: every fetch after discovery must come back with the same validator (ETag, else
 //! Last-Modified + length); otherwise the old version is dropped and the fill fails with
-//! `VersionChanged`, so a response never mixes bytes of two versions.
+//! `VersionChanged`, so a response never mixes bytes of two versions. An object without a
+//! validator has nothing such a check could compare: it is fetched whole and served only from
+//! that one fetch; a chunk of it that is gone drops the object, and it is fetched whole again.
+//!
+//! Length rule: every answer is held to the length it promises (a 206 its Content-Range, a 200
+//! the object's length), counted on the bytes actually read: a body longer or shorter than
+//! promised is a failed fetch, and what it brought is not kept (`distribute`).
 
 mod discover;
 mod distribute;
@@ -27,7 +33,7 @@ mod tests;
 pub use discover::{discover, discover_from};
 pub use origin::{Origin, OriginAccess, OriginGroup, OriginReply, Reply};
 pub use revalidate::revalidate;
-pub use run::chunk_source;
+pub use run::{chunk_source, whole_from_one_fetch};
 
 use super::flight::{FillError, Flight};
 use super::key::ObjectKey;

@@ -9,7 +9,11 @@ use crate::origin::fetch::FetchError;
 use std::sync::Arc;
 
 /// Ask the origin whether a stale object is still current (`If-None-Match` /
-/// `If-Modified-Since`, one byte of body at most).
+/// `If-Modified-Since`, one byte of body at most). A 304 renews the object only when its
+/// validators name the version held ([`ObjectMeta::identified_by_304`]); a 304 naming another
+/// version, like a 200/206 of another version, drops the object (`Changed`): discovery asks
+/// for it afresh. Every revalidation (foreground, stale-if-error, stale-while-revalidate in
+/// the background, HEAD) comes through here.
 pub async fn revalidate(
     cache: &Arc<ChunkCache>,
     origin: &OriginAccess,
@@ -31,8 +35,26 @@ pub async fn revalidate(
     let status = resp.status();
     let merged = match status {
         304 => {
-            let stored = stored_headers(meta);
-            freshness::merge_304(&stored, &resp.header().headers)
+            if !meta.identified_by_304(&resp.header().headers) {
+                // RFC 9111 §4.3.4: a 304 naming another version selects no stored response
+                // and updates none. The version held is no longer current: drop it, and
+                // discovery fetches the object afresh, unconditionally.
+                log::warn!(
+                    "rid={} origin answered 304 naming another version of {}; fetching it again",
+                    obj.request_id,
+                    obj.key.as_str()
+                );
+                while let Ok(Some(_)) = resp.next_piece().await {}
+                resp.finish().await;
+                cache.invalidate(&obj.key, meta).await;
+                return Revalidation::Changed(None);
+            }
+            // Its validators identified the version held; they update nothing (a weak form
+            // of the same ETag must not replace the strong one If-Range is sent with).
+            let mut update = resp.header().headers.clone();
+            update.remove(http::header::ETAG);
+            update.remove(http::header::LAST_MODIFIED);
+            freshness::merge_304(&stored_headers(meta), &update)
         }
         200 | 206 => {
             // Wherever the answer starts, it must be the version held.

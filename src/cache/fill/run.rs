@@ -118,7 +118,9 @@ pub(super) fn claim(
 }
 
 /// The source of chunk `index`: memory, a fill in progress, disk, or a new origin fill that
-/// also takes the following missing chunks up to `last` (one request for the run).
+/// also takes the following missing chunks up to `last` (one request for the run). A version
+/// without a validator is never filled by a range: its missing chunk fails with
+/// `VersionChanged` and the object is dropped (see [`whole_from_one_fetch`]).
 pub async fn chunk_source(
     cache: &Arc<ChunkCache>,
     origin: &OriginAccess,
@@ -156,6 +158,20 @@ pub async fn chunk_source(
     {
         run.complete_front_stored(b.clone());
         return ChunkSource::Ready(b);
+    }
+    if !meta.has_validator() {
+        // A version without a validator is only ever what one fetch brought: a chunk of it
+        // that is gone cannot be fetched again as a range (nothing would tell whether the
+        // answer is the same version). The object is dropped; the next request fetches it
+        // whole again.
+        log::info!(
+            "rid={} chunk {index} of {} (no validator) is gone: dropping the object",
+            obj.request_id,
+            obj.key.as_str()
+        );
+        cache.invalidate(&obj.key, meta).await;
+        run.fail_all(FillError::VersionChanged);
+        return ChunkSource::Filling(flight);
     }
     let last = last.min(index.saturating_add(MAX_RUN_CHUNKS - 1));
     for j in index.saturating_add(1)..=last {
@@ -223,4 +239,17 @@ async fn fill_run(origin: OriginAccess, obj: ObjectRequest, meta: Arc<ObjectMeta
         }
     }
     distribute(origin, resp, offset, meta, obj, run, slot).await;
+}
+
+/// Whether every chunk of a version is held by a tier or being filled: for a version without a
+/// validator, whether it can still be served from the one fetch that brought it. The cost is
+/// one lookup per chunk, paid only by validator-less objects.
+pub fn whole_from_one_fetch(
+    cache: &ChunkCache,
+    meta: &ObjectMeta,
+    version: &ObjectVersion,
+) -> bool {
+    let count = crate::range::plan::chunk_count(meta.size, cache.chunk_size);
+    (0..count)
+        .all(|i| cache.has_chunk(version, i) || cache.flights.find(&version.chunk(i)).is_some())
 }

@@ -89,6 +89,13 @@ struct Answer {
     gate: Option<Arc<tokio::sync::Semaphore>>,
     /// Reading the body panics (the fill task dies).
     panic_in_body: bool,
+    /// Answer 304 whatever the request (with the current version's validators).
+    force_304: bool,
+    /// Bytes sent after the body the answer promises (a body longer than its range).
+    extra: Option<Bytes>,
+    /// A 206 without Content-Length (chunked or close-delimited): its length is known only
+    /// at its end.
+    unframed: bool,
 }
 
 /// What the fake origin was asked, and how it answered.
@@ -120,6 +127,8 @@ struct FakeOrigin {
     seen: Mutex<Vec<Seen>>,
     body_bytes: Arc<AtomicU64>,
     resumes_counted: AtomicU32,
+    /// Answers carry ETag and Last-Modified (false: an object without a validator).
+    validators: bool,
 }
 
 impl FakeOrigin {
@@ -133,7 +142,13 @@ impl FakeOrigin {
             seen: Mutex::new(Vec::new()),
             body_bytes: Arc::new(AtomicU64::new(0)),
             resumes_counted: AtomicU32::new(0),
+            validators: true,
         }
+    }
+
+    fn without_validators(mut self) -> FakeOrigin {
+        self.validators = false;
+        self
     }
 
     fn script(self, answers: Vec<Answer>) -> FakeOrigin {
@@ -189,7 +204,7 @@ impl FakeOrigin {
             (None, Some(ims)) => ims == v.last_modified,
             (None, None) => false,
         };
-        if not_modified && !a.ignore_conditionals {
+        if a.force_304 || (not_modified && !a.ignore_conditionals) {
             return (304, Vec::new(), None);
         }
         let whole = |v: &Version| {
@@ -220,14 +235,11 @@ impl FakeOrigin {
             last = last.min(first + max - 1);
         }
         let body = v.body.slice(first as usize..=last as usize);
-        (
-            206,
-            vec![
-                ("content-range", format!("bytes {first}-{last}/{total}")),
-                ("content-length", body.len().to_string()),
-            ],
-            Some(body),
-        )
+        let mut fields = vec![("content-range", format!("bytes {first}-{last}/{total}"))];
+        if !a.unframed {
+            fields.push(("content-length", body.len().to_string()));
+        }
+        (206, fields, Some(body))
     }
 }
 
@@ -277,8 +289,10 @@ impl Origin for FakeOrigin {
             });
         }
         if matches!(status, 200 | 206 | 304) {
-            fields.push(("etag", v.etag.clone()));
-            fields.push(("last-modified", v.last_modified.clone()));
+            if self.validators {
+                fields.push(("etag", v.etag.clone()));
+                fields.push(("last-modified", v.last_modified.clone()));
+            }
             fields.push(("cache-control", self.cache_control.clone()));
         }
         let mut header = ResponseHeader::build(status, None).unwrap();
@@ -286,6 +300,11 @@ impl Origin for FakeOrigin {
             header.insert_header(name, value).unwrap();
         }
         let mut body = body.unwrap_or_default();
+        if let Some(extra) = &a.extra {
+            let mut longer = bytes::BytesMut::from(&body[..]);
+            longer.extend_from_slice(extra);
+            body = longer.freeze();
+        }
         let mut reset = false;
         if let Some(n) = a.reset_after {
             body.truncate(n);
@@ -1989,4 +2008,295 @@ async fn a_streamed_fill_holds_the_object_lock_for_a_bounded_time() {
     assert!(got == v.body[300..]);
     settle(&cache).await;
     assert_eq!(cache.meta(&obj.key).await.map(|m| m.size), Some(3000));
+}
+
+// ---- version and length guards (issue 21, points 2-4) --------------------------------------
+
+#[tokio::test]
+async fn a_304_naming_another_version_updates_nothing_and_the_object_is_fetched_afresh() {
+    let v1 = version(3000, 1, "\"v1\"");
+    let v2 = version(3000, 2, "\"v2\"");
+    // The origin now holds v2 and answers the conditional with a 304 carrying v2's ETag.
+    let answer = Answer {
+        new_version: Some(v2.clone()),
+        force_304: true,
+        ..Answer::default()
+    };
+    let (cache, fake, origin, obj, meta) = stale(&v1, vec![answer]).await;
+    cache.store_chunk(
+        &version_of(&obj.key, "\"v1\""),
+        0,
+        Bytes::copy_from_slice(chunk_of(&v1, 0)),
+    );
+    let got = revalidate(&cache, &origin, &obj, &meta).await;
+    assert!(
+        matches!(got, Revalidation::Changed(None)),
+        "a 304 for another version selects no stored response"
+    );
+    assert_eq!(fake.requests(), 1);
+    assert_eq!(fake.seen()[0].status, 304);
+    assert!(cache.meta(&obj.key).await.is_none(), "v1 dropped");
+
+    // Discovery asks again, unconditionally, and every chunk is v2's.
+    let Discovery::Stored(fresh) = discover_cold(&cache, &origin, &obj, 0, 2).await else {
+        panic!("v2 is stored");
+    };
+    assert_eq!(fresh.validator, "\"v2\"");
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].header("if-none-match"), None, "unconditional");
+    for index in 0..3 {
+        let got = read_chunk(&cache, &origin, &obj, &fresh, index, 2).await;
+        assert_eq!(got.unwrap(), chunk_of(&v2, index), "chunk {index}");
+    }
+    assert_eq!(fake.requests(), 2);
+}
+
+#[tokio::test]
+async fn a_304_naming_the_version_held_renews_it_and_keeps_its_validator() {
+    let v1 = version(3000, 1, "\"v1\"");
+    let answer = Answer {
+        force_304: true,
+        ..Answer::default()
+    };
+    let (cache, fake, origin, obj, meta) = stale(&v1, vec![answer]).await;
+    let Revalidation::Fresh(fresh) = revalidate(&cache, &origin, &obj, &meta).await else {
+        panic!("its own ETag renews it");
+    };
+    assert_eq!(fake.requests(), 1);
+    assert_eq!(fresh.etag.as_deref(), Some("\"v1\""));
+    assert!(fresh.is_fresh(SystemTime::now()));
+}
+
+/// Chunk `index` of `meta` read by a client needing up to `last`: its bytes and how it ended.
+async fn read_chunk_whole(
+    cache: &Arc<ChunkCache>,
+    origin: &OriginAccess,
+    obj: &ObjectRequest,
+    meta: &Arc<ObjectMeta>,
+    index: u64,
+    last: u64,
+) -> (Vec<u8>, Result<(), FillError>) {
+    let validator = version_of(&obj.key, meta.validator.as_str());
+    let src = chunk_source(cache, origin, obj, meta, &validator, index, last).await;
+    read_source(src, chunk_len(cache, meta, index)).await
+}
+
+#[tokio::test]
+async fn a_206_longer_than_its_range_is_neither_used_nor_kept() {
+    // Framed (its Content-Length agrees with the range; more bytes follow) and unframed
+    // (chunked: the length shows only at the end); the extra bytes before or after the range.
+    for unframed in [false, true] {
+        for run_of in [1u64, 2] {
+            let cache = cache();
+            let v = version(3000, 1, "\"v1\"");
+            let answer = Answer {
+                unframed,
+                extra: Some(pattern(347, 9)),
+                ..Answer::default()
+            };
+            let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+            let obj = request("/longer");
+            let meta = known(&cache, &obj, &v).await;
+            let last = run_of;
+            let case = format!("unframed {unframed}, run of {run_of}");
+            let validator = version_of(&obj.key, "\"v1\"");
+            let mut sources = Vec::new();
+            for index in 1..=last {
+                sources.push(
+                    chunk_source(&cache, &origin, &obj, &meta, &validator, index, last).await,
+                );
+            }
+            for (index, src) in (1..=last).zip(sources) {
+                let (bytes, end) = read_source(src, CHUNK).await;
+                assert!(
+                    chunk_of(&v, index).starts_with(&bytes),
+                    "{case}: a reader of chunk {index} gets no wrong byte"
+                );
+                if unframed {
+                    assert!(
+                        bytes.is_empty(),
+                        "{case}: nothing reaches a reader before the end"
+                    );
+                }
+                if unframed || index == last {
+                    // The run's last chunk waits for the body's end, which is not there.
+                    assert!(end.is_err(), "{case}: chunk {index} fails");
+                }
+            }
+            settle(&cache).await;
+            let validator = version_of(&obj.key, "\"v1\"");
+            for index in 1..=last {
+                assert!(
+                    !cache.has_chunk(&validator, index),
+                    "{case}: chunk {index} not kept"
+                );
+            }
+            assert!(
+                cache.meta(&obj.key).await.is_none(),
+                "{case}: object dropped"
+            );
+            assert_eq!(fake.requests(), 1, "{case}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_200_longer_than_the_object_is_neither_used_nor_kept() {
+    let cache = cache();
+    let v = version(2500, 1, "\"v1\"");
+    let answer = Answer {
+        ignore_range: true,
+        extra: Some(pattern(100, 5)),
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let obj = request("/longer-200");
+    let Discovery::Stored(meta) = discover_cold(&cache, &origin, &obj, 0, 2).await else {
+        panic!("published before the body is read");
+    };
+    let (bytes, end) = read_chunk_whole(&cache, &origin, &obj, &meta, 2, 2).await;
+    assert!(
+        end.is_err(),
+        "the last chunk fails: the body did not end there"
+    );
+    assert!(chunk_of(&v, 2).starts_with(&bytes), "no wrong byte");
+    settle(&cache).await;
+    let validator = version_of(&obj.key, "\"v1\"");
+    for index in 0..3 {
+        assert!(
+            !cache.has_chunk(&validator, index),
+            "chunk {index} not kept"
+        );
+    }
+    assert!(cache.meta(&obj.key).await.is_none());
+    assert_eq!(fake.requests(), 1);
+}
+
+#[tokio::test]
+async fn a_206_short_of_its_range_without_a_length_resumes_and_keeps_only_the_right_bytes() {
+    let cache = cache();
+    let v = version(3000, 1, "\"v1\"");
+    let answer = Answer {
+        unframed: true,
+        end_after: Some(600),
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
+    let obj = request("/short-unframed");
+    let meta = known(&cache, &obj, &v).await;
+    let (bytes, end) = read_chunk_whole(&cache, &origin, &obj, &meta, 1, 1).await;
+    assert_eq!(end, Ok(()));
+    assert_eq!(bytes, chunk_of(&v, 1));
+    assert_eq!(fake.requests(), 2, "the short answer, then its resume");
+}
+
+#[tokio::test]
+async fn an_unframed_206_for_a_long_run_is_asked_for_two_chunks_at_a_time() {
+    let cache = cache();
+    let v = version(5500, 1, "\"v1\"");
+    let unframed = Answer {
+        unframed: true,
+        ..Answer::default()
+    };
+    let (fake, origin) = FakeOrigin::new(v.clone())
+        .script(vec![unframed.clone(); 8])
+        .build();
+    let obj = request("/unframed-run");
+    let meta = known(&cache, &obj, &v).await;
+    let validator = version_of(&obj.key, "\"v1\"");
+    let mut sources = Vec::new();
+    for index in 0..6 {
+        sources.push(chunk_source(&cache, &origin, &obj, &meta, &validator, index, 5).await);
+    }
+    for (index, src) in sources.into_iter().enumerate() {
+        let (bytes, end) = read_source(src, chunk_len(&cache, &meta, index as u64)).await;
+        assert_eq!(end, Ok(()), "chunk {index}");
+        assert_eq!(bytes, chunk_of(&v, index as u64), "chunk {index}");
+    }
+    let ranges: Vec<_> = fake.seen().iter().map(|s| s.range).collect();
+    assert_eq!(
+        ranges,
+        [
+            Some((0, 5499)),
+            Some((0, 1999)),
+            Some((2000, 5499)),
+            Some((2000, 3999)),
+            Some((4000, 5499)),
+        ],
+        "the long answer closed unread, then spans of two chunks each"
+    );
+    assert_eq!(fake.body_bytes(), 5500, "no byte sent twice");
+}
+
+#[tokio::test]
+async fn an_object_without_a_validator_is_fetched_whole_and_never_by_a_range() {
+    let cache = cache();
+    let v = version(3500, 1, "unused");
+    let (fake, origin) = FakeOrigin::new(v.clone()).without_validators().build();
+    let obj = request("/no-validator");
+    let Discovery::Stored(meta) = discover_cold(&cache, &origin, &obj, 2, 2).await else {
+        panic!("stored");
+    };
+    assert!(!meta.has_validator());
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!((seen[0].range, seen[0].status), (Some((2000, 2999)), 206));
+    assert_eq!(
+        (seen[1].range, seen[1].status),
+        (None, 200),
+        "then the whole object"
+    );
+    for index in 0..4 {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 3).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    assert_eq!(fake.requests(), 2, "every chunk from the one whole fetch");
+    settle(&cache).await;
+    let version = version_of(&obj.key, meta.validator.as_str());
+    assert!(whole_from_one_fetch(&cache, &meta, &version));
+
+    // A chunk of it gone: no range is asked for; the object is dropped instead.
+    cache.evict_memory_chunk(&version.chunk(1));
+    assert!(!whole_from_one_fetch(&cache, &meta, &version));
+    let (bytes, end) = read_chunk_whole(&cache, &origin, &obj, &meta, 1, 3).await;
+    assert!(bytes.is_empty());
+    assert_eq!(end, Err(FillError::VersionChanged));
+    assert_eq!(fake.requests(), 2, "no range fetch");
+    assert!(
+        cache.meta(&obj.key).await.is_none(),
+        "dropped, to be fetched whole again"
+    );
+}
+
+#[tokio::test]
+async fn a_whole_206_without_a_validator_is_kept_from_that_one_fetch() {
+    let cache = cache();
+    let v = version(1500, 1, "unused");
+    let (fake, origin) = FakeOrigin::new(v.clone()).without_validators().build();
+    let obj = request("/no-validator-small");
+    let Discovery::Stored(meta) = discover_cold(&cache, &origin, &obj, 0, 1).await else {
+        panic!("stored");
+    };
+    for index in 0..2 {
+        let got = read_chunk(&cache, &origin, &obj, &meta, index, 1).await;
+        assert_eq!(got.unwrap(), chunk_of(&v, index), "chunk {index}");
+    }
+    assert_eq!(fake.requests(), 1, "the 206 held the whole object");
+}
+
+#[tokio::test]
+async fn a_validatorless_object_too_large_to_fetch_whole_is_not_kept() {
+    let cache = cache_keeping(2000);
+    let v = version(3500, 1, "unused");
+    let (fake, origin) = FakeOrigin::new(v.clone()).without_validators().build();
+    let obj = request("/no-validator-large");
+    let Discovery::Slice { mut resp, reason } = discover_cold(&cache, &origin, &obj, 1, 1).await
+    else {
+        panic!("answered in slices, not kept");
+    };
+    assert_eq!(reason, "too-large");
+    assert_eq!(read_reply(&mut resp).await, chunk_of(&v, 1));
+    assert!(cache.meta(&obj.key).await.is_none());
+    assert_eq!(fake.requests(), 1);
 }
