@@ -128,9 +128,17 @@ enum Verdict {
 /// Every block of `body` (object bytes from `start`) of one and the same version.
 fn verify(path: &str, start: u64, body: &[u8], max: u32) -> Verdict {
     let mut seen: Option<u32> = None;
-    for (i, block) in body.chunks(BLOCK).enumerate() {
-        let at = start + (i * BLOCK) as u64;
-        match version_of_block(path, at, block, max) {
+    // Blocks at object offsets that are multiples of 64 KiB (so a chunk boundary never falls
+    // inside one).
+    let mut at = start;
+    let mut rest = body;
+    while !rest.is_empty() {
+        let n = (BLOCK - (at % BLOCK as u64) as usize).min(rest.len());
+        let (block, tail) = rest.split_at(n);
+        let here = at;
+        rest = tail;
+        at += n as u64;
+        match version_of_block(path, here, block, max) {
             None => return Verdict::Wrong,
             Some(v) => match seen {
                 None => seen = Some(v),
@@ -303,8 +311,8 @@ async fn one_request(
 /// A raw HTTP/1.1 origin (one request per connection): `GET /obj/<size>/...` with ETag
 /// `"L<version>"` and `max-age=2`; a conditional request after a version change gets a 304
 /// carrying the new ETag (not a 200); a third of the single-range requests get a 206 whose
-/// body is 1,000 bytes longer than its Content-Range (junk first or last, Content-Length
-/// matching the longer body).
+/// body is 1,000 bytes longer than its Content-Range: junk first with a Content-Length
+/// matching the longer body, or junk last in a close-delimited body (no Content-Length).
 async fn liar(listener: tokio::net::TcpListener, version: Arc<AtomicU32>, stop: Arc<AtomicBool>) {
     while !stop.load(Ordering::Relaxed) {
         let Ok(Ok((mut sock, _))) =
@@ -403,10 +411,14 @@ async fn liar(listener: tokio::net::TcpListener, version: Arc<AtomicU32>, stop: 
                         1 => (0, 1000),
                         _ => (0, 0),
                     };
+                    let length = if post > 0 {
+                        String::new()
+                    } else {
+                        format!("Content-Length: {}\r\n", len + pre)
+                    };
                     (
                         format!(
-                            "HTTP/1.1 206 Partial Content\r\n{common}Content-Range: bytes {a}-{b}/{size}\r\nContent-Length: {}\r\n\r\n",
-                            len + pre + post
+                            "HTTP/1.1 206 Partial Content\r\n{common}Content-Range: bytes {a}-{b}/{size}\r\n{length}\r\n"
                         ),
                         pre,
                         a,
@@ -681,6 +693,24 @@ async fn run(duration: Duration) -> bool {
         println!("  {k:<20} {}", stats.get(k).copied().unwrap_or(0));
     }
     let log = proxy.log();
+    let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+    for l in log.lines().filter(|l| l.contains("ERROR")) {
+        // The message without its timestamp and request id.
+        let msg = l.split("] ").nth(1).unwrap_or(l);
+        let msg: String = msg
+            .split_whitespace()
+            .filter(|w| !w.starts_with("rid="))
+            .take(8)
+            .collect::<Vec<_>>()
+            .join(" ");
+        *errors.entry(msg).or_default() += 1;
+    }
+    let mut errors: Vec<_> = errors.into_iter().collect();
+    errors.sort_by_key(|e| std::cmp::Reverse(e.1));
+    println!("  ERROR lines of the proxy, by message (top 8):");
+    for (m, n) in errors.iter().take(8) {
+        println!("    {n:>7}  {m}");
+    }
     println!(
         "  log lines           {} ({} ERROR, {} 'failed to acquire reusable stream', {} panicked)",
         log.lines().count(),
