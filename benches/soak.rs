@@ -510,6 +510,11 @@ fn fds_of(pid: u32) -> u64 {
 use rand::SeedableRng;
 
 fn main() {
+    // `cargo test --all-targets` runs bench binaries too, without `--bench`: no soak there.
+    if !std::env::args().any(|a| a == "--bench") && std::env::var_os("SOAK_SECS").is_none() {
+        println!("soak: skipped (run it with `cargo bench --bench soak`, or set SOAK_SECS)");
+        return;
+    }
     let secs: u64 = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
