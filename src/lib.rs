@@ -28,6 +28,7 @@ pub mod admin;
 pub mod cache;
 pub mod config;
 pub mod conn;
+pub mod logging;
 pub mod metrics;
 pub mod origin;
 pub mod proxy;

@@ -54,7 +54,7 @@ pub static malloc_conf: &[u8] =
     b"background_thread:true,dirty_decay_ms:500,muzzy_decay_ms:0,oversize_threshold:1048576\0";
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    edgeslice::logging::init();
     let cli = Cli::parse();
     let config = match Config::load_checked(&cli.conf) {
         Ok(c) => c,

@@ -55,6 +55,10 @@ pub fn server_conf(config: &Config, run: RunOptions) -> ServerConf {
 /// read again on each reload.
 pub fn build(config: Config, run: RunOptions, file: PathBuf) -> Result<Server, String> {
     crate::reload::ignore_sighup_until_listening();
+    // An upgrade takes over the sockets of the running instance: they are in use by design.
+    if !run.upgrade {
+        check_listeners(&config)?;
+    }
     let config = Arc::new(config);
     let opt = Opt {
         upgrade: run.upgrade,
@@ -161,6 +165,25 @@ pub fn build(config: Config, run: RunOptions, file: PathBuf) -> Result<Server, S
         server.add_service(admin);
     }
     Ok(server)
+}
+
+/// Every address this instance listens on (`listen`, `admin.listen`, which also serves
+/// `/metrics`), each bound once and released, before Pingora starts a thread: Pingora binds
+/// its listeners inside its service threads and panics there on a bind error, leaving a
+/// process with no socket that never exits. Failing here makes an address in use (or not
+/// ours to bind) a clear error naming the key and address, and exit status 1.
+pub fn check_listeners(config: &Config) -> Result<(), String> {
+    let all = config
+        .listen
+        .iter()
+        .map(|a| ("listen", a))
+        .chain(config.admin_listen.iter().map(|a| ("admin.listen", a)));
+    for (key, addr) in all {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            return Err(format!("{key}: cannot listen on {addr}: {e}"));
+        }
+    }
+    Ok(())
 }
 
 /// At a graceful shutdown, stops the cache from starting background work and waits (up to the

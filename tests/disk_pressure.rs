@@ -261,3 +261,135 @@ async fn foreign_files_in_the_owned_directory_survive_two_starts_untouched() {
         );
     }
 }
+
+/// `mount -o remount,<opts>` of a mount point; whether it worked.
+fn remount(dir: &Path, opts: &str) -> bool {
+    Command::new("mount")
+        .args(["-o", &format!("remount,{opts}")])
+        .arg(dir)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Bytes of the entry files under `dir`.
+fn file_bytes(dir: &Path) -> u64 {
+    cache_files(dir)
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Issue 21, point 9: a cache directory remounted read-only evicts nothing (every write fails
+/// with EROFS, and nothing could be deleted anyway): what it holds keeps being served from disk
+/// with no origin request, and the tier's size stays what the files are. Remounted read-write,
+/// the tier probes, resumes writing, and tracks its new files without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_cache_directory_keeps_its_index_and_resumes_when_writable() {
+    let mnt_parent = tempfile::tempdir().expect("tempdir");
+    let mnt = mnt_parent.path().join("ro-disk");
+    std::fs::create_dir(&mnt).expect("mount point");
+    let _mount = match TmpfsMount::mount(&mnt, "64m") {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("SKIPPED a_read_only_cache_directory_keeps_its_index_and_resumes_when_writable: cannot mount a tmpfs: {why}");
+            return;
+        }
+    };
+    /// Remounts read-write on drop, so the tmpfs can be unmounted whatever happens.
+    struct Writable<'a>(&'a Path);
+    impl Drop for Writable<'_> {
+        fn drop(&mut self) {
+            remount(self.0, "rw");
+        }
+    }
+    let _rw = Writable(&mnt);
+    let origin = Origin::start().await;
+    let cache_dir = mnt.join("cache");
+    // The memory tier holds two of the 2 MiB objects: the others are hits only from disk.
+    let proxy = Proxy::start(&config(
+        &origin,
+        "4MiB",
+        &cache_dir.display().to_string(),
+        "48MiB",
+    ));
+    let size = 2 * MIB;
+    let path_of = |name: &str, i: usize| format!("/obj/{size}/{name}-{i}.bin");
+    let check = |path: &str, (status, body): (u16, Vec<u8>)| {
+        assert_eq!(status, 200, "{path}");
+        assert!(body == content(path, 0, 0..size), "{path}: wrong bytes");
+    };
+    for i in 0..8 {
+        let path = path_of("kept", i);
+        check(&path, get(&proxy, &path).await);
+    }
+    wait_for_exactly(&cache_dir, 8 * 3, "filling");
+    let before = proxy.stats().await["cache_disk_bytes"];
+    assert_eq!(before, file_bytes(&cache_dir));
+
+    assert!(remount(&mnt, "ro"), "remount read-only");
+    // New objects: every write fails (read-only file system); the bytes are right all the same.
+    for i in 0..6 {
+        let path = path_of("new", i);
+        check(&path, get(&proxy, &path).await);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = proxy.stats().await;
+    assert!(during["cache_disk_write_errors"] >= 1, "{during:?}");
+    // Nothing evicted: the index is what it was, and is what the files are.
+    assert_eq!(during["cache_disk_bytes"], before, "{during:?}");
+    assert_eq!(file_bytes(&cache_dir), before);
+    // Every kept object is still a hit, from disk: no origin request.
+    origin.reset_stats();
+    for round in 0..2 {
+        for i in 0..8 {
+            let path = path_of("kept", i);
+            check(&path, get(&proxy, &path).await);
+        }
+        assert_eq!(origin.requests(), 0, "round {round}: {:?}", origin.log());
+    }
+    assert_eq!(proxy.stats().await["cache_disk_bytes"], before);
+
+    // Writable again: after the pause (10 s) a probe succeeds and writes resume.
+    assert!(remount(&mnt, "rw"), "remount read-write");
+    tokio::time::sleep(edgeslice::cache::disk::WRITE_ERROR_PAUSE + Duration::from_millis(500))
+        .await;
+    for i in 0..4 {
+        let path = path_of("later", i);
+        check(&path, get(&proxy, &path).await);
+    }
+    // The four new objects (3 entries each) are written and tracked, without a restart: the
+    // tier's size is what the files are.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut after = 0;
+    while Instant::now() < deadline {
+        after = proxy.stats().await["cache_disk_bytes"];
+        if after > before
+            && after == file_bytes(&cache_dir)
+            && cache_files(&cache_dir).len() >= 8 * 3 + 4 * 3
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(after > before, "nothing written after the remount: {after}");
+    assert_eq!(after, file_bytes(&cache_dir), "index and files agree");
+    assert!(
+        proxy.log_contains("writable again"),
+        "the tier said it resumed:\n{}",
+        proxy.log()
+    );
+    // The kept objects were never lost.
+    origin.reset_stats();
+    for i in 0..8 {
+        let path = path_of("kept", i);
+        check(&path, get(&proxy, &path).await);
+    }
+    assert_eq!(origin.requests(), 0, "{:?}", origin.log());
+    eprintln!(
+        "read-only disk: {} bytes indexed before, during and after; {} after the remount rw; {} write errors",
+        before,
+        after,
+        during["cache_disk_write_errors"]
+    );
+}

@@ -200,6 +200,66 @@ async fn a_transfer_reset_mid_body_resumes_on_another_origin() {
     );
 }
 
+/// Issue 21 (smaller): a resume after a mid-body break prefers the other servers, but the
+/// server that broke stays a candidate: when the only other server answers 503, the resume
+/// goes back to the broken one (which serves now), and the body is whole, not cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_returns_to_the_broken_server_when_the_other_answers_503() {
+    let flaky = Origin::start().await;
+    let gateway = Origin::start().await;
+    gateway.set_fault(Fault::Status(503));
+    let yaml = config(
+        &[flaky.addr().to_string(), gateway.addr().to_string()],
+        "",
+        true,
+    )
+    .replace("failure_threshold: 3", "failure_threshold: 1000");
+    let proxy = Proxy::start(&yaml);
+    let size = 8 * CHUNK + 17;
+    for i in 0..4 {
+        let path = format!("/obj/{size}/back-{i}.bin");
+        // The flaky server breaks its next answer after 100,000 bytes, then serves normally.
+        flaky.set_fault_times(Fault::ResetMidBody { after: 100_000 }, 1);
+        flaky.reset_stats();
+        let (status, body, _) = get(&proxy, &path).await;
+        assert_eq!(status, 200, "object {i}");
+        assert_eq!(body.len() as u64, size, "object {i}: cut short");
+        assert!(
+            body == content(&path, 0, 0..size),
+            "object {i}: wrong bytes"
+        );
+        // Two requests reached the flaky server: the one that broke and the resume, asking
+        // (If-Range) for exactly the bytes after the break.
+        let log = flaky.log();
+        assert_eq!(log.len(), 2, "object {i}: {log:?}");
+        assert_eq!(
+            log[1].header("range"),
+            Some("bytes=100000-524304"),
+            "object {i}"
+        );
+        assert!(log[1].header("if-range").is_some(), "object {i}");
+        // Stored whole: a hit costs no origin request and has every byte right.
+        let before = (flaky.requests(), gateway.requests());
+        let (status, body, _) = get(&proxy, &path).await;
+        assert_eq!(status, 200);
+        assert!(
+            body == content(&path, 0, 0..size),
+            "object {i}: hit has wrong bytes"
+        );
+        assert_eq!(
+            (flaky.requests(), gateway.requests()),
+            before,
+            "object {i}: not a hit"
+        );
+    }
+    assert!(
+        gateway.requests() >= 4,
+        "the 503 server was asked each resume first"
+    );
+    let s = proxy.stats().await;
+    assert!(s["origin_resumes"] >= 4, "{s:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_origin_times_out_per_try_and_is_retried_elsewhere() {
     let hung = Origin::start().await;

@@ -59,11 +59,26 @@
 //!
 //! # Write failures
 //!
-//! When a write fails (ENOSPC, EDQUOT, EIO or any other error) the temp file is deleted, the
-//! tier stops writing for [`WRITE_ERROR_PAUSE`] (writes in that time are skipped and counted,
-//! reads and deletions go on), and it reclaims room: least recently used objects are evicted
-//! until it uses at most 90% of what it believed it used, since the file system evidently holds
-//! less than the configured capacity. Then writes resume.
+//! When a write fails the temp file is deleted and the tier stops writing for
+//! [`WRITE_ERROR_PAUSE`] (writes in that time are skipped and counted, reads go on). What
+//! happens next depends on the cause ([`WriteFailure`]):
+//!
+//! * **No room** (ENOSPC, EDQUOT): the file system holds less than the configured capacity, so
+//!   the tier reclaims room: least recently used objects are evicted until it uses at most 90%
+//!   of what it believed it used. Then writes resume.
+//! * **Not writable** (EROFS, EACCES, EPERM, EIO and any other error): deleting would fail as
+//!   writing did, so **nothing is evicted**: the index keeps every file it holds and reads go
+//!   on serving them. The tier is *unwritable* ([`DiskStore::is_writable`]) until a probe (a
+//!   temp file created and deleted in the directory, one at a time, at most once per pause)
+//!   succeeds; the write that finds the pause over runs the probe, and writes resume when it
+//!   succeeds.
+//!
+//! A file that cannot be deleted (an entry replaced, purged or found corrupt while the disk is
+//! read-only) leaves the index all the same, so it is never served, and is remembered as
+//! *untracked* (at most [`MAX_UNTRACKED`] of them; past that, the whole tree is marked for a
+//! sweep). When writes resume, the remembered files are deleted (the sweep deletes every entry
+//! file the index does not hold), so the index stays true to the files: what is indexed
+//! exists, and what exists is indexed or removed, without a restart.
 //!
 //! # Layout
 //!
@@ -115,7 +130,7 @@ use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -587,6 +602,37 @@ pub const WRITE_QUEUE_BYTES: u64 = 32 << 20;
 /// ... and at most this many writes (each occupies a blocking thread while it runs).
 pub const WRITE_QUEUE_WRITES: usize = 64;
 
+/// Files remembered for deletion once the disk is writable again (32 bytes each): past this
+/// many, the tree is swept instead (see the module docs, "Write failures").
+pub const MAX_UNTRACKED: usize = 4096;
+
+/// What a failed write says about the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteFailure {
+    /// ENOSPC, EDQUOT: the file system holds less than the capacity; evicting makes room.
+    NoRoom,
+    /// EROFS, EACCES, EPERM, EIO and anything else: evicting cannot help (a delete would fail
+    /// too); stop writing, keep the index, probe.
+    NotWritable,
+}
+
+impl WriteFailure {
+    pub fn of(e: &io::Error) -> WriteFailure {
+        match e.kind() {
+            io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => WriteFailure::NoRoom,
+            _ => WriteFailure::NotWritable,
+        }
+    }
+}
+
+/// Entry files dropped from the index but not deleted (the deletion failed): deleted once the
+/// disk is writable again. Bounded: past [`MAX_UNTRACKED`] the tree is swept instead.
+#[derive(Debug, Default)]
+struct Untracked {
+    files: HashSet<KeyHash>,
+    sweep: bool,
+}
+
 /// A short name for the cause of an I/O error, the unit of warning rate limits.
 fn cause_of(e: &io::Error) -> &'static str {
     match e.kind() {
@@ -709,6 +755,11 @@ struct Shared {
     paused_until_ms: AtomicU64,
     write_errors: AtomicU64,
     writes_skipped: AtomicU64,
+    /// A write failed with [`WriteFailure::NotWritable`] and no probe has succeeded since.
+    unwritable: AtomicBool,
+    /// A probe is running (one at a time).
+    probing: AtomicBool,
+    untracked: Mutex<Untracked>,
     warnings: Mutex<WarnLimiter>,
     queue: WriteQueue,
     #[cfg(test)]
@@ -812,6 +863,9 @@ impl DiskStore {
             paused_until_ms: AtomicU64::new(0),
             write_errors: AtomicU64::new(0),
             writes_skipped: AtomicU64::new(0),
+            unwritable: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
+            untracked: Mutex::new(Untracked::default()),
             warnings: Mutex::new(WarnLimiter::new(WARN_EVERY)),
             queue: WriteQueue::default(),
             #[cfg(test)]
@@ -1053,6 +1107,19 @@ impl DiskStore {
         self.shared.writes_skipped.load(Ordering::Relaxed)
     }
 
+    /// Whether writes are attempted: `false` after a write failed because the disk is not
+    /// writable (read-only, permission, I/O error) until a probe succeeds.
+    pub fn is_writable(&self) -> bool {
+        !self.shared.unwritable.load(Ordering::Relaxed)
+    }
+
+    /// Entry files dropped from the index whose deletion failed, waiting for the disk to be
+    /// writable again (a pending sweep counts as one more).
+    pub fn untracked_files(&self) -> usize {
+        let u = self.shared.untracked();
+        u.files.len() + usize::from(u.sweep)
+    }
+
     /// Background writes pending or running now.
     pub fn pending_writes(&self) -> usize {
         self.shared
@@ -1072,6 +1139,10 @@ impl DiskStore {
 impl Shared {
     fn index(&self) -> MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn untracked(&self) -> MutexGuard<'_, Untracked> {
+        self.untracked.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn stripe(&self, hash: &KeyHash) -> MutexGuard<'_, ()> {
@@ -1226,7 +1297,7 @@ impl Shared {
             // Only a file that is ours (it starts with the entry magic) is deleted; anything
             // else found at an entry's path is dropped from the index and left alone.
             if has_magic(path) {
-                self.remove_file(path);
+                self.remove_file(hash, path);
             }
         }
     }
@@ -1243,7 +1314,7 @@ impl Shared {
 
     fn put_blocking(&self, key: &str, validator: &str, data: &Bytes) {
         let hash = hash_key(key);
-        if self.writes_paused() {
+        if self.writes_paused() || !self.writable_after_probe() {
             self.writes_skipped.fetch_add(1, Ordering::Relaxed);
             self.remove_blocking(&hash);
             return;
@@ -1325,15 +1396,141 @@ impl Shared {
         Ok(())
     }
 
-    /// A write failed: count it, pause writes, reclaim room (the file system holds less than
-    /// we thought), and say so at most once per cause per [`WARN_EVERY`].
-    fn write_failed(&self, path: &Path, e: &io::Error) {
-        self.write_errors.fetch_add(1, Ordering::Relaxed);
+    /// Pause writes for [`Shared::error_pause`]; whether they were running until now.
+    fn pause_writes(&self) -> bool {
         let now = self.now_ms();
         let until = now.saturating_add(u64::try_from(self.error_pause.as_millis()).unwrap_or(0));
-        let previous = self.paused_until_ms.fetch_max(until, Ordering::Relaxed);
+        self.paused_until_ms.fetch_max(until, Ordering::Relaxed) <= now
+    }
+
+    /// Whether a write may be attempted now: always while the disk is writable; after a
+    /// [`WriteFailure::NotWritable`], only once a probe succeeds. One probe runs at a time (a
+    /// write arriving meanwhile is skipped); a failed probe pauses writes again. A successful
+    /// one resumes writing and deletes the files left untracked meanwhile.
+    fn writable_after_probe(&self) -> bool {
+        if !self.unwritable.load(Ordering::Relaxed) {
+            return true;
+        }
+        if self.probing.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let probed = self.probe();
+        let writable = match &probed {
+            Ok(()) => {
+                self.unwritable.store(false, Ordering::Relaxed);
+                log::warn!(
+                    "disk cache {}: writable again, writes resumed",
+                    self.dir.display()
+                );
+                self.delete_untracked();
+                true
+            }
+            Err(e) => {
+                self.pause_writes();
+                log::debug!("disk cache: probe failed: {e}");
+                false
+            }
+        };
+        self.probing.store(false, Ordering::Release);
+        writable
+    }
+
+    /// Create, write and delete a temp file in the directory.
+    fn probe(&self) -> io::Result<()> {
+        let path = self.dir.join(format!(
+            "{MARKER}{TMP_MARKER}probe{:016x}",
+            rand::random::<u64>()
+        ));
+        let written = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .and_then(|mut f| {
+                #[cfg(test)]
+                self.faults.injected_write_error()?;
+                f.write_all(b"probe")
+            });
+        let removed = fs::remove_file(&path);
+        written.and(removed)
+    }
+
+    /// Delete the entry files dropped from the index while they could not be deleted (or, past
+    /// [`MAX_UNTRACKED`], every entry file the index does not hold). Those that still cannot
+    /// be deleted stay remembered.
+    fn delete_untracked(&self) {
+        let (files, sweep) = {
+            let mut u = self.untracked();
+            (std::mem::take(&mut u.files), std::mem::take(&mut u.sweep))
+        };
+        for hash in files {
+            let _stripe = self.stripe(&hash);
+            if !self.index().map.contains_key(&hash) {
+                self.remove_file(&hash, &self.path_for(&hash));
+            }
+        }
+        if sweep {
+            self.sweep_unindexed();
+        }
+    }
+
+    /// Delete every entry file (ours: magic, not a temp file) that the index does not hold.
+    fn sweep_unindexed(&self) {
+        let mut deleted = 0u64;
+        for l1 in read_dir_logged(&self.dir) {
+            let is_fanout = l1.file_name().to_str().is_some_and(is_fanout_name);
+            if !is_fanout || !l1.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            for l2 in read_dir_logged(&l1.path()) {
+                let is_fanout = l2.file_name().to_str().is_some_and(is_fanout_name);
+                if !is_fanout || !l2.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                for f in read_dir_logged(&l2.path()) {
+                    let name = f.file_name();
+                    let Some(hash) = name
+                        .to_str()
+                        .and_then(|n| blake3::Hash::from_hex(n).ok())
+                        .map(|h| *h.as_bytes())
+                    else {
+                        continue; // temp files and anything not named like an entry
+                    };
+                    if !f.file_type().is_ok_and(|t| t.is_file()) {
+                        continue;
+                    }
+                    let path = f.path();
+                    let _stripe = self.stripe(&hash);
+                    if !self.index().map.contains_key(&hash) && has_magic(&path) {
+                        self.remove_file(&hash, &path);
+                        deleted += 1;
+                    }
+                }
+            }
+        }
+        log::info!("disk cache: swept {deleted} entry files the index did not hold");
+    }
+
+    /// A write failed: count it, pause writes and say so at most once per cause per
+    /// [`WARN_EVERY`]. Out of room, reclaim room (the file system holds less than we thought);
+    /// not writable, evict nothing (nothing could be deleted) and probe before writing again.
+    fn write_failed(&self, path: &Path, e: &io::Error) {
+        self.write_errors.fetch_add(1, Ordering::Relaxed);
+        let first = self.pause_writes();
+        if WriteFailure::of(e) == WriteFailure::NotWritable {
+            self.unwritable.store(true, Ordering::Relaxed);
+            let cause = cause_of(e);
+            self.warn_limited(cause, || {
+                format!(
+                    "disk cache: cannot write {}: {e}; the disk is not writable: writes stop (reads go on) until a probe every {:?} succeeds ({} write errors so far)",
+                    path.display(),
+                    self.error_pause,
+                    self.write_errors.load(Ordering::Relaxed),
+                )
+            });
+            return;
+        }
         // The first failure of a burst reclaims; the writes failing with it do not.
-        let freed = if previous <= now {
+        let freed = if first {
             let used = self.index().used;
             let target = used / 10 * 9;
             self.evict_to(target, false);
@@ -1356,7 +1553,7 @@ impl Shared {
         let path = self.path_for(hash);
         let _stripe = self.stripe(hash);
         if self.index().remove(hash).is_some() {
-            self.remove_file(&path);
+            self.remove_file(hash, &path);
         }
     }
 
@@ -1367,7 +1564,7 @@ impl Shared {
             let _stripe = self.stripe(&hash);
             let back = self.index().map.contains_key(&hash);
             if !back {
-                self.remove_file(&self.path_for(&hash));
+                self.remove_file(&hash, &self.path_for(&hash));
             }
         }
     }
@@ -1390,14 +1587,36 @@ impl Shared {
         }
     }
 
-    /// Delete a file at run time; failures are logged rate-limited.
-    fn remove_file(&self, path: &Path) {
-        match fs::remove_file(path) {
+    /// Delete the file of an entry already out of the index (the caller holds its stripe).
+    /// A failure is logged rate-limited and the file remembered as untracked, deleted when the
+    /// disk is writable again.
+    fn remove_file(&self, hash: &KeyHash, path: &Path) {
+        #[cfg(test)]
+        let removed = self
+            .faults
+            .injected_delete_error()
+            .and_then(|()| fs::remove_file(path));
+        #[cfg(not(test))]
+        let removed = fs::remove_file(path);
+        match removed {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => self.warn_limited("delete", || {
-                format!("disk cache: cannot delete {}: {e}", path.display())
-            }),
+            Err(e) => {
+                {
+                    let mut u = self.untracked();
+                    if u.files.len() < MAX_UNTRACKED {
+                        u.files.insert(*hash);
+                    } else {
+                        u.sweep = true;
+                    }
+                }
+                self.warn_limited("delete", || {
+                    format!(
+                        "disk cache: cannot delete {}: {e}; deleted when the disk is writable again",
+                        path.display()
+                    )
+                })
+            }
         }
     }
 }
@@ -1637,6 +1856,8 @@ mod tests {
     pub(super) struct Faults {
         /// Raw OS error every write fails with after its header is written (0: none).
         fail_with: AtomicI32,
+        /// Raw OS error every entry-file deletion fails with (0: none).
+        fail_deletes_with: AtomicI32,
         /// While `true`, background writes wait before writing.
         gate_closed: Mutex<bool>,
         gate: Condvar,
@@ -1650,6 +1871,17 @@ mod tests {
                 0 => Ok(()),
                 code => Err(io::Error::from_raw_os_error(code)),
             }
+        }
+
+        pub(super) fn injected_delete_error(&self) -> io::Result<()> {
+            match self.fail_deletes_with.load(Ordering::SeqCst) {
+                0 => Ok(()),
+                code => Err(io::Error::from_raw_os_error(code)),
+            }
+        }
+
+        fn fail_deletes_with(&self, code: i32) {
+            self.fail_deletes_with.store(code, Ordering::SeqCst);
         }
 
         pub(super) fn wait_at_gate(&self) {
@@ -2593,6 +2825,131 @@ mod tests {
             .await;
         assert!(store.contains(&chunk_key("new", 0), Some("v")));
         assert_eq!(store.write_errors(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_read_only_disk_evicts_nothing_keeps_serving_and_resumes_after_a_probe() {
+        const EROFS: i32 = 30;
+        let dir = tempfile::tempdir().unwrap();
+        let pause = Duration::from_millis(200);
+        let store = DiskStore::open_with(dir.path(), 1 << 20, 16 << 20, pause).unwrap();
+        for n in 0..10 {
+            put_object(&store, &format!("obj-{n}"), 2, 1000).await;
+        }
+        let (used, entries) = (store.used_bytes(), store.entry_count());
+        assert_eq!(
+            WriteFailure::of(&io::Error::from_raw_os_error(EROFS)),
+            WriteFailure::NotWritable
+        );
+        assert_eq!(
+            WriteFailure::of(&io::Error::from_raw_os_error(ENOSPC)),
+            WriteFailure::NoRoom
+        );
+        assert_eq!(
+            WriteFailure::of(&io::Error::from_raw_os_error(122)),
+            WriteFailure::NoRoom
+        ); // EDQUOT
+        for code in [13, 1, 5] {
+            // EACCES, EPERM, EIO
+            assert_eq!(
+                WriteFailure::of(&io::Error::from_raw_os_error(code)),
+                WriteFailure::NotWritable
+            );
+        }
+
+        // The file system goes read-only: writes and deletions fail.
+        store.shared.faults.fail_writes_with(EROFS);
+        store.shared.faults.fail_deletes_with(EROFS);
+        for round in 0..5u64 {
+            store
+                .put(
+                    &chunk_key("new", round),
+                    Some("v"),
+                    Bytes::from(vec![1u8; 1000]),
+                )
+                .await;
+            tokio::time::sleep(pause + Duration::from_millis(30)).await;
+        }
+        assert!(!store.is_writable());
+        // One failed write, then one failed probe per pause: every failure counted...
+        assert_eq!(store.write_errors(), 1);
+        assert_eq!(store.writes_skipped(), 4);
+        // ...and nothing evicted: every object is still indexed and served.
+        assert_eq!((store.used_bytes(), store.entry_count()), (used, entries));
+        for n in 0..10 {
+            let object = format!("obj-{n}");
+            assert_eq!(held(&store, &object, 2), (true, 2), "{object}");
+            let chunk = store.get(&chunk_key(&object, 1), Some("v")).await;
+            assert_eq!(chunk.as_deref(), Some(&[1u8; 1000][..]), "{object}");
+        }
+        assert_eq!(disk_bytes(dir.path()), store.used_bytes());
+
+        // A new version of an entry cannot be written: the old one leaves the index (it must
+        // never be served as the newer one) although its file cannot be deleted yet.
+        tokio::time::sleep(pause + Duration::from_millis(30)).await;
+        store
+            .put(&meta_key("obj-3"), None, Bytes::from_static(b"meta v2"))
+            .await;
+        assert!(!store.contains(&meta_key("obj-3"), None));
+        assert!(store.get(&meta_key("obj-3"), None).await.is_none());
+        assert_eq!(store.untracked_files(), 1);
+        assert_eq!(files_under(dir.path()).len(), store.entry_count() + 1);
+
+        // Writable again: the next write probes, resumes, and the untracked file goes.
+        store.shared.faults.fail_writes_with(0);
+        store.shared.faults.fail_deletes_with(0);
+        tokio::time::sleep(pause + Duration::from_millis(30)).await;
+        store
+            .put(
+                &chunk_key("new", 0),
+                Some("v"),
+                Bytes::from(vec![7u8; 1000]),
+            )
+            .await;
+        assert!(store.is_writable());
+        assert!(store.contains(&chunk_key("new", 0), Some("v")));
+        assert_eq!(store.untracked_files(), 0);
+        assert_eq!(files_under(dir.path()).len(), store.entry_count());
+        assert_eq!(disk_bytes(dir.path()), store.used_bytes());
+    }
+
+    #[tokio::test]
+    async fn past_the_untracked_bound_the_tree_is_swept_when_writable_again() {
+        const EROFS: i32 = 30;
+        let dir = tempfile::tempdir().unwrap();
+        let pause = Duration::from_millis(100);
+        let store = DiskStore::open_with(dir.path(), 1 << 30, 1 << 30, pause).unwrap();
+        let n = MAX_UNTRACKED as u64 + 10;
+        for i in 0..n {
+            store
+                .put(&chunk_key("o", i), Some("v"), Bytes::from_static(b"x"))
+                .await;
+        }
+        store.shared.faults.fail_deletes_with(EROFS);
+        store.remove_object("o").await;
+        assert_eq!(store.entry_count(), 0);
+        assert_eq!(
+            store.untracked_files(),
+            MAX_UNTRACKED + 1,
+            "bounded, then a sweep"
+        );
+        assert_eq!(files_under(dir.path()).len() as u64, n);
+        // A write fails as not writable; the probe after the pause succeeds and sweeps.
+        store.shared.faults.fail_writes_with(EROFS);
+        store
+            .put(&chunk_key("p", 0), Some("v"), Bytes::from_static(b"y"))
+            .await;
+        assert!(!store.is_writable());
+        store.shared.faults.fail_writes_with(0);
+        store.shared.faults.fail_deletes_with(0);
+        tokio::time::sleep(pause + Duration::from_millis(30)).await;
+        store
+            .put(&chunk_key("p", 0), Some("v"), Bytes::from_static(b"y"))
+            .await;
+        assert!(store.is_writable());
+        assert_eq!(store.untracked_files(), 0);
+        assert_eq!(files_under(dir.path()).len(), store.entry_count());
+        assert_eq!(store.entry_count(), 1);
     }
 
     #[test]

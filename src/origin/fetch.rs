@@ -256,7 +256,9 @@ pub async fn open(
 
 /// Send `req` to the group: pick a server (healthy, breaker closed, not yet tried when another
 /// is available, and preferably not one in `avoid`; panic routing when every server is
-/// ejected), and on the server's own failures (`origin::outcome`) retry after an exponential
+/// ejected). `avoid` (the servers a resumed transfer broke on) is a preference, never a ban:
+/// those servers come after the others, and remain candidates (a 503 from the only other
+/// server is not final while an avoided one has not been asked), and on the server's own failures (`origin::outcome`) retry after an exponential
 /// backoff with full jitter, within the group's attempts and retry budget. A failure that is
 /// not the server's (a request we could not even build) is neither charged nor retried. No try
 /// or backoff starts after `until`, and a try still waiting for its answer at `until` is
@@ -281,7 +283,9 @@ pub async fn open_until(
 ) -> Result<OriginResponse, FetchError> {
     pool.budget.record_request();
     let url = pool.failing_urls.mark(req.hash_key.as_bytes());
-    let mut tried: Vec<SocketAddr> = avoid.to_vec();
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    // Tried or avoided: the servers picked last.
+    let mut shunned: Vec<SocketAddr> = avoid.to_vec();
     let mut evidence = StatusEvidence::default();
     let mut gateway_answer: Option<OriginResponse> = None;
     let mut last = FetchError {
@@ -328,14 +332,23 @@ pub async fn open_until(
         if Instant::now() >= until {
             break;
         }
+        let key = req.hash_key.as_bytes();
         let sel = if gateway_answer.is_some() {
-            // After a gateway answer, only a server that has not seen this request.
-            match pool.pick_untried(req.hash_key.as_bytes(), &tried) {
+            // After a gateway answer, only a server that has not seen this request (one
+            // avoided last).
+            match pool
+                .pick_untried(key, &shunned)
+                .or_else(|| pool.pick_untried(key, &tried))
+            {
                 Some(sel) => sel,
                 None => break,
             }
+        } else if avoid.is_empty() {
+            pool.pick(key, &tried)
         } else {
-            pool.pick(req.hash_key.as_bytes(), &tried)
+            pool.pick_untried(key, &shunned)
+                .or_else(|| pool.pick_untried(key, &tried))
+                .unwrap_or_else(|| pool.pick(key, &shunned))
         };
         retries.start_try();
         let addr = sel.addr;
@@ -348,6 +361,7 @@ pub async fn open_until(
             );
         }
         tried.push(addr);
+        shunned.push(addr);
         let tried = tokio::time::timeout_at(until, try_server(connector, pool, addr, req)).await;
         let outcome = match &tried {
             Ok(Ok(resp)) => Some(OriginOutcome::Answered(resp.status())),

@@ -172,6 +172,8 @@ impl RequestRecord {
 #[derive(Debug, Clone)]
 struct Settings {
     fault: Option<Fault>,
+    /// Requests left for `fault` (then it is cleared); `None`: every request.
+    fault_times: Option<u32>,
     version: u32,
     cache_control: Option<String>,
     extra: Vec<(String, String)>,
@@ -197,8 +199,18 @@ struct Shared {
 }
 
 impl Shared {
+    /// The settings a request starts with; a fault set for a number of requests counts it.
     fn snapshot(&self) -> Settings {
-        lock(&self.settings).clone()
+        let mut s = lock(&self.settings);
+        let snap = s.clone();
+        if let Some(n) = s.fault_times.as_mut() {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                s.fault = None;
+                s.fault_times = None;
+            }
+        }
+        snap
     }
 
     fn record(&self, rec: RequestRecord) {
@@ -233,6 +245,7 @@ impl Origin {
         let shared = Arc::new(Shared {
             settings: Mutex::new(Settings {
                 fault: None,
+                fault_times: None,
                 version: 0,
                 cache_control: Some(DEFAULT_CACHE_CONTROL.to_string()),
                 extra: Vec::new(),
@@ -268,11 +281,22 @@ impl Origin {
 
     /// Inject `f` into every request that starts after this call (replacing any other fault).
     pub fn set_fault(&self, f: Fault) {
-        lock(&self.shared.settings).fault = Some(f);
+        let mut s = lock(&self.shared.settings);
+        s.fault = Some(f);
+        s.fault_times = None;
+    }
+
+    /// Inject `f` into the next `n` requests only; later ones are served normally.
+    pub fn set_fault_times(&self, f: Fault, n: u32) {
+        let mut s = lock(&self.shared.settings);
+        s.fault = Some(f);
+        s.fault_times = Some(n.max(1));
     }
 
     pub fn clear_fault(&self) {
-        lock(&self.shared.settings).fault = None;
+        let mut s = lock(&self.shared.settings);
+        s.fault = None;
+        s.fault_times = None;
     }
 
     /// Change the ETag, Last-Modified and the content of every object (default 0).
