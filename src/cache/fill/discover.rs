@@ -252,17 +252,15 @@ pub async fn discover_from(
         }
         return Discovery::Uncacheable("no-length");
     };
-    if status == 206
-        && size > cache.max_object_size
-        && ObjectMeta::validator_of(resp.header_str("etag"), resp.header_str("last-modified"), 0)
-            .is_none()
-    {
+    let validatorless =
+        ObjectMeta::validator_of(resp.header_str("etag"), resp.header_str("last-modified"), 0)
+            .is_none();
+    if status == 206 && size > cache.max_object_size && validatorless {
         // No validator and too large to fetch whole: never assembled from several fetches,
-        // so not kept; the client is answered from this answer and further range fetches.
-        return Discovery::Slice {
-            resp,
-            reason: "too-large",
-        };
+        // neither kept nor sliced (a slice's second fetch could be another version): the
+        // client's own request goes to the origin, one answer from one fetch.
+        resp.finish().await;
+        return Discovery::Uncacheable("too-large");
     }
     if status == 200 && size > cache.max_object_size {
         return Discovery::Relay {
@@ -280,6 +278,12 @@ pub async fn discover_from(
                 reason,
                 remember: true,
             }
+        }
+        // Part of a validator-less object, not to be kept: slices of it from two fetches
+        // could be two versions, so the client's own request goes to the origin.
+        Err(reason) if validatorless => {
+            resp.finish().await;
+            return Discovery::Uncacheable(reason);
         }
         // Part of the object, not to be kept: it still answers (part of) the request.
         Err(reason) => return Discovery::Slice { resp, reason },
