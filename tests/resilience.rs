@@ -953,3 +953,42 @@ async fn a_gateway_answer_to_a_fill_is_retried_only_on_another_server() {
     let s = proxy.stats().await;
     assert!(s["origin_retries"] >= 1, "{s:?}");
 }
+
+/// A failure is logged once, by edgeslice, with its request id: an origin that breaks every
+/// transfer mid-body (cached: each resume breaks too; passed through) aborts the responses, and
+/// the log has a warning for each and no ERROR line (Pingora's own "Fail to filter request" /
+/// "Fail to proxy" line said it a second time, at ERROR: 2,021 of them in the soak).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_failure_is_logged_once_as_a_warning_never_as_an_error() {
+    let origin = Origin::start().await;
+    origin.set_fault(Fault::ResetMidBody { after: 100_000 });
+    for cache in [true, false] {
+        let proxy = Proxy::start(&config(&[origin.addr().to_string()], "", cache));
+        let size = 8 * CHUNK;
+        for i in 0..3 {
+            let path = format!("/obj/{size}/broken-{cache}-{i}.bin");
+            let (_, body, complete) = get_to_end(&proxy, &path).await;
+            assert!(
+                !complete,
+                "cache: {cache}: a broken transfer looked complete"
+            );
+            assert!(
+                body.len() < size as usize && body == content(&path, 0, 0..body.len() as u64),
+                "cache: {cache}: wrong bytes before the abort"
+            );
+        }
+        // The log is written by a thread: give it a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let log = proxy.log();
+        let errors: Vec<&str> = log.lines().filter(|l| l.contains("ERROR")).collect();
+        assert!(errors.is_empty(), "cache: {cache}: {errors:#?}");
+        let warned = log
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("request failed"))
+            .count();
+        assert_eq!(
+            warned, 3,
+            "cache: {cache}: one warning per failed request:\n{log}"
+        );
+    }
+}
