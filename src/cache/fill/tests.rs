@@ -156,6 +156,14 @@ impl FakeOrigin {
         self
     }
 
+    /// The next answer a chunked 200 without a length.
+    fn chunked(self) -> FakeOrigin {
+        self.script(vec![Answer {
+            chunked: true,
+            ..Answer::default()
+        }])
+    }
+
     fn cache_control(mut self, value: &str) -> FakeOrigin {
         self.cache_control = value.into();
         self
@@ -459,6 +467,18 @@ fn meta_of(v: &Version, fresh_until: SystemTime) -> Arc<ObjectMeta> {
 
 /// A known, fresh object `v` whose metadata is in the cache (and none of its chunks).
 /// Discovery as a request runs it: under the object's lock.
+/// Discover `obj` on a cold cache, expecting a streamed answer (a body of unknown length).
+async fn stream_cold(
+    cache: &Arc<ChunkCache>,
+    origin: &OriginAccess,
+    obj: &ObjectRequest,
+) -> tokio::sync::mpsc::Receiver<BodyStep> {
+    let Discovery::Streaming { body, .. } = discover_cold(cache, origin, obj, 0, 0).await else {
+        panic!("streamed");
+    };
+    body
+}
+
 async fn discover_cold(
     cache: &Arc<ChunkCache>,
     origin: &OriginAccess,
@@ -772,10 +792,7 @@ async fn a_streamed_body_that_breaks_reports_failure_and_publishes_nothing() {
     };
     let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
     let obj = request("/chunked-broken");
-    let Discovery::Streaming { mut body, .. } = discover_cold(&cache, &origin, &obj, 0, 0).await
-    else {
-        panic!("streamed");
-    };
+    let mut body = stream_cold(&cache, &origin, &obj).await;
     let mut got = Vec::new();
     let failed = tokio::time::timeout(WAIT, async {
         loop {
@@ -930,10 +947,7 @@ async fn whole_bodies_past_max_object_size_reach_the_client_but_are_not_kept() {
         ..Answer::default()
     };
     let (fake, origin) = FakeOrigin::new(v.clone()).script(vec![answer]).build();
-    let Discovery::Streaming { mut body, .. } = discover_cold(&cache, &origin, &obj, 0, 0).await
-    else {
-        panic!("streamed");
-    };
+    let mut body = stream_cold(&cache, &origin, &obj).await;
     let mut got = Vec::new();
     let ended = tokio::time::timeout(WAIT, async {
         while let Some(step) = body.recv().await {
@@ -1865,12 +1879,7 @@ async fn a_chunked_refetch_longer_or_shorter_than_the_object_stores_nothing() {
 async fn a_chunked_refetch_without_a_validator_is_not_taken_as_the_same_version() {
     let cache = cache();
     let v = version(3000, 1, "\"v1\"");
-    let (_fake, origin) = FakeOrigin::new(v.clone())
-        .script(vec![Answer {
-            chunked: true,
-            ..Answer::default()
-        }])
-        .build();
+    let (_fake, origin) = FakeOrigin::new(v.clone()).chunked().build();
     let obj = request("/chunked-no-validator");
     let mut meta = (*meta_of(&v, SystemTime::now() + Duration::from_secs(3600))).clone();
     meta.etag = None;
@@ -1887,17 +1896,9 @@ async fn an_oversized_streamed_body_nobody_reads_stops_and_stores_nothing() {
     // 200 chunks from an origin with no length; at most 10 may be kept.
     let cache = cache_keeping(10 * CHUNK);
     let v = version(200 * CHUNK as usize, 1, "\"v1\"");
-    let (fake, origin) = FakeOrigin::new(v.clone())
-        .script(vec![Answer {
-            chunked: true,
-            ..Answer::default()
-        }])
-        .build();
+    let (fake, origin) = FakeOrigin::new(v.clone()).chunked().build();
     let obj = request("/chunked-endless");
-    let Discovery::Streaming { mut body, .. } = discover_cold(&cache, &origin, &obj, 0, 0).await
-    else {
-        panic!("streamed");
-    };
+    let mut body = stream_cold(&cache, &origin, &obj).await;
     // The client reads a little, then leaves.
     let mut got = Vec::new();
     while got.len() < 2 * CHUNK as usize {
@@ -1937,17 +1938,9 @@ async fn an_oversized_streamed_body_nobody_reads_stops_and_stores_nothing() {
 async fn an_oversized_streamed_body_lets_go_of_the_lock_while_its_client_reads_on() {
     let cache = cache_keeping(10 * CHUNK);
     let v = version(30 * CHUNK as usize, 1, "\"v1\"");
-    let (_fake, origin) = FakeOrigin::new(v.clone())
-        .script(vec![Answer {
-            chunked: true,
-            ..Answer::default()
-        }])
-        .build();
+    let (_fake, origin) = FakeOrigin::new(v.clone()).chunked().build();
     let obj = request("/chunked-big");
-    let Discovery::Streaming { mut body, .. } = discover_cold(&cache, &origin, &obj, 0, 0).await
-    else {
-        panic!("streamed");
-    };
+    let mut body = stream_cold(&cache, &origin, &obj).await;
     let mut got = Vec::new();
     let mut lock_seen_free = false;
     tokio::time::timeout(WAIT, async {
@@ -1976,17 +1969,9 @@ async fn an_oversized_streamed_body_lets_go_of_the_lock_while_its_client_reads_o
 async fn a_streamed_fill_holds_the_object_lock_for_a_bounded_time() {
     let cache = cache();
     let v = version(3000, 1, "\"v1\"");
-    let (_fake, origin) = FakeOrigin::new(v.clone())
-        .script(vec![Answer {
-            chunked: true,
-            ..Answer::default()
-        }])
-        .build();
+    let (_fake, origin) = FakeOrigin::new(v.clone()).chunked().build();
     let obj = request("/chunked-slow-client");
-    let Discovery::Streaming { mut body, .. } = discover_cold(&cache, &origin, &obj, 0, 0).await
-    else {
-        panic!("streamed");
-    };
+    let mut body = stream_cold(&cache, &origin, &obj).await;
     // The client reads one piece and stalls; another request waits for the lock.
     assert!(matches!(body.recv().await, Some(BodyStep::Piece(_))));
     let waited = tokio::time::timeout(
