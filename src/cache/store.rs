@@ -168,6 +168,11 @@ impl ChunkCache {
     /// later discovery of the same validator cannot find them.
     pub async fn discard(&self, key: &ObjectKey, meta: &ObjectMeta) {
         self.invalidate(key, meta).await;
+        self.drop_memory_chunks(key, meta);
+    }
+
+    /// Take every chunk of the version `meta` describes out of the memory tier.
+    fn drop_memory_chunks(&self, key: &ObjectKey, meta: &ObjectMeta) {
         let version = ObjectVersion::new(key.clone(), meta.validator.as_str().into());
         let chunks = chunk_count(meta.size, self.chunk_size)
             .min(chunk_count(self.max_object_size, self.chunk_size))
@@ -244,13 +249,7 @@ impl ChunkCache {
                 }
             } else {
                 self.tables.remove_meta(&key);
-                let version = ObjectVersion::new(key.clone(), meta.validator.as_str().into());
-                let chunks = chunk_count(meta.size, self.chunk_size)
-                    .min(chunk_count(self.max_object_size, self.chunk_size))
-                    .max(1);
-                for index in 0..chunks {
-                    self.memory.invalidate(&version.chunk(index));
-                }
+                self.drop_memory_chunks(&key, &meta);
                 if let Some(disk) = &self.disk {
                     disk.remove_object(key.as_str()).await;
                 }

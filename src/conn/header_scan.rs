@@ -143,7 +143,11 @@ mod tests {
     };
 
     fn scan_all(parts: &[&[u8]]) -> Scan {
-        let mut s = HeaderScan::default();
+        feed_all(HeaderScan::default(), parts)
+    }
+
+    /// Feed `parts` to `s` in turn: its first answer that is not `Partial`.
+    fn feed_all(mut s: HeaderScan, parts: &[&[u8]]) -> Scan {
         for p in parts {
             match s.feed(p, &LIMITS) {
                 Scan::Partial => continue,
@@ -229,14 +233,7 @@ mod tests {
     }
 
     fn resumed_all(parts: &[&[u8]]) -> Scan {
-        let mut s = HeaderScan::resumed();
-        for p in parts {
-            match s.feed(p, &LIMITS) {
-                Scan::Partial => continue,
-                other => return other,
-            }
-        }
-        Scan::Partial
+        feed_all(HeaderScan::resumed(), parts)
     }
 
     #[test]
