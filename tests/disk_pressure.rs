@@ -85,24 +85,33 @@ async fn after_disk_pressure_and_a_restart_the_most_recent_objects_are_served_fr
     assert!(origin.requests() > 0);
 }
 
-/// A tmpfs mounted for the length of a test; unmounted on drop, also when the test fails.
+/// A tmpfs mounted for the length of a test on a fresh directory; unmounted on drop, also when
+/// the test fails (before its parent directory goes).
 struct TmpfsMount {
     dir: PathBuf,
+    _parent: tempfile::TempDir,
 }
 
 impl TmpfsMount {
-    fn mount(dir: &Path, size: &str) -> Result<TmpfsMount, String> {
+    /// A tmpfs of `size` at a new directory `name`. Mounting needs root (CAP_SYS_ADMIN), which
+    /// the suite has (`.ci/run` runs as root): without it the test fails rather than skips.
+    fn mount(name: &str, size: &str) -> TmpfsMount {
+        let parent = tempfile::tempdir().expect("tempdir");
+        let dir = parent.path().join(name);
+        std::fs::create_dir(&dir).expect("mount point");
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
+            .arg(&dir)
             .output()
-            .map_err(|e| format!("cannot run mount: {e}"))?;
-        if out.status.success() {
-            Ok(TmpfsMount {
-                dir: dir.to_path_buf(),
-            })
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a tmpfs (the disk tests need root): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        TmpfsMount {
+            dir,
+            _parent: parent,
         }
     }
 }
@@ -122,18 +131,8 @@ impl Drop for TmpfsMount {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_costs_no_wrong_byte_and_few_log_lines() {
-    let mnt_parent = tempfile::tempdir().expect("tempdir");
-    let mnt = mnt_parent.path().join("small-disk");
-    std::fs::create_dir(&mnt).expect("mount point");
-    let _mount = match TmpfsMount::mount(&mnt, "24m") {
-        Ok(m) => m,
-        Err(why) => {
-            // Needs root (or CAP_SYS_ADMIN); the write-failure path itself is covered by the
-            // disk tier's unit tests with injected ENOSPC.
-            eprintln!("SKIPPED a_full_disk_costs_no_wrong_byte_and_few_log_lines: cannot mount a tmpfs: {why}");
-            return;
-        }
-    };
+    let mount = TmpfsMount::mount("small-disk", "24m");
+    let mnt = mount.dir.clone();
     let origin = Origin::start().await;
     let cache_dir = mnt.join("cache");
     // The configured capacity is far beyond what the file system holds.
@@ -286,16 +285,8 @@ fn file_bytes(dir: &Path) -> u64 {
 /// the tier probes, resumes writing, and tracks its new files without a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_cache_directory_keeps_its_index_and_resumes_when_writable() {
-    let mnt_parent = tempfile::tempdir().expect("tempdir");
-    let mnt = mnt_parent.path().join("ro-disk");
-    std::fs::create_dir(&mnt).expect("mount point");
-    let _mount = match TmpfsMount::mount(&mnt, "64m") {
-        Ok(m) => m,
-        Err(why) => {
-            eprintln!("SKIPPED a_read_only_cache_directory_keeps_its_index_and_resumes_when_writable: cannot mount a tmpfs: {why}");
-            return;
-        }
-    };
+    let mount = TmpfsMount::mount("ro-disk", "64m");
+    let mnt = mount.dir.clone();
     /// Remounts read-write on drop, so the tmpfs can be unmounted whatever happens.
     struct Writable<'a>(&'a Path);
     impl Drop for Writable<'_> {
