@@ -23,6 +23,23 @@ fn config(servers: &[String], upstream_extra: &str, cache: bool) -> String {
     )
 }
 
+/// A server answering 503 to everything, and a healthy one.
+async fn failing_and_healthy() -> (Origin, Origin) {
+    let failing = Origin::start().await;
+    failing.set_fault(Fault::Status(503));
+    (failing, Origin::start().await)
+}
+
+/// The group of issue 20, point 14: a server refusing connections (a fresh address each
+/// call), `failing` and `healthy`.
+fn dead_failing_healthy(failing: &Origin, healthy: &Origin) -> [String; 3] {
+    [
+        dead_addr(),
+        failing.addr().to_string(),
+        healthy.addr().to_string(),
+    ]
+}
+
 fn dead_addr() -> String {
     format!("127.0.0.1:{}", free_port())
 }
@@ -243,15 +260,9 @@ async fn client_side_failures_are_never_retried_nor_counted() {
 /// answered is given back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_and_a_503_server_beside_a_healthy_one_cost_no_request() {
-    let failing = Origin::start().await;
-    let healthy = Origin::start().await;
-    failing.set_fault(Fault::Status(503));
+    let (failing, healthy) = failing_and_healthy().await;
     for cache in [true, false] {
-        let servers = [
-            dead_addr(),
-            failing.addr().to_string(),
-            healthy.addr().to_string(),
-        ];
+        let servers = dead_failing_healthy(&failing, &healthy);
         let proxy = Proxy::start(&config(&servers, "", cache));
         for i in 0..60u64 {
             let size = 4 * CHUNK + i;
@@ -294,18 +305,12 @@ async fn a_dead_and_a_503_server_beside_a_healthy_one_cost_no_request() {
 /// (`connect_timeout`) is down too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_down_server_never_fills_the_ejection_cap() {
-    let failing = Origin::start().await;
-    let healthy = Origin::start().await;
-    failing.set_fault(Fault::Status(503));
+    let (failing, healthy) = failing_and_healthy().await;
     for extra in [
         "    circuit_breaker:\n      max_ejected_percent: 0\n",
         "    circuit_breaker:\n      max_ejected_percent: 100\n",
     ] {
-        let servers = [
-            dead_addr(),
-            failing.addr().to_string(),
-            healthy.addr().to_string(),
-        ];
+        let servers = dead_failing_healthy(&failing, &healthy);
         let proxy = Proxy::start(&config(&servers, extra, false));
         for i in 0..30u64 {
             let path = format!("/obj/{}/cap-{i}.bin", 3 * CHUNK);
@@ -377,15 +382,9 @@ async fn when_every_server_fails_the_budget_caps_retries() {
 /// need: every good request gets its bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_url_failing_everywhere_never_makes_good_urls_fail() {
-    let failing = Origin::start().await;
-    let healthy = Origin::start().await;
-    failing.set_fault(Fault::Status(503));
+    let (failing, healthy) = failing_and_healthy().await;
     for cache in [false, true] {
-        let servers = [
-            dead_addr(),
-            failing.addr().to_string(),
-            healthy.addr().to_string(),
-        ];
+        let servers = dead_failing_healthy(&failing, &healthy);
         // Ejections of 200 ms that never grow: the 503 server is probed with real requests
         // all through the test, and each probe that meets a good URL needs a retry.
         let extra = "    circuit_breaker:\n      open_for: 200ms\n      max_open_for: 200ms\n";
