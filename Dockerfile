@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 # Build stage: pingora-core needs cmake and a C compiler for zlib-ng; jemalloc (the allocator)
-# builds with the C compiler and make, both in this image.
+# builds with the C compiler and make, both in this image; the TLS backend links OpenSSL 3
+# (libssl-dev, pkg-config).
 FROM rust:1-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends cmake && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends cmake libssl-dev pkg-config && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
@@ -13,7 +14,7 @@ RUN cargo build --release --locked --bin edgeslice
 
 # Runtime stage: a small Debian with a non-root user.
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl libssl3 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /var/cache/edgeslice edgeslice \
     && mkdir -p /etc/edgeslice /var/cache/edgeslice \

@@ -7,6 +7,7 @@ pub mod origin;
 pub mod proxy;
 pub mod raw;
 pub mod reply;
+pub mod tls;
 
 /// A parsed response head's fields as (lower-case name, value) pairs, for raw-socket tests.
 pub fn owned_headers(headers: &[httparse::Header<'_>]) -> Vec<(String, String)> {

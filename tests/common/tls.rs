@@ -1,0 +1,160 @@
+//! A test certificate authority made at test time: a self-signed CA and leaf certificates it
+//! issues for given DNS names (and 127.0.0.1), written as PEM files in a temporary directory.
+//! Real clients trust it by `ca_path()` (curl `--cacert`, nghttp `--cacert` is not supported:
+//! use `-k` there and check the certificate with `openssl s_client -CAfile`).
+
+use openssl::asn1::{Asn1Integer, Asn1Time};
+use openssl::bn::{BigNum, MsbOption};
+use openssl::ec::{EcGroup, EcKey};
+use openssl::hash::MessageDigest;
+use openssl::nid::Nid;
+use openssl::pkey::{PKey, Private};
+use openssl::x509::extension::{
+    BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
+};
+use openssl::x509::{X509Name, X509};
+use std::path::{Path, PathBuf};
+
+/// A certificate and key written as PEM files.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The certificate itself, for comparing with what a handshake presented.
+    pub pem: Vec<u8>,
+}
+
+/// A CA that signs leaf certificates, with its files in its own temporary directory.
+pub struct TestCa {
+    dir: tempfile::TempDir,
+    key: PKey<Private>,
+    cert: X509,
+    ca_path: PathBuf,
+    serial: u32,
+}
+
+fn new_key() -> PKey<Private> {
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).expect("P-256");
+    PKey::from_ec_key(EcKey::generate(&group).expect("EC key")).expect("pkey")
+}
+
+fn name(cn: &str) -> X509Name {
+    let mut n = X509Name::builder().expect("name");
+    n.append_entry_by_text("CN", cn).expect("CN");
+    n.build()
+}
+
+fn random_serial() -> Asn1Integer {
+    let mut bn = BigNum::new().expect("bn");
+    bn.rand(64, MsbOption::MAYBE_ZERO, false).expect("rand");
+    bn.to_asn1_integer().expect("serial")
+}
+
+impl TestCa {
+    /// A fresh CA named `cn`, valid for ten years.
+    pub fn new(cn: &str) -> TestCa {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = new_key();
+        let mut b = X509::builder().expect("builder");
+        b.set_version(2).expect("version");
+        b.set_serial_number(&random_serial()).expect("serial");
+        b.set_subject_name(&name(cn)).expect("subject");
+        b.set_issuer_name(&name(cn)).expect("issuer");
+        b.set_pubkey(&key).expect("pubkey");
+        b.set_not_before(&Asn1Time::days_from_now(0).expect("t"))
+            .expect("nb");
+        b.set_not_after(&Asn1Time::days_from_now(3650).expect("t"))
+            .expect("na");
+        b.append_extension(BasicConstraints::new().critical().ca().build().expect("bc"))
+            .expect("ext");
+        b.append_extension(
+            KeyUsage::new()
+                .critical()
+                .key_cert_sign()
+                .crl_sign()
+                .build()
+                .expect("ku"),
+        )
+        .expect("ext");
+        b.sign(&key, MessageDigest::sha256()).expect("sign");
+        let cert = b.build();
+        let ca_path = dir.path().join("ca.pem");
+        std::fs::write(&ca_path, cert.to_pem().expect("pem")).expect("write ca");
+        TestCa {
+            dir,
+            key,
+            cert,
+            ca_path,
+            serial: 0,
+        }
+    }
+
+    /// The CA certificate's PEM file (what clients and `upstreams.*.tls.ca` trust).
+    pub fn ca_path(&self) -> &Path {
+        &self.ca_path
+    }
+
+    /// The directory the files are written in.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A leaf certificate for `dns_names` (the first is its CN) and 127.0.0.1, valid for
+    /// `days` days from now (a small number makes a certificate about to expire).
+    pub fn issue(&mut self, dns_names: &[&str], days: u32) -> CertFiles {
+        self.serial += 1;
+        let key = new_key();
+        let cn = dns_names.first().copied().unwrap_or("localhost");
+        let mut b = X509::builder().expect("builder");
+        b.set_version(2).expect("version");
+        b.set_serial_number(&random_serial()).expect("serial");
+        b.set_subject_name(&name(cn)).expect("subject");
+        b.set_issuer_name(self.cert.subject_name()).expect("issuer");
+        b.set_pubkey(&key).expect("pubkey");
+        b.set_not_before(&Asn1Time::days_from_now(0).expect("t"))
+            .expect("nb");
+        b.set_not_after(&Asn1Time::days_from_now(days).expect("t"))
+            .expect("na");
+        let mut san = SubjectAlternativeName::new();
+        for n in dns_names {
+            san.dns(n);
+        }
+        san.ip("127.0.0.1");
+        let ctx = b.x509v3_context(Some(&self.cert), None);
+        let san = san.build(&ctx).expect("san");
+        b.append_extension(san).expect("ext");
+        b.append_extension(BasicConstraints::new().build().expect("bc"))
+            .expect("ext");
+        b.append_extension(
+            KeyUsage::new()
+                .critical()
+                .digital_signature()
+                .key_encipherment()
+                .build()
+                .expect("ku"),
+        )
+        .expect("ext");
+        b.append_extension(
+            ExtendedKeyUsage::new()
+                .server_auth()
+                .client_auth()
+                .build()
+                .expect("eku"),
+        )
+        .expect("ext");
+        b.sign(&self.key, MessageDigest::sha256()).expect("sign");
+        let cert = b.build();
+        let pem = cert.to_pem().expect("pem");
+        let stem = format!("{}-{}", cn.replace('*', "star"), self.serial);
+        let cert_path = self.dir.path().join(format!("{stem}.pem"));
+        let key_path = self.dir.path().join(format!("{stem}.key"));
+        std::fs::write(&cert_path, &pem).expect("write cert");
+        std::fs::write(&key_path, key.private_key_to_pem_pkcs8().expect("key pem"))
+            .expect("write key");
+        CertFiles {
+            cert: cert_path,
+            key: key_path,
+            pem,
+        }
+    }
+}
