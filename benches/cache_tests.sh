@@ -3,12 +3,14 @@
 # against edgeslice as a reverse proxy, and prints how many REQUIRED tests pass plus every failing
 # required test with its failure message.
 #
-#   benches/cache_tests.sh [--min N] [--id TEST_ID] [--json FILE] [--disk]
+#   benches/cache_tests.sh [--min N] [--id TEST_ID] [--json FILE] [--disk] [--https]
 #
 #   --min N        exit 3 when fewer than N required tests pass (a CI gate)
 #   --id TEST_ID   run only that test and print the suite's request/response dump (debugging)
 #   --json FILE    where to save the suite's raw results (default target/cache-tests/results.json)
 #   --disk         give edgeslice a disk tier (in the run's temp dir) besides the default memory
+#   --https        the client talks HTTPS to edgeslice (a TLS listener with a certificate made
+#                  for the run by openssl; the client trusts it through NODE_EXTRA_CA_CERTS)
 #
 # Environment:
 #   EDGESLICE_BIN           use this binary instead of `cargo build --release`
@@ -36,13 +38,15 @@ MIN=""
 TEST_ID=""
 JSON_OUT="$CT_HOME/results.json"
 DISK=0
+HTTPS=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --min) MIN=${2:?--min needs a number}; shift 2 ;;
     --id) TEST_ID=${2:?--id needs a test id}; shift 2 ;;
     --json) JSON_OUT=${2:?--json needs a file}; shift 2 ;;
     --disk) DISK=1; shift ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --https) HTTPS=1; shift ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -146,6 +150,14 @@ npm_config_protocol=http npm_config_port=$ORIGIN_PORT npm_config_pidfile="$TMP/o
 PIDS+=($!)
 wait_port "$ORIGIN_PORT" "${PIDS[-1]}" origin
 
+if [[ $HTTPS == 1 ]]; then
+  command -v openssl >/dev/null || { log "--https needs openssl"; exit 2; }
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=localhost -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+    -keyout "$TMP/site.key" -out "$TMP/site.pem" 2>/dev/null
+  export NODE_EXTRA_CA_CERTS="$TMP/site.pem"
+fi
+
 # The default configuration, plus the keys a configuration cannot do without: where to listen, the
 # one upstream and the one route. pid_file/upgrade_sock only keep this run's files in $TMP.
 {
@@ -154,9 +166,13 @@ wait_port "$ORIGIN_PORT" "${PIDS[-1]}" origin
 server:
   pid_file: $TMP/edgeslice.pid
   upgrade_sock: $TMP/edgeslice_upgrade.sock
-listen:
-  - 127.0.0.1:$PROXY_PORT
 EOF
+  if [[ $HTTPS == 1 ]]; then
+    printf 'listen:\n  - address: 127.0.0.1:%s\n    tls:\n      certificates:\n        - {cert: %s, key: %s}\n' \
+      "$PROXY_PORT" "$TMP/site.pem" "$TMP/site.key"
+  else
+    printf 'listen:\n  - 127.0.0.1:%s\n' "$PROXY_PORT"
+  fi
   if [[ $DISK == 1 ]]; then
     printf 'cache:\n  disk:\n    path: %s\n    capacity: 1GiB\n' "$TMP/cache"
   fi
@@ -173,7 +189,7 @@ RUST_LOG=${RUST_LOG:-info} "$BIN" -c "$TMP/edgeslice.yaml" >"$TMP/edgeslice.log"
 PIDS+=($!)
 wait_port "$PROXY_PORT" "${PIDS[-1]}" edgeslice
 
-BASE="http://127.0.0.1:$PROXY_PORT"
+if [[ $HTTPS == 1 ]]; then BASE="https://localhost:$PROXY_PORT"; else BASE="http://127.0.0.1:$PROXY_PORT"; fi
 log "suite: $SUITE_DESC; origin 127.0.0.1:$ORIGIN_PORT; edgeslice $BASE ($BIN)"
 
 # --- the client --------------------------------------------------------------------------------
@@ -197,5 +213,5 @@ node -e 'JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"))' "$TMP/
 mv "$TMP/results.json.part" "$JSON_OUT"
 log "results saved to $JSON_OUT"
 
-echo "cache-tests ($SUITE_DESC) against $("$BIN" --version 2>/dev/null | head -n 1 || true) as a reverse proxy, default configuration$([[ $DISK == 1 ]] && echo ' + disk tier')"
+echo "cache-tests ($SUITE_DESC) against $("$BIN" --version 2>/dev/null | head -n 1 || true) as a reverse proxy, default configuration$([[ $DISK == 1 ]] && echo ' + disk tier')$([[ $HTTPS == 1 ]] && echo ', over HTTPS')"
 node "$ROOT/benches/cache_tests_report.mjs" "$SUITE" "$JSON_OUT" "$MIN"
