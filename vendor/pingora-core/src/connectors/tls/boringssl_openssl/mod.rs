@@ -205,7 +205,21 @@ where
         consistent with nginx's behavior */
         ssl_conf.set_verify(SslVerifyMode::NONE);
     } else if peer.verify_cert() {
-        if peer.verify_hostname() {
+        if let Some(ip) = peer
+            .verify_hostname()
+            .then(|| peer.sni().parse::<std::net::IpAddr>().ok())
+            .flatten()
+        {
+            // edgeslice patch (see vendor/README.md): a server reached by its IP address is
+            // verified against that address (an IP entry of its subjectAltName), as curl and
+            // the openssl crate's own connector do. `add_host` would compare it with DNS names
+            // only and fail every such certificate. No SNI is sent for an IP (RFC 6066 §3):
+            // `into_ssl` skips it.
+            ssl_conf
+                .param_mut()
+                .set_ip(ip)
+                .or_err(InternalError, "failed to set the IP to verify")?;
+        } else if peer.verify_hostname() {
             let verify_param = ssl_conf.param_mut();
             add_host(verify_param, peer.sni()).or_err(InternalError, "failed to add host")?;
             // if sni had underscores in leftmost label replace and add
