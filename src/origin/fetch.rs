@@ -529,6 +529,21 @@ async fn try_server(
     }
     set(&mut head, "via", super::super::proxy::headers::VIA_VALUE)?;
     set(&mut head, "x-request-id", &req.request_id)?;
+    if matches!(session, HttpSession::H2(_)) {
+        // HTTP/2 carries the host as `:authority`, not as a Host field (RFC 9113 §8.3.1; nginx
+        // refuses both as a duplicate Host), as Pingora's own proxy does.
+        if let Some(host) = head.remove_header(&http::header::HOST) {
+            let authority = http::uri::Authority::try_from(host.as_bytes())
+                .map_err(|e| ours(format!("host {host:?} as :authority: {e}")))?;
+            let uri = http::Uri::builder()
+                .scheme("https")
+                .authority(authority)
+                .path_and_query(req.path_and_query.as_str())
+                .build()
+                .map_err(|e| ours(format!("building the HTTP/2 request: {e}")))?;
+            head.set_uri(uri);
+        }
+    }
     session
         .write_request_header(Box::new(head))
         .await
