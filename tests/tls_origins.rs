@@ -21,6 +21,7 @@ fn tls_origin(cert: &CertFiles, http2: bool) -> Nginx {
         cert: cert.cert.clone(),
         key: cert.key.clone(),
         http2,
+        keepalive_requests: None,
     })
 }
 
@@ -412,6 +413,43 @@ async fn http2_origin_fills_byte_exact_over_one_connection() {
         "{} requests over {} connections",
         log.len(),
         conns.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_are_resumed_on_new_connections() {
+    let mut ca = TestCa::new("edgeslice test origin CA");
+    let cert = ca.issue(&["origin.test"], 30);
+    // One request per connection: every fill needs a new TLS connection.
+    let nginx = Nginx::start_tls(&TlsOrigin {
+        cert: cert.cert.clone(),
+        key: cert.key.clone(),
+        http2: false,
+        keepalive_requests: Some(1),
+    });
+    let yaml = format!(
+        "{CACHE}upstreams:\n  o:\n    servers: [\"{addr}\"]\n    tls:\n      sni: origin.test\n      ca: {ca}\nroutes:\n  - upstream: o\n    cache: true\n",
+        addr = nginx.addr,
+        ca = ca.ca_path().display()
+    );
+    let proxy = Proxy::start(&yaml);
+    for i in 0..12 {
+        let path = format!("/s/{i}.bin");
+        let data = put(&nginx, &path, 5000 + i);
+        let (s, body) = get(&proxy, &path, None).await;
+        assert_eq!(s, 200);
+        assert!(body == data, "{path} differs");
+    }
+    nginx.settle(Duration::from_secs(2));
+    let log = nginx.tls_accesses();
+    let conns: BTreeSet<u64> = log.iter().map(|a| a.connection).collect();
+    let resumed = log.iter().filter(|a| a.session_reused).count();
+    assert!(log.len() >= 12 && conns.len() >= 12, "{log:?}");
+    // The first handshake is full; the later ones resume its session.
+    assert!(
+        resumed >= log.len() - 2,
+        "{resumed} of {} new TLS connections resumed a session: {log:?}",
+        log.len()
     );
 }
 

@@ -22,6 +22,9 @@ pub struct TlsOrigin {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub http2: bool,
+    /// `keepalive_requests` of the server: `Some(1)` closes every connection after one
+    /// request, so each request needs a new TLS handshake (full or resumed).
+    pub keepalive_requests: Option<u32>,
 }
 
 /// One request as the TLS server logged it.
@@ -97,9 +100,12 @@ impl Nginx {
                 Some(t) => format!(
                     "    ssl_certificate {};\n    ssl_certificate_key {};\n    \
                      ssl_session_cache shared:tls:1m;\n    ssl_session_tickets on;\n    \
-                     access_log {d}/tls.log detailed;\n",
+                     access_log {d}/tls.log detailed;\n{}",
                     t.cert.display(),
-                    t.key.display()
+                    t.key.display(),
+                    t.keepalive_requests
+                        .map(|n| format!("    keepalive_requests {n};\n"))
+                        .unwrap_or_default()
                 ),
             };
             let listen_opts = match tls {
