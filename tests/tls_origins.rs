@@ -453,6 +453,67 @@ async fn tls_sessions_are_resumed_on_new_connections() {
     );
 }
 
+/// A transfer cut mid-body over TLS is resumed (over TLS, If-Range, from the next byte) on the
+/// other server; the object is whole and stored whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_over_tls_is_resumed_over_tls() {
+    use common::origin::{content as obj_content, Fault, Origin};
+    use common::tls::TlsFront;
+    let mut ca = TestCa::new("edgeslice test origin CA");
+    let cert = ca.issue(&["origin.test"], 30);
+    let flaky = Origin::start().await;
+    let steady = Origin::start().await;
+    let flaky_tls = TlsFront::start(flaky.addr(), &cert).await;
+    let steady_tls = TlsFront::start(steady.addr(), &cert).await;
+    let yaml = format!(
+        "cache:\n  chunk_size: 1MiB\n  memory:\n    capacity: 64MiB\nupstreams:\n  o:\n    servers: [\"{a}\", \"{b}\"]\n    \
+         tls:\n      sni: origin.test\n      ca: {ca}\nroutes:\n  - upstream: o\n    cache: true\n",
+        a = flaky_tls.addr,
+        b = steady_tls.addr,
+        ca = ca.ca_path().display()
+    );
+    let proxy = Proxy::start(&yaml);
+    let size: u64 = 3 * 1024 * 1024 + 17;
+    let mut resumed = 0;
+    for i in 0..4 {
+        let path = format!("/obj/{size}/tls-cut-{i}.bin");
+        // Whichever server the fill goes to first cuts it (once each: a resume may meet the
+        // other's cut too, and then comes back).
+        flaky.set_fault_times(Fault::ResetMidBody { after: 100_000 }, 1);
+        steady.set_fault_times(Fault::ResetMidBody { after: 100_000 }, 1);
+        let (s, body) = get(&proxy, &path, None).await;
+        assert_eq!(s, 200, "object {i}");
+        assert_eq!(body.len() as u64, size, "object {i}: cut short");
+        assert!(
+            body == obj_content(&path, 0, 0..size),
+            "object {i}: wrong bytes"
+        );
+        let resumes: Vec<_> = flaky
+            .log()
+            .into_iter()
+            .chain(steady.log())
+            .filter(|r| r.path == path && r.header("if-range").is_some())
+            .collect();
+        resumed += resumes.len();
+        let before = flaky.requests() + steady.requests();
+        let (s, body) = get(&proxy, &path, Some("bytes=99990-100009")).await;
+        assert_eq!(s, 206);
+        assert!(
+            body == obj_content(&path, 0, 99_990..100_010),
+            "object {i}: hit bytes"
+        );
+        assert_eq!(
+            flaky.requests() + steady.requests(),
+            before,
+            "object {i}: not a hit"
+        );
+    }
+    assert!(resumed >= 4, "{resumed} resumes (If-Range) over TLS");
+    assert!(flaky_tls.accepted() + steady_tls.accepted() >= 2);
+    let s = proxy.stats().await;
+    assert!(s["origin_resumes"] >= 4, "{s:?}");
+}
+
 #[test]
 fn check_mode_warns_about_verify_false() {
     let dir = tempfile::tempdir().expect("tempdir");
