@@ -186,6 +186,20 @@ async fn private_ca_https_origin_serves_byte_exact_and_reuses_connections() {
         .filter(|c| !before.contains(c))
         .collect();
     assert!(new.len() >= 40, "each object was fetched: {}", new.len());
+    let all: BTreeSet<u64> = log.iter().map(|a| a.connection).collect();
+    eprintln!(
+        "h1: {} origin requests over {} TLS connections ({} new for the last {})",
+        log.len(),
+        all.len(),
+        conns.len(),
+        new.len()
+    );
+    assert!(
+        all.len() * 5 <= log.len(),
+        "{} origin requests over {} TLS connections",
+        log.len(),
+        all.len()
+    );
     assert!(
         conns.len() <= 4,
         "{} origin requests opened {} new TLS connections (reuse expected)",
@@ -381,7 +395,7 @@ async fn http2_origin_fills_byte_exact_over_one_connection() {
     let cert = ca.issue(&["origin.test"], 30);
     let nginx = tls_origin(&cert, true);
     let yaml = format!(
-        "{CACHE}upstreams:\n  h2:\n    servers: [\"{addr}\"]\n    http2: true\n    tls:\n      \
+        "{CACHE}upstreams:\n  h2:\n    servers: [\"{addr}\"]\n    http2: true\n    host: h2.origin.test\n    tls:\n      \
          sni: origin.test\n      ca: {ca}\nroutes:\n  - path_prefix: /pass/\n    upstream: h2\n    \
          cache: false\n  - path_prefix: /\n    upstream: h2\n    cache: true\n",
         addr = nginx.addr,
@@ -407,7 +421,14 @@ async fn http2_origin_fills_byte_exact_over_one_connection() {
         log.iter().all(|a| a.protocol == "HTTP/2.0"),
         "not all over HTTP/2: {log:?}"
     );
+    // `host` is the :authority of fills and pass-through alike.
+    assert!(log.iter().all(|a| a.host == "h2.origin.test"), "{log:?}");
     let conns: BTreeSet<u64> = log.iter().map(|a| a.connection).collect();
+    eprintln!(
+        "h2: {} requests over {} connections",
+        log.len(),
+        conns.len()
+    );
     assert!(
         conns.len() <= 3,
         "{} requests over {} connections",
@@ -445,6 +466,10 @@ async fn tls_sessions_are_resumed_on_new_connections() {
     let conns: BTreeSet<u64> = log.iter().map(|a| a.connection).collect();
     let resumed = log.iter().filter(|a| a.session_reused).count();
     assert!(log.len() >= 12 && conns.len() >= 12, "{log:?}");
+    eprintln!(
+        "{resumed} of {} new TLS connections resumed a session",
+        log.len()
+    );
     // The first handshake is full; the later ones resume its session.
     assert!(
         resumed >= log.len() - 2,
