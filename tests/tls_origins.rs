@@ -539,6 +539,43 @@ async fn a_cut_over_tls_is_resumed_over_tls() {
     assert!(s["origin_resumes"] >= 4, "{s:?}");
 }
 
+/// `tls.ca` is read again on reload: the same path with other certificates rebuilds the
+/// group, and verification follows the new file (502 before, the object after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_reads_the_ca_file_again() {
+    let mut ca = TestCa::new("edgeslice test origin CA");
+    let other = TestCa::new("some other CA");
+    let cert = ca.issue(&["origin.test"], 30);
+    let nginx = tls_origin(&cert, false);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = dir.path().join("origin-ca.pem");
+    std::fs::copy(other.ca_path(), &ca_file).expect("copy CA");
+    let yaml = format!(
+        "{CACHE}upstreams:\n  o:\n    servers: [\"{addr}\"]\n    retry:\n      attempts: 1\n    tls:\n      sni: origin.test\n      ca: {ca}\nroutes:\n  - upstream: o\n    cache: true\n",
+        addr = nginx.addr,
+        ca = ca_file.display()
+    );
+    let proxy = Proxy::start(&yaml);
+    let data = put(&nginx, "/r.bin", 20_000);
+    let (s, _) = get(&proxy, "/r.bin", None).await;
+    assert_eq!(s, 502, "trusted a CA it was not given");
+    std::fs::copy(ca.ca_path(), &ca_file).expect("copy CA");
+    let pid = proxy.pid().to_string();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill -HUP");
+    assert!(hup.success());
+    assert!(
+        proxy.log_contains("upstream pools 0 kept and 1 new"),
+        "the changed CA file did not rebuild the pool:\n{}",
+        proxy.log()
+    );
+    let (s, body) = get(&proxy, "/r.bin", None).await;
+    assert_eq!(s, 200, "{}", proxy.log());
+    assert!(body == data);
+}
+
 #[test]
 fn check_mode_warns_about_verify_false() {
     let dir = tempfile::tempdir().expect("tempdir");
