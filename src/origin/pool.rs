@@ -6,6 +6,9 @@
 //!
 //! Selection reads breaker state with atomics only; it never waits.
 //!
+//! Each server's Pingora peer (plain or TLS, `origin::peer`) is built once with the pool and
+//! used by every connection to it: fills, revalidations, resumes, pass-through, health checks.
+//!
 //! Never a self-made outage:
 //! - at most `max_ejected_percent` of the group's servers are ejected at once as *outliers*
 //!   (for their answers: gateway statuses, resets, read timeouts, broken framing, trickling
