@@ -63,6 +63,15 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Allowed but unsafe settings (`upstreams.<name>.tls.verify: false`): said by `-t` and at
+    // every start (and reload).
+    for w in &config.warnings {
+        if cli.test {
+            eprintln!("edgeslice: warning: {w}");
+        } else {
+            log::warn!("{w}");
+        }
+    }
     if cli.test {
         println!(
             "edgeslice: the configuration file {} syntax is ok and the test is successful",

@@ -117,6 +117,9 @@ impl Reloader {
         .await
         .map_err(|e| Refused::Failed(format!("edgeslice: reload failed: {e}")))?;
         let new = loaded.map_err(Refused::Invalid)?;
+        for w in &new.warnings {
+            log::warn!("reload: {w}");
+        }
         let old = self.current.load_full();
         let (applied, ignored) = live::apply(&old.config, new);
         let (next, pools) =

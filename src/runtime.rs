@@ -53,10 +53,14 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(stats: Arc<ResilienceStats>) -> Shared {
+    /// `keepalive_pool_size`: idle origin connections the cache's connector keeps
+    /// (`server.upstream_keepalive_pool_size`, as Pingora's own for pass-through).
+    pub fn new(stats: Arc<ResilienceStats>, keepalive_pool_size: usize) -> Shared {
         Shared {
             stats,
-            connector: Arc::new(Connector::new(None)),
+            connector: Arc::new(Connector::new(Some(
+                pingora_core::connectors::ConnectorOptions::new(keepalive_pool_size),
+            ))),
             health_running: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -188,7 +192,7 @@ mod tests {
 
     #[test]
     fn unchanged_pools_are_reused_changed_ones_rebuilt() {
-        let shared = Shared::new(Arc::default());
+        let shared = Shared::new(Arc::default(), 16);
         let (first, built) = Runtime::build(config("5s"), None, &shared, None).expect("build");
         assert_eq!(
             built,
@@ -232,7 +236,7 @@ mod tests {
 
     #[tokio::test]
     async fn health_checks_follow_the_pools_in_use() {
-        let shared = Shared::new(Arc::default());
+        let shared = Shared::new(Arc::default(), 16);
         let (_stop, shutdown) = tokio::sync::watch::channel(false);
         let (mut current, _) =
             Runtime::build(config("5s"), None, &shared, Some(&shutdown)).expect("build");

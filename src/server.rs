@@ -76,7 +76,7 @@ pub fn build(config: Config, run: RunOptions, file: PathBuf) -> Result<Server, S
         Arc::new(ChunkCache::new(&config.cache).map_err(|e| format!("opening the cache: {e}"))?);
     let metrics = Arc::new(Metrics::new());
     let stats = Arc::new(ResilienceStats::new(metrics.clone()));
-    let shared = Shared::new(stats.clone());
+    let shared = Shared::new(stats.clone(), config.server.upstream_keepalive_pool_size);
     let (runtime, _) = Runtime::build(config.clone(), None, &shared, None)
         .map_err(|e| format!("building upstream pools: {e}"))?;
     let current = Arc::new(ArcSwap::from_pointee(runtime));

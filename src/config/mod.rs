@@ -5,10 +5,12 @@
 //! line (`upstreams.origin.servers[1] (line 12, column 7): ...`). Nothing here panics on input.
 
 pub mod live;
+pub mod origin_tls;
 mod schema;
 mod shaping;
 pub mod units;
 
+pub use origin_tls::{CaBundle, OriginTls};
 pub use shaping::{ShapingClass, ShapingSettings};
 
 use crate::origin::breaker::BreakerConfig;
@@ -72,6 +74,9 @@ pub struct Config {
     pub routes: Vec<Arc<Route>>,
     /// `shaping`, when configured.
     pub shaping: Option<Arc<ShapingSettings>>,
+    /// What is allowed but unsafe (`upstreams.<name>.tls.verify: false`), one line each with
+    /// its key path and line: logged at start and on reload, printed by `-t`.
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -208,13 +213,34 @@ pub struct UpstreamSettings {
     pub health_check: Option<HealthCheckSettings>,
     pub breaker: BreakerConfig,
     pub retry: RetrySettings,
+    /// `host`: the `Host` sent to this group (fills, revalidations, pass-through, health
+    /// checks); `None` = the client's. The cache key keeps the client's host.
+    pub host: Option<String>,
+    /// `tls`: present, the group is HTTPS.
+    pub tls: Option<OriginTls>,
+    /// `http2`: offer HTTP/2 by ALPN (HTTP/1.1 stays the fallback). Needs `tls`.
+    pub http2: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+impl UpstreamSettings {
+    /// The name `server` is reached by over TLS (SNI, and what its certificate is verified
+    /// against): see [`OriginTls::sni_for`]. `None` without `tls`, or for an IP server with no
+    /// name configured.
+    pub fn sni_for<'a>(&'a self, server: &'a ServerSpec) -> Option<&'a str> {
+        self.tls
+            .as_ref()?
+            .sni_for(self.host.as_deref(), server.name.as_deref())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerSpec {
     pub addr: SocketAddr,
     /// Relative share of traffic (default 1).
     pub weight: u32,
+    /// The host name as written (`objects.example.net` of `objects.example.net:443`), lower
+    /// case; `None` for a server written as an IP address.
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -467,7 +493,15 @@ fn parse_server(path: &str, at: &Spanned<RawServerEntry>) -> Result<ServerSpec, 
     if weight == 0 {
         return Err(err_at(path, at, "weight must be at least 1"));
     }
-    Ok(ServerSpec { addr, weight })
+    let text = entry.address.trim();
+    let name = match text.parse::<SocketAddr>() {
+        Ok(_) => None,
+        Err(_) => text
+            .rsplit_once(':')
+            .map(|(host, _)| host.trim_end_matches('.').to_ascii_lowercase())
+            .filter(|h| h.parse::<std::net::IpAddr>().is_err()),
+    };
+    Ok(ServerSpec { addr, weight, name })
 }
 
 fn nonzero_size(path: &str, at: &Spanned<units::Size>) -> Result<u64, ConfigError> {
@@ -740,6 +774,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
     let mut upstreams = BTreeMap::new();
+    let mut warnings = Vec::new();
     for (name, u) in &raw_upstreams.value {
         let base = format!("upstreams.{name}");
         if u.servers.value.is_empty() {
@@ -909,6 +944,35 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 }
             }
         };
+        let host = u
+            .host
+            .as_ref()
+            .map(|h| origin_tls::validate_host(&base, h))
+            .transpose()?;
+        let tls = u
+            .tls
+            .as_ref()
+            .map(|t| origin_tls::validate(&base, t))
+            .transpose()?;
+        if let Some(v) = u.tls.as_ref().and_then(|t| t.value.verify.as_ref()) {
+            if !v.value {
+                warnings.push(format!(
+                    "{base}.tls.verify (line {}): false: the certificates of this group's servers are not verified; anyone on the path can impersonate them",
+                    v.referenced.line()
+                ));
+            }
+        }
+        let http2 = match &u.http2 {
+            Some(h) if h.value && tls.is_none() => {
+                return Err(err_at(
+                    format!("{base}.http2"),
+                    h,
+                    "HTTP/2 to a group is negotiated by TLS (ALPN): it needs `tls`",
+                ))
+            }
+            Some(h) => h.value,
+            None => false,
+        };
         upstreams.insert(
             name.clone(),
             Arc::new(UpstreamSettings {
@@ -923,6 +987,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 health_check,
                 breaker,
                 retry,
+                host,
+                tls,
+                http2,
             }),
         );
     }
@@ -1090,6 +1157,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         upstreams,
         routes,
         shaping: shaping.map(Arc::new),
+        warnings,
     })
 }
 

@@ -138,6 +138,20 @@ pub struct RawUpstream {
     pub health_check: Option<RawHealthCheck>,
     pub circuit_breaker: Option<RawBreaker>,
     pub retry: Option<RawRetry>,
+    /// `Host` sent to this group (default: the client's).
+    pub host: Option<Spanned<String>>,
+    /// Present: the group is HTTPS.
+    pub tls: Option<Spanned<RawUpstreamTls>>,
+    /// HTTP/2 to this group (offered by ALPN, HTTP/1.1 as the fallback).
+    pub http2: Option<Spanned<bool>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    pub sni: Option<Spanned<String>>,
+    pub verify: Option<Spanned<bool>>,
+    pub ca: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

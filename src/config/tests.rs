@@ -685,3 +685,151 @@ fn table_capacities_default_from_the_tiers_and_are_checked() {
         "at least 64KiB",
     );
 }
+
+/// An upstream group `store` with `extra` (indented four spaces) and one route to it.
+fn with_store(server: &str, extra: &str) -> String {
+    format!(
+        "listen:\n  - 127.0.0.1:8080\nupstreams:\n  store:\n    servers: [\"{server}\"]\n{extra}routes:\n  - upstream: store\n"
+    )
+}
+
+/// A PEM file holding one self-signed certificate.
+fn ca_file(dir: &std::path::Path) -> PathBuf {
+    use openssl::{
+        asn1::Asn1Time, hash::MessageDigest, pkey::PKey, rsa::Rsa, x509::X509NameBuilder,
+    };
+    let key = PKey::from_rsa(Rsa::generate(2048).expect("rsa")).expect("pkey");
+    let mut name = X509NameBuilder::new().expect("name");
+    name.append_entry_by_text("CN", "test ca").expect("cn");
+    let name = name.build();
+    let mut b = X509::builder().expect("builder");
+    b.set_version(2).expect("version");
+    b.set_subject_name(&name).expect("subject");
+    b.set_issuer_name(&name).expect("issuer");
+    b.set_pubkey(&key).expect("pubkey");
+    b.set_not_before(&Asn1Time::days_from_now(0).expect("t"))
+        .expect("nb");
+    b.set_not_after(&Asn1Time::days_from_now(30).expect("t"))
+        .expect("na");
+    b.sign(&key, MessageDigest::sha256()).expect("sign");
+    let path = dir.join("ca.pem");
+    std::fs::write(&path, b.build().to_pem().expect("pem")).expect("write ca");
+    path
+}
+
+use pingora_core::tls::x509::X509;
+
+#[test]
+fn upstream_tls_defaults_and_sni_per_server() {
+    let c = Config::from_yaml(&with_store("127.0.0.1:443", "    tls: {}\n")).expect("config");
+    let u = &c.upstreams["store"];
+    let tls = u.tls.as_ref().expect("tls");
+    assert!(tls.verify && tls.ca.is_none() && tls.sni.is_none());
+    assert!(!u.http2 && u.host.is_none());
+    assert!(c.warnings.is_empty());
+    // An IP server with no name: no SNI (verified against its address).
+    assert_eq!(u.sni_for(&u.servers[0]), None);
+    // A server written by name: that name.
+    let c = Config::from_yaml(&with_store("LocalHost:443", "    tls: {}\n")).expect("config");
+    let u = &c.upstreams["store"];
+    assert_eq!(u.sni_for(&u.servers[0]), Some("localhost"));
+    // `host` comes before the server's name, `tls.sni` before both.
+    let c = Config::from_yaml(&with_store(
+        "localhost:443",
+        "    host: bucket.example:8443\n    tls: {}\n    http2: true\n",
+    ))
+    .expect("config");
+    let u = &c.upstreams["store"];
+    assert_eq!(u.host.as_deref(), Some("bucket.example:8443"));
+    assert_eq!(u.sni_for(&u.servers[0]), Some("bucket.example"));
+    assert!(u.http2);
+    let c = Config::from_yaml(&with_store(
+        "localhost:443",
+        "    host: bucket.example\n    tls:\n      sni: Other.Example\n",
+    ))
+    .expect("config");
+    let u = &c.upstreams["store"];
+    assert_eq!(u.sni_for(&u.servers[0]), Some("other.example"));
+    // No `tls`: plain, whatever `host` says.
+    let c = Config::from_yaml(&with_store("localhost:80", "    host: a.example\n")).expect("c");
+    let u = &c.upstreams["store"];
+    assert!(u.tls.is_none());
+    assert_eq!(u.sni_for(&u.servers[0]), None);
+}
+
+#[test]
+fn verify_false_is_allowed_with_a_warning_naming_key_and_line() {
+    let c = Config::from_yaml(&with_store(
+        "127.0.0.1:443",
+        "    tls:\n      verify: false\n",
+    ))
+    .expect("config");
+    assert!(!c.upstreams["store"].tls.as_ref().expect("tls").verify);
+    assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+    assert!(
+        c.warnings[0].contains("upstreams.store.tls.verify (line 7)"),
+        "{:?}",
+        c.warnings
+    );
+}
+
+#[test]
+fn upstream_tls_errors_name_key_and_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("missing.pem");
+    let yaml = with_store(
+        "127.0.0.1:443",
+        &format!("    tls:\n      ca: {}\n", missing.display()),
+    );
+    assert_err(&yaml, "upstreams.store.tls.ca", 7, "cannot read");
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").expect("write");
+    let yaml = with_store(
+        "127.0.0.1:443",
+        &format!("    tls:\n      ca: {}\n", empty.display()),
+    );
+    assert_err(&yaml, "upstreams.store.tls.ca", 7, "no PEM certificate");
+    let unreadable = dir.path().join("a-directory.pem");
+    std::fs::create_dir(&unreadable).expect("mkdir");
+    let yaml = with_store(
+        "127.0.0.1:443",
+        &format!("    tls:\n      ca: {}\n", unreadable.display()),
+    );
+    assert_err(&yaml, "upstreams.store.tls.ca", 7, "cannot read");
+    let good = ca_file(dir.path());
+    let c = Config::from_yaml(&with_store(
+        "127.0.0.1:443",
+        &format!("    tls:\n      ca: {}\n", good.display()),
+    ))
+    .expect("config");
+    let ca = c.upstreams["store"]
+        .tls
+        .as_ref()
+        .and_then(|t| t.ca.as_ref());
+    assert_eq!(ca.map(|c| c.certs.len()), Some(1));
+    assert_err(
+        &with_store("127.0.0.1:443", "    tls:\n      sni: a.example:443\n"),
+        "upstreams.store.tls.sni",
+        7,
+        "invalid sni",
+    );
+    assert_err(
+        &with_store("127.0.0.1:443", "    host: \"a b\"\n"),
+        "upstreams.store.host",
+        6,
+        "invalid host",
+    );
+    assert_err(
+        &with_store("127.0.0.1:80", "    http2: true\n"),
+        "upstreams.store.http2",
+        6,
+        "needs `tls`",
+    );
+    let e = bad(&with_store(
+        "127.0.0.1:443",
+        "    tls:\n      verify: maybe\n",
+    ));
+    assert!(e.path.starts_with("upstreams.store.tls.verify"), "{e}");
+    let e = bad(&with_store("127.0.0.1:443", "    tls:\n      cert: x\n"));
+    assert!(e.to_string().contains("cert"), "{e}");
+}

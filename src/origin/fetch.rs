@@ -1,4 +1,4 @@
-//! The chunk cache's own origin client: one HTTP/1.1 GET (usually a chunk-aligned `Range`) to a
+//! The chunk cache's own origin client: one GET (HTTP/1.1, or HTTP/2 to a group with `http2`) (usually a chunk-aligned `Range`) to a
 //! server of an upstream group, over Pingora's pooled connector, with the group's per-try
 //! timeouts, retries (backoff, budget, deadline), circuit breakers and minimum body rate.
 //!
@@ -55,6 +55,9 @@ pub struct FetchError {
     pub timed_out: bool,
     /// What the failure was charged as, when it was the server's own.
     pub class: Option<FailureClass>,
+    /// A TLS failure (a certificate that did not verify, a failed handshake): logged once per
+    /// server and cause by the pool ([`super::peer::TlsFailureLog`]), not per request.
+    pub tls: Option<super::peer::TlsCause>,
 }
 
 impl std::fmt::Display for FetchError {
@@ -196,6 +199,7 @@ impl OriginResponse {
             status: None,
             timed_out: class == FailureClass::ReadTimeout,
             class: Some(class),
+            tls: None,
         })
     }
 
@@ -294,6 +298,7 @@ pub async fn open_until(
         status: None,
         timed_out: false,
         class: None,
+        tls: None,
     };
     let mut retries = RequestRetries::default();
     for attempt in 0..pool.settings.retry.attempts {
@@ -396,6 +401,7 @@ pub async fn open_until(
                     status: Some(status),
                     timed_out: false,
                     class: None,
+                    tls: None,
                 };
                 if let Some(old) = gateway_answer.replace(resp) {
                     old.discard().await;
@@ -407,7 +413,9 @@ pub async fn open_until(
                 }
             }
             Ok(Err(e)) => {
-                log::warn!("rid={} origin {addr} failed: {e}", req.request_id);
+                if e.tls.is_none() {
+                    log::warn!("rid={} origin {addr} failed: {e}", req.request_id);
+                }
                 let Some(class) = e.class else {
                     // Not the server's failure (ours): nothing to charge, nothing to retry.
                     sel.release();
@@ -431,6 +439,7 @@ pub async fn open_until(
                     status: None,
                     timed_out: true,
                     class: Some(FailureClass::ReadTimeout),
+                    tls: None,
                 };
                 break;
             }
@@ -468,14 +477,20 @@ async fn try_server(
             FailureClass::ConnectTimeout | FailureClass::ReadTimeout
         ),
         class: Some(class),
+        tls: None,
     };
     let classify =
         |e: &pingora_error::Error| classify_type(e.etype(), true).unwrap_or(FailureClass::Connect);
     let peer = pool.peer(addr);
-    let (mut session, _reused) = connector
-        .get_http_session(&peer)
-        .await
-        .map_err(|e| fail(format!("connect: {e}"), classify(&e)))?;
+    let (mut session, _reused) = match connector.get_http_session(&peer).await {
+        Ok(s) => s,
+        Err(e) => {
+            let mut err = fail(format!("connect: {e}"), classify(&e));
+            err.tls = pool.tls_failed(addr, &e, &req.request_id);
+            return Err(err);
+        }
+    };
+    pool.tls_failures.recovered(addr);
     session.set_read_timeout(Some(pool.settings.read_timeout));
     // A request we cannot even build is our problem, not the server's: no class.
     let ours = |message: String| FetchError {
@@ -484,6 +499,7 @@ async fn try_server(
         status: None,
         timed_out: false,
         class: None,
+        tls: None,
     };
     let mut head = RequestHeader::build(
         req.method.clone(),
@@ -499,7 +515,12 @@ async fn try_server(
         head.insert_header(n, v)
             .map_err(|e| ours(format!("header {n}: {e}")))
     };
-    set(&mut head, "host", &req.host)?;
+    // The group's `host` when set (the cache key keeps the client's).
+    set(
+        &mut head,
+        "host",
+        pool.settings.host.as_deref().unwrap_or(&req.host),
+    )?;
     if let Some((a, b)) = req.range {
         set(&mut head, "range", &format!("bytes={a}-{b}"))?;
     }
@@ -508,6 +529,21 @@ async fn try_server(
     }
     set(&mut head, "via", super::super::proxy::headers::VIA_VALUE)?;
     set(&mut head, "x-request-id", &req.request_id)?;
+    if matches!(session, HttpSession::H2(_)) {
+        // HTTP/2 carries the host as `:authority`, not as a Host field (RFC 9113 §8.3.1; nginx
+        // refuses both as a duplicate Host), as Pingora's own proxy does.
+        if let Some(host) = head.remove_header(&http::header::HOST) {
+            let authority = http::uri::Authority::try_from(host.as_bytes())
+                .map_err(|e| ours(format!("host {host:?} as :authority: {e}")))?;
+            let uri = http::Uri::builder()
+                .scheme("https")
+                .authority(authority)
+                .path_and_query(req.path_and_query.as_str())
+                .build()
+                .map_err(|e| ours(format!("building the HTTP/2 request: {e}")))?;
+            head.set_uri(uri);
+        }
+    }
     session
         .write_request_header(Box::new(head))
         .await
@@ -534,6 +570,14 @@ async fn try_server(
             101 => {
                 return Err(fail(
                     "origin answered 101 Switching Protocols to a request without Upgrade".into(),
+                    FailureClass::Framing,
+                ))
+            }
+            // An HTTP/2 stream carries one final header (the h2 layer drops interim ones): a
+            // second read would be a misuse of the session.
+            s @ 100..=199 if matches!(session, HttpSession::H2(_)) => {
+                return Err(fail(
+                    format!("origin answered {s} as the final HTTP/2 response"),
                     FailureClass::Framing,
                 ))
             }

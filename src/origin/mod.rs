@@ -7,6 +7,7 @@ pub mod budget;
 pub mod failing;
 pub mod fetch;
 pub mod outcome;
+pub mod peer;
 pub mod pool;
 
 use outcome::FailureClass;

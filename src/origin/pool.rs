@@ -6,6 +6,9 @@
 //!
 //! Selection reads breaker state with atomics only; it never waits.
 //!
+//! Each server's Pingora peer (plain or TLS, `origin::peer`) is built once with the pool and
+//! used by every connection to it: fills, revalidations, resumes, pass-through, health checks.
+//!
 //! Never a self-made outage:
 //! - at most `max_ejected_percent` of the group's servers are ejected at once as *outliers*
 //!   (for their answers: gateway statuses, resets, read timeouts, broken framing, trickling
@@ -24,6 +27,7 @@ use super::breaker::{Admission, Breaker, BreakerState, Transition};
 use super::budget::RetryBudget;
 use super::failing::FailingUrls;
 use super::outcome::FailureClass;
+use super::peer::{peer_for, TlsCause, TlsFailureLog};
 use super::ResilienceStats;
 use crate::config::{Balance, UpstreamSettings};
 use crate::metrics::{OriginOutcome, UpstreamMetrics};
@@ -65,6 +69,10 @@ pub struct UpstreamPool {
     /// This group's and its servers' figures for `/metrics`.
     pub metrics: Arc<UpstreamMetrics>,
     max_iterations: usize,
+    /// Each server's peer (`origin::peer`), built once: TLS settings, CA, timeouts.
+    peers: HashMap<SocketAddr, HttpPeer>,
+    /// TLS failures already logged, per server and cause.
+    pub tls_failures: TlsFailureLog,
 }
 
 /// A server chosen for one try, holding its breaker admission until the outcome is reported.
@@ -191,6 +199,36 @@ fn log_transition(
     );
 }
 
+/// The group's active health check: one Pingora HTTP check per server, each made from that
+/// server's peer.
+struct PerServerCheck {
+    checks: HashMap<SocketAddr, HttpHealthCheck>,
+    healthy_after: usize,
+    unhealthy_after: usize,
+}
+
+#[async_trait::async_trait]
+impl pingora_load_balancing::health_check::HealthCheck for PerServerCheck {
+    async fn check(&self, target: &Backend) -> pingora_error::Result<()> {
+        let check = target.addr.as_inet().and_then(|a| self.checks.get(a));
+        match check {
+            Some(c) => c.check(target).await,
+            None => pingora_error::Error::e_explain(
+                pingora_error::ErrorType::InternalError,
+                "health check of a server not in the group",
+            ),
+        }
+    }
+
+    fn health_threshold(&self, success: bool) -> usize {
+        if success {
+            self.healthy_after
+        } else {
+            self.unhealthy_after
+        }
+    }
+}
+
 impl UpstreamPool {
     pub fn new(
         settings: Arc<UpstreamSettings>,
@@ -203,20 +241,41 @@ impl UpstreamPool {
             backends.insert(b);
         }
         let mut discovered = Backends::new(discovery::Static::new(backends));
+        let peers: HashMap<SocketAddr, HttpPeer> = settings
+            .servers
+            .iter()
+            .map(|s| (s.addr, peer_for(&settings, s)))
+            .collect();
         if let Some(hc) = &settings.health_check {
-            let mut check = HttpHealthCheck::new(&settings.name, false);
-            check.consecutive_success = hc.healthy_after as usize;
-            check.consecutive_failure = hc.unhealthy_after as usize;
-            check.peer_template.options.connection_timeout = Some(hc.timeout);
-            check.peer_template.options.read_timeout = Some(hc.timeout);
+            // Pingora's HTTP check, one per server so that each is made from that server's own
+            // peer (over TLS for an HTTPS group, with the server's SNI and verification).
             let mut req = RequestHeader::build("GET", hc.path.as_bytes(), None)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            req.insert_header("host", settings.name.as_str())
+            // The group's `host` when set; otherwise the upstream's name, as ever.
+            let host = settings.host.as_deref().unwrap_or(settings.name.as_str());
+            req.insert_header("host", host)
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             req.insert_header("user-agent", "edgeslice-health-check")
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
-            check.req = req;
-            discovered.set_health_check(Box::new(check));
+            let checks = peers
+                .iter()
+                .map(|(addr, peer)| {
+                    let mut check = HttpHealthCheck::new(&settings.name, false);
+                    check.consecutive_success = hc.healthy_after as usize;
+                    check.consecutive_failure = hc.unhealthy_after as usize;
+                    check.peer_template = peer.clone();
+                    check.peer_template.options.connection_timeout = Some(hc.timeout);
+                    check.peer_template.options.read_timeout = Some(hc.timeout);
+                    check.peer_template.options.write_timeout = Some(hc.timeout);
+                    check.req = req.clone();
+                    (*addr, check)
+                })
+                .collect();
+            discovered.set_health_check(Box::new(PerServerCheck {
+                checks,
+                healthy_after: hc.healthy_after as usize,
+                unhealthy_after: hc.unhealthy_after as usize,
+            }));
         }
         let interval = settings.health_check.as_ref().map(|h| h.interval);
         let lb = match settings.balance {
@@ -280,6 +339,8 @@ impl UpstreamPool {
                 max: retry.max_backoff,
             },
             max_iterations: weight_sum + settings.servers.len() + 1,
+            peers,
+            tls_failures: TlsFailureLog::default(),
             metrics,
             settings,
             lb,
@@ -466,14 +527,40 @@ impl UpstreamPool {
         })
     }
 
-    /// A Pingora peer for `addr` with this group's timeouts: `connect_timeout` per connection
-    /// attempt, `read_timeout` as the idle time allowed between reads.
+    /// The Pingora peer for `addr` (see `origin::peer`): this group's timeouts
+    /// (`connect_timeout` per connection attempt, the TLS handshake included; `read_timeout` as
+    /// the idle time allowed between reads) and, for an HTTPS group, its TLS settings.
     pub fn peer(&self, addr: SocketAddr) -> HttpPeer {
-        let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(self.settings.connect_timeout);
-        peer.options.read_timeout = Some(self.settings.read_timeout);
-        peer.options.write_timeout = Some(self.settings.read_timeout);
-        peer
+        match self.peers.get(&addr) {
+            Some(p) => p.clone(),
+            // Not one of ours (panic routing's last resort): plain, with the group's timeouts.
+            None => peer_for(
+                &self.settings,
+                &crate::config::ServerSpec {
+                    addr,
+                    weight: 1,
+                    name: None,
+                },
+            ),
+        }
+    }
+
+    /// A connection to `server` failed with `e`: when it is a TLS failure, log it if it is the
+    /// first of its cause since the server last connected well, and return its cause.
+    pub fn tls_failed(
+        &self,
+        server: SocketAddr,
+        e: &pingora_error::Error,
+        request_id: &str,
+    ) -> Option<TlsCause> {
+        let cause = TlsCause::of(e.etype())?;
+        if self.tls_failures.first(server, cause) {
+            log::error!(
+                "rid={request_id} upstream {}: TLS to {server} failed ({cause:?}): {e}; charged as a connect failure, logged once until it connects again",
+                self.name()
+            );
+        }
+        Some(cause)
     }
 }
 
@@ -494,6 +581,7 @@ mod tests {
                 .map(|i| ServerSpec {
                     addr: SocketAddr::from(([127, 0, 0, 1], 10_000 + i)),
                     weight: 1,
+                    name: None,
                 })
                 .collect(),
             balance: Balance::RoundRobin,
@@ -514,6 +602,9 @@ mod tests {
                 max_backoff: Duration::from_millis(50),
                 budget_percent: 100,
             },
+            host: None,
+            tls: None,
+            http2: false,
         };
         UpstreamPool::new(Arc::new(settings), Arc::new(ResilienceStats::default())).expect("pool")
     }

@@ -443,9 +443,7 @@ impl CacheLayer {
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         return Ok(Some((old, Lookup::StaleIfError)));
                     }
-                    return self
-                        .fail(session, ctx, e.client_status(), &e.to_string())
-                        .await;
+                    return self.fail(session, ctx, e.client_status(), &e).await;
                 }
             }
         }
@@ -619,10 +617,7 @@ impl CacheLayer {
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     Ok(Some((old, Lookup::StaleIfError)))
                 }
-                _ => {
-                    self.fail(session, ctx, e.client_status(), &e.to_string())
-                        .await
-                }
+                _ => self.fail(session, ctx, e.client_status(), &e).await,
             },
         }
     }
@@ -763,9 +758,17 @@ impl CacheLayer {
         session: &mut Session,
         ctx: &mut RequestCtx,
         status: u16,
-        why: &str,
+        why: &crate::origin::fetch::FetchError,
     ) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
-        log::warn!(
+        // A TLS failure was logged once for its server and cause (`UpstreamPool::tls_failed`):
+        // not again for every request it fails.
+        let level = if why.tls.is_some() {
+            log::Level::Debug
+        } else {
+            log::Level::Warn
+        };
+        log::log!(
+            level,
             "rid={} cache fill failed, answering {status}: {why}",
             ctx.request_id
         );

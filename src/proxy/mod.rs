@@ -598,6 +598,24 @@ impl ProxyHttp for Edge {
         Ok(Box::new(peer))
     }
 
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if !reused {
+            if let (Some(pool), Some(addr)) = (self.pool(ctx), peer._address.as_inet()) {
+                pool.tls_failures.recovered(*addr);
+            }
+        }
+        Ok(())
+    }
+
     fn fail_to_connect(
         &self,
         session: &mut Session,
@@ -607,6 +625,10 @@ impl ProxyHttp for Edge {
     ) -> Box<Error> {
         if let Some(sel) = ctx.upstream.current.take() {
             self.count_failed_try(ctx, sel.addr, &e, true);
+            // A certificate or handshake failure: logged once per server and cause.
+            if let Some(pool) = self.pool(ctx) {
+                pool.tls_failed(sel.addr, &e, &ctx.request_id);
+            }
             charge(sel, &e, true, &ctx.request_id);
         }
         // Retried only when the failure is the server's own (the same rule that charges it).
@@ -727,6 +749,10 @@ impl ProxyHttp for Edge {
         let via = headers::via(upstream_request.headers.get("via").map(|v| v.as_bytes()));
         upstream_request.insert_header("via", via)?;
         upstream_request.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
+        // The group's `host` replaces the client's (routing and the cache key used the client's).
+        if let Some(host) = self.pool(ctx).and_then(|p| p.settings.host.as_deref()) {
+            upstream_request.insert_header(http::header::HOST, host)?;
+        }
         if ctx.continue_sent {
             // The client has had its 100 and sent the body; another would reach it as noise.
             upstream_request.remove_header(&http::header::EXPECT);
@@ -783,7 +809,11 @@ impl ProxyHttp for Edge {
         if let Some(f) = fault {
             self.stats.metrics.client_error(f);
         }
-        let level = if fault.is_some() || status == respond::CLIENT_CLOSED {
+        // A TLS failure of a server is logged once per server and cause when it happens
+        // (`UpstreamPool::tls_failed`), not once per request.
+        let tls = crate::origin::peer::TlsCause::of(e.etype()).is_some()
+            && matches!(e.esource(), pingora_error::ErrorSource::Upstream);
+        let level = if fault.is_some() || status == respond::CLIENT_CLOSED || tls {
             log::Level::Debug
         } else {
             log::Level::Warn

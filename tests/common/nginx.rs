@@ -16,6 +16,35 @@ pub struct Nginx {
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// The TLS side of an HTTPS nginx origin: its certificate and whether it offers HTTP/2.
+#[derive(Debug, Clone)]
+pub struct TlsOrigin {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub http2: bool,
+    /// `keepalive_requests` of the server: `Some(1)` closes every connection after one
+    /// request, so each request needs a new TLS handshake (full or resumed).
+    pub keepalive_requests: Option<u32>,
+}
+
+/// One request as the TLS server logged it.
+#[derive(Debug, Clone)]
+pub struct TlsAccess {
+    /// nginx's connection serial number: requests on one connection share it.
+    pub connection: u64,
+    /// The TLS session was resumed (`$ssl_session_reused` = `r`).
+    pub session_reused: bool,
+    /// `HTTP/1.1` or `HTTP/2.0`.
+    pub protocol: String,
+    pub method: String,
+    /// `$host`: the Host header (or :authority) the request carried.
+    pub host: String,
+    /// `$ssl_server_name`: the SNI the client sent (empty for none).
+    pub sni: String,
+    pub user_agent: String,
+    pub status: u16,
+}
+
 /// One line of the access log.
 #[derive(Debug, Clone)]
 pub struct Access {
@@ -45,6 +74,17 @@ impl Nginx {
 
     /// As [`Nginx::start`], with `http_extra` (directives, e.g. `gzip on;`) in the `http` block.
     pub fn start_with(http_extra: &str) -> Nginx {
+        Nginx::start_server(http_extra, None)
+    }
+
+    /// An HTTPS origin: the server block listens with TLS only (`ssl`, and `http2` when
+    /// `tls.http2`), with `tls.cert` and `tls.key`. Besides the counted log, every request is
+    /// logged with its connection, TLS session reuse, `$host` and SNI ([`Nginx::tls_accesses`]).
+    pub fn start_tls(tls: &TlsOrigin) -> Nginx {
+        Nginx::start_server("", Some(tls))
+    }
+
+    fn start_server(http_extra: &str, tls: Option<&TlsOrigin>) -> Nginx {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
         std::fs::create_dir_all(dir.join("root")).expect("docroot");
@@ -55,17 +95,38 @@ impl Nginx {
             let port = super::proxy::free_port();
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
             let d = dir.display();
+            let server_tls = match tls {
+                None => String::new(),
+                Some(t) => format!(
+                    "    ssl_certificate {};\n    ssl_certificate_key {};\n    \
+                     ssl_session_cache shared:tls:1m;\n    ssl_session_tickets on;\n    \
+                     access_log {d}/tls.log detailed;\n{}",
+                    t.cert.display(),
+                    t.key.display(),
+                    t.keepalive_requests
+                        .map(|n| format!("    keepalive_requests {n};\n"))
+                        .unwrap_or_default()
+                ),
+            };
+            let listen_opts = match tls {
+                None => "",
+                Some(t) if t.http2 => " ssl http2",
+                Some(_) => " ssl",
+            };
             let conf = format!(
                 "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
-                 error_log {d}/error.log warn;\nevents {{ worker_connections 1024; }}\n\
+                 error_log {d}/error.log info;\nevents {{ worker_connections 1024; }}\n\
                  http {{\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  \
                  fastcgi_temp_path {d}/tmp/fastcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  \
                  scgi_temp_path {d}/tmp/scgi;\n  \
                  log_format counted '$status $body_bytes_sent \"$http_range\"';\n  \
+                 log_format detailed '$connection $ssl_session_reused $server_protocol \
+                 $request_method \"$host\" \"$ssl_server_name\" \"$http_user_agent\" $status';\n  \
                  access_log {d}/access.log counted;\n  sendfile on;\n  tcp_nopush on;\n  \
                  etag on;\n  keepalive_requests 100000;\n  keepalive_timeout 60s;\n  \
                  default_type application/octet-stream;\n  {http_extra}\n  \
-                 server {{\n    listen 127.0.0.1:{port};\n    root {d}/root;\n  }}\n}}\n"
+                 server {{\n    listen 127.0.0.1:{port}{listen_opts};\n    root {d}/root;\n\
+                 {server_tls}    access_log {d}/access.log counted;\n  }}\n}}\n"
             );
             let conf_path = dir.join("nginx.conf");
             std::fs::write(&conf_path, conf).expect("write nginx.conf");
@@ -153,6 +214,36 @@ impl Nginx {
                 })
             })
             .collect()
+    }
+
+    /// Every request the TLS server logged so far (see [`Nginx::start_tls`]).
+    pub fn tls_accesses(&self) -> Vec<TlsAccess> {
+        let text = std::fs::read_to_string(self.dir.join("tls.log")).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| {
+                let q: Vec<&str> = l.split('"').collect();
+                // conn reused proto method "host" "sni" "ua" status
+                if q.len() < 7 {
+                    return None;
+                }
+                let head: Vec<&str> = q[0].split_whitespace().collect();
+                Some(TlsAccess {
+                    connection: head.first()?.parse().ok()?,
+                    session_reused: *head.get(1)? == "r",
+                    protocol: head.get(2)?.to_string(),
+                    method: head.get(3)?.to_string(),
+                    host: q[1].to_string(),
+                    sni: q[3].to_string(),
+                    user_agent: q[5].to_string(),
+                    status: q[6].trim().parse().ok()?,
+                })
+            })
+            .collect()
+    }
+
+    /// nginx's error log (at `info`: it says why a request was refused).
+    pub fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
     }
 
     /// Body bytes nginx sent, over every logged request.

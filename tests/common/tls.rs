@@ -158,3 +158,71 @@ impl TestCa {
         }
     }
 }
+
+/// A TLS front for an in-process origin (tests/common/origin.rs speaks plain HTTP/1.1): it
+/// terminates TLS with a certificate and relays each connection to `backend` over TCP, byte
+/// for byte. When the backend cuts a response (a fault), the TLS connection is dropped at that
+/// point, without close_notify: the client sees the cut over TLS. Dropping the front stops it
+/// and every relayed connection.
+pub struct TlsFront {
+    pub addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TlsFront {
+    pub async fn start(backend: std::net::SocketAddr, cert: &CertFiles) -> TlsFront {
+        use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod};
+        use std::sync::atomic::Ordering;
+        let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).expect("acceptor");
+        b.set_certificate_chain_file(&cert.cert).expect("cert");
+        b.set_private_key_file(&cert.key, SslFiletype::PEM)
+            .expect("key");
+        let acceptor = std::sync::Arc::new(b.build());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((tcp, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let acceptor = acceptor.clone();
+                conns.spawn(async move {
+                    let Ok(ssl) = openssl::ssl::Ssl::new(acceptor.context()) else {
+                        return;
+                    };
+                    let Ok(mut tls) = pingora_core::tls::tokio_ssl::SslStream::new(ssl, tcp) else {
+                        return;
+                    };
+                    if std::pin::Pin::new(&mut tls).accept().await.is_err() {
+                        return;
+                    }
+                    let Ok(mut up) = tokio::net::TcpStream::connect(backend).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        TlsFront {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    /// TLS connections accepted so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

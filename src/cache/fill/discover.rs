@@ -353,6 +353,7 @@ fn broken(status: u16, what: &str) -> FetchError {
         status: None,
         timed_out: false,
         class: None,
+        tls: None,
     }
 }
 

@@ -79,6 +79,7 @@ pub async fn revalidate(
                 status: Some(s),
                 timed_out: false,
                 class: None,
+                tls: None,
             });
         }
         _ => {

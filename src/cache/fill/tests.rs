@@ -294,6 +294,7 @@ impl Origin for FakeOrigin {
                 status: None,
                 timed_out: false,
                 class: None,
+                tls: None,
             });
         }
         if matches!(status, 200 | 206 | 304) {
@@ -389,6 +390,7 @@ impl OriginReply for FakeReply {
                 status: None,
                 timed_out: false,
                 class: None,
+                tls: None,
             });
         }
         Ok(None)

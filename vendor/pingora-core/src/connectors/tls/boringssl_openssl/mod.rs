@@ -14,7 +14,8 @@
 
 use log::debug;
 use pingora_error::{Error, ErrorType::*, OrErr, Result};
-use std::sync::{Arc, Once};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Once, OnceLock};
 
 use crate::connectors::tls::replace_leftmost_underscore;
 use crate::connectors::ConnectorOptions;
@@ -26,7 +27,11 @@ use crate::tls::ext::{
     ssl_set_renegotiate_mode_freely, ssl_set_verify_cert_store, ssl_use_certificate,
     ssl_use_private_key, ssl_use_second_key_share,
 };
-use crate::tls::ssl::{SslConnector, SslFiletype, SslMethod, SslVerifyMode, SslVersion};
+use crate::tls::ssl::{
+    Ssl, SslConnector, SslContext, SslFiletype, SslMethod, SslSession, SslSessionCacheMode,
+    SslVerifyMode, SslVersion,
+};
+use openssl::ex_data::Index;
 use crate::tls::x509::store::X509StoreBuilder;
 use crate::upstreams::peer::{Peer, ALPN};
 
@@ -85,6 +90,45 @@ fn init_ssl_cert_env_vars() {
     INIT_CA_ENV.call_once(|| unsafe { openssl_probe::init_openssl_env_vars() });
 }
 
+/// edgeslice patch (see vendor/README.md): client-side TLS session resumption. The last
+/// session (TLS 1.2 session or TLS 1.3 ticket) each peer gave is kept, keyed by the peer's
+/// reuse hash (address, SNI, verification settings, `group_key`): a new connection to the same
+/// peer offers it and skips the full handshake. At most [`SESSION_CACHE_MAX`] peers (one
+/// session each, a few KiB); when full, the table is cleared and refills.
+#[derive(Default)]
+struct SessionCache {
+    sessions: Mutex<HashMap<u64, SslSession>>,
+}
+
+const SESSION_CACHE_MAX: usize = 1024;
+
+impl SessionCache {
+    fn get(&self, key: u64) -> Option<SslSession> {
+        let m = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&key).cloned()
+    }
+
+    fn put(&self, key: u64, session: SslSession) {
+        let mut m = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= SESSION_CACHE_MAX && !m.contains_key(&key) {
+            m.clear();
+        }
+        m.insert(key, session);
+    }
+}
+
+/// Where a context keeps its [`SessionCache`].
+fn session_cache_index() -> Index<SslContext, SessionCache> {
+    static IDX: OnceLock<Index<SslContext, SessionCache>> = OnceLock::new();
+    *IDX.get_or_init(|| SslContext::new_ex_index().expect("ex_data index"))
+}
+
+/// Where a connection keeps its peer's reuse hash, for the new-session callback.
+fn peer_key_index() -> Index<Ssl, u64> {
+    static IDX: OnceLock<Index<Ssl, u64>> = OnceLock::new();
+    *IDX.get_or_init(|| Ssl::new_ex_index().expect("ex_data index"))
+}
+
 #[derive(Clone)]
 pub struct Connector {
     pub(crate) ctx: Arc<SslConnector>, // Arc to support clone
@@ -139,6 +183,17 @@ impl Connector {
             builder.set_default_verify_paths().unwrap();
         }
 
+        // edgeslice patch: keep each peer's latest session (see `SessionCache`).
+        builder.set_session_cache_mode(SslSessionCacheMode::CLIENT);
+        builder.set_ex_data(session_cache_index(), SessionCache::default());
+        builder.set_new_session_callback(|ssl, session| {
+            let key = ssl.ex_data(peer_key_index()).copied();
+            if let (Some(key), Some(cache)) = (key, ssl.ssl_context().ex_data(session_cache_index()))
+            {
+                cache.put(key, session);
+            }
+        });
+
         Connector {
             ctx: Arc::new(builder.build()),
         }
@@ -158,6 +213,18 @@ where
     let mut ssl_conf = tls_ctx.configure().unwrap();
 
     ssl_set_renegotiate_mode_freely(&mut ssl_conf);
+
+    // edgeslice patch: offer the peer's last session (see `SessionCache`).
+    let peer_key = peer.reuse_hash();
+    if let Some(session) = tls_ctx
+        .context()
+        .ex_data(session_cache_index())
+        .and_then(|c| c.get(peer_key))
+    {
+        // Safety: the session came from a connection of this same context.
+        let _ = unsafe { ssl_conf.set_session(&session) };
+    }
+    ssl_conf.set_ex_data(peer_key_index(), peer_key);
 
     // Set up CA/verify cert store
     // TODO: store X509Store in the peer directly
@@ -205,7 +272,21 @@ where
         consistent with nginx's behavior */
         ssl_conf.set_verify(SslVerifyMode::NONE);
     } else if peer.verify_cert() {
-        if peer.verify_hostname() {
+        if let Some(ip) = peer
+            .verify_hostname()
+            .then(|| peer.sni().parse::<std::net::IpAddr>().ok())
+            .flatten()
+        {
+            // edgeslice patch (see vendor/README.md): a server reached by its IP address is
+            // verified against that address (an IP entry of its subjectAltName), as curl and
+            // the openssl crate's own connector do. `add_host` would compare it with DNS names
+            // only and fail every such certificate. No SNI is sent for an IP (RFC 6066 §3):
+            // `into_ssl` skips it.
+            ssl_conf
+                .param_mut()
+                .set_ip(ip)
+                .or_err(InternalError, "failed to set the IP to verify")?;
+        } else if peer.verify_hostname() {
             let verify_param = ssl_conf.param_mut();
             add_host(verify_param, peer.sni()).or_err(InternalError, "failed to add host")?;
             // if sni had underscores in leftmost label replace and add
