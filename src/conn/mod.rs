@@ -29,6 +29,7 @@ pub mod header_scan;
 pub mod limits;
 pub mod pace;
 pub mod table;
+pub mod tls;
 pub mod trim;
 
 use async_trait::async_trait;
@@ -46,6 +47,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::access_log::{AccessLog, Entry as AccessEntry};
 use crate::config::ConnectionSettings;
+use crate::tls::{ListenEntry, ListenTable};
+use pingora_core::protocols::{Ssl, ALPN};
 use std::net::IpAddr;
 use std::time::Instant;
 
@@ -89,6 +92,9 @@ pub struct Front<A> {
     body_timeout: Duration,
     /// Where answers given before the application had a request are logged.
     access_log: Option<Arc<AccessLog>>,
+    /// The `listen` entries, when some are not plain HTTP/1.1 (TLS, h2c): each connection
+    /// finds its own by its local address.
+    listeners: Option<Arc<ListenTable>>,
 }
 
 impl<A> Front<A> {
@@ -115,7 +121,14 @@ impl<A> Front<A> {
             )),
             body_timeout: settings.body_timeout,
             access_log: None,
+            listeners: None,
         }
+    }
+
+    /// Serve the `listen` entries `listeners` (TLS, h2c); plain HTTP/1.1 without.
+    pub fn with_listeners(mut self, listeners: Arc<ListenTable>) -> Front<A> {
+        self.listeners = Some(listeners).filter(|l| l.needs_lookup());
+        self
     }
 
     /// Log answers given before the application had a request to `log`.
@@ -146,6 +159,17 @@ impl<A> Front<A> {
     /// The connection table, for counters.
     pub fn table(&self) -> Arc<ConnTable> {
         self.table.clone()
+    }
+
+    /// The `listen` entry `stream` was accepted by, when any is not plain HTTP/1.1.
+    fn listener_of(&self, stream: &Stream) -> Option<&ListenEntry> {
+        let listeners = self.listeners.as_ref()?;
+        let local = stream
+            .get_socket_digest()?
+            .local_addr()?
+            .as_inet()
+            .copied()?;
+        listeners.for_local(local)
     }
 }
 
@@ -213,8 +237,12 @@ where
                 .get_socket_digest()
                 .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
         });
+        let listener = self.listener_of(&stream);
+        let tls = listener.and_then(|l| l.tls.as_ref());
         let Some(admission) = self.table.admit() else {
-            refuse(stream, &self.guard).await;
+            if tls.is_none() {
+                refuse(stream, &self.guard).await;
+            }
             self.log_unparsed(503, client, started);
             return None;
         };
@@ -225,12 +253,30 @@ where
             since: started,
         };
         let conn = admission.conn().clone();
+        // The handshake and the first request's header, together, by this.
+        let header_deadline = self.table.instant_at(conn.since_ms()) + self.guard.header_timeout;
+        let stream: Stream = match tls {
+            None => stream,
+            Some(tls) => {
+                let stream = tls::accept(stream, &tls.current(), &conn, header_deadline)
+                    .await
+                    .ok()?;
+                if stream.selected_alpn_proto() == Some(ALPN::H2) {
+                    /* h2: see branch h2 (crate::conn::h2::serve) */
+                }
+                Box::new(stream)
+            }
+        };
         let mut stream = Box::new(Guarded::new(
             stream,
             conn.clone(),
             self.table.clone(),
             self.guard.clone(),
         ));
+        if tls.is_some() {
+            // The ClientHello started the first request's arrival (`Phase::Header`).
+            stream.set_header_deadline(header_deadline);
+        }
         if wait_for_request(&mut stream, shutdown).await != Wait::Request {
             return None;
         }
