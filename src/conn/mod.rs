@@ -204,6 +204,15 @@ async fn refuse(mut stream: Stream, guard: &GuardSettings) {
     .await;
 }
 
+/// End a TLS connection with its close_notify, within a bounded time (as Pingora's own close
+/// after a response does): OpenSSL drops the session of a connection freed without one from its
+/// session cache, and its client could not resume it.
+async fn close_tls(stream: &mut Guarded, tls: bool) {
+    if tls {
+        let _ = tokio::time::timeout(REFUSE_LINGER, AsyncWriteExt::shutdown(stream)).await;
+    }
+}
+
 /// Wait until a request starts to arrive on an idle (or new) connection, holding only the
 /// stream. Its first bytes stay in the stream for Pingora. A shutdown reclaims idle
 /// connections through the table ([`Front`]'s `cleanup`), so no shutdown watch is polled here:
@@ -278,6 +287,7 @@ where
             stream.set_header_deadline(header_deadline);
         }
         if wait_for_request(&mut stream, shutdown).await != Wait::Request {
+            close_tls(&mut stream, tls.is_some()).await;
             return None;
         }
         let mut session = ServerSession::new_http1(stream);
@@ -317,9 +327,13 @@ where
                             .stats
                             .keepalive_closed
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        close_tls(&mut stream, tls.is_some()).await;
                         return None;
                     }
-                    Wait::Ended => return None,
+                    Wait::Ended => {
+                        close_tls(&mut stream, tls.is_some()).await;
+                        return None;
+                    }
                 }
             };
             session = ServerSession::new_http1(stream);
