@@ -921,3 +921,84 @@ async fn the_handshake_and_the_header_together_must_arrive_within_header_timeout
         "{took:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_tls_keepalive_connections_are_reclaimed_at_the_cap() {
+    let origin = Origin::start().await;
+    let mut ca = TestCa::new("edgeslice test CA");
+    let site = ca.issue(&["localhost"], 90);
+    let proxy = Proxy::start_tls(
+        &routes(&origin),
+        "  max_connections: 40\n",
+        &tls_entry(&[&site], ""),
+    );
+    let tls = proxy.tls_addr.unwrap();
+    let ca_path = ca.ca_path().to_path_buf();
+    let path = "/obj/3000/idle";
+    let want = content(path, 0, 0..3000);
+    // 60 connections, each idle after one answered request (keep-alive).
+    let (held, want) = tokio::task::spawn_blocking(move || {
+        let mut b = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls()).unwrap();
+        b.set_ca_file(&ca_path).unwrap();
+        let connector = b.build();
+        let held: Vec<_> = (0..60)
+            .map(|i| {
+                let tcp = TcpStream::connect(tls).unwrap();
+                tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                let mut s = connector.connect("localhost", tcp).expect("handshake");
+                s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+                    .unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 8192];
+                while !got.ends_with(&want) {
+                    let n = s.read(&mut buf).unwrap_or(0);
+                    assert!(n > 0, "connection {i}: response cut: {got:?}");
+                    got.extend_from_slice(&buf[..n]);
+                }
+                assert!(got.starts_with(b"HTTP/1.1 200"), "connection {i}");
+                s
+            })
+            .collect();
+        (held, want)
+    })
+    .await
+    .unwrap();
+    assert_eq!(held.len(), 60);
+    // A new client is served; the idle ones made room.
+    let ca_path = ca.ca_path().to_path_buf();
+    let got = tokio::task::spawn_blocking(move || curl(&ca_path, tls, "localhost", path, &[]))
+        .await
+        .unwrap()
+        .expect("a new client at the cap");
+    assert_eq!(got.status, 200);
+    assert!(got.body == want);
+    let stats = proxy.stats().await;
+    assert!(stats["client_connections_open"] <= 40, "{stats:?}");
+    assert!(stats["client_connections_reclaimed"] >= 20, "{stats:?}");
+    assert_eq!(stats["client_connections_refused"], 0);
+    // The oldest idle connections were closed (close_notify, then the end of the stream).
+    let closed = tokio::task::spawn_blocking(move || {
+        held.into_iter()
+            .take(20)
+            .map(|mut s| {
+                s.get_ref()
+                    .set_read_timeout(Some(Duration::from_secs(5)))
+                    .unwrap();
+                let mut buf = [0u8; 16];
+                match s.read(&mut buf) {
+                    Ok(0) => true,
+                    Ok(_) => false,
+                    // A read timeout: still open.
+                    Err(e) => !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ),
+                }
+            })
+            .filter(|c| *c)
+            .count()
+    })
+    .await
+    .unwrap();
+    assert_eq!(closed, 20, "the 20 longest-idle connections were reclaimed");
+}

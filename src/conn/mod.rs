@@ -5,8 +5,10 @@
 //! request to the HTTP application with pipelining on.
 //!
 //! ```text
-//!  accept ─► ConnTable::admit ──none idle at the cap──► 503, close
+//!  accept ─► ConnTable::admit ──none idle at the cap──► 503, close (TLS: close)
 //!               │ (oldest idle connections reclaimed to make room)
+//!               ▼
+//!   TLS listener? ─► tls::accept: ClientHello + handshake by accept + header_timeout
 //!               ▼
 //!   Guarded stream ─► loop { wait for a request's whole header (only the stream held: ~12 KiB;
 //!                              408/414/431 answered here)
@@ -21,8 +23,11 @@
 //! here, with `-` for what was never parsed.
 //!
 //! It replaces the keep-alive loop of Pingora's blanket `ServerApp for HttpServerApp` (which
-//! would impose its fixed 60 s keep-alive) with the same steps plus ours. HTTP/1.x only: the
-//! listeners are plain TCP without h2c.
+//! would impose its fixed 60 s keep-alive) with the same steps plus ours. The listeners are
+//! plain TCP: a TLS listener's handshake runs here, after admission ([`tls`]), and the guard
+//! wraps the TLS stream, so the header limits see decrypted bytes. Each connection finds its
+//! `listen` entry by its local address (one service for every listener: one runtime, one
+//! connection table, one application). HTTP/1.x only here; h2 takes the marked spot.
 
 pub mod guard;
 pub mod header_scan;
