@@ -1002,3 +1002,88 @@ async fn idle_tls_keepalive_connections_are_reclaimed_at_the_cap() {
     .unwrap();
     assert_eq!(closed, 20, "the 20 longest-idle connections were reclaimed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn testssl_finds_only_tls_1_2_and_1_3_and_strong_ciphers() {
+    let origin = Origin::start().await;
+    let mut ca = TestCa::new("edgeslice test CA");
+    let site = ca.issue(&["localhost"], 90);
+    let proxy = Proxy::start_tls(&routes(&origin), "", &tls_entry(&[&site], ""));
+    let tls = proxy.tls_addr.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("testssl.json");
+    // Debian installs it as `testssl`, upstream as `testssl.sh`.
+    let bin = ["testssl", "testssl.sh"]
+        .into_iter()
+        .find(|b| Command::new(b).arg("--version").output().is_ok())
+        .expect("testssl.sh is installed (.ci/run)");
+    let out = tokio::task::spawn_blocking({
+        let json = json.clone();
+        move || {
+            let mut child = Command::new(bin)
+                .args([
+                    "--quiet",
+                    "--color",
+                    "0",
+                    "--protocols",
+                    "--std",
+                    "--jsonfile",
+                ])
+                .arg(&json)
+                .arg(tls.to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run testssl");
+            let deadline = Instant::now() + Duration::from_secs(240);
+            while child.try_wait().expect("wait").is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("testssl did not finish in 240 s");
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            child.wait_with_output().expect("testssl output")
+        }
+    })
+    .await
+    .unwrap();
+    let text = std::fs::read_to_string(&json).unwrap_or_else(|e| {
+        panic!(
+            "no testssl JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let findings: Vec<serde_json::Value> = serde_json::from_str(&text).expect("testssl JSON");
+    let finding = |id: &str| -> String {
+        findings
+            .iter()
+            .find(|f| f["id"] == id)
+            .and_then(|f| f["finding"].as_str())
+            .unwrap_or_else(|| panic!("no {id} in {text}"))
+            .to_string()
+    };
+    for id in ["SSLv2", "SSLv3", "TLS1", "TLS1_1"] {
+        assert_eq!(finding(id), "not offered", "{id}");
+    }
+    assert!(finding("TLS1_2").starts_with("offered"), "{text}");
+    assert!(finding("TLS1_3").starts_with("offered"), "{text}");
+    for id in [
+        "cipherlist_NULL",
+        "cipherlist_aNULL",
+        "cipherlist_EXPORT",
+        "cipherlist_LOW",
+        "cipherlist_3DES_IDEA",
+        "cipherlist_AVERAGE",
+    ] {
+        assert_eq!(finding(id), "not offered", "{id}");
+    }
+    assert_eq!(finding("cipherlist_STRONG"), "offered");
+    assert_eq!(
+        finding("ALPN"),
+        "http/1.1",
+        "http2: false offers http/1.1 only"
+    );
+}
