@@ -920,6 +920,8 @@ async fn the_handshake_and_the_header_together_must_arrive_within_header_timeout
         took >= Duration::from_millis(2900) && took < Duration::from_secs(6),
         "{took:?}"
     );
+    // Both count as header timeouts: the 408, and the handshake that never ended.
+    assert_eq!(proxy.stats().await["client_header_timeouts"], 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

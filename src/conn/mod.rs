@@ -272,9 +272,20 @@ where
         let stream: Stream = match tls {
             None => stream,
             Some(tls) => {
-                let stream = tls::accept(stream, &tls.current(), &conn, header_deadline)
-                    .await
-                    .ok()?;
+                let stream = match tls::accept(stream, &tls.current(), &conn, header_deadline).await
+                {
+                    Ok(s) => s,
+                    Err(failed) => {
+                        if failed == tls::Failed::TimedOut {
+                            // The handshake is part of the first header's time.
+                            self.table
+                                .stats
+                                .header_timeouts
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        return None;
+                    }
+                };
                 if stream.selected_alpn_proto() == Some(ALPN::H2) {
                     /* h2: see branch h2 (crate::conn::h2::serve) */
                 }
