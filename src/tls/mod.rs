@@ -323,13 +323,20 @@ impl ListenTable {
     }
 
     /// The listener a connection accepted on `local` came in by: the entry with that exact
-    /// address, else the one on the unspecified address (`0.0.0.0`, `[::]`) with its port.
+    /// address, else the one on the unspecified address (`0.0.0.0`, `[::]`, which also
+    /// accepts IPv4-mapped clients) with its port, else any with its port.
     pub fn for_local(&self, local: SocketAddr) -> Option<&ListenEntry> {
-        self.list.iter().find(|l| l.address == local).or_else(|| {
-            self.list
-                .iter()
-                .find(|l| l.address.ip().is_unspecified() && l.address.port() == local.port())
-        })
+        let port = |l: &&ListenEntry| l.address.port() == local.port();
+        self.list
+            .iter()
+            .find(|l| l.address == local)
+            .or_else(|| {
+                self.list
+                    .iter()
+                    .filter(port)
+                    .find(|l| l.address.ip().is_unspecified())
+            })
+            .or_else(|| self.list.iter().find(port))
     }
 
     /// Every TLS listener.
@@ -399,5 +406,48 @@ impl ListenTable {
                     .collect::<Vec<_>>()
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(addr: &str, h2c: bool) -> ListenSettings {
+        ListenSettings {
+            h2c,
+            ..ListenSettings::plain(addr.parse().unwrap())
+        }
+    }
+
+    #[test]
+    fn a_connection_finds_its_listener_by_local_address() {
+        let table = ListenTable::load(&[
+            entry("127.0.0.1:8080", false),
+            entry("0.0.0.0:8081", true),
+            entry("[::]:8082", true),
+            entry("10.0.0.1:8083", true),
+        ])
+        .unwrap();
+        assert!(table.needs_lookup());
+        let find = |a: &str| {
+            table
+                .for_local(a.parse().unwrap())
+                .map(|l| l.address.port())
+        };
+        assert_eq!(find("127.0.0.1:8080"), Some(8080));
+        assert_eq!(
+            find("192.168.1.5:8081"),
+            Some(8081),
+            "the unspecified address"
+        );
+        assert_eq!(find("[::ffff:127.0.0.1]:8082"), Some(8082), "IPv4-mapped");
+        assert_eq!(find("10.0.0.1:8083"), Some(8083));
+        assert_eq!(find("127.0.0.1:9999"), None);
+        let plain = ListenTable::load(&[entry("127.0.0.1:8080", false)]).unwrap();
+        assert!(
+            !plain.needs_lookup(),
+            "plain listeners only: no lookup per connection"
+        );
     }
 }
