@@ -37,3 +37,4 @@ pub mod reload;
 pub mod runtime;
 pub mod server;
 pub mod shaping;
+pub mod tls;

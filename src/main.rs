@@ -72,6 +72,14 @@ fn main() -> ExitCode {
             log::warn!("{w}");
         }
     }
+    // The TLS listeners' certificate files: read (and checked) here, for `-t` too.
+    let tls = match edgeslice::tls::ListenTable::load(&config.listen) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}", config::error_report(&cli.conf, &e));
+            return ExitCode::from(1);
+        }
+    };
     if cli.test {
         println!(
             "edgeslice: the configuration file {} syntax is ok and the test is successful",
@@ -83,7 +91,7 @@ fn main() -> ExitCode {
         daemon: cli.daemon,
         upgrade: cli.upgrade,
     };
-    match server::build(config, run, cli.conf) {
+    match server::build(config, tls, run, cli.conf) {
         Ok(server) => server.run_forever(),
         Err(e) => {
             eprintln!("edgeslice: cannot start: {e}");

@@ -16,6 +16,7 @@
 use crate::config::{self, live, Config};
 use crate::runtime::{Current, Runtime, Shared};
 use crate::shaping::Shaper;
+use crate::tls::ListenTable;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use std::path::PathBuf;
@@ -87,6 +88,8 @@ pub struct Reloader {
     current: Current,
     shared: Shared,
     shaper: Shaper,
+    /// The TLS listeners, whose certificates each reload reads again.
+    tls: Arc<ListenTable>,
 }
 
 impl Reloader {
@@ -96,7 +99,14 @@ impl Reloader {
             current,
             shared,
             shaper,
+            tls: Arc::new(ListenTable::default()),
         }
+    }
+
+    /// Read the certificates of `tls` again on each reload.
+    pub fn with_tls(mut self, tls: Arc<ListenTable>) -> Reloader {
+        self.tls = tls;
+        self
     }
 
     /// Read the file again and put it in force. `health`: the shutdown watch the pools'
@@ -111,12 +121,25 @@ impl Reloader {
         // Reading the file, checking the disk directory and resolving host names block: not on
         // the thread the health checks run on.
         let file = self.file.clone();
+        let running = self.current.load_full().config.listen.clone();
+        let tls = self.tls.clone();
         let loaded = tokio::task::spawn_blocking(move || {
-            Config::load_checked(&file).map_err(|e| config::error_report(&file, &e))
+            let new = Config::load_checked(&file)?;
+            // The certificates, from the running `listen` entries (they change only with a
+            // restart); as written in the new file when it has the same ones, so that an error
+            // names the line it is on now.
+            let listen = if new.listen == running {
+                &new.listen
+            } else {
+                &running
+            };
+            let certs = tls.read_again(listen)?;
+            Ok((new, certs))
         })
         .await
         .map_err(|e| Refused::Failed(format!("edgeslice: reload failed: {e}")))?;
-        let new = loaded.map_err(Refused::Invalid)?;
+        let (new, certs) =
+            loaded.map_err(|e| Refused::Invalid(config::error_report(&self.file, &e)))?;
         for w in &new.warnings {
             log::warn!("reload: {w}");
         }
@@ -129,6 +152,8 @@ impl Reloader {
             .update(next.config.shaping.clone().unwrap_or_default());
         let (routes, checked) = (next.config.routes.len(), next.health_checks());
         self.current.store(Arc::new(next));
+        self.tls.install(certs);
+        self.tls.warn_expiring();
         log::info!(
             "reload: {} in force: {routes} routes, upstream pools {} kept and {} new ({checked} health-checked)",
             self.file.display(),

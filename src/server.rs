@@ -8,11 +8,12 @@ use crate::config::Config;
 use crate::conn::limits;
 use crate::conn::table::ConnTable;
 use crate::conn::Front;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Pulled};
 use crate::origin::ResilienceStats;
 use crate::proxy::Edge;
 use crate::reload::{ReloadService, Reloader};
 use crate::runtime::{Runtime, Shared};
+use crate::tls::ListenTable;
 use arc_swap::ArcSwap;
 use pingora_core::listeners::Listeners;
 use pingora_core::server::configuration::{Opt, ServerConf};
@@ -53,7 +54,12 @@ pub fn server_conf(config: &Config, run: RunOptions) -> ServerConf {
 
 /// A ready-to-run Pingora server (call `run_forever`); `file` is where `config` was read from,
 /// read again on each reload.
-pub fn build(config: Config, run: RunOptions, file: PathBuf) -> Result<Server, String> {
+pub fn build(
+    config: Config,
+    tls: ListenTable,
+    run: RunOptions,
+    file: PathBuf,
+) -> Result<Server, String> {
     crate::reload::ignore_sighup_until_listening();
     // An upgrade takes over the sockets of the running instance: they are in use by design.
     if !run.upgrade {
@@ -75,6 +81,15 @@ pub fn build(config: Config, run: RunOptions, file: PathBuf) -> Result<Server, S
     let cache =
         Arc::new(ChunkCache::new(&config.cache).map_err(|e| format!("opening the cache: {e}"))?);
     let metrics = Arc::new(Metrics::new());
+    let tls = Arc::new(tls);
+    tls.warn_expiring();
+    let expiry = tls.clone();
+    metrics.register(Pulled::gauge(
+        "edgeslice_tls_certificate_expiry_seconds",
+        "When each TLS listener's certificate expires (notAfter), Unix time; name: its first DNS name.",
+        &["listener", "name"],
+        move || expiry.expiry_samples(),
+    ));
     let stats = Arc::new(ResilienceStats::new(metrics.clone()));
     let shared = Shared::new(stats.clone(), config.server.upstream_keepalive_pool_size);
     let (runtime, _) = Runtime::build(config.clone(), None, &shared, None)
@@ -84,8 +99,9 @@ pub fn build(config: Config, run: RunOptions, file: PathBuf) -> Result<Server, S
     let edge =
         Edge::new(current.clone(), cache.clone(), stats.clone()).map_err(|e| e.to_string())?;
     // The reload task also runs the pools' health checks, the first ones included.
-    let (reload, reload_handle) =
-        ReloadService::new(Reloader::new(file, current.clone(), shared, edge.shaper()));
+    let (reload, reload_handle) = ReloadService::new(
+        Reloader::new(file, current.clone(), shared, edge.shaper()).with_tls(tls.clone()),
+    );
     let shaping = edge.shaping_stats();
     let access_log = edge.access_log_handles();
     let early_log = edge.access_log();
@@ -110,11 +126,12 @@ pub fn build(config: Config, run: RunOptions, file: PathBuf) -> Result<Server, S
         connections,
         max_connections,
     )
-    .with_access_log(early_log);
+    .with_access_log(early_log)
+    .with_listeners(tls);
     let client_table = front.table();
     let mut listeners = Listeners::new();
-    for addr in &config.listen {
-        listeners.add_listener(crate::conn::listener(&addr.to_string()));
+    for l in &config.listen {
+        listeners.add_listener(crate::conn::listener(&l.address.to_string()));
     }
     let proxy = Service::with_listeners("edgeslice".to_string(), listeners, front);
     if let Some((reopen, _)) = &access_log {
@@ -176,7 +193,7 @@ pub fn check_listeners(config: &Config) -> Result<(), String> {
     let all = config
         .listen
         .iter()
-        .map(|a| ("listen", a))
+        .map(|l| ("listen", &l.address))
         .chain(config.admin_listen.iter().map(|a| ("admin.listen", a)));
     for (key, addr) in all {
         if let Err(e) = std::net::TcpListener::bind(addr) {

@@ -73,6 +73,10 @@ pub fn apply(old: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
         "server.max_header_size",
     );
     differ(oc.max_uri_size != nc.max_uri_size, "server.max_uri_size");
+    differ(
+        oc.http2_max_streams != nc.http2_max_streams,
+        "server.http2_max_streams",
+    );
     differ(old.listen != new.listen, "listen");
     differ(old.admin_listen != new.admin_listen, "admin.listen");
     let (oc, nc) = (&old.cache, &new.cache);
@@ -205,6 +209,25 @@ routes:
             applied.upstreams["origin"].servers[0].addr.to_string(),
             "10.0.0.2:80"
         );
+    }
+
+    #[test]
+    fn http2_max_streams_and_listen_entries_are_fixed() {
+        let old = config(BASE);
+        let new = edited(&[
+            (
+                "  header_timeout: 10s",
+                "  header_timeout: 10s\n  http2_max_streams: 64",
+            ),
+            (
+                "  - 127.0.0.1:8080",
+                "  - address: 127.0.0.1:8080\n    h2c: true",
+            ),
+        ]);
+        let (applied, fixed) = apply(&old, new);
+        assert_eq!(fixed, ["server.http2_max_streams", "listen"]);
+        assert_eq!(applied.server.connections.http2_max_streams, 128);
+        assert!(!applied.listen[0].h2c);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! below, which are what the rest of the program uses. Every error names the key path and the
 //! line (`upstreams.origin.servers[1] (line 12, column 7): ...`). Nothing here panics on input.
 
+pub mod listen;
 pub mod live;
 pub mod origin_tls;
 mod schema;
@@ -11,6 +12,7 @@ mod shaping;
 pub mod units;
 
 pub use origin_tls::{CaBundle, OriginTls};
+pub use listen::{CertificatePaths, KeyAt, ListenSettings, TlsListenSettings, TlsVersion};
 pub use shaping::{ShapingClass, ShapingSettings};
 
 use crate::origin::breaker::BreakerConfig;
@@ -64,7 +66,7 @@ fn err_at<T>(path: impl Into<String>, at: &Spanned<T>, message: impl Into<String
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerSettings,
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<ListenSettings>,
     pub admin_listen: Option<SocketAddr>,
     /// `admin.token`: the bearer token every mutating admin call must carry; `None` = such
     /// calls are refused.
@@ -123,6 +125,8 @@ pub struct ConnectionSettings {
     pub max_header_size: usize,
     /// Request target, in bytes: longer is answered 414.
     pub max_uri_size: usize,
+    /// `server.http2_max_streams`: concurrent streams per HTTP/2 connection.
+    pub http2_max_streams: u32,
 }
 
 impl Default for ConnectionSettings {
@@ -136,6 +140,7 @@ impl Default for ConnectionSettings {
             max_connections: None,
             max_header_size: 64 << 10,
             max_uri_size: 8 << 10,
+            http2_max_streams: 128,
         }
     }
 }
@@ -589,6 +594,13 @@ fn connection_settings(s: &schema::RawServer) -> Result<ConnectionSettings, Conf
             d.max_header_size,
         )?,
         max_uri_size: header_size(&s.max_uri_size, "max_uri_size", 256, d.max_uri_size)?,
+        http2_max_streams: match &s.http2_max_streams {
+            Some(v) if v.value == 0 => {
+                return Err(err_at("server.http2_max_streams", v, "must be at least 1"))
+            }
+            Some(v) => v.value,
+            None => d.http2_max_streams,
+        },
     })
 }
 
@@ -649,7 +661,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     };
 
     let listen = match raw.listen {
-        None => vec![SocketAddr::from(([0, 0, 0, 0], 8080))],
+        None => vec![ListenSettings::plain(SocketAddr::from((
+            [0, 0, 0, 0],
+            8080,
+        )))],
         Some(list) => {
             if list.is_empty() {
                 return Err(ConfigError {
@@ -661,7 +676,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             }
             list.iter()
                 .enumerate()
-                .map(|(i, a)| parse_addr(&format!("listen[{i}]"), a))
+                .map(|(i, a)| listen::listen_entry(i, a))
                 .collect::<Result<Vec<_>, _>>()?
         }
     };

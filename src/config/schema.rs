@@ -17,7 +17,7 @@ use std::fmt;
 pub struct RawConfig {
     #[serde(default)]
     pub server: RawServer,
-    pub listen: Option<Vec<Spanned<String>>>,
+    pub listen: Option<Vec<Spanned<RawListen>>>,
     pub admin: Option<RawAdmin>,
     #[serde(default)]
     pub cache: RawCache,
@@ -87,6 +87,7 @@ pub struct RawServer {
     pub max_uri_size: Option<Spanned<Size>>,
     pub merge_slashes: Option<bool>,
     pub trusted_proxies: Option<Spanned<Vec<String>>>,
+    pub http2_max_streams: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -297,6 +298,88 @@ impl<'de> Deserialize<'de> for RawQueryKey {
                     names.push(name);
                 }
                 Ok(RawQueryKey::Keep(names))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A `listen` entry: a bare `"host:port"` (plain HTTP/1.1), or
+/// `{address, tls: {certificates, min_version}, http2, h2c}`.
+#[derive(Debug)]
+pub enum RawListen {
+    Address(String),
+    Entry(Box<RawListenEntry>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenEntry {
+    pub address: Spanned<String>,
+    pub tls: Option<Spanned<RawListenTls>>,
+    pub http2: Option<bool>,
+    pub h2c: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListenTls {
+    pub certificates: Spanned<Vec<Spanned<RawCertificate>>>,
+    pub min_version: Option<Spanned<RawTlsVersion>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+}
+
+/// `min_version`: `"1.2"`, or a bare YAML number `1.2`; kept as written for the validator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawTlsVersion(pub String);
+
+impl<'de> Deserialize<'de> for RawTlsVersion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawTlsVersion;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a TLS version: \"1.2\" or \"1.3\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawTlsVersion, E> {
+                Ok(RawTlsVersion(v.trim().to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawTlsVersion, E> {
+                Ok(RawTlsVersion(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawTlsVersion, E> {
+                Ok(RawTlsVersion(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawTlsVersion, E> {
+                Ok(RawTlsVersion(v.to_string()))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawListen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawListen;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(
+                    "\"host:port\" or {address: \"host:port\", tls: ..., http2: ..., h2c: ...}",
+                )
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawListen, E> {
+                Ok(RawListen::Address(v.to_string()))
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RawListen, A::Error> {
+                RawListenEntry::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|e| RawListen::Entry(Box::new(e)))
             }
         }
         d.deserialize_any(V)

@@ -833,3 +833,139 @@ fn upstream_tls_errors_name_key_and_line() {
     let e = bad(&with_store("127.0.0.1:443", "    tls:\n      cert: x\n"));
     assert!(e.to_string().contains("cert"), "{e}");
 }
+
+const TLS_LISTEN: &str = "\
+listen:
+  - 127.0.0.1:8080
+  - address: 0.0.0.0:8443
+    tls:
+      certificates:
+        - {cert: /etc/edgeslice/site.pem, key: /etc/edgeslice/site.key}
+        - cert: /etc/edgeslice/other.pem
+          key: /etc/edgeslice/other.key
+      min_version: \"1.2\"
+    http2: true
+  - address: 127.0.0.1:8081
+    h2c: true
+upstreams:
+  origin:
+    servers: [\"10.0.0.1:80\"]
+routes:
+  - upstream: origin
+";
+
+#[test]
+fn listen_entries_plain_tls_and_h2c() {
+    let c = Config::from_yaml(TLS_LISTEN).unwrap();
+    assert_eq!(c.listen.len(), 3);
+    let plain = &c.listen[0];
+    assert_eq!(plain.address, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(plain.name, "127.0.0.1:8080");
+    assert!(plain.tls.is_none() && !plain.http2 && !plain.h2c);
+    let tls = &c.listen[1];
+    assert_eq!(tls.name, "0.0.0.0:8443");
+    assert!(tls.http2 && !tls.h2c);
+    let t = tls.tls.as_ref().unwrap();
+    assert_eq!(t.min_version, TlsVersion::Tls12);
+    assert_eq!(t.certificates.len(), 2);
+    assert_eq!(
+        t.certificates[1].cert,
+        PathBuf::from("/etc/edgeslice/other.pem")
+    );
+    assert_eq!(
+        t.certificates[1].key_at.path,
+        "listen[1].tls.certificates[1].key"
+    );
+    assert_eq!(t.certificates[1].key_at.line, 8);
+    assert_eq!(t.certificates[0].cert_at.line, 6);
+    let h2c = &c.listen[2];
+    assert!(h2c.tls.is_none() && h2c.h2c && !h2c.http2);
+    assert_eq!(c.server.connections.http2_max_streams, 128);
+}
+
+#[test]
+fn http2_defaults_to_true_on_tls_listeners_only_and_can_be_off() {
+    let y = TLS_LISTEN.replace("    http2: true\n", "");
+    assert!(Config::from_yaml(&y).unwrap().listen[1].http2);
+    let y = TLS_LISTEN.replace("    http2: true\n", "    http2: false\n");
+    assert!(!Config::from_yaml(&y).unwrap().listen[1].http2);
+}
+
+#[test]
+fn min_version_as_string_or_bare_number() {
+    for (written, want) in [
+        ("\"1.2\"", TlsVersion::Tls12),
+        ("1.2", TlsVersion::Tls12),
+        ("\"1.3\"", TlsVersion::Tls13),
+        ("1.3", TlsVersion::Tls13),
+        ("'1.3'", TlsVersion::Tls13),
+    ] {
+        let y = TLS_LISTEN.replace("min_version: \"1.2\"", &format!("min_version: {written}"));
+        let c = Config::from_yaml(&y).unwrap();
+        assert_eq!(
+            c.listen[1].tls.as_ref().unwrap().min_version,
+            want,
+            "{written}"
+        );
+    }
+    let y = TLS_LISTEN.replace("      min_version: \"1.2\"\n", "");
+    let c = Config::from_yaml(&y).unwrap();
+    assert_eq!(
+        c.listen[1].tls.as_ref().unwrap().min_version,
+        TlsVersion::Tls12
+    );
+}
+
+#[test]
+fn unknown_min_version_is_named() {
+    for bad_version in ["\"1.1\"", "1.0", "\"TLSv1.3\"", "2", "\"\""] {
+        let y = TLS_LISTEN.replace(
+            "min_version: \"1.2\"",
+            &format!("min_version: {bad_version}"),
+        );
+        assert_err(&y, "listen[1].tls.min_version", 9, "unknown TLS version");
+    }
+}
+
+#[test]
+fn listen_entry_errors_are_named() {
+    let y = TLS_LISTEN.replace("address: 0.0.0.0:8443", "address: 0.0.0.0:99999");
+    assert_err(&y, "listen[1].address", 3, "invalid address");
+    let y = TLS_LISTEN.replace(
+        "        - {cert: /etc/edgeslice/site.pem, key: /etc/edgeslice/site.key}\n        - cert: /etc/edgeslice/other.pem\n          key: /etc/edgeslice/other.key\n",
+        "        []\n",
+    ).replace("      certificates:\n        []", "      certificates: []");
+    assert_err(
+        &y,
+        "listen[1].tls.certificates",
+        5,
+        "at least one certificate",
+    );
+    let y = TLS_LISTEN.replace("key: /etc/edgeslice/site.key", "key: \"\"");
+    assert_err(
+        &y,
+        "listen[1].tls.certificates[0].key",
+        6,
+        "must not be empty",
+    );
+    // A misspelt key in an entry is an error, not a silent default.
+    let e = bad(&TLS_LISTEN.replace("    h2c: true", "    h2C: true"));
+    assert!(e.to_string().contains("h2C"), "{e}");
+    let e = bad(&TLS_LISTEN.replace("      min_version", "      minversion"));
+    assert!(e.to_string().contains("minversion"), "{e}");
+}
+
+#[test]
+fn http2_max_streams_is_checked() {
+    let y = format!("server:\n  http2_max_streams: 0\n{TLS_LISTEN}");
+    assert_err(&y, "server.http2_max_streams", 2, "at least 1");
+    let y = format!("server:\n  http2_max_streams: 7\n{TLS_LISTEN}");
+    assert_eq!(
+        Config::from_yaml(&y)
+            .unwrap()
+            .server
+            .connections
+            .http2_max_streams,
+        7
+    );
+}

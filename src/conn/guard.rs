@@ -252,6 +252,12 @@ impl Guarded {
         }
     }
 
+    /// The first request's header is arriving already (a TLS connection's ClientHello came):
+    /// it must be complete by `at`.
+    pub fn set_header_deadline(&mut self, at: Instant) {
+        self.header_deadline = Some(at);
+    }
+
     /// Whether Pingora holds the start of the next request (bytes that came with the previous
     /// one): set by the keep-alive loop before each request.
     pub fn set_prefix_held(&mut self, held: bool) {

@@ -5,8 +5,10 @@
 //! request to the HTTP application with pipelining on.
 //!
 //! ```text
-//!  accept ─► ConnTable::admit ──none idle at the cap──► 503, close
+//!  accept ─► ConnTable::admit ──none idle at the cap──► 503, close (TLS: close)
 //!               │ (oldest idle connections reclaimed to make room)
+//!               ▼
+//!   TLS listener? ─► tls::accept: ClientHello + handshake by accept + header_timeout
 //!               ▼
 //!   Guarded stream ─► loop { wait for a request's whole header (only the stream held: ~12 KiB;
 //!                              408/414/431 answered here)
@@ -21,14 +23,18 @@
 //! here, with `-` for what was never parsed.
 //!
 //! It replaces the keep-alive loop of Pingora's blanket `ServerApp for HttpServerApp` (which
-//! would impose its fixed 60 s keep-alive) with the same steps plus ours. HTTP/1.x only: the
-//! listeners are plain TCP without h2c.
+//! would impose its fixed 60 s keep-alive) with the same steps plus ours. The listeners are
+//! plain TCP: a TLS listener's handshake runs here, after admission ([`tls`]), and the guard
+//! wraps the TLS stream, so the header limits see decrypted bytes. Each connection finds its
+//! `listen` entry by its local address (one service for every listener: one runtime, one
+//! connection table, one application). HTTP/1.x only here; h2 takes the marked spot.
 
 pub mod guard;
 pub mod header_scan;
 pub mod limits;
 pub mod pace;
 pub mod table;
+pub mod tls;
 pub mod trim;
 
 use async_trait::async_trait;
@@ -46,6 +52,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::access_log::{AccessLog, Entry as AccessEntry};
 use crate::config::ConnectionSettings;
+use crate::tls::{ListenEntry, ListenTable};
+use pingora_core::protocols::{Ssl, ALPN};
 use std::net::IpAddr;
 use std::time::Instant;
 
@@ -89,6 +97,9 @@ pub struct Front<A> {
     body_timeout: Duration,
     /// Where answers given before the application had a request are logged.
     access_log: Option<Arc<AccessLog>>,
+    /// The `listen` entries, when some are not plain HTTP/1.1 (TLS, h2c): each connection
+    /// finds its own by its local address.
+    listeners: Option<Arc<ListenTable>>,
 }
 
 impl<A> Front<A> {
@@ -115,7 +126,14 @@ impl<A> Front<A> {
             )),
             body_timeout: settings.body_timeout,
             access_log: None,
+            listeners: None,
         }
+    }
+
+    /// Serve the `listen` entries `listeners` (TLS, h2c); plain HTTP/1.1 without.
+    pub fn with_listeners(mut self, listeners: Arc<ListenTable>) -> Front<A> {
+        self.listeners = Some(listeners).filter(|l| l.needs_lookup());
+        self
     }
 
     /// Log answers given before the application had a request to `log`.
@@ -146,6 +164,17 @@ impl<A> Front<A> {
     /// The connection table, for counters.
     pub fn table(&self) -> Arc<ConnTable> {
         self.table.clone()
+    }
+
+    /// The `listen` entry `stream` was accepted by, when any is not plain HTTP/1.1.
+    fn listener_of(&self, stream: &Stream) -> Option<&ListenEntry> {
+        let listeners = self.listeners.as_ref()?;
+        let local = stream
+            .get_socket_digest()?
+            .local_addr()?
+            .as_inet()
+            .copied()?;
+        listeners.for_local(local)
     }
 }
 
@@ -178,6 +207,15 @@ async fn refuse(mut stream: Stream, guard: &GuardSettings) {
         Ok::<_, std::io::Error>(())
     })
     .await;
+}
+
+/// End a TLS connection with its close_notify, within a bounded time (as Pingora's own close
+/// after a response does): OpenSSL drops the session of a connection freed without one from its
+/// session cache, and its client could not resume it.
+async fn close_tls(stream: &mut Guarded, tls: bool) {
+    if tls {
+        let _ = tokio::time::timeout(REFUSE_LINGER, AsyncWriteExt::shutdown(stream)).await;
+    }
 }
 
 /// Wait until a request starts to arrive on an idle (or new) connection, holding only the
@@ -213,8 +251,12 @@ where
                 .get_socket_digest()
                 .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(|a| a.ip()))
         });
+        let listener = self.listener_of(&stream);
+        let tls = listener.and_then(|l| l.tls.as_ref());
         let Some(admission) = self.table.admit() else {
-            refuse(stream, &self.guard).await;
+            if tls.is_none() {
+                refuse(stream, &self.guard).await;
+            }
             self.log_unparsed(503, client, started);
             return None;
         };
@@ -225,13 +267,43 @@ where
             since: started,
         };
         let conn = admission.conn().clone();
+        // The handshake and the first request's header, together, by this.
+        let header_deadline = self.table.instant_at(conn.since_ms()) + self.guard.header_timeout;
+        let stream: Stream = match tls {
+            None => stream,
+            Some(tls) => {
+                let stream = match tls::accept(stream, &tls.current(), &conn, header_deadline).await
+                {
+                    Ok(s) => s,
+                    Err(failed) => {
+                        if failed == tls::Failed::TimedOut {
+                            // The handshake is part of the first header's time.
+                            self.table
+                                .stats
+                                .header_timeouts
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        return None;
+                    }
+                };
+                if stream.selected_alpn_proto() == Some(ALPN::H2) {
+                    /* h2: see branch h2 (crate::conn::h2::serve) */
+                }
+                Box::new(stream)
+            }
+        };
         let mut stream = Box::new(Guarded::new(
             stream,
             conn.clone(),
             self.table.clone(),
             self.guard.clone(),
         ));
+        if tls.is_some() {
+            // The ClientHello started the first request's arrival (`Phase::Header`).
+            stream.set_header_deadline(header_deadline);
+        }
         if wait_for_request(&mut stream, shutdown).await != Wait::Request {
+            close_tls(&mut stream, tls.is_some()).await;
             return None;
         }
         let mut session = ServerSession::new_http1(stream);
@@ -271,9 +343,13 @@ where
                             .stats
                             .keepalive_closed
                             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        close_tls(&mut stream, tls.is_some()).await;
                         return None;
                     }
-                    Wait::Ended => return None,
+                    Wait::Ended => {
+                        close_tls(&mut stream, tls.is_some()).await;
+                        return None;
+                    }
                 }
             };
             session = ServerSession::new_http1(stream);

@@ -377,6 +377,9 @@ impl ConnTable {
 
     /// Close up to `n` connections in `phases`, those there longest first.
     fn reclaim_in(&self, phases: &[Phase], n: usize) -> usize {
+        // Chosen and moved to `Closing` under the lock: two admissions at the cap at once then
+        // close different connections, instead of racing for the same ones and the loser
+        // finding none to close (and refusing its client).
         let victims: Vec<Arc<Conn>> = {
             let conns = self.lock();
             let mut idle: Vec<&Arc<Conn>> = conns
@@ -390,15 +393,17 @@ impl ConnTable {
             if n < idle.len() {
                 idle.select_nth_unstable_by_key(n - 1, |c| c.since_ms());
             }
-            idle[..n].iter().map(|c| (*c).clone()).collect()
+            idle[..n]
+                .iter()
+                .filter(|c| c.advance(phases, Phase::Closing))
+                .map(|c| (*c).clone())
+                .collect()
         };
         let mut closed = 0;
         for c in victims {
-            if c.advance(phases, Phase::Closing) {
-                self.closing.fetch_add(1, Ordering::AcqRel);
-                c.reader.wake();
-                closed += 1;
-            }
+            self.closing.fetch_add(1, Ordering::AcqRel);
+            c.reader.wake();
+            closed += 1;
         }
         self.stats
             .reclaimed

@@ -400,8 +400,17 @@ pub(crate) fn forwarded(session: &Session, ctx: &RequestCtx) -> headers::Forward
         &session.req_header().headers,
         client_addr(session),
         &ctx.runtime.config.server.trusted_proxies,
-        request_line::HTTP_SCHEME,
+        if is_tls(session) {
+            request_line::HTTPS_SCHEME
+        } else {
+            request_line::HTTP_SCHEME
+        },
     )
+}
+
+/// Whether the request came over TLS (a TLS listener).
+fn is_tls(session: &Session) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
 }
 
 /// [`client_addr`] as text, `unknown` when there is none.
@@ -465,7 +474,18 @@ impl ProxyHttp for Edge {
             .and_then(|a| a.as_inet())
             .map(|a| a.port());
         let checked = request_line::check_header_size(raw_header, max_header).and_then(|()| {
-            request_line::normalize(session.req_header_mut(), max_uri, merge_slashes, local_port)
+            let scheme_port = if is_tls(session) {
+                request_line::HTTPS_DEFAULT_PORT
+            } else {
+                request_line::HTTP_DEFAULT_PORT
+            };
+            request_line::normalize(
+                session.req_header_mut(),
+                max_uri,
+                merge_slashes,
+                local_port,
+                scheme_port,
+            )
         });
         let host = match checked {
             Ok(host) => host,

@@ -19,6 +19,10 @@ pub struct Proxy {
     yaml: String,
     /// Extra lines of the `server` section (indented two spaces).
     server_extra: String,
+    /// The TLS listener, when started with one ([`Proxy::start_tls`]).
+    pub tls_addr: Option<SocketAddr>,
+    /// The lines of its `listen` entry after `address` (indented four spaces).
+    tls_entry: String,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -103,14 +107,50 @@ impl Proxy {
         Proxy::start_in_with(dir, yaml, "")
     }
 
+    /// [`Proxy::start_with_server`] with a second listener, on [`Proxy::tls_addr`]: its
+    /// `listen` entry is `address: ...` followed by `tls_entry` (lines indented four spaces,
+    /// e.g. a `tls:` section and `http2: false`).
+    pub fn start_tls(yaml: &str, server_extra: &str, tls_entry: &str) -> Proxy {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut p = Proxy::start_in_full(&dir, yaml, server_extra, Some(tls_entry));
+        p._tmp = Some(tmp);
+        p
+    }
+
+    /// `https://localhost:PORT{path}` on the TLS listener (certificates name `localhost`).
+    pub fn tls_url(&self, host: &str, path: &str) -> String {
+        let port = self.tls_addr.expect("started with a TLS listener").port();
+        format!("https://{host}:{port}{path}")
+    }
+
     fn start_in_with(dir: &Path, yaml: &str, server_extra: &str) -> Proxy {
+        Proxy::start_in_full(dir, yaml, server_extra, None)
+    }
+
+    fn start_in_full(dir: &Path, yaml: &str, server_extra: &str, tls_entry: Option<&str>) -> Proxy {
         let mut last_log = String::new();
         for _ in 0..5 {
             let (addr, admin) = listen_and_admin_addrs();
+            let tls_addr = tls_entry.map(|_| {
+                // Apart from the two above (held while picked for the same reason).
+                loop {
+                    let a = TcpListener::bind("127.0.0.1:0")
+                        .and_then(|l| l.local_addr())
+                        .expect("bind port 0");
+                    if a != addr && a != admin {
+                        break a;
+                    }
+                }
+            });
             let body = yaml.replace("{DIR}", &dir.display().to_string());
             let extra = server_extra.replace("{DIR}", &dir.display().to_string());
+            let tls_listen = match (tls_addr, tls_entry) {
+                (Some(a), Some(entry)) => format!("  - address: {a}\n{entry}"),
+                _ => String::new(),
+            };
             let full = format!(
-                "server:\n  threads: 2\n  pid_file: {d}/edgeslice.pid\n  upgrade_sock: {d}/upgrade.sock\n  graceful_shutdown_timeout: 1s\n{extra}listen:\n  - {addr}\nadmin:\n  listen: {admin}\n{body}",
+                "server:\n  threads: 2\n  pid_file: {d}/edgeslice.pid\n  upgrade_sock: {d}/upgrade.sock\n  graceful_shutdown_timeout: 1s\n{extra}listen:\n  - {addr}\n{tls_listen}admin:\n  listen: {admin}\n{body}",
                 d = dir.display()
             );
             let conf = dir.join("edgeslice.yaml");
@@ -136,6 +176,8 @@ impl Proxy {
                 dir: dir.to_path_buf(),
                 yaml: yaml.to_string(),
                 server_extra: server_extra.to_string(),
+                tls_addr,
+                tls_entry: tls_entry.unwrap_or_default().to_string(),
                 _tmp: None,
             };
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -146,7 +188,11 @@ impl Proxy {
                 // Both ports must be the child's own: between `free_port` and the child's bind,
                 // another test's server can take a port, and would then answer in its place.
                 let pid = p.pid();
-                if healthy(admin) && listens_on(pid, admin.port()) && listens_on(pid, addr.port()) {
+                if healthy(admin)
+                    && listens_on(pid, admin.port())
+                    && listens_on(pid, addr.port())
+                    && tls_addr.is_none_or(|a| listens_on(pid, a.port()))
+                {
                     return p;
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -257,7 +303,8 @@ impl Proxy {
     pub fn restart(&mut self) {
         self.kill();
         let tmp = self._tmp.take();
-        let mut next = Proxy::start_in_with(&self.dir, &self.yaml, &self.server_extra);
+        let tls_entry = (!self.tls_entry.is_empty()).then_some(self.tls_entry.as_str());
+        let mut next = Proxy::start_in_full(&self.dir, &self.yaml, &self.server_extra, tls_entry);
         next._tmp = tmp;
         *self = next;
     }
