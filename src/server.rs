@@ -110,11 +110,20 @@ pub fn build(config: Config, run: RunOptions, file: PathBuf) -> Result<Server, S
         connections,
         max_connections,
     )
-    .with_access_log(early_log);
+    .with_access_log(early_log)
+    .with_h2(
+        config
+            .listen
+            .iter()
+            .filter(|l| l.h2c)
+            .map(|l| l.addr)
+            .collect(),
+        crate::conn::h2::H2Settings::new(connections, config.server.http2_max_streams),
+    );
     let client_table = front.table();
     let mut listeners = Listeners::new();
-    for addr in &config.listen {
-        listeners.add_listener(crate::conn::listener(&addr.to_string()));
+    for l in &config.listen {
+        listeners.add_listener(crate::conn::listener(&l.addr.to_string()));
     }
     let proxy = Service::with_listeners("edgeslice".to_string(), listeners, front);
     if let Some((reopen, _)) = &access_log {
@@ -176,7 +185,7 @@ pub fn check_listeners(config: &Config) -> Result<(), String> {
     let all = config
         .listen
         .iter()
-        .map(|a| ("listen", a))
+        .map(|l| ("listen", &l.addr))
         .chain(config.admin_listen.iter().map(|a| ("admin.listen", a)));
     for (key, addr) in all {
         if let Err(e) = std::net::TcpListener::bind(addr) {

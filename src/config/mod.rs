@@ -62,7 +62,7 @@ fn err_at<T>(path: impl Into<String>, at: &Spanned<T>, message: impl Into<String
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: ServerSettings,
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<Listener>,
     pub admin_listen: Option<SocketAddr>,
     /// `admin.token`: the bearer token every mutating admin call must carry; `None` = such
     /// calls are refused.
@@ -94,7 +94,30 @@ pub struct ServerSettings {
     pub merge_slashes: bool,
     /// Peers whose `X-Forwarded-*` fields are believed (load balancers in front).
     pub trusted_proxies: Vec<crate::shaping::identity::Cidr>,
+    /// `server.http2_max_streams`: concurrent streams per HTTP/2 connection.
+    pub http2_max_streams: u32,
 }
+
+/// One `listen` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    /// `h2c`: prior-knowledge cleartext HTTP/2 is served beside HTTP/1.1.
+    pub h2c: bool,
+}
+
+impl Listener {
+    /// A plain HTTP/1.1 listener on `addr`.
+    pub fn plain(addr: SocketAddr) -> Listener {
+        Listener { addr, h2c: false }
+    }
+}
+
+/// `server.http2_max_streams` when absent (nginx's `http2_max_concurrent_streams`).
+pub const DEFAULT_HTTP2_MAX_STREAMS: u32 = 128;
+/// The most `server.http2_max_streams` may be: each stream may hold a request's state and a
+/// response's send buffer, so this bounds one connection's memory.
+pub const MAX_HTTP2_MAX_STREAMS: u32 = 1024;
 
 /// How client connections are bounded in time, number and request size (`server.*` keys).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -452,6 +475,22 @@ fn parse_addr(path: &str, at: &Spanned<String>) -> Result<SocketAddr, ConfigErro
     }
 }
 
+fn parse_listen(i: usize, at: &Spanned<schema::RawListen>) -> Result<Listener, ConfigError> {
+    let as_text = Spanned {
+        value: at.value.address.clone(),
+        referenced: at.referenced,
+        defined: at.defined,
+    };
+    let path = match at.value.h2c {
+        Some(_) => format!("listen[{i}].address"),
+        None => format!("listen[{i}]"),
+    };
+    Ok(Listener {
+        addr: parse_addr(&path, &as_text)?,
+        h2c: at.value.h2c.unwrap_or(false),
+    })
+}
+
 fn parse_server(path: &str, at: &Spanned<RawServerEntry>) -> Result<ServerSpec, ConfigError> {
     let entry = &at.value;
     if let Some(e) = &entry.error {
@@ -612,10 +651,21 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         connections,
         merge_slashes: s.merge_slashes.unwrap_or(true),
         trusted_proxies,
+        http2_max_streams: match &s.http2_max_streams {
+            Some(v) if v.value == 0 || v.value > MAX_HTTP2_MAX_STREAMS => {
+                return Err(err_at(
+                    "server.http2_max_streams",
+                    v,
+                    format!("must be between 1 and {MAX_HTTP2_MAX_STREAMS}"),
+                ))
+            }
+            Some(v) => v.value,
+            None => DEFAULT_HTTP2_MAX_STREAMS,
+        },
     };
 
     let listen = match raw.listen {
-        None => vec![SocketAddr::from(([0, 0, 0, 0], 8080))],
+        None => vec![Listener::plain(SocketAddr::from(([0, 0, 0, 0], 8080)))],
         Some(list) => {
             if list.is_empty() {
                 return Err(ConfigError {
@@ -627,7 +677,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             }
             list.iter()
                 .enumerate()
-                .map(|(i, a)| parse_addr(&format!("listen[{i}]"), a))
+                .map(|(i, a)| parse_listen(i, a))
                 .collect::<Result<Vec<_>, _>>()?
         }
     };

@@ -17,7 +17,7 @@ use std::fmt;
 pub struct RawConfig {
     #[serde(default)]
     pub server: RawServer,
-    pub listen: Option<Vec<Spanned<String>>>,
+    pub listen: Option<Vec<Spanned<RawListen>>>,
     pub admin: Option<RawAdmin>,
     #[serde(default)]
     pub cache: RawCache,
@@ -87,6 +87,7 @@ pub struct RawServer {
     pub max_uri_size: Option<Spanned<Size>>,
     pub merge_slashes: Option<bool>,
     pub trusted_proxies: Option<Spanned<Vec<String>>>,
+    pub http2_max_streams: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,6 +168,46 @@ pub struct RawRetry {
     pub backoff: Option<Spanned<Dur>>,
     pub max_backoff: Option<Spanned<Dur>>,
     pub budget: Option<Spanned<u32>>,
+}
+
+/// A listener: `"host:port"` (plain HTTP/1.1), or `{address: "host:port", h2c: BOOL}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawListen {
+    pub address: String,
+    /// Prior-knowledge cleartext HTTP/2 beside HTTP/1.1.
+    pub h2c: Option<bool>,
+}
+
+impl<'de> Deserialize<'de> for RawListen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawListen;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"host:port\" or {address: \"host:port\", h2c: BOOL}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawListen, E> {
+                Ok(RawListen {
+                    address: v.to_string(),
+                    h2c: None,
+                })
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<RawListen, A::Error> {
+                let mut address = None;
+                let mut h2c = None;
+                while let Some(k) = map.next_key::<String>()? {
+                    match k.as_str() {
+                        "address" => address = Some(map.next_value::<String>()?),
+                        "h2c" => h2c = Some(map.next_value::<bool>()?),
+                        other => return Err(de::Error::unknown_field(other, &["address", "h2c"])),
+                    }
+                }
+                let address = address.ok_or_else(|| de::Error::missing_field("address"))?;
+                Ok(RawListen { address, h2c })
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// A server: `"host:port"`, `"host:port weight=N"`, or `{address: "host:port", weight: N}`.

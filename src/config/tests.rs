@@ -685,3 +685,46 @@ fn table_capacities_default_from_the_tiers_and_are_checked() {
         "at least 64KiB",
     );
 }
+
+#[test]
+fn listen_entries_take_an_address_or_a_map_with_h2c() {
+    let yaml = GOOD.replace(
+        "  - 127.0.0.1:8080\n",
+        "  - 127.0.0.1:8080\n  - address: 127.0.0.1:8081\n    h2c: true\n  - {address: \"127.0.0.1:8082\", h2c: false}\n",
+    );
+    let c = Config::from_yaml(&yaml).expect("valid");
+    let l = |p: u16, h2c| Listener {
+        addr: SocketAddr::from(([127, 0, 0, 1], p)),
+        h2c,
+    };
+    assert_eq!(
+        c.listen,
+        vec![l(8080, false), l(8081, true), l(8082, false)]
+    );
+    assert_eq!(c.server.http2_max_streams, DEFAULT_HTTP2_MAX_STREAMS);
+    // A bad address in the map form names its key and line.
+    let yaml = GOOD.replace(
+        "  - 127.0.0.1:8080\n",
+        "  - 127.0.0.1:8080\n  - address: nowhere\n    h2c: true\n",
+    );
+    assert_err(&yaml, "listen[1].address", 5, "invalid address");
+    // An unknown key in an entry is an error, not ignored.
+    let yaml = GOOD.replace(
+        "  - 127.0.0.1:8080\n",
+        "  - {address: \"127.0.0.1:8080\", h2: true}\n",
+    );
+    bad(&yaml);
+}
+
+#[test]
+fn http2_max_streams_is_bounded() {
+    let ok = GOOD.replace("  threads: 2\n", "  threads: 2\n  http2_max_streams: 64\n");
+    assert_eq!(Config::from_yaml(&ok).unwrap().server.http2_max_streams, 64);
+    for v in ["0", "1025"] {
+        let yaml = GOOD.replace(
+            "  threads: 2\n",
+            &format!("  threads: 2\n  http2_max_streams: {v}\n"),
+        );
+        assert_err(&yaml, "server.http2_max_streams", 3, "between 1 and 1024");
+    }
+}

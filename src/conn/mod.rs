@@ -21,10 +21,12 @@
 //! here, with `-` for what was never parsed.
 //!
 //! It replaces the keep-alive loop of Pingora's blanket `ServerApp for HttpServerApp` (which
-//! would impose its fixed 60 s keep-alive) with the same steps plus ours. HTTP/1.x only: the
-//! listeners are plain TCP without h2c.
+//! would impose its fixed 60 s keep-alive) with the same steps plus ours. On a listener with
+//! `h2c`, a connection whose first bytes are the HTTP/2 preface (read after admission, within
+//! `header_timeout` of accept) is served by [`h2::serve`] instead, one slot in the same table.
 
 pub mod guard;
+pub mod h2;
 pub mod header_scan;
 pub mod limits;
 pub mod pace;
@@ -63,6 +65,29 @@ pub fn listener(addr: &str) -> pingora_core::listeners::ListenerConfig {
     ))
 }
 
+/// The HTTP version a request came in (the access log's `protocol` field and the request
+/// metrics' `protocol` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    H2,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 2] = [Protocol::Http1, Protocol::H2];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2 => "h2",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// How long a refused connection is kept to deliver its 503 before the close.
 const REFUSE_LINGER: Duration = Duration::from_millis(200);
 
@@ -89,6 +114,9 @@ pub struct Front<A> {
     body_timeout: Duration,
     /// Where answers given before the application had a request are logged.
     access_log: Option<Arc<AccessLog>>,
+    /// The listeners with `h2c`, and how HTTP/2 connections are served.
+    h2c: Vec<std::net::SocketAddr>,
+    h2: Arc<h2::H2Settings>,
 }
 
 impl<A> Front<A> {
@@ -115,7 +143,36 @@ impl<A> Front<A> {
             )),
             body_timeout: settings.body_timeout,
             access_log: None,
+            h2c: Vec::new(),
+            h2: Arc::new(h2::H2Settings::new(
+                settings,
+                crate::config::DEFAULT_HTTP2_MAX_STREAMS,
+            )),
         }
+    }
+
+    /// Serve prior-knowledge HTTP/2 beside HTTP/1.1 on the listeners at `h2c`, and HTTP/2
+    /// connections with `settings`.
+    pub fn with_h2(mut self, h2c: Vec<std::net::SocketAddr>, settings: h2::H2Settings) -> Front<A> {
+        self.h2c = h2c;
+        self.h2 = Arc::new(settings);
+        self
+    }
+
+    /// Whether the connection came in on an `h2c` listener (by its local address).
+    fn is_h2c(&self, stream: &Stream) -> bool {
+        if self.h2c.is_empty() {
+            return false;
+        }
+        let Some(local) = stream
+            .get_socket_digest()
+            .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied())
+        else {
+            return false;
+        };
+        self.h2c
+            .iter()
+            .any(|l| l.port() == local.port() && (l.ip().is_unspecified() || l.ip() == local.ip()))
     }
 
     /// Log answers given before the application had a request to `log`.
@@ -140,6 +197,7 @@ impl<A> Front<A> {
             upstream: None,
             request_id: "-",
             client,
+            protocol: Protocol::Http1,
         });
     }
 
@@ -225,6 +283,26 @@ where
             since: started,
         };
         let conn = admission.conn().clone();
+        let stream = if self.is_h2c(&stream) {
+            let deadline = started + self.guard.header_timeout;
+            let (stream, sniffed) = h2::read_preface(stream, &conn, deadline).await?;
+            if sniffed == h2::Sniff::H2 {
+                h2::serve(
+                    &self.app,
+                    stream,
+                    &conn,
+                    &self.table,
+                    &self.h2,
+                    started,
+                    shutdown,
+                )
+                .await;
+                return None;
+            }
+            stream
+        } else {
+            stream
+        };
         let mut stream = Box::new(Guarded::new(
             stream,
             conn.clone(),

@@ -19,6 +19,8 @@ pub struct Proxy {
     yaml: String,
     /// Extra lines of the `server` section (indented two spaces).
     server_extra: String,
+    /// The listener serves prior-knowledge HTTP/2 beside HTTP/1.1 (`h2c: true`).
+    h2c: bool,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -98,19 +100,37 @@ impl Proxy {
         p
     }
 
+    /// [`Proxy::start_with_server`] with the listener written `{address: ..., h2c: true}`.
+    pub fn start_h2c(yaml: &str, server_extra: &str) -> Proxy {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut p = Proxy::start_in_opts(&dir, yaml, server_extra, true);
+        p._tmp = Some(tmp);
+        p
+    }
+
     /// Start in an existing directory (to restart over the same disk cache).
     pub fn start_in(dir: &Path, yaml: &str) -> Proxy {
         Proxy::start_in_with(dir, yaml, "")
     }
 
     fn start_in_with(dir: &Path, yaml: &str, server_extra: &str) -> Proxy {
+        Proxy::start_in_opts(dir, yaml, server_extra, false)
+    }
+
+    fn start_in_opts(dir: &Path, yaml: &str, server_extra: &str, h2c: bool) -> Proxy {
         let mut last_log = String::new();
         for _ in 0..5 {
             let (addr, admin) = listen_and_admin_addrs();
             let body = yaml.replace("{DIR}", &dir.display().to_string());
             let extra = server_extra.replace("{DIR}", &dir.display().to_string());
+            let entry = if h2c {
+                format!("{{address: \"{addr}\", h2c: true}}")
+            } else {
+                addr.to_string()
+            };
             let full = format!(
-                "server:\n  threads: 2\n  pid_file: {d}/edgeslice.pid\n  upgrade_sock: {d}/upgrade.sock\n  graceful_shutdown_timeout: 1s\n{extra}listen:\n  - {addr}\nadmin:\n  listen: {admin}\n{body}",
+                "server:\n  threads: 2\n  pid_file: {d}/edgeslice.pid\n  upgrade_sock: {d}/upgrade.sock\n  graceful_shutdown_timeout: 1s\n{extra}listen:\n  - {entry}\nadmin:\n  listen: {admin}\n{body}",
                 d = dir.display()
             );
             let conf = dir.join("edgeslice.yaml");
@@ -136,6 +156,7 @@ impl Proxy {
                 dir: dir.to_path_buf(),
                 yaml: yaml.to_string(),
                 server_extra: server_extra.to_string(),
+                h2c,
                 _tmp: None,
             };
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -257,7 +278,7 @@ impl Proxy {
     pub fn restart(&mut self) {
         self.kill();
         let tmp = self._tmp.take();
-        let mut next = Proxy::start_in_with(&self.dir, &self.yaml, &self.server_extra);
+        let mut next = Proxy::start_in_opts(&self.dir, &self.yaml, &self.server_extra, self.h2c);
         next._tmp = tmp;
         *self = next;
     }
