@@ -768,3 +768,116 @@ async fn h2load_many_streams_all_succeed() {
     assert!(text.contains("400 2xx"), "{text}");
     assert_eq!(origin.requests(), 1, "one fill, 399 hits");
 }
+
+/// The `:status` of a response header block as h2 writes it: a literal with the static name
+/// `:status` (index 8), its value Huffman-coded digits (RFC 7541 Appendix B: `0`-`2` are five
+/// bits, `00000`-`00010`; `3`-`9` six, `011001`-`011111`) or plain.
+fn status_of(block: &[u8]) -> Option<u16> {
+    let (&first, rest) = block.split_first()?;
+    if first & 0x0f != 8 || first & 0xf0 == 0x80 {
+        return None;
+    }
+    let (&len, rest) = rest.split_first()?;
+    let value = &rest[..usize::from(len & 0x7f)];
+    if len & 0x80 == 0 {
+        return std::str::from_utf8(value).ok()?.parse().ok();
+    }
+    let bits: Vec<u8> = value
+        .iter()
+        .flat_map(|b| (0..8).rev().map(move |i| (b >> i) & 1))
+        .collect();
+    let mut digits = String::new();
+    let mut at = 0;
+    while digits.len() < 3 {
+        let take = |n: usize| bits[at..at + n].iter().fold(0u8, |v, b| v << 1 | b);
+        let five = take(5);
+        if five <= 2 {
+            digits.push(char::from(b'0' + five));
+            at += 5;
+        } else {
+            let six = take(6);
+            digits.push(char::from(b'0' + six - 0x19 + 3));
+            at += 6;
+        }
+    }
+    digits.parse().ok()
+}
+
+/// An HPACK integer with an `n`-bit prefix whose other bits are `flags`.
+fn hpack_int(flags: u8, n: u32, mut v: usize) -> Vec<u8> {
+    let max = (1usize << n) - 1;
+    if v < max {
+        return vec![flags | v as u8];
+    }
+    let mut out = vec![flags | max as u8];
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128) as u8 | 0x80);
+        v /= 128;
+    }
+    out.push(v as u8);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_limits_hold_per_stream() {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start_h2c(
+        &config(&origin),
+        "  max_header_size: 8KiB\n  max_uri_size: 1KiB\n",
+    );
+    // The server says its limit.
+    let s = raw_connect(proxy.addr).await;
+    let (r, w) = s.into_split();
+    let w = std::sync::Arc::new(tokio::sync::Mutex::new(w));
+    // Stream 1: a header field of 9,000 bytes (over max_header_size); stream 3: a fine request
+    // on the same connection, which is served.
+    let mut big = get_block(&proxy.addr.to_string(), "/obj/100/big-header");
+    big.extend([0x00]);
+    big.extend(hpack_int(0, 7, 5));
+    big.extend_from_slice(b"x-big");
+    big.extend(hpack_int(0, 7, 9000));
+    big.extend(std::iter::repeat_n(b'a', 9000));
+    let fine = get_block(&proxy.addr.to_string(), "/obj/100/fine");
+    {
+        let mut w = w.lock().await;
+        w.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &big))
+            .await
+            .unwrap();
+        w.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 3, &fine))
+            .await
+            .unwrap();
+    }
+    let reader = tokio::spawn(read_until_closed(r, w.clone(), Duration::from_secs(3)));
+    let (frames, _) = reader.await.unwrap();
+    assert!(
+        settings_of(&frames).contains(&(0x6, 8192)),
+        "SETTINGS_MAX_HEADER_LIST_SIZE"
+    );
+    // Stream 1 is answered 431 by h2 itself, and ends there.
+    let first: Vec<&Frame> = frames.iter().filter(|f| f.2 == 1).collect();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].0, HEADERS);
+    assert!(first[0].1 & END_STREAM != 0);
+    assert_eq!(status_of(&first[0].3), Some(431), "{first:?}");
+    let data: Vec<u8> = frames
+        .iter()
+        .filter(|f| f.0 == DATA && f.2 == 3)
+        .flat_map(|f| f.3.clone())
+        .collect();
+    assert!(
+        data == content("/obj/100/fine", 0, 0..100),
+        "stream 3 served"
+    );
+    assert_eq!(origin.requests(), 1, "only the fine request");
+
+    // A :path over max_uri_size: 414, as over HTTP/1.1.
+    let send = h2_connect(proxy.addr).await;
+    let long = format!("/obj/100/{}", "u".repeat(1100));
+    let (status, _, _) = h2_get(&send, proxy.addr, &long, None).await;
+    assert_eq!(status, 414);
+    let (status, _, body) = h2_get(&send, proxy.addr, "/obj/100/fine", None).await;
+    assert_eq!(status, 200, "the connection goes on");
+    assert!(body == content("/obj/100/fine", 0, 0..100));
+    assert_eq!(origin.requests(), 1);
+}
