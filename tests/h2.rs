@@ -881,3 +881,60 @@ async fn header_limits_hold_per_stream() {
     assert!(body == content("/obj/100/fine", 0, 0..100));
     assert_eq!(origin.requests(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_abandoning_more_streams_than_it_completes_gets_goaway() {
+    let origin = Origin::start().await;
+    // The default 128 streams: few in flight at once here, so only the abandoned count trips.
+    let proxy = Proxy::start_h2c(&config(&origin), "");
+    origin.set_fault(Fault::DelayHeaders(Duration::from_millis(300)));
+    let s = raw_connect(proxy.addr).await;
+    let (r, mut w) = s.into_split();
+    let authority = proxy.addr.to_string();
+    let reader = tokio::spawn(async move {
+        let mut r = r;
+        let mut frames = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(f) = read_frame(&mut r).await {
+                frames.push(f);
+            }
+        })
+        .await
+        .is_ok();
+        (frames, closed)
+    });
+    // Each stream is reset 20 ms after it opened, long before its answer: ~15 in flight.
+    let mut sent = 0u32;
+    for i in 0..1_000u32 {
+        let id = 1 + 2 * i;
+        let block = get_block(&authority, &format!("/download/{}/ab{i}", 1000 + i));
+        if w.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, id, &block))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if w.write_all(&frame(RST_STREAM, 0, id, &CANCEL.to_be_bytes()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+        sent += 1;
+    }
+    let (frames, closed) = reader.await.unwrap();
+    assert_eq!(
+        goaway_code(&frames),
+        Some(ENHANCE_YOUR_CALM),
+        "after {sent} abandoned streams"
+    );
+    assert!(closed);
+    assert!(
+        (101..400).contains(&sent),
+        "closed once 100 more were abandoned than completed: {sent}"
+    );
+    assert!(proxy.log_contains("HTTP/2 streams abandoned, 0 completed: GOAWAY ENHANCE_YOUR_CALM"));
+    let requests = origin.requests();
+    assert!(requests <= 101 + 40, "{requests} origin requests");
+}
