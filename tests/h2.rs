@@ -938,3 +938,58 @@ async fn a_client_abandoning_more_streams_than_it_completes_gets_goaway() {
     let requests = origin.requests();
     assert!(requests <= 101 + 40, "{requests} origin requests");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_stream_ends_its_paced_wait_at_once() {
+    let origin = Origin::start().await;
+    // 8 KiB/s: after the 16 KiB burst, each 16 KiB part waits two seconds.
+    let yaml = format!(
+        "cache:\n  chunk_size: 256KiB\n  memory:\n    capacity: 64MiB\nupstreams:\n  origin:\n    servers: [\"{}\"]\nshaping:\n  classes:\n    standard:\n      rate: 8KiB/s\n      burst: 16KiB\n      max_downloads: 1\nroutes:\n  - path_prefix: /obj/\n    upstream: origin\n    shaping: standard\n",
+        origin.addr()
+    );
+    let proxy = Proxy::start_h2c(&yaml, "");
+    let send = h2_connect(proxy.addr).await;
+    let path = "/obj/200000/paced";
+    let mut ready = send.clone().ready().await.unwrap();
+    let (resp, _) = ready
+        .send_request(
+            http::Request::get(format!("http://{}{path}", proxy.addr))
+                .body(())
+                .unwrap(),
+            true,
+        )
+        .unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while got.len() < 16 * 1024 {
+        let piece = body.data().await.expect("burst bytes").unwrap();
+        let _ = body.flow_control().release_capacity(piece.len());
+        got.extend_from_slice(&piece);
+    }
+    assert!(got == content(path, 0, 0..got.len() as u64), "exact so far");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The client gives up mid-wait: the stream is reset (CANCEL).
+    drop(body);
+    let reset_at = Instant::now();
+    // Its one download (max_downloads: 1) is freed at once, not after the two-second wait.
+    let status = loop {
+        let (status, _, body) = h2_get(&send, proxy.addr, "/obj/1000/next", None).await;
+        if status == 200 {
+            assert!(body == content("/obj/1000/next", 0, 0..1000));
+            break status;
+        }
+        assert_eq!(status, 429);
+        if reset_at.elapsed() > Duration::from_secs(3) {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status, 200);
+    assert!(
+        reset_at.elapsed() < Duration::from_millis(1200),
+        "download freed {:?} after the reset",
+        reset_at.elapsed()
+    );
+}
