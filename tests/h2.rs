@@ -302,6 +302,13 @@ async fn many_streams_on_one_connection_get_exact_bytes_cold_and_warm() {
     let proxy = Proxy::start_h2c(&config(&origin), "  http2_max_streams: 16\n");
     let send = h2_connect(proxy.addr).await;
     let addr = proxy.addr;
+    // One request first: the client then has the server's SETTINGS (16 streams) and queues
+    // past them, rather than racing them (streams opened before the SETTINGS arrive may be
+    // refused, as RFC 9113 §5.1.2 allows).
+    let (status, _, body) = h2_get(&send, addr, "/obj/100/settings", None).await;
+    assert_eq!(status, 200);
+    assert!(body == content("/obj/100/settings", 0, 0..100));
+    origin.reset_stats();
     // 8 objects × (whole, two ranges) = 24 streams at once on one connection, twice.
     let mut after_cold = 0;
     for round in ["cold", "warm"] {
