@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, SystemTime};
 
 /// The fields every JSON line carries (besides `ts`).
-pub const FIELDS: [&str; 9] = [
+pub const FIELDS: [&str; 10] = [
     "method",
     "path",
     "status",
@@ -30,6 +30,7 @@ pub const FIELDS: [&str; 9] = [
     "upstream",
     "request_id",
     "client",
+    "protocol",
 ];
 
 /// Lines the queue holds before new ones are dropped.
@@ -73,6 +74,9 @@ pub struct Entry<'a> {
     /// The client's address, `unknown` if it has none (a Unix socket).
     #[serde(serialize_with = "or_unknown")]
     pub client: Option<IpAddr>,
+    /// `http1` or `h2`.
+    #[serde(serialize_with = "protocol")]
+    pub protocol: crate::conn::Protocol,
 }
 
 impl Entry<'_> {
@@ -99,7 +103,7 @@ impl Entry<'_> {
             Format::Text => {
                 let _ = writeln!(
                     out,
-                    "{}.{:03} {} {} {} bytes={} dur_ms={} cache={:?} upstream={} rid={} client={}",
+                    "{}.{:03} {} {} {} bytes={} dur_ms={} cache={:?} upstream={} rid={} client={} protocol={}",
                     self.ts_ms / 1000,
                     self.ts_ms % 1000,
                     self.method,
@@ -111,6 +115,7 @@ impl Entry<'_> {
                     Dash(self.upstream.as_ref(), "-"),
                     self.request_id,
                     Dash(self.client.as_ref(), "unknown"),
+                    self.protocol.as_str(),
                 );
             }
         }
@@ -136,6 +141,10 @@ fn seconds<S: serde::Serializer>(ms: &u64, s: S) -> Result<S::Ok, S::Error> {
 
 fn or_dash<S: serde::Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
     s.collect_str(&Dash(v.as_ref(), "-"))
+}
+
+fn protocol<S: serde::Serializer>(p: &crate::conn::Protocol, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(p.as_str())
 }
 
 fn or_unknown<S: serde::Serializer>(v: &Option<IpAddr>, s: S) -> Result<S::Ok, S::Error> {
@@ -399,6 +408,7 @@ mod tests {
             upstream: None,
             request_id: "r1",
             client: Some(IpAddr::from([127, 0, 0, 2])),
+            protocol: crate::conn::Protocol::Http1,
         }
     }
 
@@ -423,25 +433,27 @@ mod tests {
         assert!(line.contains("GET /a") && line.contains("rid=r1") && line.contains("bytes=4096"));
         assert!(line.starts_with("1.500 GET "), "{line}");
         assert!(
-            line.ends_with(" upstream=- rid=r1 client=127.0.0.2\n"),
+            line.ends_with(" upstream=- rid=r1 client=127.0.0.2 protocol=http1\n"),
             "{line}"
         );
         let e = Entry {
             ts_ms: 1_700_000_000_007,
             upstream: Some("10.0.0.1:8080".parse().unwrap()),
             client: None,
+            protocol: crate::conn::Protocol::H2,
             ..entry()
         };
         let line = e.line(Format::Text);
         assert!(line.starts_with("1700000000.007 "), "{line}");
         assert!(
-            line.ends_with(" upstream=10.0.0.1:8080 rid=r1 client=unknown\n"),
+            line.ends_with(" upstream=10.0.0.1:8080 rid=r1 client=unknown protocol=h2\n"),
             "{line}"
         );
         let v: serde_json::Value = serde_json::from_str(&e.line(Format::Json)).unwrap();
         assert_eq!(v["ts"], 1_700_000_000.007);
         assert_eq!(v["upstream"], "10.0.0.1:8080");
         assert_eq!(v["client"], "unknown");
+        assert_eq!(v["protocol"], "h2");
     }
 
     /// A named pipe with a reader kept open (so opening it for writing does not block) that

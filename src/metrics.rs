@@ -11,6 +11,7 @@
 //! Label values are bounded by the configuration: routes, upstreams, servers, methods folded to
 //! a fixed set, status classes, cache results. Never a URL or a client address.
 
+use crate::conn::Protocol;
 use crate::origin::breaker::{Breaker, BreakerState};
 use crate::origin::outcome::FailureClass;
 use prometheus::core::{Collector, Desc};
@@ -211,8 +212,8 @@ impl Metrics {
             requests: counter_vec(
                 r,
                 "edgeslice_http_requests_total",
-                "Client requests answered, by route, method, status class and cache result.",
-                &["route", "method", "status_class", "cache"],
+                "Client requests answered, by route, method, status class, cache result and protocol (http1, h2).",
+                &["route", "method", "status_class", "cache", "protocol"],
             ),
             duration,
             response_bytes: counter_vec(
@@ -442,7 +443,7 @@ impl std::fmt::Debug for RouteMetrics {
 
 impl RouteMetrics {
     fn new(m: &Metrics, route: &str) -> RouteMetrics {
-        let n = METHODS.len() * STATUS_CLASSES.len() * CacheResult::ALL.len();
+        let n = METHODS.len() * STATUS_CLASSES.len() * CacheResult::ALL.len() * Protocol::ALL.len();
         RouteMetrics {
             route: route.to_string(),
             requests: m.requests.clone(),
@@ -460,11 +461,14 @@ impl RouteMetrics {
         method: &http::Method,
         status: u16,
         cache: CacheResult,
+        protocol: Protocol,
         body_bytes: u64,
         seconds: f64,
     ) {
         let (mi, si, ci) = (method_index(method), status_index(status), cache.index());
-        let slot = (mi * STATUS_CLASSES.len() + si) * CacheResult::ALL.len() + ci;
+        let slot = ((mi * STATUS_CLASSES.len() + si) * CacheResult::ALL.len() + ci)
+            * Protocol::ALL.len()
+            + protocol.index();
         if let Some(s) = self.request_slots.get(slot) {
             s.get_or_init(|| {
                 self.requests.with_label_values(&[
@@ -472,6 +476,7 @@ impl RouteMetrics {
                     METHODS[mi],
                     STATUS_CLASSES[si],
                     cache.label(),
+                    protocol.as_str(),
                 ])
             })
             .inc();
@@ -806,32 +811,45 @@ mod tests {
     fn request_figures_by_label() {
         let m = Metrics::new();
         let r = m.route("example.com/video/");
-        r.observe(&http::Method::GET, 206, CacheResult::Hit, 4096, 0.0002);
-        r.observe(&http::Method::GET, 206, CacheResult::Hit, 4096, 0.0003);
+        let h1 = Protocol::Http1;
+        r.observe(&http::Method::GET, 206, CacheResult::Hit, h1, 4096, 0.0002);
+        r.observe(&http::Method::GET, 206, CacheResult::Hit, h1, 4096, 0.0003);
+        r.observe(
+            &http::Method::GET,
+            206,
+            CacheResult::Hit,
+            Protocol::H2,
+            4096,
+            0.0003,
+        );
         r.observe(
             &http::Method::from_bytes(b"BREW").unwrap(),
             404,
             CacheResult::None,
+            h1,
             10,
             0.01,
         );
-        r.observe(&http::Method::GET, 0, CacheResult::Miss, 0, 1.0);
+        r.observe(&http::Method::GET, 0, CacheResult::Miss, h1, 0, 1.0);
         let text = m.render();
         assert!(text.contains(
-            "edgeslice_http_requests_total{cache=\"hit\",method=\"GET\",route=\"example.com/video/\",status_class=\"2xx\"} 2"
+            "edgeslice_http_requests_total{cache=\"hit\",method=\"GET\",protocol=\"http1\",route=\"example.com/video/\",status_class=\"2xx\"} 2"
         ), "{text}");
         assert!(text.contains(
-            "edgeslice_http_requests_total{cache=\"none\",method=\"other\",route=\"example.com/video/\",status_class=\"4xx\"} 1"
+            "edgeslice_http_requests_total{cache=\"hit\",method=\"GET\",protocol=\"h2\",route=\"example.com/video/\",status_class=\"2xx\"} 1"
+        ), "{text}");
+        assert!(text.contains(
+            "edgeslice_http_requests_total{cache=\"none\",method=\"other\",protocol=\"http1\",route=\"example.com/video/\",status_class=\"4xx\"} 1"
         ));
         assert!(text.contains("status_class=\"none\"} 1"));
         assert!(text.contains(
-            "edgeslice_http_response_bytes_total{cache=\"hit\",route=\"example.com/video/\"} 8192"
+            "edgeslice_http_response_bytes_total{cache=\"hit\",route=\"example.com/video/\"} 12288"
         ));
         assert!(text.contains(
             "edgeslice_http_request_duration_seconds_bucket{cache=\"hit\",route=\"example.com/video/\",le=\"0.00025\"} 1"
         ));
         assert!(text.contains(
-            "edgeslice_http_request_duration_seconds_count{cache=\"hit\",route=\"example.com/video/\"} 2"
+            "edgeslice_http_request_duration_seconds_count{cache=\"hit\",route=\"example.com/video/\"} 3"
         ));
     }
 

@@ -589,6 +589,11 @@ const LABEL_VALUES: &[(&str, &str, &[&str])] = &[
         &["1xx", "2xx", "3xx", "4xx", "5xx", "none"],
     ),
     (
+        "edgeslice_http_requests_total",
+        "protocol",
+        &["http1", "h2"],
+    ),
+    (
         "edgeslice_origin_requests_total",
         "outcome",
         &[

@@ -129,6 +129,12 @@ pub struct ConnectionSettings {
     pub http2_max_streams: u32,
 }
 
+/// `server.http2_max_streams` when absent (nginx's `http2_max_concurrent_streams`).
+pub const DEFAULT_HTTP2_MAX_STREAMS: u32 = 128;
+/// The most `server.http2_max_streams` may be: each stream may hold a request's state and a
+/// response's send buffer, so this bounds one connection's memory.
+pub const MAX_HTTP2_MAX_STREAMS: u32 = 1024;
+
 impl Default for ConnectionSettings {
     fn default() -> Self {
         ConnectionSettings {
@@ -140,7 +146,7 @@ impl Default for ConnectionSettings {
             max_connections: None,
             max_header_size: 64 << 10,
             max_uri_size: 8 << 10,
-            http2_max_streams: 128,
+            http2_max_streams: DEFAULT_HTTP2_MAX_STREAMS,
         }
     }
 }
@@ -595,8 +601,12 @@ fn connection_settings(s: &schema::RawServer) -> Result<ConnectionSettings, Conf
         )?,
         max_uri_size: header_size(&s.max_uri_size, "max_uri_size", 256, d.max_uri_size)?,
         http2_max_streams: match &s.http2_max_streams {
-            Some(v) if v.value == 0 => {
-                return Err(err_at("server.http2_max_streams", v, "must be at least 1"))
+            Some(v) if v.value == 0 || v.value > MAX_HTTP2_MAX_STREAMS => {
+                return Err(err_at(
+                    "server.http2_max_streams",
+                    v,
+                    format!("must be between 1 and {MAX_HTTP2_MAX_STREAMS}"),
+                ))
             }
             Some(v) => v.value,
             None => d.http2_max_streams,

@@ -957,8 +957,10 @@ fn listen_entry_errors_are_named() {
 
 #[test]
 fn http2_max_streams_is_checked() {
-    let y = format!("server:\n  http2_max_streams: 0\n{TLS_LISTEN}");
-    assert_err(&y, "server.http2_max_streams", 2, "at least 1");
+    for v in ["0", "1025"] {
+        let y = format!("server:\n  http2_max_streams: {v}\n{TLS_LISTEN}");
+        assert_err(&y, "server.http2_max_streams", 2, "between 1 and 1024");
+    }
     let y = format!("server:\n  http2_max_streams: 7\n{TLS_LISTEN}");
     assert_eq!(
         Config::from_yaml(&y)

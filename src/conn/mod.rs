@@ -27,9 +27,13 @@
 //! plain TCP: a TLS listener's handshake runs here, after admission ([`tls`]), and the guard
 //! wraps the TLS stream, so the header limits see decrypted bytes. Each connection finds its
 //! `listen` entry by its local address (one service for every listener: one runtime, one
-//! connection table, one application). HTTP/1.x only here; h2 takes the marked spot.
+//! connection table, one application). A connection that speaks HTTP/2 (`h2` chosen by ALPN on
+//! a TLS listener; the HTTP/2 preface first on a listener with `h2c`, read after admission
+//! within `header_timeout` of accept) is served by [`h2::serve`] instead, one slot in the same
+//! table.
 
 pub mod guard;
+pub mod h2;
 pub mod header_scan;
 pub mod limits;
 pub mod pace;
@@ -71,6 +75,29 @@ pub fn listener(addr: &str) -> pingora_core::listeners::ListenerConfig {
     ))
 }
 
+/// The HTTP version a request came in (the access log's `protocol` field and the request
+/// metrics' `protocol` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    H2,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 2] = [Protocol::Http1, Protocol::H2];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2 => "h2",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// How long a refused connection is kept to deliver its 503 before the close.
 const REFUSE_LINGER: Duration = Duration::from_millis(200);
 
@@ -100,6 +127,8 @@ pub struct Front<A> {
     /// The `listen` entries, when some are not plain HTTP/1.1 (TLS, h2c): each connection
     /// finds its own by its local address.
     listeners: Option<Arc<ListenTable>>,
+    /// How HTTP/2 connections are served.
+    h2: Arc<h2::H2Settings>,
 }
 
 impl<A> Front<A> {
@@ -127,6 +156,7 @@ impl<A> Front<A> {
             body_timeout: settings.body_timeout,
             access_log: None,
             listeners: None,
+            h2: Arc::new(h2::H2Settings::new(settings)),
         }
     }
 
@@ -134,6 +164,29 @@ impl<A> Front<A> {
     pub fn with_listeners(mut self, listeners: Arc<ListenTable>) -> Front<A> {
         self.listeners = Some(listeners).filter(|l| l.needs_lookup());
         self
+    }
+
+    /// Serve an HTTP/2 connection (its TLS handshake done, or its h2c preface seen) until it
+    /// ends, its streams with it.
+    async fn serve_h2(
+        &self,
+        stream: Stream,
+        conn: &Arc<Conn>,
+        accepted: Instant,
+        shutdown: &ShutdownWatch,
+    ) where
+        A: HttpServerApp + Send + Sync + 'static,
+    {
+        h2::serve(
+            &self.app,
+            stream,
+            conn,
+            &self.table,
+            &self.h2,
+            accepted,
+            shutdown,
+        )
+        .await;
     }
 
     /// Log answers given before the application had a request to `log`.
@@ -158,6 +211,7 @@ impl<A> Front<A> {
             upstream: None,
             request_id: "-",
             client,
+            protocol: Protocol::Http1,
         });
     }
 
@@ -267,9 +321,18 @@ where
             since: started,
         };
         let conn = admission.conn().clone();
+        let accepted = self.table.instant_at(conn.since_ms());
         // The handshake and the first request's header, together, by this.
-        let header_deadline = self.table.instant_at(conn.since_ms()) + self.guard.header_timeout;
+        let header_deadline = accepted + self.guard.header_timeout;
         let stream: Stream = match tls {
+            None if listener.is_some_and(|l| l.h2c) => {
+                let (stream, sniffed) = h2::read_preface(stream, &conn, header_deadline).await?;
+                if sniffed == h2::Sniff::H2 {
+                    self.serve_h2(stream, &conn, accepted, shutdown).await;
+                    return None;
+                }
+                stream
+            }
             None => stream,
             Some(tls) => {
                 let stream = match tls::accept(stream, &tls.current(), &conn, header_deadline).await
@@ -287,7 +350,9 @@ where
                     }
                 };
                 if stream.selected_alpn_proto() == Some(ALPN::H2) {
-                    /* h2: see branch h2 (crate::conn::h2::serve) */
+                    self.serve_h2(Box::new(stream), &conn, accepted, shutdown)
+                        .await;
+                    return None;
                 }
                 Box::new(stream)
             }

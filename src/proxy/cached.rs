@@ -1073,9 +1073,39 @@ async fn send_failure(session: &mut Session, ctx: &RequestCtx, status: u16) -> R
     respond::send_cache_error(session, status, &ctx.request_id, &cache_status).await
 }
 
-/// Write a body piece. A shaped response is paced at the connection's writes (`conn::pace`).
+/// Write a body piece. A shaped response is paced at the connection's writes (`conn::pace`);
+/// on an HTTP/2 stream, whose connection is shared, here: each part of at most
+/// `conn::pace::MAX_RESERVATION` is accounted, then waited for while the stream is watched (a
+/// reset ends the wait and the response at once).
 pub(super) async fn write_body(session: &mut Session, piece: Bytes) -> Result<()> {
-    session.write_response_body(Some(piece), false).await
+    let stream = match crate::conn::h2::StreamTicket::of(session.req_header()) {
+        Some(s) if s.is_paced() => s.clone(),
+        _ => return session.write_response_body(Some(piece), false).await,
+    };
+    let mut at = 0;
+    while at < piece.len() {
+        let Some((n, wait)) = stream.reserve(piece.len() - at) else {
+            return session
+                .write_response_body(Some(piece.slice(at..)), false)
+                .await;
+        };
+        if !wait.is_zero() {
+            if let Err(e) = unless_client_left(session, tokio::time::sleep(wait)).await {
+                stream.refund_reserved();
+                return Err(e);
+            }
+        }
+        if let Err(e) = session
+            .write_response_body(Some(piece.slice(at..at + n)), false)
+            .await
+        {
+            stream.refund_reserved();
+            return Err(e);
+        }
+        stream.written(n);
+        at += n;
+    }
+    Ok(())
 }
 
 /// Await `next` (a response's next body piece) unless the client leaves first: a response

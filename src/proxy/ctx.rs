@@ -1,7 +1,9 @@
 //! The per-request context, split by concern so each phase touches only what it owns.
 
 use crate::config::Route;
+use crate::conn::h2::StreamTicket;
 use crate::conn::table::Conn;
+use crate::conn::Protocol;
 use crate::origin::budget::RequestRetries;
 use crate::origin::failing::UrlMark;
 use crate::origin::outcome::StatusEvidence;
@@ -27,6 +29,9 @@ pub struct RequestCtx {
     /// The client connection: a shaped response's download is handed to it, and paces its
     /// writes ([`Conn::pace_response`]) until the response ends.
     pub connection: Option<Arc<Conn>>,
+    /// The HTTP/2 stream the request came on (`None`: HTTP/1.x): its shaped download is paced
+    /// at the stream's body writes, and it is told whether the response went out whole.
+    pub stream: Option<StreamTicket>,
     /// A shaped download held here instead, unpaced, when the connection is unknown (never for
     /// the proxy's guarded listeners); dropped with the context, which ends the download.
     pub download: Option<Download>,
@@ -60,6 +65,14 @@ pub struct UpstreamCtx {
 }
 
 impl RequestCtx {
+    /// The HTTP version the request came in.
+    pub fn protocol(&self) -> Protocol {
+        match self.stream {
+            Some(_) => Protocol::H2,
+            None => Protocol::Http1,
+        }
+    }
+
     pub fn new(runtime: Arc<Runtime>) -> Self {
         RequestCtx {
             runtime,
@@ -70,6 +83,7 @@ impl RequestCtx {
             cache_status: None,
             pass_through: false,
             connection: None,
+            stream: None,
             download: None,
             body: None,
             continue_sent: false,

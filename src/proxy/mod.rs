@@ -170,11 +170,14 @@ impl Edge {
         match shaper.admit(key, class, connection.as_ref()) {
             Ok(d) => {
                 // Paced at the client connection's writes, which watch the client while a
-                // write waits (conn::pace). Every listener's connections are guarded, so the
-                // connection is known; were it not, the download would still hold its caps.
-                match ctx.connection.as_ref() {
-                    Some(c) => c.pace_response(Box::new(d)),
-                    None => ctx.download = Some(d),
+                // write waits (conn::pace); an HTTP/2 stream at its own body writes, as its
+                // connection is shared (cached::write_body, response_body_filter). Every
+                // listener's connections are guarded, so the connection is known; were it
+                // not, the download would still hold its caps.
+                match (ctx.stream.as_ref(), ctx.connection.as_ref()) {
+                    (Some(s), _) => s.pace_response(Box::new(d)),
+                    (None, Some(c)) => c.pace_response(Box::new(d)),
+                    (None, None) => ctx.download = Some(d),
                 }
                 Ok(true)
             }
@@ -458,6 +461,7 @@ impl ProxyHttp for Edge {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
+        ctx.stream = crate::conn::h2::StreamTicket::of(req).cloned();
         ctx.request_id =
             headers::request_id(req.headers.get(headers::X_REQUEST_ID).map(|v| v.as_bytes()));
         let server = &ctx.runtime.config.server;
@@ -815,6 +819,32 @@ impl ProxyHttp for Edge {
         Ok(None)
     }
 
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        // A shaped pass-through response on an HTTP/2 stream: each piece (at most 16 KiB, as
+        // Pingora reads them) is accounted and waited for before it is written. (HTTP/1.x is
+        // paced at the socket's writes instead.)
+        let (Some(stream), Some(b)) = (ctx.stream.as_ref(), body.as_ref()) else {
+            return Ok(None);
+        };
+        let mut wait = std::time::Duration::ZERO;
+        let mut left = b.len();
+        while left > 0 {
+            let Some((n, w)) = stream.reserve(left) else {
+                return Ok(None);
+            };
+            stream.written(n);
+            left -= n;
+            wait = wait.max(w);
+        }
+        Ok((!wait.is_zero()).then_some(wait))
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -875,6 +905,18 @@ impl ProxyHttp for Edge {
         if let Some(c) = ctx.connection.as_ref() {
             c.end_pacing();
         }
+        if let Some(s) = ctx.stream.as_ref() {
+            s.end_pacing();
+            // The rapid-reset accounting (conn::h2::Calm): a response that ended through the
+            // client's doing (a reset stream, a client gone) was abandoned.
+            let abandoned = e.is_some_and(|e| {
+                matches!(e.esource(), pingora_error::ErrorSource::Downstream)
+                    || respond::client_fault(e).is_some()
+            });
+            if !abandoned {
+                s.completed();
+            }
+        }
         if let Some(sel) = ctx.upstream.current.take() {
             match e {
                 Some(e) => charge(sel, e, session.as_mut().is_body_done(), &ctx.request_id),
@@ -908,6 +950,7 @@ impl ProxyHttp for Edge {
             &req.method,
             status,
             CacheStatus::result(ctx.cache_status),
+            ctx.protocol(),
             bytes,
             elapsed.as_secs_f64(),
         );
@@ -925,6 +968,7 @@ impl ProxyHttp for Edge {
             upstream: ctx.upstream.tried.last().copied(),
             request_id: &ctx.request_id,
             client: client_addr(session),
+            protocol: ctx.protocol(),
         });
     }
 }

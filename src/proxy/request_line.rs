@@ -160,6 +160,14 @@ pub fn normalize(
         req.set_uri(uri);
         req.insert_header(http::header::HOST, host)
             .map_err(|_| Refusal::BadTarget)?;
+    } else if !req.headers.contains_key(http::header::HOST) {
+        // HTTP/2 carries the authority in `:authority` (RFC 9113 §8.3.1), most often without
+        // a Host field: it is the host (Pingora refused a request where both disagree).
+        if let Some(a) = req.uri.authority() {
+            let v = HeaderValue::from_str(a.as_str()).map_err(|_| Refusal::BadHost)?;
+            req.insert_header(http::header::HOST, v)
+                .map_err(|_| Refusal::BadHost)?;
+        }
     }
     let host = {
         let mut fields = req.headers.get_all(http::header::HOST).iter();

@@ -23,6 +23,8 @@ pub struct Proxy {
     pub tls_addr: Option<SocketAddr>,
     /// The lines of its `listen` entry after `address` (indented four spaces).
     tls_entry: String,
+    /// The listener serves prior-knowledge HTTP/2 beside HTTP/1.1 (`h2c: true`).
+    h2c: bool,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -102,6 +104,15 @@ impl Proxy {
         p
     }
 
+    /// [`Proxy::start_with_server`] with the listener written `{address: ..., h2c: true}`.
+    pub fn start_h2c(yaml: &str, server_extra: &str) -> Proxy {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut p = Proxy::start_in_full(&dir, yaml, server_extra, None, true);
+        p._tmp = Some(tmp);
+        p
+    }
+
     /// Start in an existing directory (to restart over the same disk cache).
     pub fn start_in(dir: &Path, yaml: &str) -> Proxy {
         Proxy::start_in_with(dir, yaml, "")
@@ -113,7 +124,7 @@ impl Proxy {
     pub fn start_tls(yaml: &str, server_extra: &str, tls_entry: &str) -> Proxy {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
-        let mut p = Proxy::start_in_full(&dir, yaml, server_extra, Some(tls_entry));
+        let mut p = Proxy::start_in_full(&dir, yaml, server_extra, Some(tls_entry), false);
         p._tmp = Some(tmp);
         p
     }
@@ -125,10 +136,18 @@ impl Proxy {
     }
 
     fn start_in_with(dir: &Path, yaml: &str, server_extra: &str) -> Proxy {
-        Proxy::start_in_full(dir, yaml, server_extra, None)
+        Proxy::start_in_full(dir, yaml, server_extra, None, false)
     }
 
-    fn start_in_full(dir: &Path, yaml: &str, server_extra: &str, tls_entry: Option<&str>) -> Proxy {
+    /// Start with the plain listener, written `{address: ..., h2c: true}` when `h2c`, and a
+    /// TLS listener when `tls_entry` is given.
+    fn start_in_full(
+        dir: &Path,
+        yaml: &str,
+        server_extra: &str,
+        tls_entry: Option<&str>,
+        h2c: bool,
+    ) -> Proxy {
         let mut last_log = String::new();
         for _ in 0..5 {
             let (addr, admin) = listen_and_admin_addrs();
@@ -145,12 +164,17 @@ impl Proxy {
             });
             let body = yaml.replace("{DIR}", &dir.display().to_string());
             let extra = server_extra.replace("{DIR}", &dir.display().to_string());
+            let entry = if h2c {
+                format!("{{address: \"{addr}\", h2c: true}}")
+            } else {
+                addr.to_string()
+            };
             let tls_listen = match (tls_addr, tls_entry) {
                 (Some(a), Some(entry)) => format!("  - address: {a}\n{entry}"),
                 _ => String::new(),
             };
             let full = format!(
-                "server:\n  threads: 2\n  pid_file: {d}/edgeslice.pid\n  upgrade_sock: {d}/upgrade.sock\n  graceful_shutdown_timeout: 1s\n{extra}listen:\n  - {addr}\n{tls_listen}admin:\n  listen: {admin}\n{body}",
+                "server:\n  threads: 2\n  pid_file: {d}/edgeslice.pid\n  upgrade_sock: {d}/upgrade.sock\n  graceful_shutdown_timeout: 1s\n{extra}listen:\n  - {entry}\n{tls_listen}admin:\n  listen: {admin}\n{body}",
                 d = dir.display()
             );
             let conf = dir.join("edgeslice.yaml");
@@ -178,6 +202,7 @@ impl Proxy {
                 server_extra: server_extra.to_string(),
                 tls_addr,
                 tls_entry: tls_entry.unwrap_or_default().to_string(),
+                h2c,
                 _tmp: None,
             };
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -304,7 +329,13 @@ impl Proxy {
         self.kill();
         let tmp = self._tmp.take();
         let tls_entry = (!self.tls_entry.is_empty()).then_some(self.tls_entry.as_str());
-        let mut next = Proxy::start_in_full(&self.dir, &self.yaml, &self.server_extra, tls_entry);
+        let mut next = Proxy::start_in_full(
+            &self.dir,
+            &self.yaml,
+            &self.server_extra,
+            tls_entry,
+            self.h2c,
+        );
         next._tmp = tmp;
         *self = next;
     }
