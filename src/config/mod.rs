@@ -11,8 +11,8 @@ mod schema;
 mod shaping;
 pub mod units;
 
-pub use origin_tls::{CaBundle, OriginTls};
 pub use listen::{CertificatePaths, KeyAt, ListenSettings, TlsListenSettings, TlsVersion};
+pub use origin_tls::{CaBundle, OriginTls};
 pub use shaping::{ShapingClass, ShapingSettings};
 
 use crate::origin::breaker::BreakerConfig;

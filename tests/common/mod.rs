@@ -74,3 +74,47 @@ pub fn cache_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 pub fn temp_files(dir: &std::path::Path) -> usize {
     files_under(dir, |n| n.contains(".tmp.")).len()
 }
+
+/// The parts of a `multipart/byteranges` body: (Content-Range, data) each, data taken by the
+/// length its Content-Range gives.
+pub fn multipart_parts(body: &[u8], boundary: &str) -> Vec<(String, Vec<u8>)> {
+    let delim = format!("--{boundary}").into_bytes();
+    let find = |hay: &[u8], needle: &[u8], from: usize| {
+        hay[from..]
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|p| p + from)
+    };
+    let mut parts = Vec::new();
+    let mut pos = find(body, &delim, 0).expect("opening boundary") + delim.len();
+    loop {
+        if body[pos..].starts_with(b"--") {
+            return parts;
+        }
+        let head_end = find(body, b"\r\n\r\n", pos).expect("part header end");
+        let head = std::str::from_utf8(&body[pos..head_end]).expect("utf-8 part header");
+        let range = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim()
+                    .eq_ignore_ascii_case("content-range")
+                    .then(|| v.trim().to_string())
+            })
+            .expect("part Content-Range");
+        let (a, b) = range
+            .strip_prefix("bytes ")
+            .and_then(|r| r.split_once('/'))
+            .and_then(|(r, _)| r.split_once('-'))
+            .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()))
+            .expect("a byte range");
+        let data_at = head_end + 4;
+        let data = body[data_at..data_at + (b - a + 1)].to_vec();
+        pos = data_at + data.len();
+        assert!(body[pos..].starts_with(b"\r\n"), "CRLF after part data");
+        pos += 2;
+        assert!(body[pos..].starts_with(&delim), "boundary after part");
+        pos += delim.len();
+        parts.push((range, data));
+    }
+}
