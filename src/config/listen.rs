@@ -124,17 +124,24 @@ fn entry(path: &str, e: &RawListenEntry) -> Result<ListenSettings, ConfigError> 
     let address = parse_addr(&format!("{path}.address"), &e.address)?;
     let tls = match &e.tls {
         None => None,
-        Some(t) => {
+        Some(at) => {
             let tls_path = format!("{path}.tls");
-            if t.value.certificates.value.is_empty() {
+            // `tls:` alone: a TLS listener without certificates, not a plain one.
+            let Some(t) = at.value.as_ref() else {
                 return Err(err_at(
                     format!("{tls_path}.certificates"),
-                    &t.value.certificates,
+                    at,
+                    "at least one certificate is required",
+                ));
+            };
+            if t.certificates.value.is_empty() {
+                return Err(err_at(
+                    format!("{tls_path}.certificates"),
+                    &t.certificates,
                     "at least one certificate is required",
                 ));
             }
             let certificates = t
-                .value
                 .certificates
                 .value
                 .iter()
@@ -156,7 +163,7 @@ fn entry(path: &str, e: &RawListenEntry) -> Result<ListenSettings, ConfigError> 
                     })
                 })
                 .collect::<Result<Vec<_>, ConfigError>>()?;
-            let min_version = match &t.value.min_version {
+            let min_version = match &t.min_version {
                 None => TlsVersion::default(),
                 Some(v) => match v.value.0.as_str() {
                     "1.2" => TlsVersion::Tls12,

@@ -979,7 +979,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             .as_ref()
             .map(|t| origin_tls::validate(&base, t))
             .transpose()?;
-        if let Some(v) = u.tls.as_ref().and_then(|t| t.value.verify.as_ref()) {
+        if let Some(v) = u
+            .tls
+            .as_ref()
+            .and_then(|t| t.value.as_ref())
+            .and_then(|t| t.verify.as_ref())
+        {
             if !v.value {
                 warnings.push(format!(
                     "{base}.tls.verify (line {}): false: the certificates of this group's servers are not verified; anyone on the path can impersonate them",

@@ -82,8 +82,12 @@ pub fn validate_host(base: &str, at: &Spanned<String>) -> Result<String, ConfigE
 }
 
 /// Validate `upstreams.<name>.tls` (`base` is `upstreams.<name>`), reading its `ca` file.
-pub fn validate(base: &str, raw: &Spanned<RawUpstreamTls>) -> Result<OriginTls, ConfigError> {
-    let t = &raw.value;
+pub fn validate(
+    base: &str,
+    raw: &Spanned<Option<RawUpstreamTls>>,
+) -> Result<OriginTls, ConfigError> {
+    // `tls:` alone: HTTPS with every default.
+    let t = raw.value.as_ref().unwrap_or(&RawUpstreamTls::DEFAULTS);
     let sni = match &t.sni {
         None => None,
         Some(s) => {

@@ -141,10 +141,18 @@ pub struct RawUpstream {
     pub retry: Option<RawRetry>,
     /// `Host` sent to this group (default: the client's).
     pub host: Option<Spanned<String>>,
-    /// Present: the group is HTTPS.
-    pub tls: Option<Spanned<RawUpstreamTls>>,
+    /// Present: the group is HTTPS. `tls:` with nothing under it (null) is HTTPS with the
+    /// defaults, not its absence.
+    #[serde(default, deserialize_with = "present")]
+    pub tls: Option<Spanned<Option<RawUpstreamTls>>>,
     /// HTTP/2 to this group (offered by ALPN, HTTP/1.1 as the fallback).
     pub http2: Option<Spanned<bool>>,
+}
+
+/// Deserialize a field whose `null` is a value, not its absence (an absent field is `None`
+/// through `#[serde(default)]`): `tls:` with every key under it commented out still says TLS.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +161,15 @@ pub struct RawUpstreamTls {
     pub sni: Option<Spanned<String>>,
     pub verify: Option<Spanned<bool>>,
     pub ca: Option<Spanned<String>>,
+}
+
+impl RawUpstreamTls {
+    /// `tls:` with no key under it.
+    pub const DEFAULTS: RawUpstreamTls = RawUpstreamTls {
+        sni: None,
+        verify: None,
+        ca: None,
+    };
 }
 
 #[derive(Debug, Deserialize)]
@@ -316,7 +333,9 @@ pub enum RawListen {
 #[serde(deny_unknown_fields)]
 pub struct RawListenEntry {
     pub address: Spanned<String>,
-    pub tls: Option<Spanned<RawListenTls>>,
+    /// `tls:` with nothing under it (null) is an error (no certificates), not a plain listener.
+    #[serde(default, deserialize_with = "present")]
+    pub tls: Option<Spanned<Option<RawListenTls>>>,
     pub http2: Option<bool>,
     pub h2c: Option<bool>,
 }

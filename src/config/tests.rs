@@ -971,3 +971,33 @@ fn http2_max_streams_is_checked() {
         7
     );
 }
+
+#[test]
+fn a_tls_key_with_nothing_under_it_is_still_tls() {
+    // An upstream: HTTPS with every default (here every key under it commented out).
+    for tls in [
+        "    tls:
+",
+        "    tls:
+      # verify: false
+",
+        "    tls: ~
+",
+    ] {
+        let c = Config::from_yaml(&with_store("localhost:443", tls)).expect("config");
+        let t = c.upstreams["store"].tls.as_ref().expect("HTTPS, not plain");
+        assert!(t.verify && t.ca.is_none() && t.sni.is_none(), "{tls:?}");
+    }
+    // A listener: an error (no certificate), never a plain listener on a port meant for TLS.
+    let y = TLS_LISTEN.replace(
+        "    tls:\n      certificates:\n        - {cert: /etc/edgeslice/site.pem, key: /etc/edgeslice/site.key}\n        - cert: /etc/edgeslice/other.pem\n          key: /etc/edgeslice/other.key\n      min_version: \"1.2\"\n",
+        "    tls:\n",
+    );
+    assert_ne!(y, TLS_LISTEN);
+    assert_err(
+        &y,
+        "listen[1].tls.certificates",
+        4,
+        "at least one certificate",
+    );
+}
