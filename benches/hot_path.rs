@@ -44,8 +44,8 @@ use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use edgeslice::cache::disk::DiskStore;
 use edgeslice::cache::flight::{Flight, FlightReader, Joined};
-use edgeslice::cache::key::ObjectKey;
 use edgeslice::cache::key::{ChunkKey, ObjectVersion};
+use edgeslice::cache::key::{ObjectKey, Scheme};
 use edgeslice::cache::memory::ShardedCache;
 use edgeslice::cache::meta::ObjectMeta;
 use edgeslice::cache::store::ChunkCache;
@@ -86,6 +86,7 @@ fn version() -> ObjectVersion {
     ObjectVersion::new(
         ObjectKey::new(
             "origin",
+            Scheme::Http,
             "media.example.com",
             "/videos/big.mp4",
             None,
@@ -237,6 +238,7 @@ fn bench_memory_hit(c: &mut Criterion) {
 fn bench_meta_hit(c: &mut Criterion) {
     let key = ObjectKey::new(
         "origin",
+        Scheme::Http,
         "media.example.com",
         "/videos/2026/12/some-series/season-1/episode-04/segment-000123.m4s",
         Some("token=abcdef"),

@@ -249,7 +249,9 @@ async fn https_objects_and_ranges_are_byte_exact_cold_and_warm() {
         Some("localhost"),
         "the listener's port is a default"
     );
-    // The plain listener serves the same stored bytes (the same site: `localhost`).
+    // The plain listener's request for the same URL is another object: the origin is told
+    // `X-Forwarded-Proto: http` and may answer it otherwise (a redirect to https, served to
+    // HTTPS clients, would loop), so the scheme is part of the key (as nginx's `$scheme`).
     let plain = common::client()
         .get(proxy.url(&path))
         .header("host", "localhost")
@@ -258,7 +260,32 @@ async fn https_objects_and_ranges_are_byte_exact_cold_and_warm() {
         .unwrap();
     assert_eq!(plain.status(), 200);
     assert!(plain.bytes().await.unwrap() == want);
-    assert_eq!(origin_requests_for(&origin, &path), fetched);
+    assert!(
+        origin_requests_for(&origin, &path) > fetched,
+        "an HTTP request was answered from what was stored for HTTPS"
+    );
+    let fills = origin.log();
+    let http_fill = fills
+        .iter()
+        .rev()
+        .find(|r| r.path == path)
+        .expect("the plain fill");
+    assert_eq!(http_fill.header("x-forwarded-proto"), Some("http"));
+    // Each is a hit of its own scheme from now on.
+    let before = origin_requests_for(&origin, &path);
+    let (p, r) = (path.clone(), run.clone());
+    let got = tokio::task::spawn_blocking(move || r(p, vec![]))
+        .await
+        .unwrap();
+    assert!(got.status == 200 && got.body == want);
+    let plain = common::client()
+        .get(proxy.url(&path))
+        .header("host", "localhost")
+        .send()
+        .await
+        .unwrap();
+    assert!(plain.bytes().await.unwrap() == want);
+    assert_eq!(origin_requests_for(&origin, &path), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

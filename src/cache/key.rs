@@ -15,22 +15,46 @@ use crate::proxy::canonical::param_name;
 use std::borrow::Cow;
 use std::sync::Arc;
 
+/// The scheme a request is forwarded to the origin as (`X-Forwarded-Proto`): part of the key,
+/// since an origin may answer the two differently (most often: a redirect from `http` to
+/// `https`, which served to an HTTPS client would loop). nginx (`$scheme` in its default
+/// `proxy_cache_key`), ATS and Cloudflare key by it too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    /// What an `https` key's host starts with (an `http` key's host has no prefix, as before
+    /// HTTPS existed, so objects stored then are still found).
+    pub const HTTPS_PREFIX: &'static str = "https://";
+}
+
 /// The name of a cached object; cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey(pub Arc<str>);
 
 impl ObjectKey {
-    /// `upstream` group name, lower-case `host`, `path`, optional `query` (without `?`).
+    /// `upstream` group name, `scheme`, lower-case `host`, `path`, optional `query` (without
+    /// `?`): `upstream|host|path?query`, the host written `https://host` for `https`.
     pub fn new(
         upstream: &str,
+        scheme: Scheme,
         host: &str,
         path: &str,
         query: Option<&str>,
         mode: &QueryKey,
     ) -> ObjectKey {
         let q = normalize_query(query, mode);
-        let mut key = String::with_capacity(upstream.len() + host.len() + path.len() + q.len() + 3);
-        for part in [upstream, "|", host, "|", path] {
+        let prefix = match scheme {
+            Scheme::Http => "",
+            Scheme::Https => Scheme::HTTPS_PREFIX,
+        };
+        let mut key = String::with_capacity(
+            upstream.len() + prefix.len() + host.len() + path.len() + q.len() + 3,
+        );
+        for part in [upstream, "|", prefix, host, "|", path] {
             key.push_str(part);
         }
         if !q.is_empty() {
@@ -177,8 +201,8 @@ mod tests {
         assert_eq!(normalize_query(Some("v=EVIL&v=1"), &keep), "v=EVIL&v=1");
         assert_eq!(normalize_query(Some("v=1&v=EVIL"), &keep), "v=1&v=EVIL");
         assert_ne!(
-            ObjectKey::new("o", "h", "/p", Some("v=EVIL&v=1"), &keep),
-            ObjectKey::new("o", "h", "/p", Some("v=1"), &keep)
+            ObjectKey::new("o", Scheme::Http, "h", "/p", Some("v=EVIL&v=1"), &keep),
+            ObjectKey::new("o", Scheme::Http, "h", "/p", Some("v=1"), &keep)
         );
         assert_eq!(normalize_query(Some("w=1&v=2&&v"), &keep), "v=2&v");
     }
@@ -195,18 +219,27 @@ mod tests {
 
     #[test]
     fn keys_differ_by_query_only_when_kept() {
-        let k1 = ObjectKey::new("o", "h", "/p", Some("v=1"), &QueryKey::All);
-        let k2 = ObjectKey::new("o", "h", "/p", Some("v=2"), &QueryKey::All);
+        let k1 = ObjectKey::new("o", Scheme::Http, "h", "/p", Some("v=1"), &QueryKey::All);
+        let k2 = ObjectKey::new("o", Scheme::Http, "h", "/p", Some("v=2"), &QueryKey::All);
         assert_ne!(k1, k2);
-        let k3 = ObjectKey::new("o", "h", "/p", Some("v=1"), &QueryKey::Ignore);
-        let k4 = ObjectKey::new("o", "h", "/p", Some("v=2"), &QueryKey::Ignore);
+        let k3 = ObjectKey::new("o", Scheme::Http, "h", "/p", Some("v=1"), &QueryKey::Ignore);
+        let k4 = ObjectKey::new("o", Scheme::Http, "h", "/p", Some("v=2"), &QueryKey::Ignore);
         assert_eq!(k3, k4);
         assert_ne!(k1.chunk_entry(1), k1.chunk_entry(2));
     }
 
     #[test]
+    fn keys_differ_by_scheme_and_http_keys_keep_their_earlier_form() {
+        let http = ObjectKey::new("o", Scheme::Http, "h", "/p", None, &QueryKey::All);
+        let https = ObjectKey::new("o", Scheme::Https, "h", "/p", None, &QueryKey::All);
+        assert_ne!(http, https);
+        assert_eq!(http.as_str(), "o|h|/p");
+        assert_eq!(https.as_str(), "o|https://h|/p");
+    }
+
+    #[test]
     fn chunk_keys_name_one_version_and_index() {
-        let k = ObjectKey::new("o", "h", "/p", None, &QueryKey::All);
+        let k = ObjectKey::new("o", Scheme::Http, "h", "/p", None, &QueryKey::All);
         let v1 = ObjectVersion::new(k.clone(), "\"a\"".into());
         let v1_again = ObjectVersion::new(k.clone(), "\"a\"".into());
         let v2 = ObjectVersion::new(k, "\"b\"".into());

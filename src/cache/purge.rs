@@ -6,8 +6,8 @@
 //! Matching reads what every stored object already carries, so objects stored before purge
 //! existed are found too:
 //! * the path is the one in the object's key (see `cache::key`: `upstream|host|path?query`,
-//!   Vary variants `...#vary-...`): every query string, every variant and every upstream of a
-//!   path match. The `path` parameter is a URL path, as in a request line or a log; once the
+//!   the host `https://host` for HTTPS requests, Vary variants `...#vary-...`): every query
+//!   string, every variant, both schemes and every upstream of a path match. The `path` parameter is a URL path, as in a request line or a log; once the
 //!   query string's own encoding is undone, it and the stored path are both compared
 //!   percent-decoded. So `path=/a%20b`, `path=/a b` and `path=%2Fa%2520b` (the stored path
 //!   encoded as a parameter) all name the object requested as `/a%20b`.
@@ -174,6 +174,10 @@ impl<'a> KeyParts<'a> {
     pub fn of(key: &'a str) -> Option<KeyParts<'a>> {
         let (upstream, rest) = key.split_once('|')?;
         let (host, rest) = rest.split_once('|')?;
+        // Both schemes of a host are its objects.
+        let host = host
+            .strip_prefix(super::key::Scheme::HTTPS_PREFIX)
+            .unwrap_or(host);
         let end = rest.find(['?', '#']).unwrap_or(rest.len());
         Some(KeyParts {
             upstream,
@@ -428,6 +432,11 @@ mod tests {
         let hosted = purge("path=/v/a.ts&host=Example.com");
         assert!(hosted.matches("o|example.com|/v/a.ts", &plain));
         assert!(!hosted.matches("o|other.com|/v/a.ts", &plain));
+        // Both schemes of the host (an HTTPS request's key writes its host `https://host`).
+        assert!(hosted.matches("o|https://example.com|/v/a.ts", &plain));
+        assert!(hosted.matches("o|https://example.com:8443|/v/a.ts", &plain));
+        assert!(!hosted.matches("o|https://other.com|/v/a.ts", &plain));
+        assert!(by_path.matches("o|https://h|/v/a.ts", &plain));
 
         let tagged = meta(&[("surrogate-key", "Video ep-3"), ("cache-tag", "red,blue")]);
         assert!(

@@ -181,7 +181,7 @@ impl CacheLayer {
         origin: OriginAccess,
     ) -> Result<Outcome> {
         let req = session.req_header();
-        let base = super::object_key_at(route, host, req);
+        let base = super::object_key_at(route, ctx.scheme, host, req);
         let credentials = Credentials::of(&req.headers);
         let mut forward =
             super::headers::fill_request_headers(&req.headers, &super::forwarded(session, ctx));

@@ -1,5 +1,6 @@
 //! The per-request context, split by concern so each phase touches only what it owns.
 
+use crate::cache::key::Scheme;
 use crate::config::Route;
 use crate::conn::h2::StreamTicket;
 use crate::conn::table::Conn;
@@ -39,6 +40,8 @@ pub struct RequestCtx {
     pub body: Option<super::body::BodyClock>,
     /// We answered the client's `Expect: 100-continue` ourselves (to admit its body).
     pub continue_sent: bool,
+    /// The scheme the request is forwarded as (`X-Forwarded-Proto`), part of its cache key.
+    pub scheme: Scheme,
 }
 
 #[derive(Default)]
@@ -87,6 +90,7 @@ impl RequestCtx {
             download: None,
             body: None,
             continue_sent: false,
+            scheme: Scheme::Http,
         }
     }
 }

@@ -187,18 +187,24 @@ impl Forwarded {
             for_chain.push_str(", ");
         }
         for_chain.push_str(&peer.to_string());
-        let proto = match incoming
-            .get("x-forwarded-proto")
-            .map(|v| v.as_bytes().trim_ascii())
-        {
-            Some(p) if p.eq_ignore_ascii_case(b"https") => "https",
-            Some(p) if p.eq_ignore_ascii_case(b"http") => "http",
-            _ => scheme,
-        };
         Forwarded {
             for_chain,
-            proto,
+            proto: trusted_proto(incoming, scheme),
             peer_trusted: true,
+        }
+    }
+
+    /// [`Forwarded::of`]'s `proto` alone: the listener's `scheme`, or what a trusted proxy
+    /// in front says (`X-Forwarded-Proto: http` or `https`).
+    pub fn proto_of(
+        incoming: &HeaderMap,
+        peer: Option<IpAddr>,
+        trusted: &[Cidr],
+        scheme: &'static str,
+    ) -> &'static str {
+        match peer {
+            Some(ip) if trusted.iter().any(|c| c.contains(ip)) => trusted_proto(incoming, scheme),
+            _ => scheme,
         }
     }
 
@@ -208,6 +214,18 @@ impl Forwarded {
             headers.insert("x-forwarded-for", v);
         }
         headers.insert("x-forwarded-proto", HeaderValue::from_static(self.proto));
+    }
+}
+
+/// The scheme a trusted proxy's `X-Forwarded-Proto` gives, else the listener's `scheme`.
+fn trusted_proto(incoming: &HeaderMap, scheme: &'static str) -> &'static str {
+    match incoming
+        .get("x-forwarded-proto")
+        .map(|v| v.as_bytes().trim_ascii())
+    {
+        Some(p) if p.eq_ignore_ascii_case(b"https") => "https",
+        Some(p) if p.eq_ignore_ascii_case(b"http") => "http",
+        _ => scheme,
     }
 }
 

@@ -27,7 +27,7 @@ pub mod respond;
 pub mod slices;
 
 use crate::access_log::{AccessLog, Entry as AccessEntry};
-use crate::cache::key::ObjectKey;
+use crate::cache::key::{ObjectKey, Scheme};
 use crate::cache::store::ChunkCache;
 use crate::config::{Route, ShapingSettings};
 use crate::metrics::OriginOutcome;
@@ -255,14 +255,17 @@ impl Edge {
         let Some(route) = ctx.route.as_ref().filter(|r| r.cache) else {
             return;
         };
-        self.cache.cache.forget(&object_key(route, req)).await;
+        self.cache
+            .cache
+            .forget(&object_key(route, req, ctx.scheme))
+            .await;
     }
 
     /// What consistent hashing hashes for a pass-through request: its cache key.
     fn hash_key(&self, session: &Session, ctx: &RequestCtx) -> String {
         let req = session.req_header();
         match &ctx.route {
-            Some(r) => object_key(r, req).0.to_string(),
+            Some(r) => object_key(r, req, ctx.scheme).0.to_string(),
             None => req.uri.path().to_string(),
         }
     }
@@ -354,14 +357,20 @@ fn pool_of<'a>(runtime: &'a Runtime, route: Option<&Arc<Route>>) -> Option<&'a A
 }
 
 /// The cache key of a request on `route`.
-pub(crate) fn object_key(route: &Route, req: &RequestHeader) -> ObjectKey {
-    object_key_at(route, request_host(req), req)
+pub(crate) fn object_key(route: &Route, req: &RequestHeader, scheme: Scheme) -> ObjectKey {
+    object_key_at(route, scheme, request_host(req), req)
 }
 
 /// [`object_key`] with the request's host (its canonical authority) already in hand.
-pub(crate) fn object_key_at(route: &Route, host: &str, req: &RequestHeader) -> ObjectKey {
+pub(crate) fn object_key_at(
+    route: &Route,
+    scheme: Scheme,
+    host: &str,
+    req: &RequestHeader,
+) -> ObjectKey {
     ObjectKey::new(
         &route.upstream.name,
+        scheme,
         host,
         req.uri.path(),
         req.uri.query(),
@@ -400,6 +409,20 @@ fn client_addr(session: &Session) -> Option<std::net::IpAddr> {
 /// `server.trusted_proxies` the request started with.
 pub(crate) fn forwarded(session: &Session, ctx: &RequestCtx) -> headers::Forwarded {
     headers::Forwarded::of(
+        &session.req_header().headers,
+        client_addr(session),
+        &ctx.runtime.config.server.trusted_proxies,
+        if is_tls(session) {
+            request_line::HTTPS_SCHEME
+        } else {
+            request_line::HTTP_SCHEME
+        },
+    )
+}
+
+/// [`forwarded`]'s `X-Forwarded-Proto` alone (no `X-Forwarded-For` chain built).
+fn forwarded_proto(session: &Session, ctx: &RequestCtx) -> &'static str {
+    headers::Forwarded::proto_of(
         &session.req_header().headers,
         client_addr(session),
         &ctx.runtime.config.server.trusted_proxies,
@@ -525,6 +548,10 @@ impl ProxyHttp for Edge {
             return Ok(true);
         };
         ctx.route = Some(route.clone());
+        ctx.scheme = match forwarded_proto(session, ctx) {
+            request_line::HTTPS_SCHEME => Scheme::Https,
+            _ => Scheme::Http,
+        };
         if !self.admit_download(session, ctx, &route).await? {
             return Ok(true);
         }
