@@ -114,6 +114,9 @@ http {
   ssl_prefer_server_ciphers off;
   ssl_session_cache shared:SSL:10m;
   ssl_session_tickets on;
+  # Keep-alive and HTTP/2 connections are never closed for their request count (nginx's default
+  # 1000 would make wrk and h2load reconnect, and h2load count the streams a GOAWAY cut).
+  keepalive_requests 10000000;
   server {
     listen 127.0.0.1:$NGINX_PORT;
     listen 127.0.0.1:$NGINX_TLS_PORT ssl http2;
@@ -251,8 +254,8 @@ print(f"$workload $target {rps:.1f} {bps:.0f} {pct(0.5):.3f} {pct(0.99):.3f} {no
 PY
 }
 
-warm() { # url [range]
-  if [ $# -gt 1 ]; then curl -s -o /dev/null -H "Range: $2" "$1"; else curl -s -o /dev/null "$1"; fi
+warm() { # url [range [curl args...]]
+  if [ $# -gt 1 ]; then curl -s -o /dev/null -H "Range: $2" "${@:3}" "$1"; else curl -s -o /dev/null "$1"; fi
 }
 
 tls_round() { # target tls-port
@@ -270,6 +273,13 @@ for port in $EDGE_PORT $NGINX_PORT; do
     warm "http://127.0.0.1:$port/hot.bin" "bytes=0-4095"
     warm "http://127.0.0.1:$port/hot.bin" "bytes=1048576-2097151"
     for i in $(seq 1 "$DISK_FILES"); do warm "http://127.0.0.1:$port/d/$i.bin"; done
+  done
+done
+# The TLS workloads' objects (edgeslice keys https apart from http, as nginx's default key does).
+for port in $EDGE_TLS_PORT $NGINX_TLS_PORT; do
+  for _ in 1 2; do
+    warm "https://127.0.0.1:$port/hot.bin" "bytes=0-4095" --cacert "$WORK/tls/site.pem"
+    warm "https://127.0.0.1:$port/hot.bin" "bytes=1048576-2097151" --cacert "$WORK/tls/site.pem"
   done
 done
 

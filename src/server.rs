@@ -131,7 +131,7 @@ pub fn build(
     let client_table = front.table();
     let mut listeners = Listeners::new();
     for l in &config.listen {
-        listeners.add_listener(crate::conn::listener(&l.address.to_string()));
+        listeners.add_listener(crate::conn::listener(&l.address.to_string(), l.tls.is_some()));
     }
     let proxy = Service::with_listeners("edgeslice".to_string(), listeners, front);
     if let Some((reopen, _)) = &access_log {
@@ -176,7 +176,7 @@ pub fn build(
         app.register_figures();
         let front = Front::with_table(app, connections, admin_table);
         let mut listeners = Listeners::new();
-        listeners.add_listener(crate::conn::listener(&addr.to_string()));
+        listeners.add_listener(crate::conn::listener(&addr.to_string(), false));
         let mut admin = Service::with_listeners("edgeslice admin".to_string(), listeners, front);
         admin.threads = Some(1);
         server.add_service(admin);
