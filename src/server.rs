@@ -131,7 +131,10 @@ pub fn build(
     let client_table = front.table();
     let mut listeners = Listeners::new();
     for l in &config.listen {
-        listeners.add_listener(crate::conn::listener(&l.address.to_string(), l.tls.is_some()));
+        listeners.add_listener(crate::conn::listener(
+            &l.address.to_string(),
+            l.tls.is_some(),
+        ));
     }
     let proxy = Service::with_listeners("edgeslice".to_string(), listeners, front);
     if let Some((reopen, _)) = &access_log {
