@@ -10,10 +10,9 @@ use bytes::Bytes;
 use common::multipart_parts;
 use common::origin::{content, Fault, Origin};
 use common::proxy::Proxy;
-use common::tls::{CertFiles, TestCa};
+use common::tls::{CertFiles, Got, TestCa};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 /// A cached route `/obj/` (256 KiB chunks) and a pass-through `/download/`.
@@ -33,45 +32,9 @@ fn tls_entry(cert: &CertFiles, extra: &str) -> String {
     )
 }
 
-/// A response as curl got it, with the HTTP version it negotiated.
-struct Got {
-    version: String,
-    status: u16,
-    headers: String,
-    body: Vec<u8>,
-}
-
 /// `curl --http2 --cacert CA https://localhost:PORT{path}` with `extra` args.
 fn curl(ca: &Path, tls: SocketAddr, path: &str, extra: &[&str]) -> Got {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (head, body) = (dir.path().join("h"), dir.path().join("b"));
-    let url = format!("https://localhost:{}{path}", tls.port());
-    let resolve = format!("localhost:{}:127.0.0.1", tls.port());
-    let out = Command::new("curl")
-        .args(["-sS", "--http2", "--max-time", "20", "--cacert"])
-        .arg(ca)
-        .args(["--resolve", &resolve, "-D"])
-        .arg(&head)
-        .arg("-o")
-        .arg(&body)
-        .args(["-w", "%{http_version} %{http_code}"])
-        .args(extra)
-        .arg(&url)
-        .output()
-        .expect("run curl");
-    assert!(
-        out.status.success(),
-        "curl {url}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let tail = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (version, status) = tail.trim().split_once(' ').expect("version and status");
-    Got {
-        version: version.to_string(),
-        status: status.parse().unwrap_or(0),
-        headers: std::fs::read_to_string(&head).unwrap_or_default(),
-        body: std::fs::read(&body).unwrap_or_default(),
-    }
+    common::tls::curl(ca, tls, "localhost", path, true, extra).expect("curl")
 }
 
 async fn curl_async(ca: &Path, tls: SocketAddr, path: &str, extra: &[&str]) -> Got {

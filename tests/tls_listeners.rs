@@ -11,7 +11,7 @@ mod common;
 
 use common::origin::{content, Origin};
 use common::proxy::Proxy;
-use common::tls::{CertFiles, TestCa};
+use common::tls::{CertFiles, Got, TestCa};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
@@ -42,45 +42,9 @@ fn tls_entry(certs: &[&CertFiles], extra: &str) -> String {
     s
 }
 
-/// A response as curl got it.
-struct Got {
-    status: u16,
-    headers: String,
-    body: Vec<u8>,
-}
-
-/// `curl --http1.1 --cacert CA` on `url` (resolving `host` to 127.0.0.1), with `extra` args.
+/// `curl --http1.1 --cacert CA` on `path` (resolving `host` to 127.0.0.1), with `extra` args.
 fn curl(ca: &Path, tls: SocketAddr, host: &str, path: &str, extra: &[&str]) -> Result<Got, String> {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (head, body) = (dir.path().join("h"), dir.path().join("b"));
-    let url = format!("https://{host}:{}{path}", tls.port());
-    let resolve = format!("{host}:{}:127.0.0.1", tls.port());
-    let out = Command::new("curl")
-        .args(["-sS", "--http1.1", "--max-time", "20", "--cacert"])
-        .arg(ca)
-        .args(["--resolve", &resolve, "-D"])
-        .arg(&head)
-        .arg("-o")
-        .arg(&body)
-        .args(["-w", "%{http_code}"])
-        .args(extra)
-        .arg(&url)
-        .output()
-        .expect("run curl");
-    if !out.status.success() {
-        return Err(format!(
-            "curl {url}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(Got {
-        status: String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0),
-        headers: std::fs::read_to_string(&head).unwrap_or_default(),
-        body: std::fs::read(&body).unwrap_or_default(),
-    })
+    common::tls::curl(ca, tls, host, path, false, extra)
 }
 
 /// `openssl s_client` to `addr` with `args`, sending an empty stdin; its output.

@@ -412,11 +412,7 @@ pub(crate) fn forwarded(session: &Session, ctx: &RequestCtx) -> headers::Forward
         &session.req_header().headers,
         client_addr(session),
         &ctx.runtime.config.server.trusted_proxies,
-        if is_tls(session) {
-            request_line::HTTPS_SCHEME
-        } else {
-            request_line::HTTP_SCHEME
-        },
+        listener_scheme(session),
     )
 }
 
@@ -426,12 +422,17 @@ fn forwarded_proto(session: &Session, ctx: &RequestCtx) -> &'static str {
         &session.req_header().headers,
         client_addr(session),
         &ctx.runtime.config.server.trusted_proxies,
-        if is_tls(session) {
-            request_line::HTTPS_SCHEME
-        } else {
-            request_line::HTTP_SCHEME
-        },
+        listener_scheme(session),
     )
+}
+
+/// The scheme of the listener the request came in by.
+fn listener_scheme(session: &Session) -> &'static str {
+    if is_tls(session) {
+        request_line::HTTPS_SCHEME
+    } else {
+        request_line::HTTP_SCHEME
+    }
 }
 
 /// Whether the request came over TLS (a TLS listener).

@@ -226,3 +226,54 @@ impl Drop for TlsFront {
         self.task.abort();
     }
 }
+
+/// A response as curl got it, with the HTTP version it negotiated (`1.1`, `2`).
+pub struct Got {
+    pub version: String,
+    pub status: u16,
+    pub headers: String,
+    pub body: Vec<u8>,
+}
+
+/// `curl --cacert CA https://{host}:{port}{path}` (`host` resolved to 127.0.0.1), over HTTP/2
+/// when ALPN offers it and `http2`, else HTTP/1.1, with `extra` args.
+pub fn curl(
+    ca: &Path,
+    tls: std::net::SocketAddr,
+    host: &str,
+    path: &str,
+    http2: bool,
+    extra: &[&str],
+) -> Result<Got, String> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (head, body) = (dir.path().join("h"), dir.path().join("b"));
+    let url = format!("https://{host}:{}{path}", tls.port());
+    let resolve = format!("{host}:{}:127.0.0.1", tls.port());
+    let out = std::process::Command::new("curl")
+        .args(["-sS", if http2 { "--http2" } else { "--http1.1" }])
+        .args(["--max-time", "20", "--cacert"])
+        .arg(ca)
+        .args(["--resolve", &resolve, "-D"])
+        .arg(&head)
+        .arg("-o")
+        .arg(&body)
+        .args(["-w", "%{http_version} %{http_code}"])
+        .args(extra)
+        .arg(&url)
+        .output()
+        .expect("run curl");
+    if !out.status.success() {
+        return Err(format!(
+            "curl {url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let tail = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (version, status) = tail.trim().split_once(' ').unwrap_or(("", ""));
+    Ok(Got {
+        version: version.to_string(),
+        status: status.parse().unwrap_or(0),
+        headers: std::fs::read_to_string(&head).unwrap_or_default(),
+        body: std::fs::read(&body).unwrap_or_default(),
+    })
+}
