@@ -335,3 +335,71 @@ async fn idle_h2_tls_connections_are_reclaimed_at_the_cap() {
     }
     assert_eq!(ended, 4);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_h2_streams_hold_memory_bounded_by_configuration() {
+    let origin = Origin::start().await;
+    let (_ca, site, ca) = ca_and_site();
+    let proxy = Proxy::start_tls(
+        &config(&origin),
+        "  http2_max_streams: 64\n",
+        &tls_entry(&site, ""),
+    );
+    let tls = proxy.tls_addr.unwrap();
+    // One response first, so that what every connection and stream shares is in place.
+    let got = curl_async(&ca, tls, "/download/100000/warm", &[]).await;
+    assert_eq!((got.version.as_str(), got.status), ("2", 200));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = proxy.rss_kib();
+    // 4 connections × 64 streams of 4 MB pass-through responses, none of them read: each
+    // stream's window (64 KiB) fills and the proxy must stop there, holding at most its send
+    // buffer and one piece from the origin per stream, not the 1 GB the responses add up to.
+    let (conns, streams, size) = (4usize, 64usize, 4_000_000u64);
+    let mut held = Vec::new();
+    let mut kept = Vec::new();
+    for c in 0..conns {
+        let (send, conn) = h2_tls_connect(&ca, tls).await;
+        for s in 0..streams {
+            let mut ready = send.clone().ready().await.expect("ready");
+            let req = http::Request::get(format!(
+                "https://localhost:{}/download/{size}/stall-{c}-{s}",
+                tls.port()
+            ))
+            .body(())
+            .unwrap();
+            let (resp, _) = ready.send_request(req, true).expect("send");
+            held.push(resp);
+        }
+        kept.push((send, conn));
+    }
+    // Let every stream fill its window; the responses' heads arrive meanwhile. Then the
+    // proxy holds steady: what it holds is bounded, not growing with the bodies' length.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let settled = proxy.rss_kib();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = proxy.rss_kib();
+    let grown = after.saturating_sub(before);
+    let n = (conns * streams) as u64;
+    eprintln!(
+        "RSS {before} KiB -> {settled} KiB (3 s) -> {after} KiB (6 s): {} KiB per stalled h2 stream over TLS (pass-through, each with its origin connection)",
+        grown / n
+    );
+    assert!(
+        after <= settled + settled / 20,
+        "RSS still growing with stalled streams: {settled} KiB then {after} KiB"
+    );
+    // Per stream: its 64 KiB send buffer, the origin connection's read buffer and pieces,
+    // the stream's and the proxy session's state; far below the 4 MB each body holds.
+    let allowed = n * 320;
+    assert!(
+        grown <= allowed,
+        "stalled streams grew RSS by {grown} KiB (allowed {allowed} KiB)"
+    );
+    assert!(
+        origin.requests() >= (conns * streams) as u64,
+        "every stream reached the origin: {}",
+        origin.requests()
+    );
+    drop(held);
+    drop(kept);
+}
