@@ -12,24 +12,16 @@
 
 use crate::config::QueryKey;
 use crate::proxy::canonical::param_name;
+pub use crate::proxy::request_line::Scheme;
 use std::borrow::Cow;
 use std::sync::Arc;
 
-/// The scheme a request is forwarded to the origin as (`X-Forwarded-Proto`): part of the key,
-/// since an origin may answer the two differently (most often: a redirect from `http` to
-/// `https`, which served to an HTTPS client would loop). nginx (`$scheme` in its default
-/// `proxy_cache_key`), ATS and Cloudflare key by it too.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scheme {
-    Http,
-    Https,
-}
-
-impl Scheme {
-    /// What an `https` key's host starts with (an `http` key's host has no prefix, as before
-    /// HTTPS existed, so objects stored then are still found).
-    pub const HTTPS_PREFIX: &'static str = "https://";
-}
+/// What an `https` key's host starts with. An `http` key's host has no prefix, as before HTTPS
+/// existed, so objects stored then are still found. The scheme is in the key because an
+/// origin may answer `http` and `https` differently (most often a redirect to `https`, which
+/// served to an HTTPS client would loop); nginx (`$scheme` in its default `proxy_cache_key`),
+/// ATS and Cloudflare key by it too.
+pub const HTTPS_HOST_PREFIX: &str = "https://";
 
 /// The name of a cached object; cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -49,7 +41,7 @@ impl ObjectKey {
         let q = normalize_query(query, mode);
         let prefix = match scheme {
             Scheme::Http => "",
-            Scheme::Https => Scheme::HTTPS_PREFIX,
+            Scheme::Https => HTTPS_HOST_PREFIX,
         };
         let mut key = String::with_capacity(
             upstream.len() + prefix.len() + host.len() + path.len() + q.len() + 3,

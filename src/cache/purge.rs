@@ -176,7 +176,7 @@ impl<'a> KeyParts<'a> {
         let (host, rest) = rest.split_once('|')?;
         // Both schemes of a host are its objects.
         let host = host
-            .strip_prefix(super::key::Scheme::HTTPS_PREFIX)
+            .strip_prefix(super::key::HTTPS_HOST_PREFIX)
             .unwrap_or(host);
         let end = rest.find(['?', '#']).unwrap_or(rest.len());
         Some(KeyParts {

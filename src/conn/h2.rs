@@ -32,7 +32,7 @@
 //! Never does: read or write a stream's bytes itself (h2 and the application do), or keep a
 //! stream's task alive past its connection.
 
-use super::table::{Conn, ConnTable, Phase};
+use super::table::{Conn, ConnTable};
 use h2::Reason;
 use pingora_core::apps::HttpServerApp;
 use pingora_core::protocols::http::v2::server::{self as v2, H2Accept, H2Options, HttpSession};
@@ -249,22 +249,6 @@ impl StreamTicket {
     }
 }
 
-/// Resolves when the table reclaims the connection.
-async fn reclaimed(conn: &Conn) {
-    std::future::poll_fn(|cx| {
-        if conn.phase() == Phase::Closing {
-            return std::task::Poll::Ready(());
-        }
-        conn.register_reader(cx.waker());
-        if conn.phase() == Phase::Closing {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await
-}
-
 /// Why a connection's accept loop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ended {
@@ -343,7 +327,7 @@ where
                     }
                 }
             },
-            _ = reclaimed(conn) => break Ended::Reclaimed,
+            _ = conn.reclaimed() => break Ended::Reclaimed,
             Some(done) = streams.join_next(), if !streams.is_empty() => {
                 calm.ended(matches!(done, Ok(true)));
                 if calm.exceeded() {
@@ -489,7 +473,7 @@ pub async fn read_preface(
         let room = PREFACE.len() - first.len();
         let read = tokio::select! {
             r = l4.read(&mut buf[..room]) => r,
-            _ = reclaimed(conn) => return None,
+            _ = conn.reclaimed() => return None,
             _ = tokio::time::sleep_until(deadline.into()) => return None,
         };
         match read {

@@ -256,6 +256,20 @@ impl Conn {
     pub fn register_reader(&self, waker: &std::task::Waker) {
         self.reader.register(waker);
     }
+
+    /// Resolves once the table has reclaimed this connection (for a task that holds it
+    /// outside the guard: a TLS handshake, an h2c preface, an HTTP/2 connection).
+    pub async fn reclaimed(&self) {
+        std::future::poll_fn(|cx| {
+            self.register_reader(cx.waker());
+            if self.phase() == Phase::Closing {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
 }
 
 /// Connection counters, for `/stats` (and the metrics issue).

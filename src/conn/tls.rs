@@ -14,13 +14,11 @@
 //! deadline, when its client leaves, or as soon as the table reclaims it for a new client.
 //! Never here: anything per request.
 
-use super::table::{Conn, Phase};
+use super::table::Conn;
 use crate::tls::CertSet;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
 use pingora_core::protocols::tls::SslStream;
 use pingora_core::protocols::Stream;
-use std::future::Future;
-use std::task::Poll;
 use std::time::Instant;
 
 /// How a handshake ended without a connection.
@@ -32,18 +30,6 @@ pub enum Failed {
     Reclaimed,
     /// The client left, or the handshake failed (no common version or cipher, not TLS...).
     Ended,
-}
-
-/// Resolves once the table has reclaimed `conn`.
-fn reclaimed(conn: &Conn) -> impl Future<Output = ()> + '_ {
-    std::future::poll_fn(move |cx| {
-        conn.register_reader(cx.waker());
-        if conn.phase() == Phase::Closing {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    })
 }
 
 /// Handshake on `stream` with `certs` by `deadline` (accept + `header_timeout`). The
@@ -60,7 +46,7 @@ pub async fn accept(
     let mut first = [0u8; 1];
     tokio::select! {
         biased;
-        _ = reclaimed(conn) => return Err(Failed::Reclaimed),
+        _ = conn.reclaimed() => return Err(Failed::Reclaimed),
         _ = &mut until => return Err(Failed::TimedOut),
         peeked = stream.try_peek(&mut first) => match peeked {
             Ok(true) => {}
@@ -77,7 +63,7 @@ pub async fn accept(
     };
     tokio::select! {
         biased;
-        _ = reclaimed(conn) => Err(Failed::Reclaimed),
+        _ = conn.reclaimed() => Err(Failed::Reclaimed),
         _ = &mut until => Err(Failed::TimedOut),
         done = pingora_core::protocols::tls::server::handshake(certs.acceptor(), *tcp) => {
             done.map_err(|e| {

@@ -19,6 +19,7 @@
 //!   and the cache keys the variant on it (RFC 9111 §4.1); a request whose variant a fill
 //!   cannot fetch (it varies on a field fills do not forward) is passed through instead.
 
+use super::request_line::Scheme;
 use crate::shaping::identity::Cidr;
 use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, UPGRADE};
 use rand::RngCore;
@@ -151,7 +152,7 @@ pub fn fill_request_headers(client: &HeaderMap, asserted: &Forwarded) -> HeaderM
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forwarded {
     pub for_chain: String,
-    pub proto: &'static str,
+    pub proto: Scheme,
     pub peer_trusted: bool,
 }
 
@@ -161,7 +162,7 @@ impl Forwarded {
         incoming: &HeaderMap,
         peer: Option<IpAddr>,
         trusted: &[Cidr],
-        scheme: &'static str,
+        scheme: Scheme,
     ) -> Forwarded {
         let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
         let Some(peer) = peer else {
@@ -200,8 +201,8 @@ impl Forwarded {
         incoming: &HeaderMap,
         peer: Option<IpAddr>,
         trusted: &[Cidr],
-        scheme: &'static str,
-    ) -> &'static str {
+        scheme: Scheme,
+    ) -> Scheme {
         match peer {
             Some(ip) if trusted.iter().any(|c| c.contains(ip)) => trusted_proto(incoming, scheme),
             _ => scheme,
@@ -213,18 +214,21 @@ impl Forwarded {
         if let Ok(v) = HeaderValue::from_str(&self.for_chain) {
             headers.insert("x-forwarded-for", v);
         }
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(self.proto));
+        headers.insert(
+            "x-forwarded-proto",
+            HeaderValue::from_static(self.proto.as_str()),
+        );
     }
 }
 
 /// The scheme a trusted proxy's `X-Forwarded-Proto` gives, else the listener's `scheme`.
-fn trusted_proto(incoming: &HeaderMap, scheme: &'static str) -> &'static str {
+fn trusted_proto(incoming: &HeaderMap, scheme: Scheme) -> Scheme {
     match incoming
         .get("x-forwarded-proto")
         .map(|v| v.as_bytes().trim_ascii())
     {
-        Some(p) if p.eq_ignore_ascii_case(b"https") => "https",
-        Some(p) if p.eq_ignore_ascii_case(b"http") => "http",
+        Some(p) if p.eq_ignore_ascii_case(b"https") => Scheme::Https,
+        Some(p) if p.eq_ignore_ascii_case(b"http") => Scheme::Http,
         _ => scheme,
     }
 }
@@ -327,7 +331,7 @@ mod tests {
         ] {
             h.append(HeaderName::from_static(n), v.parse().unwrap());
         }
-        let asserted = Forwarded::of(&h, Some("127.0.0.1".parse().unwrap()), &[], "http");
+        let asserted = Forwarded::of(&h, Some("127.0.0.1".parse().unwrap()), &[], Scheme::Http);
         let out = fill_request_headers(&h, &asserted);
         let mut names: Vec<&str> = out.keys().map(|n| n.as_str()).collect();
         names.sort();
@@ -364,11 +368,14 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("x-forwarded-for", "6.6.6.6, 7.7.7.7".parse().unwrap());
         h.insert("x-forwarded-proto", "https".parse().unwrap());
-        let f = Forwarded::of(&h, Some("203.0.113.9".parse().unwrap()), &[], "http");
+        let f = Forwarded::of(&h, Some("203.0.113.9".parse().unwrap()), &[], Scheme::Http);
         assert_eq!(f.for_chain, "203.0.113.9");
-        assert_eq!(f.proto, "http");
+        assert_eq!(f.proto, Scheme::Http);
         assert!(!f.peer_trusted);
-        assert_eq!(Forwarded::of(&h, None, &[], "http").for_chain, "unknown");
+        assert_eq!(
+            Forwarded::of(&h, None, &[], Scheme::Http).for_chain,
+            "unknown"
+        );
         assert_eq!(via(Some(b"1.1 other")), "1.1 other, 1.1 edgeslice");
     }
 
@@ -380,9 +387,14 @@ mod tests {
         h.append("x-forwarded-for", "6.6.6.6, 198.51.100.4".parse().unwrap());
         h.append("x-forwarded-for", "10.1.2.3".parse().unwrap());
         h.insert("x-forwarded-proto", "HTTPS".parse().unwrap());
-        let f = Forwarded::of(&h, Some("10.0.0.7".parse().unwrap()), &trusted, "http");
+        let f = Forwarded::of(
+            &h,
+            Some("10.0.0.7".parse().unwrap()),
+            &trusted,
+            Scheme::Http,
+        );
         assert_eq!(f.for_chain, "198.51.100.4, 10.1.2.3, 10.0.0.7");
-        assert_eq!(f.proto, "https");
+        assert_eq!(f.proto, Scheme::Https);
         assert!(f.peer_trusted);
         // A garbage hop ends the walk; a bad proto falls back to the listener's scheme.
         let mut h = HeaderMap::new();
@@ -391,8 +403,13 @@ mod tests {
             "1.2.3.4, garbage, 10.1.1.1".parse().unwrap(),
         );
         h.insert("x-forwarded-proto", "javascript".parse().unwrap());
-        let f = Forwarded::of(&h, Some("10.0.0.7".parse().unwrap()), &trusted, "http");
+        let f = Forwarded::of(
+            &h,
+            Some("10.0.0.7".parse().unwrap()),
+            &trusted,
+            Scheme::Http,
+        );
         assert_eq!(f.for_chain, "10.1.1.1, 10.0.0.7");
-        assert_eq!(f.proto, "http");
+        assert_eq!(f.proto, Scheme::Http);
     }
 }

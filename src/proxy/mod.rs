@@ -417,7 +417,7 @@ pub(crate) fn forwarded(session: &Session, ctx: &RequestCtx) -> headers::Forward
 }
 
 /// [`forwarded`]'s `X-Forwarded-Proto` alone (no `X-Forwarded-For` chain built).
-fn forwarded_proto(session: &Session, ctx: &RequestCtx) -> &'static str {
+fn forwarded_proto(session: &Session, ctx: &RequestCtx) -> Scheme {
     headers::Forwarded::proto_of(
         &session.req_header().headers,
         client_addr(session),
@@ -426,18 +426,13 @@ fn forwarded_proto(session: &Session, ctx: &RequestCtx) -> &'static str {
     )
 }
 
-/// The scheme of the listener the request came in by.
-fn listener_scheme(session: &Session) -> &'static str {
-    if is_tls(session) {
-        request_line::HTTPS_SCHEME
+/// The scheme of the listener the request came in by: `https` over TLS.
+fn listener_scheme(session: &Session) -> Scheme {
+    if session.digest().is_some_and(|d| d.ssl_digest.is_some()) {
+        Scheme::Https
     } else {
-        request_line::HTTP_SCHEME
+        Scheme::Http
     }
-}
-
-/// Whether the request came over TLS (a TLS listener).
-fn is_tls(session: &Session) -> bool {
-    session.digest().is_some_and(|d| d.ssl_digest.is_some())
 }
 
 /// [`client_addr`] as text, `unknown` when there is none.
@@ -502,17 +497,13 @@ impl ProxyHttp for Edge {
             .and_then(|a| a.as_inet())
             .map(|a| a.port());
         let checked = request_line::check_header_size(raw_header, max_header).and_then(|()| {
-            let scheme_port = if is_tls(session) {
-                request_line::HTTPS_DEFAULT_PORT
-            } else {
-                request_line::HTTP_DEFAULT_PORT
-            };
+            let scheme = listener_scheme(session);
             request_line::normalize(
                 session.req_header_mut(),
                 max_uri,
                 merge_slashes,
                 local_port,
-                scheme_port,
+                scheme,
             )
         });
         let host = match checked {
@@ -549,10 +540,7 @@ impl ProxyHttp for Edge {
             return Ok(true);
         };
         ctx.route = Some(route.clone());
-        ctx.scheme = match forwarded_proto(session, ctx) {
-            request_line::HTTPS_SCHEME => Scheme::Https,
-            _ => Scheme::Http,
-        };
+        ctx.scheme = forwarded_proto(session, ctx);
         if !self.admit_download(session, ctx, &route).await? {
             return Ok(true);
         }
@@ -797,7 +785,7 @@ impl ProxyHttp for Edge {
             }
         }
         upstream_request.insert_header("x-forwarded-for", asserted.for_chain.as_str())?;
-        upstream_request.insert_header("x-forwarded-proto", asserted.proto)?;
+        upstream_request.insert_header("x-forwarded-proto", asserted.proto.as_str())?;
         let via = headers::via(upstream_request.headers.get("via").map(|v| v.as_bytes()));
         upstream_request.insert_header("via", via)?;
         upstream_request.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;

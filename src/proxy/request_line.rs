@@ -20,13 +20,32 @@ use http::{HeaderValue, Method, Uri};
 use pingora_http::authority::{is_http_family_scheme, raw_target_authority, RawTargetAuthority};
 use pingora_http::RequestHeader;
 
-/// The port a plain-HTTP listener's hosts default to.
-pub const HTTP_DEFAULT_PORT: u16 = 80;
-/// The scheme of the plain-HTTP listeners (`X-Forwarded-Proto`).
-pub const HTTP_SCHEME: &str = "http";
-/// The default port and scheme of a TLS listener's requests.
-pub const HTTPS_DEFAULT_PORT: u16 = 443;
-pub const HTTPS_SCHEME: &str = "https";
+/// The scheme a request came by: its listener's (`https` on a TLS listener), or what a
+/// trusted proxy in front asserts (`X-Forwarded-Proto`). It is forwarded as
+/// `X-Forwarded-Proto` and is part of the cache key (see `cache::key`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Http,
+    Https,
+}
+
+impl Scheme {
+    /// As `X-Forwarded-Proto` writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scheme::Http => "http",
+            Scheme::Https => "https",
+        }
+    }
+
+    /// The port a host of this scheme defaults to.
+    pub fn default_port(self) -> u16 {
+        match self {
+            Scheme::Http => 80,
+            Scheme::Https => 443,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -122,14 +141,14 @@ pub fn check_connection(req: &RequestHeader) -> Result<(), Refusal> {
 
 /// Check the request line and Host, and rewrite both to their canonical forms (an
 /// absolute-form request becomes origin-form with its authority as Host). `local_port`: the
-/// port the request arrived on, a default port of its host like the scheme's (`scheme_port`:
-/// 80, or 443 on a TLS connection). Returns the host.
+/// port the request arrived on, a default port of its host like the listener's `scheme`'s
+/// (80, or 443 on a TLS connection). Returns the host.
 pub fn normalize(
     req: &mut RequestHeader,
     max_uri: usize,
     merge_slashes: bool,
     local_port: Option<u16>,
-    scheme_port: u16,
+    scheme: Scheme,
 ) -> Result<Host, Refusal> {
     let raw = req.raw_path();
     if raw.len() > max_uri {
@@ -178,7 +197,10 @@ pub fn normalize(
                 Refusal::MissingHost
             });
         };
-        let defaults = [scheme_port, local_port.unwrap_or(scheme_port)];
+        let defaults = [
+            scheme.default_port(),
+            local_port.unwrap_or(scheme.default_port()),
+        ];
         canonical::host(value.as_bytes(), &defaults).map_err(|_| Refusal::BadHost)?
     };
     let authority = host.authority();
@@ -238,7 +260,7 @@ mod tests {
     }
 
     fn norm(r: &mut RequestHeader) -> Result<Host, Refusal> {
-        normalize(r, 8192, true, None, HTTP_DEFAULT_PORT)
+        normalize(r, 8192, true, None, Scheme::Http)
     }
 
     #[test]
@@ -314,19 +336,19 @@ mod tests {
     #[test]
     fn the_port_a_request_arrived_on_is_a_default_port() {
         let mut r = req("GET", b"/", Some("Example.com:8080"));
-        let h = normalize(&mut r, 8192, true, Some(8080), HTTP_DEFAULT_PORT).unwrap();
+        let h = normalize(&mut r, 8192, true, Some(8080), Scheme::Http).unwrap();
         assert_eq!((h.name.as_str(), h.port), ("example.com", None));
         assert_eq!(host(&r), "example.com");
         let mut r = req("GET", b"/", Some("example.com:6666"));
-        let h = normalize(&mut r, 8192, true, Some(8080), HTTP_DEFAULT_PORT).unwrap();
+        let h = normalize(&mut r, 8192, true, Some(8080), Scheme::Http).unwrap();
         assert_eq!(h.port, Some(6666));
         assert_eq!(host(&r), "example.com:6666");
         // Over TLS the scheme's port is 443: `:443` is dropped, `:80` is not a default.
         let mut r = req("GET", b"/", Some("example.com:443"));
-        let h = normalize(&mut r, 8192, true, Some(8443), HTTPS_DEFAULT_PORT).unwrap();
+        let h = normalize(&mut r, 8192, true, Some(8443), Scheme::Https).unwrap();
         assert_eq!(h.port, None);
         let mut r = req("GET", b"/", Some("example.com:80"));
-        let h = normalize(&mut r, 8192, true, Some(8443), HTTPS_DEFAULT_PORT).unwrap();
+        let h = normalize(&mut r, 8192, true, Some(8443), Scheme::Https).unwrap();
         assert_eq!(h.port, Some(80));
     }
 
@@ -345,7 +367,7 @@ mod tests {
         assert_eq!(r.uri.query(), Some("v=1"));
         // Without merging, a double slash stays.
         let mut r = req("GET", b"//s/big", Some("h"));
-        normalize(&mut r, 8192, false, None, HTTP_DEFAULT_PORT).unwrap();
+        normalize(&mut r, 8192, false, None, Scheme::Http).unwrap();
         assert_eq!(r.raw_path(), b"//s/big");
         let mut r = req("GET", b"/a%zz", Some("h"));
         assert_eq!(norm(&mut r), Err(Refusal::BadPath));
@@ -382,9 +404,9 @@ mod tests {
         let long = format!("/{}", "a".repeat(300));
         let mut r = req("GET", long.as_bytes(), Some("h"));
         assert_eq!(
-            normalize(&mut r, 256, true, None, HTTP_DEFAULT_PORT),
+            normalize(&mut r, 256, true, None, Scheme::Http),
             Err(Refusal::TooLong)
         );
-        assert!(normalize(&mut r, 301, true, None, HTTP_DEFAULT_PORT).is_ok());
+        assert!(normalize(&mut r, 301, true, None, Scheme::Http).is_ok());
     }
 }
