@@ -87,7 +87,8 @@ pub fn validate(
     raw: &Spanned<Option<RawUpstreamTls>>,
 ) -> Result<OriginTls, ConfigError> {
     // `tls:` alone: HTTPS with every default.
-    let t = raw.value.as_ref().unwrap_or(&RawUpstreamTls::DEFAULTS);
+    let defaults = RawUpstreamTls::default();
+    let t = raw.value.as_ref().unwrap_or(&defaults);
     let sni = match &t.sni {
         None => None,
         Some(s) => {

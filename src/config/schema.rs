@@ -163,15 +163,6 @@ pub struct RawUpstreamTls {
     pub ca: Option<Spanned<String>>,
 }
 
-impl RawUpstreamTls {
-    /// `tls:` with no key under it.
-    pub const DEFAULTS: RawUpstreamTls = RawUpstreamTls {
-        sni: None,
-        verify: None,
-        ca: None,
-    };
-}
-
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawHealthCheck {

@@ -25,8 +25,8 @@ use openssl::error::ErrorStack;
 use openssl::nid::Nid;
 use openssl::pkey::{PKey, Private};
 use openssl::ssl::{
-    select_next_proto, AlpnError, NameType, SslAcceptor, SslAcceptorBuilder, SslContext, SslMethod,
-    SslOptions, SslSessionCacheMode, SslVersion,
+    select_next_proto, AlpnError, NameType, SslAcceptor, SslAcceptorBuilder, SslMethod, SslOptions,
+    SslSessionCacheMode, SslVersion,
 };
 use openssl::x509::X509;
 use sni::SniIndex;
@@ -91,10 +91,11 @@ impl CertSet {
                 c.key.display()
             ))
         };
-        let mut contexts = Vec::with_capacity(loaded.len());
-        for (l, paths) in loaded.iter().zip(&tls.certificates) {
+        // The other certificates' contexts, switched to by SNI (the first is the acceptor's own).
+        let mut others = Vec::with_capacity(loaded.len().saturating_sub(1));
+        for (l, paths) in loaded.iter().zip(&tls.certificates).skip(1) {
             let ctx = builder(l, tls.min_version, http2).map_err(|e| build_error(paths, e))?;
-            contexts.push(ctx.build().into_context());
+            others.push(ctx.build().into_context());
         }
         let (first, first_paths) = match (loaded.first(), tls.certificates.first()) {
             (Some(l), Some(p)) => (l, p),
@@ -116,12 +117,11 @@ impl CertSet {
                 .map(|l| l.info.names.clone())
                 .collect::<Vec<_>>(),
         );
-        let contexts: Vec<SslContext> = contexts;
         b.set_servername_callback(move |ssl, _alert| {
             let chosen = ssl
                 .servername(NameType::HOST_NAME)
                 .and_then(|name| index.lookup(name));
-            if let Some(ctx) = chosen.filter(|&i| i > 0).and_then(|i| contexts.get(i)) {
+            if let Some(ctx) = chosen.and_then(|i| others.get(i.checked_sub(1)?)) {
                 // Fails only on OpenSSL's allocation failure: the default certificate then.
                 let _ = ssl.set_ssl_context(ctx);
             }
@@ -268,7 +268,6 @@ impl TlsListener {
 /// One `listen` entry as a connection needs it.
 pub struct ListenEntry {
     pub address: SocketAddr,
-    pub http2: bool,
     pub h2c: bool,
     pub tls: Option<Arc<TlsListener>>,
 }
@@ -309,7 +308,6 @@ impl ListenTable {
             };
             list.push(ListenEntry {
                 address: l.address,
-                http2: l.http2,
                 h2c: l.h2c,
                 tls,
             });
