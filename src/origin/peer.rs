@@ -15,7 +15,7 @@ use pingora_core::protocols::ALPN;
 use pingora_core::upstreams::peer::HttpPeer;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -62,14 +62,6 @@ fn with_timeouts(mut peer: HttpPeer, settings: &UpstreamSettings) -> HttpPeer {
     peer.options.read_timeout = Some(settings.read_timeout);
     peer.options.write_timeout = Some(settings.read_timeout);
     peer
-}
-
-/// Whether `name` is an IP address (with or without brackets).
-pub fn is_ip(name: &str) -> bool {
-    name.trim_start_matches('[')
-        .trim_end_matches(']')
-        .parse::<IpAddr>()
-        .is_ok()
 }
 
 /// Why a TLS connection to a server failed, as far as the log line is concerned.
