@@ -201,22 +201,6 @@ fn small_rcvbuf_socket(addr: SocketAddr) -> TcpStream {
     }
 }
 
-/// The test process needs more descriptors than a default soft limit of 1024.
-fn raise_nofile() -> u64 {
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain rlimit calls on a local struct.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
-        l.rlim_cur = l.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
-    }
-    l.rlim_cur
-}
-
 /// Open `n` keep-alive connections, each after one answered request.
 fn idle_connections(addr: SocketAddr, n: usize, path: &str) -> Vec<TcpStream> {
     (0..n)
@@ -235,7 +219,10 @@ fn idle_connections(addr: SocketAddr, n: usize, path: &str) -> Vec<TcpStream> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_max_connections_idle_connections_make_room_and_admin_stays_responsive() {
-    assert!(raise_nofile() >= 4096, "the test needs 4096 descriptors");
+    assert!(
+        common::raise_nofile() >= 4096,
+        "the test needs 4096 descriptors"
+    );
     let origin = Origin::start().await;
     let proxy = Proxy::start_with_server(&routes(&origin, true), "  max_connections: 1000\n");
     let held = tokio::task::spawn_blocking({
@@ -479,7 +466,10 @@ fn rss_kib(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rss_after_ten_thousand_connections_returns_near_where_it_started() {
-    assert!(raise_nofile() >= 12_000, "the test needs 12000 descriptors");
+    assert!(
+        common::raise_nofile() >= 12_000,
+        "the test needs 12000 descriptors"
+    );
     let origin = Origin::start().await;
     let proxy = Proxy::start_with_server(&routes(&origin, true), "  max_connections: 11000\n");
     // Warm up: the object cached, the runtime's threads started.

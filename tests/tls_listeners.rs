@@ -706,22 +706,6 @@ async fn reload_swaps_a_certificate_under_load_with_no_failed_request() {
     assert!(failures.is_empty(), "failed requests: {failures:?}");
 }
 
-/// The test process needs more descriptors than a default soft limit of 1024.
-fn raise_nofile() -> u64 {
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain rlimit calls on a local struct.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
-        l.rlim_cur = l.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
-    }
-    l.rlim_cur
-}
-
 /// Whether the server has closed `s` (a read sees the end of stream or a reset), waiting at
 /// most until `deadline`.
 fn closed_by(s: &mut TcpStream, deadline: Instant) -> bool {
@@ -748,7 +732,10 @@ fn closed_by(s: &mut TcpStream, deadline: Instant) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_do_not_starve_a_real_client_or_healthz() {
-    assert!(raise_nofile() >= 4096, "the test needs 4096 descriptors");
+    assert!(
+        common::raise_nofile() >= 4096,
+        "the test needs 4096 descriptors"
+    );
     let origin = Origin::start().await;
     let mut ca = TestCa::new("edgeslice test CA");
     let site = ca.issue(&["localhost"], 90);
