@@ -757,8 +757,9 @@ struct Shared {
     writes_skipped: AtomicU64,
     /// A write failed with [`WriteFailure::NotWritable`] and no probe has succeeded since.
     unwritable: AtomicBool,
-    /// A probe is running (one at a time).
-    probing: AtomicBool,
+    /// Held by the write that probes; the writes arriving meanwhile wait for its verdict
+    /// rather than being skipped (a probe is one small file created and deleted).
+    probing: Mutex<()>,
     untracked: Mutex<Untracked>,
     warnings: Mutex<WarnLimiter>,
     queue: WriteQueue,
@@ -864,7 +865,7 @@ impl DiskStore {
             write_errors: AtomicU64::new(0),
             writes_skipped: AtomicU64::new(0),
             unwritable: AtomicBool::new(false),
-            probing: AtomicBool::new(false),
+            probing: Mutex::new(()),
             untracked: Mutex::new(Untracked::default()),
             warnings: Mutex::new(WarnLimiter::new(WARN_EVERY)),
             queue: WriteQueue::default(),
@@ -1405,34 +1406,35 @@ impl Shared {
 
     /// Whether a write may be attempted now: always while the disk is writable; after a
     /// [`WriteFailure::NotWritable`], only once a probe succeeds. One probe runs at a time (a
-    /// write arriving meanwhile is skipped); a failed probe pauses writes again. A successful
+    /// write arriving meanwhile waits for its verdict); a failed probe pauses writes again. A successful
     /// one resumes writing and deletes the files left untracked meanwhile.
     fn writable_after_probe(&self) -> bool {
         if !self.unwritable.load(Ordering::Relaxed) {
             return true;
         }
-        if self.probing.swap(true, Ordering::AcqRel) {
-            return false;
-        }
-        let probed = self.probe();
-        let writable = match &probed {
-            Ok(()) => {
-                self.unwritable.store(false, Ordering::Relaxed);
-                log::warn!(
-                    "disk cache {}: writable again, writes resumed",
-                    self.dir.display()
-                );
-                self.delete_untracked();
-                true
+        {
+            let _probing = self.probing.lock().unwrap_or_else(|p| p.into_inner());
+            // Decided while we waited: resumed, or paused again by a failed probe.
+            if !self.unwritable.load(Ordering::Relaxed) {
+                return true;
             }
-            Err(e) => {
+            if self.writes_paused() {
+                return false;
+            }
+            if let Err(e) = self.probe() {
                 self.pause_writes();
                 log::debug!("disk cache: probe failed: {e}");
-                false
+                return false;
             }
-        };
-        self.probing.store(false, Ordering::Release);
-        writable
+            self.unwritable.store(false, Ordering::Relaxed);
+        }
+        log::warn!(
+            "disk cache {}: writable again, writes resumed",
+            self.dir.display()
+        );
+        // Outside the probe lock: the writes waiting on it go on meanwhile.
+        self.delete_untracked();
+        true
     }
 
     /// Create, write and delete a temp file in the directory.
