@@ -124,7 +124,7 @@
 
 use crate::config::default_index_capacity;
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io::{self, Read, Write};
@@ -132,7 +132,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 /// The first eight bytes of every entry file.
 pub const MAGIC: [u8; 8] = *b"EDGSLC01";
@@ -159,11 +159,23 @@ const TMP_MARKER: &str = ".tmp.";
 /// Number of per-key lock stripes serialising file mutations with their index updates.
 const STRIPES: usize = 64;
 
-/// BLAKE3 of the key: the file name and the index key.
-type KeyHash = [u8; 32];
+mod index;
+mod load;
+
+use index::{Index, KeyHash, ObjectHash, Recency, Role};
+pub use index::{INDEX_ENTRY_BYTES, INDEX_OBJECT_BYTES};
+
+/// The first 8 bytes of a BLAKE3 hash, big-endian: the index key, and in 16 hex digits the
+/// file name (see the module docs, "Layout").
+fn hash64(bytes: &[u8]) -> u64 {
+    let h = blake3::hash(bytes);
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&h.as_bytes()[..8]);
+    u64::from_be_bytes(first)
+}
 
 fn hash_key(key: &str) -> KeyHash {
-    *blake3::hash(key.as_bytes()).as_bytes()
+    hash64(key.as_bytes())
 }
 
 /// A short digest of a validator, kept in the index so that misses on another version need no
@@ -381,7 +393,7 @@ fn file_identity(m: &Metadata) -> (u64, u64) {
     let modified = m
         .modified()
         .ok()
-        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .and_then(|t| t.duration_since(std::time::SystemTime::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_nanos() as u64);
     (m.len(), modified)
 }
@@ -397,22 +409,9 @@ fn object_bytes(key: &[u8]) -> &[u8] {
     key.split(|&b| b == 0).next().unwrap_or(key)
 }
 
-/// BLAKE3 of an object name ([`object_of`]): the key of its group in the index.
-type ObjectHash = [u8; 32];
-
+/// The key of an object name ([`object_of`]) in the index.
 fn hash_object(object: &[u8]) -> ObjectHash {
-    *blake3::hash(object).as_bytes()
-}
-
-/// What an entry is to its object, read from its key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    /// A key without NUL: an object of one entry.
-    Whole,
-    /// `"<object>\0meta"`: the object's metadata.
-    Meta,
-    /// Anything else after the NUL (`"<object>\0chunk\0<n>"`): useless without the metadata.
-    Part,
+    hash64(object)
 }
 
 fn role_of(key: &[u8]) -> Role {
@@ -420,171 +419,6 @@ fn role_of(key: &[u8]) -> Role {
         None => Role::Whole,
         Some(i) if key.get(i + 1..) == Some(&b"meta"[..]) => Role::Meta,
         Some(_) => Role::Part,
-    }
-}
-
-// ---- the index ------------------------------------------------------------------------------
-
-#[derive(Debug, Clone, Copy)]
-struct IndexEntry {
-    /// File size: header and data.
-    size: u64,
-    /// [`hash_validator`] of the validator in the file.
-    validator: u64,
-    /// The group this entry belongs to.
-    object: ObjectHash,
-    /// Whether this is its object's metadata entry ([`Role::Meta`]): what
-    /// [`DiskStore::scan_metas`] reads.
-    meta: bool,
-}
-
-#[derive(Debug)]
-struct ObjectEntry {
-    /// Recency stamp, the key of this object in `Index::lru`.
-    stamp: u64,
-    members: HashSet<KeyHash>,
-}
-
-/// What the index takes in memory per entry: its slot in `Index::map` (key hash and
-/// [`IndexEntry`], 89 bytes, at the lowest load a hash table has after growing, 7/16) and its
-/// slot in its object's member set (33 bytes, same load). Checked against jemalloc's count by
-/// tests/table_weights.rs.
-pub const INDEX_ENTRY_BYTES: u64 = 280;
-/// ... and per object: its slot in `Index::objects` (89 bytes at 7/16 load), its member set's
-/// first allocation (160 bytes) and its node share in `Index::lru` (about 110 bytes).
-pub const INDEX_OBJECT_BYTES: u64 = 480;
-
-/// Entries by key hash, grouped into objects, and the objects ordered by recency.
-#[derive(Debug, Default)]
-struct Index {
-    map: HashMap<KeyHash, IndexEntry>,
-    objects: HashMap<ObjectHash, ObjectEntry>,
-    lru: BTreeMap<u64, ObjectHash>,
-    used: u64,
-    /// Bytes of puts in progress (temp files being written): room is made for an entry before
-    /// it is written, so `used + reserved` — everything on disk — never exceeds the capacity.
-    reserved: u64,
-    /// Puts in progress, which will each add an entry and maybe an object to the index: room
-    /// is made for them in the index capacity too.
-    reserved_entries: u64,
-    clock: u64,
-}
-
-impl Index {
-    fn tick(&mut self) -> u64 {
-        self.clock += 1;
-        self.clock
-    }
-
-    /// Index an entry (replacing any entry of the same key); its object becomes the most
-    /// recently used.
-    fn insert(&mut self, hash: KeyHash, object: ObjectHash, size: u64, validator: u64, role: Role) {
-        self.remove(&hash);
-        self.map.insert(
-            hash,
-            IndexEntry {
-                size,
-                validator,
-                object,
-                meta: role == Role::Meta,
-            },
-        );
-        self.used = self.used.saturating_add(size);
-        let stamp = self.tick();
-        let entry = self.objects.entry(object).or_insert_with(|| ObjectEntry {
-            stamp,
-            members: HashSet::new(),
-        });
-        self.lru.remove(&entry.stamp);
-        entry.stamp = stamp;
-        entry.members.insert(hash);
-        self.lru.insert(stamp, object);
-    }
-
-    /// Drop one entry; its object goes with its last member.
-    fn remove(&mut self, hash: &KeyHash) -> Option<IndexEntry> {
-        let old = self.map.remove(hash)?;
-        self.used = self.used.saturating_sub(old.size);
-        if let Some(o) = self.objects.get_mut(&old.object) {
-            o.members.remove(hash);
-            if o.members.is_empty() {
-                let stamp = o.stamp;
-                self.objects.remove(&old.object);
-                self.lru.remove(&stamp);
-            }
-        }
-        Some(old)
-    }
-
-    /// Make an object the most recently used.
-    fn touch_object(&mut self, object: &ObjectHash) {
-        let stamp = self.tick();
-        if let Some(o) = self.objects.get_mut(object) {
-            self.lru.remove(&o.stamp);
-            o.stamp = stamp;
-            self.lru.insert(stamp, *object);
-        }
-    }
-
-    /// Make the object of an entry the most recently used.
-    fn touch(&mut self, hash: &KeyHash) {
-        if let Some(object) = self.map.get(hash).map(|e| e.object) {
-            self.touch_object(&object);
-        }
-    }
-
-    fn has(&self, hash: &KeyHash, validator: u64) -> bool {
-        self.map.get(hash).is_some_and(|e| e.validator == validator)
-    }
-
-    /// Take a whole object out of the index; returns its members.
-    fn take_object(&mut self, object: &ObjectHash) -> Vec<KeyHash> {
-        let Some(o) = self.objects.remove(object) else {
-            return Vec::new();
-        };
-        self.lru.remove(&o.stamp);
-        for hash in &o.members {
-            if let Some(e) = self.map.remove(hash) {
-                self.used = self.used.saturating_sub(e.size);
-            }
-        }
-        o.members.into_iter().collect()
-    }
-
-    /// What the index takes in memory (see [`INDEX_ENTRY_BYTES`]), counting the room reserved
-    /// for puts in progress if `with_reserved`.
-    fn memory_bytes(&self, with_reserved: bool) -> u64 {
-        let reserved = if with_reserved {
-            self.reserved_entries
-                .saturating_mul(INDEX_ENTRY_BYTES + INDEX_OBJECT_BYTES)
-        } else {
-            0
-        };
-        (self.map.len() as u64)
-            .saturating_mul(INDEX_ENTRY_BYTES)
-            .saturating_add((self.objects.len() as u64).saturating_mul(INDEX_OBJECT_BYTES))
-            .saturating_add(reserved)
-    }
-
-    /// When the bytes held (counting reserved room if `with_reserved`) exceed `limit`, or what
-    /// the index takes in memory exceeds `index_limit`, take the
-    /// least recently used object out of the index and return its members.
-    fn pop_lru_above(
-        &mut self,
-        limit: u64,
-        index_limit: u64,
-        with_reserved: bool,
-    ) -> Option<Vec<KeyHash>> {
-        let held = if with_reserved {
-            self.used.saturating_add(self.reserved)
-        } else {
-            self.used
-        };
-        if held <= limit && self.memory_bytes(with_reserved) <= index_limit {
-            return None;
-        }
-        let object = *self.lru.first_key_value()?.1;
-        Some(self.take_object(&object))
     }
 }
 
@@ -763,6 +597,8 @@ struct Shared {
     untracked: Mutex<Untracked>,
     warnings: Mutex<WarnLimiter>,
     queue: WriteQueue,
+    /// The start-up load of the index: progress, and a signal when it is over.
+    load: load::LoadState,
     #[cfg(test)]
     faults: tests::Faults,
 }
@@ -779,28 +615,31 @@ impl fmt::Debug for DiskStore {
 }
 
 impl DiskStore {
-    /// Open (creating the directory if needed) and rebuild the index by scanning the files:
-    /// leftover temp files are deleted, files with a bad/unreadable header (or in the wrong
-    /// place for their key) are deleted, orphaned chunks (an object without its metadata
-    /// entry) are deleted, valid ones are indexed by object, the object with the newest file
-    /// the most recently used. The scan reads headers only, never whole data. Then evict
-    /// down to capacity if over.
+    /// Open (creating the directory if needed) and load the index, waiting for the load:
+    /// see [`DiskStore::open_bounded`]. For tools and tests; the proxy does not wait.
+    ///
+    /// The index is bounded by the default `cache.disk.index_capacity`
+    /// ([`default_index_capacity`]).
+    pub fn open(dir: &Path, capacity: u64) -> io::Result<DiskStore> {
+        let store = DiskStore::open_bounded(dir, capacity, default_index_capacity(capacity))?;
+        store.wait_loaded();
+        Ok(store)
+    }
+
+    /// Open (creating the directory if needed) and start loading the index in the background
+    /// (a thread of its own, see `load`): from the snapshot a clean shutdown wrote
+    /// ([`DiskStore::save_snapshot`]), else by scanning the files, which reads headers only.
+    /// Returns at once: the store serves while it loads. Meanwhile a key not yet indexed is
+    /// read from its file if there is one (and then indexed), puts and removes work as
+    /// always, and [`DiskStore::is_loading`] says so.
+    ///
+    /// The index is bounded to `index_capacity` bytes of memory (`cache.disk.index_capacity`):
+    /// objects are evicted, least recently used first, while the index would take more. At
+    /// the end of the load too: a directory holding more objects than the index may keep is
+    /// trimmed to the most recent ones.
     ///
     /// Only the two-hex-digit fan-out directories are scanned: anything else directly in `dir`
     /// is left alone, so a misconfigured path does not wipe unrelated files.
-    ///
-    /// Blocking: called once at start-up (the caller may run it in `spawn_blocking`).
-    ///
-    /// The index is bounded by the default `cache.disk.index_capacity`
-    /// ([`default_index_capacity`]); see [`DiskStore::open_bounded`].
-    pub fn open(dir: &Path, capacity: u64) -> io::Result<DiskStore> {
-        DiskStore::open_bounded(dir, capacity, default_index_capacity(capacity))
-    }
-
-    /// [`DiskStore::open`] with the index bounded to `index_capacity` bytes of memory
-    /// (`cache.disk.index_capacity`): objects are evicted, least recently used first, while
-    /// the index would take more. At open too: a directory holding more objects than the
-    /// index may keep is trimmed to the most recent ones.
     pub fn open_bounded(dir: &Path, capacity: u64, index_capacity: u64) -> io::Result<DiskStore> {
         DiskStore::open_with(dir, capacity, index_capacity, WRITE_ERROR_PAUSE)
     }
@@ -822,42 +661,12 @@ impl DiskStore {
             fs::write(&tmp, MARKER_TEXT)?;
             fs::rename(&tmp, &marker)?;
         }
-        let mut found = Vec::new();
-        for entry in fs::read_dir(dir)? {
-            let entry = match entry {
-                Ok(entry) => entry,
-                Err(e) => {
-                    log::warn!("disk cache: cannot list {}: {e}", dir.display());
-                    continue;
-                }
-            };
-            let name = entry.file_name();
-            let is_fanout = name.to_str().is_some_and(is_fanout_name);
-            if is_fanout && entry.file_type().is_ok_and(|t| t.is_dir()) {
-                scan_level1(&entry.path(), &mut found);
-            }
-        }
-        let (objects, orphans) = plan_recovery(found);
-        let orphan_objects = orphans
-            .iter()
-            .map(|f| f.object)
-            .collect::<HashSet<_>>()
-            .len();
-        for f in &orphans {
-            // It passed the magic check in the scan: ours.
-            remove_file_logged(&f.path);
-        }
-        let mut index = Index::default();
-        for object in &objects {
-            for f in object {
-                index.insert(f.hash, f.object, f.size, f.validator, f.role);
-            }
-        }
+        let generation = load::next_generation(dir);
         let shared = Shared {
             dir: dir.to_path_buf(),
             capacity,
             index_capacity,
-            index: Mutex::new(index),
+            index: Mutex::new(Index::default()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             error_pause,
             epoch: Instant::now(),
@@ -869,24 +678,37 @@ impl DiskStore {
             untracked: Mutex::new(Untracked::default()),
             warnings: Mutex::new(WarnLimiter::new(WARN_EVERY)),
             queue: WriteQueue::default(),
+            load: load::LoadState::new(generation),
             #[cfg(test)]
             faults: tests::Faults::default(),
         };
-        shared.evict();
-        let store = DiskStore {
-            shared: Arc::new(shared),
-        };
-        log::info!(
-            "disk cache {}: {} objects, {} entries, {} of {} bytes; deleted {} orphaned chunk files of {} objects without metadata",
-            dir.display(),
-            store.object_count(),
-            store.entry_count(),
-            store.used_bytes(),
-            capacity,
-            orphans.len(),
-            orphan_objects,
-        );
-        Ok(store)
+        let shared = Arc::new(shared);
+        load::start(&shared)?;
+        Ok(DiskStore { shared })
+    }
+
+    /// Whether the index is still loading (see [`DiskStore::open_bounded`]).
+    pub fn is_loading(&self) -> bool {
+        self.shared.load.is_loading()
+    }
+
+    /// Entry files the load has indexed so far (all of them once it is over).
+    pub fn loaded_entries(&self) -> u64 {
+        self.shared.load.entries()
+    }
+
+    /// Block until the index is loaded.
+    pub fn wait_loaded(&self) {
+        self.shared.load.wait();
+    }
+
+    /// Write the index to a snapshot file beside the entries, so that the next start loads it
+    /// instead of scanning every file. For a clean shutdown, after the writes are drained:
+    /// writes that land after it are indexed by nobody at the next start (they are found by
+    /// the next scan). Nothing is written while the index is still loading (it is partial).
+    /// Blocking; holds the index lock while it writes (at shutdown nothing else runs).
+    pub fn save_snapshot(&self) -> io::Result<()> {
+        load::save_snapshot(&self.shared)
     }
 
     /// Read an entry. `validator` names the entry's version; `None` for an unversioned entry
@@ -902,9 +724,11 @@ impl DiskStore {
     pub async fn get(&self, key: &str, validator: Option<&str>) -> Option<Bytes> {
         let validator = validator.unwrap_or("");
         let hash = hash_key(key);
-        if !self
-            .shared
-            .indexed(&hash, hash_validator(validator.as_bytes()))
+        // While the index loads, a key it does not hold yet may still have its file.
+        if !self.shared.load.is_loading()
+            && !self
+                .shared
+                .indexed(&hash, hash_validator(validator.as_bytes()))
         {
             return None;
         }
@@ -1013,7 +837,8 @@ impl DiskStore {
     /// no I/O.
     pub async fn remove(&self, key: &str) {
         let hash = hash_key(key);
-        if !self.shared.index().map.contains_key(&hash) {
+        // While the index loads, the file may be there unindexed: delete it all the same.
+        if !self.shared.load.is_loading() && !self.shared.index().contains(hash) {
             return;
         }
         let shared = self.shared.clone();
@@ -1025,14 +850,22 @@ impl DiskStore {
     /// Delete every entry of an object (`object` as [`object_of`] names it): its metadata and
     /// all its chunks, whatever their version. An object the index does not hold costs no I/O.
     pub async fn remove_object(&self, object: &str) {
+        let loading = self.shared.load.is_loading();
+        // While the index loads, members not indexed yet cannot be listed; the metadata entry
+        // is deleted by its name, and chunks without it are never served (the load deletes
+        // them as orphans).
+        let meta = loading.then(|| hash_key(&format!("{object}\0meta")));
         let object = hash_object(object.as_bytes());
-        if !self.shared.index().objects.contains_key(&object) {
+        if !loading && !self.shared.index().has_object(object) {
             return;
         }
         let shared = self.shared.clone();
         let task = tokio::task::spawn_blocking(move || {
-            let members = shared.index().take_object(&object);
+            let members = shared.index().take_object(object);
             shared.delete_members(members);
+            if let Some(meta) = meta {
+                shared.remove_blocking(&meta);
+            }
         });
         if let Err(e) = task.await {
             log::warn!("disk cache: remove task failed: {e}");
@@ -1083,18 +916,23 @@ impl DiskStore {
         self.shared.index().memory_bytes(false)
     }
 
+    /// What the index has allocated now (slab pages and hash tables): its resident bytes.
+    pub fn index_resident_bytes(&self) -> u64 {
+        self.shared.index().resident_bytes()
+    }
+
     /// What the index may take in memory.
     pub fn index_capacity(&self) -> u64 {
         self.shared.index_capacity
     }
 
     pub fn entry_count(&self) -> usize {
-        self.shared.index().map.len()
+        self.shared.index().entry_count()
     }
 
     /// Number of objects (groups of entries) indexed.
     pub fn object_count(&self) -> usize {
-        self.shared.index().objects.len()
+        self.shared.index().object_count()
     }
 
     /// Writes that failed with an I/O error since open.
@@ -1147,17 +985,16 @@ impl Shared {
     }
 
     fn stripe(&self, hash: &KeyHash) -> MutexGuard<'_, ()> {
-        let i = usize::from(hash[0]) % self.stripes.len();
+        let i = (*hash % self.stripes.len() as u64) as usize;
         self.stripes[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn indexed(&self, hash: &KeyHash, validator: u64) -> bool {
-        self.index().has(hash, validator)
+        self.index().has(*hash, validator)
     }
 
     fn path_for(&self, hash: &KeyHash) -> PathBuf {
-        let hex = blake3::Hash::from_bytes(*hash).to_hex();
-        self.dir.join(&hex[..2]).join(&hex[2..4]).join(hex.as_str())
+        entry_path(&self.dir, *hash)
     }
 
     fn now_ms(&self) -> u64 {
@@ -1206,20 +1043,29 @@ impl Shared {
         if !same_version {
             return None;
         }
-        self.index().touch(hash);
+        if self.load.is_loading() {
+            // Found before the load reached it: index it now (a put since is newer: kept).
+            let _stripe = self.stripe(hash);
+            let mut index = self.index();
+            if !index.contains(*hash) {
+                index.insert(
+                    *hash,
+                    hash_object(object_bytes(key.as_bytes())),
+                    buf.len() as u64,
+                    hash_validator(validator.as_bytes()),
+                    role_of(key.as_bytes()),
+                    Recency::Now,
+                );
+            }
+        }
+        self.index().touch(*hash);
         Some(exact_data(buf, data))
     }
 
     /// Every metadata entry's key and data passed to `visit`; see [`DiskStore::scan_metas`].
     fn scan_metas_blocking<T>(&self, mut visit: impl FnMut(&str, &[u8]) -> Option<T>) -> Vec<T> {
         // Listed first, so the index lock is never held across file I/O.
-        let metas: Vec<KeyHash> = self
-            .index()
-            .map
-            .iter()
-            .filter(|(_, e)| e.meta)
-            .map(|(h, _)| *h)
-            .collect();
+        let metas: Vec<KeyHash> = self.index().meta_hashes();
         let mut found = Vec::new();
         for hash in metas {
             let path = self.path_for(&hash);
@@ -1294,7 +1140,7 @@ impl Shared {
         let _stripe = self.stripe(hash);
         let same_file = fs::symlink_metadata(path).is_ok_and(|m| file_identity(&m) == identity);
         if same_file {
-            self.index().remove(hash);
+            self.index().remove(*hash);
             // Only a file that is ours (it starts with the entry magic) is deleted; anything
             // else found at an entry's path is dropped from the index and left alone.
             if has_magic(path) {
@@ -1309,7 +1155,7 @@ impl Shared {
         let missing =
             matches!(fs::symlink_metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound);
         if missing {
-            self.index().remove(hash);
+            self.index().remove(*hash);
         }
     }
 
@@ -1326,7 +1172,7 @@ impl Shared {
             return;
         };
         let size = (header.len() as u64).saturating_add(data.len() as u64);
-        if size > self.capacity {
+        if size > self.capacity || size > index::MAX_ENTRY_SIZE {
             log::debug!("disk cache: entry of {size} bytes exceeds the capacity, not stored");
             self.remove_blocking(&hash);
             return;
@@ -1340,7 +1186,7 @@ impl Shared {
             let mut index = self.index();
             index.reserved += size;
             index.reserved_entries += 1;
-            index.touch_object(&object);
+            index.touch_object(object);
         }
         self.evict();
         let role = role_of(key.as_bytes());
@@ -1393,7 +1239,7 @@ impl Shared {
         let mut index = self.index();
         index.reserved -= size;
         index.reserved_entries -= 1;
-        index.insert(*hash, object, size, validator, role);
+        index.insert(*hash, object, size, validator, role, Recency::Now);
         Ok(())
     }
 
@@ -1466,7 +1312,7 @@ impl Shared {
         };
         for hash in files {
             let _stripe = self.stripe(&hash);
-            if !self.index().map.contains_key(&hash) {
+            if !self.index().contains(hash) {
                 self.remove_file(&hash, &self.path_for(&hash));
             }
         }
@@ -1490,11 +1336,7 @@ impl Shared {
                 }
                 for f in read_dir_logged(&l2.path()) {
                     let name = f.file_name();
-                    let Some(hash) = name
-                        .to_str()
-                        .and_then(|n| blake3::Hash::from_hex(n).ok())
-                        .map(|h| *h.as_bytes())
-                    else {
+                    let Some(hash) = name.to_str().and_then(parse_entry_name) else {
                         continue; // temp files and anything not named like an entry
                     };
                     if !f.file_type().is_ok_and(|t| t.is_file()) {
@@ -1502,7 +1344,7 @@ impl Shared {
                     }
                     let path = f.path();
                     let _stripe = self.stripe(&hash);
-                    if !self.index().map.contains_key(&hash) && has_magic(&path) {
+                    if !self.index().contains(hash) && has_magic(&path) {
                         self.remove_file(&hash, &path);
                         deleted += 1;
                     }
@@ -1554,7 +1396,8 @@ impl Shared {
     fn remove_blocking(&self, hash: &KeyHash) {
         let path = self.path_for(hash);
         let _stripe = self.stripe(hash);
-        if self.index().remove(hash).is_some() {
+        // While the index loads, the file may be there unindexed: it goes all the same.
+        if self.index().remove(*hash).is_some() || self.load.is_loading() {
             self.remove_file(hash, &path);
         }
     }
@@ -1564,7 +1407,7 @@ impl Shared {
     fn delete_members(&self, members: Vec<KeyHash>) {
         for hash in members {
             let _stripe = self.stripe(&hash);
-            let back = self.index().map.contains_key(&hash);
+            let back = self.index().contains(hash);
             if !back {
                 self.remove_file(&hash, &self.path_for(&hash));
             }
@@ -1705,130 +1548,23 @@ fn is_fanout_name(name: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
-/// A valid entry found by the start-up scan.
-#[derive(Debug, Clone)]
-struct Found {
-    path: PathBuf,
-    hash: KeyHash,
-    object: ObjectHash,
-    role: Role,
-    size: u64,
-    validator: u64,
-    modified: SystemTime,
+/// The file of an entry: `dir/ab/cd/<16 hex digits of its key hash>`.
+fn entry_path(dir: &Path, hash: KeyHash) -> PathBuf {
+    let hex = format!("{hash:016x}");
+    dir.join(&hex[..2]).join(&hex[2..4]).join(&hex)
 }
 
-/// Group the entries found at open into objects, least recently used first (an object is as
-/// recent as its newest file), and set apart the orphans: entries of objects that have parts
-/// (chunks) but no metadata entry, which can never be served.
-fn plan_recovery(found: Vec<Found>) -> (Vec<Vec<Found>>, Vec<Found>) {
-    let mut groups: HashMap<ObjectHash, Vec<Found>> = HashMap::new();
-    for f in found {
-        groups.entry(f.object).or_default().push(f);
+/// The key hash an entry file's name says: 16 lower-case hex digits.
+fn parse_entry_name(name: &str) -> Option<KeyHash> {
+    let hex = name.len() == 16
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if hex {
+        u64::from_str_radix(name, 16).ok()
+    } else {
+        None
     }
-    let mut objects = Vec::new();
-    let mut orphans = Vec::new();
-    for (_, mut members) in groups {
-        let has_meta = members.iter().any(|f| f.role == Role::Meta);
-        let has_parts = members.iter().any(|f| f.role == Role::Part);
-        if has_parts && !has_meta {
-            orphans.append(&mut members);
-        } else {
-            members.sort_by_key(|f| f.modified);
-            objects.push(members);
-        }
-    }
-    objects.sort_by_key(|m| m.last().map(|f| f.modified));
-    (objects, orphans)
-}
-
-/// `dir/ab`: scan the `cd` directories. Anything else is not ours: left alone. Symbolic links
-/// are never followed (`file_type` does not follow them).
-fn scan_level1(dir: &Path, found: &mut Vec<Found>) {
-    for entry in read_dir_logged(dir) {
-        let path = entry.path();
-        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-        let is_fanout = entry.file_name().to_str().is_some_and(is_fanout_name);
-        if is_dir && is_fanout {
-            scan_level2(&path, found);
-        } else {
-            log::warn!("disk cache: ignoring {} (not ours)", path.display());
-        }
-    }
-}
-
-/// `dir/ab/cd`: entry files and leftover temp files.
-fn scan_level2(dir: &Path, found: &mut Vec<Found>) {
-    for entry in read_dir_logged(dir) {
-        let path = entry.path();
-        // Only regular files are ever read or deleted: directories, links and the rest are not
-        // ours, and a symbolic link is never followed out of the tree.
-        if !entry.file_type().is_ok_and(|t| t.is_file()) {
-            log::warn!(
-                "disk cache: ignoring {} (not a regular file)",
-                path.display()
-            );
-            continue;
-        }
-        let name = entry.file_name();
-        let name = name.to_str().unwrap_or("");
-        let ours = has_magic(&path);
-        if name.contains(TMP_MARKER) {
-            // A write cut short; ours if it got as far as the magic (or wrote nothing at all).
-            let len = entry.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
-            if ours || len == 0 {
-                log::debug!("disk cache: deleting leftover temp file {}", path.display());
-                remove_file_logged(&path);
-            }
-            continue;
-        }
-        if !ours {
-            log::warn!(
-                "disk cache: ignoring {} (not ours: no entry magic)",
-                path.display()
-            );
-            continue;
-        }
-        match check_entry_file(&path, name) {
-            Ok(f) => found.push(f),
-            Err(why) => {
-                log::warn!("disk cache: deleting bad entry {}: {why}", path.display());
-                remove_file_logged(&path);
-            }
-        }
-    }
-}
-
-/// Read the header of `dir/ab/cd/<name>` and check the file belongs at that path.
-fn check_entry_file(path: &Path, name: &str) -> Result<Found, String> {
-    let mut file = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
-    let header = read_header_from(&mut file, meta.len())
-        .map_err(|e| format!("cannot read the header: {e}"))?
-        .map_err(|e| e.to_string())?;
-    let hash = *blake3::hash(&header.key).as_bytes();
-    let hex = blake3::Hash::from_bytes(hash).to_hex();
-    let l2 = path.parent();
-    let l1 = l2.and_then(Path::parent);
-    let dir_name = |p: Option<&Path>| {
-        p.and_then(Path::file_name)
-            .and_then(|n| n.to_str())
-            .map(str::to_owned)
-    };
-    let in_place = name == hex.as_str()
-        && dir_name(l1).as_deref() == Some(&hex[..2])
-        && dir_name(l2).as_deref() == Some(&hex[2..4]);
-    if !in_place {
-        return Err("not at the path of its key".to_owned());
-    }
-    Ok(Found {
-        path: path.to_path_buf(),
-        hash,
-        object: hash_object(object_bytes(&header.key)),
-        role: role_of(&header.key),
-        size: meta.len(),
-        validator: hash_validator(&header.validator),
-        modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-    })
 }
 
 fn read_dir_logged(dir: &Path) -> Vec<fs::DirEntry> {
@@ -1911,6 +1647,12 @@ mod tests {
         }
     }
 
+    /// A store whose index is loaded.
+    fn loaded(store: DiskStore) -> DiskStore {
+        store.wait_loaded();
+        store
+    }
+
     fn files_under(dir: &Path) -> Vec<(PathBuf, u64)> {
         let mut out = Vec::new();
         let mut stack = vec![dir.to_path_buf()];
@@ -1920,7 +1662,7 @@ mod tests {
                 let t = e.file_type().unwrap();
                 if t.is_dir() {
                     stack.push(e.path());
-                } else if t.is_file() && e.file_name() != MARKER {
+                } else if t.is_file() && !e.file_name().to_string_lossy().starts_with(MARKER) {
                     out.push((e.path(), e.metadata().unwrap().len()));
                 }
             }
@@ -2580,7 +2322,7 @@ mod tests {
         // 1,320 bytes of index for about 200 bytes of files.
         let per_object = 3 * INDEX_ENTRY_BYTES + INDEX_OBJECT_BYTES;
         let index_capacity = 20 * per_object + per_object / 2;
-        let store = DiskStore::open_bounded(dir.path(), 1 << 30, index_capacity).unwrap();
+        let store = loaded(DiskStore::open_bounded(dir.path(), 1 << 30, index_capacity).unwrap());
         assert_eq!(store.index_capacity(), index_capacity);
         for n in 0..200 {
             put_object(&store, &format!("obj-{n}"), 2, 1).await;
@@ -2605,7 +2347,7 @@ mod tests {
         drop(store);
 
         // Reopened with a smaller index: the most recent objects that fit.
-        let store = DiskStore::open_bounded(dir.path(), 1 << 30, 5 * per_object).unwrap();
+        let store = loaded(DiskStore::open_bounded(dir.path(), 1 << 30, 5 * per_object).unwrap());
         assert_eq!(store.object_count(), 5);
         assert!(store.index_bytes() <= 5 * per_object);
         assert_eq!(files_under(dir.path()).len(), store.entry_count());
@@ -2655,7 +2397,7 @@ mod tests {
             .collect();
         // Recency at open is the newest member's mtime: "new" has the oldest metadata file of
         // the two but the newest file of all (its chunk 1), so it is the more recent object.
-        let t0 = SystemTime::now() - Duration::from_secs(3600);
+        let t0 = std::time::SystemTime::now() - Duration::from_secs(3600);
         let set = |key: &str, secs: u64| {
             let f = File::options()
                 .write(true)
@@ -2753,7 +2495,7 @@ mod tests {
     async fn a_failing_disk_pauses_reclaims_counts_and_warns_rarely() {
         let dir = tempfile::tempdir().unwrap();
         let pause = Duration::from_millis(300);
-        let store = DiskStore::open_with(dir.path(), 1 << 20, 16 << 20, pause).unwrap();
+        let store = loaded(DiskStore::open_with(dir.path(), 1 << 20, 16 << 20, pause).unwrap());
         for n in 0..10 {
             put_object(&store, &format!("obj-{n}"), 2, 1000).await;
         }
@@ -2834,7 +2576,7 @@ mod tests {
         const EROFS: i32 = 30;
         let dir = tempfile::tempdir().unwrap();
         let pause = Duration::from_millis(200);
-        let store = DiskStore::open_with(dir.path(), 1 << 20, 16 << 20, pause).unwrap();
+        let store = loaded(DiskStore::open_with(dir.path(), 1 << 20, 16 << 20, pause).unwrap());
         for n in 0..10 {
             put_object(&store, &format!("obj-{n}"), 2, 1000).await;
         }
@@ -2920,7 +2662,7 @@ mod tests {
         const EROFS: i32 = 30;
         let dir = tempfile::tempdir().unwrap();
         let pause = Duration::from_millis(100);
-        let store = DiskStore::open_with(dir.path(), 1 << 30, 1 << 30, pause).unwrap();
+        let store = loaded(DiskStore::open_with(dir.path(), 1 << 30, 1 << 30, pause).unwrap());
         let n = MAX_UNTRACKED as u64 + 10;
         for i in 0..n {
             store

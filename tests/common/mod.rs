@@ -66,7 +66,8 @@ fn files_under(dir: &std::path::Path, keep: impl Fn(&str) -> bool) -> Vec<std::p
 /// Entry files of a disk tier: not temporary files, not the directory's ownership marker.
 pub fn cache_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     files_under(dir, |n| {
-        !n.contains(".tmp") && n != edgeslice::cache::disk::MARKER
+        // The marker, the generation and the index snapshot are not entries.
+        !n.contains(".tmp") && !n.starts_with(edgeslice::cache::disk::MARKER)
     })
 }
 
