@@ -1,4 +1,5 @@
 //! The admin endpoint (`admin.listen`): `GET /healthz` answers `ok` while the process serves;
+//! `GET /readyz` answers 200 once the disk index is loaded (503 while it loads);
 //! `GET /stats` reports cache occupancy. Calls that change anything are `POST`s carrying
 //! `Authorization: Bearer <admin.token>` (see [`AdminApp::authorize`]): `POST /purge` (see
 //! `cache::purge`) and `POST /reload`, which reads the config file again (`crate::reload`).
@@ -20,6 +21,23 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 impl AdminApp {
+    /// 200 once the node serves everything it holds; 503 while the disk index loads (the node
+    /// serves meanwhile, but misses what it has not indexed yet: a load balancer may prefer a
+    /// ready peer).
+    fn readyz(&self) -> Response<Vec<u8>> {
+        if self.cache.disk_index_loading() {
+            text(
+                503,
+                &format!(
+                    "loading the disk index: {} entries so far\n",
+                    self.cache.disk_index_loaded_entries()
+                ),
+            )
+        } else {
+            text(200, "ready\n")
+        }
+    }
+
     /// Cache occupancy, one `name value` per line.
     fn stats(&self) -> String {
         let c = &self.cache;
@@ -56,6 +74,13 @@ impl AdminApp {
             c.metadata_capacity(),
             c.disk_index_bytes(),
             c.disk_index_capacity(),
+        ));
+        out.push_str(&format!(
+            "cache_disk_entries {}\ncache_disk_index_resident_bytes {}\ncache_disk_index_loading {}\ncache_disk_index_loaded_entries {}\n",
+            c.disk_entries(),
+            c.disk_index_resident_bytes(),
+            u8::from(c.disk_index_loading()),
+            c.disk_index_loaded_entries(),
         ));
         out.push_str(&format!(
             "origin_ejections_capped {}\norigin_gateway_uncharged {}\norigin_retries_given_back {}\norigin_retries_skipped_failing_url {}\n",
@@ -188,6 +213,34 @@ impl AdminApp {
                     ),
                 ]
             },
+        ));
+        m.register(read_one(
+            false,
+            "edgeslice_cache_disk_index_loading",
+            "1 while the disk tier's index is loading at start-up (the node serves meanwhile; keys not indexed yet are read from their files), 0 once loaded.",
+            &self.cache,
+            |c| f64::from(u8::from(c.disk_index_loading())),
+        ));
+        m.register(read_one(
+            false,
+            "edgeslice_cache_disk_index_loaded_entries",
+            "Entry files the start-up load of the disk index has indexed so far.",
+            &self.cache,
+            |c| c.disk_index_loaded_entries() as f64,
+        ));
+        m.register(read_one(
+            false,
+            "edgeslice_cache_disk_entries",
+            "Entry files (chunks and metadata) in the disk tier's index.",
+            &self.cache,
+            |c| c.disk_entries() as f64,
+        ));
+        m.register(read_one(
+            false,
+            "edgeslice_cache_disk_index_resident_bytes",
+            "Bytes the disk tier's index has allocated (slabs and hash tables).",
+            &self.cache,
+            |c| c.disk_index_resident_bytes() as f64,
         ));
         m.register(read_one(
             false,
@@ -479,6 +532,7 @@ impl ServeHttp for AdminApp {
         let path = session.req_header().uri.path().to_string();
         match path.as_str() {
             "/healthz" => text(200, "ok\n"),
+            "/readyz" => self.readyz(),
             "/stats" => text(200, &self.stats()),
             "/metrics" => {
                 let body = self.metrics.render();

@@ -208,7 +208,8 @@ pub fn check_listeners(config: &Config) -> Result<(), String> {
 
 /// At a graceful shutdown, stops the cache from starting background work and waits (up to the
 /// graceful shutdown timeout) for the fills and disk writes still running, so an object being
-/// stored is finished rather than cut.
+/// stored is finished rather than cut; then writes the disk index's snapshot (only if every
+/// write finished: otherwise the next start scans).
 struct CacheDrain {
     cache: Arc<ChunkCache>,
     timeout: Duration,
@@ -222,6 +223,15 @@ impl BackgroundService for CacheDrain {
         let running = self.cache.running_tasks();
         if self.cache.drain(self.timeout).await {
             log::info!("cache: {running} background tasks finished before shutdown");
+            // Every write is in: the disk index as it stands is what the files are, and the
+            // next start loads it instead of scanning them.
+            let cache = self.cache.clone();
+            match tokio::task::spawn_blocking(move || cache.save_disk_index()).await {
+                Ok(Ok(())) | Err(_) => {}
+                Ok(Err(e)) => log::warn!(
+                    "disk cache: no index snapshot written ({e}): the next start scans the files"
+                ),
+            }
         } else {
             log::warn!(
                 "cache: {} of {running} background tasks still running after {:?}; left to the runtime's shutdown",

@@ -650,6 +650,18 @@ impl DiskStore {
         index_capacity: u64,
         error_pause: Duration,
     ) -> io::Result<DiskStore> {
+        let store = DiskStore::open_unloaded(dir, capacity, index_capacity, error_pause)?;
+        load::start(&store.shared)?;
+        Ok(store)
+    }
+
+    /// The store before its load starts (then [`load::start`]).
+    fn open_unloaded(
+        dir: &Path,
+        capacity: u64,
+        index_capacity: u64,
+        error_pause: Duration,
+    ) -> io::Result<DiskStore> {
         check_dir(dir).map_err(io::Error::other)?;
         fs::create_dir_all(dir)?;
         let marker = dir.join(MARKER);
@@ -682,14 +694,19 @@ impl DiskStore {
             #[cfg(test)]
             faults: tests::Faults::default(),
         };
-        let shared = Arc::new(shared);
-        load::start(&shared)?;
-        Ok(DiskStore { shared })
+        Ok(DiskStore {
+            shared: Arc::new(shared),
+        })
     }
 
     /// Whether the index is still loading (see [`DiskStore::open_bounded`]).
     pub fn is_loading(&self) -> bool {
         self.shared.load.is_loading()
+    }
+
+    /// Whether the index was loaded from a snapshot (a clean shutdown), not by a scan.
+    pub fn loaded_from_snapshot(&self) -> bool {
+        self.shared.load.from_snapshot()
     }
 
     /// Entry files the load has indexed so far (all of them once it is over).
@@ -1601,6 +1618,9 @@ mod tests {
         gate: Condvar,
         /// Warning lines written.
         warnings: AtomicU64,
+        /// While `true`, the start-up load waits before it begins.
+        load_gate_closed: Mutex<bool>,
+        load_gate: Condvar,
     }
 
     impl Faults {
@@ -1639,6 +1659,18 @@ mod tests {
 
         fn fail_writes_with(&self, code: i32) {
             self.fail_with.store(code, Ordering::SeqCst);
+        }
+
+        pub(super) fn wait_at_load_gate(&self) {
+            let mut closed = self.load_gate_closed.lock().unwrap();
+            while *closed {
+                closed = self.load_gate.wait(closed).unwrap();
+            }
+        }
+
+        fn set_load_gate(&self, closed: bool) {
+            *self.load_gate_closed.lock().unwrap() = closed;
+            self.load_gate.notify_all();
         }
 
         fn set_gate(&self, closed: bool) {
@@ -2929,5 +2961,152 @@ mod tests {
                 assert_eq!(path_b.exists(), !bytes.starts_with(&MAGIC));
             });
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn while_the_index_loads_reads_puts_and_removes_are_right() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
+            for n in 0..10 {
+                put_object(&store, &format!("obj-{n}"), 2, 1000).await;
+            }
+            // Chunks without their metadata: a fill cut short.
+            store
+                .put(
+                    &chunk_key("orphan", 0),
+                    Some("v"),
+                    Bytes::from(vec![9u8; 10]),
+                )
+                .await;
+            // Dropped without a snapshot: a crash.
+        }
+        let store =
+            DiskStore::open_unloaded(dir.path(), 1 << 30, 1 << 30, WRITE_ERROR_PAUSE).unwrap();
+        store.shared.faults.set_load_gate(true);
+        load::start(&store.shared).unwrap();
+        assert!(store.is_loading());
+        assert_eq!(store.entry_count(), 0);
+        assert!(
+            store.save_snapshot().is_err(),
+            "no snapshot of a partial index"
+        );
+        // A key the index does not hold yet is read from its file: exact bytes, then indexed.
+        assert!(!store.contains(&chunk_key("obj-0", 1), Some("v")));
+        let got = store.get(&chunk_key("obj-0", 1), Some("v")).await;
+        assert_eq!(got.as_deref(), Some(&[1u8; 1000][..]));
+        assert!(store.contains(&chunk_key("obj-0", 1), Some("v")));
+        // Another version, or a key never stored: a miss, never other bytes.
+        assert_eq!(store.get(&chunk_key("obj-1", 1), Some("w")).await, None);
+        assert_eq!(store.get(&chunk_key("none", 0), Some("v")).await, None);
+        // A put meanwhile is indexed, and the load keeps it (it is newer than the load).
+        store
+            .put(
+                &chunk_key("obj-2", 0),
+                Some("v2"),
+                Bytes::from_static(b"new"),
+            )
+            .await;
+        // Removes of keys not indexed yet delete their files: the load cannot bring them back.
+        store.remove(&chunk_key("obj-3", 0)).await;
+        store.remove_object("obj-4").await;
+        store.shared.faults.set_load_gate(false);
+        store.wait_loaded();
+        assert!(!store.is_loading());
+        assert!(!store.loaded_from_snapshot());
+        let got = store.get(&chunk_key("obj-2", 0), Some("v2")).await;
+        assert_eq!(got.as_deref(), Some(&b"new"[..]));
+        assert!(!store.contains(&chunk_key("obj-2", 0), Some("v")));
+        assert_eq!(held(&store, "obj-3", 2), (true, 1));
+        // Its metadata gone, obj-4's chunks were orphans: deleted with the cut fill's.
+        assert_eq!(held(&store, "obj-4", 2), (false, 0));
+        assert_eq!(held(&store, "orphan", 1), (false, 0));
+        for n in [0, 1, 5, 6, 7, 8, 9] {
+            assert_eq!(held(&store, &format!("obj-{n}"), 2), (true, 2), "obj-{n}");
+        }
+        // 31 files; 2 deleted meanwhile, 2 indexed before the load reached them.
+        assert_eq!(store.loaded_entries(), 31 - 2 - 2);
+        assert_eq!(files_under(dir.path()).len(), store.entry_count());
+        assert_eq!(disk_bytes(dir.path()), store.used_bytes());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_restores_the_index_in_recency_order_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (order, used, entries) = {
+            let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
+            for n in 0..6 {
+                put_object(&store, &format!("obj-{n}"), 3, 100 + n).await;
+            }
+            assert!(store.get(&chunk_key("obj-1", 0), Some("v")).await.is_some());
+            let order = store.shared.index().lru_order();
+            store.save_snapshot().unwrap();
+            assert!(dir.path().join(load::SNAPSHOT).exists());
+            (order, store.used_bytes(), store.entry_count())
+        };
+        let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        assert!(store.loaded_from_snapshot());
+        assert_eq!(store.shared.index().lru_order(), order);
+        assert_eq!((store.used_bytes(), store.entry_count()), (used, entries));
+        assert!(!dir.path().join(load::SNAPSHOT).exists(), "trusted once");
+        for n in 0..6usize {
+            for i in 0..3u64 {
+                let got = store
+                    .get(&chunk_key(&format!("obj-{n}"), i), Some("v"))
+                    .await;
+                assert_eq!(
+                    got.as_deref(),
+                    Some(&vec![i as u8; 100 + n][..]),
+                    "obj-{n} {i}"
+                );
+            }
+        }
+        drop(store);
+        // That run ended without a snapshot: the next start scans, and finds the same.
+        let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        assert!(!store.loaded_from_snapshot());
+        assert_eq!((store.used_bytes(), store.entry_count()), (used, entries));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_of_an_older_generation_is_not_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        put_object(&old, "x", 2, 10).await;
+        // A newer process opens the same directory (a graceful upgrade) and writes more...
+        let new = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        put_object(&new, "y", 2, 10).await;
+        // ...then the old one exits cleanly, its snapshot not knowing "y", and the new one
+        // crashes.
+        old.save_snapshot().unwrap();
+        drop(old);
+        drop(new);
+        let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        assert!(!store.loaded_from_snapshot());
+        assert_eq!(held(&store, "x", 2), (true, 2));
+        assert_eq!(held(&store, "y", 2), (true, 2));
+        assert_eq!(disk_bytes(dir.path()), store.used_bytes());
+    }
+
+    #[test]
+    fn entry_names_are_16_hex_digits_and_old_names_move_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        // A whole entry (an object of one): a chunk alone would be an orphan.
+        let key = "moved".to_owned();
+        let full = blake3::hash(key.as_bytes()).to_hex();
+        let path = super::entry_path(dir.path(), hash_key(&key));
+        assert_eq!(path.file_name().unwrap().to_str().unwrap(), &full[..16]);
+        assert_eq!(parse_entry_name(&full[..16]), Some(hash_key(&key)));
+        assert_eq!(parse_entry_name(&full), None);
+        assert_eq!(parse_entry_name("0123456789ABCDEF"), None);
+        // A file at its old, full-hash name is renamed by the scan and served.
+        drop(DiskStore::open(dir.path(), 1 << 30).unwrap());
+        let header = encode_header(key.as_bytes(), b"v", b"data").unwrap();
+        let old = path.with_file_name(full.as_str());
+        fs::create_dir_all(old.parent().unwrap()).unwrap();
+        fs::write(&old, [&header[..], b"data"].concat()).unwrap();
+        let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
+        assert!(store.contains(&key, Some("v")));
+        assert!(path.exists() && !old.exists());
     }
 }

@@ -84,7 +84,7 @@ impl VaryMarker {
 const STAGE_SHARE: u64 = 4;
 
 impl ChunkCache {
-    /// Build the tiers. Opening the disk tier scans its directory (blocking, once at start).
+    /// Build the tiers. The disk tier's index loads in the background (see `DiskStore::open_bounded`).
     pub fn new(settings: &CacheSettings) -> std::io::Result<ChunkCache> {
         // Up to 16 shards, each able to hold at least 8 chunks.
         let shards = (settings.memory_capacity / settings.chunk_size.saturating_mul(8).max(1))
@@ -553,6 +553,41 @@ impl ChunkCache {
     /// Bytes the disk tier's index takes in memory (0 without a disk tier).
     pub fn disk_index_bytes(&self) -> u64 {
         self.disk.as_ref().map(|d| d.index_bytes()).unwrap_or(0)
+    }
+
+    /// What the disk index has allocated (0 without a disk tier).
+    pub fn disk_index_resident_bytes(&self) -> u64 {
+        self.disk
+            .as_ref()
+            .map(|d| d.index_resident_bytes())
+            .unwrap_or(0)
+    }
+
+    /// Entries in the disk index.
+    pub fn disk_entries(&self) -> u64 {
+        self.disk
+            .as_ref()
+            .map(|d| d.entry_count() as u64)
+            .unwrap_or(0)
+    }
+
+    /// Whether the disk index is still loading (false without a disk tier).
+    pub fn disk_index_loading(&self) -> bool {
+        self.disk.as_ref().is_some_and(|d| d.is_loading())
+    }
+
+    /// Entries the disk index load has indexed so far.
+    pub fn disk_index_loaded_entries(&self) -> u64 {
+        self.disk.as_ref().map(|d| d.loaded_entries()).unwrap_or(0)
+    }
+
+    /// At a clean shutdown, after [`ChunkCache::drain`]: write the disk index's snapshot
+    /// (blocking; see [`DiskStore::save_snapshot`]). Nothing without a disk tier.
+    pub fn save_disk_index(&self) -> std::io::Result<()> {
+        match &self.disk {
+            Some(d) => d.save_snapshot(),
+            None => Ok(()),
+        }
     }
 
     pub fn disk_index_capacity(&self) -> u64 {

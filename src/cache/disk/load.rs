@@ -59,6 +59,7 @@ const BATCH: usize = 4096;
 #[derive(Debug)]
 pub(super) struct LoadState {
     loading: AtomicBool,
+    from_snapshot: AtomicBool,
     entries: AtomicU64,
     done: Mutex<bool>,
     signal: Condvar,
@@ -73,6 +74,7 @@ impl LoadState {
     pub fn new((found_generation, generation): (u64, Option<u64>)) -> LoadState {
         LoadState {
             loading: AtomicBool::new(true),
+            from_snapshot: AtomicBool::new(false),
             entries: AtomicU64::new(0),
             done: Mutex::new(false),
             signal: Condvar::new(),
@@ -83,6 +85,11 @@ impl LoadState {
 
     pub fn is_loading(&self) -> bool {
         self.loading.load(Ordering::Acquire)
+    }
+
+    /// Whether the load read a snapshot (rather than scanning the files).
+    pub fn from_snapshot(&self) -> bool {
+        self.from_snapshot.load(Ordering::Relaxed)
     }
 
     /// Entries the load has indexed so far.
@@ -140,9 +147,14 @@ pub(super) fn start(shared: &Arc<Shared>) -> io::Result<()> {
 }
 
 fn run(shared: &Shared) {
+    #[cfg(test)]
+    shared.faults.wait_at_load_gate();
     let started = Instant::now();
     let (how, by_time) = match load_snapshot(shared) {
-        Some(()) => ("its snapshot", false),
+        Some(()) => {
+            shared.load.from_snapshot.store(true, Ordering::Relaxed);
+            ("its snapshot", false)
+        }
         None => {
             scan(shared);
             ("a scan of the files", true)
