@@ -92,7 +92,7 @@ fn main() -> ExitCode {
         upgrade: cli.upgrade,
     };
     match server::build(config, tls, run, cli.conf) {
-        Ok(server) => server.run_forever(),
+        Ok(node) => node.run_forever(),
         Err(e) => {
             eprintln!("edgeslice: cannot start: {e}");
             ExitCode::from(1)

@@ -52,14 +52,38 @@ pub fn server_conf(config: &Config, run: RunOptions) -> ServerConf {
     }
 }
 
-/// A ready-to-run Pingora server (call `run_forever`); `file` is where `config` was read from,
-/// read again on each reload.
+/// A ready-to-run node: the Pingora server and the cache it serves from.
+pub struct Node {
+    server: Server,
+    cache: Arc<ChunkCache>,
+}
+
+impl Node {
+    /// Serve until a signal ends it, then, the runtimes gone (every disk write finished or
+    /// dropped), write the disk index's snapshot so the next start loads it instead of
+    /// scanning the files; then exit. Pingora's `run_forever` exits the process as soon as its
+    /// runtimes are down, and a task cannot do this: the runtimes are shut down right after
+    /// the grace period, cancelling whatever still awaits.
+    pub fn run_forever(self) -> ! {
+        self.server.run(pingora_core::server::RunArgs::default());
+        match self.cache.save_disk_index() {
+            Ok(()) => {}
+            Err(e) => log::warn!(
+                "disk cache: no index snapshot written ({e}): the next start scans the files"
+            ),
+        }
+        std::process::exit(0)
+    }
+}
+
+/// A ready-to-run node (call `run_forever`); `file` is where `config` was read from, read
+/// again on each reload.
 pub fn build(
     config: Config,
     tls: ListenTable,
     run: RunOptions,
     file: PathBuf,
-) -> Result<Server, String> {
+) -> Result<Node, String> {
     crate::reload::ignore_sighup_until_listening();
     // An upgrade takes over the sockets of the running instance: they are in use by design.
     if !run.upgrade {
@@ -80,6 +104,7 @@ pub fn build(
 
     let cache =
         Arc::new(ChunkCache::new(&config.cache).map_err(|e| format!("opening the cache: {e}"))?);
+    let snapshot_cache = cache.clone();
     let metrics = Arc::new(Metrics::new());
     let tls = Arc::new(tls);
     tls.warn_expiring();
@@ -184,7 +209,10 @@ pub fn build(
         admin.threads = Some(1);
         server.add_service(admin);
     }
-    Ok(server)
+    Ok(Node {
+        server,
+        cache: snapshot_cache,
+    })
 }
 
 /// Every address this instance listens on (`listen`, `admin.listen`, which also serves
@@ -208,8 +236,8 @@ pub fn check_listeners(config: &Config) -> Result<(), String> {
 
 /// At a graceful shutdown, stops the cache from starting background work and waits (up to the
 /// graceful shutdown timeout) for the fills and disk writes still running, so an object being
-/// stored is finished rather than cut; then writes the disk index's snapshot (only if every
-/// write finished: otherwise the next start scans).
+/// stored is finished rather than cut (within `server.grace_period`: the runtimes are shut
+/// down after it).
 struct CacheDrain {
     cache: Arc<ChunkCache>,
     timeout: Duration,
@@ -223,15 +251,6 @@ impl BackgroundService for CacheDrain {
         let running = self.cache.running_tasks();
         if self.cache.drain(self.timeout).await {
             log::info!("cache: {running} background tasks finished before shutdown");
-            // Every write is in: the disk index as it stands is what the files are, and the
-            // next start loads it instead of scanning them.
-            let cache = self.cache.clone();
-            match tokio::task::spawn_blocking(move || cache.save_disk_index()).await {
-                Ok(Ok(())) | Err(_) => {}
-                Ok(Err(e)) => log::warn!(
-                    "disk cache: no index snapshot written ({e}): the next start scans the files"
-                ),
-            }
         } else {
             log::warn!(
                 "cache: {} of {running} background tasks still running after {:?}; left to the runtime's shutdown",

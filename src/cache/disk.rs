@@ -1201,6 +1201,12 @@ impl Shared {
         // entry's own object is the most recently used, so it is the last one evicted.
         {
             let mut index = self.index();
+            if index.sealed {
+                // Shutting down, the snapshot written: a file now would be missing from it.
+                drop(index);
+                self.writes_skipped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
             index.reserved += size;
             index.reserved_entries += 1;
             index.touch_object(object);
@@ -3042,6 +3048,9 @@ mod tests {
             let order = store.shared.index().lru_order();
             store.save_snapshot().unwrap();
             assert!(dir.path().join(load::SNAPSHOT).exists());
+            // Sealed: a put now would be missing from the snapshot, so none is written.
+            put_object(&store, "too-late", 1, 10).await;
+            assert_eq!(held(&store, "too-late", 1), (false, 0));
             (order, store.used_bytes(), store.entry_count())
         };
         let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
@@ -3076,9 +3085,18 @@ mod tests {
         // A newer process opens the same directory (a graceful upgrade) and writes more...
         let new = DiskStore::open(dir.path(), 1 << 30).unwrap();
         put_object(&new, "y", 2, 10).await;
-        // ...then the old one exits cleanly, its snapshot not knowing "y", and the new one
-        // crashes.
-        old.save_snapshot().unwrap();
+        // ...then the old one exits cleanly: it writes no snapshot (it would not know "y")...
+        assert!(old.save_snapshot().is_err());
+        assert!(!dir.path().join(load::SNAPSHOT).exists());
+        // ...or, had it checked just before the new one opened, a snapshot of its generation,
+        // which the next start does not trust. The new one crashes.
+        let generation = old.shared.load.generation.unwrap();
+        load::write_snapshot(
+            &old.shared.index(),
+            generation,
+            &dir.path().join(load::SNAPSHOT),
+        )
+        .unwrap();
         drop(old);
         drop(new);
         let store = DiskStore::open(dir.path(), 1 << 30).unwrap();

@@ -324,6 +324,36 @@ impl Proxy {
         }
     }
 
+    /// SIGTERM, a graceful shutdown (what a rolling restart sends), and wait for the exit (at
+    /// most 30 s, then SIGKILL).
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("edgeslice did not exit within 30 s of SIGTERM");
+        }
+    }
+
+    /// `GET /readyz` on the admin endpoint: status and body.
+    pub async fn readyz(&self) -> (u16, String) {
+        let resp = super::client()
+            .get(format!("http://{}/readyz", self.admin))
+            .send()
+            .await
+            .expect("GET /readyz");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap_or_default())
+    }
+
     /// Kill and start again over the same directory and config.
     pub fn restart(&mut self) {
         self.kill();

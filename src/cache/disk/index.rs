@@ -264,6 +264,8 @@ pub(super) struct Index {
     /// Puts in progress, which will each add an entry and maybe an object to the index: room
     /// is made for them in the index capacity too.
     pub reserved_entries: u64,
+    /// A snapshot was written: no put may start (it would be missing from the snapshot).
+    pub sealed: bool,
 }
 
 impl Default for Index {
@@ -280,6 +282,7 @@ impl Default for Index {
             used: 0,
             reserved: 0,
             reserved_entries: 0,
+            sealed: false,
         }
     }
 }

@@ -67,7 +67,7 @@ pub(super) struct LoadState {
     found_generation: u64,
     /// This process's generation, written in its snapshot; `None` when the generation file
     /// could not be written (then no snapshot is written either).
-    generation: Option<u64>,
+    pub(super) generation: Option<u64>,
 }
 
 impl LoadState {
@@ -194,8 +194,28 @@ pub(super) fn save_snapshot(shared: &Shared) -> io::Result<()> {
         "{SNAPSHOT}{TMP_MARKER}{:016x}",
         rand::random::<u64>()
     ));
-    let written = write_snapshot(&shared.index(), generation, &tmp)
-        .and_then(|n| fs::rename(&tmp, &path).map(|()| n));
+    // Another process opened the directory since (a graceful upgrade): its generation is
+    // newer, this snapshot would never be trusted.
+    let current = fs::read_to_string(shared.dir.join(GENERATION))
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok());
+    if current != Some(generation) {
+        return Err(io::Error::other(
+            "another process has opened the directory since this one",
+        ));
+    }
+    let mut index = shared.index();
+    if index.reserved_entries > 0 {
+        return Err(io::Error::other(format!(
+            "{} writes still in progress",
+            index.reserved_entries
+        )));
+    }
+    // From here no put starts: the snapshot stays what the files are.
+    index.sealed = true;
+    let written =
+        write_snapshot(&index, generation, &tmp).and_then(|n| fs::rename(&tmp, &path).map(|()| n));
+    drop(index);
     match written {
         Ok((entries, bytes)) => {
             log::info!(
@@ -233,7 +253,11 @@ impl<W: Write> Write for Crc<W> {
 }
 
 /// Returns the entries and bytes written.
-fn write_snapshot(index: &Index, generation: u64, path: &Path) -> io::Result<(u64, u64)> {
+pub(super) fn write_snapshot(
+    index: &Index,
+    generation: u64,
+    path: &Path,
+) -> io::Result<(u64, u64)> {
     let file = File::create(path)?;
     let mut out = Crc {
         inner: BufWriter::with_capacity(1 << 20, file),
