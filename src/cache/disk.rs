@@ -719,6 +719,15 @@ impl DiskStore {
         self.shared.load.wait();
     }
 
+    /// Wait until the index is loaded (on a blocking thread: rare callers, the admin's).
+    pub async fn loaded(&self) {
+        if !self.is_loading() {
+            return;
+        }
+        let shared = self.shared.clone();
+        let _ = tokio::task::spawn_blocking(move || shared.load.wait()).await;
+    }
+
     /// Write the index to a snapshot file beside the entries, so that the next start loads it
     /// instead of scanning every file. For a clean shutdown, after the writes are drained:
     /// writes that land after it are indexed by nobody at the next start (they are found by
@@ -3126,5 +3135,25 @@ mod tests {
         let store = DiskStore::open(dir.path(), 1 << 30).unwrap();
         assert!(store.contains(&key, Some("v")));
         assert!(path.exists() && !old.exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn loaded_returns_once_the_load_is_over() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(DiskStore::open(dir.path(), 1 << 30).unwrap());
+        let store = Arc::new(
+            DiskStore::open_unloaded(dir.path(), 1 << 30, 1 << 30, WRITE_ERROR_PAUSE).unwrap(),
+        );
+        store.shared.faults.set_load_gate(true);
+        load::start(&store.shared).unwrap();
+        let waiter = {
+            let store = store.clone();
+            tokio::spawn(async move { store.loaded().await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished(), "returned while the index loads");
+        store.shared.faults.set_load_gate(false);
+        waiter.await.unwrap();
+        assert!(!store.is_loading());
     }
 }

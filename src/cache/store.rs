@@ -209,7 +209,8 @@ impl ChunkCache {
     ///   stale-if-error (and stale-while-revalidate) can still serve it.
     ///
     /// Cost: one pass over the metadata in memory and one small file read per object on disk;
-    /// nothing on the request path. Not atomic with fills: a fill whose origin answer was on
+    /// nothing on the request path. While the disk index loads after a start, it waits for
+    /// the load first. Not atomic with fills: a fill whose origin answer was on
     /// its way before the purge can store it after.
     pub async fn purge(self: &Arc<Self>, purge: &Arc<Purge>) -> usize {
         let mut keys = BTreeSet::new();
@@ -219,6 +220,9 @@ impl ChunkCache {
             }
         });
         if let Some(disk) = &self.disk {
+            // The objects the index does not hold yet would escape the scan: a purge waits
+            // for the load (seconds from a snapshot; a scan of millions of files takes longer).
+            disk.loaded().await;
             let p = purge.clone();
             let found = disk
                 .scan_metas(move |entry, data| {
