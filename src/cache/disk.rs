@@ -567,9 +567,45 @@ impl Drop for QueueTicket {
 
 // ---- the store ------------------------------------------------------------------------------
 
+/// Whole-file reads ([`DiskStore::get`], [`DiskStore::scan_metas`]) running at once. A read
+/// holds its file's buffer (up to a chunk) until it returns, so this bounds read buffers to
+/// 32 chunks (32 MiB with 1 MiB chunks, as the write queue's [`WRITE_QUEUE_BYTES`]) instead of
+/// Tokio's 512 blocking threads; 32 is also the queue depth at which SATA (NCQ) and most NVMe
+/// drives reach their bandwidth, so a burst of hits waits here rather than on the device.
+pub const MAX_CONCURRENT_READS: usize = 32;
+
 /// The disk tier: see the module docs. Cheap to share as `Arc<DiskStore>`.
 pub struct DiskStore {
     shared: Arc<Shared>,
+    /// Permits for whole-file reads ([`MAX_CONCURRENT_READS`]).
+    reads: Arc<tokio::sync::Semaphore>,
+    /// Reads running and their peak, and a delay added to each (tests).
+    #[cfg(test)]
+    read_watch: Arc<ReadWatch>,
+}
+
+#[cfg(test)]
+#[derive(Default)]
+struct ReadWatch {
+    running: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
+    delay_ms: AtomicU64,
+    /// A read waits while a test holds this.
+    gate: Mutex<()>,
+}
+
+#[cfg(test)]
+impl ReadWatch {
+    /// Run `read` counted as running, after the gate and the delay set.
+    fn watch<T>(&self, read: impl FnOnce() -> T) -> T {
+        let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak.fetch_max(now, Ordering::SeqCst);
+        drop(self.gate.lock());
+        std::thread::sleep(Duration::from_millis(self.delay_ms.load(Ordering::SeqCst)));
+        let out = read();
+        self.running.fetch_sub(1, Ordering::SeqCst);
+        out
+    }
 }
 
 struct Shared {
@@ -696,6 +732,9 @@ impl DiskStore {
         };
         Ok(DiskStore {
             shared: Arc::new(shared),
+            reads: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_READS)),
+            #[cfg(test)]
+            read_watch: Default::default(),
         })
     }
 
@@ -761,9 +800,20 @@ impl DiskStore {
         let shared = self.shared.clone();
         let key = key.to_owned();
         let validator = validator.to_owned();
-        match tokio::task::spawn_blocking(move || shared.get_blocking(&hash, &key, &validator))
-            .await
-        {
+        // Held by the read itself until its buffer is back, even if this future is dropped
+        // meanwhile (see [`MAX_CONCURRENT_READS`]).
+        let permit = self.reads.clone().acquire_owned().await.ok()?;
+        #[cfg(test)]
+        let watch = self.read_watch.clone();
+        let read = move || {
+            #[cfg(test)]
+            let found = watch.watch(|| shared.get_blocking(&hash, &key, &validator));
+            #[cfg(not(test))]
+            let found = shared.get_blocking(&hash, &key, &validator);
+            drop(permit);
+            found
+        };
+        match tokio::task::spawn_blocking(read).await {
             Ok(found) => found,
             Err(e) => {
                 log::warn!("disk cache: read task failed: {e}");
@@ -910,7 +960,16 @@ impl DiskStore {
         F: FnMut(&str, &[u8]) -> Option<T> + Send + 'static,
     {
         let shared = self.shared.clone();
-        match tokio::task::spawn_blocking(move || shared.scan_metas_blocking(visit)).await {
+        // One file read at a time, under one read permit (see [`MAX_CONCURRENT_READS`]).
+        let Ok(permit) = self.reads.clone().acquire_owned().await else {
+            return Vec::new();
+        };
+        let scan = move || {
+            let found = shared.scan_metas_blocking(visit);
+            drop(permit);
+            found
+        };
+        match tokio::task::spawn_blocking(scan).await {
             Ok(found) => found,
             Err(e) => {
                 log::warn!("disk cache: scan task failed: {e}");
@@ -1613,6 +1672,9 @@ fn read_dir_logged(dir: &Path) -> Vec<fs::DirEntry> {
         }
     }
 }
+
+#[cfg(test)]
+mod read_tests;
 
 #[cfg(test)]
 mod tests {
