@@ -10,7 +10,6 @@ use super::*;
 async fn concurrent_reads_never_exceed_the_bound_and_each_returns_its_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let store = DiskStore::open(dir.path(), 64 << 20).unwrap();
-    store.wait_loaded();
     let store = Arc::new(store);
     let body = |i: usize| Bytes::from(format!("entry {i} ").repeat(100 + i));
     for i in 0..200 {
@@ -45,7 +44,6 @@ async fn concurrent_reads_never_exceed_the_bound_and_each_returns_its_bytes() {
 async fn a_dropped_get_holds_its_permit_until_its_read_ends() {
     let dir = tempfile::tempdir().unwrap();
     let store = DiskStore::open(dir.path(), 1 << 20).unwrap();
-    store.wait_loaded();
     let store = Arc::new(store);
     store
         .put("a", Some("v"), Bytes::from_static(b"bytes"))
