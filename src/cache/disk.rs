@@ -745,7 +745,7 @@ impl DiskStore {
 
     /// Whether the index was loaded from a snapshot (a clean shutdown), not by a scan.
     pub fn loaded_from_snapshot(&self) -> bool {
-        self.shared.load.from_snapshot()
+        self.shared.load.read_a_snapshot()
     }
 
     /// Entry files the load has indexed so far (all of them once it is over).

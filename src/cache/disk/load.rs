@@ -88,7 +88,7 @@ impl LoadState {
     }
 
     /// Whether the load read a snapshot (rather than scanning the files).
-    pub fn from_snapshot(&self) -> bool {
+    pub fn read_a_snapshot(&self) -> bool {
         self.from_snapshot.load(Ordering::Relaxed)
     }
 
