@@ -12,8 +12,9 @@
 //! * **Never block an async worker.** All file I/O of [`DiskStore::get`], [`DiskStore::put`],
 //!   [`DiskStore::put_in_background`], [`DiskStore::remove`] and [`DiskStore::remove_object`]
 //!   runs in `tokio::task::spawn_blocking`. The in-memory index is a `std::sync::Mutex` held
-//!   only for short map operations, never across I/O or an `.await`. [`DiskStore::open`] is
-//!   blocking: it is called once at start-up.
+//!   only for short map operations, never across I/O or an `.await` (the snapshot, written
+//!   once at exit, excepted). The index loads on a thread of its own (see `load`): opening
+//!   returns at once.
 //! * **Never panic on file contents.** Decoding is bounds-checked everywhere (key and validator
 //!   lengths are capped at [`MAX_NAME_LEN`], the data length must match the file size exactly);
 //!   a bad file is an error value, never an index out of range or an allocation of a length
@@ -42,10 +43,11 @@
 //! once (a dropped version's chunks go promptly). An object larger than the whole capacity
 //! cannot be kept: it evicts itself as it is written.
 //!
-//! At open, a group with chunks but no metadata entry (an *orphan*: a fill cut short, or a
-//! crash between deletions) can never be served: its files are deleted (they carry our magic)
-//! and counted in the start-up log line. Object recency at open is the modification time of
-//! its newest member.
+//! When the start-up load ends, a group it found with chunks but no metadata entry (an
+//! *orphan*: a fill cut short, or a crash between deletions) can never be served: its files
+//! are deleted (they carry our magic) and counted in the load's log line. The recency of the
+//! objects a scan found is the modification time of their newest member; a snapshot keeps the
+//! order the index had.
 //!
 //! # The index in memory
 //!
@@ -82,9 +84,10 @@
 //!
 //! # Layout
 //!
-//! The file of a key is `dir/ab/cd/<hex>`, where `<hex>` is the BLAKE3 hash of the key in hex
-//! and `ab`, `cd` are its first two bytes (two levels of fan-out). The raw key never reaches a
-//! file name. One key maps to one file, so a new version (validator) of a key replaces the old
+//! The file of a key is `dir/ab/cd/<hex>`, where `<hex>` is the first 8 bytes of the BLAKE3
+//! hash of the key in 16 hex digits and `ab`, `cd` are its first two bytes (two levels of
+//! fan-out). The raw key never reaches a file name. (Files named by the whole hash, 64 digits,
+//! are from the layout before: the scan renames them.) One key maps to one file, so a new version (validator) of a key replaces the old
 //! file.
 //!
 //! # File format (all integers little-endian)
@@ -119,8 +122,9 @@
 //! by a ticket dropped when the task ends (also on a panic); [`DiskStore::drain`] waits for the
 //! count to reach zero, so shutdown can let the admitted writes finish.
 //!
-//! Recency survives a restart only approximately: `open` orders the objects it finds by the
-//! modification time of their newest file (that is, by when they were last written).
+//! Recency survives a clean restart exactly (the snapshot), a crash approximately: the scan
+//! orders the objects it finds by the modification time of their newest file (that is, by when
+//! they were last written).
 
 use crate::config::default_index_capacity;
 use bytes::Bytes;
@@ -1271,8 +1275,10 @@ impl Shared {
             let mut index = self.index();
             if index.sealed {
                 // Shutting down, the snapshot written: a file now would be missing from it.
+                // The older entry goes, as for any write not made.
                 drop(index);
                 self.writes_skipped.fetch_add(1, Ordering::Relaxed);
+                self.remove_blocking(&hash);
                 return;
             }
             index.reserved += size;
