@@ -3224,4 +3224,15 @@ mod tests {
         waiter.await.unwrap();
         assert!(!store.is_loading());
     }
+
+    #[test]
+    fn a_snapshot_larger_than_the_index_could_be_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(DiskStore::open(dir.path(), 1 << 30).unwrap());
+        // Where a snapshot goes, 2 MiB of something else, with a 64 KiB index capacity.
+        fs::write(dir.path().join(load::SNAPSHOT), vec![0u8; 2 << 20]).unwrap();
+        let store = loaded(DiskStore::open_bounded(dir.path(), 1 << 30, 64 << 10).unwrap());
+        assert!(!store.loaded_from_snapshot());
+        assert!(!dir.path().join(load::SNAPSHOT).exists());
+    }
 }

@@ -348,6 +348,20 @@ fn parse_snapshot(buf: &[u8], generation: u64) -> Result<Vec<SnapshotObject>, &'
 /// Index the snapshot if there is a valid one; it is deleted either way.
 fn load_snapshot(shared: &Shared) -> Option<()> {
     let path = shared.dir.join(SNAPSHOT);
+    // A snapshot takes less than the index it lists (16 bytes per entry and 12 per object,
+    // against 36 and 36 charged): anything larger is not one of ours, and is not read whole.
+    let limit = shared.index_capacity.saturating_add(1 << 20);
+    if let Ok(m) = fs::metadata(&path) {
+        if m.len() > limit {
+            log::warn!(
+                "disk cache: ignoring {}: {} bytes, more than an index of cache.disk.index_capacity could take; scanning the files",
+                path.display(),
+                m.len()
+            );
+            let _ = fs::remove_file(&path);
+            return None;
+        }
+    }
     let buf = match fs::read(&path) {
         Ok(buf) => buf,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
