@@ -355,34 +355,31 @@ impl Index {
         rec.next = NONE;
     }
 
-    fn push_back(&mut self, o: u32) {
-        let tail = self.tail;
+    /// Link `o` between `prev` and `next` (neighbours in the list, or [`NONE`] at its ends).
+    fn link_between(&mut self, o: u32, prev: u32, next: u32) {
         {
             let rec = self.objects.get_mut(o);
-            rec.prev = tail;
-            rec.next = NONE;
+            rec.prev = prev;
+            rec.next = next;
         }
-        if tail == NONE {
+        if prev == NONE {
             self.head = o;
         } else {
-            self.objects.get_mut(tail).next = o;
+            self.objects.get_mut(prev).next = o;
         }
-        self.tail = o;
+        if next == NONE {
+            self.tail = o;
+        } else {
+            self.objects.get_mut(next).prev = o;
+        }
+    }
+
+    fn push_back(&mut self, o: u32) {
+        self.link_between(o, self.tail, NONE);
     }
 
     fn push_front(&mut self, o: u32) {
-        let head = self.head;
-        {
-            let rec = self.objects.get_mut(o);
-            rec.prev = NONE;
-            rec.next = head;
-        }
-        if head == NONE {
-            self.tail = o;
-        } else {
-            self.objects.get_mut(head).prev = o;
-        }
-        self.head = o;
+        self.link_between(o, NONE, self.head);
     }
 
     fn touch_slot(&mut self, o: u32) {
