@@ -594,8 +594,8 @@ struct ReadWatch {
     running: std::sync::atomic::AtomicUsize,
     peak: std::sync::atomic::AtomicUsize,
     delay_ms: AtomicU64,
-    /// A read waits while a test holds this.
-    gate: Mutex<()>,
+    /// A read waits while a test closes this.
+    gate: tests::Gate,
 }
 
 #[cfg(test)]
@@ -604,7 +604,7 @@ impl ReadWatch {
     fn watch<T>(&self, read: impl FnOnce() -> T) -> T {
         let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(now, Ordering::SeqCst);
-        drop(self.gate.lock());
+        self.gate.wait();
         std::thread::sleep(Duration::from_millis(self.delay_ms.load(Ordering::SeqCst)));
         let out = read();
         self.running.fetch_sub(1, Ordering::SeqCst);
@@ -890,7 +890,7 @@ impl DiskStore {
         let validator = validator.to_owned();
         runtime.spawn_blocking(move || {
             #[cfg(test)]
-            ticket.shared.faults.wait_at_gate();
+            ticket.shared.faults.write_gate.wait();
             ticket.shared.put_blocking(&key, &validator, &data);
             drop(ticket);
         });
@@ -1696,14 +1696,34 @@ mod tests {
         fail_with: AtomicI32,
         /// Raw OS error every entry-file deletion fails with (0: none).
         fail_deletes_with: AtomicI32,
-        /// While `true`, background writes wait before writing.
-        gate_closed: Mutex<bool>,
-        gate: Condvar,
+        /// While closed, background writes wait before writing.
+        pub(super) write_gate: Gate,
         /// Warning lines written.
         warnings: AtomicU64,
-        /// While `true`, the start-up load waits before it begins.
-        load_gate_closed: Mutex<bool>,
-        load_gate: Condvar,
+        /// While closed, the start-up load waits before it begins.
+        pub(super) load_gate: Gate,
+    }
+
+    /// Where a test holds a thread back: open by default.
+    #[derive(Debug, Default)]
+    pub(super) struct Gate {
+        closed: Mutex<bool>,
+        opened: Condvar,
+    }
+
+    impl Gate {
+        /// Wait while the gate is closed.
+        pub(super) fn wait(&self) {
+            let mut closed = self.closed.lock().unwrap();
+            while *closed {
+                closed = self.opened.wait(closed).unwrap();
+            }
+        }
+
+        pub(super) fn set(&self, closed: bool) {
+            *self.closed.lock().unwrap() = closed;
+            self.opened.notify_all();
+        }
     }
 
     impl Faults {
@@ -1725,13 +1745,6 @@ mod tests {
             self.fail_deletes_with.store(code, Ordering::SeqCst);
         }
 
-        pub(super) fn wait_at_gate(&self) {
-            let mut closed = self.gate_closed.lock().unwrap();
-            while *closed {
-                closed = self.gate.wait(closed).unwrap();
-            }
-        }
-
         pub(super) fn count_warning(&self) {
             self.warnings.fetch_add(1, Ordering::SeqCst);
         }
@@ -1742,23 +1755,6 @@ mod tests {
 
         fn fail_writes_with(&self, code: i32) {
             self.fail_with.store(code, Ordering::SeqCst);
-        }
-
-        pub(super) fn wait_at_load_gate(&self) {
-            let mut closed = self.load_gate_closed.lock().unwrap();
-            while *closed {
-                closed = self.load_gate.wait(closed).unwrap();
-            }
-        }
-
-        fn set_load_gate(&self, closed: bool) {
-            *self.load_gate_closed.lock().unwrap() = closed;
-            self.load_gate.notify_all();
-        }
-
-        fn set_gate(&self, closed: bool) {
-            *self.gate_closed.lock().unwrap() = closed;
-            self.gate.notify_all();
         }
     }
 
@@ -2841,7 +2837,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = DiskStore::open(dir.path(), 1 << 26).unwrap();
         // A disk that does not keep up: the writes wait at the gate.
-        store.shared.faults.set_gate(true);
+        store.shared.faults.write_gate.set(true);
         for i in 0..WRITE_QUEUE_WRITES as u64 {
             assert!(store.put_in_background(
                 chunk_key("o", i),
@@ -2860,7 +2856,7 @@ mod tests {
             !store.drain(Duration::from_millis(100)).await,
             "still pending"
         );
-        store.shared.faults.set_gate(false);
+        store.shared.faults.write_gate.set(false);
         assert!(store.drain(Duration::from_secs(10)).await);
         assert_eq!(store.pending_writes(), 0);
         assert_eq!(store.entry_count(), WRITE_QUEUE_WRITES);
@@ -2871,13 +2867,13 @@ mod tests {
         );
         assert!(store.drain(Duration::ZERO).await, "empty: returns at once");
         // The byte bound: a write that would take the queue past it is skipped.
-        store.shared.faults.set_gate(true);
+        store.shared.faults.write_gate.set(true);
         let big = Bytes::from(vec![0u8; (WRITE_QUEUE_BYTES / 2) as usize]);
         assert!(store.put_in_background("big-1".into(), Some("v"), big.clone()));
         assert!(store.put_in_background("big-2".into(), Some("v"), big.clone()));
         assert!(!store.put_in_background("big-3".into(), Some("v"), Bytes::from_static(b"x")));
         assert_eq!(store.writes_skipped(), 2);
-        store.shared.faults.set_gate(false);
+        store.shared.faults.write_gate.set(false);
         assert!(store.drain(Duration::from_secs(10)).await);
         assert!(store.contains("big-2", Some("v")));
     }
@@ -3066,7 +3062,7 @@ mod tests {
         }
         let store =
             DiskStore::open_unloaded(dir.path(), 1 << 30, 1 << 30, WRITE_ERROR_PAUSE).unwrap();
-        store.shared.faults.set_load_gate(true);
+        store.shared.faults.load_gate.set(true);
         load::start(&store.shared).unwrap();
         assert!(store.is_loading());
         assert_eq!(store.entry_count(), 0);
@@ -3093,7 +3089,7 @@ mod tests {
         // Removes of keys not indexed yet delete their files: the load cannot bring them back.
         store.remove(&chunk_key("obj-3", 0)).await;
         store.remove_object("obj-4").await;
-        store.shared.faults.set_load_gate(false);
+        store.shared.faults.load_gate.set(false);
         store.wait_loaded();
         assert!(!store.is_loading());
         assert!(!store.loaded_from_snapshot());
@@ -3212,7 +3208,7 @@ mod tests {
         let store = Arc::new(
             DiskStore::open_unloaded(dir.path(), 1 << 30, 1 << 30, WRITE_ERROR_PAUSE).unwrap(),
         );
-        store.shared.faults.set_load_gate(true);
+        store.shared.faults.load_gate.set(true);
         load::start(&store.shared).unwrap();
         let waiter = {
             let store = store.clone();
@@ -3220,7 +3216,7 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(!waiter.is_finished(), "returned while the index loads");
-        store.shared.faults.set_load_gate(false);
+        store.shared.faults.load_gate.set(false);
         waiter.await.unwrap();
         assert!(!store.is_loading());
     }

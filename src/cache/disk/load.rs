@@ -148,7 +148,7 @@ pub(super) fn start(shared: &Arc<Shared>) -> io::Result<()> {
 
 fn run(shared: &Shared) {
     #[cfg(test)]
-    shared.faults.wait_at_load_gate();
+    shared.faults.load_gate.wait();
     let started = Instant::now();
     let (how, by_time) = match load_snapshot(shared) {
         Some(()) => {
