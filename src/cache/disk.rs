@@ -1133,10 +1133,13 @@ impl Shared {
             return None;
         }
         if self.load.is_loading() {
-            // Found before the load reached it: index it now (a put since is newer: kept).
+            // Found before the load reached it: index it now (a put since is newer: kept,
+            // and touched). An insert makes its object the most recently used.
             let _stripe = self.stripe(hash);
             let mut index = self.index();
-            if !index.contains(*hash) {
+            if index.contains(*hash) {
+                index.touch(*hash);
+            } else {
                 index.insert(
                     *hash,
                     hash_object(object_bytes(key.as_bytes())),
@@ -1146,8 +1149,9 @@ impl Shared {
                     Recency::Now,
                 );
             }
+        } else {
+            self.index().touch(*hash);
         }
-        self.index().touch(*hash);
         Some(exact_data(buf, data))
     }
 
