@@ -452,7 +452,7 @@ fn scan(shared: &Shared) {
                 log::warn!("disk cache: ignoring {} (not ours)", path.display());
                 continue;
             }
-            let found = scan_leaf(&path);
+            let found = scan_leaf(&shared.dir, &path);
             let mut index = shared.index();
             for f in found {
                 if index.insert(
@@ -470,9 +470,9 @@ fn scan(shared: &Shared) {
     }
 }
 
-/// `dir/ab/cd`: entry files and leftover temp files. Only regular files are ever read or
-/// deleted, and only those that start with the entry magic.
-fn scan_leaf(dir: &Path) -> Vec<Found> {
+/// `root/ab/cd` (`dir`): entry files and leftover temp files. Only regular files are ever
+/// read or deleted, and only those that start with the entry magic.
+fn scan_leaf(root: &Path, dir: &Path) -> Vec<Found> {
     let mut found = Vec::new();
     for entry in read_dir_logged(dir) {
         let mut path = entry.path();
@@ -484,7 +484,7 @@ fn scan_leaf(dir: &Path) -> Vec<Found> {
             continue;
         }
         let name = entry.file_name();
-        let mut name = name.to_str().unwrap_or("").to_owned();
+        let name = name.to_str().unwrap_or("");
         let Ok(mut file) = File::open(&path) else {
             continue;
         };
@@ -518,18 +518,9 @@ fn scan_leaf(dir: &Path) -> Vec<Found> {
                 continue;
             }
             path = new;
-            name.truncate(16);
         }
-        match check_entry(&mut (&magic[..]).chain(&mut file), meta.len(), &path, &name) {
-            Ok(mut f) => {
-                f.stamp = stamp_of(
-                    meta.modified()
-                        .ok()
-                        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-                        .map_or(0, |d| d.as_secs()),
-                );
-                found.push(f);
-            }
+        match check_entry(&mut (&magic[..]).chain(&mut file), &meta, root, &path) {
+            Ok(f) => found.push(f),
             Err(why) => {
                 log::warn!("disk cache: deleting bad entry {}: {why}", path.display());
                 remove_file_logged(&path);
@@ -539,28 +530,33 @@ fn scan_leaf(dir: &Path) -> Vec<Found> {
     found
 }
 
-/// Read the header of `dir/ab/cd/<name>` and check the file belongs at that path.
-fn check_entry(file: &mut impl Read, len: u64, path: &Path, name: &str) -> Result<Found, String> {
-    let header = read_header_from(file, len)
+/// Read the header of the entry file at `path` (`file`, of metadata `meta`) and check that it
+/// is where its key puts it under `root`.
+fn check_entry(
+    file: &mut impl Read,
+    meta: &fs::Metadata,
+    root: &Path,
+    path: &Path,
+) -> Result<Found, String> {
+    let header = read_header_from(file, meta.len())
         .map_err(|e| format!("cannot read the header: {e}"))?
         .map_err(|e| e.to_string())?;
     let hash = hash64(&header.key);
-    let Some(dir) = path.parent().and_then(Path::parent) else {
-        return Err("not at the path of its key".to_owned());
-    };
-    let Some(root) = dir.parent() else {
-        return Err("not at the path of its key".to_owned());
-    };
-    if parse_entry_name(name) != Some(hash) || entry_path(root, hash) != path {
+    if entry_path(root, hash) != path {
         return Err("not at the path of its key".to_owned());
     }
+    let modified = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs());
     Ok(Found {
         hash,
         object: hash_object(object_bytes(&header.key)),
         role: role_of(&header.key),
-        size: len,
+        size: meta.len(),
         validator: hash_validator(&header.validator),
-        stamp: 0,
+        stamp: stamp_of(modified),
     })
 }
 
