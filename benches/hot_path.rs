@@ -76,6 +76,7 @@ fn memory_only_cache() -> ChunkCache {
         max_ranges: DEFAULT_MAX_RANGES,
         max_concurrent_fills: edgeslice::config::DEFAULT_MAX_CONCURRENT_FILLS,
         memory_capacity: 64 * MIB,
+        response_budget: edgeslice::config::default_response_budget(MIB),
         metadata_capacity: 16 * MIB,
         disk: None,
     };

@@ -76,6 +76,12 @@ impl AdminApp {
             c.disk_index_capacity(),
         ));
         out.push_str(&format!(
+            "cache_response_bytes {}\ncache_response_budget_bytes {}\ncache_response_budget_waits {}\n",
+            c.response_budget().held_bytes(),
+            c.response_budget().limit(),
+            c.response_budget().waits(),
+        ));
+        out.push_str(&format!(
             "cache_disk_entries {}\ncache_disk_index_resident_bytes {}\ncache_disk_index_loading {}\ncache_disk_index_loaded_entries {}\n",
             c.disk_entries(),
             c.disk_index_resident_bytes(),
@@ -186,7 +192,7 @@ impl AdminApp {
         let cache = self.cache.clone();
         m.register(Pulled::gauge(
             "edgeslice_cache_bytes",
-            "Bytes stored in the cache, by tier; memory the metadata table and the disk index take.",
+            "Bytes stored in the cache, by tier; memory the metadata table and the disk index take; chunk bytes responses in flight hold (responses).",
             &["tier"],
             move || {
                 vec![
@@ -194,6 +200,10 @@ impl AdminApp {
                     (vec!["disk".into()], cache.disk_used() as f64),
                     (vec!["metadata".into()], cache.metadata_bytes() as f64),
                     (vec!["disk_index".into()], cache.disk_index_bytes() as f64),
+                    (
+                        vec!["responses".into()],
+                        cache.response_budget().held_bytes() as f64,
+                    ),
                 ]
             },
         ));
@@ -211,8 +221,19 @@ impl AdminApp {
                         vec!["disk_index".into()],
                         cache.disk_index_capacity() as f64,
                     ),
+                    (
+                        vec!["responses".into()],
+                        cache.response_budget().limit() as f64,
+                    ),
                 ]
             },
+        ));
+        m.register(read_one(
+            true,
+            "edgeslice_cache_response_budget_waits_total",
+            "Times a response waited for cache.response_budget (the chunks responses hold were at the budget) before its next chunk.",
+            &self.cache,
+            |c| c.response_budget().waits() as f64,
         ));
         m.register(read_one(
             false,

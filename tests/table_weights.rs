@@ -199,6 +199,7 @@ fn memory_only(capacity: u64) -> ChunkCache {
         max_ranges: 16,
         max_concurrent_fills: 4,
         memory_capacity: capacity,
+        response_budget: 64 << 20,
         metadata_capacity: 1 << 20,
         disk: None,
     })

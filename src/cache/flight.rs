@@ -155,6 +155,11 @@ impl Flight {
         *self.next.lock().unwrap_or_else(|p| p.into_inner()) = Some(hold);
     }
 
+    /// The finished chunk (the allocation the memory tier stores), once the fill completed.
+    pub fn whole(&self) -> Option<Bytes> {
+        self.lock().whole.clone()
+    }
+
     /// Whether the fill completed with its chunk.
     pub fn is_complete(&self) -> bool {
         self.lock().whole.is_some()

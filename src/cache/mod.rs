@@ -4,6 +4,7 @@ pub mod disk;
 pub mod fill;
 pub mod flight;
 pub mod freshness;
+pub mod held;
 pub mod key;
 pub mod memory;
 pub mod meta;

@@ -8,6 +8,7 @@
 
 use super::disk::DiskStore;
 use super::flight::{FlightMap, Joined};
+use super::held::ResponseBudget;
 use super::key::{ChunkKey, ObjectKey, ObjectVersion};
 use super::memory::ShardedCache;
 use super::meta::ObjectMeta;
@@ -38,6 +39,8 @@ pub struct ChunkCache {
     tables: ObjectTables,
     disk: Option<Arc<DiskStore>>,
     pub flights: FlightMap<ChunkKey>,
+    /// Chunk bytes that responses in flight hold (`cache.response_budget`).
+    responses: Arc<ResponseBudget>,
     /// Origin transfers into the cache that may run at once (see [`ChunkCache::fill_slot`]).
     fill_slots: Arc<tokio::sync::Semaphore>,
     /// Bytes that streamed fills (bodies of unknown length) may hold staged until their
@@ -112,6 +115,7 @@ impl ChunkCache {
             tables: ObjectTables::new(settings.metadata_capacity),
             disk,
             flights: FlightMap::new(64),
+            responses: ResponseBudget::new(settings.response_budget),
             fill_slots: Arc::new(tokio::sync::Semaphore::new(settings.max_concurrent_fills)),
             stage: Arc::new(tokio::sync::Semaphore::new(stage_capacity as usize)),
             stage_capacity,
@@ -541,6 +545,11 @@ impl ChunkCache {
         self.memory.weighted_size()
     }
 
+    /// The budget of chunk bytes held by responses in flight (see `cache::held`).
+    pub fn response_budget(&self) -> &Arc<ResponseBudget> {
+        &self.responses
+    }
+
     pub fn memory_capacity(&self) -> u64 {
         self.memory.capacity()
     }
@@ -657,6 +666,7 @@ mod tests {
             max_ranges: 16,
             max_concurrent_fills: 4,
             memory_capacity: 1 << 20,
+            response_budget: 64 << 20,
             metadata_capacity,
             disk: Some(DiskSettings {
                 path: dir.join("cache"),

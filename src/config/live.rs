@@ -8,7 +8,7 @@
 //! Fixed for the life of the process (bound sockets, sized tables, Pingora's server
 //! configuration, the cache tiers): `listen`, `admin.listen`, every `server.*` key, `cache.chunk_size`
 //! (it names the stored chunks), `cache.max_object_size` and `cache.max_concurrent_fills` (the
-//! cache holds them), `cache.memory.capacity`, `cache.metadata_capacity`, `cache.disk.*` and `shaping.max_clients`. A reload names those that changed and keeps them as
+//! cache holds them), `cache.memory.capacity`, `cache.response_budget`, `cache.metadata_capacity`, `cache.disk.*` and `shaping.max_clients`. A reload names those that changed and keeps them as
 //! they are; a graceful upgrade (`-u`, then SIGQUIT to the old process) applies them.
 //!
 //! [`CachePolicy`]: super::CachePolicy
@@ -94,6 +94,10 @@ pub fn apply(old: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
         "cache.memory.capacity",
     );
     differ(
+        oc.response_budget != nc.response_budget,
+        "cache.response_budget",
+    );
+    differ(
         oc.metadata_capacity != nc.metadata_capacity,
         "cache.metadata_capacity",
     );
@@ -126,6 +130,7 @@ pub fn apply(old: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     new.cache.max_object_size = old.cache.max_object_size;
     new.cache.max_concurrent_fills = old.cache.max_concurrent_fills;
     new.cache.memory_capacity = old.cache.memory_capacity;
+    new.cache.response_budget = old.cache.response_budget;
     new.cache.disk = old.cache.disk.clone();
     if let Some(s) = new
         .shaping

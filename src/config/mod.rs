@@ -167,6 +167,9 @@ pub struct CacheSettings {
     /// memory.
     pub max_concurrent_fills: usize,
     pub memory_capacity: u64,
+    /// Bytes of chunks that responses in flight may hold beyond what the memory tier holds
+    /// (see `cache::held`).
+    pub response_budget: u64,
     /// Bytes of memory for what the cache knows about objects: metadata, hit-for-pass marks
     /// and Vary markers (see `cache::tables`).
     pub metadata_capacity: u64,
@@ -373,6 +376,11 @@ pub fn default_metadata_capacity(memory_capacity: u64) -> u64 {
 pub fn default_index_capacity(capacity: u64) -> u64 {
     (capacity / 1024).max(16 << 20)
 }
+/// The default `cache.response_budget`: 64 MiB, and room for at least 8 chunks.
+pub fn default_response_budget(chunk_size: u64) -> u64 {
+    chunk_size.saturating_mul(8).max(64 << 20)
+}
+
 pub const DEFAULT_MAX_OBJECT_SIZE: u64 = 1 << 30;
 pub const DEFAULT_MAX_RANGES: usize = 16;
 /// Origin transfers into the cache at once, by default: with 1 MiB chunks, at most 32 MiB of
@@ -738,6 +746,19 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         Some(m) => nonzero_size("cache.memory.capacity", &m.capacity)?,
         None => DEFAULT_MEMORY_CAPACITY,
     };
+    let response_budget = match &c.response_budget {
+        Some(v) if v.value.0 < chunk_size => {
+            return Err(err_at(
+                "cache.response_budget",
+                v,
+                format!(
+                    "must be at least cache.chunk_size ({chunk_size} bytes): a response holds a chunk at a time"
+                ),
+            ))
+        }
+        Some(v) => v.value.0,
+        None => default_response_budget(chunk_size),
+    };
     let metadata_capacity = match &c.metadata_capacity {
         Some(v) => table_size("cache.metadata_capacity", v)?,
         None => default_metadata_capacity(memory_capacity),
@@ -779,6 +800,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         max_ranges,
         max_concurrent_fills,
         memory_capacity,
+        response_budget,
         metadata_capacity,
         disk,
     };

@@ -109,6 +109,7 @@ pub struct RawCache {
     pub max_ranges: Option<Spanned<usize>>,
     pub max_concurrent_fills: Option<Spanned<usize>>,
     pub metadata_capacity: Option<Spanned<Size>>,
+    pub response_budget: Option<Spanned<Size>>,
     pub memory: Option<RawMemory>,
     pub disk: Option<RawDisk>,
 }

@@ -686,6 +686,27 @@ fn table_capacities_default_from_the_tiers_and_are_checked() {
     );
 }
 
+#[test]
+fn the_response_budget_defaults_to_64_mib_or_8_chunks_and_holds_a_chunk_at_least() {
+    let c = Config::from_yaml(GOOD).expect("good config");
+    assert_eq!(c.cache.response_budget, 64 << 20);
+    assert_eq!(
+        default_response_budget(16 << 20),
+        128 << 20,
+        "8 chunks of 16 MiB"
+    );
+    let set = GOOD.replace("  memory:\n", "  response_budget: 8MiB\n  memory:\n");
+    let c = Config::from_yaml(&set).expect("budget set");
+    assert_eq!(c.cache.response_budget, 8 << 20);
+    let small = GOOD.replace("  memory:\n", "  response_budget: 512KiB\n  memory:\n");
+    assert_err(
+        &small,
+        "cache.response_budget",
+        9,
+        "must be at least cache.chunk_size",
+    );
+}
+
 /// An upstream group `store` with `extra` (indented four spaces) and one route to it.
 fn with_store(server: &str, extra: &str) -> String {
     format!(

@@ -29,6 +29,7 @@ use crate::cache::fill::{
 };
 use crate::cache::flight::{FillError, FlightReader};
 use crate::cache::freshness;
+use crate::cache::held::{Anchor, Held};
 use crate::cache::key::{ObjectKey, ObjectVersion};
 use crate::cache::meta::ObjectMeta;
 use crate::cache::store::ChunkCache;
@@ -890,13 +891,7 @@ impl CacheLayer {
         }
 
         // Hold the header until the first byte is in hand: an origin failure now is a clean 5xx.
-        let mut body = BodyPlan {
-            parts,
-            next_part: 0,
-            spans: Vec::new(),
-            next_span: 0,
-            current: None,
-        };
+        let mut body = BodyPlan::new(parts);
         let first =
             match unless_client_left(session, body.next_piece(self, obj, origin, &meta, &version))
                 .await?
@@ -1168,9 +1163,23 @@ struct BodyPlan {
     spans: Vec<crate::range::plan::ChunkSpan>,
     next_span: usize,
     current: Option<FlightReader>,
+    /// This response's hold on the chunk it writes from, within `cache.response_budget`
+    /// (see `cache::held`).
+    held: Option<Held>,
 }
 
 impl BodyPlan {
+    fn new(parts: Vec<(Bytes, ByteRange)>) -> BodyPlan {
+        BodyPlan {
+            parts,
+            next_part: 0,
+            spans: Vec::new(),
+            next_span: 0,
+            current: None,
+            held: None,
+        }
+    }
+
     async fn next_piece(
         &mut self,
         layer: &CacheLayer,
@@ -1191,17 +1200,51 @@ impl BodyPlan {
             }
             if let Some(span) = self.spans.get(self.next_span).copied() {
                 self.next_span += 1;
+                // The chunk written last is let go: its charge goes back to the budget once
+                // no response holds it.
+                self.held = None;
                 let last_needed = self.spans.last().map(|s| s.index).unwrap_or(span.index);
-                let src = fill::chunk_source(
-                    &layer.cache,
-                    origin,
-                    obj,
-                    meta,
-                    version,
-                    span.index,
-                    last_needed,
-                )
-                .await;
+                let cache = &layer.cache;
+                let budget = cache.response_budget();
+                let len = fill::chunk_len(cache, meta, span.index);
+                // A chunk at hand (filling, or in the memory tier) is held if another response
+                // holds it already (free) or the budget has room.
+                let at_hand = fill::chunk_in_hand(cache, version, span.index)
+                    .map(|src| budget.try_hold(anchor(&src), len).map(|held| (held, src)));
+                let src = match at_hand {
+                    Some(Ok((held, src))) => {
+                        self.held = Some(held);
+                        src
+                    }
+                    refused => {
+                        // Room first, then the chunk: a response never starts a fill it
+                        // cannot hold. Waiting, it lets go of every chunk in hand (it holds
+                        // no memory), and takes its turn.
+                        drop(refused);
+                        let room = match budget.try_reserve(len) {
+                            Some(room) => room,
+                            None => {
+                                drop(_previous.take());
+                                match budget.reserve(len).await {
+                                    Some(room) => room,
+                                    None => return Err(FillError::Abandoned),
+                                }
+                            }
+                        };
+                        let src = fill::chunk_source(
+                            cache,
+                            origin,
+                            obj,
+                            meta,
+                            version,
+                            span.index,
+                            last_needed,
+                        )
+                        .await;
+                        self.held = Some(budget.hold_reserved(anchor(&src), room));
+                        src
+                    }
+                };
                 match src {
                     ChunkSource::Ready(b) => {
                         let (from, to) = (span.offset as usize, (span.offset + span.len) as usize);
@@ -1230,5 +1273,18 @@ impl BodyPlan {
                 return Ok(Some(part_header));
             }
         }
+    }
+}
+
+/// What names a chunk to the response budget, and keeps it alive while held: a finished
+/// chunk by its allocation (shared by the memory tier, its flight and every reader), a chunk
+/// still being filled by its flight.
+fn anchor(src: &ChunkSource) -> Anchor {
+    match src {
+        ChunkSource::Ready(b) => Anchor::Chunk(b.clone()),
+        ChunkSource::Filling(f) => match f.whole() {
+            Some(b) => Anchor::Chunk(b),
+            None => Anchor::Flight(f.clone()),
+        },
     }
 }

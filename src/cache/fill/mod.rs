@@ -33,7 +33,7 @@ mod tests;
 pub use discover::{discover, discover_from};
 pub use origin::{Origin, OriginAccess, OriginGroup, OriginReply, Reply};
 pub use revalidate::revalidate;
-pub use run::{chunk_source, whole_from_one_fetch};
+pub use run::{chunk_in_hand, chunk_source, whole_from_one_fetch};
 
 use super::flight::{FillError, Flight};
 use super::key::ObjectKey;
@@ -136,7 +136,7 @@ pub enum Revalidation {
     Failed(FetchError),
 }
 
-pub(super) fn chunk_len(cache: &ChunkCache, meta: &ObjectMeta, index: u64) -> u64 {
+pub fn chunk_len(cache: &ChunkCache, meta: &ObjectMeta, index: u64) -> u64 {
     chunk_bounds(index, cache.chunk_size, meta.size)
         .map(|b| b.len())
         .unwrap_or(0)

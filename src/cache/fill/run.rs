@@ -187,6 +187,21 @@ pub async fn chunk_source(
     ChunkSource::Filling(flight)
 }
 
+/// The chunk if it is at hand without any work: being filled (or filled and still held), or
+/// in the memory tier. Starts nothing: a response that must wait for the response budget
+/// looks here first, so that waiting never starts a fill.
+pub fn chunk_in_hand(
+    cache: &ChunkCache,
+    version: &ObjectVersion,
+    index: u64,
+) -> Option<ChunkSource> {
+    let id = version.chunk(index);
+    if let Some(f) = cache.flights.find(&id) {
+        return Some(ChunkSource::Filling(f));
+    }
+    cache.memory_chunk(&id).map(ChunkSource::Ready)
+}
+
 /// Fetch a run of consecutive chunks with one ranged request and stream it into their fills.
 async fn fill_run(origin: OriginAccess, obj: ObjectRequest, meta: Arc<ObjectMeta>, mut run: Run) {
     let Some((first, last)) = run.first_and_last() else {

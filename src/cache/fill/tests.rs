@@ -419,6 +419,7 @@ fn cache_keeping(max_object_size: u64) -> Arc<ChunkCache> {
             max_ranges: 16,
             max_concurrent_fills: 4,
             memory_capacity: 1 << 20,
+            response_budget: 64 << 20,
             metadata_capacity: 1 << 20,
             disk: None,
         })
@@ -1603,6 +1604,7 @@ fn cache_with_memory_for(chunks: u64) -> Arc<ChunkCache> {
             max_ranges: 16,
             max_concurrent_fills: 4,
             memory_capacity: chunks * CHUNK,
+            response_budget: 64 << 20,
             metadata_capacity: 1 << 20,
             disk: None,
         })

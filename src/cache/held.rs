@@ -1,0 +1,395 @@
+//! The response budget (`cache.response_budget`): the bytes of chunks that responses in flight
+//! hold, bounded.
+//!
+//! A response writes one chunk at a time and holds it while the client takes it. Held chunks
+//! are memory beyond the memory tier whenever the tier has let go of them (a tier smaller than
+//! what is being read, a chunk read from disk or filled and not kept): without a bound, N
+//! stalled clients hold N chunks. So a response *holds* its current chunk through this budget:
+//!
+//! - a chunk is charged once, however many responses hold it: its identity is its allocation
+//!   (the `Bytes` of a stored chunk, or the flight filling it), and a hot chunk read by a
+//!   thousand clients costs one chunk (they share the allocation);
+//! - a chunk nobody holds yet is charged its length plus [`HOLD_OVERHEAD`]; when the budget
+//!   cannot take it, the response first lets go of every chunk it has in hand, then waits its
+//!   turn (first come, first served) — it never copies or buffers more meanwhile;
+//! - the charge is given back when the last holder lets go.
+//!
+//! So what responses hold, over what the tier holds, is at most the budget: a node's memory is
+//! bounded by the tier plus `cache.response_budget` whatever the number of clients or how slow
+//! they read. A chunk both in the tier and held is counted in both (the bound errs high).
+//!
+//! The holders of a chunk are found by its allocation's address: a holder keeps the allocation
+//! alive (its [`Anchor`]), so an address cannot be reused while it is registered.
+
+use super::flight::Flight;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Charged with every held chunk's length: its registry entry, the holders' guards and the
+/// allocator's share of the chunk's allocation.
+pub const HOLD_OVERHEAD: u64 = 256;
+
+/// What keeps a held chunk's allocation alive, and names it.
+#[derive(Clone)]
+pub enum Anchor {
+    /// A chunk in hand (from the memory tier, the disk, or a finished fill).
+    Chunk(Bytes),
+    /// A chunk being filled: its pieces, then the finished chunk, are the flight's.
+    Flight(Arc<Flight>),
+}
+
+impl Anchor {
+    /// The allocation's address: the same for every clone of the chunk.
+    fn id(&self) -> usize {
+        match self {
+            Anchor::Chunk(b) => b.as_ptr() as usize,
+            Anchor::Flight(f) => Arc::as_ptr(f) as usize,
+        }
+    }
+}
+
+struct Entry {
+    holders: u64,
+    _charge: OwnedSemaphorePermit,
+}
+
+/// The budget of chunk bytes held by responses (see the module doc).
+pub struct ResponseBudget {
+    limit: u64,
+    /// Free bytes (one permit a byte).
+    free: Arc<Semaphore>,
+    shards: Vec<Mutex<HashMap<usize, Entry>>>,
+    /// Responses that waited for the budget.
+    waits: AtomicU64,
+    /// Responses waiting now: while any does, a new chunk is not charged without waiting
+    /// (no one jumps the queue; joining a chunk already charged costs nothing and is allowed).
+    waiting: AtomicU64,
+}
+
+const SHARDS: usize = 64;
+
+/// Bytes waited for, given to a chunk by [`ResponseBudget::hold_reserved`].
+pub struct Reservation(OwnedSemaphorePermit);
+
+impl ResponseBudget {
+    /// A budget of `limit` bytes (at most what a semaphore counts).
+    pub fn new(limit: u64) -> Arc<ResponseBudget> {
+        let limit = limit.min(Semaphore::MAX_PERMITS as u64);
+        Arc::new(ResponseBudget {
+            limit,
+            free: Arc::new(Semaphore::new(limit as usize)),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            waits: AtomicU64::new(0),
+            waiting: AtomicU64::new(0),
+        })
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// Bytes charged now.
+    pub fn held_bytes(&self) -> u64 {
+        self.limit
+            .saturating_sub(self.free.available_permits() as u64)
+    }
+
+    /// How many times a response waited for the budget.
+    pub fn waits(&self) -> u64 {
+        self.waits.load(Ordering::Relaxed)
+    }
+
+    /// What a chunk of `len` bytes is charged, in permits (never more than the whole budget,
+    /// so even an oversized chunk is served, alone).
+    fn charge(&self, len: u64) -> u32 {
+        len.saturating_add(HOLD_OVERHEAD)
+            .min(self.limit)
+            .min(u64::from(u32::MAX)) as u32
+    }
+
+    fn shard(&self, id: usize) -> std::sync::MutexGuard<'_, HashMap<usize, Entry>> {
+        // Addresses are aligned: mix the bits above the alignment.
+        let i = ((id >> 4) ^ (id >> 12)) % SHARDS;
+        // A poisoned shard only means a panic elsewhere mid-update; the counts are still whole.
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hold `anchor` (a chunk of `len` bytes): joins its holders if it is charged already,
+    /// else charges it if the budget has room now. `Err` gives the anchor back when the
+    /// budget is spent: let go of every chunk in hand, then [`ResponseBudget::reserve`].
+    pub fn try_hold(self: &Arc<Self>, anchor: Anchor, len: u64) -> Result<Held, Anchor> {
+        let id = anchor.id();
+        let mut shard = self.shard(id);
+        if let Some(e) = shard.get_mut(&id) {
+            e.holders += 1;
+        } else {
+            let Some(Reservation(charge)) = self.try_reserve(len) else {
+                return Err(anchor);
+            };
+            shard.insert(
+                id,
+                Entry {
+                    holders: 1,
+                    _charge: charge,
+                },
+            );
+        }
+        drop(shard);
+        Ok(Held {
+            budget: self.clone(),
+            id,
+            _anchor: anchor,
+        })
+    }
+
+    /// Room for a chunk of `len` bytes if there is some now (see [`ResponseBudget::reserve`]).
+    pub fn try_reserve(&self, len: u64) -> Option<Reservation> {
+        if self.waiting.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        self.free
+            .clone()
+            .try_acquire_many_owned(self.charge(len))
+            .ok()
+            .map(Reservation)
+    }
+
+    /// Wait until a chunk of `len` bytes fits, holding nothing meanwhile (first come, first
+    /// served). Cancel-safe: dropping the future gives nothing and takes nothing. `None`
+    /// only if the budget were closed (it never is).
+    pub async fn reserve(&self, len: u64) -> Option<Reservation> {
+        self.waits.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting::new(&self.waiting);
+        let charge = self.charge(len);
+        self.free
+            .clone()
+            .acquire_many_owned(charge)
+            .await
+            .ok()
+            .map(Reservation)
+    }
+
+    /// Hold `anchor` with bytes reserved for it; if it is charged already (another response
+    /// took it meanwhile), the reservation is given back.
+    pub fn hold_reserved(self: &Arc<Self>, anchor: Anchor, reserved: Reservation) -> Held {
+        let id = anchor.id();
+        let mut shard = self.shard(id);
+        match shard.get_mut(&id) {
+            Some(e) => e.holders += 1,
+            None => {
+                shard.insert(
+                    id,
+                    Entry {
+                        holders: 1,
+                        _charge: reserved.0,
+                    },
+                );
+            }
+        }
+        drop(shard);
+        Held {
+            budget: self.clone(),
+            id,
+            _anchor: anchor,
+        }
+    }
+}
+
+/// Counts a waiter for as long as it waits (a cancelled wait included).
+struct Waiting<'a>(&'a AtomicU64);
+
+impl<'a> Waiting<'a> {
+    fn new(count: &'a AtomicU64) -> Waiting<'a> {
+        count.fetch_add(1, Ordering::AcqRel);
+        Waiting(count)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response's hold on a chunk: the chunk's charge is given back when its last holder drops.
+pub struct Held {
+    budget: Arc<ResponseBudget>,
+    id: usize,
+    /// Keeps the allocation (and so its address) alive while registered.
+    _anchor: Anchor,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut shard = self.budget.shard(self.id);
+        if let Some(e) = shard.get_mut(&self.id) {
+            e.holders -= 1;
+            if e.holders == 0 {
+                // Gives the charge back (the entry's permit) before the anchor goes.
+                shard.remove(&self.id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn chunk(n: usize) -> Anchor {
+        Anchor::Chunk(Bytes::from(vec![7u8; n]))
+    }
+
+    #[test]
+    fn a_chunk_is_charged_once_however_many_hold_it() {
+        let b = ResponseBudget::new(10_000);
+        let a = chunk(1000);
+        let h: Vec<Held> = (0..100)
+            .map(|_| b.try_hold(a.clone(), 1000).ok().unwrap())
+            .collect();
+        assert_eq!(b.held_bytes(), 1000 + HOLD_OVERHEAD);
+        drop(h);
+        assert_eq!(b.held_bytes(), 0);
+    }
+
+    #[test]
+    fn slices_of_one_chunk_are_one_chunk_and_distinct_chunks_are_charged_each() {
+        let b = ResponseBudget::new(10_000);
+        let bytes = Bytes::from(vec![1u8; 1000]);
+        let h1 = b.try_hold(Anchor::Chunk(bytes.clone()), 1000).ok().unwrap();
+        let h2 = b.try_hold(Anchor::Chunk(bytes), 1000).ok().unwrap();
+        let h3 = b.try_hold(chunk(1000), 1000).ok().unwrap();
+        assert_eq!(b.held_bytes(), 2 * (1000 + HOLD_OVERHEAD));
+        drop(h1);
+        assert_eq!(b.held_bytes(), 2 * (1000 + HOLD_OVERHEAD));
+        drop(h2);
+        assert_eq!(b.held_bytes(), 1000 + HOLD_OVERHEAD);
+        drop(h3);
+        assert_eq!(b.held_bytes(), 0);
+    }
+
+    #[test]
+    fn a_spent_budget_refuses_a_new_chunk_but_not_a_held_one() {
+        let b = ResponseBudget::new(2 * (1000 + HOLD_OVERHEAD));
+        let (x, y) = (chunk(1000), chunk(1000));
+        let _hx = b.try_hold(x.clone(), 1000).ok().unwrap();
+        let _hy = b.try_hold(y, 1000).ok().unwrap();
+        assert!(b.try_hold(chunk(1000), 1000).is_err());
+        // Joining a chunk already charged costs nothing.
+        assert!(b.try_hold(x, 1000).is_ok());
+    }
+
+    #[test]
+    fn an_oversized_chunk_takes_the_whole_budget_and_is_still_served() {
+        let b = ResponseBudget::new(500);
+        let h = b.try_hold(chunk(1000), 1000).ok().unwrap();
+        assert_eq!(b.held_bytes(), 500);
+        drop(h);
+        assert_eq!(b.held_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_gets_the_budget_when_a_holder_lets_go_and_joins_a_chunk_charged_meanwhile() {
+        let b = ResponseBudget::new(1000 + HOLD_OVERHEAD);
+        let first = b.try_hold(chunk(1000), 1000).ok().unwrap();
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let r = b.reserve(1000).await.unwrap();
+                b.hold_reserved(chunk(1000), r)
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(
+            !waiter.is_finished(),
+            "the budget is spent: the waiter waits"
+        );
+        drop(first);
+        let held = waiter.await.unwrap();
+        assert_eq!(b.held_bytes(), 1000 + HOLD_OVERHEAD);
+        assert_eq!(b.waits(), 1);
+        // A reservation for a chunk someone already holds is given back.
+        let shared = chunk(10);
+        drop(held);
+        let h1 = b.try_hold(shared.clone(), 10).ok().unwrap();
+        let r = b.reserve(10).await.unwrap();
+        let h2 = b.hold_reserved(shared, r);
+        assert_eq!(b.held_bytes(), 10 + HOLD_OVERHEAD);
+        drop((h1, h2));
+        assert_eq!(b.held_bytes(), 0);
+    }
+
+    #[tokio::test]
+    async fn nobody_jumps_the_queue_but_a_chunk_already_held_is_joined() {
+        let b = ResponseBudget::new(2 * (1000 + HOLD_OVERHEAD));
+        let shared = chunk(1000);
+        let first = b.try_hold(shared.clone(), 1000).ok().unwrap();
+        let second = b.try_hold(chunk(1000), 1000).ok().unwrap();
+        // A waiter for a large chunk queues; the space freed is smaller than it needs.
+        let big = {
+            let b = b.clone();
+            tokio::spawn(async move { b.reserve(2000).await.map(|_| ()) })
+        };
+        while b.waiting.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(second);
+        assert!(
+            b.try_reserve(1000).is_none(),
+            "a small chunk must not jump the queue"
+        );
+        assert!(b.try_hold(chunk(1000), 1000).is_err());
+        assert!(b.try_hold(shared, 1000).is_ok(), "joining costs nothing");
+        drop(first);
+        big.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_wait_takes_nothing() {
+        let b = ResponseBudget::new(1000 + HOLD_OVERHEAD);
+        let held = b.try_hold(chunk(1000), 1000).ok().unwrap();
+        let wait = tokio::time::timeout(std::time::Duration::from_millis(10), b.reserve(1000));
+        assert!(wait.await.is_err());
+        assert_eq!(b.waiting.load(Ordering::Acquire), 0);
+        drop(held);
+        assert_eq!(b.held_bytes(), 0);
+        assert!(b.try_hold(chunk(1000), 1000).is_ok());
+    }
+
+    proptest! {
+        /// Against a model: the charge is the sum over distinct held chunks, never above the
+        /// limit, and everything is given back at the end.
+        #[test]
+        fn charges_follow_the_distinct_chunks_held(
+            ops in proptest::collection::vec((0usize..6, any::<bool>()), 1..200)
+        ) {
+            let limit = 3 * (100 + HOLD_OVERHEAD);
+            let b = ResponseBudget::new(limit);
+            let chunks: Vec<Anchor> = (0..6).map(|_| chunk(100)).collect();
+            let mut holds: Vec<Vec<Held>> = (0..6).map(|_| Vec::new()).collect();
+            for (i, take) in ops {
+                if take {
+                    match b.try_hold(chunks[i].clone(), 100) {
+                        Ok(h) => holds[i].push(h),
+                        Err(_) => {
+                            let distinct = holds.iter().filter(|h| !h.is_empty()).count() as u64;
+                            prop_assert!(holds[i].is_empty());
+                            prop_assert_eq!(distinct, 3);
+                        }
+                    }
+                } else {
+                    holds[i].pop();
+                }
+                let distinct = holds.iter().filter(|h| !h.is_empty()).count() as u64;
+                prop_assert_eq!(b.held_bytes(), distinct * (100 + HOLD_OVERHEAD));
+                prop_assert!(b.held_bytes() <= limit);
+            }
+            drop(holds);
+            prop_assert_eq!(b.held_bytes(), 0);
+        }
+    }
+}
