@@ -6,7 +6,7 @@
 //! It must stay cheap and never touch the data path's locks.
 
 use crate::cache::purge::Purge;
-use crate::cache::store::ChunkCache;
+use crate::cache::store::{ChunkCache, PurgeOutcome};
 use crate::conn::table::ConnTable;
 use crate::metrics::{one, AdminAction, AdminResult, Metrics, Pulled};
 use crate::origin::outcome::FailureClass;
@@ -74,6 +74,11 @@ impl AdminApp {
             c.metadata_capacity(),
             c.disk_index_bytes(),
             c.disk_index_capacity(),
+        ));
+        out.push_str(&format!(
+            "purges_pending {}\npurge_passes {}\n",
+            c.pending_purges().0,
+            c.ban_passes(),
         ));
         out.push_str(&format!(
             "cache_response_bytes {}\ncache_response_budget_bytes {}\ncache_response_budget_waits {}\n",
@@ -227,6 +232,20 @@ impl AdminApp {
                     ),
                 ]
             },
+        ));
+        m.register(read_one(
+            false,
+            "edgeslice_purges_pending",
+            "Purges not yet applied to every object of the disk tier (the objects they name are not served meanwhile).",
+            &self.cache,
+            |c| c.pending_purges().0 as f64,
+        ));
+        m.register(read_one(
+            true,
+            "edgeslice_purge_passes_total",
+            "Background passes over the disk tier's metadata that applied pending purges (one pass applies every purge pending when it starts).",
+            &self.cache,
+            |c| c.ban_passes() as f64,
         ));
         m.register(read_one(
             true,
@@ -612,13 +631,48 @@ impl AdminApp {
                 return text(400, &format!("bad purge: {why}\n"));
             }
         };
-        let n = self.cache.purge(&purge).await;
-        count(AdminResult::Ok);
-        self.metrics.purged(purge.soft, n as u64);
-        log::info!("admin purge {}: {n} objects", purge.describe());
-        text(200, &format!("purged {n}\n"))
+        let soft = purge.soft;
+        match self.cache.purge(&purge, PURGE_WAIT).await {
+            PurgeOutcome::Done(n) => {
+                count(AdminResult::Ok);
+                self.metrics.purged(soft, n);
+                log::info!("admin purge {}: {n} objects", purge.describe());
+                text(200, &format!("purged {n}\n"))
+            }
+            PurgeOutcome::Pending { so_far, ban } => {
+                count(AdminResult::Ok);
+                self.metrics.purged(soft, so_far);
+                log::info!(
+                    "admin purge {}: {so_far} objects so far, the disk tier's pass goes on",
+                    purge.describe()
+                );
+                // The objects the pass takes after this answer are counted when it ends.
+                let metrics = self.metrics.clone();
+                tokio::spawn(async move {
+                    ban.retired().await;
+                    metrics.purged(soft, ban.applied().saturating_sub(so_far));
+                });
+                text(
+                    202,
+                    &format!("purged {so_far} so far; the disk tier is still being searched in the background, and the objects named are not served meanwhile\n"),
+                )
+            }
+            PurgeOutcome::Busy => {
+                count(AdminResult::Error);
+                let mut r = text(
+                    503,
+                    "too many purges are pending for the disk tier; retry once they are applied\n",
+                );
+                r.headers_mut()
+                    .insert("retry-after", http::HeaderValue::from_static("5"));
+                r
+            }
+        }
     }
 }
+
+/// How long a purge's answer waits for the disk tier's pass before answering 202.
+const PURGE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

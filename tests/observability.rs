@@ -614,12 +614,12 @@ const LABEL_VALUES: &[(&str, &str, &[&str])] = &[
     (
         "edgeslice_cache_bytes",
         "tier",
-        &["memory", "disk", "metadata", "disk_index"],
+        &["memory", "disk", "metadata", "disk_index", "responses"],
     ),
     (
         "edgeslice_cache_capacity_bytes",
         "tier",
-        &["memory", "disk", "metadata", "disk_index"],
+        &["memory", "disk", "metadata", "disk_index", "responses"],
     ),
     (
         "edgeslice_connections_open",

@@ -349,3 +349,50 @@ async fn purge_by_path_takes_every_vary_variant() {
     })
     .await
 }
+
+/// Purges of objects only the disk holds are bans that one background pass over the disk
+/// applies, every ban pending when it starts at once: thirty purges sent together cost a few
+/// passes, not a scan each, and each answer still counts its object. A restart in between
+/// would keep them (tested in `cache::store`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_sent_together_share_passes_over_the_disk() {
+    within(TEST_LIMIT, async {
+        let origin = Origin::start().await;
+        let mut proxy = start(config(&origin, Some(TOKEN))).await;
+        let targets: Vec<String> = (0..30).map(|i| format!("/obj/5000/many/{i}.bin")).collect();
+        let extra = "/obj/5000/many-kept.bin";
+        for t in &targets {
+            fetch(&proxy, t).await;
+        }
+        fetch(&proxy, extra).await;
+        restart_from_disk(&mut proxy, 2 * (targets.len() + 1)).await;
+
+        let calls: Vec<_> = targets
+            .iter()
+            .map(|t| {
+                let url = format!("http://{}/purge?path={t}", proxy.admin);
+                tokio::spawn(async move {
+                    let r = send(common::reply::client().post(url).bearer_auth(TOKEN)).await;
+                    (r.status, String::from_utf8_lossy(&r.body).into_owned())
+                })
+            })
+            .collect();
+        for c in calls {
+            let (status, body) = c.await.expect("purge call");
+            assert_eq!(status, StatusCode::OK, "{body}");
+            assert_eq!(body.trim(), "purged 1");
+        }
+        let stats = proxy.stats().await;
+        let passes = stats["purge_passes"];
+        eprintln!("30 purges sent together: {passes} passes over the disk");
+        assert!(
+            (1..=10).contains(&passes),
+            "{passes} passes over the disk for 30 purges"
+        );
+        assert_eq!(stats["purges_pending"], 0, "every purge applied");
+        let all: Vec<&str> = targets.iter().map(String::as_str).chain([extra]).collect();
+        let refetched: Vec<&str> = targets.iter().map(String::as_str).collect();
+        check(&origin, &proxy, &all, &refetched).await;
+    })
+    .await
+}

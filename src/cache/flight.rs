@@ -375,6 +375,18 @@ impl<K: Hash + Eq + Clone> FlightMap<K> {
         Joined::Started(f)
     }
 
+    /// The fill of `key` in progress, or completed and still held, to read from: joining one
+    /// in progress counts as coalesced, as [`FlightMap::join_or_start`] does.
+    pub fn join_existing(&self, key: &K) -> Option<Arc<Flight>> {
+        match self.shard(key).map.get(key)? {
+            Entry::Filling(f) => {
+                self.coalesced.fetch_add(1, Ordering::Relaxed);
+                Some(f.clone())
+            }
+            Entry::Done(w) => w.upgrade(),
+        }
+    }
+
     /// The fill of `key` in progress, or completed and still held.
     pub fn find(&self, key: &K) -> Option<Arc<Flight>> {
         match self.shard(key).map.get(key)? {

@@ -1,5 +1,6 @@
 //! The chunk cache: object metadata and freshness, the memory tier, the disk tier.
 
+pub mod bans;
 pub mod disk;
 pub mod fill;
 pub mod flight;

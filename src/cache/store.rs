@@ -6,6 +6,7 @@
 //! copy and no syscall; the hit path takes no global lock and shares no single structure: the
 //! memory tier is split into independent moka caches by key hash, flights are sharded too.
 
+use super::bans::{Ban, BanList};
 use super::disk::DiskStore;
 use super::flight::{FlightMap, Joined};
 use super::held::ResponseBudget;
@@ -38,6 +39,10 @@ pub struct ChunkCache {
     /// `cache.metadata_capacity`.
     tables: ObjectTables,
     disk: Option<Arc<DiskStore>>,
+    /// Purges still to apply to objects only the disk tier holds (see `cache::bans`).
+    bans: Arc<BanList>,
+    /// Passes over the disk tier's metadata that applied bans.
+    ban_passes: std::sync::atomic::AtomicU64,
     pub flights: FlightMap<ChunkKey>,
     /// Chunk bytes that responses in flight hold (`cache.response_budget`).
     responses: Arc<ResponseBudget>,
@@ -83,6 +88,18 @@ impl VaryMarker {
     }
 }
 
+/// What a purge did (see [`ChunkCache::purge`]).
+#[derive(Clone)]
+pub enum PurgeOutcome {
+    /// Every object it names was handled: how many it purged (or made stale).
+    Done(u64),
+    /// Handled in memory, and on disk so far (`so_far` objects); the disk pass goes on in the
+    /// background (the objects named are not served meanwhile) and `ban` counts the rest.
+    Pending { so_far: u64, ban: Arc<Ban> },
+    /// Too many purges are pending for the disk tier: none was made.
+    Busy,
+}
+
 /// The staging budget of streamed fills is this share of the memory tier's capacity.
 const STAGE_SHARE: u64 = 4;
 
@@ -106,6 +123,10 @@ impl ChunkCache {
             )),
             None => None,
         };
+        let bans = Arc::new(
+            disk.as_ref()
+                .map_or_else(BanList::default, |d| BanList::load(d.dir())),
+        );
         let stage_capacity = (settings.memory_capacity / STAGE_SHARE)
             .min(tokio::sync::Semaphore::MAX_PERMITS as u64);
         Ok(ChunkCache {
@@ -114,6 +135,8 @@ impl ChunkCache {
             memory,
             tables: ObjectTables::new(settings.metadata_capacity),
             disk,
+            bans,
+            ban_passes: Default::default(),
             flights: FlightMap::new(64),
             responses: ResponseBudget::new(settings.response_budget),
             fill_slots: Arc::new(tokio::sync::Semaphore::new(settings.max_concurrent_fills)),
@@ -127,7 +150,7 @@ impl ChunkCache {
     // ---- metadata -------------------------------------------------------------------------
 
     /// The object's metadata: memory, else disk (promoted to memory).
-    pub async fn meta(&self, key: &ObjectKey) -> Option<Arc<ObjectMeta>> {
+    pub async fn meta(self: &Arc<Self>, key: &ObjectKey) -> Option<Arc<ObjectMeta>> {
         if let Some(m) = self.tables.meta(key) {
             return Some(m);
         }
@@ -139,6 +162,14 @@ impl ChunkCache {
             return None;
         };
         let meta = Arc::new(meta);
+        // A purge still to be applied to the disk tier may name it: never served then.
+        let bans = self.bans.pending();
+        let meta = if bans.is_empty() {
+            meta
+        } else {
+            self.start_ban_passes();
+            self.enforce_bans(&bans, key, meta).await?
+        };
         self.tables.insert_meta(key, meta.clone());
         Some(meta)
     }
@@ -199,72 +230,165 @@ impl ChunkCache {
         }
     }
 
-    /// Purge the objects `purge` names (see [`Purge`]), returning how many: every stored
-    /// object (each Vary variant is one) matched at this moment, found among the metadata in
-    /// memory and, on disk, by reading every object's metadata entry ([`DiskStore::scan_metas`])
-    /// so an object evicted from memory is found too. Each one is handled under its object
-    /// lock (after any discovery or revalidation in progress) and checked again first:
+    /// Purge the objects `purge` names (see [`Purge`]). Each one is handled under its object
+    /// lock (after any discovery or revalidation in progress):
     ///
     /// * hard: its metadata goes from memory, the whole object from disk, and its chunks from
     ///   memory, so the next request fetches it from the origin even if the origin still
     ///   has the same version (same ETag): a purge often follows wrong bytes behind a right
     ///   validator.
-    /// * soft: it is made stale now (kept, chunks too), so the next request revalidates it and
+    /// * soft: it is made stale (kept, chunks too), so the next request revalidates it and
     ///   stale-if-error (and stale-while-revalidate) can still serve it.
     ///
-    /// Cost: one pass over the metadata in memory and one small file read per object on disk;
-    /// nothing on the request path. While the disk index loads after a start, it waits for
-    /// the load first. Not atomic with fills: a fill whose origin answer was on
-    /// its way before the purge can store it after.
-    pub async fn purge(self: &Arc<Self>, purge: &Arc<Purge>) -> usize {
+    /// The objects whose metadata is in memory are handled now (one pass over the metadata
+    /// table). With a disk tier the purge is also a ban (see `cache::bans`): an object only
+    /// the disk holds is checked against it whenever its metadata is read, so it is never
+    /// served, and one background pass over the disk tier's metadata applies every ban pending
+    /// when it starts. The answer waits up to `wait` for that pass. Nothing is added to the
+    /// request path but the check of metadata read from disk while bans are pending. Not
+    /// atomic with fills: a fill whose origin answer was on its way before the purge can store
+    /// it after.
+    pub async fn purge(self: &Arc<Self>, purge: &Arc<Purge>, wait: Duration) -> PurgeOutcome {
+        let ban = match &self.disk {
+            Some(disk) => {
+                let Ok(ban) = self.bans.add(purge.clone(), SystemTime::now()) else {
+                    return PurgeOutcome::Busy;
+                };
+                self.save_bans(disk).await;
+                ban
+            }
+            None => Arc::new(Ban::unlisted(purge.clone(), SystemTime::now())),
+        };
         let mut keys = BTreeSet::new();
         self.tables.for_each_meta(|key, meta| {
-            if purge.matches(key.as_str(), meta) {
+            if ban.names(key.as_str(), meta) {
                 keys.insert(key.clone());
             }
         });
-        if let Some(disk) = &self.disk {
-            // The objects the index does not hold yet would escape the scan: a purge waits
-            // for the load (seconds from a snapshot; a scan of millions of files takes longer).
-            disk.loaded().await;
-            let p = purge.clone();
+        for key in keys {
+            let _lock = self.lock_object(&key).await;
+            if let Some(meta) = self.meta(&key).await {
+                // Checked again: replaced meanwhile by a version the purge does not name.
+                self.enforce_bans(std::slice::from_ref(&ban), &key, meta)
+                    .await;
+            }
+        }
+        if self.disk.is_none() {
+            return PurgeOutcome::Done(ban.applied());
+        }
+        self.start_ban_passes();
+        match tokio::time::timeout(wait, ban.retired()).await {
+            Ok(()) => PurgeOutcome::Done(ban.applied()),
+            Err(_) => PurgeOutcome::Pending {
+                so_far: ban.applied(),
+                ban,
+            },
+        }
+    }
+
+    /// Apply `bans` to an object's metadata just read: `None` if a hard one took it (the
+    /// object is gone), else the metadata to use (made stale by a soft one). Each ban counts
+    /// what it took; applying a ban twice changes nothing the second time.
+    async fn enforce_bans(
+        &self,
+        bans: &[Arc<Ban>],
+        key: &ObjectKey,
+        mut meta: Arc<ObjectMeta>,
+    ) -> Option<Arc<ObjectMeta>> {
+        for ban in bans {
+            if !ban.names(key.as_str(), &meta) {
+                continue;
+            }
+            if ban.purge.soft {
+                if meta.fresh_until > ban.at {
+                    meta = Arc::new(ObjectMeta {
+                        fresh_until: ban.at,
+                        ..(*meta).clone()
+                    });
+                    self.put_meta(key, meta.clone()).await;
+                    ban.count();
+                }
+            } else {
+                self.tables.remove_meta(key);
+                self.drop_memory_chunks(key, &meta);
+                if let Some(disk) = &self.disk {
+                    disk.remove_object(key.as_str()).await;
+                }
+                ban.count();
+                return None;
+            }
+        }
+        Some(meta)
+    }
+
+    /// Start the background passes that apply pending bans to the disk tier, unless they run.
+    fn start_ban_passes(self: &Arc<Self>) {
+        if self.disk.is_some() && self.bans.claim_pass() {
+            let cache = self.clone();
+            tokio::spawn(async move { cache.run_ban_passes().await });
+        }
+    }
+
+    /// The lurker: while bans are pending, one pass over the disk tier's metadata applies all
+    /// of those pending when it starts, then retires them (and forgets them on disk).
+    async fn run_ban_passes(self: Arc<Self>) {
+        let Some(disk) = self.disk.clone() else {
+            self.bans.release_pass();
+            return;
+        };
+        disk.loaded().await;
+        while let Some(batch) = self.bans.next_batch() {
+            let named = batch.clone();
             let found = disk
                 .scan_metas(move |entry, data| {
                     let key = entry.strip_suffix("\0meta")?;
                     let meta = ObjectMeta::decode(data)?;
-                    p.matches(key, &meta).then(|| ObjectKey(key.into()))
+                    named
+                        .iter()
+                        .any(|b| b.names(key, &meta))
+                        .then(|| ObjectKey(key.into()))
                 })
                 .await;
-            keys.extend(found);
-        }
-        let mut purged = 0;
-        for key in keys {
-            let _lock = self.lock_object(&key).await;
-            let Some(meta) = self.meta(&key).await else {
-                continue; // gone meanwhile
-            };
-            if !purge.matches(key.as_str(), &meta) {
-                continue; // replaced meanwhile by a version the purge does not name
-            }
-            if purge.soft {
-                let now = SystemTime::now();
-                if meta.fresh_until > now {
-                    let stale = ObjectMeta {
-                        fresh_until: now,
-                        ..(*meta).clone()
-                    };
-                    self.put_meta(&key, Arc::new(stale)).await;
-                }
-            } else {
-                self.tables.remove_meta(&key);
-                self.drop_memory_chunks(&key, &meta);
-                if let Some(disk) = &self.disk {
-                    disk.remove_object(key.as_str()).await;
+            for key in found {
+                let _lock = self.lock_object(&key).await;
+                // Read from disk, the metadata meets every pending ban; from memory (read
+                // from disk before the ban), it meets this batch here.
+                if let Some(meta) = self.meta(&key).await {
+                    self.enforce_bans(&batch, &key, meta).await;
                 }
             }
-            purged += 1;
+            self.bans.retire(&batch);
+            self.ban_passes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.save_bans(&disk).await;
+            log::info!(
+                "disk cache: {} purges applied to the disk tier ({} objects)",
+                batch.len(),
+                batch.iter().map(|b| b.applied()).sum::<u64>()
+            );
         }
-        purged
+    }
+
+    /// Keep the pending bans in the disk tier's directory (logged if that fails: they still
+    /// apply until this process ends).
+    async fn save_bans(&self, disk: &Arc<DiskStore>) {
+        let bans = self.bans.clone();
+        let dir = disk.dir().to_path_buf();
+        match tokio::task::spawn_blocking(move || bans.save(&dir)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => log::error!("disk cache: cannot keep the pending purges: {e}"),
+            Err(e) => log::error!("disk cache: cannot keep the pending purges: {e}"),
+        }
+    }
+
+    /// Passes over the disk tier that applied purges.
+    pub fn ban_passes(&self) -> u64 {
+        self.ban_passes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Purges pending for the disk tier, and the bytes they take.
+    pub fn pending_purges(&self) -> (usize, u64) {
+        (self.bans.len(), self.bans.bytes())
     }
 
     /// The key a request's response is stored under: the URL key itself, or, when that URL's
@@ -714,6 +838,151 @@ mod tests {
         Arc::new(Purge::from_query(Some(q)).unwrap())
     }
 
+    /// Purge `q` and wait for the disk tier's pass: how many objects it took.
+    async fn purged(cache: &Arc<ChunkCache>, q: &str) -> u64 {
+        match cache.purge(&purge(q), Duration::from_secs(30)).await {
+            PurgeOutcome::Done(n) => n,
+            PurgeOutcome::Pending { .. } => panic!("{q}: the pass did not end"),
+            PurgeOutcome::Busy => panic!("{q}: busy"),
+        }
+    }
+
+    /// Purge `q` while no pass can run (the test holds the claim): the ban is pending.
+    async fn banned(cache: &Arc<ChunkCache>, q: &str) -> Arc<Ban> {
+        match cache.purge(&purge(q), Duration::ZERO).await {
+            PurgeOutcome::Pending { ban, .. } => ban,
+            _ => panic!("{q}: not pending"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pending_ban_keeps_a_disk_only_object_from_being_served_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            ObjectKey("o|h|/v/a.ts".into()),
+            ObjectKey("o|h|/w/b.ts".into()),
+        );
+        {
+            let cache = cache_on_disk(dir.path());
+            store_object(&cache, &a, &tagged("\"a\"", "red")).await;
+            store_object(&cache, &b, &tagged("\"b\"", "blue")).await;
+        }
+        {
+            let cache = Arc::new(cache_on_disk(dir.path()));
+            // Nothing in memory: the purge's answer finds nothing yet, the ban is pending.
+            assert!(cache.bans.is_empty());
+            cache
+                .bans
+                .add(purge("tag=none"), SystemTime::now())
+                .unwrap();
+            assert!(cache.bans.claim_pass(), "the test holds the pass");
+            let ban = banned(&cache, "path=/v/&prefix=1").await;
+            assert_eq!(ban.applied(), 0, "a is only on disk");
+            assert!(dir
+                .path()
+                .join("cache")
+                .join(super::super::bans::FILE)
+                .exists());
+        }
+        // A restart: the ban is read back, and a lookup of a meets it before any pass.
+        let cache = Arc::new(cache_on_disk(dir.path()));
+        assert_eq!(cache.bans.len(), 2);
+        assert!(cache.bans.claim_pass(), "the test holds the pass");
+        assert!(cache.meta(&a).await.is_none(), "banned: never served");
+        assert!(cache.meta(&b).await.is_some(), "not named");
+        // Objects stored after the ban are not its business.
+        let fresh = tagged("\"a2\"", "red");
+        let mut later = (*fresh).clone();
+        later.stored_at = SystemTime::now() + Duration::from_secs(2);
+        store_object(&cache, &a, &Arc::new(later)).await;
+        cache.tables.remove_meta(&a);
+        assert!(cache.meta(&a).await.is_some(), "stored after the ban");
+        // The pass runs: every ban retires, the file goes.
+        cache.bans.release_pass();
+        cache.start_ban_passes();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !cache.bans.is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the pass did not end");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!dir
+            .path()
+            .join("cache")
+            .join(super::super::bans::FILE)
+            .exists());
+    }
+
+    #[tokio::test]
+    async fn purges_made_while_a_pass_runs_share_the_next_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys: Vec<ObjectKey> = (0..40)
+            .map(|i| ObjectKey(format!("o|h|/p/{i}").into()))
+            .collect();
+        {
+            let cache = cache_on_disk(dir.path());
+            for k in &keys {
+                store_object(&cache, k, &meta("\"v\"")).await;
+            }
+        }
+        let cache = Arc::new(cache_on_disk(dir.path()));
+        cache
+            .bans
+            .add(purge("tag=none"), SystemTime::now())
+            .unwrap();
+        assert!(cache.bans.claim_pass(), "the test holds the pass");
+        let bans: Vec<Arc<Ban>> = {
+            let mut v = Vec::new();
+            for i in 0..20 {
+                v.push(banned(&cache, &format!("path=/p/{i}")).await);
+            }
+            v
+        };
+        cache.bans.release_pass();
+        cache.start_ban_passes();
+        for b in &bans {
+            tokio::time::timeout(Duration::from_secs(10), b.retired())
+                .await
+                .expect("retired");
+            assert_eq!(b.applied(), 1);
+        }
+        assert_eq!(
+            cache.ban_passes(),
+            1,
+            "twenty purges, one pass over the disk"
+        );
+        for (i, k) in keys.iter().enumerate() {
+            assert_eq!(cache.meta(k).await.is_some(), i >= 20, "{k:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_ban_list_refuses_a_purge_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(cache_on_disk(dir.path()));
+        let a = ObjectKey("o|h|/v/a.ts".into());
+        store_object(&cache, &a, &meta("\"a\"")).await;
+        cache
+            .bans
+            .add(purge("tag=none"), SystemTime::now())
+            .unwrap();
+        assert!(cache.bans.claim_pass(), "the test holds the pass");
+        let long = format!("path=/{}&prefix=1", "x".repeat(60_000));
+        while cache.bans.add(purge(&long), SystemTime::now()).is_ok() {}
+        while cache
+            .bans
+            .add(purge("path=/v/a.ts"), SystemTime::now())
+            .is_ok()
+        {}
+        assert!(matches!(
+            cache.purge(&purge("path=/v/a.ts"), Duration::ZERO).await,
+            PurgeOutcome::Busy
+        ));
+        assert!(
+            cache.meta(&a).await.is_some(),
+            "a busy purge purges nothing"
+        );
+    }
+
     #[tokio::test]
     async fn hard_purge_drops_metadata_disk_object_and_memory_chunks() {
         let dir = tempfile::tempdir().unwrap();
@@ -724,7 +993,7 @@ mod tests {
         store_object(&cache, &a, &m).await;
         store_object(&cache, &b, &m).await;
         let b_bytes = cache.disk_used() / 2;
-        assert_eq!(cache.purge(&purge("path=/v/a.ts")).await, 1);
+        assert_eq!(purged(&cache, "path=/v/a.ts").await, 1);
         assert!(cache.meta(&a).await.is_none());
         let version = ObjectVersion::new(a.clone(), m.validator.as_str().into());
         for index in 0..3 {
@@ -734,7 +1003,7 @@ mod tests {
         let kept = ObjectVersion::new(b.clone(), m.validator.as_str().into());
         assert!(cache.memory_chunk(&kept.chunk(2)).is_some());
         assert!(cache.meta(&b).await.is_some());
-        assert_eq!(cache.purge(&purge("path=/v/a.ts")).await, 0, "nothing left");
+        assert_eq!(purged(&cache, "path=/v/a.ts").await, 0, "nothing left");
     }
 
     #[tokio::test]
@@ -756,7 +1025,7 @@ mod tests {
         assert!(cache.meta(&b).await.is_some(), "b in memory and on disk");
         let now = SystemTime::now();
 
-        assert_eq!(cache.purge(&purge("path=/v/&prefix=1&soft=1")).await, 2);
+        assert_eq!(purged(&cache, "path=/v/&prefix=1&soft=1").await, 2);
         for key in [&a, &b] {
             let m = cache.meta(key).await.expect("soft purge keeps the object");
             assert!(!m.is_fresh(SystemTime::now()), "{key:?} stale");
@@ -764,16 +1033,12 @@ mod tests {
         }
         assert!(cache.meta(&c).await.unwrap().is_fresh(SystemTime::now()));
 
-        assert_eq!(cache.purge(&purge("tag=VIDEO&host=h")).await, 2);
+        assert_eq!(purged(&cache, "tag=VIDEO&host=h").await, 2);
         assert!(cache.meta(&a).await.is_none());
         assert!(cache.meta(&b).await.is_none());
-        assert_eq!(cache.purge(&purge("tag=ep-1")).await, 0);
-        assert_eq!(
-            cache.purge(&purge("path=/w/c&host=h")).await,
-            0,
-            "other host"
-        );
-        assert_eq!(cache.purge(&purge("path=/w/c&host=H2")).await, 1);
+        assert_eq!(purged(&cache, "tag=ep-1").await, 0);
+        assert_eq!(purged(&cache, "path=/w/c&host=h").await, 0, "other host");
+        assert_eq!(purged(&cache, "path=/w/c&host=H2").await, 1);
         assert_eq!(cache.disk_used(), 0, "every file gone");
     }
 
@@ -781,7 +1046,7 @@ mod tests {
     async fn metadata_evicted_from_memory_is_found_on_disk() {
         let dir = tempfile::tempdir().unwrap();
         // 64 KiB of metadata table; 300 objects of about 1.5 KiB of metadata each.
-        let cache = cache_with_metadata(dir.path(), 64 << 10);
+        let cache = Arc::new(cache_with_metadata(dir.path(), 64 << 10));
         let keys: Vec<ObjectKey> = (0..300)
             .map(|i| ObjectKey(format!("o|h|/many/{i}/{}", "u".repeat(200)).into()))
             .collect();
@@ -817,7 +1082,7 @@ mod tests {
     #[tokio::test]
     async fn invalidate_and_forget_drop_the_whole_object_on_disk_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = cache_on_disk(dir.path());
+        let cache = Arc::new(cache_on_disk(dir.path()));
         let key = ObjectKey("o|h|/a".into());
         let other = ObjectKey("o|h|/b".into());
         let v1 = meta("\"v1\"");

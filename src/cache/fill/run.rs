@@ -196,7 +196,7 @@ pub fn chunk_in_hand(
     index: u64,
 ) -> Option<ChunkSource> {
     let id = version.chunk(index);
-    if let Some(f) = cache.flights.find(&id) {
+    if let Some(f) = cache.flights.join_existing(&id) {
         return Some(ChunkSource::Filling(f));
     }
     cache.memory_chunk(&id).map(ChunkSource::Ready)
