@@ -150,8 +150,22 @@ async fn forty_stalled_readers_stay_within_the_bound() {
 /// A client that sends a GET and then reads nothing: its response stalls once the socket
 /// buffers are full, holding the chunk it was writing from.
 async fn silent_reader(proxy: &Proxy, path: &str) -> tokio::net::TcpStream {
-    let addr = proxy.url("").trim_start_matches("http://").to_string();
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    silent_reader_from(proxy, path, 1).await
+}
+
+/// The same from the loopback address 127.0.0.`host`: another client, for the budget's shares.
+async fn silent_reader_from(proxy: &Proxy, path: &str, host: u8) -> tokio::net::TcpStream {
+    let addr: std::net::SocketAddr = proxy
+        .url("")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("proxy address");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(std::net::SocketAddr::from(([127, 0, 0, host], 0)))
+        .expect("bind");
+    let mut s = socket.connect(addr).await.expect("connect");
     let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
     s.write_all(req.as_bytes()).await.expect("send");
     s
@@ -194,9 +208,9 @@ fn budget_config(origin: &Origin) -> String {
     )
 }
 
-/// 150 clients ask for distinct objects and read nothing: only as many responses as the
-/// budget has room for hold a chunk (the others wait for it, holding none, once the socket
-/// buffers took what they could); the peak stays within the tier + the budget + a fixed part;
+/// 150 requests from 8 clients ask for distinct objects and read nothing: only as many
+/// responses as the budget has room for hold a chunk (the others wait for it, holding none,
+/// once the socket buffers took what they could); the peak stays within the tier + the budget + a fixed part;
 /// when the stalled clients leave, the waiting clients are served, exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_response_budget_bounds_what_stalled_readers_hold() {
@@ -205,7 +219,8 @@ async fn the_response_budget_bounds_what_stalled_readers_hold() {
     let size = 8 * MIB;
     let mut stalled = Vec::new();
     for i in 0..150 {
-        stalled.push(silent_reader(&proxy, &format!("/obj/{size}/silent-{i}")).await);
+        let path = format!("/obj/{size}/silent-{i}");
+        stalled.push(silent_reader_from(&proxy, &path, 1 + (i % 8) as u8).await);
     }
     // Readers beyond the budget wait for it (one wait each at least).
     let waits = stat_reaches(&proxy, "cache_response_budget_waits", 100).await;
@@ -233,7 +248,11 @@ async fn the_response_budget_bounds_what_stalled_readers_hold() {
             let url = proxy.url(&format!("/obj/{size}/patient-{i}"));
             let path = format!("/obj/{size}/patient-{i}");
             tokio::spawn(async move {
-                let body = common::client()
+                let client = reqwest::Client::builder()
+                    .local_address(std::net::IpAddr::from([127, 0, 0, 9]))
+                    .build()
+                    .expect("client");
+                let body = client
                     .get(url)
                     .send()
                     .await
@@ -268,6 +287,44 @@ async fn the_response_budget_bounds_what_stalled_readers_hold() {
         0,
         "every charge given back ({held})"
     );
+}
+
+/// One client (an address) that opens many slow responses holds at most its share of the
+/// budget (an eighth, at least two chunks): another client is served at once, every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_cannot_take_the_response_budget_from_the_others() {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start(&budget_config(&origin));
+    let size = 8 * MIB;
+    let mut greedy = Vec::new();
+    for i in 0..40 {
+        greedy.push(silent_reader(&proxy, &format!("/obj/{size}/greedy-{i}")).await);
+    }
+    stat_reaches(&proxy, "cache_response_budget_waits", 30).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = proxy.stats().await["cache_response_bytes"];
+    // Its share: two chunks of 1 MiB (an eighth of 8 MiB is less), with their bookkeeping.
+    assert!(
+        held <= 2 * (MIB + 256),
+        "one client's 40 stalled responses hold {held} bytes"
+    );
+    let path = format!("/obj/{size}/other-client");
+    let client = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("client");
+    let body = client
+        .get(proxy.url(&path))
+        .send()
+        .await
+        .expect("another client is answered")
+        .bytes()
+        .await
+        .expect("and gets its body while the greedy client stalls");
+    assert_eq!(body.len() as u64, size);
+    assert_eq!(crc32fast::hash(&body), content_crc(&path, 0, 0..size));
+    drop(greedy);
 }
 
 /// 100 clients of one hot object share its chunks: with room for 16 chunks in the budget,

@@ -18,6 +18,12 @@
 //! bounded by the tier plus `cache.response_budget` whatever the number of clients or how slow
 //! they read. A chunk both in the tier and held is counted in both (the bound errs high).
 //!
+//! One client cannot take the budget from the others: the chunks a client's responses charge
+//! are at most its share ([`ResponseBudget::new`]: an eighth of the budget, at least two
+//! chunks), so a client that opens many connections and reads them slowly (or not at all)
+//! waits on its own responses, not everyone else's. Clients are keyed as the shaper keys them
+//! (by address, IPv6 by prefix, or what `shaping.client_key` says).
+//!
 //! The holders of a chunk are found by its allocation's address: a holder keeps the allocation
 //! alive (its [`Anchor`]), so an address cannot be reused while it is registered.
 
@@ -51,14 +57,90 @@ impl Anchor {
     }
 }
 
+/// Who asks, for the shares: a digest of the client's key ([`ResponseBudget::tag`]); 0 for
+/// none (no share applies).
+pub type ClientTag = u64;
+
 struct Entry {
     holders: u64,
-    _charge: OwnedSemaphorePermit,
+    _charge: Charge,
+}
+
+/// Bytes taken from a client's share and from the budget, given back together on drop.
+struct Charge {
+    _share: Option<SharePermit>,
+    _global: OwnedSemaphorePermit,
+}
+
+/// The clients' shares of the budget: a semaphore of `share` bytes per client, kept while any
+/// of its responses holds or waits for part of it (so the table holds at most the clients
+/// with a response holding or waiting for a chunk).
+struct Shares {
+    share: u64,
+    shards: Vec<Mutex<HashMap<ClientTag, Arc<Semaphore>>>>,
+}
+
+impl Shares {
+    fn shard(
+        &self,
+        client: ClientTag,
+    ) -> std::sync::MutexGuard<'_, HashMap<ClientTag, Arc<Semaphore>>> {
+        // A poisoned shard only means a panic elsewhere mid-update; the table is still whole.
+        self.shards[(client % SHARDS as u64) as usize]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The client's semaphore (made if it has none); the clone counts as a use.
+    fn of(&self, client: ClientTag) -> Arc<Semaphore> {
+        self.shard(client)
+            .entry(client)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.share as usize)))
+            .clone()
+    }
+
+    /// Drop a use of the client's semaphore (a clone, or a permit, which holds one) and
+    /// forget the semaphore once the table's reference is the last.
+    fn release<T>(&self, client: ClientTag, used: T) {
+        let mut shard = self.shard(client);
+        drop(used);
+        if shard
+            .get(&client)
+            .is_some_and(|s| Arc::strong_count(s) == 1)
+        {
+            shard.remove(&client);
+        }
+    }
+
+    /// Clients with a share in use.
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
+    }
+}
+
+/// Bytes of a client's share, given back on drop (and the share forgotten if unused).
+struct SharePermit {
+    shares: Arc<Shares>,
+    client: ClientTag,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for SharePermit {
+    fn drop(&mut self) {
+        self.shares.release(self.client, self.permit.take());
+    }
 }
 
 /// The budget of chunk bytes held by responses (see the module doc).
 pub struct ResponseBudget {
     limit: u64,
+    /// What each client's responses may charge at most.
+    shares: Arc<Shares>,
+    /// Keys client tags (random per process: a client cannot aim its tag at another's).
+    tags: std::collections::hash_map::RandomState,
     /// Free bytes (one permit a byte).
     free: Arc<Semaphore>,
     shards: Vec<Mutex<HashMap<usize, Entry>>>,
@@ -72,14 +154,22 @@ pub struct ResponseBudget {
 const SHARDS: usize = 64;
 
 /// Bytes waited for, given to a chunk by [`ResponseBudget::hold_reserved`].
-pub struct Reservation(OwnedSemaphorePermit);
+pub struct Reservation(Charge);
 
 impl ResponseBudget {
-    /// A budget of `limit` bytes (at most what a semaphore counts).
-    pub fn new(limit: u64) -> Arc<ResponseBudget> {
+    /// A budget of `limit` bytes (at most what a semaphore counts), of which one client takes
+    /// at most an eighth, or two chunks of `chunk_size` if that is more (all of it at most).
+    pub fn new(limit: u64, chunk_size: u64) -> Arc<ResponseBudget> {
         let limit = limit.min(Semaphore::MAX_PERMITS as u64);
+        let two_chunks = chunk_size.saturating_add(HOLD_OVERHEAD).saturating_mul(2);
+        let share = (limit / 8).max(two_chunks).min(limit);
         Arc::new(ResponseBudget {
             limit,
+            shares: Arc::new(Shares {
+                share,
+                shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            }),
+            tags: Default::default(),
             free: Arc::new(Semaphore::new(limit as usize)),
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             waits: AtomicU64::new(0),
@@ -91,7 +181,18 @@ impl ResponseBudget {
         self.limit
     }
 
-    /// Bytes charged now.
+    /// The most one client's responses may charge.
+    pub fn client_share(&self) -> u64 {
+        self.shares.share
+    }
+
+    /// The tag of a client key (never 0).
+    pub fn tag(&self, client: &impl std::hash::Hash) -> ClientTag {
+        use std::hash::BuildHasher;
+        self.tags.hash_one(client) | 1
+    }
+
+    /// Bytes charged now (with what waiters have been given of their charge so far).
     pub fn held_bytes(&self) -> u64 {
         self.limit
             .saturating_sub(self.free.available_permits() as u64)
@@ -100,6 +201,11 @@ impl ResponseBudget {
     /// How many times a response waited for the budget.
     pub fn waits(&self) -> u64 {
         self.waits.load(Ordering::Relaxed)
+    }
+
+    /// Clients with a share in use.
+    pub fn clients(&self) -> usize {
+        self.shares.len()
     }
 
     /// What a chunk of `len` bytes is charged, in permits (never more than the whole budget,
@@ -117,16 +223,38 @@ impl ResponseBudget {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Hold `anchor` (a chunk of `len` bytes): joins its holders if it is charged already,
-    /// else charges it if the budget has room now. `Err` gives the anchor back when the
-    /// budget is spent: let go of every chunk in hand, then [`ResponseBudget::reserve`].
-    pub fn try_hold(self: &Arc<Self>, anchor: Anchor, len: u64) -> Result<Held, Anchor> {
+    /// Take `charge` bytes of the client's share: now (`wait` false) or once they are free.
+    async fn take_share(&self, client: ClientTag, charge: u32, wait: bool) -> Option<SharePermit> {
+        let sem = self.shares.of(client);
+        let n = u64::from(charge).min(self.shares.share) as u32;
+        let permit = if wait {
+            sem.clone().acquire_many_owned(n).await.ok()
+        } else {
+            sem.clone().try_acquire_many_owned(n).ok()
+        };
+        self.shares.release(client, sem);
+        Some(SharePermit {
+            shares: self.shares.clone(),
+            client,
+            permit: Some(permit?),
+        })
+    }
+
+    /// Hold `anchor` (a chunk of `len` bytes) for `client`: joins its holders if it is charged
+    /// already, else charges it if the budget and the client's share have room now. `Err`
+    /// gives the anchor back: let go of every chunk in hand, then [`ResponseBudget::reserve`].
+    pub fn try_hold(
+        self: &Arc<Self>,
+        anchor: Anchor,
+        len: u64,
+        client: ClientTag,
+    ) -> Result<Held, Anchor> {
         let id = anchor.id();
         let mut shard = self.shard(id);
         if let Some(e) = shard.get_mut(&id) {
             e.holders += 1;
         } else {
-            let Some(Reservation(charge)) = self.try_reserve(len) else {
+            let Some(Reservation(charge)) = self.try_reserve(len, client) else {
                 return Err(anchor);
             };
             shard.insert(
@@ -145,31 +273,44 @@ impl ResponseBudget {
         })
     }
 
-    /// Room for a chunk of `len` bytes if there is some now (see [`ResponseBudget::reserve`]).
-    pub fn try_reserve(&self, len: u64) -> Option<Reservation> {
+    /// Room for a chunk of `len` bytes if there is some now, in the client's share and in the
+    /// budget (see [`ResponseBudget::reserve`]).
+    pub fn try_reserve(&self, len: u64, client: ClientTag) -> Option<Reservation> {
         if self.waiting.load(Ordering::Acquire) > 0 {
             return None;
         }
-        self.free
-            .clone()
-            .try_acquire_many_owned(self.charge(len))
-            .ok()
-            .map(Reservation)
+        let charge = self.charge(len);
+        let share = match client {
+            0 => None,
+            // Not waiting: ready at its first poll.
+            c => Some(futures::FutureExt::now_or_never(
+                self.take_share(c, charge, false),
+            )??),
+        };
+        let global = self.free.clone().try_acquire_many_owned(charge).ok()?;
+        Some(Reservation(Charge {
+            _share: share,
+            _global: global,
+        }))
     }
 
     /// Wait until a chunk of `len` bytes fits, holding nothing meanwhile (first come, first
-    /// served). Cancel-safe: dropping the future gives nothing and takes nothing. `None`
-    /// only if the budget were closed (it never is).
-    pub async fn reserve(&self, len: u64) -> Option<Reservation> {
+    /// served): the client's share first (its own responses give it back as its client reads
+    /// them), then the budget. Cancel-safe: dropping the future gives back what it took.
+    /// `None` only if the budget were closed (it never is).
+    pub async fn reserve(&self, len: u64, client: ClientTag) -> Option<Reservation> {
         self.waits.fetch_add(1, Ordering::Relaxed);
-        let _waiting = Waiting::new(&self.waiting);
         let charge = self.charge(len);
-        self.free
-            .clone()
-            .acquire_many_owned(charge)
-            .await
-            .ok()
-            .map(Reservation)
+        let share = match client {
+            0 => None,
+            c => Some(self.take_share(c, charge, true).await?),
+        };
+        let _waiting = Waiting::new(&self.waiting);
+        let global = self.free.clone().acquire_many_owned(charge).await.ok()?;
+        Some(Reservation(Charge {
+            _share: share,
+            _global: global,
+        }))
     }
 
     /// Hold `anchor` with bytes reserved for it; if it is charged already (another response
@@ -177,8 +318,11 @@ impl ResponseBudget {
     pub fn hold_reserved(self: &Arc<Self>, anchor: Anchor, reserved: Reservation) -> Held {
         let id = anchor.id();
         let mut shard = self.shard(id);
-        match shard.get_mut(&id) {
-            Some(e) => e.holders += 1,
+        let unused = match shard.get_mut(&id) {
+            Some(e) => {
+                e.holders += 1;
+                Some(reserved)
+            }
             None => {
                 shard.insert(
                     id,
@@ -187,9 +331,12 @@ impl ResponseBudget {
                         _charge: reserved.0,
                     },
                 );
+                None
             }
-        }
+        };
         drop(shard);
+        // Given back outside the lock.
+        drop(unused);
         Held {
             budget: self.clone(),
             id,
@@ -225,12 +372,15 @@ pub struct Held {
 impl Drop for Held {
     fn drop(&mut self) {
         let mut shard = self.budget.shard(self.id);
-        if let Some(e) = shard.get_mut(&self.id) {
-            e.holders -= 1;
-            if e.holders == 0 {
-                // Gives the charge back (the entry's permit) before the anchor goes.
-                shard.remove(&self.id);
-            }
+        let Some(e) = shard.get_mut(&self.id) else {
+            return;
+        };
+        e.holders -= 1;
+        if e.holders == 0 {
+            // The charge goes back (before the anchor goes), outside the shard's lock.
+            let entry = shard.remove(&self.id);
+            drop(shard);
+            drop(entry);
         }
     }
 }
@@ -246,10 +396,10 @@ mod tests {
 
     #[test]
     fn a_chunk_is_charged_once_however_many_hold_it() {
-        let b = ResponseBudget::new(10_000);
+        let b = ResponseBudget::new(10_000, 0);
         let a = chunk(1000);
         let h: Vec<Held> = (0..100)
-            .map(|_| b.try_hold(a.clone(), 1000).ok().unwrap())
+            .map(|_| b.try_hold(a.clone(), 1000, 0).ok().unwrap())
             .collect();
         assert_eq!(b.held_bytes(), 1000 + HOLD_OVERHEAD);
         drop(h);
@@ -258,11 +408,14 @@ mod tests {
 
     #[test]
     fn slices_of_one_chunk_are_one_chunk_and_distinct_chunks_are_charged_each() {
-        let b = ResponseBudget::new(10_000);
+        let b = ResponseBudget::new(10_000, 0);
         let bytes = Bytes::from(vec![1u8; 1000]);
-        let h1 = b.try_hold(Anchor::Chunk(bytes.clone()), 1000).ok().unwrap();
-        let h2 = b.try_hold(Anchor::Chunk(bytes), 1000).ok().unwrap();
-        let h3 = b.try_hold(chunk(1000), 1000).ok().unwrap();
+        let h1 = b
+            .try_hold(Anchor::Chunk(bytes.clone()), 1000, 0)
+            .ok()
+            .unwrap();
+        let h2 = b.try_hold(Anchor::Chunk(bytes), 1000, 0).ok().unwrap();
+        let h3 = b.try_hold(chunk(1000), 1000, 0).ok().unwrap();
         assert_eq!(b.held_bytes(), 2 * (1000 + HOLD_OVERHEAD));
         drop(h1);
         assert_eq!(b.held_bytes(), 2 * (1000 + HOLD_OVERHEAD));
@@ -274,19 +427,19 @@ mod tests {
 
     #[test]
     fn a_spent_budget_refuses_a_new_chunk_but_not_a_held_one() {
-        let b = ResponseBudget::new(2 * (1000 + HOLD_OVERHEAD));
+        let b = ResponseBudget::new(2 * (1000 + HOLD_OVERHEAD), 0);
         let (x, y) = (chunk(1000), chunk(1000));
-        let _hx = b.try_hold(x.clone(), 1000).ok().unwrap();
-        let _hy = b.try_hold(y, 1000).ok().unwrap();
-        assert!(b.try_hold(chunk(1000), 1000).is_err());
+        let _hx = b.try_hold(x.clone(), 1000, 0).ok().unwrap();
+        let _hy = b.try_hold(y, 1000, 0).ok().unwrap();
+        assert!(b.try_hold(chunk(1000), 1000, 0).is_err());
         // Joining a chunk already charged costs nothing.
-        assert!(b.try_hold(x, 1000).is_ok());
+        assert!(b.try_hold(x, 1000, 0).is_ok());
     }
 
     #[test]
     fn an_oversized_chunk_takes_the_whole_budget_and_is_still_served() {
-        let b = ResponseBudget::new(500);
-        let h = b.try_hold(chunk(1000), 1000).ok().unwrap();
+        let b = ResponseBudget::new(500, 0);
+        let h = b.try_hold(chunk(1000), 1000, 0).ok().unwrap();
         assert_eq!(b.held_bytes(), 500);
         drop(h);
         assert_eq!(b.held_bytes(), 0);
@@ -294,12 +447,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiter_gets_the_budget_when_a_holder_lets_go_and_joins_a_chunk_charged_meanwhile() {
-        let b = ResponseBudget::new(1000 + HOLD_OVERHEAD);
-        let first = b.try_hold(chunk(1000), 1000).ok().unwrap();
+        let b = ResponseBudget::new(1000 + HOLD_OVERHEAD, 0);
+        let first = b.try_hold(chunk(1000), 1000, 0).ok().unwrap();
         let waiter = {
             let b = b.clone();
             tokio::spawn(async move {
-                let r = b.reserve(1000).await.unwrap();
+                let r = b.reserve(1000, 0).await.unwrap();
                 b.hold_reserved(chunk(1000), r)
             })
         };
@@ -315,8 +468,8 @@ mod tests {
         // A reservation for a chunk someone already holds is given back.
         let shared = chunk(10);
         drop(held);
-        let h1 = b.try_hold(shared.clone(), 10).ok().unwrap();
-        let r = b.reserve(10).await.unwrap();
+        let h1 = b.try_hold(shared.clone(), 10, 0).ok().unwrap();
+        let r = b.reserve(10, 0).await.unwrap();
         let h2 = b.hold_reserved(shared, r);
         assert_eq!(b.held_bytes(), 10 + HOLD_OVERHEAD);
         drop((h1, h2));
@@ -325,39 +478,101 @@ mod tests {
 
     #[tokio::test]
     async fn nobody_jumps_the_queue_but_a_chunk_already_held_is_joined() {
-        let b = ResponseBudget::new(2 * (1000 + HOLD_OVERHEAD));
+        let b = ResponseBudget::new(2 * (1000 + HOLD_OVERHEAD), 0);
         let shared = chunk(1000);
-        let first = b.try_hold(shared.clone(), 1000).ok().unwrap();
-        let second = b.try_hold(chunk(1000), 1000).ok().unwrap();
+        let first = b.try_hold(shared.clone(), 1000, 0).ok().unwrap();
+        let second = b.try_hold(chunk(1000), 1000, 0).ok().unwrap();
         // A waiter for a large chunk queues; the space freed is smaller than it needs.
         let big = {
             let b = b.clone();
-            tokio::spawn(async move { b.reserve(2000).await.map(|_| ()) })
+            tokio::spawn(async move { b.reserve(2000, 0).await.map(|_| ()) })
         };
         while b.waiting.load(Ordering::Acquire) == 0 {
             tokio::task::yield_now().await;
         }
         drop(second);
         assert!(
-            b.try_reserve(1000).is_none(),
+            b.try_reserve(1000, 0).is_none(),
             "a small chunk must not jump the queue"
         );
-        assert!(b.try_hold(chunk(1000), 1000).is_err());
-        assert!(b.try_hold(shared, 1000).is_ok(), "joining costs nothing");
+        assert!(b.try_hold(chunk(1000), 1000, 0).is_err());
+        assert!(b.try_hold(shared, 1000, 0).is_ok(), "joining costs nothing");
         drop(first);
         big.await.unwrap().unwrap();
     }
 
     #[tokio::test]
+    async fn one_client_takes_at_most_its_share_and_others_still_get_room() {
+        // A share of an eighth: 4 chunks of 1,000 bytes here.
+        let b = ResponseBudget::new(32 * (1000 + HOLD_OVERHEAD), 1000);
+        assert_eq!(b.client_share(), 4 * (1000 + HOLD_OVERHEAD));
+        let (greedy, other) = (b.tag(&"10.0.0.1"), b.tag(&"10.0.0.2"));
+        assert_ne!(greedy, other);
+        let mut held: Vec<Held> = (0..4)
+            .map(|_| b.try_hold(chunk(1000), 1000, greedy).ok().unwrap())
+            .collect();
+        assert!(
+            b.try_hold(chunk(1000), 1000, greedy).is_err(),
+            "over its share"
+        );
+        assert!(b.try_reserve(1000, greedy).is_none());
+        // Its fifth response waits on its own share, not on the others.
+        let fifth = {
+            let b = b.clone();
+            tokio::spawn(async move { b.reserve(1000, greedy).await.map(|_| ()) })
+        };
+        tokio::task::yield_now().await;
+        assert!(!fifth.is_finished());
+        let mine = b.try_hold(chunk(1000), 1000, other);
+        assert!(mine.is_ok(), "another client is not held up by it");
+        // One of its chunks let go: its waiting response goes first.
+        drop(held.pop());
+        fifth.await.unwrap().unwrap();
+        // A chunk the greedy client holds is joined for free by anyone.
+        let shared = chunk(10);
+        let s1 = b.try_hold(shared.clone(), 10, greedy).ok().unwrap();
+        let before = b.held_bytes();
+        let s2 = b.try_hold(shared, 10, other).ok().unwrap();
+        assert_eq!(b.held_bytes(), before);
+        drop(held);
+        drop((s1, s2, mine));
+        assert_eq!(b.held_bytes(), 0);
+        assert_eq!(b.clients(), 0, "shares nobody uses are forgotten");
+    }
+
+    #[tokio::test]
+    async fn a_share_waited_for_and_given_up_is_forgotten() {
+        let b = ResponseBudget::new(8 * (1000 + HOLD_OVERHEAD), 1000);
+        let c = b.tag(&"2001:db8::/64");
+        let h: Vec<Held> = (0..2)
+            .map(|_| b.try_hold(chunk(1000), 1000, c).ok().unwrap())
+            .collect();
+        let wait = tokio::time::timeout(std::time::Duration::from_millis(10), b.reserve(1000, c));
+        assert!(wait.await.is_err(), "its share is spent");
+        assert_eq!(b.clients(), 1);
+        drop(h);
+        assert_eq!(b.clients(), 0);
+        let r = b.try_reserve(1000, c).unwrap();
+        assert_eq!(b.clients(), 1);
+        drop(r);
+        assert_eq!(
+            b.clients(),
+            0,
+            "a reservation dropped unused gives its share back"
+        );
+        assert_eq!(b.held_bytes(), 0);
+    }
+
+    #[tokio::test]
     async fn a_cancelled_wait_takes_nothing() {
-        let b = ResponseBudget::new(1000 + HOLD_OVERHEAD);
-        let held = b.try_hold(chunk(1000), 1000).ok().unwrap();
-        let wait = tokio::time::timeout(std::time::Duration::from_millis(10), b.reserve(1000));
+        let b = ResponseBudget::new(1000 + HOLD_OVERHEAD, 0);
+        let held = b.try_hold(chunk(1000), 1000, 0).ok().unwrap();
+        let wait = tokio::time::timeout(std::time::Duration::from_millis(10), b.reserve(1000, 0));
         assert!(wait.await.is_err());
         assert_eq!(b.waiting.load(Ordering::Acquire), 0);
         drop(held);
         assert_eq!(b.held_bytes(), 0);
-        assert!(b.try_hold(chunk(1000), 1000).is_ok());
+        assert!(b.try_hold(chunk(1000), 1000, 0).is_ok());
     }
 
     proptest! {
@@ -368,12 +583,12 @@ mod tests {
             ops in proptest::collection::vec((0usize..6, any::<bool>()), 1..200)
         ) {
             let limit = 3 * (100 + HOLD_OVERHEAD);
-            let b = ResponseBudget::new(limit);
+            let b = ResponseBudget::new(limit, 0);
             let chunks: Vec<Anchor> = (0..6).map(|_| chunk(100)).collect();
             let mut holds: Vec<Vec<Held>> = (0..6).map(|_| Vec::new()).collect();
             for (i, take) in ops {
                 if take {
-                    match b.try_hold(chunks[i].clone(), 100) {
+                    match b.try_hold(chunks[i].clone(), 100, 0) {
                         Ok(h) => holds[i].push(h),
                         Err(_) => {
                             let distinct = holds.iter().filter(|h| !h.is_empty()).count() as u64;

@@ -138,7 +138,7 @@ impl ChunkCache {
             bans,
             ban_passes: Default::default(),
             flights: FlightMap::new(64),
-            responses: ResponseBudget::new(settings.response_budget),
+            responses: ResponseBudget::new(settings.response_budget, settings.chunk_size),
             fill_slots: Arc::new(tokio::sync::Semaphore::new(settings.max_concurrent_fills)),
             stage: Arc::new(tokio::sync::Semaphore::new(stage_capacity as usize)),
             stage_capacity,

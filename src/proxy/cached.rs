@@ -29,7 +29,7 @@ use crate::cache::fill::{
 };
 use crate::cache::flight::{FillError, FlightReader};
 use crate::cache::freshness;
-use crate::cache::held::{Anchor, Held};
+use crate::cache::held::{Anchor, ClientTag, Held};
 use crate::cache::key::{ObjectKey, ObjectVersion};
 use crate::cache::meta::ObjectMeta;
 use crate::cache::store::ChunkCache;
@@ -891,7 +891,11 @@ impl CacheLayer {
         }
 
         // Hold the header until the first byte is in hand: an origin failure now is a clean 5xx.
-        let mut body = BodyPlan::new(parts);
+        let client = self
+            .cache
+            .response_budget()
+            .tag(&super::client_of(session, ctx));
+        let mut body = BodyPlan::new(parts, client);
         let first =
             match unless_client_left(session, body.next_piece(self, obj, origin, &meta, &version))
                 .await?
@@ -1166,11 +1170,14 @@ struct BodyPlan {
     /// This response's hold on the chunk it writes from, within `cache.response_budget`
     /// (see `cache::held`).
     held: Option<Held>,
+    /// Whose share of the budget it takes.
+    client: ClientTag,
 }
 
 impl BodyPlan {
-    fn new(parts: Vec<(Bytes, ByteRange)>) -> BodyPlan {
+    fn new(parts: Vec<(Bytes, ByteRange)>, client: ClientTag) -> BodyPlan {
         BodyPlan {
+            client,
             parts,
             next_part: 0,
             spans: Vec::new(),
@@ -1209,8 +1216,11 @@ impl BodyPlan {
                 let len = fill::chunk_len(cache, meta, span.index);
                 // A chunk at hand (filling, or in the memory tier) is held if another response
                 // holds it already (free) or the budget has room.
-                let at_hand = fill::chunk_in_hand(cache, version, span.index)
-                    .map(|src| budget.try_hold(anchor(&src), len).map(|held| (held, src)));
+                let at_hand = fill::chunk_in_hand(cache, version, span.index).map(|src| {
+                    budget
+                        .try_hold(anchor(&src), len, self.client)
+                        .map(|held| (held, src))
+                });
                 let src = match at_hand {
                     Some(Ok((held, src))) => {
                         self.held = Some(held);
@@ -1221,11 +1231,11 @@ impl BodyPlan {
                         // cannot hold. Waiting, it lets go of every chunk in hand (it holds
                         // no memory), and takes its turn.
                         drop(refused);
-                        let room = match budget.try_reserve(len) {
+                        let room = match budget.try_reserve(len, self.client) {
                             Some(room) => room,
                             None => {
                                 drop(_previous.take());
-                                match budget.reserve(len).await {
+                                match budget.reserve(len, self.client).await {
                                     Some(room) => room,
                                     None => return Err(FillError::Abandoned),
                                 }

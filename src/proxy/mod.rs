@@ -398,6 +398,25 @@ fn charge(sel: Selected, e: &Error, request_body_done: bool, request_id: &str) {
 }
 
 /// The client's IP address; `None` when it has none (a Unix-socket client).
+/// Who the client of this request is, as the shaper would key it (by address, IPv6 by a /64,
+/// when no `shaping` section says otherwise): the response budget's shares are per client.
+pub(crate) fn client_of(
+    session: &Session,
+    ctx: &RequestCtx,
+) -> crate::shaping::identity::ClientKey {
+    use crate::shaping::identity::KeySource;
+    let (source, prefix) = match ctx.runtime.config.shaping.as_deref() {
+        Some(s) => (&s.client_key, s.ipv6_prefix),
+        None => (&KeySource::RemoteAddr, 64),
+    };
+    client_key(
+        source,
+        prefix,
+        client_addr(session),
+        &session.req_header().headers,
+    )
+}
+
 fn client_addr(session: &Session) -> Option<std::net::IpAddr> {
     session
         .client_addr()
