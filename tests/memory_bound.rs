@@ -343,9 +343,10 @@ async fn readers_of_one_hot_object_share_the_charge_of_its_chunks() {
         .read_exact(&mut head)
         .await
         .expect("first reader's response");
+    // A hundred clients: a hundred addresses (one client's share would hold two chunks).
     let mut crowd = Vec::new();
-    for _ in 0..100 {
-        crowd.push(silent_reader(&proxy, &path).await);
+    for i in 0..100u8 {
+        crowd.push(silent_reader_from(&proxy, &path, 10 + i).await);
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let mut begun = 0;
