@@ -23,9 +23,12 @@ use std::sync::Arc;
 impl AdminApp {
     /// 200 once the node serves everything it holds; 503 while the disk index loads (the node
     /// serves meanwhile, but misses what it has not indexed yet: a load balancer may prefer a
-    /// ready peer).
+    /// ready peer) and from a graceful shutdown's start (`server.drain_delay` before the
+    /// listeners close), so that a load balancer takes the node out first.
     fn readyz(&self) -> Response<Vec<u8>> {
-        if self.cache.disk_index_loading() {
+        if self.draining.load(Ordering::Acquire) {
+            text(503, "shutting down\n")
+        } else if self.cache.disk_index_loading() {
             text(
                 503,
                 &format!(
@@ -165,6 +168,8 @@ pub struct AdminApp {
     pub reload: Option<ReloadHandle>,
     /// The registry `GET /metrics` renders.
     pub metrics: Arc<Metrics>,
+    /// Set at a graceful shutdown (SIGTERM), before the listeners close: `/readyz` is 503.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn load(v: &AtomicU64) -> f64 {

@@ -18,10 +18,13 @@ use arc_swap::ArcSwap;
 use pingora_core::listeners::Listeners;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::Server;
-use pingora_core::server::ShutdownWatch;
+use pingora_core::server::{
+    ShutdownSignal, ShutdownSignalWatch, ShutdownWatch, UnixShutdownSignalWatch,
+};
 use pingora_core::services::background::{background_service, BackgroundService};
 use pingora_core::services::listening::Service;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -56,6 +59,9 @@ pub fn server_conf(config: &Config, run: RunOptions) -> ServerConf {
 pub struct Node {
     server: Server,
     cache: Arc<ChunkCache>,
+    /// Shown by `/readyz` from a graceful shutdown's start.
+    draining: Arc<AtomicBool>,
+    drain_delay: Duration,
 }
 
 impl Node {
@@ -65,7 +71,12 @@ impl Node {
     /// runtimes are down, and a task cannot do this: the runtimes are shut down right after
     /// the grace period, cancelling whatever still awaits.
     pub fn run_forever(self) -> ! {
-        self.server.run(pingora_core::server::RunArgs::default());
+        self.server.run(pingora_core::server::RunArgs {
+            shutdown_signal: Box::new(DrainFirst {
+                draining: self.draining.clone(),
+                delay: self.drain_delay,
+            }),
+        });
         match self.cache.save_disk_index() {
             Ok(()) => {}
             Err(e) => log::warn!(
@@ -73,6 +84,46 @@ impl Node {
             ),
         }
         std::process::exit(0)
+    }
+}
+
+/// Pingora's signals (SIGTERM graceful, SIGQUIT upgrade, SIGINT fast), with a drain first: on
+/// SIGTERM the node turns not ready (`/readyz` 503) and keeps accepting and serving for
+/// `server.drain_delay`, so that load balancers take it out before its listeners close (a
+/// SIGINT meanwhile ends the wait).
+struct DrainFirst {
+    draining: Arc<AtomicBool>,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl ShutdownSignalWatch for DrainFirst {
+    async fn recv(&self) -> ShutdownSignal {
+        let signal = UnixShutdownSignalWatch.recv().await;
+        if !matches!(signal, ShutdownSignal::GracefulTerminate) {
+            return signal;
+        }
+        self.draining.store(true, Ordering::Release);
+        if self.delay.is_zero() {
+            return signal;
+        }
+        log::info!(
+            "SIGTERM: not ready (/readyz 503), still serving for server.drain_delay {:?}",
+            self.delay
+        );
+        let fast = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+        match fast {
+            Ok(mut fast) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(self.delay) => signal,
+                    _ = fast.recv() => ShutdownSignal::FastShutdown,
+                }
+            }
+            Err(_) => {
+                tokio::time::sleep(self.delay).await;
+                signal
+            }
+        }
     }
 }
 
@@ -105,6 +156,7 @@ pub fn build(
     let cache =
         Arc::new(ChunkCache::new(&config.cache).map_err(|e| format!("opening the cache: {e}"))?);
     let snapshot_cache = cache.clone();
+    let draining = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(Metrics::new());
     let tls = Arc::new(tls);
     tls.warn_expiring();
@@ -200,6 +252,7 @@ pub fn build(
             current,
             reload: Some(reload_handle),
             metrics,
+            draining: draining.clone(),
         };
         app.register_figures();
         let front = Front::with_table(app, connections, admin_table);
@@ -212,6 +265,8 @@ pub fn build(
     Ok(Node {
         server,
         cache: snapshot_cache,
+        draining,
+        drain_delay: config.server.drain_delay,
     })
 }
 

@@ -35,6 +35,7 @@ pub fn apply(old: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     differ(o.user != n.user, "server.user");
     differ(o.group != n.group, "server.group");
     differ(o.grace_period != n.grace_period, "server.grace_period");
+    differ(o.drain_delay != n.drain_delay, "server.drain_delay");
     differ(
         o.graceful_shutdown_timeout != n.graceful_shutdown_timeout,
         "server.graceful_shutdown_timeout",

@@ -90,6 +90,9 @@ pub struct ServerSettings {
     pub user: Option<String>,
     pub group: Option<String>,
     pub grace_period: Duration,
+    /// On SIGTERM, how long `/readyz` answers 503 while the listeners still accept and serve,
+    /// before they close and `grace_period` starts: a load balancer takes the node out first.
+    pub drain_delay: Duration,
     pub graceful_shutdown_timeout: Duration,
     pub upstream_keepalive_pool_size: usize,
     pub access_log: bool,
@@ -665,6 +668,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             .grace_period
             .map(|d| d.0)
             .unwrap_or(Duration::from_secs(0)),
+        drain_delay: s.drain_delay.map(|d| d.0).unwrap_or(Duration::ZERO),
         graceful_shutdown_timeout: s
             .graceful_shutdown_timeout
             .map(|d| d.0)

@@ -72,6 +72,7 @@ pub struct RawServer {
     pub user: Option<String>,
     pub group: Option<String>,
     pub grace_period: Option<Dur>,
+    pub drain_delay: Option<Dur>,
     pub graceful_shutdown_timeout: Option<Dur>,
     pub upstream_keepalive_pool_size: Option<usize>,
     pub access_log: Option<bool>,
