@@ -19,6 +19,7 @@
 //! second of a ban, after it, may be taken by it too (fetched again once): a ban errs towards
 //! purging.
 
+use super::disk::Cursor;
 use super::meta::ObjectMeta;
 use super::purge::{Purge, Selector};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -230,19 +231,18 @@ impl BanList {
         if crc32fast::hash(body).to_le_bytes() != crc {
             return None;
         }
-        let mut r = Reader(body.strip_prefix(FILE_MAGIC)?);
-        let n = u32::from_le_bytes(r.take(4)?.try_into().ok()?);
+        let mut r = Cursor::new(body.strip_prefix(FILE_MAGIC)?);
+        let n = r.u32().ok()?;
         let list = BanList::default();
         for _ in 0..n {
-            let secs = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
-            let nanos = u32::from_le_bytes(r.take(4)?.try_into().ok()?);
+            let secs = r.u64().ok()?;
+            let nanos = r.u32().ok()?;
             let at = UNIX_EPOCH.checked_add(Duration::new(secs, nanos.min(999_999_999)))?;
-            let kind = r.take(1)?[0];
-            let soft = r.take(1)?[0] != 0;
-            let selector = r.bytes()?.to_vec();
-            let host = match r.take(1)?[0] {
-                0 => None,
-                _ => Some(String::from_utf8(r.bytes()?.to_vec()).ok()?),
+            let [kind, soft] = r.array::<2>().ok()?;
+            let selector = bytes(&mut r)?.to_vec();
+            let host = match r.array::<1>().ok()? {
+                [0] => None,
+                _ => Some(String::from_utf8(bytes(&mut r)?.to_vec()).ok()?),
             };
             let selector = match kind {
                 0 => Selector::Path(selector),
@@ -253,15 +253,21 @@ impl BanList {
             let purge = Purge {
                 selector,
                 host,
-                soft,
+                soft: soft != 0,
             };
             list.add(Arc::new(purge), at).ok()?;
         }
-        r.0.is_empty().then_some(list)
+        (r.rest() == 0).then_some(list)
     }
 }
 
 const FILE_MAGIC: &[u8; 8] = b"EDGSBAN1";
+
+/// A u32 length prefix and that many bytes (what [`put_bytes`] wrote).
+fn bytes<'a>(r: &mut Cursor<'a>) -> Option<&'a [u8]> {
+    let n = r.u32().ok()?;
+    r.take(n as usize).ok()
+}
 
 /// The file of pending bans in the disk tier's directory (beside its marker; not an entry).
 pub const FILE: &str = "EDGESLICE-CACHE.bans";
@@ -314,7 +320,7 @@ impl BanList {
                 _ => Ok(()),
             };
         }
-        let tmp = dir.join(format!("{FILE}.tmp.{:016x}", rand::random::<u64>()));
+        let tmp = super::disk::tmp_path(&path);
         let write = || -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&self.encode())?;
@@ -330,21 +336,6 @@ impl BanList {
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
     out.extend_from_slice(&(b.len() as u32).to_le_bytes());
     out.extend_from_slice(b);
-}
-
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
-        let (head, rest) = self.0.split_at_checked(n)?;
-        self.0 = rest;
-        Some(head)
-    }
-
-    fn bytes(&mut self) -> Option<&'a [u8]> {
-        let n = u32::from_le_bytes(self.take(4)?.try_into().ok()?);
-        self.take(n as usize)
-    }
 }
 
 #[cfg(test)]

@@ -204,7 +204,7 @@ struct Header<'a> {
 
 /// Why bytes are not a valid entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DecodeError {
+pub(super) enum DecodeError {
     /// The buffer ends before the header does; `need` bytes would be required to go on.
     Short { need: usize },
     /// The bytes can never be a valid entry.
@@ -221,13 +221,22 @@ impl fmt::Display for DecodeError {
 }
 
 /// A panic-free reader over a byte slice.
-struct Cursor<'a> {
+pub(super) struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+    pub(super) fn new(buf: &'a [u8]) -> Cursor<'a> {
+        Cursor { buf, pos: 0 }
+    }
+
+    /// Bytes not read yet.
+    pub(super) fn rest(&self) -> usize {
+        self.buf.len() - self.pos
+    }
+
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         let end = self
             .pos
             .checked_add(n)
@@ -240,7 +249,7 @@ impl<'a> Cursor<'a> {
         Ok(s)
     }
 
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+    pub(super) fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
         <[u8; N]>::try_from(self.take(N)?).map_err(|_| DecodeError::Invalid("short field"))
     }
 
@@ -248,11 +257,11 @@ impl<'a> Cursor<'a> {
         Ok(u16::from_le_bytes(self.array()?))
     }
 
-    fn u32(&mut self) -> Result<u32, DecodeError> {
+    pub(super) fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(self.array()?))
     }
 
-    fn u64(&mut self) -> Result<u64, DecodeError> {
+    pub(super) fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
@@ -1581,7 +1590,7 @@ fn exact_data(buf: Vec<u8>, data: Range<usize>) -> Bytes {
 }
 
 /// `<final>.tmp.<random>` in the directory of `path`.
-fn tmp_path(path: &Path) -> PathBuf {
+pub(super) fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
     name.push(format!("{TMP_MARKER}{:016x}", rand::random::<u64>()));
     path.with_file_name(name)
