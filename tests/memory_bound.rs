@@ -181,6 +181,28 @@ async fn has_begun(s: &tokio::net::TcpStream) -> bool {
     )
 }
 
+/// GET `url` whole from the loopback address 127.0.0.`host` and check its bytes.
+async fn fetch_exact_from(url: &str, path: &str, size: u64, host: u8) {
+    let client = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, host]))
+        .build()
+        .expect("client");
+    let body = client
+        .get(url)
+        .send()
+        .await
+        .expect("request")
+        .bytes()
+        .await
+        .expect("body");
+    assert_eq!(body.len() as u64, size, "{path}: length");
+    assert_eq!(
+        crc32fast::hash(&body),
+        content_crc(path, 0, 0..size),
+        "{path}: bytes"
+    );
+}
+
 /// Wait until `stat` of `/stats` is at least `want` (at most 30 s), and return it.
 async fn stat_reaches(proxy: &Proxy, stat: &str, want: u64) -> u64 {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -248,24 +270,7 @@ async fn the_response_budget_bounds_what_stalled_readers_hold() {
             let url = proxy.url(&format!("/obj/{size}/patient-{i}"));
             let path = format!("/obj/{size}/patient-{i}");
             tokio::spawn(async move {
-                let client = reqwest::Client::builder()
-                    .local_address(std::net::IpAddr::from([127, 0, 0, 9]))
-                    .build()
-                    .expect("client");
-                let body = client
-                    .get(url)
-                    .send()
-                    .await
-                    .expect("request")
-                    .bytes()
-                    .await
-                    .expect("body");
-                assert_eq!(body.len() as u64, size, "{path}: length");
-                assert_eq!(
-                    crc32fast::hash(&body),
-                    content_crc(&path, 0, 0..size),
-                    "{path}: bytes"
-                );
+                fetch_exact_from(&url, &path, size, 9).await;
             })
         })
         .collect();
@@ -309,21 +314,13 @@ async fn one_client_cannot_take_the_response_budget_from_the_others() {
         "one client's 40 stalled responses hold {held} bytes"
     );
     let path = format!("/obj/{size}/other-client");
-    let client = reqwest::Client::builder()
-        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
-        .timeout(Duration::from_secs(20))
-        .build()
-        .expect("client");
-    let body = client
-        .get(proxy.url(&path))
-        .send()
-        .await
-        .expect("another client is answered")
-        .bytes()
-        .await
-        .expect("and gets its body while the greedy client stalls");
-    assert_eq!(body.len() as u64, size);
-    assert_eq!(crc32fast::hash(&body), content_crc(&path, 0, 0..size));
+    // Within 20 s, while the greedy client stalls.
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        fetch_exact_from(&proxy.url(&path), &path, size, 2),
+    )
+    .await
+    .expect("another client is answered while the greedy client stalls");
     drop(greedy);
 }
 
