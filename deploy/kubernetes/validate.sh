@@ -22,7 +22,7 @@ PYYAML_VERSION=6.0.3   # PyYAML, for validate.py (kubernetes-validate needs it t
 # The newest Kubernetes the package ships, and 1.30, still run by clusters on extended support.
 K8S_VERSIONS="1.30.0 1.37.0"
 
-TOOLS="${EDGESLICE_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/edgeslice}/k8s-validate-$KV_VERSION"
+TOOLS="${EDGESLICE_TOOLS_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/edgeslice}/k8s-validate-$KV_VERSION"
 export PYTHONPATH="$TOOLS${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONDONTWRITEBYTECODE=1
 
