@@ -2,7 +2,8 @@
 with the manifest files as arguments; exits 1 on any failure, printing every one):
 
 - the kustomizations: each lists only files (or kustomization directories) that exist, none twice,
-  and every manifest file beside it; every manifest given is in one of them;
+  no directory that contains it (kustomize refuses that), and every manifest file beside it;
+  every manifest given is in one of them;
 - the ConfigMap's edgeslice configuration (data: edgeslice.yaml) parses as a YAML mapping;
 - the manifests agree with each other: the StatefulSet's serviceName is a headless Service,
   every selector (Services, PodDisruptionBudget, StatefulSet) matches the pod template's labels,
@@ -80,7 +81,11 @@ def check_kustomization(directory, manifest_set):
     docs = []
     for entry in listed:
         target = os.path.normpath(os.path.join(directory, entry))
-        if os.path.isdir(target):
+        if os.path.isdir(target) and \
+                os.path.commonpath([os.path.abspath(target), os.path.abspath(directory)]) == os.path.abspath(target):
+            fail(f"{path}: resource {entry!r} contains this kustomization: kustomize refuses it "
+                 "(cycle detected)")
+        elif os.path.isdir(target):
             docs += check_kustomization(target, manifest_set)
         elif os.path.isfile(target):
             docs += [(target, d) for d in load_all(target)]

@@ -8,7 +8,9 @@
 #   2. validate.py: the kustomizations (every listed resource exists, every manifest is listed),
 #      the ConfigMap's edgeslice YAML parses, and the manifests agree with each other and with
 #      that configuration (see validate.py's docstring);
-#   3. with EDGESLICE_BIN set to a built edgeslice binary: `edgeslice -t` on the ConfigMap's
+#   3. where kubectl is installed: `kubectl kustomize` renders each kustomization (offline), and
+#      the rendered resources are validated as in 1 (for the newest version);
+#   4. with EDGESLICE_BIN set to a built edgeslice binary: `edgeslice -t` on the ConfigMap's
 #      configuration (the origin placeholder, which does not resolve here, replaced by
 #      127.0.0.1:80, the disk path by a temporary directory).
 # Exits non-zero on any failure. The tools are installed with pip (pinned) into a cache
@@ -67,6 +69,24 @@ done
 
 if ! timeout 60 python3 validate.py "${manifests[@]}"; then
   status=1
+fi
+
+# kubectl, where there is one (it is not installed for this): `kubectl kustomize` renders each
+# kustomization offline as `kubectl apply -k` would, and the rendered resources are validated.
+if command -v kubectl >/dev/null 2>&1; then
+  for dir in . prometheus-operator; do
+    if ! rendered=$(timeout 60 kubectl kustomize "$dir" 2>&1); then
+      printf '%s\n' "$rendered"
+      echo "validate.sh: kubectl kustomize $dir fails" >&2
+      status=1
+    elif [ "$dir" = . ] && ! printf '%s\n' "$rendered" \
+      | timeout 60 python3 -m kubernetes_validate --strict --quiet -k "${K8S_VERSIONS##* }" -; then
+      echo "validate.sh: the resources kubectl kustomize renders do not validate" >&2
+      status=1
+    fi
+  done
+else
+  echo "validate.sh: no kubectl here: kustomizations checked by validate.py only, not rendered"
 fi
 
 if [ -n "${EDGESLICE_BIN:-}" ]; then
