@@ -12,7 +12,7 @@ with the manifest files as arguments; exits 1 on any failure, printing every one
 - and with that configuration: the proxy and admin ports are the container's, the cache volume
   is mounted at cache.disk.path and its claim holds cache.disk.capacity, server.pid_file and
   server.upgrade_sock are on a writable mount (the root file system is read-only),
-  terminationGracePeriodSeconds covers preStop + grace_period + graceful_shutdown_timeout, and
+  terminationGracePeriodSeconds covers drain_delay + grace_period + graceful_shutdown_timeout, and
   the memory limit covers README.md's memory bound (server.max_connections must be set);
 - the security context and the probes this directory's README.md promises are there;
 - the ServiceMonitor (a CRD: kubernetes-validate has no schema for it): its known fields only,
@@ -266,14 +266,13 @@ def main(argv):
             fail(f"{sts_path}: server.{key}'s directory {directory} is not a writable mount "
                  "(the root file system is read-only)")
 
-    # Termination: preStop, then SIGTERM's grace period and the background work's timeout.
-    pre_stop = ((container.get("lifecycle") or {}).get("preStop") or {}).get("exec", {}).get("command", [])
-    pre_stop_s = float(pre_stop[1]) if len(pre_stop) == 2 and pre_stop[0] == "/bin/sleep" else 0
-    needed = pre_stop_s + duration(server.get("grace_period", "0s"), "server.grace_period") + \
+    # Termination: SIGTERM's drain, its grace period and the background work's timeout.
+    needed = duration(server.get("drain_delay", "0s"), "server.drain_delay") + \
+        duration(server.get("grace_period", "0s"), "server.grace_period") + \
         duration(server.get("graceful_shutdown_timeout", "5s"), "server.graceful_shutdown_timeout")
     if pod.get("terminationGracePeriodSeconds", 30) <= needed:
         fail(f"{sts_path}: terminationGracePeriodSeconds {pod.get('terminationGracePeriodSeconds', 30)} "
-             f"does not exceed preStop + grace_period + graceful_shutdown_timeout ({needed:g} s): "
+             f"does not exceed drain_delay + grace_period + graceful_shutdown_timeout ({needed:g} s): "
              "the kubelet would SIGKILL before the disk index snapshot is written")
 
     # Memory: the limit covers README.md's bound.
