@@ -327,20 +327,35 @@ impl Proxy {
     /// SIGTERM, a graceful shutdown (what a rolling restart sends), and wait for the exit (at
     /// most 30 s, then SIGKILL).
     pub fn terminate(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own child's pid.
-            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+        self.signal(libc::SIGTERM);
+        if !self.exited_within(Duration::from_secs(30)) {
+            self.kill();
             panic!("edgeslice did not exit within 30 s of SIGTERM");
         }
+    }
+
+    /// Send `signal` to the running process, without waiting.
+    pub fn signal(&self, signal: libc::c_int) {
+        if let Some(c) = &self.child {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(c.id() as libc::pid_t, signal) };
+        }
+    }
+
+    /// Whether the process has exited (and been reaped) within `limit`.
+    pub fn exited_within(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while let Some(c) = &mut self.child {
+            if let Ok(Some(_)) = c.try_wait() {
+                self.child = None;
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
     }
 
     /// `GET /readyz` on the admin endpoint: status and body.
