@@ -119,7 +119,7 @@ impl AdminApp {
             out.push_str(&format!(
                 "{name}_connections_open {}\n{name}_connections_max {}\n{name}_connections_accepted {}\n{name}_connections_reclaimed {}\n\
                  {name}_connections_refused {}\n{name}_keepalive_closed {}\n{name}_header_timeouts {}\n{name}_send_timeouts {}\n\
-                 {name}_oversize_headers_rejected {}\n{name}_paced_aborts {}\n",
+                 {name}_oversize_headers_rejected {}\n{name}_paced_aborts {}\n{name}_stalled_cut {}\n",
                 t.open(),
                 t.max(),
                 n(&st.accepted),
@@ -130,6 +130,7 @@ impl AdminApp {
                 n(&st.send_timeouts),
                 n(&st.oversize_rejected),
                 n(&st.paced_aborts),
+                n(&st.stalled_cut),
             ));
         }
         if let Some(d) = &self.access_log_dropped {
@@ -385,7 +386,7 @@ impl AdminApp {
         .collect();
         let tables = Arc::new(tables);
         type ConnFigure = fn(&ConnTable) -> f64;
-        let conn: [(&str, &str, bool, ConnFigure); 10] = [
+        let conn: [(&str, &str, bool, ConnFigure); 11] = [
             (
                 "edgeslice_connections_open",
                 "Client connections open, by listener.",
@@ -445,6 +446,12 @@ impl AdminApp {
                 "Shaped responses ended because the client left while a paced write waited.",
                 true,
                 |t| load(&t.stats.paced_aborts),
+            ),
+            (
+                "edgeslice_stalled_cut_total",
+                "Responses cut because their client read nothing while other responses waited for cache.response_budget.",
+                true,
+                |t| load(&t.stats.stalled_cut),
             ),
         ];
         for (name, help, counter, read) in conn {

@@ -206,6 +206,10 @@ pub fn build(
     .with_access_log(early_log)
     .with_listeners(tls);
     let client_table = front.table();
+    // Responses waiting for the response budget cut the clients that stopped reading longest.
+    snapshot_cache
+        .response_budget()
+        .set_relief(client_table.clone());
     let mut listeners = Listeners::new();
     for l in &config.listen {
         listeners.add_listener(crate::conn::listener(

@@ -294,6 +294,39 @@ async fn the_response_budget_bounds_what_stalled_readers_hold() {
     );
 }
 
+/// Clients that stop reading cannot keep the budget from those that read: 40 silent readers of
+/// distinct objects from 20 addresses (each within its share) take all of it, and another
+/// client still gets a whole object long before `server.send_timeout` (120 s here) would free
+/// anything: a response that waits for the budget has the client that has read nothing for
+/// longest cut (found by an outside run: 200 silent readers from 100 addresses held a 64 MiB
+/// budget until their send_timeout, and another client's 64 MiB download took 86 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_that_stop_reading_give_way_to_those_waiting() {
+    let origin = Origin::start().await;
+    let proxy = Proxy::start_with_server(&budget_config(&origin), "  send_timeout: 120s\n");
+    let size = 8 * MIB;
+    let mut silent = Vec::new();
+    for i in 0..40 {
+        let path = format!("/obj/{size}/stopped-{i}");
+        silent.push(silent_reader_from(&proxy, &path, 10 + (i % 20) as u8).await);
+    }
+    stat_reaches(&proxy, "cache_response_budget_waits", 20).await;
+    let held = proxy.stats().await["cache_response_bytes"];
+    assert!(held <= BUDGET_MIB * MIB, "{held} bytes held");
+    let path = format!("/obj/{size}/reads-on");
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        fetch_exact_from(&proxy.url(&path), &path, size, 2),
+    )
+    .await
+    .expect("a reading client is served while silent ones hold the budget");
+    let stats = proxy.stats().await;
+    assert!(stats["client_stalled_cut"] >= 1, "{stats:?}");
+    assert_eq!(stats["client_send_timeouts"], 0, "{stats:?}");
+    assert!(stats["cache_response_bytes"] <= BUDGET_MIB * MIB);
+    drop(silent);
+}
+
 /// One client (an address) that opens many slow responses holds at most its share of the
 /// budget (an eighth, at least two chunks): another client is served at once, every byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

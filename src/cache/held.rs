@@ -24,6 +24,12 @@
 //! waits on its own responses, not everyone else's. Clients are keyed as the shaper keys them
 //! (by address, IPv6 by prefix, or what `shaping.client_key` says).
 //!
+//! Nor can clients that stop reading hold it from those that read: a response that has waited
+//! [`RELIEF_AFTER`] for the budget asks its [`Relief`] (the connection table) to cut the
+//! connection whose response holds budget and whose client has read nothing for longest (at
+//! least [`RELIEF_MIN_STALL`]), and again each [`RELIEF_AFTER`] it still waits: the stalled
+//! response ends and gives back its chunk, as `server.send_timeout` would end it later.
+//!
 //! The holders of a chunk are found by its allocation's address: a holder keeps the allocation
 //! alive (its [`Anchor`]), so an address cannot be reused while it is registered.
 
@@ -31,12 +37,25 @@ use super::flight::Flight;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Charged with every held chunk's length: its registry entry, the holders' guards and the
 /// allocator's share of the chunk's allocation.
 pub const HOLD_OVERHEAD: u64 = 256;
+
+/// How long a response waits for the budget before it asks for a stalled response to be cut.
+pub const RELIEF_AFTER: Duration = Duration::from_secs(1);
+/// A response is cut for the budget only once its client has read nothing for this long.
+pub const RELIEF_MIN_STALL: Duration = Duration::from_secs(5);
+
+/// What the budget asks when responses have waited for it a while: end one response that holds
+/// budget and whose client has stopped reading (the longest stalled), so that what it holds
+/// goes to those waiting. Whether one was ended.
+pub trait Relief: Send + Sync {
+    fn relieve(&self, min_stall: Duration) -> bool;
+}
 
 /// What keeps a held chunk's allocation alive, and names it.
 #[derive(Clone)]
@@ -149,6 +168,10 @@ pub struct ResponseBudget {
     /// Responses waiting now: while any does, a new chunk is not charged without waiting
     /// (no one jumps the queue; joining a chunk already charged costs nothing and is allowed).
     waiting: AtomicU64,
+    /// Asked to end a stalled response when one has waited [`RELIEF_AFTER`].
+    relief: OnceLock<Arc<dyn Relief>>,
+    /// Stalled responses ended for waiting ones.
+    relieved: AtomicU64,
 }
 
 const SHARDS: usize = 64;
@@ -174,7 +197,20 @@ impl ResponseBudget {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             waits: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
+            relief: OnceLock::new(),
+            relieved: AtomicU64::new(0),
         })
+    }
+
+    /// Who ends stalled responses for waiting ones (set once, by the server; none: waiters
+    /// wait until stalled responses end by `server.send_timeout`).
+    pub fn set_relief(&self, relief: Arc<dyn Relief>) {
+        let _ = self.relief.set(relief);
+    }
+
+    /// Stalled responses ended so far to give their budget to waiting ones.
+    pub fn relieved(&self) -> u64 {
+        self.relieved.load(Ordering::Relaxed)
     }
 
     pub fn limit(&self) -> u64 {
@@ -306,7 +342,20 @@ impl ResponseBudget {
             c => Some(self.take_share(c, charge, true).await?),
         };
         let _waiting = Waiting::new(&self.waiting);
-        let global = self.free.clone().acquire_many_owned(charge).await.ok()?;
+        let acquire = self.free.clone().acquire_many_owned(charge);
+        tokio::pin!(acquire);
+        let global = loop {
+            tokio::select! {
+                permit = &mut acquire => break permit.ok()?,
+                _ = tokio::time::sleep(RELIEF_AFTER) => {
+                    if let Some(relief) = self.relief.get() {
+                        if relief.relieve(RELIEF_MIN_STALL) {
+                            self.relieved.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            }
+        };
         Some(Reservation(Charge {
             _share: share,
             _global: global,

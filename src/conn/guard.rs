@@ -644,7 +644,9 @@ impl Guarded {
     ) -> Poll<io::Result<T>> {
         match polled {
             Poll::Ready(r) => {
-                self.write_deadline = None;
+                if self.write_deadline.take().is_some() {
+                    self.conn.write_progressed();
+                }
                 Poll::Ready(r)
             }
             Poll::Pending => match self.write_stalled(cx) {
@@ -654,8 +656,15 @@ impl Guarded {
         }
     }
 
-    /// A write made no progress: fail it once it has made none for `send_timeout`.
+    /// A write made no progress: fail it once it has made none for `send_timeout`, or at once
+    /// if the table has cut the connection to give its memory to responses waiting for it.
     fn write_stalled(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if self.conn.write_stalled(cx.waker()) {
+            return Some(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "cut: the client read nothing while other responses waited for the response budget",
+            ));
+        }
         let deadline = *self
             .write_deadline
             .get_or_insert_with(|| Instant::now() + self.settings.send_timeout);

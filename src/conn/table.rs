@@ -12,7 +12,9 @@
 use super::pace::{BodyPacer, PacedWrites};
 use futures::task::AtomicWaker;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -71,6 +73,15 @@ pub struct Conn {
     /// what the pacer asked, enforced by the connection's guard, which watches for the client
     /// leaving meanwhile.
     write_gate_us: AtomicU64,
+    /// Responses on the connection that may hold chunks of the response budget
+    /// ([`Conn::holding_memory`]).
+    holding: AtomicU32,
+    /// Since when its write has made no progress, in ms since `epoch`, plus 1 (0: none stalled).
+    stalled_ms: AtomicU64,
+    /// The task writing the connection, woken when it is cut ([`ConnTable::cut_longest_stalled`]).
+    writer: AtomicWaker,
+    /// Cut to give its memory to responses that wait for it: its next write fails.
+    cut: AtomicBool,
     /// The table's epoch.
     epoch: Instant,
 }
@@ -252,6 +263,33 @@ impl Conn {
         );
     }
 
+    /// A response on this connection may hold chunks of the response budget until the mark
+    /// drops: if its client then reads nothing while other responses wait for the budget, the
+    /// connection may be cut ([`ConnTable::cut_longest_stalled`]).
+    pub fn holding_memory(self: &Arc<Self>) -> HoldingMemory {
+        self.holding.fetch_add(1, Ordering::AcqRel);
+        HoldingMemory(self.clone())
+    }
+
+    /// A write made no progress (the guard calls it on every stalled poll of a write): noted
+    /// from its first call until [`Conn::write_progressed`]; `waker` is woken if the connection
+    /// is cut. Whether it has been cut (the write must fail).
+    pub(super) fn write_stalled(&self, waker: &std::task::Waker) -> bool {
+        if self.stalled_ms.load(Ordering::Relaxed) == 0 {
+            let ms = (self.epoch.elapsed().as_millis() as u64).saturating_add(1);
+            self.stalled_ms.store(ms, Ordering::Relaxed);
+        }
+        self.writer.register(waker);
+        self.cut.load(Ordering::Acquire)
+    }
+
+    /// A write made progress.
+    pub(super) fn write_progressed(&self) {
+        if self.stalled_ms.load(Ordering::Relaxed) != 0 {
+            self.stalled_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// Register the task that reads the connection (called while it waits for a request).
     pub fn register_reader(&self, waker: &std::task::Waker) {
         self.reader.register(waker);
@@ -272,6 +310,21 @@ impl Conn {
     }
 }
 
+impl crate::cache::held::Relief for ConnTable {
+    fn relieve(&self, min_stall: Duration) -> bool {
+        self.cut_longest_stalled(min_stall)
+    }
+}
+
+/// A response's mark on its connection ([`Conn::holding_memory`]); removed when dropped.
+pub struct HoldingMemory(Arc<Conn>);
+
+impl Drop for HoldingMemory {
+    fn drop(&mut self) {
+        self.0.holding.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Connection counters, for `/stats` (and the metrics issue).
 #[derive(Debug, Default)]
 pub struct ConnStats {
@@ -285,6 +338,9 @@ pub struct ConnStats {
     pub oversize_rejected: AtomicU64,
     /// Responses ended because their client left while a paced write waited.
     pub paced_aborts: AtomicU64,
+    /// Connections cut because their client read nothing while other responses waited for the
+    /// response budget ([`ConnTable::cut_longest_stalled`]).
+    pub stalled_cut: AtomicU64,
 }
 
 /// How many idle connections one reclaim closes at most (nginx drains up to 32): enough that
@@ -358,6 +414,10 @@ impl ConnTable {
             paced: Mutex::new(None),
             pacing: AtomicBool::new(false),
             write_gate_us: AtomicU64::new(0),
+            holding: AtomicU32::new(0),
+            stalled_ms: AtomicU64::new(0),
+            writer: AtomicWaker::new(),
+            cut: AtomicBool::new(false),
             epoch: self.epoch,
         });
         self.lock().insert(id, conn.clone());
@@ -375,6 +435,39 @@ impl ConnTable {
     /// Close every idle (and not yet used) connection: the service is shutting down.
     pub fn close_idle(&self) -> usize {
         self.reclaim(usize::MAX)
+    }
+
+    /// Cut the connection whose response holds chunks of the response budget and whose client
+    /// has read nothing for longest, at least `min_stall`: its pending write fails, which ends
+    /// the response and gives back what it holds. Whether one was cut. Called when responses
+    /// have waited for the budget a while (`cache::held`): the clients that stopped reading
+    /// longest give way to those waiting, as idle connections give way to new ones at the cap.
+    pub fn cut_longest_stalled(&self, min_stall: Duration) -> bool {
+        let now = self.now_ms().saturating_add(1);
+        let min = min_stall.as_millis() as u64;
+        let victim = {
+            let conns = self.lock();
+            conns
+                .values()
+                .filter(|c| !c.cut.load(Ordering::Relaxed))
+                .filter(|c| c.holding.load(Ordering::Relaxed) > 0)
+                .filter_map(|c| match c.stalled_ms.load(Ordering::Relaxed) {
+                    0 => None,
+                    at if now.saturating_sub(at) >= min => Some((at, c)),
+                    _ => None,
+                })
+                .min_by_key(|(at, _)| *at)
+                .map(|(_, c)| c.clone())
+        };
+        let Some(c) = victim else {
+            return false;
+        };
+        if c.cut.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        c.writer.wake();
+        self.stats.stalled_cut.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// Close up to `n` of the longest-idle reclaimable connections; how many were. When none is
@@ -456,6 +549,47 @@ impl Drop for Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_longest_stalled_response_holding_memory_is_cut_first() {
+        let t = ConnTable::new(8);
+        let held: Vec<_> = (0..4).map(|_| t.admit().unwrap()).collect();
+        let marks: Vec<_> = [0, 1, 3]
+            .iter()
+            .map(|&i| held[i].conn().holding_memory())
+            .collect();
+        // 1 stalled first, then 2 (holding nothing), then 0; 3 holds but writes on.
+        held[0].conn().stalled_ms.store(30, Ordering::Relaxed);
+        held[1].conn().stalled_ms.store(10, Ordering::Relaxed);
+        held[2].conn().stalled_ms.store(20, Ordering::Relaxed);
+        let waker = futures::task::noop_waker();
+        assert!(
+            !t.cut_longest_stalled(Duration::from_secs(3600)),
+            "none stalled that long"
+        );
+        assert!(t.cut_longest_stalled(Duration::ZERO));
+        assert!(
+            held[1].conn().write_stalled(&waker),
+            "the longest stalled is cut"
+        );
+        assert!(!held[0].conn().write_stalled(&waker));
+        assert!(t.cut_longest_stalled(Duration::ZERO));
+        assert!(held[0].conn().write_stalled(&waker), "then the next");
+        assert!(
+            !t.cut_longest_stalled(Duration::ZERO),
+            "one holding nothing, or writing, is never cut"
+        );
+        assert!(!held[2].conn().write_stalled(&waker));
+        assert_eq!(t.stats.stalled_cut.load(Ordering::Relaxed), 2);
+        // A write that progresses is no longer stalled; the mark goes with the response.
+        held[3].conn().stalled_ms.store(5, Ordering::Relaxed);
+        held[3].conn().write_progressed();
+        assert!(!t.cut_longest_stalled(Duration::ZERO));
+        drop(marks);
+        assert!(held
+            .iter()
+            .all(|a| a.conn().holding.load(Ordering::Relaxed) == 0));
+    }
 
     #[test]
     fn admits_up_to_the_cap_then_refuses_when_nothing_is_idle() {

@@ -896,6 +896,9 @@ impl CacheLayer {
             .response_budget()
             .tag(&super::client_of(session, ctx));
         let mut body = BodyPlan::new(parts, client);
+        // While it may hold budget, the response's connection is marked: a client that stops
+        // reading may then be cut for responses waiting for the budget (`cache::held`).
+        let _holding = ctx.connection.as_ref().map(|c| c.holding_memory());
         let first =
             match unless_client_left(session, body.next_piece(self, obj, origin, &meta, &version))
                 .await?
