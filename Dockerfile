@@ -9,8 +9,9 @@ ARG RUNTIME_IMAGE=debian:bookworm-slim
 ARG BINARY_FROM=build
 
 # Build stage: pingora-core needs cmake and a C compiler for zlib-ng; jemalloc (the allocator)
-# builds with the C compiler and make, both in this image; the TLS backend links OpenSSL 3
-# (libssl-dev, pkg-config).
+# builds with the C compiler and make, both in this image; the TLS backend compiles OpenSSL 3 in
+# (the openssl crate's `vendored` build, with perl and make; libssl-dev and pkg-config are only
+# what openssl-sys would fall back to).
 FROM ${BUILD_IMAGE} AS build
 RUN apt-get update && apt-get install -y --no-install-recommends cmake libssl-dev pkg-config && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
@@ -27,9 +28,10 @@ COPY ${EDGESLICE_BINARY} /edgeslice
 
 FROM ${BINARY_FROM} AS binary
 
-# Runtime stage: a small Debian with a non-root user.
+# Runtime stage: a small Debian with a non-root user. OpenSSL is in the binary: the image needs
+# the CA certificates (HTTPS origins) and curl (the HEALTHCHECK), no libssl.
 FROM ${RUNTIME_IMAGE}
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl libssl3 \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /var/cache/edgeslice edgeslice \
     && mkdir -p /etc/edgeslice /var/cache/edgeslice \

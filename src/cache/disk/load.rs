@@ -366,7 +366,7 @@ fn load_snapshot(shared: &Shared) -> Option<()> {
         Ok(buf) => buf,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             log::info!(
-                "disk cache {}: no index snapshot (the last run did not shut down cleanly): scanning the files",
+                "disk cache {}: no index snapshot (a first start, or the last run did not shut down cleanly): scanning the files",
                 shared.dir.display()
             );
             return None;
