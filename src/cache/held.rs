@@ -27,8 +27,9 @@
 //! Nor can clients that stop reading hold it from those that read: a response that has waited
 //! [`RELIEF_AFTER`] for the budget asks its [`Relief`] (the connection table) to cut the
 //! connection whose response holds budget and whose client has read nothing for longest (at
-//! least [`RELIEF_MIN_STALL`]), and again each [`RELIEF_AFTER`] it still waits: the stalled
-//! response ends and gives back its chunk, as `server.send_timeout` would end it later.
+//! least [`RELIEF_MIN_STALL`]), and again each [`RELIEF_AFTER`] it still waits (all waiters
+//! together at most one cut per [`RELIEF_SPACING`]): the stalled response ends and gives back its
+//! chunk, as `server.send_timeout` would end it later.
 //!
 //! The holders of a chunk are found by its allocation's address: a holder keeps the allocation
 //! alive (its [`Anchor`]), so an address cannot be reused while it is registered.
@@ -49,6 +50,9 @@ pub const HOLD_OVERHEAD: u64 = 256;
 pub const RELIEF_AFTER: Duration = Duration::from_secs(1);
 /// A response is cut for the budget only once its client has read nothing for this long.
 pub const RELIEF_MIN_STALL: Duration = Duration::from_secs(5);
+/// Responses ask for a cut at most this often, all together: a cut looks through the
+/// connection table, and a thousand waiters must not make a thousand looks a second.
+pub const RELIEF_SPACING: Duration = Duration::from_millis(100);
 
 /// What the budget asks when responses have waited for it a while: end one response that holds
 /// budget and whose client has stopped reading (the longest stalled), so that what it holds
@@ -170,8 +174,9 @@ pub struct ResponseBudget {
     waiting: AtomicU64,
     /// Asked to end a stalled response when one has waited [`RELIEF_AFTER`].
     relief: OnceLock<Arc<dyn Relief>>,
-    /// Stalled responses ended for waiting ones.
-    relieved: AtomicU64,
+    /// When relief was last asked for, in ms since `epoch` ([`RELIEF_SPACING`]).
+    last_relief_ms: AtomicU64,
+    epoch: std::time::Instant,
 }
 
 const SHARDS: usize = 64;
@@ -198,7 +203,8 @@ impl ResponseBudget {
             waits: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
             relief: OnceLock::new(),
-            relieved: AtomicU64::new(0),
+            last_relief_ms: AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
         })
     }
 
@@ -208,9 +214,24 @@ impl ResponseBudget {
         let _ = self.relief.set(relief);
     }
 
-    /// Stalled responses ended so far to give their budget to waiting ones.
-    pub fn relieved(&self) -> u64 {
-        self.relieved.load(Ordering::Relaxed)
+    /// A response has waited [`RELIEF_AFTER`]: ask for a stalled one to be cut, unless another
+    /// waiter did within [`RELIEF_SPACING`].
+    fn ask_relief(&self) {
+        let Some(relief) = self.relief.get() else {
+            return;
+        };
+        let now = self.epoch.elapsed().as_millis() as u64 + RELIEF_SPACING.as_millis() as u64;
+        let last = self.last_relief_ms.load(Ordering::Relaxed);
+        if now < last + RELIEF_SPACING.as_millis() as u64 {
+            return;
+        }
+        if self
+            .last_relief_ms
+            .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            relief.relieve(RELIEF_MIN_STALL);
+        }
     }
 
     pub fn limit(&self) -> u64 {
@@ -347,13 +368,7 @@ impl ResponseBudget {
         let global = loop {
             tokio::select! {
                 permit = &mut acquire => break permit.ok()?,
-                _ = tokio::time::sleep(RELIEF_AFTER) => {
-                    if let Some(relief) = self.relief.get() {
-                        if relief.relieve(RELIEF_MIN_STALL) {
-                            self.relieved.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                }
+                _ = tokio::time::sleep(RELIEF_AFTER) => self.ask_relief(),
             }
         };
         Some(Reservation(Charge {
