@@ -205,3 +205,22 @@ async fn two_tiers_serve_and_a_loop_between_them_ends_with_508() {
         .assert_metric_lines(&["edgeslice_loops_detected_total 0"])
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revalidations_carry_it_too() {
+    let origin = Origin::start().await;
+    origin.set_cache_control(Some("max-age=1"));
+    let proxy = Proxy::start(&config(origin.addr(), "cluster:\n  cdn_id: edge-eu\n"));
+    let (status, _) = get(&proxy, "/obj/1000/r", &[]).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (status, _) = get(&proxy, "/obj/1000/r", &["lower-tier"]).await;
+    assert_eq!(status, 200);
+    let log = origin.log();
+    let conditional = log
+        .iter()
+        .rev()
+        .find(|r| r.path == "/obj/1000/r" && r.header("if-none-match").is_some())
+        .expect("a revalidation");
+    assert_eq!(conditional.header_all("cdn-loop"), ["lower-tier, edge-eu"]);
+}
