@@ -147,6 +147,8 @@ pub struct Metrics {
     reloads: IntCounterVec,
     /// Requests that failed through their client's doing, by [`ClientFault`].
     client_errors: [IntCounter; ClientFault::ALL.len()],
+    /// Requests answered 508 because their `CDN-Loop` held this tier's id twice.
+    pub loops_detected: IntCounter,
     last_reload: prometheus::Gauge,
     breakers: Arc<BreakerStates>,
     /// Requests no route matched.
@@ -287,6 +289,14 @@ impl Metrics {
                 );
                 ClientFault::ALL.map(|k| family.with_label_values(&[k.label()]))
             },
+            loops_detected: register(
+                r,
+                IntCounter::new(
+                    "edgeslice_loops_detected_total",
+                    "Requests answered 508 Loop Detected: their CDN-Loop held this tier's cluster.cdn_id twice or more.",
+                )
+                .expect("a constant metric name"),
+            ),
             breakers,
             unrouted: OnceLock::new(),
             registry,

@@ -2,13 +2,15 @@
 //!
 //! Live: routes, upstreams (servers, balance, timeouts, health checks, breakers, retries),
 //! shaping classes and client identity, the cache's per-request policy ([`CachePolicy`]:
-//! `default_ttl`, `stale_if_error`, `heuristic_fraction`, `heuristic_max`, `max_ranges`) and
-//! `admin.token`.
+//! `default_ttl`, `stale_if_error`, `heuristic_fraction`, `heuristic_max`, `max_ranges`),
+//! `admin.token` and `cluster.cdn_id` (read per request).
 //!
 //! Fixed for the life of the process (bound sockets, sized tables, Pingora's server
 //! configuration, the cache tiers): `listen`, `admin.listen`, every `server.*` key, `cache.chunk_size`
 //! (it names the stored chunks), `cache.max_object_size` and `cache.max_concurrent_fills` (the
-//! cache holds them), `cache.memory.capacity`, `cache.response_budget`, `cache.metadata_capacity`, `cache.disk.*` and `shaping.max_clients`. A reload names those that changed and keeps them as
+//! cache holds them), `cache.memory.capacity`, `cache.response_budget`, `cache.metadata_capacity`, `cache.disk.*`, `shaping.max_clients`, and for now
+//! `cluster`'s peer keys (`self`, `peers`, `resolve_interval`, `shard_size`, `keep_copies`,
+//! `peer_timeout`: nothing runs them yet, so nothing could take a change). A reload names those that changed and keeps them as
 //! they are; a graceful upgrade (`-u`, then SIGQUIT to the old process) applies them.
 //!
 //! [`CachePolicy`]: super::CachePolicy
@@ -123,6 +125,21 @@ pub fn apply(old: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
         running_max_clients != max_clients(&new.shaping),
         "shaping.max_clients",
     );
+    match (&old.cluster.peers, &new.cluster.peers) {
+        (Some(a), Some(b)) => {
+            differ(a.self_name != b.self_name, "cluster.self");
+            differ(a.peers != b.peers, "cluster.peers");
+            differ(
+                a.resolve_interval != b.resolve_interval,
+                "cluster.resolve_interval",
+            );
+            differ(a.shard_size != b.shard_size, "cluster.shard_size");
+            differ(a.keep_copies != b.keep_copies, "cluster.keep_copies");
+            differ(a.peer_timeout != b.peer_timeout, "cluster.peer_timeout");
+        }
+        (None, None) => {}
+        _ => differ(true, "cluster.peers"),
+    }
 
     new.server = old.server.clone();
     new.listen = old.listen.clone();
@@ -133,6 +150,7 @@ pub fn apply(old: &Config, mut new: Config) -> (Config, Vec<&'static str>) {
     new.cache.memory_capacity = old.cache.memory_capacity;
     new.cache.response_budget = old.cache.response_budget;
     new.cache.disk = old.cache.disk.clone();
+    new.cluster.peers = old.cluster.peers.clone();
     if let Some(s) = new
         .shaping
         .as_mut()
@@ -274,6 +292,28 @@ routes:
         assert_eq!(applied.cache.memory_capacity, 256 << 20);
         // ...while the live key beside them is taken.
         assert_eq!(applied.cache.default_ttl, Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn cdn_id_is_live_and_peers_are_fixed() {
+        let old = config(BASE);
+        let new = config(&format!("{BASE}cluster:\n  cdn_id: shield\n"));
+        let (applied, fixed) = apply(&old, new);
+        assert!(fixed.is_empty(), "{fixed:?}");
+        assert_eq!(applied.cluster.cdn_id, "shield");
+
+        let peers = |names: &str| {
+            config(&format!(
+                "{BASE}cluster:\n  self: a:8080\n  peers: [{names}]\n  cdn_id: edge\n"
+            ))
+        };
+        let (applied, fixed) = apply(&old, peers("a:8080"));
+        assert_eq!(fixed, ["cluster.peers"]);
+        assert!(applied.cluster.peers.is_none());
+        assert_eq!(applied.cluster.cdn_id, "edge");
+        let (applied, fixed) = apply(&peers("a:8080"), peers("a:8080, b:8080"));
+        assert_eq!(fixed, ["cluster.peers"]);
+        assert_eq!(applied.cluster.peers.expect("kept").peers, ["a:8080"]);
     }
 
     #[test]

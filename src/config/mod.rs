@@ -4,6 +4,7 @@
 //! below, which are what the rest of the program uses. Every error names the key path and the
 //! line (`upstreams.origin.servers[1] (line 12, column 7): ...`). Nothing here panics on input.
 
+pub mod cluster;
 pub mod listen;
 pub mod live;
 pub mod origin_tls;
@@ -11,6 +12,7 @@ mod schema;
 mod shaping;
 pub mod units;
 
+pub use cluster::{ClusterSettings, KeepCopies, PeerSettings};
 pub use listen::{CertificatePaths, KeyAt, ListenSettings, TlsListenSettings, TlsVersion};
 pub use origin_tls::{CaBundle, OriginTls};
 pub use shaping::{ShapingClass, ShapingSettings};
@@ -76,6 +78,9 @@ pub struct Config {
     pub routes: Vec<Arc<Route>>,
     /// `shaping`, when configured.
     pub shaping: Option<Arc<ShapingSettings>>,
+    /// `cluster`: this tier's `CDN-Loop` id, and its peers (parsed; sharding is not
+    /// implemented yet).
+    pub cluster: ClusterSettings,
     /// What is allowed but unsafe (`upstreams.<name>.tls.verify: false`), one line each with
     /// its key path and line: logged at start and on reload, printed by `-t`.
     pub warnings: Vec<String>,
@@ -325,6 +330,9 @@ pub struct Route {
     pub query_key: QueryKey,
     /// The shaping class of this route's responses; `None` = not shaped.
     pub shaping: Option<Arc<ShapingClass>>,
+    /// `parent`: the group misses will go to before `upstream` (another edgeslice tier).
+    /// Parsed and checked; not used yet: misses go to `upstream`.
+    pub parent: Option<Arc<UpstreamSettings>>,
     /// The route's `route` label in metrics: its host pattern and path prefix
     /// (`*.example.com/video/`, or `/video/` for any host).
     pub label: String,
@@ -1066,6 +1074,18 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         ));
     }
     let shaping = raw.shaping.as_ref().map(shaping::validate).transpose()?;
+    let cluster = match &raw.cluster {
+        Some(c) => cluster::validate(c, chunk_size)?,
+        None => ClusterSettings::default(),
+    };
+    let peers_at = raw.cluster.as_ref().and_then(|c| c.value.peers.as_ref());
+    if let (Some(p), Some(at)) = (&cluster.peers, peers_at) {
+        warnings.push(format!(
+            "cluster.peers (line {}): peer sharding is not implemented in this version: the {} peers are checked but not used, and this node fills from its upstreams alone",
+            at.referenced.line(),
+            p.peers.len()
+        ));
+    }
     let s_merge_slashes = server.merge_slashes;
     let mut routes = Vec::new();
     for (i, r) in raw_routes.value.iter().enumerate() {
@@ -1192,6 +1212,35 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 Some(class)
             }
         };
+        let parent = match &r.parent {
+            None => None,
+            Some(p) => {
+                let name = p.value.trim();
+                let Some(group) = upstreams.get(name).cloned() else {
+                    let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+                    return Err(err_at(
+                        format!("{base}.parent"),
+                        p,
+                        format!("unknown upstream {name:?} (defined: {})", known.join(", ")),
+                    ));
+                };
+                if group.name == upstream.name {
+                    return Err(err_at(
+                        format!("{base}.parent"),
+                        p,
+                        format!(
+                            "{name:?} is the route's own upstream: a parent is another tier, tried before `upstream`"
+                        ),
+                    ));
+                }
+                warnings.push(format!(
+                    "{base}.parent (line {}): parent tiers are not implemented in this version: misses on this route still go to upstream {:?}",
+                    p.referenced.line(),
+                    upstream.name
+                ));
+                Some(group)
+            }
+        };
         routes.push(Arc::new(Route {
             label: Route::label_of(&host, &path_prefix),
             metrics: Default::default(),
@@ -1201,6 +1250,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             cache: r.cache.unwrap_or(true),
             query_key,
             shaping: route_shaping,
+            parent,
         }));
     }
 
@@ -1213,6 +1263,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         upstreams,
         routes,
         shaping: shaping.map(Arc::new),
+        cluster,
         warnings,
     })
 }

@@ -24,6 +24,29 @@ pub struct RawConfig {
     pub upstreams: Option<Spanned<BTreeMap<String, RawUpstream>>>,
     pub routes: Option<Spanned<Vec<RawRoute>>>,
     pub shaping: Option<Spanned<RawShaping>>,
+    pub cluster: Option<Spanned<RawCluster>>,
+}
+
+/// `cluster`: peers sharding one cache, and this tier's `CDN-Loop` id.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCluster {
+    #[serde(rename = "self")]
+    pub self_name: Option<Spanned<String>>,
+    pub peers: Option<Spanned<Vec<Spanned<String>>>>,
+    pub resolve_interval: Option<Spanned<Dur>>,
+    pub shard_size: Option<Spanned<Size>>,
+    pub keep_copies: Option<Spanned<RawKeepCopies>>,
+    pub peer_timeout: Option<Spanned<Dur>>,
+    pub cdn_id: Option<Spanned<String>>,
+}
+
+/// `keep_copies`: what a node that does not own a shard keeps of the chunks it served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawKeepCopies {
+    Memory,
+    None,
 }
 
 #[derive(Debug, Deserialize)]
@@ -269,6 +292,8 @@ pub struct RawRoute {
     pub cache: Option<bool>,
     pub cache_key: Option<RawCacheKey>,
     pub shaping: Option<Spanned<String>>,
+    /// An upstream group (another edgeslice tier) misses go to before `upstream`.
+    pub parent: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

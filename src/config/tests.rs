@@ -1022,3 +1022,215 @@ fn a_tls_key_with_nothing_under_it_is_still_tls() {
         "at least one certificate",
     );
 }
+
+/// `GOOD` with `extra` appended: its first line is line 24.
+fn with(extra: &str) -> String {
+    assert_eq!(GOOD.lines().count(), 23);
+    format!("{GOOD}{extra}")
+}
+
+#[test]
+fn cluster_absent_is_a_single_node_with_the_default_id() {
+    let c = Config::from_yaml(GOOD).unwrap();
+    assert_eq!(c.cluster, ClusterSettings::default());
+    assert_eq!(c.cluster.cdn_id, "edgeslice");
+    assert!(c.cluster.peers.is_none());
+    assert!(c.routes.iter().all(|r| r.parent.is_none()));
+}
+
+#[test]
+fn cluster_keys_parse_with_their_defaults() {
+    let c = Config::from_yaml(&with(
+        "cluster:\n  self: Edge-1.edges.svc.:8080\n  peers:\n    - edge-0.edges.svc:8080\n    - edge-1.edges.svc:8080\n    - 10.0.0.9:8080\n",
+    ))
+    .unwrap();
+    let p = c.cluster.peers.as_ref().unwrap();
+    // Canonical, never resolved (these names do not exist).
+    assert_eq!(p.self_name, "edge-1.edges.svc:8080");
+    assert_eq!(
+        p.peers,
+        [
+            "edge-0.edges.svc:8080",
+            "edge-1.edges.svc:8080",
+            "10.0.0.9:8080"
+        ]
+    );
+    assert_eq!(p.resolve_interval, Duration::from_secs(10));
+    assert_eq!(p.shard_size, 16 << 20);
+    assert_eq!(p.keep_copies, KeepCopies::Memory);
+    assert_eq!(p.peer_timeout, Duration::from_secs(2));
+    assert_eq!(c.cluster.cdn_id, "edgeslice");
+    // Accepted, and said not to act yet.
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.starts_with("cluster.peers (line 27)") && w.contains("not implemented")),
+        "{:?}",
+        c.warnings
+    );
+
+    let c = Config::from_yaml(&with(
+        "cluster:\n  self: a:1\n  peers: [a:1, b:1]\n  resolve_interval: 30s\n  shard_size: 4MiB\n  keep_copies: none\n  peer_timeout: 500ms\n  cdn_id: edge\n",
+    ))
+    .unwrap();
+    let p = c.cluster.peers.as_ref().unwrap();
+    assert_eq!(p.resolve_interval, Duration::from_secs(30));
+    assert_eq!(p.shard_size, 4 << 20);
+    assert_eq!(p.keep_copies, KeepCopies::None);
+    assert_eq!(p.peer_timeout, Duration::from_millis(500));
+    assert_eq!(c.cluster.cdn_id, "edge");
+}
+
+#[test]
+fn cdn_id_may_be_given_alone() {
+    let c = Config::from_yaml(&with("cluster:\n  cdn_id: shield-eu\n")).unwrap();
+    assert_eq!(c.cluster.cdn_id, "shield-eu");
+    assert!(c.cluster.peers.is_none());
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
+
+#[test]
+fn cluster_errors_are_named() {
+    assert_err(
+        &with("cluster:\n  cdn_id: \"edge one\"\n"),
+        "cluster.cdn_id",
+        25,
+        "token",
+    );
+    assert_err(
+        &with("cluster:\n  cdn_id: \"\"\n"),
+        "cluster.cdn_id",
+        25,
+        "token",
+    );
+    assert_err(
+        &with(&format!("cluster:\n  cdn_id: {}\n", "e".repeat(65))),
+        "cluster.cdn_id",
+        25,
+        "1 to 64",
+    );
+    assert_err(
+        &with("cluster:\n  cdn_id: \"edge,x\"\n"),
+        "cluster.cdn_id",
+        25,
+        "token",
+    );
+    assert_err(
+        &with("cluster:\n  self: c:1\n  peers: [a:1, b:1]\n"),
+        "cluster.self",
+        25,
+        "not one of cluster.peers",
+    );
+    assert_err(
+        &with("cluster:\n  self: a:1\n  peers: [a:1, B:1, b.:1]\n"),
+        "cluster.peers[2]",
+        26,
+        "already cluster.peers[1]",
+    );
+    assert_err(
+        &with("cluster:\n  self: a:1\n  peers: [a:1, b]\n"),
+        "cluster.peers[1]",
+        26,
+        "port is required",
+    );
+    assert_err(
+        &with("cluster:\n  self: a:1\n  peers: [a:1, \"b c:1\"]\n"),
+        "cluster.peers[1]",
+        26,
+        "host:port",
+    );
+    assert_err(
+        &with("cluster:\n  self: a:1\n  peers: [a:1, b:0]\n"),
+        "cluster.peers[1]",
+        26,
+        "host:port",
+    );
+    assert_err(
+        &with("cluster:\n  self: a:1\n  peers: []\n"),
+        "cluster.peers",
+        26,
+        "empty",
+    );
+    assert_err(
+        &with("cluster:\n  self: a:1\n"),
+        "cluster.self",
+        25,
+        "needs cluster.peers",
+    );
+    assert_err(
+        &with("cluster:\n  peers: [a:1]\n"),
+        "cluster.peers",
+        25,
+        "needs cluster.self",
+    );
+    assert_err(
+        &with("cluster:\n  cdn_id: edge\n  shard_size: 4MiB\n"),
+        "cluster.shard_size",
+        26,
+        "only cdn_id may be given alone",
+    );
+    assert_err(
+        &with("cluster:\n  self: a:1\n  peers: [a:1]\n  shard_size: 1536KiB\n"),
+        "cluster.shard_size",
+        27,
+        "multiple of cache.chunk_size",
+    );
+    assert_err(
+        &with("cluster:\n  self: a:1\n  peers: [a:1]\n  shard_size: 0\n"),
+        "cluster.shard_size",
+        27,
+        "multiple of cache.chunk_size",
+    );
+    assert_err(
+        &with("cluster:\n  self: a:1\n  peers: [a:1]\n  peer_timeout: 0s\n"),
+        "cluster.peer_timeout",
+        27,
+        "greater than zero",
+    );
+    let e = bad(&with(
+        "cluster:\n  self: a:1\n  peers: [a:1]\n  keep_copies: disk\n",
+    ));
+    assert_eq!(e.path, "cluster.keep_copies", "{e}");
+    assert_eq!(e.line, Some(27), "{e}");
+    let e = bad(&with("cluster:\n  cdn_id: x\n  ring: 3\n"));
+    assert!(e.to_string().contains("ring"), "{e}");
+}
+
+#[test]
+fn route_parent_names_another_group() {
+    let two_groups = GOOD.replace(
+        "routes:\n",
+        "  shield:\n    servers: [\"10.0.0.3:8080\"]\n    balance: consistent_hash\nroutes:\n",
+    );
+    let c = Config::from_yaml(&two_groups.replace(
+        "    upstream: origin\n",
+        "    upstream: origin\n    parent: shield\n",
+    ))
+    .unwrap();
+    assert_eq!(c.routes[0].parent.as_ref().unwrap().name, "shield");
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.starts_with("routes[0].parent (line 26)")),
+        "{:?}",
+        c.warnings
+    );
+    assert_err(
+        &two_groups.replace(
+            "    upstream: origin\n",
+            "    upstream: origin\n    parent: shields\n",
+        ),
+        "routes[0].parent",
+        26,
+        "unknown upstream \"shields\"",
+    );
+    assert_err(
+        &two_groups.replace(
+            "    upstream: origin\n",
+            "    upstream: origin\n    parent: origin\n",
+        ),
+        "routes[0].parent",
+        26,
+        "the route's own upstream",
+    );
+}

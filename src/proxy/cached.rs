@@ -184,8 +184,11 @@ impl CacheLayer {
         let req = session.req_header();
         let base = super::object_key_at(route, ctx.scheme, host, req);
         let credentials = Credentials::of(&req.headers);
-        let mut forward =
-            super::headers::fill_request_headers(&req.headers, &super::forwarded(session, ctx));
+        let mut forward = super::headers::fill_request_headers(
+            &req.headers,
+            &super::forwarded(session, ctx),
+            &ctx.runtime.config.cluster.cdn_id,
+        );
         if credentials == Credentials::Authorization {
             // A miss of a request with Authorization is that request's own: its fill carries
             // the credentials, and what it brings is stored only if the response allows

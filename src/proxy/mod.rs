@@ -19,6 +19,7 @@ pub mod body;
 pub mod cache_status;
 pub mod cached;
 pub mod canonical;
+pub mod cdn_loop;
 pub mod ctx;
 pub mod framing;
 pub mod headers;
@@ -549,6 +550,20 @@ impl ProxyHttp for Edge {
             }
         };
         let req = session.req_header();
+        if cdn_loop::is_loop(&req.headers, &ctx.runtime.config.cluster.cdn_id) {
+            // This request has passed through this tier twice already (RFC 8586): answering
+            // it is the only way the loop ends. Not the client's fault as such (a
+            // misconfigured tier is), so it is logged, at a bounded rate by the metric.
+            self.stats.metrics.loops_detected.inc();
+            log::debug!(
+                "rid={} client {}: CDN-Loop holds {:?} twice: 508",
+                ctx.request_id,
+                client_ip(session),
+                ctx.runtime.config.cluster.cdn_id
+            );
+            respond::send_error(session, 508, &ctx.request_id).await?;
+            return Ok(true);
+        }
         let Some(route) = ctx
             .runtime
             .config
@@ -808,6 +823,14 @@ impl ProxyHttp for Edge {
         let via = headers::via(upstream_request.headers.get("via").map(|v| v.as_bytes()));
         upstream_request.insert_header("via", via)?;
         upstream_request.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
+        // The list the client sent, and this tier's id (RFC 8586).
+        let cdn_id = &ctx.runtime.config.cluster.cdn_id;
+        match cdn_loop::outgoing(&upstream_request.headers, cdn_id, true) {
+            Some(v) => upstream_request.insert_header(cdn_loop::CDN_LOOP, v)?,
+            None => {
+                upstream_request.remove_header(cdn_loop::CDN_LOOP);
+            }
+        }
         // The group's `host` replaces the client's (routing and the cache key used the client's).
         if let Some(host) = self.pool(ctx).and_then(|p| p.settings.host.as_deref()) {
             upstream_request.insert_header(http::header::HOST, host)?;

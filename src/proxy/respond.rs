@@ -75,6 +75,7 @@ pub fn reason(status: u16) -> &'static str {
         502 => "bad gateway: the upstream could not be reached or failed",
         503 => "service unavailable",
         504 => "gateway timeout: the upstream did not answer in time",
+        508 => "loop detected: this request has passed through this CDN tier before (CDN-Loop)",
         _ => "error",
     }
 }

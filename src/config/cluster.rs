@@ -1,0 +1,230 @@
+//! The `cluster` section: this tier's `CDN-Loop` id, and the peers that will shard one cache
+//! (issue 24). Validated here into [`ClusterSettings`]; errors name key path and line.
+//!
+//! Only `cdn_id` acts in this version (loop prevention, `proxy::cdn_loop`). The peer keys are
+//! parsed and checked so that a file written for the cluster loads, and a start with `peers`
+//! warns that sharding is not implemented yet. Peer names are never resolved here: the ring is
+//! keyed by the names, and a name that does not resolve is a down peer, not a config error.
+
+use super::schema::{RawCluster, RawKeepCopies};
+use super::{err_at, ConfigError};
+use serde_saphyr::Spanned;
+use std::time::Duration;
+
+/// `cluster.*`, validated. Without a `cluster` section: the default id and no peers (a single
+/// node, as before the section existed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// `cluster.cdn_id`: the token this tier adds to `CDN-Loop` (RFC 8586).
+    pub cdn_id: String,
+    /// `cluster.self` and `cluster.peers` and the keys that tune them; `None`: no peers.
+    pub peers: Option<PeerSettings>,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        ClusterSettings {
+            cdn_id: DEFAULT_CDN_ID.to_string(),
+            peers: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSettings {
+    /// This node as its peers name it: one of `peers`.
+    pub self_name: String,
+    /// `host:port` names, canonical (host case folded, one trailing dot dropped), unique, in
+    /// the order written; never resolved here.
+    pub peers: Vec<String>,
+    pub resolve_interval: Duration,
+    /// Consecutive bytes of an object owned by one peer: a multiple of `cache.chunk_size`.
+    pub shard_size: u64,
+    pub keep_copies: KeepCopies,
+    pub peer_timeout: Duration,
+}
+
+/// What a node that does not own a shard keeps of the chunks it served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepCopies {
+    /// In the memory tier (hot objects on every node, no disk duplication).
+    Memory,
+    /// Nothing.
+    None,
+}
+
+pub const DEFAULT_CDN_ID: &str = "edgeslice";
+/// The longest `cluster.cdn_id`: it is sent on every origin request.
+pub const MAX_CDN_ID_LEN: usize = 64;
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const DEFAULT_SHARD_SIZE: u64 = 16 << 20;
+pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A token (RFC 9110 §5.6.2 `tchar`): what a `CDN-Loop` pseudonym is (RFC 8586 §2).
+pub fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
+}
+
+/// A peer name: `host:port` with the port required, in canonical form.
+fn peer_name(path: &str, at: &Spanned<String>) -> Result<String, ConfigError> {
+    let text = at.value.trim();
+    match crate::proxy::canonical::host(text.as_bytes(), &[]) {
+        Ok(h) => match h.port {
+            Some(p) => Ok(format!("{}:{p}", h.name)),
+            None => Err(err_at(
+                path,
+                at,
+                format!("invalid peer {text:?}: expected host:port (the port is required)"),
+            )),
+        },
+        Err(_) => Err(err_at(
+            path,
+            at,
+            format!("invalid peer {text:?}: expected host:port"),
+        )),
+    }
+}
+
+pub(super) fn validate(
+    raw: &Spanned<RawCluster>,
+    chunk_size: u64,
+) -> Result<ClusterSettings, ConfigError> {
+    let r = &raw.value;
+    let cdn_id = match &r.cdn_id {
+        None => DEFAULT_CDN_ID.to_string(),
+        Some(id) => {
+            let v = id.value.trim();
+            if !is_token(v) || v.len() > MAX_CDN_ID_LEN {
+                return Err(err_at(
+                    "cluster.cdn_id",
+                    id,
+                    format!(
+                        "must be a token of 1 to {MAX_CDN_ID_LEN} characters (letters, digits and !#$%&'*+-.^_`|~; it is sent in CDN-Loop)"
+                    ),
+                ));
+            }
+            v.to_string()
+        }
+    };
+    let peers = match (&r.self_name, &r.peers) {
+        (None, None) => {
+            // The tuning keys mean nothing without peers: say so rather than ignore them.
+            let stray = [
+                r.resolve_interval
+                    .as_ref()
+                    .map(|s| ("resolve_interval", s.referenced)),
+                r.shard_size.as_ref().map(|s| ("shard_size", s.referenced)),
+                r.keep_copies
+                    .as_ref()
+                    .map(|s| ("keep_copies", s.referenced)),
+                r.peer_timeout
+                    .as_ref()
+                    .map(|s| ("peer_timeout", s.referenced)),
+            ];
+            if let Some((key, at)) = stray.into_iter().flatten().next() {
+                return Err(ConfigError {
+                    path: format!("cluster.{key}"),
+                    line: Some(at.line()),
+                    column: Some(at.column()),
+                    message:
+                        "needs cluster.self and cluster.peers (only cdn_id may be given alone)"
+                            .into(),
+                });
+            }
+            None
+        }
+        (Some(s), None) => {
+            return Err(err_at(
+                "cluster.self",
+                s,
+                "needs cluster.peers (the list this node is one of)",
+            ))
+        }
+        (None, Some(p)) => {
+            return Err(err_at(
+                "cluster.peers",
+                p,
+                "needs cluster.self (which of the peers this node is)",
+            ))
+        }
+        (Some(s), Some(list)) => {
+            if list.value.is_empty() {
+                return Err(err_at("cluster.peers", list, "the peer list is empty"));
+            }
+            let mut peers: Vec<String> = Vec::with_capacity(list.value.len());
+            for (i, p) in list.value.iter().enumerate() {
+                let path = format!("cluster.peers[{i}]");
+                let name = peer_name(&path, p)?;
+                if let Some(j) = peers.iter().position(|q| *q == name) {
+                    return Err(err_at(
+                        path,
+                        p,
+                        format!("{name:?} is already cluster.peers[{j}]"),
+                    ));
+                }
+                peers.push(name);
+            }
+            let self_name = peer_name("cluster.self", s)?;
+            if !peers.contains(&self_name) {
+                return Err(err_at(
+                    "cluster.self",
+                    s,
+                    format!("{self_name:?} is not one of cluster.peers"),
+                ));
+            }
+            let shard_size = match &r.shard_size {
+                None => DEFAULT_SHARD_SIZE.max(chunk_size).div_ceil(chunk_size) * chunk_size,
+                Some(v) if v.value.0 == 0 || v.value.0 % chunk_size != 0 => {
+                    return Err(err_at(
+                        "cluster.shard_size",
+                        v,
+                        format!(
+                            "must be a positive multiple of cache.chunk_size ({chunk_size} bytes)"
+                        ),
+                    ))
+                }
+                Some(v) => v.value.0,
+            };
+            Some(PeerSettings {
+                self_name,
+                peers,
+                resolve_interval: super::positive_duration(
+                    "cluster.resolve_interval",
+                    &r.resolve_interval,
+                    DEFAULT_RESOLVE_INTERVAL,
+                )?,
+                shard_size,
+                keep_copies: match r.keep_copies.as_ref().map(|k| k.value) {
+                    None | Some(RawKeepCopies::Memory) => KeepCopies::Memory,
+                    Some(RawKeepCopies::None) => KeepCopies::None,
+                },
+                peer_timeout: super::positive_duration(
+                    "cluster.peer_timeout",
+                    &r.peer_timeout,
+                    DEFAULT_PEER_TIMEOUT,
+                )?,
+            })
+        }
+    };
+    Ok(ClusterSettings { cdn_id, peers })
+}
