@@ -81,6 +81,15 @@ fn main() -> ExitCode {
         }
     };
     if cli.test {
+        // Server names that do not resolve here are warned about, not refused: in Kubernetes
+        // an origin's Service name often resolves only where (and once) the proxy runs.
+        let answers = edgeslice::origin::resolve::resolve_now(
+            &config,
+            std::sync::Arc::new(edgeslice::origin::resolve::SystemResolver),
+        );
+        for w in edgeslice::origin::resolve::warnings(&config, &answers) {
+            eprintln!("edgeslice: warning: {w}");
+        }
         println!(
             "edgeslice: the configuration file {} syntax is ok and the test is successful",
             cli.conf.display()

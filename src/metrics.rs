@@ -142,6 +142,10 @@ pub struct Metrics {
     origin_retries: IntCounterVec,
     origin_resumes: IntCounterVec,
     breaker_transitions: IntCounterVec,
+    resolve_failures: IntCounterVec,
+    /// Every origin server's figures, once per (upstream, server): a pool rebuilt by a reload or
+    /// a re-resolution shares them, and the last one to go takes its series with it.
+    servers: Arc<Mutex<ServerTable>>,
     admin_calls: IntCounterVec,
     purged: IntCounterVec,
     reloads: IntCounterVec,
@@ -254,6 +258,13 @@ impl Metrics {
                 "Circuit breaker state changes, by the state entered.",
                 &["upstream", "server", "to"],
             ),
+            resolve_failures: counter_vec(
+                r,
+                "edgeslice_upstream_resolve_failures_total",
+                "Lookups of an upstream's server names that gave no address (no such name, or no answer), every resolve_interval per name.",
+                &["upstream"],
+            ),
+            servers: Arc::default(),
             admin_calls: counter_vec(
                 r,
                 "edgeslice_admin_calls_total",
@@ -369,27 +380,38 @@ impl Metrics {
         self.unrouted.get_or_init(|| self.route("none"))
     }
 
-    /// The figures of one upstream group and its servers; `breakers` are shown as
-    /// `edgeslice_breaker_state` for as long as they live.
-    pub fn upstream(
-        &self,
-        name: &str,
-        breakers: &[(SocketAddr, &Arc<Breaker>)],
-    ) -> UpstreamMetrics {
-        let servers = breakers
-            .iter()
-            .map(|(addr, b)| {
-                self.breakers.add(name, *addr, b);
-                (*addr, Arc::new(ServerMetrics::new(self, name, *addr)))
-            })
-            .collect();
+    /// The figures of one upstream group (its servers': [`Metrics::server`]).
+    pub fn upstream(&self, name: &str) -> UpstreamMetrics {
         UpstreamMetrics {
             retries: self.origin_retries.with_label_values(&[name]),
             resumes: self.origin_resumes.with_label_values(&[name]),
-            servers,
+            resolve_failures: self.resolve_failures.with_label_values(&[name]),
         }
     }
+
+    /// The figures of the server `addr` of `upstream`, shared by every pool that has it;
+    /// `breaker` is shown as `edgeslice_breaker_state` for as long as it lives. When the last
+    /// holder drops them (the server left its group for good), their series are removed, so the
+    /// series follow the servers a group has, not every address its names ever resolved to.
+    pub fn server(
+        &self,
+        upstream: &str,
+        addr: SocketAddr,
+        breaker: &Arc<Breaker>,
+    ) -> Arc<ServerMetrics> {
+        self.breakers.add(upstream, addr, breaker);
+        let key = (upstream.to_string(), addr);
+        let mut table = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(live) = table.get(&key).and_then(Weak::upgrade) {
+            return live;
+        }
+        let m = Arc::new(ServerMetrics::new(self, upstream, addr));
+        table.insert(key, Arc::downgrade(&m));
+        m
+    }
 }
+
+type ServerTable = std::collections::HashMap<(String, SocketAddr), Weak<ServerMetrics>>;
 
 fn unix_now() -> f64 {
     std::time::SystemTime::now()
@@ -540,13 +562,8 @@ const OUTCOMES: usize = 5 + FailureClass::ALL.len();
 pub struct UpstreamMetrics {
     pub retries: IntCounter,
     pub resumes: IntCounter,
-    servers: std::collections::HashMap<SocketAddr, Arc<ServerMetrics>>,
-}
-
-impl UpstreamMetrics {
-    pub fn server(&self, addr: &SocketAddr) -> Option<&Arc<ServerMetrics>> {
-        self.servers.get(addr)
-    }
+    /// Lookups of its names that gave no address.
+    pub resolve_failures: IntCounter,
 }
 
 /// One origin server's figures within its group.
@@ -556,12 +573,57 @@ pub struct ServerMetrics {
     bytes_vec: IntCounterVec,
     labels: [String; 2],
     transitions: [IntCounter; 3],
+    /// To remove its series when it goes (see [`Metrics::server`]).
+    addr: SocketAddr,
+    table: Arc<Mutex<ServerTable>>,
+    requests_vec: IntCounterVec,
+    transitions_vec: IntCounterVec,
+}
+
+impl Drop for ServerMetrics {
+    fn drop(&mut self) {
+        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (std::mem::take(&mut self.labels[0]), self.addr);
+        match table.get(&key) {
+            // A newer holder of the same server took the series over: they stay.
+            Some(w) if !std::ptr::eq(w.as_ptr(), self) => return,
+            Some(_) => {
+                table.remove(&key);
+            }
+            None => {}
+        }
+        let (upstream, server) = (key.0.as_str(), self.labels[1].as_str());
+        for i in 0..OUTCOMES {
+            let outcome = OriginOutcome::label(i);
+            let _ = self
+                .requests_vec
+                .remove_label_values(&[upstream, server, outcome]);
+            if self.bytes[i].get().is_some() {
+                let _ = self
+                    .bytes_vec
+                    .remove_label_values(&[upstream, server, outcome]);
+            }
+        }
+        for s in [
+            BreakerState::Open,
+            BreakerState::HalfOpen,
+            BreakerState::Closed,
+        ] {
+            let _ = self
+                .transitions_vec
+                .remove_label_values(&[upstream, server, state_label(s)]);
+        }
+    }
 }
 
 impl ServerMetrics {
     fn new(m: &Metrics, upstream: &str, addr: SocketAddr) -> ServerMetrics {
         let server = addr.to_string();
         ServerMetrics {
+            addr,
+            table: m.servers.clone(),
+            requests_vec: m.origin_requests.clone(),
+            transitions_vec: m.breaker_transitions.clone(),
             requests: std::array::from_fn(|i| {
                 m.origin_requests
                     .with_label_values(&[upstream, &server, OriginOutcome::label(i)])
@@ -873,8 +935,8 @@ mod tests {
             max_open_for: std::time::Duration::from_secs(1),
             half_open_probes: 1,
         }));
-        let u = m.upstream("origin", &[(a, &b)]);
-        let s = u.server(&a).unwrap();
+        let u = m.upstream("origin");
+        let s = m.server("origin", a, &b);
         s.request(OriginOutcome::Answered(206));
         s.request(OriginOutcome::Failed(FailureClass::Reset));
         s.body_bytes(206).inc_by(1000);
@@ -891,9 +953,33 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want} missing from\n{text}");
         }
-        // A replaced pool's breakers leave with it.
+        // A pool rebuilt for the same server shares its figures: they go on.
+        let again = m.server("origin", a, &b);
+        assert!(Arc::ptr_eq(&again, &s));
+        drop(again);
+        assert!(m.render().contains("server=\"10.0.0.1:80\""));
+        u.resolve_failures.inc();
+        assert!(m
+            .render()
+            .contains("edgeslice_upstream_resolve_failures_total{upstream=\"origin\"} 1"));
+        // A server that leaves its group takes its series with it, the breaker's included.
+        drop(s);
         drop(b);
-        assert!(line(&m.render(), "edgeslice_breaker_state{").is_none());
+        let text = m.render();
+        assert!(line(&text, "edgeslice_breaker_state{").is_none());
+        assert!(!text.contains("server=\"10.0.0.1:80\""), "{text}");
+        // And comes back from zero should its address return.
+        let b = Arc::new(Breaker::new(BreakerConfig {
+            failure_threshold: 5,
+            open_for: std::time::Duration::from_secs(1),
+            max_open_for: std::time::Duration::from_secs(1),
+            half_open_probes: 1,
+        }));
+        let s = m.server("origin", a, &b);
+        s.request(OriginOutcome::Answered(206));
+        assert!(m.render().contains(
+            "edgeslice_origin_requests_total{outcome=\"2xx\",server=\"10.0.0.1:80\",upstream=\"origin\"} 1"
+        ));
     }
 
     #[test]

@@ -5,15 +5,19 @@
 //! ```text
 //!  SIGHUP ──────────────┐
 //!  POST /reload ─► ReloadHandle ─(bounded queue)─► ReloadService (one task) ─► Reloader::reload
-//!                                                     load_checked ─► live::apply ─► Runtime::build
-//!                                                     ─► shaper.update ─► Current.store
+//!                                                     load_checked ─► live::apply
+//!                                                     ─► names of new groups looked up
+//!                                                     ─► Runtime::build ─► shaper.update
+//!                                                     ─► Current.store
 //! ```
-//! One task runs every reload, so two never interleave; each reads one file and builds a few
-//! pools (no network I/O), and a full queue is answered at once. A file that does not load
+//! One task runs every reload, so two never interleave; each reads one file, looks up the
+//! server names of the groups it changes (at most `origin::resolve::LOOKUP_TIMEOUT`) and builds
+//! a few pools, and a full queue is answered at once. A file that does not load
 //! changes nothing, and the error is what `edgeslice -t` prints for it. The same task owns the
 //! health-check loops of the pools (see [`crate::runtime`]), the first ones included.
 
 use crate::config::{self, live, Config};
+use crate::origin::resolve::{self, Answers};
 use crate::runtime::{Current, Runtime, Shared};
 use crate::shaping::Shaper;
 use crate::tls::ListenTable;
@@ -145,9 +149,21 @@ impl Reloader {
         }
         let old = self.current.load_full();
         let (applied, ignored) = live::apply(&old.config, new);
-        let (next, pools) =
-            Runtime::build(Arc::new(applied), Some(&old), &self.shared, Some(health))
-                .map_err(|e| Refused::Failed(format!("edgeslice: reload failed: {e}")))?;
+        // A changed group gets a new pool: its names are looked up before it serves (those it
+        // shares with its predecessor keep their addresses should DNS not answer).
+        let names = resolve::names_of(old.new_groups(&applied));
+        let answers: Answers = resolve::lookup_all(&**self.shared.resolver(), &names)
+            .await
+            .into_iter()
+            .collect();
+        let (next, pools) = Runtime::build(
+            Arc::new(applied),
+            Some(&old),
+            &self.shared,
+            Some(health),
+            &answers,
+        )
+        .map_err(|e| Refused::Failed(format!("edgeslice: reload failed: {e}")))?;
         self.shaper
             .update(next.config.shaping.clone().unwrap_or_default());
         let (routes, checked) = (next.config.routes.len(), next.health_checks());
@@ -167,10 +183,18 @@ impl Reloader {
     }
 
     /// The snapshot in force again, with a health-check loop for every pool that has
-    /// `health_check` (at start, before any reload).
+    /// `health_check` and a resolve loop for every pool with server names (at start, before
+    /// any reload).
     fn start_health_checks(&self, health: &ShutdownWatch) {
         let now = self.current.load_full();
-        match Runtime::build(now.config.clone(), Some(&now), &self.shared, Some(health)) {
+        let none = Answers::new();
+        match Runtime::build(
+            now.config.clone(),
+            Some(&now),
+            &self.shared,
+            Some(health),
+            &none,
+        ) {
             Ok((next, _)) => self.current.store(Arc::new(next)),
             // Not reachable: every pool is reused, none is built.
             Err(e) => log::error!("health checks not started: {e}"),

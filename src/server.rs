@@ -9,6 +9,7 @@ use crate::conn::limits;
 use crate::conn::table::ConnTable;
 use crate::conn::Front;
 use crate::metrics::{Metrics, Pulled};
+use crate::origin::resolve;
 use crate::origin::ResilienceStats;
 use crate::proxy::Edge;
 use crate::reload::{ReloadService, Reloader};
@@ -169,9 +170,27 @@ pub fn build(
     ));
     let stats = Arc::new(ResilienceStats::new(metrics.clone()));
     let shared = Shared::new(stats.clone(), config.server.upstream_keepalive_pool_size);
-    let (runtime, _) = Runtime::build(config.clone(), None, &shared, None)
+    // Upstream server names, looked up once before anything serves (at most
+    // resolve::LOOKUP_TIMEOUT); a name that does not resolve is a down server (the pool logs
+    // it), looked up again every resolve_interval by the reload task's loops.
+    let answers = resolve::resolve_now(&config, shared.resolver().clone());
+    let (runtime, _) = Runtime::build(config.clone(), None, &shared, None, &answers)
         .map_err(|e| format!("building upstream pools: {e}"))?;
     let current = Arc::new(ArcSwap::from_pointee(runtime));
+    let in_force = current.clone();
+    metrics.register(Pulled::gauge(
+        "edgeslice_upstream_servers",
+        "Servers each upstream group has now: its IP addresses and every address its host names resolve to (0: none resolves, its requests get 502).",
+        &["upstream"],
+        move || {
+            in_force
+                .load()
+                .pools
+                .iter()
+                .map(|(name, pool)| (vec![name.clone()], pool.server_count() as f64))
+                .collect()
+        },
+    ));
     // Fails only on opening the access log (the message names server.access_log_path).
     let edge =
         Edge::new(current.clone(), cache.clone(), stats.clone()).map_err(|e| e.to_string())?;

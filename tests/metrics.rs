@@ -225,6 +225,21 @@ async fn a_known_workload_gives_exact_deltas() {
             "{server} has no breaker state:\n{text}"
         );
     }
+    // Each group's servers now, and the lookups of its names that failed (none: addresses).
+    for (upstream, servers) in [("flaky", 2.0), ("origin", 1.0)] {
+        let group = format!("upstream=\"{upstream}\"");
+        assert_eq!(
+            sum(&m, "edgeslice_upstream_servers", &[&group]),
+            servers,
+            "{text}"
+        );
+        assert!(
+            m.contains_key(&format!(
+                "edgeslice_upstream_resolve_failures_total{{{group}}}"
+            )),
+            "{text}"
+        );
+    }
     assert_eq!(
         sum(&m, "edgeslice_cache_capacity_bytes", &["tier=\"memory\""]),
         (16u64 << 20) as f64

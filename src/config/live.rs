@@ -1,6 +1,8 @@
 //! What a reload (SIGHUP, `POST /reload`) may change in a running process, and what it may not.
 //!
-//! Live: routes, upstreams (servers, balance, timeouts, health checks, breakers, retries),
+//! Live: routes, upstreams (servers, balance, timeouts, `resolve_interval`, health checks,
+//! breakers, retries; a changed group gets a new pool, whose server names start from what the
+//! old pool's resolved to),
 //! shaping classes and client identity, the cache's per-request policy ([`CachePolicy`]:
 //! `default_ttl`, `stale_if_error`, `heuristic_fraction`, `heuristic_max`, `max_ranges`),
 //! `admin.token` and `cluster.cdn_id` (read per request).
@@ -230,8 +232,8 @@ routes:
         assert_eq!(applied.cache.max_ranges, 3);
         assert_eq!(applied.admin_token.as_deref(), Some("second-token"));
         assert_eq!(
-            applied.upstreams["origin"].servers[0].addr.to_string(),
-            "10.0.0.2:80"
+            applied.upstreams["origin"].servers[0].target,
+            crate::config::ServerTarget::Addr("10.0.0.2:80".parse().unwrap())
         );
     }
 

@@ -219,7 +219,8 @@ pub struct DiskSettings {
 #[derive(Debug, Clone, PartialEq)]
 pub struct UpstreamSettings {
     pub name: String,
-    pub servers: Vec<ServerSpec>,
+    /// As written; names are resolved at run time (`origin::resolve`).
+    pub servers: Vec<ServerEntry>,
     pub balance: Balance,
     /// Per try: connecting, and the longest silence while reading.
     pub connect_timeout: Duration,
@@ -232,6 +233,8 @@ pub struct UpstreamSettings {
     pub min_rate: u64,
     /// Most of the group ejected at once, in percent (at least one server may always be).
     pub max_ejected_percent: u32,
+    /// How often the host names in `servers` are resolved again.
+    pub resolve_interval: Duration,
     pub health_check: Option<HealthCheckSettings>,
     pub breaker: BreakerConfig,
     pub retry: RetrySettings,
@@ -253,15 +256,69 @@ impl UpstreamSettings {
             .as_ref()?
             .sni_for(self.host.as_deref(), server.name.as_deref())
     }
+
+    /// The host names of `servers` and their ports, each once, in the order written.
+    pub fn names(&self) -> Vec<(&str, u16)> {
+        let mut names: Vec<(&str, u16)> = Vec::new();
+        for s in &self.servers {
+            if let ServerTarget::Name { host, port } = &s.target {
+                if !names.contains(&(host.as_str(), *port)) {
+                    names.push((host.as_str(), *port));
+                }
+            }
+        }
+        names
+    }
 }
 
+/// One entry of `servers`, as written: an address, or a host name resolved at run time (see
+/// `origin::resolve`) into as many servers as it has addresses, each with the entry's weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerEntry {
+    pub target: ServerTarget,
+    /// Relative share of traffic of each of its servers (default 1).
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ServerTarget {
+    /// An IP address: one server, never resolved.
+    Addr(SocketAddr),
+    /// A host name, lower case, as written (a trailing dot kept: the name is then not searched
+    /// under resolv.conf's `search` domains), and the port.
+    Name { host: String, port: u16 },
+}
+
+impl ServerEntry {
+    /// The name for TLS (SNI, verification): the host as written without a trailing dot;
+    /// `None` for an IP address.
+    pub fn name(&self) -> Option<&str> {
+        match &self.target {
+            ServerTarget::Addr(_) => None,
+            ServerTarget::Name { host, .. } => Some(host.trim_end_matches('.')),
+        }
+    }
+
+    /// The server this entry makes at `addr` (its own address, or one its name resolved to).
+    pub fn at(&self, addr: SocketAddr) -> ServerSpec {
+        ServerSpec {
+            addr,
+            weight: self.weight,
+            name: self.name().map(str::to_string),
+        }
+    }
+}
+
+/// One server of a group at run time: an address, with the weight and name of the entry it
+/// comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerSpec {
     pub addr: SocketAddr,
     /// Relative share of traffic (default 1).
     pub weight: u32,
     /// The host name as written (`objects.example.net` of `objects.example.net:443`), lower
-    /// case; `None` for a server written as an IP address.
+    /// case; `None` for a server written as an IP address. Every address the name resolves to
+    /// is reached with it (SNI, verification).
     pub name: Option<String>,
 }
 
@@ -294,6 +351,9 @@ pub struct RetrySettings {
 pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(15);
 pub const DEFAULT_MIN_RATE: u64 = 16 << 10;
 pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
+/// `upstreams.NAME.resolve_interval` when absent (Envoy's `dns_refresh_rate` is 5 s; a
+/// Kubernetes Service's record changes far less often than its pods' health).
+pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_STALE_IF_ERROR: Duration = Duration::from_secs(86_400);
 /// Heuristic freshness: 10% of the time since Last-Modified (RFC 9111 §4.2.2 suggests it),
 /// at most a day.
@@ -508,30 +568,63 @@ fn parse_addr(path: &str, at: &Spanned<String>) -> Result<SocketAddr, ConfigErro
     }
 }
 
-fn parse_server(path: &str, at: &Spanned<RawServerEntry>) -> Result<ServerSpec, ConfigError> {
+/// A `servers` entry: `host:port` where host is an IP address (`10.0.0.1`, `[::1]`, `::1`) or
+/// a host name. A name is not resolved here: a name that does not resolve where the file is
+/// checked (or not yet at start) is a down server until it does, not an error.
+fn parse_server(path: &str, at: &Spanned<RawServerEntry>) -> Result<ServerEntry, ConfigError> {
     let entry = &at.value;
     if let Some(e) = &entry.error {
         return Err(err_at(path, at, e.clone()));
     }
-    let as_text = Spanned {
-        value: entry.address.clone(),
-        referenced: at.referenced,
-        defined: at.defined,
+    let text = entry.address.trim();
+    let target = match text.parse::<SocketAddr>() {
+        Ok(a) => ServerTarget::Addr(a),
+        Err(_) => {
+            let expected = || {
+                err_at(
+                    path,
+                    at,
+                    format!("invalid address {text:?}: expected host:port"),
+                )
+            };
+            let (host, port) = text.rsplit_once(':').ok_or_else(expected)?;
+            let port = port.parse::<u16>().map_err(|_| expected())?;
+            match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => ServerTarget::Addr(SocketAddr::new(ip, port)),
+                Err(_) if is_host_name(host) => ServerTarget::Name {
+                    host: host.to_ascii_lowercase(),
+                    port,
+                },
+                Err(_) => {
+                    return Err(err_at(
+                        path,
+                        at,
+                        format!("invalid address {text:?}: {host:?} is neither an IP address nor a host name"),
+                    ))
+                }
+            }
+        }
     };
-    let addr = parse_addr(path, &as_text)?;
     let weight = entry.weight.unwrap_or(1);
     if weight == 0 {
         return Err(err_at(path, at, "weight must be at least 1"));
     }
-    let text = entry.address.trim();
-    let name = match text.parse::<SocketAddr>() {
-        Ok(_) => None,
-        Err(_) => text
-            .rsplit_once(':')
-            .map(|(host, _)| host.trim_end_matches('.').to_ascii_lowercase())
-            .filter(|h| h.parse::<std::net::IpAddr>().is_err()),
-    };
-    Ok(ServerSpec { addr, weight, name })
+    Ok(ServerEntry { target, weight })
+}
+
+/// A DNS host name: dot-separated labels of letters, digits, `-` and `_` (1 to 63 bytes each),
+/// at most 253 bytes, a trailing dot allowed.
+fn is_host_name(host: &str) -> bool {
+    let bare = host.strip_suffix('.').unwrap_or(host);
+    !bare.is_empty()
+        && bare.len() <= 253
+        && bare.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
 }
 
 fn nonzero_size(path: &str, at: &Spanned<units::Size>) -> Result<u64, ConfigError> {
@@ -867,6 +960,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         )?;
         let read_timeout = positive(&u.read_timeout, "read_timeout", DEFAULT_READ_TIMEOUT)?;
         let deadline = positive(&u.deadline, "deadline", DEFAULT_DEADLINE)?;
+        let resolve_interval = positive(
+            &u.resolve_interval,
+            "resolve_interval",
+            DEFAULT_RESOLVE_INTERVAL,
+        )?;
         let balance = match &u.balance {
             None => Balance::RoundRobin,
             Some(b) => match b.value.as_str() {
@@ -1048,6 +1146,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 deadline,
                 min_rate,
                 max_ejected_percent,
+                resolve_interval,
                 health_check,
                 breaker,
                 retry,

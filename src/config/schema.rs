@@ -161,6 +161,8 @@ pub struct RawUpstream {
     pub read_timeout: Option<Spanned<Dur>>,
     pub deadline: Option<Spanned<Dur>>,
     pub min_rate: Option<Spanned<Rate>>,
+    /// How often the servers written as host names are resolved again.
+    pub resolve_interval: Option<Spanned<Dur>>,
     pub health_check: Option<RawHealthCheck>,
     pub circuit_breaker: Option<RawBreaker>,
     pub retry: Option<RawRetry>,

@@ -708,6 +708,86 @@ fn the_response_budget_defaults_to_64_mib_or_8_chunks_and_holds_a_chunk_at_least
 }
 
 /// An upstream group `store` with `extra` (indented four spaces) and one route to it.
+/// The server the first entry of `u` makes at some address (its name, for TLS).
+fn first(u: &UpstreamSettings) -> ServerSpec {
+    u.servers[0].at(SocketAddr::from(([127, 0, 0, 1], 443)))
+}
+
+#[test]
+fn server_names_are_kept_for_run_time_not_resolved_here() {
+    let c = Config::from_yaml(&with_store(
+        r#"origin.invalid:80", "Origin.Example.:8080 weight=2", "10.0.0.1:80", "[::1]:81", "::1:82"#,
+        "",
+    ))
+    .expect("a name that does not resolve is no config error");
+    let u = &c.upstreams["store"];
+    let targets: Vec<&ServerTarget> = u.servers.iter().map(|s| &s.target).collect();
+    assert_eq!(
+        targets,
+        [
+            &ServerTarget::Name {
+                host: "origin.invalid".into(),
+                port: 80
+            },
+            &ServerTarget::Name {
+                host: "origin.example.".into(),
+                port: 8080
+            },
+            &ServerTarget::Addr("10.0.0.1:80".parse().unwrap()),
+            &ServerTarget::Addr("[::1]:81".parse().unwrap()),
+            &ServerTarget::Addr("[::1]:82".parse().unwrap()),
+        ]
+    );
+    assert_eq!(u.servers[1].weight, 2);
+    // The name for TLS drops the trailing dot; an address has none.
+    assert_eq!(u.servers[1].name(), Some("origin.example"));
+    assert_eq!(u.servers[2].name(), None);
+    assert_eq!(
+        u.names(),
+        [("origin.invalid", 80), ("origin.example.", 8080)]
+    );
+    assert_eq!(u.resolve_interval, DEFAULT_RESOLVE_INTERVAL);
+    for bad in ["bad/name:80", "a..b:80", "-:x", ":80", "host:"] {
+        let e = Config::from_yaml(&with_store(bad, "")).expect_err(bad);
+        assert_eq!(e.path, "upstreams.store.servers[0]", "{bad}: {e}");
+        assert!(e.message.contains("invalid address"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn resolve_interval_is_a_positive_duration() {
+    let c = Config::from_yaml(&with_store(
+        "origin:80",
+        "    resolve_interval: 1500ms
+",
+    ))
+    .expect("config");
+    assert_eq!(
+        c.upstreams["store"].resolve_interval,
+        Duration::from_millis(1500)
+    );
+    assert_err(
+        &with_store(
+            "origin:80",
+            "    resolve_interval: 0s
+",
+        ),
+        "upstreams.store.resolve_interval",
+        6,
+        "greater than zero",
+    );
+    assert_err(
+        &with_store(
+            "origin:80",
+            "    resolve_interval: often
+",
+        ),
+        "upstreams.store.resolve_interval",
+        6,
+        "invalid duration",
+    );
+}
+
 fn with_store(server: &str, extra: &str) -> String {
     format!(
         "listen:\n  - 127.0.0.1:8080\nupstreams:\n  store:\n    servers: [\"{server}\"]\n{extra}routes:\n  - upstream: store\n"
@@ -749,11 +829,11 @@ fn upstream_tls_defaults_and_sni_per_server() {
     assert!(!u.http2 && u.host.is_none());
     assert!(c.warnings.is_empty());
     // An IP server with no name: no SNI (verified against its address).
-    assert_eq!(u.sni_for(&u.servers[0]), None);
+    assert_eq!(u.sni_for(&first(u)), None);
     // A server written by name: that name.
     let c = Config::from_yaml(&with_store("LocalHost:443", "    tls: {}\n")).expect("config");
     let u = &c.upstreams["store"];
-    assert_eq!(u.sni_for(&u.servers[0]), Some("localhost"));
+    assert_eq!(u.sni_for(&first(u)), Some("localhost"));
     // `host` comes before the server's name, `tls.sni` before both.
     let c = Config::from_yaml(&with_store(
         "localhost:443",
@@ -762,7 +842,7 @@ fn upstream_tls_defaults_and_sni_per_server() {
     .expect("config");
     let u = &c.upstreams["store"];
     assert_eq!(u.host.as_deref(), Some("bucket.example:8443"));
-    assert_eq!(u.sni_for(&u.servers[0]), Some("bucket.example"));
+    assert_eq!(u.sni_for(&first(u)), Some("bucket.example"));
     assert!(u.http2);
     let c = Config::from_yaml(&with_store(
         "localhost:443",
@@ -770,12 +850,12 @@ fn upstream_tls_defaults_and_sni_per_server() {
     ))
     .expect("config");
     let u = &c.upstreams["store"];
-    assert_eq!(u.sni_for(&u.servers[0]), Some("other.example"));
+    assert_eq!(u.sni_for(&first(u)), Some("other.example"));
     // No `tls`: plain, whatever `host` says.
     let c = Config::from_yaml(&with_store("localhost:80", "    host: a.example\n")).expect("c");
     let u = &c.upstreams["store"];
     assert!(u.tls.is_none());
-    assert_eq!(u.sni_for(&u.servers[0]), None);
+    assert_eq!(u.sni_for(&first(u)), None);
 }
 
 #[test]

@@ -348,12 +348,22 @@ pub async fn open_until(
                 Some(sel) => sel,
                 None => break,
             }
-        } else if avoid.is_empty() {
-            pool.pick(key, &tried)
         } else {
-            pool.pick_untried(key, &shunned)
-                .or_else(|| pool.pick_untried(key, &tried))
-                .unwrap_or_else(|| pool.pick(key, &shunned))
+            let picked = if avoid.is_empty() {
+                pool.pick(key, &tried)
+            } else {
+                pool.pick_untried(key, &shunned)
+                    .or_else(|| pool.pick_untried(key, &tried))
+                    .or_else(|| pool.pick(key, &shunned))
+            };
+            match picked {
+                Some(sel) => sel,
+                // No server at all (its names do not resolve): nothing to try or retry.
+                None => {
+                    last = FetchError::no_server(pool);
+                    break;
+                }
+            }
         };
         retries.start_try();
         let addr = sel.addr;
@@ -367,7 +377,9 @@ pub async fn open_until(
         }
         tried.push(addr);
         shunned.push(addr);
-        let tried = tokio::time::timeout_at(until, try_server(connector, pool, addr, req)).await;
+        let peer = sel.peer().unwrap_or_else(|| pool.peer(addr));
+        let tried =
+            tokio::time::timeout_at(until, try_server(connector, pool, addr, peer, req)).await;
         let outcome = match &tried {
             Ok(Ok(resp)) => Some(OriginOutcome::Answered(resp.status())),
             Ok(Err(e)) => e.class.map(OriginOutcome::Failed),
@@ -459,6 +471,36 @@ pub async fn open_until(
     }
 }
 
+/// Why a request to `pool` was not even tried: the group has no server now.
+pub fn no_server(pool: &UpstreamPool) -> String {
+    format!(
+        "{NO_SERVER}: upstream {} (its names do not resolve; see the log)",
+        pool.name()
+    )
+}
+
+const NO_SERVER: &str = "no server to try";
+
+impl FetchError {
+    /// The group had no server to try: nothing was sent, nobody is charged.
+    pub fn no_server(pool: &UpstreamPool) -> FetchError {
+        FetchError {
+            message: no_server(pool),
+            server: None,
+            status: None,
+            timed_out: false,
+            class: None,
+            tls: None,
+        }
+    }
+
+    /// Whether this is [`FetchError::no_server`]: logged once by the pool when its names
+    /// stopped resolving, so not again per request.
+    pub fn is_no_server(&self) -> bool {
+        self.server.is_none() && self.message.starts_with(NO_SERVER)
+    }
+}
+
 /// Interim (1xx) answers skipped before a final one; more is a broken server.
 const MAX_INTERIM_RESPONSES: u32 = 16;
 
@@ -466,6 +508,7 @@ async fn try_server(
     connector: &Arc<Connector>,
     pool: &UpstreamPool,
     addr: SocketAddr,
+    peer: pingora_core::upstreams::peer::HttpPeer,
     req: &OriginRequest,
 ) -> Result<OriginResponse, FetchError> {
     let fail = |message: String, class: FailureClass| FetchError {
@@ -481,7 +524,6 @@ async fn try_server(
     };
     let classify =
         |e: &pingora_error::Error| classify_type(e.etype(), true).unwrap_or(FailureClass::Connect);
-    let peer = pool.peer(addr);
     let (mut session, _reused) = match connector.get_http_session(&peer).await {
         Ok(s) => s,
         Err(e) => {

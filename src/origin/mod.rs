@@ -1,5 +1,5 @@
 //! Talking to origins: server selection with health and circuit breakers, retry backoff and
-//! budget, and the chunk cache's own origin client.
+//! budget, the chunk cache's own origin client, and the resolution of server names.
 
 pub mod backoff;
 pub mod breaker;
@@ -9,6 +9,7 @@ pub mod fetch;
 pub mod outcome;
 pub mod peer;
 pub mod pool;
+pub mod resolve;
 
 use outcome::FailureClass;
 use std::sync::atomic::{AtomicU64, Ordering};

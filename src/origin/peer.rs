@@ -86,7 +86,8 @@ impl TlsCause {
 
 /// The (server, cause) pairs already logged: a certificate failure is logged on its first
 /// occurrence, and again only after that server connected fine in between. Bounded by the
-/// group's servers times the two causes (entries are never made for other addresses).
+/// group's servers times the two causes (entries are never made for other addresses, and a
+/// server's go when it leaves the group: [`TlsFailureLog::retain`]).
 #[derive(Debug, Default)]
 pub struct TlsFailureLog {
     logged: Mutex<HashMap<SocketAddr, u8>>,
@@ -108,6 +109,19 @@ impl TlsFailureLog {
         *seen |= bit;
         self.any.store(true, Ordering::Release);
         first
+    }
+
+    /// Forget the servers `keep` says no: they left the group (a name resolved elsewhere), so
+    /// the log stays bounded by the servers the group has.
+    pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
+        if !self.any.load(Ordering::Acquire) {
+            return;
+        }
+        let mut m = self.logged.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|a, _| keep(a));
+        if m.is_empty() {
+            self.any.store(false, Ordering::Release);
+        }
     }
 
     /// `server` connected: its next failure is news again. Lock-free when nothing is logged.

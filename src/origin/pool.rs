@@ -4,10 +4,22 @@
 //! (passive health: failures seen on real traffic, attributed by `origin::outcome`), and the
 //! retry budget and backoff shared by the group's requests.
 //!
-//! Selection reads breaker state with atomics only; it never waits.
+//! The servers are one immutable [`ServerSet`] (load balancer, breakers, peers, per-server
+//! figures) behind an `ArcSwap`: selection loads it once and reads breaker state with atomics
+//! only; it never waits. A group's servers are its IP entries and the addresses its host names
+//! resolve to now (`origin::resolve`); when a round of lookups changes them,
+//! [`UpstreamPool::set_servers`] builds the next set and swaps it in whole. A server that stays
+//! keeps its breaker, figures and health (the health state lives in a registry the sets share),
+//! so a re-resolution with the same answer changes nothing at all. Rebuilding a set (a few
+//! dozen servers at most) is cheaper to read about than a load balancer, breaker table and
+//! peer table each updated in place and kept in step: a pick sees one set from start to end,
+//! and a [`Selected`] keeps the set it came from.
 //!
-//! Each server's Pingora peer (plain or TLS, `origin::peer`) is built once with the pool and
+//! Each server's Pingora peer (plain or TLS, `origin::peer`) is built once with its set and
 //! used by every connection to it: fills, revalidations, resumes, pass-through, health checks.
+//!
+//! A group may have no server at all (its names do not resolve): then there is nothing to pick
+//! and its requests fail at once ([`UpstreamPool::pick`] is `None`).
 //!
 //! Never a self-made outage:
 //! - at most `max_ejected_percent` of the group's servers are ejected at once as *outliers*
@@ -28,14 +40,18 @@ use super::budget::RetryBudget;
 use super::failing::FailingUrls;
 use super::outcome::FailureClass;
 use super::peer::{peer_for, TlsCause, TlsFailureLog};
+use super::resolve::{Answer, HostPort, Names};
 use super::ResilienceStats;
-use crate::config::{Balance, UpstreamSettings};
-use crate::metrics::{OriginOutcome, UpstreamMetrics};
+use crate::config::{Balance, ServerSpec, UpstreamSettings};
+use crate::metrics::{OriginOutcome, ServerMetrics, UpstreamMetrics};
+use arc_swap::ArcSwap;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_http::RequestHeader;
 use pingora_load_balancing::health_check::HttpHealthCheck;
 use pingora_load_balancing::selection::{Consistent, RoundRobin};
-use pingora_load_balancing::{discovery, Backend, Backends, LoadBalancer};
+use pingora_load_balancing::{
+    discovery, Backend, Backends, HealthCheckService, HealthRegistry, LoadBalancer,
+};
 use prometheus::IntCounter;
 use std::cell::RefCell;
 use std::collections::{BTreeSet, HashMap};
@@ -50,29 +66,63 @@ pub const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 pub const BUDGET_MIN_RETRIES: u32 = 10;
 
 enum Lb {
-    RoundRobin(Arc<LoadBalancer<RoundRobin>>),
-    Hash(Arc<LoadBalancer<Consistent>>),
+    RoundRobin(LoadBalancer<RoundRobin>),
+    Hash(LoadBalancer<Consistent>),
 }
 
 pub struct UpstreamPool {
     pub settings: Arc<UpstreamSettings>,
-    lb: Lb,
-    /// Built once; read-only afterwards, so lookups take no lock.
-    breakers: HashMap<SocketAddr, Arc<Breaker>>,
-    /// What outcome reports need: stats, the trip lock and the ejection cap.
-    group: Arc<GroupView>,
+    /// The servers in force; swapped whole by [`UpstreamPool::set_servers`].
+    servers: ArcSwap<ServerSet>,
+    /// What the group's names resolve to; only its resolve loop and a new pool's seeding touch
+    /// it, never a request.
+    names: Mutex<Names>,
+    /// The active health check: one registry (health by server) shared by every set, and the
+    /// service that checks its servers. `None` without `health_check`.
+    health: Option<Health>,
+    /// Held while a failure is recorded, so that two servers tripping at once cannot both slip
+    /// under the ejection cap. Taken only on failures, never on the success path.
+    trip_lock: Arc<Mutex<()>>,
     pub budget: RetryBudget,
     /// URLs that just failed on every server: their gateway answers are not retried.
     pub failing_urls: FailingUrls,
     pub backoff: Backoff,
     pub stats: Arc<ResilienceStats>,
-    /// This group's and its servers' figures for `/metrics`.
+    /// This group's figures for `/metrics` (its servers' are in their set).
     pub metrics: Arc<UpstreamMetrics>,
-    max_iterations: usize,
-    /// Each server's peer (`origin::peer`), built once: TLS settings, CA, timeouts.
-    peers: HashMap<SocketAddr, HttpPeer>,
     /// TLS failures already logged, per server and cause.
     pub tls_failures: TlsFailureLog,
+}
+
+struct Health {
+    registry: Arc<HealthRegistry>,
+    service: Arc<HealthCheckService>,
+    check: Arc<PerServerCheck>,
+}
+
+/// The group's servers at one moment: immutable, shared by the picks and [`Selected`]s made
+/// from it.
+pub struct ServerSet {
+    servers: Vec<ServerSpec>,
+    lb: Lb,
+    members: HashMap<SocketAddr, Arc<Member>>,
+    /// Outlier ejections allowed at once (`max_ejected_percent` of the set, at least 1).
+    max_ejected: usize,
+    max_iterations: usize,
+    stats: Arc<ResilienceStats>,
+    trip_lock: Arc<Mutex<()>>,
+}
+
+/// One server: carried from set to set while its address stays in the group.
+struct Member {
+    spec: ServerSpec,
+    breaker: Arc<Breaker>,
+    /// Its last trip was for being down (connect failures), not as an outlier: while ejected
+    /// it does not count towards `max_ejected`. Written under `trip_lock`.
+    down: AtomicBool,
+    metrics: Arc<ServerMetrics>,
+    /// Its Pingora peer (`origin::peer`): TLS settings, SNI, CA, timeouts.
+    peer: HttpPeer,
 }
 
 /// A server chosen for one try, holding its breaker admission until the outcome is reported.
@@ -83,28 +133,8 @@ pub struct Selected {
     admission: Option<Admission>,
     /// Chosen by panic routing (every server was ejected): no admission, nothing is reported.
     pub panic: bool,
-    group: Arc<GroupView>,
-}
-
-/// What a [`Selected`] needs of its group to report an outcome.
-struct GroupView {
-    stats: Arc<ResilienceStats>,
-    metrics: Arc<UpstreamMetrics>,
-    /// Held while a failure is recorded, so that two servers tripping at once cannot both slip
-    /// under the ejection cap. Taken only on failures, never on the success path.
-    trip_lock: Arc<Mutex<()>>,
-    /// Every server of the group, to count how many are ejected as outliers before a trip.
-    members: Vec<Member>,
-    /// Outlier ejections allowed at once (`max_ejected_percent` of the group, at least 1).
-    max_ejected: usize,
-}
-
-/// A server's breaker and why it was last ejected.
-struct Member {
-    breaker: Arc<Breaker>,
-    /// Its last trip was for being down (connect failures), not as an outlier: while ejected
-    /// it does not count towards `max_ejected`. Written under `trip_lock`.
-    down: AtomicBool,
+    /// The set it was chosen from (its peer, its peers' breakers for the ejection cap).
+    set: Arc<ServerSet>,
 }
 
 impl Selected {
@@ -112,7 +142,7 @@ impl Selected {
     pub fn succeeded(mut self, request_id: &str) {
         if let Some(a) = self.admission.take() {
             let t = self.breaker.record_success(a);
-            log_transition(&self.group, self.addr, t, None, request_id);
+            log_transition(&self.set, self.addr, t, None, request_id);
         }
     }
 
@@ -120,11 +150,11 @@ impl Selected {
     /// A `Closed → Open` trip for a down server ([`FailureClass::is_down`]) always happens; an
     /// outlier's only while fewer than `max_ejected` other servers are ejected as outliers.
     pub fn failed(mut self, class: FailureClass, request_id: &str) {
-        self.group.stats.count_failure(class);
+        self.set.stats.count_failure(class);
         let Some(a) = self.admission.take() else {
             return;
         };
-        let g = &self.group;
+        let g = &self.set;
         let _trip = g.trip_lock.lock().unwrap_or_else(|e| e.into_inner());
         let me = &self.breaker;
         let mut may_eject = || {
@@ -133,7 +163,7 @@ impl Selected {
             }
             let others = g
                 .members
-                .iter()
+                .values()
                 .filter(|m| {
                     !Arc::ptr_eq(&m.breaker, me)
                         && !m.down.load(Ordering::Relaxed)
@@ -155,7 +185,7 @@ impl Selected {
         };
         let t = me.record_failure_gated(a, &mut may_eject);
         if t.is_some_and(|t| t.to == BreakerState::Open) {
-            if let Some(m) = g.members.iter().find(|m| Arc::ptr_eq(&m.breaker, me)) {
+            if let Some(m) = g.members.get(&self.addr) {
                 m.down.store(class.is_down(), Ordering::Relaxed);
             }
         }
@@ -166,19 +196,25 @@ impl Selected {
     /// error, a gateway answer that no peer contradicted): report nothing. A `HalfOpen` probe
     /// slot is freed.
     pub fn release(self) {}
+
+    /// The Pingora peer to reach this server with (from the set it was chosen from, so a
+    /// re-resolution meanwhile cannot change its SNI or TLS settings).
+    pub fn peer(&self) -> Option<HttpPeer> {
+        self.set.members.get(&self.addr).map(|m| m.peer.clone())
+    }
 }
 
 fn log_transition(
-    group: &GroupView,
+    set: &ServerSet,
     addr: SocketAddr,
     t: Option<Transition>,
     class: Option<FailureClass>,
     request_id: &str,
 ) {
     let Some(t) = t else { return };
-    let stats = &group.stats;
-    if let Some(m) = group.metrics.server(&addr) {
-        m.transition(t.to);
+    let stats = &set.stats;
+    if let Some(m) = set.members.get(&addr) {
+        m.metrics.transition(t.to);
     }
     let counter = match t.to {
         BreakerState::Open => &stats.breaker_opened,
@@ -199,98 +235,132 @@ fn log_transition(
     );
 }
 
-/// The group's active health check: one Pingora HTTP check per server, each made from that
-/// server's peer.
+/// The group's active health check: Pingora's HTTP check per server, each made from that
+/// server's peer (over TLS for an HTTPS group, with the server's SNI and verification) on its
+/// first check, and forgotten when the server leaves the group.
 struct PerServerCheck {
-    checks: HashMap<SocketAddr, HttpHealthCheck>,
+    settings: Arc<UpstreamSettings>,
+    req: RequestHeader,
+    timeout: Duration,
     healthy_after: usize,
     unhealthy_after: usize,
+    checks: Mutex<HashMap<SocketAddr, Arc<HttpHealthCheck>>>,
 }
 
+impl PerServerCheck {
+    fn check_of(&self, target: &Backend) -> Option<Arc<HttpHealthCheck>> {
+        let addr = *target.addr.as_inet()?;
+        let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        let check = checks.entry(addr).or_insert_with(|| {
+            // The server as its set made it (its name for TLS), carried by the backend.
+            let spec = target
+                .ext
+                .get::<ServerSpec>()
+                .cloned()
+                .unwrap_or(ServerSpec {
+                    addr,
+                    weight: 1,
+                    name: None,
+                });
+            let mut check = HttpHealthCheck::new(&self.settings.name, false);
+            check.consecutive_success = self.healthy_after;
+            check.consecutive_failure = self.unhealthy_after;
+            check.peer_template = peer_for(&self.settings, &spec);
+            check.peer_template.options.connection_timeout = Some(self.timeout);
+            check.peer_template.options.read_timeout = Some(self.timeout);
+            check.peer_template.options.write_timeout = Some(self.timeout);
+            check.req = self.req.clone();
+            Arc::new(check)
+        });
+        Some(check.clone())
+    }
+
+    /// Drop the checks of servers not in `keep`.
+    fn retain(&self, keep: &HashMap<SocketAddr, Arc<Member>>) {
+        let mut checks = self.checks.lock().unwrap_or_else(|e| e.into_inner());
+        checks.retain(|a, _| keep.contains_key(a));
+    }
+}
+
+/// What the registry holds: the pool keeps the check too, to forget servers that leave.
+struct SharedCheck(Arc<PerServerCheck>);
+
 #[async_trait::async_trait]
-impl pingora_load_balancing::health_check::HealthCheck for PerServerCheck {
+impl pingora_load_balancing::health_check::HealthCheck for SharedCheck {
     async fn check(&self, target: &Backend) -> pingora_error::Result<()> {
-        let check = target.addr.as_inet().and_then(|a| self.checks.get(a));
-        match check {
+        match self.0.check_of(target) {
             Some(c) => c.check(target).await,
             None => pingora_error::Error::e_explain(
                 pingora_error::ErrorType::InternalError,
-                "health check of a server not in the group",
+                "health check of a server without an IP address",
             ),
         }
     }
 
     fn health_threshold(&self, success: bool) -> usize {
         if success {
-            self.healthy_after
+            self.0.healthy_after
         } else {
-            self.unhealthy_after
+            self.0.unhealthy_after
         }
     }
 }
 
-impl UpstreamPool {
-    pub fn new(
-        settings: Arc<UpstreamSettings>,
-        stats: Arc<ResilienceStats>,
-    ) -> std::io::Result<UpstreamPool> {
-        let mut backends = BTreeSet::new();
-        for s in &settings.servers {
-            let b = Backend::new_with_weight(&s.addr.to_string(), s.weight as usize)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            backends.insert(b);
+impl ServerSet {
+    /// The set of `servers`, carrying over from `previous` every server that stays (breaker,
+    /// down mark, figures; its peer too unless its name changed).
+    fn build(
+        pool: &UpstreamPool,
+        servers: Vec<ServerSpec>,
+        previous: Option<&ServerSet>,
+    ) -> ServerSet {
+        let settings = &pool.settings;
+        let mut members = HashMap::with_capacity(servers.len());
+        for s in &servers {
+            let kept = previous.and_then(|p| p.members.get(&s.addr));
+            let member = match kept {
+                Some(m) if m.spec == *s => m.clone(),
+                Some(m) => Arc::new(Member {
+                    spec: s.clone(),
+                    breaker: m.breaker.clone(),
+                    down: AtomicBool::new(m.down.load(Ordering::Relaxed)),
+                    metrics: m.metrics.clone(),
+                    peer: peer_for(settings, s),
+                }),
+                None => {
+                    let breaker = Arc::new(Breaker::new(settings.breaker.clone()));
+                    let metrics = pool.stats.metrics.server(&settings.name, s.addr, &breaker);
+                    Arc::new(Member {
+                        spec: s.clone(),
+                        breaker,
+                        down: AtomicBool::new(false),
+                        metrics,
+                        peer: peer_for(settings, s),
+                    })
+                }
+            };
+            members.insert(s.addr, member);
         }
-        let mut discovered = Backends::new(discovery::Static::new(backends));
-        let peers: HashMap<SocketAddr, HttpPeer> = settings
-            .servers
+        let backends: BTreeSet<Backend> = servers
             .iter()
-            .map(|s| (s.addr, peer_for(&settings, s)))
+            .map(|s| {
+                let mut b = Backend {
+                    addr: pingora_core::protocols::l4::socket::SocketAddr::Inet(s.addr),
+                    weight: s.weight as usize,
+                    ext: Default::default(),
+                };
+                b.ext.insert(s.clone());
+                b
+            })
             .collect();
-        if let Some(hc) = &settings.health_check {
-            // Pingora's HTTP check, one per server so that each is made from that server's own
-            // peer (over TLS for an HTTPS group, with the server's SNI and verification).
-            let mut req = RequestHeader::build("GET", hc.path.as_bytes(), None)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            // The group's `host` when set; otherwise the upstream's name, as ever.
-            let host = settings.host.as_deref().unwrap_or(settings.name.as_str());
-            req.insert_header("host", host)
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            req.insert_header("user-agent", "edgeslice-health-check")
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-            let checks = peers
-                .iter()
-                .map(|(addr, peer)| {
-                    let mut check = HttpHealthCheck::new(&settings.name, false);
-                    check.consecutive_success = hc.healthy_after as usize;
-                    check.consecutive_failure = hc.unhealthy_after as usize;
-                    check.peer_template = peer.clone();
-                    check.peer_template.options.connection_timeout = Some(hc.timeout);
-                    check.peer_template.options.read_timeout = Some(hc.timeout);
-                    check.peer_template.options.write_timeout = Some(hc.timeout);
-                    check.req = req.clone();
-                    (*addr, check)
-                })
-                .collect();
-            discovered.set_health_check(Box::new(PerServerCheck {
-                checks,
-                healthy_after: hc.healthy_after as usize,
-                unhealthy_after: hc.unhealthy_after as usize,
-            }));
-        }
-        let interval = settings.health_check.as_ref().map(|h| h.interval);
+        let discovered = discovery::Static::new(backends);
+        let view = match &pool.health {
+            Some(h) => Backends::new_with_health_registry(discovered, h.registry.clone()),
+            None => Backends::new(discovered),
+        };
         let lb = match settings.balance {
-            Balance::RoundRobin => {
-                let mut lb = LoadBalancer::<RoundRobin>::from_backends(discovered);
-                lb.health_check_frequency = interval;
-                lb.parallel_health_check = true;
-                Lb::RoundRobin(Arc::new(lb))
-            }
-            Balance::ConsistentHash => {
-                let mut lb = LoadBalancer::<Consistent>::from_backends(discovered);
-                lb.health_check_frequency = interval;
-                lb.parallel_health_check = true;
-                Lb::Hash(Arc::new(lb))
-            }
+            Balance::RoundRobin => Lb::RoundRobin(LoadBalancer::from_backends(view)),
+            Balance::ConsistentHash => Lb::Hash(LoadBalancer::from_backends(view)),
         };
         // Static discovery never blocks: load the backends into the selector now.
         use futures::FutureExt;
@@ -299,55 +369,154 @@ impl UpstreamPool {
             Lb::Hash(l) => l.update().now_or_never(),
         };
         if !matches!(loaded, Some(Ok(()))) {
-            return Err(std::io::Error::other(
-                "loading the static server list failed",
-            ));
+            // Not reachable with static discovery; said should it ever be.
+            log::error!(
+                "upstream {}: loading {} servers into the load balancer failed",
+                settings.name,
+                servers.len()
+            );
         }
-        let breakers: HashMap<SocketAddr, Arc<Breaker>> = settings
-            .servers
-            .iter()
-            .map(|s| (s.addr, Arc::new(Breaker::new(settings.breaker.clone()))))
-            .collect();
-        let n = settings.servers.len();
-        let max_ejected = (n * settings.max_ejected_percent as usize / 100).max(1);
-        let server_breakers: Vec<_> = settings
-            .servers
-            .iter()
-            .filter_map(|s| breakers.get(&s.addr).map(|b| (s.addr, b)))
-            .collect();
-        let metrics = Arc::new(stats.metrics.upstream(&settings.name, &server_breakers));
-        let group = Arc::new(GroupView {
-            metrics: metrics.clone(),
-            stats: stats.clone(),
-            trip_lock: Arc::new(Mutex::new(())),
-            members: breakers
-                .values()
-                .map(|b| Member {
-                    breaker: b.clone(),
-                    down: AtomicBool::new(false),
+        let n = servers.len();
+        let weight_sum: usize = servers.iter().map(|s| s.weight as usize).sum();
+        ServerSet {
+            max_ejected: (n * settings.max_ejected_percent as usize / 100).max(1),
+            max_iterations: weight_sum + n + 1,
+            members,
+            servers,
+            lb,
+            stats: pool.stats.clone(),
+            trip_lock: pool.trip_lock.clone(),
+        }
+    }
+
+    pub fn servers(&self) -> &[ServerSpec] {
+        &self.servers
+    }
+
+    fn select_with(&self, key: &[u8], accept: impl Fn(&Backend, bool) -> bool) {
+        let _ = match &self.lb {
+            Lb::RoundRobin(l) => l.select_with(key, self.max_iterations, accept),
+            Lb::Hash(l) => l.select_with(key, self.max_iterations, accept),
+        };
+    }
+}
+
+impl UpstreamPool {
+    /// The pool of `settings` with its IP servers; its names have no server until
+    /// [`UpstreamPool::resolved`] is given what they resolve to.
+    pub fn new(
+        settings: Arc<UpstreamSettings>,
+        stats: Arc<ResilienceStats>,
+    ) -> std::io::Result<UpstreamPool> {
+        let health = match &settings.health_check {
+            None => None,
+            Some(hc) => {
+                let mut req = RequestHeader::build("GET", hc.path.as_bytes(), None)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                // The group's `host` when set; otherwise the upstream's name, as ever.
+                let host = settings.host.as_deref().unwrap_or(settings.name.as_str());
+                req.insert_header("host", host)
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                req.insert_header("user-agent", "edgeslice-health-check")
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                let check = Arc::new(PerServerCheck {
+                    settings: settings.clone(),
+                    req,
+                    timeout: hc.timeout,
+                    healthy_after: hc.healthy_after as usize,
+                    unhealthy_after: hc.unhealthy_after as usize,
+                    checks: Mutex::default(),
+                });
+                let registry = Arc::new(HealthRegistry::new());
+                registry.set_health_check(Box::new(SharedCheck(check.clone())));
+                let mut service = HealthCheckService::new(registry.clone());
+                service.health_check_frequency = Some(hc.interval);
+                service.parallel_health_check = true;
+                Some(Health {
+                    registry,
+                    service: Arc::new(service),
+                    check,
                 })
-                .collect(),
-            max_ejected,
-        });
+            }
+        };
         let retry = settings.retry;
-        let weight_sum: usize = settings.servers.iter().map(|s| s.weight as usize).sum();
-        Ok(UpstreamPool {
+        let metrics = Arc::new(stats.metrics.upstream(&settings.name));
+        let mut pool = UpstreamPool {
             budget: RetryBudget::new(retry.budget_percent, BUDGET_MIN_RETRIES, BUDGET_WINDOW),
             failing_urls: FailingUrls::new(),
             backoff: Backoff {
                 base: retry.backoff,
                 max: retry.max_backoff,
             },
-            max_iterations: weight_sum + settings.servers.len() + 1,
-            peers,
+            servers: ArcSwap::from_pointee(ServerSet::empty(&stats)),
+            names: Mutex::default(),
+            health,
+            trip_lock: Arc::default(),
             tls_failures: TlsFailureLog::default(),
             metrics,
             settings,
-            lb,
-            breakers,
-            group,
             stats,
-        })
+        };
+        let first = ServerSet::build(
+            &pool,
+            Names::default().servers(&pool.settings.servers),
+            None,
+        );
+        pool.servers = ArcSwap::from_pointee(first);
+        Ok(pool)
+    }
+
+    /// The servers in force now.
+    pub fn server_set(&self) -> Arc<ServerSet> {
+        self.servers.load_full()
+    }
+
+    /// How many servers the group has now.
+    pub fn server_count(&self) -> usize {
+        self.servers.load().servers.len()
+    }
+
+    /// Put `servers` in force, unless they are the servers in force already (then nothing
+    /// changes). Servers that stay keep their breaker, figures and health.
+    pub fn set_servers(&self, servers: Vec<ServerSpec>) {
+        let now = self.servers.load_full();
+        if now.servers == servers {
+            return;
+        }
+        let next = ServerSet::build(self, servers, Some(&now));
+        if let Some(h) = &self.health {
+            h.check.retain(&next.members);
+        }
+        self.tls_failures.retain(|a| next.members.contains_key(a));
+        self.servers.store(Arc::new(next));
+    }
+
+    /// A round of lookups of the group's names (`origin::resolve`): take the answers (logging
+    /// what changed, counting the failures) and put the servers they make in force.
+    pub fn resolved(&self, answers: &[(HostPort, Answer)]) {
+        let servers = {
+            let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+            let failed = names.observe_all(self.name(), answers);
+            self.metrics.resolve_failures.inc_by(failed);
+            names.servers(&self.settings.servers)
+        };
+        self.set_servers(servers);
+    }
+
+    /// Start from what `previous` (the pool this one replaces) knows of the names both have,
+    /// so that a reload does not take a name's servers away until its next lookup.
+    pub fn adopt_names(&self, previous: &UpstreamPool) {
+        let servers = {
+            let theirs = previous
+                .names
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let mut names = self.names.lock().unwrap_or_else(|e| e.into_inner());
+            names.adopt(&theirs, &self.settings);
+            names.servers(&self.settings.servers)
+        };
+        self.set_servers(servers);
     }
 
     /// Count a try after the first (cache fetch or pass-through).
@@ -358,87 +527,88 @@ impl UpstreamPool {
 
     /// Count a try sent to `server` and what became of it.
     pub fn count_request(&self, server: SocketAddr, outcome: OriginOutcome) {
-        if let Some(m) = self.metrics.server(&server) {
-            m.request(outcome);
+        if let Some(m) = self.servers.load().members.get(&server) {
+            m.metrics.request(outcome);
         }
     }
 
     /// The counter of body bytes `server` sends in an answer with `status`.
     pub fn body_bytes(&self, server: SocketAddr, status: u16) -> Option<IntCounter> {
-        self.metrics.server(&server).map(|m| m.body_bytes(status))
+        self.servers
+            .load()
+            .members
+            .get(&server)
+            .map(|m| m.metrics.body_bytes(status))
     }
 
     pub fn name(&self) -> &str {
         &self.settings.name
     }
 
-    /// The active health-check loop (Pingora's, every `health_check.interval`) until `shutdown`
-    /// turns true; `None` without `health_check`. Whoever runs it owns it: the reload module
-    /// spawns one per pool and aborts it when no configuration snapshot holds the pool.
+    /// The active health-check loop (Pingora's, every `health_check.interval`, over every
+    /// server of the sets in use) until `shutdown` turns true; `None` without `health_check`.
+    /// Whoever runs it owns it: the reload module spawns one per pool and aborts it when no
+    /// configuration snapshot holds the pool.
     pub fn health_checks(
         &self,
         shutdown: pingora_core::server::ShutdownWatch,
     ) -> Option<futures::future::BoxFuture<'static, ()>> {
         use pingora_core::services::background::BackgroundService;
-        self.settings.health_check.as_ref()?;
-        Some(match &self.lb {
-            Lb::RoundRobin(l) => {
-                let l = l.clone();
-                Box::pin(async move { l.start(shutdown).await })
-            }
-            Lb::Hash(l) => {
-                let l = l.clone();
-                Box::pin(async move { l.start(shutdown).await })
-            }
-        })
+        let service = self.health.as_ref()?.service.clone();
+        Some(Box::pin(async move { service.start(shutdown).await }))
     }
 
-    pub fn breaker(&self, addr: &SocketAddr) -> Option<&Arc<Breaker>> {
-        self.breakers.get(addr)
+    pub fn breaker(&self, addr: &SocketAddr) -> Option<Arc<Breaker>> {
+        self.servers
+            .load()
+            .members
+            .get(addr)
+            .map(|m| m.breaker.clone())
     }
 
     /// Choose a server for `key` (the cache key under consistent hashing): healthy, admitted by
     /// its breaker, and not in `tried` when another such server exists (for a retry, preferably
     /// one whose last outcomes were all good: [`UpstreamPool::pick_retry`]). When no server is
     /// admitted (all ejected or marked down), panic routing picks one anyway, preferring one not
-    /// yet tried; such a try carries no admission. Never fails: a group has at least one server.
-    pub fn pick(&self, key: &[u8], tried: &[SocketAddr]) -> Selected {
-        if let Some(sel) = self
-            .pick_retry(key, tried)
-            .or_else(|| self.pick_where(key, |a| !tried.contains(a)))
-            .or_else(|| self.pick_where(key, |_| true))
+    /// yet tried; such a try carries no admission. `None` only when the group has no server
+    /// (its names do not resolve).
+    pub fn pick(&self, key: &[u8], tried: &[SocketAddr]) -> Option<Selected> {
+        let set = self.servers.load_full();
+        if set.servers.is_empty() {
+            return None;
+        }
+        if let Some(sel) = Self::pick_retry(&set, key, tried)
+            .or_else(|| Self::pick_where(&set, key, |a| !tried.contains(a)))
+            .or_else(|| Self::pick_where(&set, key, |_| true))
         {
-            return sel;
+            return Some(sel);
         }
         self.stats.all_ejected.fetch_add(1, Ordering::Relaxed);
-        let addr = self
-            .panic_pick(key, |a| !tried.contains(a))
-            .or_else(|| self.panic_pick(key, |_| true))
-            .or_else(|| self.settings.servers.first().map(|s| s.addr));
-        let addr = addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+        let member = Self::panic_pick(&set, key, |a| !tried.contains(a))
+            .or_else(|| Self::panic_pick(&set, key, |_| true))
+            .or_else(|| set.servers.first().and_then(|s| set.members.get(&s.addr)))
+            .cloned()?;
         log::debug!(
-            "{}: every server is ejected; panic routing to {addr}",
-            self.name()
+            "{}: every server is ejected; panic routing to {}",
+            self.name(),
+            member.spec.addr
         );
-        Selected {
-            addr,
-            breaker: self
-                .breakers
-                .get(&addr)
-                .cloned()
-                .unwrap_or_else(|| Arc::new(Breaker::new(self.settings.breaker.clone()))),
+        Some(Selected {
+            addr: member.spec.addr,
+            breaker: member.breaker.clone(),
             admission: None,
             panic: true,
-            group: self.group.clone(),
-        }
+            set,
+        })
     }
 
     /// A server not in `tried` that is in rotation (healthy, breaker admitting), if any: where
     /// a gateway answer (502/503/504) may be retried. Never a server already tried, and no
     /// panic routing: with none left, the gateway answer stands.
     pub fn pick_untried(&self, key: &[u8], tried: &[SocketAddr]) -> Option<Selected> {
-        self.pick_retry(key, tried)
-            .or_else(|| self.pick_where(key, |a| !tried.contains(a)))
+        let set = self.servers.load_full();
+        Self::pick_retry(&set, key, tried)
+            .or_else(|| Self::pick_where(&set, key, |a| !tried.contains(a)))
     }
 
     /// For a retry (`tried` not empty): an untried server whose last outcomes were all good
@@ -446,12 +616,12 @@ impl UpstreamPool {
     /// is failing too (a dead one not yet ejected, an outlier held back by the cap) while a
     /// clean one is there. First tries are never steered this way: they keep every server's
     /// record current.
-    fn pick_retry(&self, key: &[u8], tried: &[SocketAddr]) -> Option<Selected> {
+    fn pick_retry(set: &Arc<ServerSet>, key: &[u8], tried: &[SocketAddr]) -> Option<Selected> {
         if tried.is_empty() {
             return None;
         }
-        self.pick_where(key, |a| {
-            !tried.contains(a) && self.breakers.get(a).is_some_and(|b| b.is_clean())
+        Self::pick_where(set, key, |a| {
+            !tried.contains(a) && set.members.get(a).is_some_and(|m| m.breaker.is_clean())
         })
     }
 
@@ -460,83 +630,91 @@ impl UpstreamPool {
     /// pick itself has the last word); decides whether a gateway answer is worth a retry before
     /// the retry budget is asked.
     pub fn may_pick_untried(&self, tried: &[SocketAddr]) -> bool {
-        self.settings.servers.iter().any(|s| {
-            !tried.contains(&s.addr) && self.breakers.get(&s.addr).is_some_and(|b| b.allows())
-        })
+        self.servers
+            .load()
+            .members
+            .values()
+            .any(|m| !tried.contains(&m.spec.addr) && m.breaker.allows())
     }
 
     /// Whether the whole group looks down: every server ejected or failing (a streak the
-    /// ejection cap held back). A request with a stale copy serves it at once instead of waiting
-    /// on such a group.
+    /// ejection cap held back), or no server at all. A request with a stale copy serves it at
+    /// once instead of waiting on such a group.
     pub fn all_failing(&self) -> bool {
-        self.breakers.values().all(|b| b.is_failing())
+        self.servers
+            .load()
+            .members
+            .values()
+            .all(|m| m.breaker.is_failing())
     }
 
     /// Any server in `want`, ignoring health and breakers (panic routing).
-    fn panic_pick(&self, key: &[u8], want: impl Fn(&SocketAddr) -> bool) -> Option<SocketAddr> {
+    fn panic_pick<'s>(
+        set: &'s ServerSet,
+        key: &[u8],
+        want: impl Fn(&SocketAddr) -> bool,
+    ) -> Option<&'s Arc<Member>> {
         let chosen: RefCell<Option<SocketAddr>> = RefCell::new(None);
-        let accept = |b: &Backend, _healthy: bool| match b.addr.as_inet() {
+        set.select_with(key, |b: &Backend, _healthy: bool| match b.addr.as_inet() {
             Some(a) if want(a) => {
                 *chosen.borrow_mut() = Some(*a);
                 true
             }
             _ => false,
-        };
-        let _ = match &self.lb {
-            Lb::RoundRobin(l) => l.select_with(key, self.max_iterations, accept),
-            Lb::Hash(l) => l.select_with(key, self.max_iterations, accept),
-        };
-        chosen.into_inner()
+        });
+        let addr = chosen.into_inner()?;
+        set.members.get(&addr)
     }
 
-    fn pick_where(&self, key: &[u8], want: impl Fn(&SocketAddr) -> bool) -> Option<Selected> {
+    fn pick_where(
+        set: &Arc<ServerSet>,
+        key: &[u8],
+        want: impl Fn(&SocketAddr) -> bool,
+    ) -> Option<Selected> {
         let admitted: RefCell<Option<(SocketAddr, Arc<Breaker>, Admission)>> = RefCell::new(None);
-        let accept = |b: &Backend, healthy: bool| {
+        set.select_with(key, |b: &Backend, healthy: bool| {
             let Some(addr) = b.addr.as_inet() else {
                 return false;
             };
             if !healthy || !want(addr) {
                 return false;
             }
-            let Some(breaker) = self.breakers.get(addr) else {
+            let Some(member) = set.members.get(addr) else {
                 return false;
             };
-            if !breaker.allows() {
+            if !member.breaker.allows() {
                 return false;
             }
-            match breaker.try_acquire() {
+            match member.breaker.try_acquire() {
                 Some(a) => {
-                    *admitted.borrow_mut() = Some((*addr, breaker.clone(), a));
+                    *admitted.borrow_mut() = Some((*addr, member.breaker.clone(), a));
                     true
                 }
                 None => false,
             }
-        };
-        let _ = match &self.lb {
-            Lb::RoundRobin(l) => l.select_with(key, self.max_iterations, accept),
-            Lb::Hash(l) => l.select_with(key, self.max_iterations, accept),
-        };
+        });
         let (addr, breaker, admission) = admitted.into_inner()?;
-        log_transition(&self.group, addr, admission.transition(), None, "-");
+        log_transition(set, addr, admission.transition(), None, "-");
         Some(Selected {
             addr,
             breaker,
             admission: Some(admission),
             panic: false,
-            group: self.group.clone(),
+            set: set.clone(),
         })
     }
 
     /// The Pingora peer for `addr` (see `origin::peer`): this group's timeouts
     /// (`connect_timeout` per connection attempt, the TLS handshake included; `read_timeout` as
-    /// the idle time allowed between reads) and, for an HTTPS group, its TLS settings.
+    /// the idle time allowed between reads) and, for an HTTPS group, its TLS settings. Prefer
+    /// [`Selected::peer`], which cannot miss a server that just left the group.
     pub fn peer(&self, addr: SocketAddr) -> HttpPeer {
-        match self.peers.get(&addr) {
-            Some(p) => p.clone(),
-            // Not one of ours (panic routing's last resort): plain, with the group's timeouts.
+        match self.servers.load().members.get(&addr) {
+            Some(m) => m.peer.clone(),
+            // Not one of ours (any more): plain, with the group's timeouts.
             None => peer_for(
                 &self.settings,
-                &crate::config::ServerSpec {
+                &ServerSpec {
                     addr,
                     weight: 1,
                     name: None,
@@ -564,10 +742,27 @@ impl UpstreamPool {
     }
 }
 
+impl ServerSet {
+    /// A set with no server (only while a pool is being made).
+    fn empty(stats: &Arc<ResilienceStats>) -> ServerSet {
+        ServerSet {
+            servers: Vec::new(),
+            lb: Lb::RoundRobin(LoadBalancer::from_backends(Backends::new(
+                discovery::Static::new(BTreeSet::new()),
+            ))),
+            members: HashMap::new(),
+            max_ejected: 1,
+            max_iterations: 1,
+            stats: stats.clone(),
+            trip_lock: Arc::default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{RetrySettings, ServerSpec, DEFAULT_BREAKER};
+    use crate::config::{RetrySettings, ServerEntry, ServerTarget, DEFAULT_BREAKER};
     use crate::origin::breaker::BreakerConfig;
     use crate::origin::outcome::StatusEvidence;
     use tokio::time::advance;
@@ -575,21 +770,26 @@ mod tests {
     const SEC: Duration = Duration::from_secs(1);
 
     fn pool(n: u16, max_ejected_percent: u32) -> UpstreamPool {
+        let servers = (0..n)
+            .map(|i| ServerEntry {
+                target: ServerTarget::Addr(SocketAddr::from(([127, 0, 0, 1], 10_000 + i))),
+                weight: 1,
+            })
+            .collect();
+        pool_of(servers, max_ejected_percent)
+    }
+
+    fn pool_of(servers: Vec<ServerEntry>, max_ejected_percent: u32) -> UpstreamPool {
         let settings = UpstreamSettings {
             name: "test".into(),
-            servers: (0..n)
-                .map(|i| ServerSpec {
-                    addr: SocketAddr::from(([127, 0, 0, 1], 10_000 + i)),
-                    weight: 1,
-                    name: None,
-                })
-                .collect(),
+            servers,
             balance: Balance::RoundRobin,
             connect_timeout: SEC,
             read_timeout: SEC,
             deadline: SEC * 5,
             min_rate: 0,
             max_ejected_percent,
+            resolve_interval: SEC,
             health_check: None,
             breaker: BreakerConfig {
                 failure_threshold: 3,
@@ -614,7 +814,12 @@ mod tests {
     }
 
     fn addrs(p: &UpstreamPool) -> Vec<SocketAddr> {
-        p.settings.servers.iter().map(|s| s.addr).collect()
+        p.server_set().servers().iter().map(|s| s.addr).collect()
+    }
+
+    /// A pick from a group that has servers.
+    fn pick(p: &UpstreamPool, key: &[u8], tried: &[SocketAddr]) -> Selected {
+        p.pick(key, tried).expect("a group with servers")
     }
 
     /// One request whose every try gets a gateway answer, with `tries` tries.
@@ -622,7 +827,7 @@ mod tests {
         let mut evidence = StatusEvidence::default();
         let mut tried = Vec::new();
         for _ in 0..tries {
-            let sel = p.pick(b"/bad", &tried);
+            let sel = pick(p, b"/bad", &tried);
             tried.push(sel.addr);
             evidence.hold(sel);
         }
@@ -635,7 +840,7 @@ mod tests {
         for _ in 0..60 {
             gateway_everywhere(&p, 3);
             // Other URLs in between work.
-            p.pick(b"/good", &[]).succeeded("t");
+            pick(&p, b"/good", &[]).succeeded("t");
         }
         for _ in 0..60 {
             gateway_everywhere(&p, 3);
@@ -644,7 +849,7 @@ mod tests {
         assert_eq!(p.stats.failures_of(FailureClass::GatewayStatus), 0);
         // Connection-level failures still eject it.
         for _ in 0..3 {
-            p.pick(b"/x", &[]).failed(FailureClass::Connect, "t");
+            pick(&p, b"/x", &[]).failed(FailureClass::Connect, "t");
         }
         assert_eq!(state(&p, a), BreakerState::Open);
     }
@@ -670,13 +875,13 @@ mod tests {
             requests += 1;
             assert!(requests <= 10, "ejected within a handful of requests");
             let mut evidence = StatusEvidence::default();
-            let first = p.pick(b"/any", &[]);
+            let first = pick(&p, b"/any", &[]);
             if first.addr == good {
                 first.succeeded("t");
                 continue;
             }
             evidence.hold(first);
-            let retry = p.pick(b"/any", &[bad]);
+            let retry = pick(&p, b"/any", &[bad]);
             assert_eq!(retry.addr, good);
             evidence.answered_by(good, "t");
             retry.succeeded("t");
@@ -686,7 +891,7 @@ mod tests {
         assert_eq!(p.stats.failures_of(FailureClass::GatewayStatus), 3);
         // While ejected, every pick goes to the good server.
         for _ in 0..10 {
-            assert_eq!(p.pick(b"/any", &[]).addr, good);
+            assert_eq!(pick(&p, b"/any", &[]).addr, good);
         }
     }
 
@@ -695,7 +900,7 @@ mod tests {
         let p = pool(1, 50);
         let a = addrs(&p)[0];
         let mut evidence = StatusEvidence::default();
-        evidence.hold(p.pick(b"/x", &[]));
+        evidence.hold(pick(&p, b"/x", &[]));
         evidence.answered_by(a, "t");
         assert_eq!(p.stats.failures_of(FailureClass::GatewayStatus), 0);
     }
@@ -706,7 +911,7 @@ mod tests {
         // Both servers reset every request.
         for _ in 0..10 {
             for a in addrs(&p) {
-                let sel = p.pick(b"/x", &[]);
+                let sel = pick(&p, b"/x", &[]);
                 let _ = a;
                 sel.failed(FailureClass::Reset, "t");
             }
@@ -722,7 +927,7 @@ mod tests {
         // With four servers and 50%, two may be ejected, never three.
         let p = pool(4, 50);
         for _ in 0..40 {
-            p.pick(b"/x", &[]).failed(FailureClass::Reset, "t");
+            pick(&p, b"/x", &[]).failed(FailureClass::Reset, "t");
         }
         let ejected = addrs(&p)
             .iter()
@@ -735,7 +940,7 @@ mod tests {
     async fn zero_percent_still_lets_one_server_go() {
         let p = pool(3, 0);
         for _ in 0..30 {
-            p.pick(b"/x", &[]).failed(FailureClass::ReadTimeout, "t");
+            pick(&p, b"/x", &[]).failed(FailureClass::ReadTimeout, "t");
         }
         let ejected = addrs(&p)
             .iter()
@@ -755,7 +960,7 @@ mod tests {
     fn charge_n(p: &UpstreamPool, addr: SocketAddr, class: FailureClass, n: usize) {
         let mut charged = 0;
         while charged < n {
-            let sel = p.pick(b"/x", &[]);
+            let sel = pick(p, b"/x", &[]);
             if sel.addr == addr {
                 sel.failed(class, "t");
                 charged += 1;
@@ -821,15 +1026,15 @@ mod tests {
         assert_eq!(state(&p, a), BreakerState::Closed);
         for _ in 0..20 {
             // A retry after b failed goes to c, never to a, whatever the rotation.
-            let sel = p.pick(b"/x", &[b]);
+            let sel = pick(&p, b"/x", &[b]);
             assert_eq!(sel.addr, c);
             sel.succeeded("t");
             assert_eq!(p.pick_untried(b"/x", &[b]).map(|s| s.addr), Some(c));
         }
         // With no clean server untried, any untried one.
-        assert_eq!(p.pick(b"/x", &[b, c]).addr, a);
+        assert_eq!(pick(&p, b"/x", &[b, c]).addr, a);
         // First tries are not steered: a still gets its share.
-        let firsts: Vec<SocketAddr> = (0..6).map(|_| p.pick(b"/x", &[]).addr).collect();
+        let firsts: Vec<SocketAddr> = (0..6).map(|_| pick(&p, b"/x", &[]).addr).collect();
         assert!(firsts.contains(&a), "{firsts:?}");
     }
 
@@ -838,11 +1043,11 @@ mod tests {
         let p = pool(1, 50);
         let a = addrs(&p)[0];
         for _ in 0..3 {
-            p.pick(b"/x", &[]).failed(FailureClass::Connect, "t");
+            pick(&p, b"/x", &[]).failed(FailureClass::Connect, "t");
         }
         assert_eq!(state(&p, a), BreakerState::Open);
         assert!(p.all_failing());
-        let sel = p.pick(b"/x", &[]);
+        let sel = pick(&p, b"/x", &[]);
         assert_eq!(sel.addr, a);
         assert!(sel.panic, "routed in panic mode");
         // A panic try reports nothing to the breaker.
@@ -853,14 +1058,14 @@ mod tests {
         // After the ejection, a normal probe.
         advance(SEC * 10).await;
         assert!(!p.all_failing());
-        let probe = p.pick(b"/x", &[]);
+        let probe = pick(&p, b"/x", &[]);
         assert!(!probe.panic);
         probe.succeeded("t");
         assert_eq!(state(&p, a), BreakerState::Closed);
     }
 
     fn sel_ok(p: &UpstreamPool) {
-        let s = p.pick(b"/x", &[]);
+        let s = pick(p, b"/x", &[]);
         assert!(s.panic);
         s.succeeded("t");
     }
@@ -870,22 +1075,116 @@ mod tests {
         let p = pool(1, 50);
         let a = addrs(&p)[0];
         for _ in 0..3 {
-            p.pick(b"/x", &[]).failed(FailureClass::Connect, "t");
+            pick(&p, b"/x", &[]).failed(FailureClass::Connect, "t");
         }
         advance(SEC * 10).await;
         // HalfOpen: a released probe (the client went away) neither closes nor reopens.
-        let probe = p.pick(b"/x", &[]);
+        let probe = pick(&p, b"/x", &[]);
         assert!(!probe.panic);
         assert_eq!(state(&p, a), BreakerState::HalfOpen);
         probe.release();
         assert_eq!(state(&p, a), BreakerState::HalfOpen);
-        let probe = p.pick(b"/x", &[]);
+        let probe = pick(&p, b"/x", &[]);
         assert!(!probe.panic, "the released slot is free again");
         probe.succeeded("t");
         assert_eq!(state(&p, a), BreakerState::Closed);
         for _ in 0..100 {
-            p.pick(b"/x", &[]).release();
+            pick(&p, b"/x", &[]).release();
         }
         assert_eq!(state(&p, a), BreakerState::Closed);
+    }
+
+    fn at(last: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, last], 80))
+    }
+
+    /// A group of one IP server and the name `origin`, weight 2.
+    fn named_pool() -> UpstreamPool {
+        pool_of(
+            vec![
+                ServerEntry {
+                    target: ServerTarget::Addr(at(9)),
+                    weight: 1,
+                },
+                ServerEntry {
+                    target: ServerTarget::Name {
+                        host: "origin".into(),
+                        port: 80,
+                    },
+                    weight: 2,
+                },
+            ],
+            50,
+        )
+    }
+
+    fn origin_is(p: &UpstreamPool, answer: crate::origin::resolve::Answer) {
+        p.resolved(&[(("origin".to_string(), 80), answer)]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_address_of_a_name_is_a_server_and_the_set_follows_dns() {
+        let p = named_pool();
+        assert_eq!(addrs(&p), vec![at(9)], "the name has no server yet");
+        origin_is(&p, Ok(vec![at(2), at(1)]));
+        assert_eq!(addrs(&p), vec![at(9), at(1), at(2)]);
+        let set = p.server_set();
+        assert_eq!(set.servers()[1].weight, 2);
+        assert_eq!(set.servers()[1].name.as_deref(), Some("origin"));
+        // Round robin reaches every address.
+        let picked: BTreeSet<SocketAddr> = (0..10).map(|_| pick(&p, b"/x", &[]).addr).collect();
+        assert_eq!(picked, [at(1), at(2), at(9)].into_iter().collect());
+
+        // The same answer in another order changes nothing at all: the very same set.
+        origin_is(&p, Ok(vec![at(1), at(2)]));
+        assert!(Arc::ptr_eq(&set, &p.server_set()));
+
+        // A server that stays keeps its breaker (ejected here); one that goes is forgotten.
+        charge_n(&p, at(1), FailureClass::Connect, 3);
+        let breaker = p.breaker(&at(1)).expect("breaker");
+        assert_eq!(breaker.state(), BreakerState::Open);
+        origin_is(&p, Ok(vec![at(1), at(3)]));
+        assert_eq!(addrs(&p), vec![at(9), at(1), at(3)]);
+        assert!(Arc::ptr_eq(&breaker, &p.breaker(&at(1)).expect("kept")));
+        assert!(p.breaker(&at(2)).is_none());
+        assert_eq!(state(&p, at(3)), BreakerState::Closed);
+        // A selection made before the change still reports to the server it chose.
+        let before = pick(&p, b"/y", &[at(1), at(9)]);
+        assert_eq!(before.addr, at(3));
+        origin_is(&p, Ok(vec![at(4)]));
+        assert!(before.peer().is_some(), "its set keeps its peer");
+        before.succeeded("t");
+
+        // DNS says the name is gone: only the IP server is left.
+        origin_is(
+            &p,
+            Err(crate::origin::resolve::ResolveError::NoAddress(
+                "NXDOMAIN".into(),
+            )),
+        );
+        assert_eq!(addrs(&p), vec![at(9)]);
+        assert_eq!(p.metrics.resolve_failures.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_group_without_a_server_picks_nothing_and_looks_down() {
+        let p = pool_of(
+            vec![ServerEntry {
+                target: ServerTarget::Name {
+                    host: "late".into(),
+                    port: 80,
+                },
+                weight: 1,
+            }],
+            50,
+        );
+        assert_eq!(p.server_count(), 0);
+        assert!(p.pick(b"/x", &[]).is_none());
+        assert!(p.pick_untried(b"/x", &[]).is_none());
+        assert!(!p.may_pick_untried(&[]));
+        assert!(p.all_failing());
+        p.resolved(&[(("late".to_string(), 80), Ok(vec![at(5)]))]);
+        assert_eq!(pick(&p, b"/x", &[]).addr, at(5));
+        assert!(!p.all_failing());
     }
 }

@@ -764,9 +764,9 @@ impl CacheLayer {
         status: u16,
         why: &crate::origin::fetch::FetchError,
     ) -> Result<Option<(Arc<ObjectMeta>, Lookup)>> {
-        // A TLS failure was logged once for its server and cause (`UpstreamPool::tls_failed`):
-        // not again for every request it fails.
-        let level = if why.tls.is_some() {
+        // A TLS failure was logged once for its server and cause (`UpstreamPool::tls_failed`),
+        // a group without a server when its names stopped resolving: not again per request.
+        let level = if why.tls.is_some() || why.is_no_server() {
             log::Level::Debug
         } else {
             log::Level::Warn

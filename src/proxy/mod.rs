@@ -341,6 +341,9 @@ impl Edge {
     }
 }
 
+/// A pass-through request to a group with no server (answered 502, as any upstream failure).
+const NO_SERVER: ErrorType = ErrorType::Custom("NoServer");
+
 /// What a pass-through retry would follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Cause {
@@ -658,12 +661,20 @@ impl ProxyHttp for Edge {
         } else {
             None
         };
-        let sel = untried.unwrap_or_else(|| pool.pick(key.as_bytes(), &ctx.upstream.tried));
+        let Some(sel) = untried.or_else(|| pool.pick(key.as_bytes(), &ctx.upstream.tried)) else {
+            // No server at all (its names do not resolve): 502 at once, nothing to retry.
+            return Err(Error::create(
+                NO_SERVER,
+                pingora_error::ErrorSource::Upstream,
+                Some(crate::origin::fetch::no_server(&pool).into()),
+                None,
+            ));
+        };
         ctx.upstream.retries.start_try();
         let addr = sel.addr;
         ctx.upstream.tried.push(addr);
+        let mut peer = sel.peer().unwrap_or_else(|| pool.peer(addr));
         ctx.upstream.current = Some(sel);
-        let mut peer = pool.peer(addr);
         // Connecting never runs past the deadline either.
         let remaining = pool.settings.deadline.saturating_sub(ctx.started.elapsed());
         if let Some(t) = peer.options.connection_timeout.as_mut() {
@@ -921,7 +932,9 @@ impl ProxyHttp for Edge {
         // (`UpstreamPool::tls_failed`), not once per request.
         let tls = crate::origin::peer::TlsCause::of(e.etype()).is_some()
             && matches!(e.esource(), pingora_error::ErrorSource::Upstream);
-        let level = if fault.is_some() || status == respond::CLIENT_CLOSED || tls {
+        // A group with no server was logged when its names stopped resolving, not per request.
+        let no_server = e.etype() == &NO_SERVER;
+        let level = if fault.is_some() || status == respond::CLIENT_CLOSED || tls || no_server {
             log::Level::Debug
         } else {
             log::Level::Warn

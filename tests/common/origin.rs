@@ -241,6 +241,16 @@ impl Origin {
     pub async fn start() -> Origin {
         let listener =
             bind(SocketAddr::from(([127, 0, 0, 1], 0))).expect("origin: bind 127.0.0.1:0");
+        Origin::serve(listener)
+    }
+
+    /// Bind `addr` (another loopback address, a port another origin has on its own) and start
+    /// serving; `None` when the address is taken.
+    pub async fn start_at(addr: SocketAddr) -> Option<Origin> {
+        Some(Origin::serve(bind(addr).ok()?))
+    }
+
+    fn serve(listener: TcpListener) -> Origin {
         let addr = listener.local_addr().expect("origin: local addr");
         let shared = Arc::new(Shared {
             settings: Mutex::new(Settings {

@@ -25,6 +25,8 @@ pub struct Proxy {
     tls_entry: String,
     /// The listener serves prior-knowledge HTTP/2 beside HTTP/1.1 (`h2c: true`).
     h2c: bool,
+    /// The command the binary is started through (its path and arguments follow), if any.
+    launcher: Vec<String>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -108,7 +110,7 @@ impl Proxy {
     pub fn start_h2c(yaml: &str, server_extra: &str) -> Proxy {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
-        let mut p = Proxy::start_in_full(&dir, yaml, server_extra, None, true);
+        let mut p = Proxy::start_in_full(&dir, yaml, server_extra, None, true, &[]);
         p._tmp = Some(tmp);
         p
     }
@@ -124,7 +126,7 @@ impl Proxy {
     pub fn start_tls(yaml: &str, server_extra: &str, tls_entry: &str) -> Proxy {
         let tmp = tempfile::tempdir().expect("tempdir");
         let dir = tmp.path().to_path_buf();
-        let mut p = Proxy::start_in_full(&dir, yaml, server_extra, Some(tls_entry), false);
+        let mut p = Proxy::start_in_full(&dir, yaml, server_extra, Some(tls_entry), false, &[]);
         p._tmp = Some(tmp);
         p
     }
@@ -136,7 +138,18 @@ impl Proxy {
     }
 
     fn start_in_with(dir: &Path, yaml: &str, server_extra: &str) -> Proxy {
-        Proxy::start_in_full(dir, yaml, server_extra, None, false)
+        Proxy::start_in_full(dir, yaml, server_extra, None, false, &[])
+    }
+
+    /// [`Proxy::start`] through `launcher`: the binary's path and arguments are appended to
+    /// it (e.g. `unshare ... sh -c '...; exec "$0" "$@"'`), which must exec it in the end so
+    /// that the child is the proxy itself.
+    pub fn start_launched(yaml: &str, launcher: &[String]) -> Proxy {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut p = Proxy::start_in_full(&dir, yaml, "", None, false, launcher);
+        p._tmp = Some(tmp);
+        p
     }
 
     /// Start with the plain listener, written `{address: ..., h2c: true}` when `h2c`, and a
@@ -147,6 +160,7 @@ impl Proxy {
         server_extra: &str,
         tls_entry: Option<&str>,
         h2c: bool,
+        launcher: &[String],
     ) -> Proxy {
         let mut last_log = String::new();
         for _ in 0..5 {
@@ -181,7 +195,16 @@ impl Proxy {
             std::fs::write(&conf, &full).expect("write config");
             let log_path = dir.join("edgeslice.log");
             let log = std::fs::File::create(&log_path).expect("log file");
-            let child = Command::new(env!("CARGO_BIN_EXE_edgeslice"))
+            let bin = env!("CARGO_BIN_EXE_edgeslice");
+            let mut command = match launcher.split_first() {
+                Some((first, rest)) => {
+                    let mut c = Command::new(first);
+                    c.args(rest).arg(bin);
+                    c
+                }
+                None => Command::new(bin),
+            };
+            let child = command
                 .arg("-c")
                 .arg(&conf)
                 .env(
@@ -203,6 +226,7 @@ impl Proxy {
                 tls_addr,
                 tls_entry: tls_entry.unwrap_or_default().to_string(),
                 h2c,
+                launcher: launcher.to_vec(),
                 _tmp: None,
             };
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -380,6 +404,7 @@ impl Proxy {
             &self.server_extra,
             tls_entry,
             self.h2c,
+            &self.launcher,
         );
         next._tmp = tmp;
         *self = next;

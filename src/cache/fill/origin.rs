@@ -60,8 +60,8 @@ pub trait Origin: Send + Sync {
     fn deadline(&self) -> Duration;
     /// Count a resumed transfer.
     fn count_resume(&self);
-    /// Every server of a group of several is failing right now (then a stale copy is served
-    /// at once).
+    /// Every server of a group of several is failing right now, or the group has no server
+    /// (then a stale copy is served at once).
     fn all_failing(&self) -> bool;
     /// The group's name, for logs.
     fn name(&self) -> &str;
@@ -127,8 +127,13 @@ impl Origin for OriginGroup {
     fn all_failing(&self) -> bool {
         // A sole server is never taken for down here (as nginx never marks the only server of
         // a group unavailable): its breaker may open on a burst of failures, but the stale copy
-        // is only served after it has really been asked.
-        self.pool.settings.servers.len() > 1 && self.pool.all_failing()
+        // is only served after it has really been asked. A group with no server (its names do
+        // not resolve) has nobody to ask.
+        match self.pool.server_count() {
+            0 => true,
+            1 => false,
+            _ => self.pool.all_failing(),
+        }
     }
 
     fn name(&self) -> &str {
