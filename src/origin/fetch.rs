@@ -377,7 +377,7 @@ pub async fn open_until(
         }
         tried.push(addr);
         shunned.push(addr);
-        let peer = sel.peer().unwrap_or_else(|| pool.peer(addr));
+        let peer = sel.peer.clone();
         let tried =
             tokio::time::timeout_at(until, try_server(connector, pool, addr, peer, req)).await;
         let outcome = match &tried {

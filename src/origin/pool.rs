@@ -133,8 +133,11 @@ pub struct Selected {
     admission: Option<Admission>,
     /// Chosen by panic routing (every server was ejected): no admission, nothing is reported.
     pub panic: bool,
-    /// The set it was chosen from (its peer, its peers' breakers for the ejection cap).
+    /// The set it was chosen from (its peers' breakers for the ejection cap).
     set: Arc<ServerSet>,
+    /// The Pingora peer to reach it with, from that set: a re-resolution meanwhile cannot
+    /// change its SNI or TLS settings.
+    pub peer: HttpPeer,
 }
 
 impl Selected {
@@ -196,12 +199,6 @@ impl Selected {
     /// error, a gateway answer that no peer contradicted): report nothing. A `HalfOpen` probe
     /// slot is freed.
     pub fn release(self) {}
-
-    /// The Pingora peer to reach this server with (from the set it was chosen from, so a
-    /// re-resolution meanwhile cannot change its SNI or TLS settings).
-    pub fn peer(&self) -> Option<HttpPeer> {
-        self.set.members.get(&self.addr).map(|m| m.peer.clone())
-    }
 }
 
 fn log_transition(
@@ -599,6 +596,7 @@ impl UpstreamPool {
             admission: None,
             panic: true,
             set,
+            peer: member.peer.clone(),
         })
     }
 
@@ -671,7 +669,7 @@ impl UpstreamPool {
         key: &[u8],
         want: impl Fn(&SocketAddr) -> bool,
     ) -> Option<Selected> {
-        let admitted: RefCell<Option<(SocketAddr, Arc<Breaker>, Admission)>> = RefCell::new(None);
+        let admitted: RefCell<Option<(&Member, Admission)>> = RefCell::new(None);
         set.select_with(key, |b: &Backend, healthy: bool| {
             let Some(addr) = b.addr.as_inet() else {
                 return false;
@@ -687,40 +685,23 @@ impl UpstreamPool {
             }
             match member.breaker.try_acquire() {
                 Some(a) => {
-                    *admitted.borrow_mut() = Some((*addr, member.breaker.clone(), a));
+                    *admitted.borrow_mut() = Some((member, a));
                     true
                 }
                 None => false,
             }
         });
-        let (addr, breaker, admission) = admitted.into_inner()?;
+        let (member, admission) = admitted.into_inner()?;
+        let addr = member.spec.addr;
         log_transition(set, addr, admission.transition(), None, "-");
         Some(Selected {
             addr,
-            breaker,
+            breaker: member.breaker.clone(),
             admission: Some(admission),
             panic: false,
             set: set.clone(),
+            peer: member.peer.clone(),
         })
-    }
-
-    /// The Pingora peer for `addr` (see `origin::peer`): this group's timeouts
-    /// (`connect_timeout` per connection attempt, the TLS handshake included; `read_timeout` as
-    /// the idle time allowed between reads) and, for an HTTPS group, its TLS settings. Prefer
-    /// [`Selected::peer`], which cannot miss a server that just left the group.
-    pub fn peer(&self, addr: SocketAddr) -> HttpPeer {
-        match self.servers.load().members.get(&addr) {
-            Some(m) => m.peer.clone(),
-            // Not one of ours (any more): plain, with the group's timeouts.
-            None => peer_for(
-                &self.settings,
-                &ServerSpec {
-                    addr,
-                    weight: 1,
-                    name: None,
-                },
-            ),
-        }
     }
 
     /// A connection to `server` failed with `e`: when it is a TLS failure, log it if it is the
@@ -1152,7 +1133,11 @@ mod tests {
         let before = pick(&p, b"/y", &[at(1), at(9)]);
         assert_eq!(before.addr, at(3));
         origin_is(&p, Ok(vec![at(4)]));
-        assert!(before.peer().is_some(), "its set keeps its peer");
+        assert_eq!(
+            before.peer._address.as_inet(),
+            Some(&at(3)),
+            "it keeps the peer of the server it chose, gone from the group"
+        );
         before.succeeded("t");
 
         // DNS says the name is gone: only the IP server is left.

@@ -673,7 +673,7 @@ impl ProxyHttp for Edge {
         ctx.upstream.retries.start_try();
         let addr = sel.addr;
         ctx.upstream.tried.push(addr);
-        let mut peer = sel.peer().unwrap_or_else(|| pool.peer(addr));
+        let mut peer = sel.peer.clone();
         ctx.upstream.current = Some(sel);
         // Connecting never runs past the deadline either.
         let remaining = pool.settings.deadline.saturating_sub(ctx.started.elapsed());
