@@ -380,7 +380,8 @@ fn stored_meta() -> ObjectMeta {
 const RID: &str = "0123456789abcdef0123456789abcdef";
 
 fn edgeslice_206(meta: &ObjectMeta, now: SystemTime) -> pingora_http::ResponseHeader {
-    let mut h = hit_header(206, meta, RID, Some(CacheStatus::Hit), now).expect("a valid status");
+    let mut h = hit_header(206, meta, RID, Some(CacheStatus::Hit), "edgeslice", now)
+        .expect("a valid status");
     h.insert_header("content-range", meta.wire().content_range(0, 4095))
         .expect("a valid value");
     h.insert_header("content-length", http::HeaderValue::from(4096u64))

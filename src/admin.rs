@@ -239,6 +239,22 @@ impl AdminApp {
                 ]
             },
         ));
+        let current = self.current.clone();
+        m.register(Pulled::gauge(
+            "edgeslice_cluster_peers",
+            "The cluster's peers by state: up (this node, and peers that resolve and whose breaker admits requests), down (a name that does not resolve, or a breaker open). No samples without cluster.peers.",
+            &["state"],
+            move || match &current.load().cluster {
+                Some(c) => {
+                    let s = c.states();
+                    vec![
+                        (vec!["up".into()], s.up as f64),
+                        (vec!["down".into()], s.down as f64),
+                    ]
+                }
+                None => Vec::new(),
+            },
+        ));
         m.register(read_one(
             false,
             "edgeslice_purges_pending",

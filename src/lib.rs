@@ -26,6 +26,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod cache;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod logging;

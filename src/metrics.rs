@@ -22,6 +22,45 @@ use prometheus::{
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+/// Where a cache fill went, as a label (`to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillTarget {
+    /// The shard's owner, another node of the cluster.
+    Peer,
+    /// The route's parent tier.
+    Parent,
+    /// The route's upstream.
+    Origin,
+}
+
+impl FillTarget {
+    pub const ALL: [FillTarget; 3] = [FillTarget::Peer, FillTarget::Parent, FillTarget::Origin];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            FillTarget::Peer => "peer",
+            FillTarget::Parent => "parent",
+            FillTarget::Origin => "origin",
+        }
+    }
+}
+
+/// `edgeslice_fill_requests_total` and `edgeslice_fill_bytes_total`, by [`FillTarget`].
+pub struct FillMetrics {
+    requests: [IntCounter; 3],
+    bytes: [IntCounter; 3],
+}
+
+impl FillMetrics {
+    pub fn requests(&self, to: FillTarget) -> &IntCounter {
+        &self.requests[to as usize]
+    }
+
+    pub fn bytes(&self, to: FillTarget) -> &IntCounter {
+        &self.bytes[to as usize]
+    }
+}
+
 /// What the cache did for a request, as a label (`cache`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheResult {
@@ -153,6 +192,8 @@ pub struct Metrics {
     client_errors: [IntCounter; ClientFault::ALL.len()],
     /// Requests answered 508 because their `CDN-Loop` held this tier's id twice.
     pub loops_detected: IntCounter,
+    /// Cache fills by where they went.
+    pub fills: Arc<FillMetrics>,
     last_reload: prometheus::Gauge,
     breakers: Arc<BreakerStates>,
     /// Requests no route matched.
@@ -308,6 +349,24 @@ impl Metrics {
                 )
                 .expect("a constant metric name"),
             ),
+            fills: {
+                let requests = counter_vec(
+                    r,
+                    "edgeslice_fill_requests_total",
+                    "Requests the cache's fills sent (discoveries, runs of chunks, resumes, revalidations), by where they went: peer (the shard's owner in the cluster), parent (the route's parent tier), origin (the route's upstream).",
+                    &["to"],
+                );
+                let bytes = counter_vec(
+                    r,
+                    "edgeslice_fill_bytes_total",
+                    "Body bytes the cache's fills received, by where they came from: peer, parent, origin.",
+                    &["to"],
+                );
+                Arc::new(FillMetrics {
+                    requests: FillTarget::ALL.map(|t| requests.with_label_values(&[t.label()])),
+                    bytes: FillTarget::ALL.map(|t| bytes.with_label_values(&[t.label()])),
+                })
+            },
             breakers,
             unrouted: OnceLock::new(),
             registry,

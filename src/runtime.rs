@@ -19,8 +19,10 @@
 //! up for it (at start and on reload), so a reload never leaves a name without servers until
 //! its next round. This module must never hold a lock a request waits on.
 
+use crate::cache::fill::tiered::{ClusterPeers, Peers, Tiered};
 use crate::cache::fill::{OriginAccess, OriginGroup};
-use crate::config::{CachePolicy, Config};
+use crate::cluster::Cluster;
+use crate::config::{CachePolicy, Config, Route};
 use crate::origin::pool::UpstreamPool;
 use crate::origin::resolve::{self, Answers, Resolve, SystemResolver};
 use crate::origin::ResilienceStats;
@@ -40,11 +42,22 @@ pub struct Runtime {
     /// The same groups as the cache's fill stages reach them.
     pub origins: HashMap<String, OriginAccess>,
     pub cache_policy: Arc<CachePolicy>,
+    /// The cluster's ring and peer group, when `cluster.peers` is set.
+    pub cluster: Option<Arc<Cluster>>,
+    /// Where each route's fills go (parallel to `config.routes`): for a client's request, and
+    /// for a peer's (filled here, never asked of another peer).
+    fills: Vec<RouteFills>,
     /// Running health-check loops, by upstream name (shared with the snapshots that have the
     /// same pool).
     health: HashMap<String, Arc<Owned>>,
     /// Running resolve loops of the groups with server names, likewise.
     resolving: HashMap<String, Arc<Owned>>,
+}
+
+/// Where one route's fills go ([`Tiered`]).
+struct RouteFills {
+    client: OriginAccess,
+    peer: OriginAccess,
 }
 
 /// What every snapshot shares for the life of the process.
@@ -124,7 +137,7 @@ impl Runtime {
         let mut origins = HashMap::new();
         let mut checks = HashMap::new();
         let mut resolving = HashMap::new();
-        for (name, settings) in &config.upstreams {
+        for (name, settings) in config.upstream_groups() {
             let kept = previous
                 .and_then(|p| Some((p.pools.get(name)?, p.origins.get(name)?)))
                 .filter(|(pool, _)| *pool.settings == **settings);
@@ -179,15 +192,91 @@ impl Runtime {
             origins.insert(name.clone(), origin);
         }
         let cache_policy = Arc::new(config.cache.policy());
+        let cluster = config.cluster.peers.as_ref().and_then(|p| {
+            let pool = pools.get(&p.group.name)?.clone();
+            Some(Arc::new(Cluster::new(p, pool)))
+        });
+        if let Some(c) = &cluster {
+            let changed = previous
+                .and_then(|p| p.cluster.as_ref())
+                .is_none_or(|before| before.settings.peers != c.settings.peers);
+            if changed {
+                log::info!(
+                    "cluster: ring of {} peers {:?}; this node is {}; shards of {} bytes",
+                    c.settings.peers.len(),
+                    c.settings.peers,
+                    c.self_name(),
+                    c.settings.shard_size
+                );
+            }
+        }
+        let peers: Option<Arc<dyn Peers>> = cluster.as_ref().map(|c| {
+            Arc::new(ClusterPeers {
+                cluster: c.clone(),
+                connector: shared.connector.clone(),
+            }) as Arc<dyn Peers>
+        });
+        let fills = config
+            .routes
+            .iter()
+            .map(|r| {
+                let upstream = origins.get(&r.upstream.name).cloned();
+                let parent = r
+                    .parent
+                    .as_ref()
+                    .and_then(|p| origins.get(&p.name).cloned());
+                let tiered = |peers: Option<Arc<dyn Peers>>| -> Option<OriginAccess> {
+                    Some(Arc::new(Tiered {
+                        peers,
+                        shard_size: cluster.as_ref().map(|c| c.settings.shard_size),
+                        parent: parent.clone(),
+                        upstream: upstream.clone()?,
+                        metrics: shared.stats.metrics.fills.clone(),
+                    }))
+                };
+                Some(RouteFills {
+                    client: tiered(peers.clone())?,
+                    peer: tiered(None)?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| std::io::Error::other("a route names an upstream group with no pool"))?;
         let runtime = Runtime {
             config,
             pools,
             origins,
             cache_policy,
+            cluster,
+            fills,
             health: checks,
             resolving,
         };
         Ok((runtime, changes))
+    }
+
+    /// Where `route`'s fills go: through the cluster's peers for a client's request, straight
+    /// to the parent or upstream for a peer's (`from_peer`). `None` for a route not of this
+    /// snapshot.
+    pub fn fill_origin(&self, route: &Arc<Route>, from_peer: bool) -> Option<OriginAccess> {
+        let i = self
+            .config
+            .routes
+            .iter()
+            .position(|r| Arc::ptr_eq(r, route))?;
+        let f = &self.fills[i];
+        Some(if from_peer {
+            f.peer.clone()
+        } else {
+            f.client.clone()
+        })
+    }
+
+    /// Whether a request from `ip` carrying the peer mark is a peer's.
+    pub fn is_peer(&self, ip: Option<std::net::IpAddr>) -> bool {
+        match (&self.cluster, ip) {
+            (Some(c), Some(ip)) => c.is_peer(ip),
+            _ => false,
+        }
     }
 
     /// Health-check loops this snapshot holds.
@@ -199,8 +288,7 @@ impl Runtime {
     /// names are worth looking up first: see [`Runtime::build`]).
     pub fn new_groups<'c>(&self, config: &'c Config) -> Vec<&'c crate::config::UpstreamSettings> {
         config
-            .upstreams
-            .iter()
+            .upstream_groups()
             .filter(|(name, u)| self.pools.get(*name).is_none_or(|p| *p.settings != ***u))
             .map(|(_, u)| &**u)
             .collect()

@@ -30,6 +30,17 @@ pub type FillSlot = tokio::sync::OwnedSemaphorePermit;
 /// "hit-for-pass"), so every request for it does not pay a discovery fetch first.
 pub const HIT_FOR_PASS_TTL: Duration = Duration::from_secs(30);
 
+/// Which tiers keep a chunk a fill brought.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    /// Memory, and disk in the background: what this node fetched for itself.
+    All,
+    /// The memory tier only (a chunk a peer owns, with `keep_copies: memory`).
+    Memory,
+    /// Neither: handed to its readers and let go (`keep_copies: none`).
+    Nothing,
+}
+
 pub struct ChunkCache {
     pub chunk_size: u64,
     pub max_object_size: u64,
@@ -565,7 +576,19 @@ impl ChunkCache {
     /// copy is skipped and counted, never queued without bound: see
     /// [`DiskStore::put_in_background`].
     pub fn store_chunk(&self, version: &ObjectVersion, index: u64, data: Bytes) {
+        self.keep_chunk(version, index, data, Keep::All);
+    }
+
+    /// Keep a completed chunk in the tiers `keep` names (a chunk a peer owns is kept as
+    /// `cluster.keep_copies` says).
+    pub fn keep_chunk(&self, version: &ObjectVersion, index: u64, data: Bytes, keep: Keep) {
+        if keep == Keep::Nothing {
+            return;
+        }
         self.insert_chunk(version.chunk(index), data.clone());
+        if keep == Keep::Memory {
+            return;
+        }
         if let Some(disk) = &self.disk {
             disk.put_in_background(
                 version.key.chunk_entry(index),

@@ -1,19 +1,20 @@
-//! The `cluster` section: this tier's `CDN-Loop` id, and the peers that will shard one cache
-//! (issue 24). Validated here into [`ClusterSettings`]; errors name key path and line.
+//! The `cluster` section: this tier's `CDN-Loop` id, and the peers that shard one cache
+//! (`crate::cluster`). Validated here into [`ClusterSettings`]; errors name key path and line.
 //!
-//! Only `cdn_id` acts in this version (loop prevention, `proxy::cdn_loop`). The peer keys are
-//! parsed and checked so that a file written for the cluster loads, and a start with `peers`
-//! warns that sharding is not implemented yet. Peer names are never resolved here: the ring is
-//! keyed by the names, and a name that does not resolve is a down peer, not a config error.
+//! Peer names are never resolved here: the ring is keyed by the names as written, and a name
+//! that does not resolve is a down peer, not a config error. The other peers become an
+//! upstream group of their own ([`PEER_GROUP`]), resolved and broken like any group.
 
 use super::schema::{RawCluster, RawKeepCopies};
 use super::{err_at, ConfigError};
+use super::{ServerEntry, ServerTarget, UpstreamSettings};
 use serde_saphyr::Spanned;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// `cluster.*`, validated. Without a `cluster` section: the default id and no peers (a single
 /// node, as before the section existed).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ClusterSettings {
     /// `cluster.cdn_id`: the token this tier adds to `CDN-Loop` (RFC 8586).
     pub cdn_id: String,
@@ -30,7 +31,7 @@ impl Default for ClusterSettings {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PeerSettings {
     /// This node as its peers name it: one of `peers`.
     pub self_name: String,
@@ -42,6 +43,76 @@ pub struct PeerSettings {
     pub shard_size: u64,
     pub keep_copies: KeepCopies,
     pub peer_timeout: Duration,
+    /// The other peers as an upstream group ([`PEER_GROUP`]): their names resolved every
+    /// `resolve_interval`, `peer_timeout` to connect and between reads, one try each (the ring
+    /// walk is the retry), a breaker each. Built here so the run time treats it as any group.
+    pub group: Arc<UpstreamSettings>,
+}
+
+/// The name the peer group goes by in metrics, `/stats` and logs (a name no `upstreams` key
+/// may take).
+pub const PEER_GROUP: &str = "cluster.peers";
+
+impl PeerSettings {
+    /// The group of the peers other than `self_name`.
+    fn group(
+        peers: &[String],
+        self_name: &str,
+        peer_timeout: Duration,
+        resolve_interval: Duration,
+    ) -> UpstreamSettings {
+        let servers = peers
+            .iter()
+            .filter(|p| *p != self_name)
+            .map(|p| ServerEntry {
+                target: server_target(p),
+                weight: 1,
+            })
+            .collect();
+        UpstreamSettings {
+            name: PEER_GROUP.to_string(),
+            servers,
+            balance: super::Balance::RoundRobin,
+            connect_timeout: peer_timeout,
+            read_timeout: peer_timeout,
+            deadline: super::DEFAULT_DEADLINE,
+            min_rate: super::DEFAULT_MIN_RATE,
+            max_ejected_percent: 100,
+            resolve_interval,
+            health_check: None,
+            breaker: super::DEFAULT_BREAKER,
+            retry: super::RetrySettings {
+                attempts: 1,
+                ..super::DEFAULT_RETRY
+            },
+            host: None,
+            tls: None,
+            http2: false,
+        }
+    }
+}
+
+/// A canonical peer name as a server: an IP address as written, else a name to resolve.
+pub fn server_target(name: &str) -> ServerTarget {
+    if let Ok(a) = name.parse::<std::net::SocketAddr>() {
+        return ServerTarget::Addr(a);
+    }
+    match name.rsplit_once(':') {
+        Some((host, port)) => match port.parse() {
+            Ok(port) => ServerTarget::Name {
+                host: host.to_string(),
+                port,
+            },
+            Err(_) => ServerTarget::Name {
+                host: name.to_string(),
+                port: 80,
+            },
+        },
+        None => ServerTarget::Name {
+            host: name.to_string(),
+            port: 80,
+        },
+    }
 }
 
 /// What a node that does not own a shard keeps of the chunks it served.
@@ -205,24 +276,33 @@ pub(super) fn validate(
                 }
                 Some(v) => v.value.0,
             };
+            let resolve_interval = super::positive_duration(
+                "cluster.resolve_interval",
+                &r.resolve_interval,
+                DEFAULT_RESOLVE_INTERVAL,
+            )?;
+            let peer_timeout = super::positive_duration(
+                "cluster.peer_timeout",
+                &r.peer_timeout,
+                DEFAULT_PEER_TIMEOUT,
+            )?;
+            let group = Arc::new(PeerSettings::group(
+                &peers,
+                &self_name,
+                peer_timeout,
+                resolve_interval,
+            ));
             Some(PeerSettings {
                 self_name,
                 peers,
-                resolve_interval: super::positive_duration(
-                    "cluster.resolve_interval",
-                    &r.resolve_interval,
-                    DEFAULT_RESOLVE_INTERVAL,
-                )?,
+                resolve_interval,
                 shard_size,
                 keep_copies: match r.keep_copies.as_ref().map(|k| k.value) {
                     None | Some(RawKeepCopies::Memory) => KeepCopies::Memory,
                     Some(RawKeepCopies::None) => KeepCopies::None,
                 },
-                peer_timeout: super::positive_duration(
-                    "cluster.peer_timeout",
-                    &r.peer_timeout,
-                    DEFAULT_PEER_TIMEOUT,
-                )?,
+                peer_timeout,
+                group,
             })
         }
     };

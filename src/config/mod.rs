@@ -78,8 +78,7 @@ pub struct Config {
     pub routes: Vec<Arc<Route>>,
     /// `shaping`, when configured.
     pub shaping: Option<Arc<ShapingSettings>>,
-    /// `cluster`: this tier's `CDN-Loop` id, and its peers (parsed; sharding is not
-    /// implemented yet).
+    /// `cluster`: this tier's `CDN-Loop` id, and the peers it shards its cache with.
     pub cluster: ClusterSettings,
     /// What is allowed but unsafe (`upstreams.<name>.tls.verify: false`), one line each with
     /// its key path and line: logged at start and on reload, printed by `-t`.
@@ -467,6 +466,17 @@ pub fn error_report(file: &Path, e: &ConfigError) -> String {
 }
 
 impl Config {
+    /// Every upstream group the node reaches: `upstreams`, and the cluster's peer group
+    /// ([`cluster::PEER_GROUP`]) when it has peers.
+    pub fn upstream_groups(&self) -> impl Iterator<Item = (&String, &Arc<UpstreamSettings>)> {
+        self.upstreams.iter().chain(
+            self.cluster
+                .peers
+                .as_ref()
+                .map(|p| (&p.group.name, &p.group)),
+        )
+    }
+
     /// Read and validate a config file, with the checks that need the file system
     /// ([`Config::check_paths`]): what `-t`, the start and a reload all run.
     pub fn load_checked(path: &Path) -> Result<Config, ConfigError> {
@@ -929,6 +939,13 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let mut warnings = Vec::new();
     for (name, u) in &raw_upstreams.value {
         let base = format!("upstreams.{name}");
+        if name == cluster::PEER_GROUP {
+            return Err(err_at(
+                base,
+                &u.servers,
+                "this name is the cluster's peer group: choose another",
+            ));
+        }
         if u.servers.value.is_empty() {
             return Err(err_at(
                 format!("{base}.servers"),
@@ -1177,14 +1194,6 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         Some(c) => cluster::validate(c, chunk_size)?,
         None => ClusterSettings::default(),
     };
-    let peers_at = raw.cluster.as_ref().and_then(|c| c.value.peers.as_ref());
-    if let (Some(p), Some(at)) = (&cluster.peers, peers_at) {
-        warnings.push(format!(
-            "cluster.peers (line {}): peer sharding is not implemented in this version: the {} peers are checked but not used, and this node fills from its upstreams alone",
-            at.referenced.line(),
-            p.peers.len()
-        ));
-    }
     let s_merge_slashes = server.merge_slashes;
     let mut routes = Vec::new();
     for (i, r) in raw_routes.value.iter().enumerate() {
@@ -1332,11 +1341,6 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                         ),
                     ));
                 }
-                warnings.push(format!(
-                    "{base}.parent (line {}): parent tiers are not implemented in this version: misses on this route still go to upstream {:?}",
-                    p.referenced.line(),
-                    upstream.name
-                ));
                 Some(group)
             }
         };

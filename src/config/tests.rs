@@ -1140,14 +1140,33 @@ fn cluster_keys_parse_with_their_defaults() {
     assert_eq!(p.keep_copies, KeepCopies::Memory);
     assert_eq!(p.peer_timeout, Duration::from_secs(2));
     assert_eq!(c.cluster.cdn_id, "edgeslice");
-    // Accepted, and said not to act yet.
-    assert!(
-        c.warnings
+    // Acted on: no warning. The other peers are the peer group, by name or address.
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+    assert_eq!(p.group.name, "cluster.peers");
+    assert_eq!(
+        p.group
+            .servers
             .iter()
-            .any(|w| w.starts_with("cluster.peers (line 27)") && w.contains("not implemented")),
-        "{:?}",
-        c.warnings
+            .map(|s| s.target.clone())
+            .collect::<Vec<_>>(),
+        [
+            ServerTarget::Name {
+                host: "edge-0.edges.svc".into(),
+                port: 8080
+            },
+            ServerTarget::Addr("10.0.0.9:8080".parse().unwrap()),
+        ]
     );
+    assert_eq!(p.group.connect_timeout, Duration::from_secs(2));
+    assert_eq!(p.group.read_timeout, Duration::from_secs(2));
+    assert_eq!(p.group.resolve_interval, Duration::from_secs(10));
+    assert_eq!(p.group.retry.attempts, 1);
+    assert_eq!(c.upstream_groups().count(), c.upstreams.len() + 1);
+    // No upstream may take the peer group's name.
+    let e = bad(&GOOD
+        .replace("  origin:\n", "  cluster.peers:\n")
+        .replace("upstream: origin", "upstream: cluster.peers"));
+    assert!(e.to_string().contains("peer group"), "{e}");
 
     let c = Config::from_yaml(&with(
         "cluster:\n  self: a:1\n  peers: [a:1, b:1]\n  resolve_interval: 30s\n  shard_size: 4MiB\n  keep_copies: none\n  peer_timeout: 500ms\n  cdn_id: edge\n",
@@ -1288,13 +1307,7 @@ fn route_parent_names_another_group() {
     ))
     .unwrap();
     assert_eq!(c.routes[0].parent.as_ref().unwrap().name, "shield");
-    assert!(
-        c.warnings
-            .iter()
-            .any(|w| w.starts_with("routes[0].parent (line 26)")),
-        "{:?}",
-        c.warnings
-    );
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
     assert_err(
         &two_groups.replace(
             "    upstream: origin\n",

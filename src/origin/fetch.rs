@@ -471,6 +471,65 @@ pub async fn open_until(
     }
 }
 
+/// One try of `req` on the server at `addr` of `pool`, chosen by the caller (a peer the
+/// cluster's ring chose): not tried when its breaker does not admit it; a failure is charged
+/// to it; any answer is returned as it is (no retry: the caller walks on to its next choice).
+pub async fn open_on(
+    connector: &Arc<Connector>,
+    pool: &UpstreamPool,
+    addr: SocketAddr,
+    req: &OriginRequest,
+    until: Instant,
+) -> Result<OriginResponse, FetchError> {
+    let Some(sel) = pool.pick_server(addr) else {
+        return Err(FetchError {
+            message: format!("{} {addr} is ejected or gone", pool.name()),
+            server: Some(addr),
+            status: None,
+            timed_out: false,
+            class: None,
+            tls: None,
+        });
+    };
+    let tried = tokio::time::timeout_at(
+        until,
+        try_server(connector, pool, addr, sel.peer.clone(), req),
+    )
+    .await;
+    let outcome = match &tried {
+        Ok(Ok(resp)) => Some(OriginOutcome::Answered(resp.status())),
+        Ok(Err(e)) => e.class.map(OriginOutcome::Failed),
+        Err(_) => Some(OriginOutcome::Failed(FailureClass::ReadTimeout)),
+    };
+    if let Some(o) = outcome {
+        pool.count_request(addr, o);
+    }
+    match tried {
+        Ok(Ok(mut resp)) => {
+            resp.selected = Some(sel);
+            Ok(resp)
+        }
+        Ok(Err(e)) => {
+            match e.class {
+                Some(class) => sel.failed(class, &req.request_id),
+                None => sel.release(),
+            }
+            Err(e)
+        }
+        Err(_) => {
+            sel.failed(FailureClass::ReadTimeout, &req.request_id);
+            Err(FetchError {
+                message: "request deadline exceeded".into(),
+                server: Some(addr),
+                status: None,
+                timed_out: true,
+                class: Some(FailureClass::ReadTimeout),
+                tls: None,
+            })
+        }
+    }
+}
+
 /// Why a request to `pool` was not even tried: the group has no server now.
 pub fn no_server(pool: &UpstreamPool) -> String {
     format!(

@@ -600,6 +600,26 @@ impl UpstreamPool {
         })
     }
 
+    /// The server at `addr` when it is in the group and its breaker admits a try now (a peer
+    /// the cluster's ring chose, not the group's balancer); no panic routing.
+    pub fn pick_server(&self, addr: SocketAddr) -> Option<Selected> {
+        let set = self.servers.load_full();
+        let member = set.members.get(&addr)?.clone();
+        if !member.breaker.allows() {
+            return None;
+        }
+        let admission = member.breaker.try_acquire()?;
+        log_transition(&set, addr, admission.transition(), None, "-");
+        Some(Selected {
+            addr,
+            breaker: member.breaker.clone(),
+            admission: Some(admission),
+            panic: false,
+            set,
+            peer: member.peer.clone(),
+        })
+    }
+
     /// A server not in `tried` that is in rotation (healthy, breaker admitting), if any: where
     /// a gateway answer (502/503/504) may be retried. Never a server already tried, and no
     /// panic routing: with none left, the gateway answer stands.

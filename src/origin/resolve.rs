@@ -217,7 +217,7 @@ pub type Answers = HashMap<HostPort, Answer>;
 /// Resolve every name of `config` once, blocking the calling thread on a runtime of its own
 /// (for `-t` and the start, before any runtime runs): at most [`LOOKUP_TIMEOUT`].
 pub fn resolve_now(config: &Config, resolver: Arc<dyn Resolve>) -> Answers {
-    let names = names_of(config.upstreams.values().map(|u| &**u));
+    let names = names_of(config.upstream_groups().map(|(_, u)| &**u));
     if names.is_empty() {
         return Answers::new();
     }
@@ -240,14 +240,19 @@ pub fn resolve_now(config: &Config, resolver: Arc<dyn Resolve>) -> Answers {
 /// `upstreams.o.servers[0]: origin:80 does not resolve now (no address: ...): ...`.
 pub fn warnings(config: &Config, answers: &Answers) -> Vec<String> {
     let mut out = Vec::new();
-    for (group, u) in &config.upstreams {
+    for (group, u) in config.upstream_groups() {
         for (i, s) in u.servers.iter().enumerate() {
             let ServerTarget::Name { host, port } = &s.target else {
                 continue;
             };
             if let Some(Err(e)) = answers.get(&(host.clone(), *port)) {
+                let (at, what) = if group == crate::config::cluster::PEER_GROUP {
+                    ("cluster.peers".to_string(), "peer")
+                } else {
+                    (format!("upstreams.{group}.servers[{i}]"), "server")
+                };
                 out.push(format!(
-                    "upstreams.{group}.servers[{i}]: {host}:{port} does not resolve now ({e}): a down server until it does, resolved again every {:?}",
+                    "{at}: {host}:{port} does not resolve now ({e}): a down {what} until it does, resolved again every {:?}",
                     u.resolve_interval
                 ));
             }

@@ -4,6 +4,10 @@
 use crate::metrics::CacheResult;
 use std::borrow::Cow;
 
+/// The name every entry of [`CacheStatus::render`] has; [`CacheStatus::field`] puts the
+/// tier's `cluster.cdn_id` in its place.
+const DEFAULT_NAME: &str = "edgeslice";
+
 /// What the cache did for a request (`None` in the request context: it was not involved).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheStatus {
@@ -76,6 +80,39 @@ impl CacheStatus {
         }
     }
 
+    /// The `Cache-Status` field this cache sends, named `name` (`cluster.cdn_id`, so each
+    /// tier's entry is its own): after `upstream`, the list the answer it serves came with
+    /// (RFC 9211 §2: each cache in the path adds its entry, the origin's side first), so the
+    /// field tells which tier answered. Without an upstream list and under the default name it
+    /// is the fixed value, with no allocation.
+    pub fn field(self, name: &str, upstream: Option<&[u8]>) -> Cow<'static, str> {
+        let ours = self.render();
+        let ours: Cow<'static, str> = if name == DEFAULT_NAME {
+            ours
+        } else {
+            format!("{name}{}", &ours[DEFAULT_NAME.len()..]).into()
+        };
+        let upstream = upstream
+            .and_then(|u| std::str::from_utf8(u).ok())
+            .map(str::trim)
+            .filter(|u| !u.is_empty());
+        match upstream {
+            Some(u) => format!("{u}, {ours}").into(),
+            None => ours,
+        }
+    }
+
+    /// Set `h`'s `Cache-Status` to [`CacheStatus::field`] over the list it holds.
+    pub fn set_on(
+        self,
+        h: &mut pingora_http::ResponseHeader,
+        name: &str,
+    ) -> pingora_error::Result<()> {
+        let v = self.field(name, h.headers.get("cache-status").map(|v| v.as_bytes()));
+        h.insert_header("cache-status", v.as_ref())?;
+        Ok(())
+    }
+
     /// The `cache` label of metrics.
     pub fn result(status: Option<CacheStatus>) -> CacheResult {
         match status {
@@ -140,6 +177,17 @@ mod tests {
             "edgeslice; fwd=bypass; detail=no-store"
         );
         assert_eq!(CacheStatus::log_field(None), "-");
+        // Each tier's entry under its own name, after the list the answer came with.
+        assert!(matches!(
+            CacheStatus::Hit.field("edgeslice", None),
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(CacheStatus::Hit.field("edge", None), "edge; hit");
+        assert_eq!(
+            CacheStatus::Miss.field("edge", Some(b"shield; fwd=miss; stored")),
+            "shield; fwd=miss; stored, edge; fwd=miss; stored"
+        );
+        assert_eq!(CacheStatus::Hit.field("edge", Some(b"  ")), "edge; hit");
         // Fixed values cost no allocation.
         assert!(matches!(CacheStatus::Hit.render(), Cow::Borrowed(_)));
     }

@@ -188,6 +188,7 @@ impl CacheLayer {
             &req.headers,
             &super::forwarded(session, ctx),
             &ctx.runtime.config.cluster.cdn_id,
+            !ctx.from_peer,
         );
         if credentials == Credentials::Authorization {
             // A miss of a request with Authorization is that request's own: its fill carries
@@ -646,7 +647,7 @@ impl CacheLayer {
         }
         h.insert_header("via", VIA_VALUE)?;
         h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
-        h.insert_header("cache-status", status.render().as_ref())?;
+        status.set_on(&mut h, &ctx.runtime.config.cluster.cdn_id)?;
         // The length is known only at the end: chunked (or close-delimited to HTTP/1.0), so
         // that a break shows.
         let framing = frame_unknown_length(session, &mut h)?;
@@ -694,7 +695,7 @@ impl CacheLayer {
         let via = via(h.headers.get("via").map(|v| v.as_bytes()));
         h.insert_header("via", via)?;
         h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
-        h.insert_header("cache-status", cache_status.render().as_ref())?;
+        cache_status.set_on(&mut h, &ctx.runtime.config.cluster.cdn_id)?;
         // A body without a length (the origin's was chunked: Transfer-Encoding is hop-by-hop)
         // is framed so that a break shows.
         let framing = frame_unknown_length(session, &mut h)?;
@@ -888,7 +889,7 @@ impl CacheLayer {
         });
         let status = cache_status(lookup, all_cached);
         ctx.cache_status = Some(status);
-        head.insert_header("cache-status", status.render().as_ref())?;
+        status.set_on(&mut head, &ctx.runtime.config.cluster.cdn_id)?;
         if is_head || parts.is_empty() {
             return session.write_response_header(Box::new(head), true).await;
         }
@@ -1016,7 +1017,14 @@ impl CacheLayer {
         ctx: &RequestCtx,
         now: SystemTime,
     ) -> Result<ResponseHeader> {
-        hit_header(status, meta, &ctx.request_id, ctx.cache_status, now)
+        hit_header(
+            status,
+            meta,
+            &ctx.request_id,
+            ctx.cache_status,
+            &ctx.runtime.config.cluster.cdn_id,
+            now,
+        )
     }
 }
 
@@ -1033,6 +1041,7 @@ pub fn hit_header(
     meta: &ObjectMeta,
     request_id: &str,
     cache_status: Option<CacheStatus>,
+    cdn_id: &str,
     now: SystemTime,
 ) -> Result<ResponseHeader> {
     let (mut parts, ()) = http::Response::new(()).into_parts();
@@ -1061,7 +1070,8 @@ pub fn hit_header(
         h.insert(X_REQUEST_ID, v);
     }
     if let Some(status) = cache_status {
-        let v = match status.render() {
+        let upstream = h.get("cache-status").map(|v| v.as_bytes());
+        let v = match status.field(cdn_id, upstream) {
             std::borrow::Cow::Borrowed(s) => Ok(http::HeaderValue::from_static(s)),
             std::borrow::Cow::Owned(s) => http::HeaderValue::try_from(s),
         };

@@ -42,6 +42,9 @@ pub struct RequestCtx {
     pub continue_sent: bool,
     /// The scheme the request is forwarded as (`X-Forwarded-Proto`), part of its cache key.
     pub scheme: Scheme,
+    /// A peer of the cluster asked (its mark, from a peer's address): filled here, never
+    /// asked of another peer, not shaped, and its `CDN-Loop` passed on as it came.
+    pub from_peer: bool,
 }
 
 #[derive(Default)]
@@ -91,6 +94,7 @@ impl RequestCtx {
             body: None,
             continue_sent: false,
             scheme: Scheme::Http,
+            from_peer: false,
         }
     }
 }

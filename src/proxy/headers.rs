@@ -68,7 +68,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// Request fields a cache fill never forwards: the cache manages ranges and validators
 /// itself, the message framing and routing fields are set per fetch, and credentials never
 /// reach an origin on a fetch whose answer is shared (RFC 9111 §3.5).
-const NOT_FORWARDED_ON_FILLS: [&str; 16] = [
+const NOT_FORWARDED_ON_FILLS: [&str; 17] = [
     "host",
     "range",
     "if-range",
@@ -86,6 +86,8 @@ const NOT_FORWARDED_ON_FILLS: [&str; 16] = [
     "x-request-id",
     // Set by the fill itself: the list received with our id appended (`cdn_loop`).
     "cdn-loop",
+    // The peer mark: set by a fill that asks a peer, never passed on (`cluster`).
+    crate::cluster::PEER_HEADER,
 ];
 
 /// Fields that say who asked or how the request arrived: the proxy's to assert
@@ -136,8 +138,14 @@ pub fn forwarded_on_fills(name: &str) -> bool {
 /// The request fields a cache fill sends the origin: the client's end-to-end fields that
 /// [`forwarded_on_fills`] allows (so a response that varies on them is the one this client
 /// asked for), then what the proxy asserts ([`Forwarded`]), and `CDN-Loop`: the list the
-/// request arrived with and `cdn_id` (RFC 8586; a loop through caches must be seen too).
-pub fn fill_request_headers(client: &HeaderMap, asserted: &Forwarded, cdn_id: &str) -> HeaderMap {
+/// request arrived with and `cdn_id` (RFC 8586; a loop through caches must be seen too),
+/// unless `add_ours` is false (a peer's request: the cluster's id is in its list already).
+pub fn fill_request_headers(
+    client: &HeaderMap,
+    asserted: &Forwarded,
+    cdn_id: &str,
+    add_ours: bool,
+) -> HeaderMap {
     let hop = hop_by_hop_names(client, false);
     let mut out = HeaderMap::with_capacity(client.len() + 2);
     for (name, value) in client {
@@ -146,7 +154,7 @@ pub fn fill_request_headers(client: &HeaderMap, asserted: &Forwarded, cdn_id: &s
         }
     }
     asserted.insert_into(&mut out);
-    if let Some(v) = super::cdn_loop::outgoing(client, cdn_id, true) {
+    if let Some(v) = super::cdn_loop::outgoing(client, cdn_id, add_ours) {
         out.insert(super::cdn_loop::CDN_LOOP, v);
     }
     out
@@ -338,7 +346,7 @@ mod tests {
             h.append(HeaderName::from_static(n), v.parse().unwrap());
         }
         let asserted = Forwarded::of(&h, Some("127.0.0.1".parse().unwrap()), &[], Scheme::Http);
-        let out = fill_request_headers(&h, &asserted, "edgeslice");
+        let out = fill_request_headers(&h, &asserted, "edgeslice", true);
         let mut names: Vec<&str> = out.keys().map(|n| n.as_str()).collect();
         names.sort();
         assert_eq!(
@@ -357,7 +365,7 @@ mod tests {
         assert_eq!(out["cdn-loop"], "edgeslice");
         h.append("cdn-loop", "a, b".parse().unwrap());
         h.append("cdn-loop", "c".parse().unwrap());
-        let out = fill_request_headers(&h, &asserted, "edge");
+        let out = fill_request_headers(&h, &asserted, "edge", true);
         assert_eq!(out.get_all("cdn-loop").iter().count(), 1);
         assert_eq!(out["cdn-loop"], "a, b, c, edge");
         assert_eq!(out["x-forwarded-for"], "127.0.0.1");

@@ -577,15 +577,32 @@ impl ProxyHttp for Edge {
             return Ok(true);
         };
         ctx.route = Some(route.clone());
-        ctx.scheme = forwarded_proto(session, ctx);
-        if !self.admit_download(session, ctx, &route).await? {
+        // A peer's request (its mark, from an address a peer name resolves to): filled here,
+        // as the asking node's client asked it (its scheme), and not shaped (the client the
+        // asking node serves is shaped there).
+        ctx.from_peer = req.headers.contains_key(crate::cluster::PEER_HEADER)
+            && ctx.runtime.is_peer(client_addr(session));
+        ctx.scheme = if ctx.from_peer {
+            headers::Forwarded::proto_of(
+                &req.headers,
+                client_addr(session),
+                &client_addr(session)
+                    .map(crate::shaping::identity::Cidr::host)
+                    .into_iter()
+                    .collect::<Vec<_>>(),
+                listener_scheme(session),
+            )
+        } else {
+            forwarded_proto(session, ctx)
+        };
+        if !ctx.from_peer && !self.admit_download(session, ctx, &route).await? {
             return Ok(true);
         }
         let method = &session.req_header().method;
         if !route.cache || !(method == http::Method::GET || method == http::Method::HEAD) {
             return Ok(false);
         }
-        let Some(origin) = ctx.runtime.origins.get(&route.upstream.name).cloned() else {
+        let Some(origin) = ctx.runtime.fill_origin(&route, ctx.from_peer) else {
             return Ok(false);
         };
         match self
@@ -834,9 +851,10 @@ impl ProxyHttp for Edge {
         let via = headers::via(upstream_request.headers.get("via").map(|v| v.as_bytes()));
         upstream_request.insert_header("via", via)?;
         upstream_request.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
-        // The list the client sent, and this tier's id (RFC 8586).
+        // The list the client sent, and this tier's id (RFC 8586); a peer's list holds it.
         let cdn_id = &ctx.runtime.config.cluster.cdn_id;
-        match cdn_loop::outgoing(&upstream_request.headers, cdn_id, true) {
+        upstream_request.remove_header(crate::cluster::PEER_HEADER);
+        match cdn_loop::outgoing(&upstream_request.headers, cdn_id, !ctx.from_peer) {
             Some(v) => upstream_request.insert_header(cdn_loop::CDN_LOOP, v)?,
             None => {
                 upstream_request.remove_header(cdn_loop::CDN_LOOP);
@@ -868,7 +886,7 @@ impl ProxyHttp for Edge {
         upstream_response.insert_header("via", via)?;
         upstream_response.insert_header(headers::X_REQUEST_ID, ctx.request_id.as_str())?;
         if let Some(status) = ctx.cache_status {
-            upstream_response.insert_header("cache-status", status.render().as_ref())?;
+            status.set_on(upstream_response, &ctx.runtime.config.cluster.cdn_id)?;
         }
         self.invalidate_after_unsafe(session, upstream_response.status, ctx)
             .await;

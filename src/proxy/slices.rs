@@ -84,7 +84,7 @@ pub async fn relay_slices(
             h.insert_header("content-type", "text/plain; charset=utf-8")?;
             h.insert_header("content-length", body.len().to_string())?;
             h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
-            h.insert_header("cache-status", cache_status.render().as_ref())?;
+            cache_status.set_on(&mut h, &ctx.runtime.config.cluster.cdn_id)?;
             session.write_response_header(Box::new(h), false).await?;
             return session.write_response_body(Some(body), true).await;
         }
@@ -114,7 +114,7 @@ pub async fn relay_slices(
     let via = via(h.headers.get("via").map(|v| v.as_bytes()));
     h.insert_header("via", via)?;
     h.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
-    h.insert_header("cache-status", cache_status.render().as_ref())?;
+    cache_status.set_on(&mut h, &ctx.runtime.config.cluster.cdn_id)?;
     let is_head = session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(h), is_head || len == 0)

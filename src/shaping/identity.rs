@@ -36,6 +36,12 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// The one address `ip`.
+    pub fn host(ip: IpAddr) -> Cidr {
+        let prefix = if ip.is_ipv4() { 32 } else { 128 };
+        Cidr { addr: ip, prefix }
+    }
+
     pub fn parse(text: &str) -> Result<Cidr, String> {
         let (a, p) = match text.trim().split_once('/') {
             Some((a, p)) => (a, Some(p)),

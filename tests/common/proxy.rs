@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+thread_local! {
+    /// The listen address [`Proxy::start_at`] asks for.
+    static FIXED_LISTEN: std::cell::Cell<Option<SocketAddr>> = const { std::cell::Cell::new(None) };
+}
+
 pub struct Proxy {
     child: Option<Child>,
     pub addr: SocketAddr,
@@ -141,6 +146,18 @@ impl Proxy {
         Proxy::start_in_full(dir, yaml, server_extra, None, false, &[])
     }
 
+    /// [`Proxy::start`] listening on `addr` (127.0.0.1, a port from [`free_port`]), for
+    /// configurations that must name the listener before it starts (a cluster's peers).
+    pub fn start_at(addr: SocketAddr, yaml: &str) -> Proxy {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        FIXED_LISTEN.with(|f| f.set(Some(addr)));
+        let mut p = Proxy::start_in_full(&dir, yaml, "", None, false, &[]);
+        FIXED_LISTEN.with(|f| f.set(None));
+        p._tmp = Some(tmp);
+        p
+    }
+
     /// [`Proxy::start`] through `launcher`: the binary's path and arguments are appended to
     /// it (e.g. `unshare ... sh -c '...; exec "$0" "$@"'`), which must exec it in the end so
     /// that the child is the proxy itself.
@@ -164,7 +181,10 @@ impl Proxy {
     ) -> Proxy {
         let mut last_log = String::new();
         for _ in 0..5 {
-            let (addr, admin) = listen_and_admin_addrs();
+            let (mut addr, admin) = listen_and_admin_addrs();
+            if let Some(fixed) = FIXED_LISTEN.with(|f| f.get()) {
+                addr = fixed;
+            }
             let tls_addr = tls_entry.map(|_| {
                 // Apart from the two above (held while picked for the same reason).
                 loop {

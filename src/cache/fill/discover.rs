@@ -109,7 +109,9 @@ pub async fn discover(
     lock: ObjectLock,
 ) -> Discovery {
     let cs = cache.chunk_size;
-    let last = last.min(first.saturating_add(MAX_RUN_CHUNKS - 1));
+    let last = last
+        .min(first.saturating_add(MAX_RUN_CHUNKS - 1))
+        .min(origin.run_limit(first, cs));
     let range = (
         first.saturating_mul(cs),
         last.saturating_add(1).saturating_mul(cs).saturating_sub(1),
@@ -427,11 +429,12 @@ async fn keep_whole(
     if body.len() as u64 != meta.size {
         return Discovery::Failed(broken(meta.status, "body short of its length"));
     }
+    let keep = resp.keep();
     resp.finish().await;
     let meta = Arc::new(meta);
     if meta.size > 0 {
         let version = ObjectVersion::new(obj.key.clone(), meta.validator.as_str().into());
-        cache.store_chunk(&version, 0, body.freeze());
+        cache.keep_chunk(&version, 0, body.freeze(), keep);
     }
     cache.put_meta(&obj.key, meta.clone()).await;
     Discovery::Stored(meta)
@@ -612,8 +615,9 @@ async fn split_unknown_length(
         match meta_from(&obj, &resp.header().headers, 200, total) {
             Ok(mut meta) => {
                 // Storable: the chunks are admitted to the tiers, then the metadata published.
+                let keep = resp.keep();
                 for (index, chunk) in stage.chunks.drain(..).enumerate() {
-                    cache.store_chunk(&version, index as u64, chunk);
+                    cache.keep_chunk(&version, index as u64, chunk, keep);
                 }
                 // The chunks were stored under the name chosen before the length was known.
                 meta.validator = version.validator.to_string();

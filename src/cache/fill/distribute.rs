@@ -184,7 +184,7 @@ pub(super) async fn distribute(
                         break 'body Err(longer_than_promised());
                     }
                 }
-                run.complete_front(acc.split().freeze());
+                run.complete_front(acc.split().freeze(), resp.keep());
                 match bounds_of(&run) {
                     Some(b) => {
                         bounds = b;

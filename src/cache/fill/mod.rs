@@ -9,6 +9,9 @@
 //! 4. [`distribute`]: an origin body is cut into the chunks of its run, each stored and handed
 //!    to its waiters as it completes; a broken transfer resumes elsewhere.
 //!
+//! Which tier a fill asks (the shard's owner among the cluster's peers, the parent tier, the
+//! origin) is [`tiered`]'s choice, behind the same trait.
+//!
 //! Origin access goes through the [`origin::Origin`] trait, so each stage is unit-tested
 //! against an in-memory fake origin (`tests.rs`).
 //!
@@ -29,6 +32,7 @@ mod revalidate;
 mod run;
 #[cfg(test)]
 mod tests;
+pub mod tiered;
 
 pub use discover::{discover, discover_from};
 pub use origin::{Origin, OriginAccess, OriginGroup, OriginReply, Reply};

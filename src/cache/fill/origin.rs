@@ -4,6 +4,7 @@
 //! tests of the fill stages use an in-memory fake, so discovery, revalidation, runs, resume and
 //! distribution are tested without sockets.
 
+use crate::cache::store::Keep;
 use crate::origin::fetch::{self, FetchError, OriginRequest, OriginResponse};
 use crate::origin::pool::UpstreamPool;
 use async_trait::async_trait;
@@ -30,6 +31,12 @@ pub trait OriginReply: Send {
 
     fn status(&self) -> u16 {
         self.header().status.as_u16()
+    }
+
+    /// Which tiers keep what this answer brings: all of them, unless it came from a peer
+    /// that owns it (`cluster.keep_copies`).
+    fn keep(&self) -> Keep {
+        Keep::All
     }
 
     fn header_str(&self, name: &str) -> Option<&str> {
@@ -65,6 +72,14 @@ pub trait Origin: Send + Sync {
     fn all_failing(&self) -> bool;
     /// The group's name, for logs.
     fn name(&self) -> &str;
+    /// The last chunk one request may ask for when it starts at chunk `index`: a run never
+    /// crosses a shard's end when shards have owners (`cluster.shard_size`), so each of its
+    /// chunks is asked of its shard's owner.
+    fn run_limit(&self, index: u64, chunk_size: u64) -> u64 {
+        let _ = chunk_size;
+        let _ = index;
+        u64::MAX
+    }
 }
 
 /// How the fill stages reach the origins of one route; cheap to clone.

@@ -8,7 +8,7 @@ use super::{
 use crate::cache::flight::{FillError, Flight, Joined};
 use crate::cache::key::ObjectVersion;
 use crate::cache::meta::ObjectMeta;
-use crate::cache::store::ChunkCache;
+use crate::cache::store::{ChunkCache, Keep};
 use crate::range::plan::chunk_bounds;
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -61,10 +61,12 @@ impl Run {
         Some((self.flights.front()?.0, self.flights.back()?.0))
     }
 
-    /// The first fill is complete: store the chunk, hand it to the waiters, let go of it.
-    pub(super) fn complete_front(&mut self, chunk: Bytes) {
+    /// The first fill is complete: keep the chunk as `keep` says, hand it to the waiters, let
+    /// go of it.
+    pub(super) fn complete_front(&mut self, chunk: Bytes, keep: Keep) {
         if let Some((index, flight)) = self.flights.pop_front() {
-            self.cache.store_chunk(&self.version, index, chunk.clone());
+            self.cache
+                .keep_chunk(&self.version, index, chunk.clone(), keep);
             flight.complete(chunk);
             self.cache
                 .flights
@@ -173,7 +175,9 @@ pub async fn chunk_source(
         run.fail_all(FillError::VersionChanged);
         return ChunkSource::Filling(flight);
     }
-    let last = last.min(index.saturating_add(MAX_RUN_CHUNKS - 1));
+    let last = last
+        .min(index.saturating_add(MAX_RUN_CHUNKS - 1))
+        .min(origin.run_limit(index, cache.chunk_size));
     for j in index.saturating_add(1)..=last {
         if cache.has_chunk(version, j) {
             break;

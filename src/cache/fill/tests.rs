@@ -884,7 +884,10 @@ async fn discovery_skips_a_chunk_another_fill_already_owns() {
         !f.is_done(),
         "discovery did not complete a fill it does not own"
     );
-    other.complete_front(Bytes::copy_from_slice(chunk_of(&v, 1)));
+    other.complete_front(
+        Bytes::copy_from_slice(chunk_of(&v, 1)),
+        crate::cache::store::Keep::All,
+    );
     assert_eq!(
         read_flight(&f, CHUNK).await,
         (chunk_of(&v, 1).to_vec(), Ok(()))

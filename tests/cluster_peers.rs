@@ -1,0 +1,327 @@
+//! Sharding among peers (`cluster.peers`), against the real binary and the in-process origin
+//! (for faults a real server cannot make): each shard is filled from the origin once by its
+//! owner however many nodes serve it; a peer that is dead or breaks mid-body hands its shards
+//! on with every byte exact and nothing fetched twice; a peer's failures are charged to it
+//! (`upstream="cluster.peers"`), never to the origin; the peer mark is believed only from a
+//! peer's address; the peer hop adds nothing to `CDN-Loop`; a parent tier that fails leaves
+//! the route's upstream to answer. The three-process test with nginx, a shield and 200
+//! clients is tests/cluster.rs.
+
+mod common;
+
+use common::origin::{content, Fault, Origin};
+use common::proxy::{free_port, Proxy};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+const SIZE: u64 = 2 << 20;
+
+fn node_config(origin: SocketAddr, me: SocketAddr, peers: &[SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
+    format!(
+        "cache:\n  chunk_size: 64KiB\nupstreams:\n  origin:\n    servers: [\"{origin}\"]\n    connect_timeout: 500ms\n    read_timeout: 2s\nroutes:\n  - path_prefix: /\n    upstream: origin\ncluster:\n  self: \"{me}\"\n  peers: [{}]\n  shard_size: 256KiB\n  peer_timeout: 1s\n  cdn_id: edge\n{extra}",
+        list.join(", ")
+    )
+}
+
+fn addrs(n: usize) -> Vec<SocketAddr> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    while out.len() < n {
+        let a: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        if !out.contains(&a) {
+            out.push(a);
+        }
+    }
+    out
+}
+
+/// The sum of the samples of `name` whose labels contain every one of `labels`.
+fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn get(node: &Proxy, path: &str) -> (u16, Vec<u8>, String) {
+    let resp = tokio::time::timeout(
+        Duration::from_secs(20),
+        common::client().get(node.url(path)).send(),
+    )
+    .await
+    .expect("answered within 20 s")
+    .expect("request");
+    let status = resp.status().as_u16();
+    let cs = common::header_text(resp.headers(), "cache-status");
+    let body = resp.bytes().await.expect("body").to_vec();
+    (status, body, cs)
+}
+
+async fn fetch_exact(node: &Proxy, path: &str) {
+    let (status, body, _) = get(node, path).await;
+    assert_eq!(status, 200, "{path} through {}", node.addr);
+    assert!(
+        body == content(path, 0, 0..SIZE),
+        "{path} through {}: {} bytes, not the object's",
+        node.addr,
+        body.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_shard_comes_from_the_origin_once_however_many_nodes_serve_it() {
+    let origin = Origin::start().await;
+    let peers = addrs(3);
+    let nodes: Vec<Proxy> = peers
+        .iter()
+        .map(|me| Proxy::start_at(*me, &node_config(origin.addr(), *me, &peers, "")))
+        .collect();
+    let path = "/obj/2097152/shared";
+    for node in &nodes {
+        fetch_exact(node, path).await;
+    }
+    // Every byte once: the shards' owners filled them, the others asked the owners.
+    assert_eq!(
+        origin.body_bytes_sent(),
+        SIZE,
+        "{:?}",
+        common::reply::describe(&origin.log())
+    );
+    let mut asked_peers = 0.0;
+    for node in &nodes {
+        let m = node.metrics().await;
+        asked_peers += metric(&m, "edgeslice_fill_requests_total", &["to=\"peer\""]);
+        assert_eq!(
+            metric(&m, "edgeslice_cluster_peers", &["state=\"up\""]),
+            3.0,
+            "{m}"
+        );
+        assert_eq!(
+            metric(&m, "edgeslice_cluster_peers", &["state=\"down\""]),
+            0.0
+        );
+        // A peer's fill is counted as one.
+        assert!(metric(&m, "edgeslice_fill_bytes_total", &[]) >= 0.0);
+    }
+    assert!(
+        asked_peers >= 8.0,
+        "the nodes asked their peers {asked_peers} times"
+    );
+    // The peer hop adds nothing to CDN-Loop: the origin sees the cluster's id once.
+    for r in origin.log() {
+        assert_eq!(r.header_all("cdn-loop"), ["edge"], "{:?}", r.headers);
+        assert!(r.header("x-edgeslice-peer").is_none(), "{:?}", r.headers);
+    }
+    // A second round is served by the nodes alone.
+    for node in nodes.iter().rev() {
+        fetch_exact(node, path).await;
+    }
+    assert_eq!(origin.body_bytes_sent(), SIZE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_peers_shards_move_to_the_next_node_and_are_charged_to_it() {
+    let origin = Origin::start().await;
+    let peers = addrs(3);
+    let mut nodes: Vec<Proxy> = peers
+        .iter()
+        .map(|me| Proxy::start_at(*me, &node_config(origin.addr(), *me, &peers, "")))
+        .collect();
+    nodes[2].kill();
+    let mut objects = 0;
+    let mut down = 0.0;
+    for i in 0..12 {
+        let path = format!("/obj/2097152/moved-{i}");
+        let before = origin.body_bytes_sent();
+        fetch_exact(&nodes[0], &path).await;
+        fetch_exact(&nodes[1], &path).await;
+        objects += 1;
+        // The dead node's shards went to one survivor: still each byte once.
+        assert_eq!(origin.body_bytes_sent() - before, SIZE, "{path}");
+        down = metric(
+            &nodes[0].metrics().await,
+            "edgeslice_cluster_peers",
+            &["state=\"down\""],
+        );
+        if down == 1.0 {
+            break;
+        }
+    }
+    assert_eq!(down, 1.0, "the dead peer is down after {objects} objects");
+    let m = nodes[0].metrics().await;
+    // Its failures are the peer group's; the origin's server has none.
+    let peer_failures = metric(
+        &m,
+        "edgeslice_origin_requests_total",
+        &[
+            "upstream=\"cluster.peers\"",
+            &format!("server=\"{}\"", peers[2]),
+        ],
+    );
+    assert!(peer_failures >= 1.0, "{m}");
+    for line in m.lines().filter(|l| {
+        l.starts_with("edgeslice_origin_requests_total") && l.contains("upstream=\"origin\"")
+    }) {
+        assert!(
+            line.contains("outcome=\"2xx\"") || line.ends_with(" 0"),
+            "an origin failure was counted: {line}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_breaks_mid_body_is_resumed_from_the_next_byte() {
+    let origin = Origin::start().await;
+    // The "peer" is a second in-process origin (same bytes and validators) that resets every
+    // answer after 100 000 body bytes.
+    let broken = Origin::start().await;
+    broken.set_fault(Fault::ResetMidBody { after: 100_000 });
+    let me: SocketAddr = addrs(1)[0];
+    let node = Proxy::start_at(
+        me,
+        &node_config(origin.addr(), me, &[me, broken.addr()], ""),
+    );
+    let path = "/obj/2097152/broken";
+    fetch_exact(&node, path).await;
+    // What the broken peer delivered was used, and the origin sent the rest, each byte once.
+    let from_peer = metric(
+        &node.metrics().await,
+        "edgeslice_fill_bytes_total",
+        &["to=\"peer\""],
+    );
+    let from_origin = origin.body_bytes_sent();
+    assert!(from_peer > 0.0, "the peer was asked");
+    assert!(
+        from_origin <= SIZE && from_origin as f64 + from_peer >= SIZE as f64,
+        "origin {from_origin} + peer {from_peer} for an object of {SIZE}"
+    );
+    let m = node.metrics().await;
+    assert!(
+        metric(
+            &m,
+            "edgeslice_origin_requests_total",
+            &["upstream=\"cluster.peers\"", "outcome=\"2xx\""]
+        ) >= 1.0,
+        "{m}"
+    );
+    assert!(
+        metric(&m, "edgeslice_origin_resumes_total", &[]) >= 1.0,
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_peer_mark_is_believed_only_from_a_peers_address() {
+    let origin = Origin::start().await;
+    // The other peer is the in-process origin on 127.0.0.2: it owns about half the shards,
+    // and records what it is asked.
+    let other = Origin::start_at("127.0.0.2:0".parse().unwrap())
+        .await
+        .expect("an origin on 127.0.0.2");
+    let me: SocketAddr = addrs(1)[0];
+    let node = Proxy::start_at(me, &node_config(origin.addr(), me, &[me, other.addr()], ""));
+    // A client on 127.0.0.1 (not a peer's address) forging the mark: its request is a
+    // client's, asked of the shards' owners as any other.
+    let path = "/obj/2097152/forged";
+    let resp = common::client()
+        .get(node.url(path))
+        .header("x-edgeslice-peer", "127.0.0.9:1")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.bytes().await.expect("body") == content(path, 0, 0..SIZE));
+    let asked: Vec<_> = other.log().into_iter().filter(|r| r.path == path).collect();
+    assert!(!asked.is_empty(), "the owner peer was not asked");
+    // Asked as a peer, by this node's name; and the mark never reaches the origin.
+    for r in &asked {
+        assert_eq!(r.header("x-edgeslice-peer"), Some(me.to_string().as_str()));
+    }
+    for r in origin.log() {
+        assert!(r.header("x-edgeslice-peer").is_none(), "{:?}", r.headers);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_from_a_peer_is_filled_where_it_lands() {
+    let origin = Origin::start().await;
+    // This node's only peer is 127.0.0.1 on another port, so the test client (127.0.0.1)
+    // is at a peer's address: its marked request is a peer's.
+    let peers = addrs(2);
+    let node = Proxy::start_at(peers[0], &node_config(origin.addr(), peers[0], &peers, ""));
+    let path = "/obj/2097152/marked";
+    let resp = common::client()
+        .get(node.url(path))
+        .header("x-edgeslice-peer", peers[1].to_string())
+        .header("cdn-loop", "edge")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.bytes().await.expect("body") == content(path, 0, 0..SIZE));
+    // Never asked of the (absent) other peer: every shard from the origin, the list as it came.
+    let m = node.metrics().await;
+    assert_eq!(
+        metric(&m, "edgeslice_fill_requests_total", &["to=\"peer\""]),
+        0.0
+    );
+    assert_eq!(origin.body_bytes_sent(), SIZE);
+    for r in origin.log() {
+        assert_eq!(r.header_all("cdn-loop"), ["edge"], "{:?}", r.headers);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_tier_answers_misses_and_the_upstream_takes_over_when_it_fails() {
+    let origin = Origin::start().await;
+    let shield = Proxy::start(&format!(
+        "cache:\n  chunk_size: 64KiB\nupstreams:\n  origin:\n    servers: [\"{}\"]\nroutes:\n  - path_prefix: /\n    upstream: origin\ncluster:\n  cdn_id: shield\n",
+        origin.addr()
+    ));
+    let edge = Proxy::start(&format!(
+        "cache:\n  chunk_size: 64KiB\nupstreams:\n  origin:\n    servers: [\"{}\"]\n  shield:\n    servers: [\"{}\"]\n    balance: consistent_hash\n    connect_timeout: 300ms\n    retry: {{attempts: 1}}\nroutes:\n  - path_prefix: /\n    upstream: origin\n    parent: shield\ncluster:\n  cdn_id: edge\n",
+        origin.addr(),
+        shield.addr
+    ));
+    let path = "/obj/2097152/tiered";
+    let (status, body, cache_status) = get(&edge, path).await;
+    assert_eq!(status, 200);
+    assert!(body == content(path, 0, 0..SIZE));
+    // Each tier's entry, the shield's first (RFC 9211).
+    assert!(
+        cache_status.starts_with("shield; fwd=miss") && cache_status.contains(", edge; fwd="),
+        "{cache_status}"
+    );
+    // Both tiers' ids on the origin's requests, in path order.
+    for r in origin.log() {
+        assert_eq!(
+            r.header_all("cdn-loop"),
+            ["edge, shield"],
+            "{:?}",
+            r.headers
+        );
+    }
+    let m = edge.metrics().await;
+    assert!(metric(&m, "edgeslice_fill_requests_total", &["to=\"parent\""]) >= 1.0);
+    assert_eq!(
+        metric(&m, "edgeslice_fill_requests_total", &["to=\"origin\""]),
+        0.0
+    );
+    assert_eq!(
+        metric(&m, "edgeslice_fill_bytes_total", &["to=\"parent\""]),
+        SIZE as f64
+    );
+    // The shield gone: the edge goes to the origin itself.
+    drop(shield);
+    let path = "/obj/2097152/direct";
+    let (status, body, _) = get(&edge, path).await;
+    assert_eq!(status, 200);
+    assert!(body == content(path, 0, 0..SIZE));
+    let m = edge.metrics().await;
+    assert!(metric(&m, "edgeslice_fill_requests_total", &["to=\"origin\""]) >= 1.0);
+    assert_eq!(
+        metric(&m, "edgeslice_fill_bytes_total", &["to=\"origin\""]),
+        SIZE as f64
+    );
+}
