@@ -125,6 +125,9 @@ pub enum KeepCopies {
 }
 
 pub const DEFAULT_CDN_ID: &str = "edgeslice";
+/// The environment variable that names this node in place of `cluster.self` (Kubernetes:
+/// `$(POD_NAME).edges.cdn.svc.cluster.local:8080` from the downward API).
+pub const SELF_ENV: &str = "EDGESLICE_CLUSTER_SELF";
 /// The longest `cluster.cdn_id`: it is sent on every origin request.
 pub const MAX_CDN_ID_LEN: usize = 64;
 pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
@@ -156,23 +159,54 @@ pub fn is_token(s: &str) -> bool {
         })
 }
 
+impl ClusterSettings {
+    /// These settings with `name` as `cluster.self` (from [`SELF_ENV`]): one of the peers.
+    pub fn with_self(&self, name: &str) -> Result<ClusterSettings, String> {
+        let Some(p) = &self.peers else {
+            return Err(format!(
+                "{SELF_ENV} is set ({name:?}) but the file has no cluster.peers"
+            ));
+        };
+        let self_name = canonical_peer(name).map_err(|m| format!("{SELF_ENV}: {m}"))?;
+        if !p.peers.contains(&self_name) {
+            return Err(format!(
+                "{SELF_ENV}: {self_name:?} is not one of cluster.peers {:?}",
+                p.peers
+            ));
+        }
+        let group = Arc::new(PeerSettings::group(
+            &p.peers,
+            &self_name,
+            p.peer_timeout,
+            p.resolve_interval,
+        ));
+        Ok(ClusterSettings {
+            cdn_id: self.cdn_id.clone(),
+            peers: Some(PeerSettings {
+                self_name,
+                group,
+                ..p.clone()
+            }),
+        })
+    }
+}
+
 /// A peer name: `host:port` with the port required, in canonical form.
 fn peer_name(path: &str, at: &Spanned<String>) -> Result<String, ConfigError> {
-    let text = at.value.trim();
+    canonical_peer(&at.value).map_err(|m| err_at(path, at, m))
+}
+
+/// `text` as a canonical peer name, or why it is none.
+fn canonical_peer(text: &str) -> Result<String, String> {
+    let text = text.trim();
     match crate::proxy::canonical::host(text.as_bytes(), &[]) {
         Ok(h) => match h.port {
             Some(p) => Ok(format!("{}:{p}", h.name)),
-            None => Err(err_at(
-                path,
-                at,
-                format!("invalid peer {text:?}: expected host:port (the port is required)"),
+            None => Err(format!(
+                "invalid peer {text:?}: expected host:port (the port is required)"
             )),
         },
-        Err(_) => Err(err_at(
-            path,
-            at,
-            format!("invalid peer {text:?}: expected host:port"),
-        )),
+        Err(_) => Err(format!("invalid peer {text:?}: expected host:port")),
     }
 }
 

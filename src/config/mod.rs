@@ -485,7 +485,8 @@ impl Config {
         Ok(c)
     }
 
-    /// Read and validate a config file.
+    /// Read and validate a config file; `cluster.self` from [`cluster::SELF_ENV`] when it is
+    /// set (one file for every node of a StatefulSet, each naming itself from its pod name).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
             path: String::new(),
@@ -493,7 +494,19 @@ impl Config {
             column: None,
             message: format!("cannot read {}: {e}", path.display()),
         })?;
-        Config::from_yaml(&text)
+        let mut c = Config::from_yaml(&text)?;
+        if let Some(name) = std::env::var(cluster::SELF_ENV)
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+        {
+            c.cluster = c.cluster.with_self(&name).map_err(|message| ConfigError {
+                path: "cluster.self".into(),
+                line: None,
+                column: None,
+                message,
+            })?;
+        }
+        Ok(c)
     }
 
     /// Parse and validate YAML text.

@@ -1327,3 +1327,45 @@ fn route_parent_names_another_group() {
         "the route's own upstream",
     );
 }
+
+#[test]
+fn cluster_self_may_come_from_the_environment() {
+    let c = Config::from_yaml(&with(
+        "cluster:\n  self: edge-0.edges:8080\n  peers: [edge-0.edges:8080, edge-1.edges:8080, edge-2.edges:8080]\n",
+    ))
+    .unwrap();
+    // EDGESLICE_CLUSTER_SELF names another peer: that one is left out of the peer group.
+    let moved = c.cluster.with_self("Edge-2.edges.:8080").unwrap();
+    let p = moved.peers.as_ref().unwrap();
+    assert_eq!(p.self_name, "edge-2.edges:8080");
+    let names: Vec<_> = p.group.servers.iter().map(|s| s.target.clone()).collect();
+    assert_eq!(
+        names,
+        [
+            ServerTarget::Name {
+                host: "edge-0.edges".into(),
+                port: 8080
+            },
+            ServerTarget::Name {
+                host: "edge-1.edges".into(),
+                port: 8080
+            },
+        ]
+    );
+    let e = c.cluster.with_self("edge-9.edges:8080").unwrap_err();
+    assert!(
+        e.contains("EDGESLICE_CLUSTER_SELF") && e.contains("not one of"),
+        "{e}"
+    );
+    assert!(c
+        .cluster
+        .with_self("edge-0.edges")
+        .unwrap_err()
+        .contains("port"));
+    let single = Config::from_yaml(&with("cluster:\n  cdn_id: x\n")).unwrap();
+    assert!(single
+        .cluster
+        .with_self("a:1")
+        .unwrap_err()
+        .contains("no cluster.peers"));
+}

@@ -895,10 +895,15 @@ impl CacheLayer {
         }
 
         // Hold the header until the first byte is in hand: an origin failure now is a clean 5xx.
-        let client = self
-            .cache
-            .response_budget()
-            .tag(&super::client_of(session, ctx));
+        // A peer asks for many clients at once (each shaped and shared on its own node): no
+        // one client's share of the budget applies to it, only the budget itself.
+        let client = if ctx.from_peer {
+            0
+        } else {
+            self.cache
+                .response_budget()
+                .tag(&super::client_of(session, ctx))
+        };
         let mut body = BodyPlan::new(parts, client);
         // While it may hold budget, the response's connection is marked: a client that stops
         // reading may then be cut for responses waiting for the budget (`cache::held`).
