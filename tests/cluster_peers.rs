@@ -325,3 +325,149 @@ async fn a_parent_tier_answers_misses_and_the_upstream_takes_over_when_it_fails(
         SIZE as f64
     );
 }
+
+fn disk(extra_keep: &str) -> String {
+    format!("  keep_copies: {extra_keep}\n")
+}
+
+/// `node_config` with a disk tier in the node's directory.
+fn disk_node_config(
+    origin: SocketAddr,
+    me: SocketAddr,
+    peers: &[SocketAddr],
+    keep: &str,
+) -> String {
+    node_config(origin, me, peers, &disk(keep)).replace(
+        "cache:\n  chunk_size: 64KiB\n",
+        "cache:\n  chunk_size: 64KiB\n  disk:\n    path: {DIR}/cache\n    capacity: 64MiB\n",
+    )
+}
+
+fn entries(node: &Proxy) -> usize {
+    common::cache_files(&node.dir.join("cache")).len()
+}
+
+async fn peer_requests(node: &Proxy) -> f64 {
+    metric(
+        &node.metrics().await,
+        "edgeslice_fill_requests_total",
+        &["to=\"peer\""],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_owners_keep_chunks_on_disk_and_a_restart_keeps_its_shards() {
+    let origin = Origin::start().await;
+    let peers = addrs(3);
+    let mut nodes: Vec<Proxy> = peers
+        .iter()
+        .map(|me| Proxy::start_at(*me, &disk_node_config(origin.addr(), *me, &peers, "memory")))
+        .collect();
+    let path = "/obj/2097152/on-disk";
+    for node in &nodes {
+        fetch_exact(node, path).await;
+    }
+    // Each chunk on one disk (its owner's), plus each node's metadata entry: 32 chunks of
+    // 64 KiB, not 3 × 32. Disk writes are in the background: wait for them.
+    let chunks = (SIZE / (64 << 10)) as usize;
+    let mut total = 0;
+    for _ in 0..100 {
+        total = nodes.iter().map(entries).sum::<usize>();
+        if total >= chunks {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        (chunks..=chunks + 3).contains(&total),
+        "{total} disk entries for {chunks} chunks on 3 nodes"
+    );
+    // Non-owners keep their copies in memory: a second round asks no peer.
+    let asked: f64 = {
+        let mut n = 0.0;
+        for node in &nodes {
+            n += peer_requests(node).await;
+        }
+        n
+    };
+    for node in &nodes {
+        fetch_exact(node, path).await;
+    }
+    let mut again = 0.0;
+    for node in &nodes {
+        again += peer_requests(node).await;
+    }
+    assert_eq!(again, asked, "a second round asked peers again");
+    // A node restarted under the same name keeps its shards: served from its disk, its
+    // peers' from theirs; the origin is not asked again.
+    nodes[1].restart();
+    fetch_exact(&nodes[1], path).await;
+    fetch_exact(&nodes[0], path).await;
+    assert_eq!(origin.body_bytes_sent(), SIZE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_copies_none_keeps_nothing_of_a_peers_shards() {
+    let origin = Origin::start().await;
+    let peers = addrs(2);
+    let nodes: Vec<Proxy> = peers
+        .iter()
+        .map(|me| Proxy::start_at(*me, &disk_node_config(origin.addr(), *me, &peers, "none")))
+        .collect();
+    let path = "/obj/2097152/not-kept";
+    fetch_exact(&nodes[0], path).await;
+    let first = peer_requests(&nodes[0]).await;
+    assert!(first >= 1.0);
+    // Asked again for every shard it does not own: nothing of them was kept.
+    fetch_exact(&nodes[0], path).await;
+    assert!(
+        peer_requests(&nodes[0]).await >= 2.0 * first,
+        "kept a peer's chunks"
+    );
+    assert_eq!(origin.body_bytes_sent(), SIZE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_peer_list() {
+    let origin = Origin::start().await;
+    let other = Origin::start().await;
+    let me: SocketAddr = addrs(1)[0];
+    let node = Proxy::start_at(me, &node_config(origin.addr(), me, &[me], ""));
+    fetch_exact(&node, "/obj/2097152/alone").await;
+    assert_eq!(peer_requests(&node).await, 0.0);
+    // Reloaded with a second peer (the in-process origin standing in for it): it is asked.
+    let conf = node.dir.join("edgeslice.yaml");
+    let text = std::fs::read_to_string(&conf).expect("config");
+    let listed = format!("peers: [\"{me}\"]");
+    assert!(text.contains(&listed), "{text}");
+    std::fs::write(
+        &conf,
+        text.replace(&listed, &format!("peers: [\"{me}\", \"{}\"]", other.addr())),
+    )
+    .expect("write config");
+    node.signal(libc::SIGHUP);
+    let mut reloaded = false;
+    for _ in 0..100 {
+        let m = node.metrics().await;
+        if metric(&m, "edgeslice_config_reloads_total", &["result=\"ok\""]) >= 1.0 {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "{}", node.log());
+    fetch_exact(&node, "/obj/2097152/shared-now").await;
+    assert!(peer_requests(&node).await >= 1.0);
+    assert!(other
+        .log()
+        .iter()
+        .any(|r| r.path == "/obj/2097152/shared-now"));
+    assert_eq!(
+        metric(
+            &node.metrics().await,
+            "edgeslice_cluster_peers",
+            &["state=\"up\""]
+        ),
+        2.0
+    );
+}

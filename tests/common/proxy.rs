@@ -32,6 +32,8 @@ pub struct Proxy {
     h2c: bool,
     /// The command the binary is started through (its path and arguments follow), if any.
     launcher: Vec<String>,
+    /// Started by [`Proxy::start_at`]: a restart listens on the same address.
+    fixed_listen: bool,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -155,6 +157,7 @@ impl Proxy {
         let mut p = Proxy::start_in_full(&dir, yaml, "", None, false, &[]);
         FIXED_LISTEN.with(|f| f.set(None));
         p._tmp = Some(tmp);
+        p.fixed_listen = true;
         p
     }
 
@@ -247,6 +250,7 @@ impl Proxy {
                 tls_entry: tls_entry.unwrap_or_default().to_string(),
                 h2c,
                 launcher: launcher.to_vec(),
+                fixed_listen: false,
                 _tmp: None,
             };
             let deadline = Instant::now() + Duration::from_secs(20);
@@ -418,6 +422,7 @@ impl Proxy {
         self.kill();
         let tmp = self._tmp.take();
         let tls_entry = (!self.tls_entry.is_empty()).then_some(self.tls_entry.as_str());
+        FIXED_LISTEN.with(|f| f.set(self.fixed_listen.then_some(self.addr)));
         let mut next = Proxy::start_in_full(
             &self.dir,
             &self.yaml,
@@ -426,7 +431,9 @@ impl Proxy {
             self.h2c,
             &self.launcher,
         );
+        FIXED_LISTEN.with(|f| f.set(None));
         next._tmp = tmp;
+        next.fixed_listen = self.fixed_listen;
         *self = next;
     }
 }
