@@ -327,3 +327,68 @@ async fn traffic_follows_a_name_that_moves_and_fans_out_over_its_addresses() {
         "{metrics}"
     );
 }
+
+/// `cluster.peers` names are resolved the same way, every `cluster.resolve_interval`: a peer
+/// whose name does not resolve is a down peer (the node fills its shards itself), becomes a
+/// peer asked for its shards once it resolves, and is followed when its name moves. The peers
+/// here are in-process origins standing in for edgeslice nodes (same bytes and validators).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_names_resolve_later_and_move() {
+    assert_namespaces_work();
+    let names = Resolution::new("127.53.0.9");
+    let mut peers = origins_on(&[[127, 0, 0, 2], [127, 0, 0, 3]]).await;
+    let port = peers[0].addr().port();
+    let origin = Origin::start().await;
+    let proxy = Proxy::start_launched(
+        &format!(
+            "cache:\n  chunk_size: 64KiB\nupstreams:\n  o:\n    servers: [\"{}\"]\nroutes:\n  - upstream: o\ncluster:\n  self: me.test:1\n  peers: [me.test:1, peer.test:{port}]\n  resolve_interval: 1s\n  shard_size: 128KiB\n  peer_timeout: 1s\n",
+            origin.addr()
+        ),
+        &names.launcher(),
+    );
+    let metric = |text: &str, state: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("edgeslice_cluster_peers{{state=\"{state}\"}}")))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    // Not resolving: a down peer, and every shard from the origin.
+    let m = proxy.metrics().await;
+    assert_eq!(metric(&m, "down"), Some(1.0), "{m}");
+    let path = "/obj/1048576/a";
+    let (status, body) = get(&proxy, "any.test", path).await;
+    assert_eq!(status, 200);
+    assert!(body == content(path, 0, 0..1 << 20));
+    assert!(peers.iter().all(|p| p.log().is_empty()));
+    // Resolving: asked for its shards.
+    names.set("peer.test", &[ip(2)]);
+    let asked = |p: &Origin, path: &str| p.log().iter().any(|r| r.path == path);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut i = 0;
+    while !asked(&peers[0], &format!("/obj/1048576/b{i}")) && Instant::now() < deadline {
+        i += 1;
+        let (status, _) = get(&proxy, "any.test", &format!("/obj/1048576/b{i}")).await;
+        assert_eq!(status, 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        asked(&peers[0], &format!("/obj/1048576/b{i}")),
+        "the peer was never asked"
+    );
+    assert_eq!(metric(&proxy.metrics().await, "up"), Some(2.0));
+    // Moved: the name now resolves to the other address, and that one is asked.
+    names.set("peer.test", &[ip(3)]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut j = 0;
+    while !asked(&peers[1], &format!("/obj/1048576/c{j}")) && Instant::now() < deadline {
+        j += 1;
+        let (status, body) = get(&proxy, "any.test", &format!("/obj/1048576/c{j}")).await;
+        assert_eq!(status, 200);
+        assert!(body == content(&format!("/obj/1048576/c{j}"), 0, 0..1 << 20));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        asked(&peers[1], &format!("/obj/1048576/c{j}")),
+        "the moved peer was never asked"
+    );
+    drop(peers.remove(0));
+}
