@@ -248,6 +248,23 @@ def main(argv):
             annotations.get("prometheus.io/path") != "/metrics":
         fail(f"{sts_path}: the prometheus.io annotations do not point at the admin port's /metrics")
 
+    # The cluster: one peer per replica, named as the headless Service names the pods, and each
+    # pod naming itself the same way.
+    cluster = (conf.get("cluster") or {})
+    if cluster.get("peers") is not None:
+        service = spec.get("serviceName")
+        port = port_of(listen[0])
+        want = [f"{sts['metadata']['name']}-{i}.{service}:{port}" for i in range(spec.get("replicas", 1))]
+        if cluster["peers"] != want:
+            fail(f"configmap.yaml: cluster.peers {cluster['peers']} are not the StatefulSet's "
+                 f"{spec.get('replicas', 1)} pods as {service} names them: {want}")
+        env = {e["name"]: e for e in container.get("env", [])}
+        own = env.get("EDGESLICE_CLUSTER_SELF", {}).get("value")
+        pod_name = (env.get("POD_NAME", {}).get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath")
+        if own != f"$(POD_NAME).{service}:{port}" or pod_name != "metadata.name":
+            fail(f"{sts_path}: EDGESLICE_CLUSTER_SELF is not $(POD_NAME).{service}:{port} with "
+                 "POD_NAME from metadata.name: every pod would take the ConfigMap's cluster.self")
+
     disk = (conf.get("cache") or {}).get("disk")
     if disk:
         mount = mounts.get(disk["path"])
