@@ -582,18 +582,14 @@ impl ProxyHttp for Edge {
         // asking node serves is shaped there).
         ctx.from_peer = req.headers.contains_key(crate::cluster::PEER_HEADER)
             && ctx.runtime.is_peer(client_addr(session));
-        ctx.scheme = if ctx.from_peer {
-            headers::Forwarded::proto_of(
+        ctx.scheme = match client_addr(session).filter(|_| ctx.from_peer) {
+            Some(peer) => headers::Forwarded::proto_of(
                 &req.headers,
-                client_addr(session),
-                &client_addr(session)
-                    .map(crate::shaping::identity::Cidr::host)
-                    .into_iter()
-                    .collect::<Vec<_>>(),
+                Some(peer),
+                &[crate::shaping::identity::Cidr::host(peer)],
                 listener_scheme(session),
-            )
-        } else {
-            forwarded_proto(session, ctx)
+            ),
+            None => forwarded_proto(session, ctx),
         };
         if !ctx.from_peer && !self.admit_download(session, ctx, &route).await? {
             return Ok(true);
