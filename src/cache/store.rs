@@ -20,6 +20,7 @@ use crate::config::CacheSettings;
 use crate::range::plan::chunk_count;
 use bytes::Bytes;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -67,8 +68,19 @@ pub struct ChunkCache {
     /// Every task the cache spawns (fills, disk work): bounded by the fill slots and the disk
     /// queue, and waited for at shutdown.
     tasks: tokio_util::task::TaskTracker,
-    object_locks: Vec<Mutex<HashMap<ObjectKey, Arc<tokio::sync::Mutex<()>>>>>,
+    object_locks: Vec<Mutex<HashMap<ObjectKey, ObjectSlot>>>,
 }
+
+/// One object's discovery lock, and whether its holder is waiting on a peer of the cluster.
+#[derive(Clone, Default)]
+struct ObjectSlot {
+    mutex: Arc<tokio::sync::Mutex<()>>,
+    asking_peer: Arc<AtomicBool>,
+}
+
+/// How often a peer's request waiting for an object's lock looks whether the holder has
+/// turned to a peer meanwhile.
+const PEER_LOCK_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// What a URL's responses vary on, and a name for this learning of it: variants stored under
 /// an earlier marker (forgotten by an invalidation) are never found again.
@@ -473,46 +485,76 @@ impl ChunkCache {
     fn object_lock_shard(
         &self,
         key: &ObjectKey,
-    ) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, Arc<tokio::sync::Mutex<()>>>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<ObjectKey, ObjectSlot>> {
         let i = (self.flights_hash(key) as usize) % self.object_locks.len();
         self.object_locks[i]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The mutex of one object, made on first use (its `ObjectLock` removes it when unused).
-    fn object_mutex(&self, key: &ObjectKey) -> Arc<tokio::sync::Mutex<()>> {
+    /// The lock of one object, made on first use (its `ObjectLock` removes it when unused).
+    fn object_slot(&self, key: &ObjectKey) -> ObjectSlot {
         self.object_lock_shard(key)
             .entry(key.clone())
             .or_default()
             .clone()
     }
 
-    /// Serialise discovery and revalidation of one object, so concurrent cold requests make
-    /// one origin request for its metadata.
-    pub async fn lock_object(self: &Arc<Self>, key: &ObjectKey) -> ObjectLock {
-        let lock = self.object_mutex(key);
-        let guard = lock.clone().lock_owned().await;
+    fn object_lock(
+        self: &Arc<Self>,
+        key: &ObjectKey,
+        slot: ObjectSlot,
+        guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    ) -> ObjectLock {
         ObjectLock {
             cache: self.clone(),
             key: key.clone(),
-            lock,
-            _guard: Some(guard),
+            lock: slot.mutex,
+            asking_peer: slot.asking_peer,
+            _guard: guard,
+        }
+    }
+
+    /// Serialise discovery and revalidation of one object, so concurrent cold requests make
+    /// one origin request for its metadata.
+    pub async fn lock_object(self: &Arc<Self>, key: &ObjectKey) -> ObjectLock {
+        let slot = self.object_slot(key);
+        let guard = slot.mutex.clone().lock_owned().await;
+        self.object_lock(key, slot, Some(guard))
+    }
+
+    /// The object's lock for a request a peer of the cluster sent: as [`lock_object`], except
+    /// that while the holder waits on a peer, the request goes on without the lock (the
+    /// returned lock holds nothing). The holder may be waiting on this very request, or on
+    /// one waiting on it (node A discovering an object asks B for a shard B owns, while B
+    /// discovering it asks A): waiting would end only at `cluster.peer_timeout`. The two
+    /// discoveries then ask for different shards, each of its own owner.
+    ///
+    /// [`lock_object`]: ChunkCache::lock_object
+    pub async fn lock_object_for_peer(self: &Arc<Self>, key: &ObjectKey) -> ObjectLock {
+        let slot = self.object_slot(key);
+        loop {
+            if let Ok(guard) = slot.mutex.clone().try_lock_owned() {
+                return self.object_lock(key, slot, Some(guard));
+            }
+            if slot.asking_peer.load(Ordering::Acquire) {
+                return self.object_lock(key, slot, None);
+            }
+            if let Ok(guard) =
+                tokio::time::timeout(PEER_LOCK_POLL, slot.mutex.clone().lock_owned()).await
+            {
+                return self.object_lock(key, slot, Some(guard));
+            }
         }
     }
 
     /// The object's lock if nobody holds it (a background revalidation runs only when no
     /// other discovery or revalidation of the object does).
     pub fn try_lock_object(self: &Arc<Self>, key: &ObjectKey) -> Option<ObjectLock> {
-        let lock = self.object_mutex(key);
-        let guard = lock.clone().try_lock_owned().ok();
+        let slot = self.object_slot(key);
+        let guard = slot.mutex.clone().try_lock_owned().ok();
         // Built even when the lock is taken, so its Drop tidies the map entry made above.
-        let held = ObjectLock {
-            cache: self.clone(),
-            key: key.clone(),
-            lock,
-            _guard: guard,
-        };
+        let held = self.object_lock(key, slot, guard);
         held._guard.is_some().then_some(held)
     }
 
@@ -779,7 +821,16 @@ pub struct ObjectLock {
     cache: Arc<ChunkCache>,
     key: ObjectKey,
     lock: Arc<tokio::sync::Mutex<()>>,
+    asking_peer: Arc<AtomicBool>,
     _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl ObjectLock {
+    /// Set while the holder's fetch waits on a peer (see
+    /// [`ChunkCache::lock_object_for_peer`]).
+    pub fn asking_peer(&self) -> Arc<AtomicBool> {
+        self.asking_peer.clone()
+    }
 }
 
 impl Drop for ObjectLock {

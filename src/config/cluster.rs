@@ -88,6 +88,13 @@ impl PeerSettings {
             host: None,
             tls: None,
             http2: false,
+            // This node's address when its name is one: the peers believe the peer mark from
+            // the addresses their peer names resolve to, and a host with several addresses
+            // (loopback aliases, a multi-homed node) would otherwise pick the source itself.
+            source: self_name
+                .parse::<std::net::SocketAddr>()
+                .ok()
+                .map(|a| a.ip()),
         }
     }
 }

@@ -244,6 +244,10 @@ pub struct UpstreamSettings {
     pub tls: Option<OriginTls>,
     /// `http2`: offer HTTP/2 by ALPN (HTTP/1.1 stays the fallback). Needs `tls`.
     pub http2: bool,
+    /// The local address connections to the group leave from; `None`: the kernel's choice.
+    /// Not a configuration key: the cluster's peer group leaves from this node's own address
+    /// when `cluster.self` is one, so that its peers know its requests as a peer's.
+    pub source: Option<std::net::IpAddr>,
 }
 
 impl UpstreamSettings {
@@ -1183,6 +1187,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 host,
                 tls,
                 http2,
+                source: None,
             }),
         );
     }

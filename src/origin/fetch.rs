@@ -43,6 +43,9 @@ pub struct OriginRequest {
     pub request_id: String,
     /// What consistent hashing hashes (the cache key).
     pub hash_key: String,
+    /// Set while this fetch waits on a peer of the cluster, when it holds its object's
+    /// discovery lock (`ChunkCache::lock_object_for_peer`).
+    pub asking_peer: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

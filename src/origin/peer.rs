@@ -58,6 +58,11 @@ fn fixed_hasher() -> std::collections::hash_map::DefaultHasher {
 /// `connect_timeout` per connection attempt (the TLS handshake included), `read_timeout` as
 /// the idle time allowed between reads and writes.
 fn with_timeouts(mut peer: HttpPeer, settings: &UpstreamSettings) -> HttpPeer {
+    if let Some(ip) = settings.source {
+        let mut bind = pingora_core::connectors::l4::BindTo::default();
+        bind.addr = Some(std::net::SocketAddr::new(ip, 0));
+        peer.options.bind_to = Some(bind);
+    }
     peer.options.connection_timeout = Some(settings.connect_timeout);
     peer.options.read_timeout = Some(settings.read_timeout);
     peer.options.write_timeout = Some(settings.read_timeout);

@@ -806,6 +806,7 @@ mod tests {
             host: None,
             tls: None,
             http2: false,
+            source: None,
         };
         UpstreamPool::new(Arc::new(settings), Arc::new(ResilienceStats::default())).expect("pool")
     }

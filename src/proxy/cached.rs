@@ -339,7 +339,13 @@ impl CacheLayer {
         let waited_since = SystemTime::now();
         // Waits on other fills and on the origin watch the client: one that leaves frees its
         // slot now, and never sets off an origin fetch nobody will read.
-        let lock = unless_client_left(session, self.cache.lock_object(&obj.key)).await?;
+        // A peer's request never waits behind a discovery that waits on a peer (it may be
+        // waiting on this one): `ChunkCache::lock_object_for_peer`.
+        let lock = if ctx.from_peer {
+            unless_client_left(session, self.cache.lock_object_for_peer(&obj.key)).await?
+        } else {
+            unless_client_left(session, self.cache.lock_object(&obj.key)).await?
+        };
         // Whoever held the lock may have learnt that the URL's responses vary.
         obj.key = self.cache.variant(&obj.base, &obj.forward);
         if !self.fill_answers(session, obj) {

@@ -119,10 +119,11 @@ pub async fn discover(
     // A slot bounds the memory of cache fills (see `ChunkCache::fill_slot`); it travels with
     // the transfer and is released when the transfer ends.
     let slot = cache.fill_slot().await;
-    let open = |range: Option<(u64, u64)>| async move {
-        origin
-            .open(&obj.origin_request(range, Vec::new()), &[], None)
-            .await
+    let asking_peer = lock.asking_peer();
+    let open = |range: Option<(u64, u64)>| {
+        let mut req = obj.origin_request(range, Vec::new());
+        req.asking_peer = Some(asking_peer.clone());
+        async move { origin.open(&req, &[], None).await }
     };
     let mut asked = Some(range);
     let mut resp = match open(asked).await {

@@ -84,6 +84,7 @@ impl ObjectRequest {
             request_id: self.request_id.clone(),
             forward: self.forward.clone(),
             hash_key: self.key.as_str().to_string(),
+            asking_peer: None,
         }
     }
 }

@@ -83,9 +83,15 @@ impl Tiered {
         marked
             .headers
             .push((crate::cluster::PEER_HEADER, peers.self_name().to_string()));
+        let _asking = req.asking_peer.as_deref().map(AskingPeer::new);
         for addr in order.into_iter().filter(|a| !avoid.contains(a)) {
             self.metrics.requests(FillTarget::Peer).inc();
             match peers.open(addr, &marked, until).await {
+                Ok(reply) if reply.status() == 508 => log::warn!(
+                    "rid={} peer {addr} saw a loop (508) for {}: its shard goes to the next node",
+                    req.request_id,
+                    req.hash_key
+                ),
                 Ok(reply) => {
                     let keep = match peers.keep_copies() {
                         KeepCopies::Memory => Keep::Memory,
@@ -182,6 +188,23 @@ impl Origin for Tiered {
             }
             _ => u64::MAX,
         }
+    }
+}
+
+/// Marks a discovery lock's holder as waiting on a peer until dropped (the wait ends, or the
+/// fetch is cancelled).
+struct AskingPeer<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl<'a> AskingPeer<'a> {
+    fn new(flag: &'a std::sync::atomic::AtomicBool) -> AskingPeer<'a> {
+        flag.store(true, std::sync::atomic::Ordering::Release);
+        AskingPeer(flag)
+    }
+}
+
+impl Drop for AskingPeer<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
     }
 }
 
