@@ -54,6 +54,8 @@ const CLIENTS: usize = 200;
 const ORIGIN_DELAY: Duration = Duration::from_millis(20);
 /// What a relay's byte count may hold per forwarded request beyond the bodies (a response head).
 const HEAD_ALLOWANCE: u64 = 1024;
+/// The name clients use for the site, whichever edge they reach.
+const SITE: &str = "media.example";
 /// The edge killed in phase 2.
 const VICTIM: usize = 1;
 /// Phase 2's clients read at most this fast each, so that transfers are in flight at the kill.
@@ -125,7 +127,11 @@ async fn fetch(
 ) -> Result<(), String> {
     let size = object.data.len() as u64;
     let (range, first, end) = want.plan(size);
-    let mut req = client.get(format!("{base}{}", object.path));
+    // One site name on every edge, as behind a load balancer: the cache key (and so the
+    // shard's owner) is the same whichever edge a client reaches.
+    let mut req = client
+        .get(format!("{base}{}", object.path))
+        .header("host", SITE);
     if let Some(r) = &range {
         req = req.header("range", r);
     }
@@ -227,6 +233,10 @@ impl Cluster {
             let n = Nginx::start();
             for (path, data) in &objects {
                 n.put_bytes(path, data);
+                // A month old, as files on a real origin are: heuristic freshness (10% of the
+                // age) keeps them fresh through the test; a file written just now would be
+                // stale at once and every request a revalidation.
+                n.age_file(path, Duration::from_secs(30 * 86400));
             }
             n
         })
