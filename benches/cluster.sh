@@ -38,8 +38,10 @@ SEED=${SEED:-1}
 DELAY_MS=${DELAY_MS:-20}
 CHUNK=${CHUNK:-1MiB}
 SHARD=${SHARD:-4MiB}
-# Per node: smaller than the objects together, so how much a cluster holds matters too.
-MEMORY=${MEMORY:-192MiB}
+# Per node: a memory tier smaller than the objects together, a disk tier that holds them all
+# (so independent nodes miss each object once each, and a cluster once in all).
+MEMORY=${MEMORY:-64MiB}
+DISK=${DISK:-1GiB}
 KEEP_COPIES=${KEEP_COPIES:-memory}
 
 need() { command -v "$1" >/dev/null 2>&1; }
@@ -101,8 +103,9 @@ EOF
 $LOAD relay --listen "$RELAY_PORT" --upstream "$ORIGIN_PORT" --delay-ms "$DELAY_MS" \
   --counts "$WORK/relay.count" &
 PIDS+=($!)
+disown $! # killed by cleanup, without a job notice
 
-origin_body() { awk '{ s += $2 } END { print s + 0 }' "$WORK/logs/origin.log"; }
+origin_body() { awk '{ s += $2 } END { printf "%.0f\n", s }' "$WORK/logs/origin.log"; }
 relay_bytes() { cat "$WORK/relay.count" 2>/dev/null || echo 0; }
 # Sum of metric samples with all of the given label="value" pairs, over the nodes' admin ports.
 metric_sum() {
@@ -113,7 +116,7 @@ metric_sum() {
         ok = 1; m = split(f, want, ",")
         for (i = 1; i <= m; i++) if (want[i] != "" && index($0, want[i]) == 0) ok = 0
         if (ok) s += $NF
-      } END { print s + 0 }')
+      } END { printf "%.0f\n", s }')
     sum=$(python3 -c "print($sum + $v)")
   done
   echo "$sum"
@@ -156,6 +159,9 @@ cache:
   chunk_size: $CHUNK
   memory:
     capacity: $MEMORY
+  disk:
+    path: $dir/cache
+    capacity: $DISK
 $cluster
 upstreams:
   origin:
@@ -176,7 +182,7 @@ EOF
       sleep 0.05
     done
   done
-  local origin0 relay0
+  local origin0 relay0 # (the origin log and relay count are shared by both runs)
   origin0=$(origin_body)
   relay0=$(relay_bytes)
   local out
@@ -213,7 +219,7 @@ EOF
 }
 
 echo "edgeslice: $EDGE"
-echo "$NODES nodes, $OBJECTS objects of $OBJECT_MIB MiB ($((OBJECTS * OBJECT_MIB)) MiB), chunk $CHUNK, shard $SHARD, memory $MEMORY a node, keep_copies $KEEP_COPIES; $REQUESTS requests by $CONCURRENCY clients (ranges <= $MAX_RANGE bytes, $WHOLE whole, Zipf $ZIPF, seed $SEED); origin $DELAY_MS ms away"
+echo "$NODES nodes, $OBJECTS objects of $OBJECT_MIB MiB ($((OBJECTS * OBJECT_MIB)) MiB), chunk $CHUNK, shard $SHARD, memory $MEMORY and disk $DISK a node, keep_copies $KEEP_COPIES; $REQUESTS requests by $CONCURRENCY clients (ranges <= $MAX_RANGE bytes, $WHOLE whole, Zipf $ZIPF, seed $SEED); origin $DELAY_MS ms away"
 echo
 printf '%-12s %8s %6s %10s %10s %9s %9s %8s %8s %7s %7s %7s   %s\n' mode requests errors "client MiB" "origin MiB" "/objects" "byte hit" "hit" "hit(all)" "req/s" "p50 ms" "p99 ms" "fills; relay; Cache-Status"
 run independent

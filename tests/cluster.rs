@@ -321,13 +321,13 @@ impl Cluster {
         for (i, e) in self.edges.iter().enumerate() {
             if let Some(e) = e {
                 s += &format!(
-                    "--- edge {i} ({}) log tail:\n{}\n",
+                    "--- edge {i} ({}) log:\n{}\n",
                     e.addr,
-                    tail(&e.log(), 15)
+                    warnings(&e.log(), 40)
                 );
             }
         }
-        s += &format!("--- shield log tail:\n{}\n", tail(&self.shield.log(), 15));
+        s += &format!("--- shield log:\n{}\n", warnings(&self.shield.log(), 40));
         s
     }
 }
@@ -343,6 +343,23 @@ struct EdgeFigures {
     bytes_origin: Option<f64>,
     peers_up: Option<f64>,
     peers_down: Option<f64>,
+}
+
+/// The first `n` warnings and errors of a log, and how many there were; its tail without any.
+fn warnings(log: &str, n: usize) -> String {
+    let w: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    if w.is_empty() {
+        return tail(log, 15);
+    }
+    format!(
+        "{} warnings and errors; the first {}:\n{}",
+        w.len(),
+        w.len().min(n),
+        w[..w.len().min(n)].join("\n")
+    )
 }
 
 fn tail(s: &str, lines: usize) -> String {
@@ -722,11 +739,11 @@ async fn edges_shard_one_cache_behind_a_shield_and_survive_a_kill() {
     );
     if !v.0.is_empty() {
         panic!(
-            "{} expectation(s) failed:\n{}\n{}--- killed edge log tail:\n{}",
+            "{} expectation(s) failed:\n{}\n{}--- killed edge log:\n{}",
             v.0.len(),
             v.0.join("\n"),
             cluster.log_tails(),
-            tail(&victim.log(), 15)
+            warnings(&victim.log(), 40)
         );
     }
 }
