@@ -652,7 +652,7 @@ async fn edges_shard_one_cache_behind_a_shield_and_survive_a_kill() {
     let mut retries = Vec::new();
     for (i, job, e) in &failures2 {
         if job.edge == VICTIM && killed.load(Ordering::SeqCst) {
-            let other = if rng.next() % 2 == 0 { 0 } else { 2 };
+            let other = (VICTIM + 1 + rng.between(0, EDGES as u64 - 2) as usize) % EDGES;
             retries.push((
                 *i,
                 Job {
