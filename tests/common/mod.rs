@@ -1,11 +1,14 @@
 //! Shared integration-test harness: in-process origins ([`origin`]) and the real edgeslice
-//! binary started on loopback ports ([`proxy`]).
+//! binary started on loopback ports ([`proxy`]), or on addresses the test chooses ([`node`]), and a
+//! counting, delaying TCP relay ([`relay`]).
 #![allow(dead_code)]
 
 pub mod nginx;
+pub mod node;
 pub mod origin;
 pub mod proxy;
 pub mod raw;
+pub mod relay;
 pub mod reply;
 pub mod tls;
 
