@@ -471,3 +471,44 @@ async fn a_reload_changes_the_peer_list() {
         2.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_naming_the_cluster_in_cdn_loop_is_served_by_the_owners() {
+    // A request that really passed this tier once (edge → shield → edge would be a loop, but
+    // one pass is not) names the cluster's id: the node asks the owner with the id twice, and
+    // the owner judges it as the node did, instead of a 508 that sends the shard to its origin.
+    let origin = Origin::start().await;
+    let peers = addrs(2);
+    let nodes: Vec<Proxy> = peers
+        .iter()
+        .map(|me| Proxy::start_at(*me, &node_config(origin.addr(), *me, &peers, "")))
+        .collect();
+    let path = "/obj/2097152/named";
+    for node in &nodes {
+        let resp = common::client()
+            .get(node.url(path))
+            .header("cdn-loop", "edge")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status(), 200);
+        assert!(resp.bytes().await.expect("body") == content(path, 0, 0..SIZE));
+    }
+    assert_eq!(origin.body_bytes_sent(), SIZE);
+    for node in &nodes {
+        let m = node.metrics().await;
+        assert_eq!(
+            metric(&m, "edgeslice_loops_detected_total", &[]),
+            0.0,
+            "{m}"
+        );
+    }
+    // Twice from the client is a loop, answered at once by the node it reached.
+    let resp = common::client()
+        .get(nodes[0].url(path))
+        .header("cdn-loop", "edge, edge")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 508);
+}

@@ -96,6 +96,15 @@ pub fn is_loop(headers: &HeaderMap, id: &str) -> bool {
     count(headers, id, 2) >= 2
 }
 
+/// [`is_loop`] for a request a peer of the cluster sent: it carries the cluster's id once more
+/// than the client's request it serves (the asking node added it), so it is a loop from three
+/// times on. A client that writes the id into its own list once (as a request that really
+/// passed the tier once does) thus gets the same answer from the owner as from the node it
+/// asked, instead of a 508 on the peer hop that would send every shard to its origin.
+pub fn is_loop_from_peer(headers: &HeaderMap, id: &str) -> bool {
+    count(headers, id, 3) >= 3
+}
+
 /// The `CDN-Loop` a request sends upstream: the field lines received (`incoming`), combined as
 /// one list in order, then `id` when `add_ours` (every hop out of this tier: to an origin or a
 /// parent). A peer hop inside one cluster passes `false`: the list already holds the
@@ -160,6 +169,18 @@ mod tests {
         assert_eq!(list("a; p=\"x\\\", edgeslice\", b"), ["a", "b"]);
         assert!(list("").is_empty());
         assert!(list(" , ;x=1").is_empty());
+    }
+
+    #[test]
+    fn a_peers_request_is_a_loop_from_three_times_on() {
+        // The asking node added the cluster's id to its client's list.
+        assert!(!is_loop_from_peer(&headers(&["edge"]), "edge"));
+        assert!(!is_loop_from_peer(&headers(&["edge, edge"]), "edge"));
+        assert!(is_loop_from_peer(&headers(&["edge, Edge", "EDGE"]), "edge"));
+        assert!(!is_loop_from_peer(
+            &headers(&["shield, edge, shield"]),
+            "edge"
+        ));
     }
 
     #[test]

@@ -553,7 +553,18 @@ impl ProxyHttp for Edge {
             }
         };
         let req = session.req_header();
-        if cdn_loop::is_loop(&req.headers, &ctx.runtime.config.cluster.cdn_id) {
+        // A peer's request (its mark, from an address a peer name resolves to): filled here,
+        // as the asking node's client asked it (its scheme), and not shaped (the client the
+        // asking node serves is shaped there).
+        ctx.from_peer = req.headers.contains_key(crate::cluster::PEER_HEADER)
+            && ctx.runtime.is_peer(client_addr(session));
+        let cdn_id = &ctx.runtime.config.cluster.cdn_id;
+        let looped = if ctx.from_peer {
+            cdn_loop::is_loop_from_peer(&req.headers, cdn_id)
+        } else {
+            cdn_loop::is_loop(&req.headers, cdn_id)
+        };
+        if looped {
             // This request has passed through this tier twice already (RFC 8586): answering
             // it is the only way the loop ends. Not the client's fault as such (a
             // misconfigured tier is), so it is logged, at a bounded rate by the metric.
@@ -577,11 +588,6 @@ impl ProxyHttp for Edge {
             return Ok(true);
         };
         ctx.route = Some(route.clone());
-        // A peer's request (its mark, from an address a peer name resolves to): filled here,
-        // as the asking node's client asked it (its scheme), and not shaped (the client the
-        // asking node serves is shaped there).
-        ctx.from_peer = req.headers.contains_key(crate::cluster::PEER_HEADER)
-            && ctx.runtime.is_peer(client_addr(session));
         ctx.scheme = match client_addr(session).filter(|_| ctx.from_peer) {
             Some(peer) => headers::Forwarded::proto_of(
                 &req.headers,
