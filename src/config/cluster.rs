@@ -80,7 +80,13 @@ impl PeerSettings {
             max_ejected_percent: 100,
             resolve_interval,
             health_check: None,
-            breaker: super::DEFAULT_BREAKER,
+            // Two failures in a row eject a peer (an origin takes five): a peer is on the
+            // site's own network, a false ejection costs only fills its next node makes, and
+            // each failure of a silent peer costs a client `peer_timeout`.
+            breaker: crate::origin::breaker::BreakerConfig {
+                failure_threshold: PEER_FAILURES_TO_EJECT,
+                ..super::DEFAULT_BREAKER
+            },
             retry: super::RetrySettings {
                 attempts: 1,
                 ..super::DEFAULT_RETRY
@@ -140,6 +146,8 @@ pub const MAX_CDN_ID_LEN: usize = 64;
 pub const DEFAULT_RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_SHARD_SIZE: u64 = 16 << 20;
 pub const DEFAULT_PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Consecutive failures that open a peer's breaker.
+pub const PEER_FAILURES_TO_EJECT: u32 = 2;
 
 /// A token (RFC 9110 §5.6.2 `tchar`): what a `CDN-Loop` pseudonym is (RFC 8586 §2).
 pub fn is_token(s: &str) -> bool {

@@ -1161,6 +1161,7 @@ fn cluster_keys_parse_with_their_defaults() {
     assert_eq!(p.group.read_timeout, Duration::from_secs(2));
     assert_eq!(p.group.resolve_interval, Duration::from_secs(10));
     assert_eq!(p.group.retry.attempts, 1);
+    assert_eq!(p.group.breaker.failure_threshold, 2);
     assert_eq!(c.upstream_groups().count(), c.upstreams.len() + 1);
     // No upstream may take the peer group's name.
     let e = bad(&GOOD
