@@ -44,6 +44,19 @@ fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// `n` nodes on free ports of 127.0.0.1, each started with `config(itself, every node)`.
+fn cluster(
+    n: usize,
+    config: impl Fn(SocketAddr, &[SocketAddr]) -> String,
+) -> (Vec<SocketAddr>, Vec<Proxy>) {
+    let peers = addrs(n);
+    let nodes = peers
+        .iter()
+        .map(|me| Proxy::start_at(*me, &config(*me, &peers)))
+        .collect();
+    (peers, nodes)
+}
+
 async fn get(node: &Proxy, path: &str) -> (u16, Vec<u8>, String) {
     let resp = tokio::time::timeout(
         Duration::from_secs(20),
@@ -72,11 +85,7 @@ async fn fetch_exact(node: &Proxy, path: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_shard_comes_from_the_origin_once_however_many_nodes_serve_it() {
     let origin = Origin::start().await;
-    let peers = addrs(3);
-    let nodes: Vec<Proxy> = peers
-        .iter()
-        .map(|me| Proxy::start_at(*me, &node_config(origin.addr(), *me, &peers, "")))
-        .collect();
+    let (_, nodes) = cluster(3, |me, peers| node_config(origin.addr(), me, peers, ""));
     let path = "/obj/2097152/shared";
     for node in &nodes {
         fetch_exact(node, path).await;
@@ -123,11 +132,7 @@ async fn each_shard_comes_from_the_origin_once_however_many_nodes_serve_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_peers_shards_move_to_the_next_node_and_are_charged_to_it() {
     let origin = Origin::start().await;
-    let peers = addrs(3);
-    let mut nodes: Vec<Proxy> = peers
-        .iter()
-        .map(|me| Proxy::start_at(*me, &node_config(origin.addr(), *me, &peers, "")))
-        .collect();
+    let (peers, mut nodes) = cluster(3, |me, peers| node_config(origin.addr(), me, peers, ""));
     nodes[2].kill();
     let mut objects = 0;
     let mut down = 0.0;
@@ -358,11 +363,9 @@ async fn peer_requests(node: &Proxy) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_owners_keep_chunks_on_disk_and_a_restart_keeps_its_shards() {
     let origin = Origin::start().await;
-    let peers = addrs(3);
-    let mut nodes: Vec<Proxy> = peers
-        .iter()
-        .map(|me| Proxy::start_at(*me, &disk_node_config(origin.addr(), *me, &peers, "memory")))
-        .collect();
+    let (_, mut nodes) = cluster(3, |me, peers| {
+        disk_node_config(origin.addr(), me, peers, "memory")
+    });
     let path = "/obj/2097152/on-disk";
     for node in &nodes {
         fetch_exact(node, path).await;
@@ -409,11 +412,9 @@ async fn only_owners_keep_chunks_on_disk_and_a_restart_keeps_its_shards() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_copies_none_keeps_nothing_of_a_peers_shards() {
     let origin = Origin::start().await;
-    let peers = addrs(2);
-    let nodes: Vec<Proxy> = peers
-        .iter()
-        .map(|me| Proxy::start_at(*me, &disk_node_config(origin.addr(), *me, &peers, "none")))
-        .collect();
+    let (_, nodes) = cluster(2, |me, peers| {
+        disk_node_config(origin.addr(), me, peers, "none")
+    });
     let path = "/obj/2097152/not-kept";
     fetch_exact(&nodes[0], path).await;
     let first = peer_requests(&nodes[0]).await;
@@ -478,11 +479,7 @@ async fn a_client_naming_the_cluster_in_cdn_loop_is_served_by_the_owners() {
     // one pass is not) names the cluster's id: the node asks the owner with the id twice, and
     // the owner judges it as the node did, instead of a 508 that sends the shard to its origin.
     let origin = Origin::start().await;
-    let peers = addrs(2);
-    let nodes: Vec<Proxy> = peers
-        .iter()
-        .map(|me| Proxy::start_at(*me, &node_config(origin.addr(), *me, &peers, "")))
-        .collect();
+    let (_, nodes) = cluster(2, |me, peers| node_config(origin.addr(), me, peers, ""));
     let path = "/obj/2097152/named";
     for node in &nodes {
         let resp = common::client()

@@ -73,6 +73,18 @@ impl std::fmt::Display for FetchError {
 }
 
 impl FetchError {
+    /// The fetch's deadline passed while `server` was being tried.
+    pub fn deadline(server: SocketAddr) -> FetchError {
+        FetchError {
+            message: "request deadline exceeded".into(),
+            server: Some(server),
+            status: None,
+            timed_out: true,
+            class: Some(FailureClass::ReadTimeout),
+            tls: None,
+        }
+    }
+
     /// The status a client should see when this was the final failure.
     pub fn client_status(&self) -> u16 {
         if self.timed_out {
@@ -381,16 +393,7 @@ pub async fn open_until(
         tried.push(addr);
         shunned.push(addr);
         let peer = sel.peer.clone();
-        let tried =
-            tokio::time::timeout_at(until, try_server(connector, pool, addr, peer, req)).await;
-        let outcome = match &tried {
-            Ok(Ok(resp)) => Some(OriginOutcome::Answered(resp.status())),
-            Ok(Err(e)) => e.class.map(OriginOutcome::Failed),
-            Err(_) => Some(OriginOutcome::Failed(FailureClass::ReadTimeout)),
-        };
-        if let Some(o) = outcome {
-            pool.count_request(addr, o);
-        }
+        let tried = try_until(connector, pool, addr, peer, req, until).await;
         match tried {
             Ok(Ok(mut resp)) => {
                 let status = resp.status();
@@ -448,14 +451,7 @@ pub async fn open_until(
             }
             Err(_) => {
                 sel.failed(FailureClass::ReadTimeout, &req.request_id);
-                last = FetchError {
-                    message: "request deadline exceeded".into(),
-                    server: Some(addr),
-                    status: None,
-                    timed_out: true,
-                    class: Some(FailureClass::ReadTimeout),
-                    tls: None,
-                };
+                last = FetchError::deadline(addr);
                 break;
             }
         }
@@ -494,19 +490,7 @@ pub async fn open_on(
             tls: None,
         });
     };
-    let tried = tokio::time::timeout_at(
-        until,
-        try_server(connector, pool, addr, sel.peer.clone(), req),
-    )
-    .await;
-    let outcome = match &tried {
-        Ok(Ok(resp)) => Some(OriginOutcome::Answered(resp.status())),
-        Ok(Err(e)) => e.class.map(OriginOutcome::Failed),
-        Err(_) => Some(OriginOutcome::Failed(FailureClass::ReadTimeout)),
-    };
-    if let Some(o) = outcome {
-        pool.count_request(addr, o);
-    }
+    let tried = try_until(connector, pool, addr, sel.peer.clone(), req, until).await;
     match tried {
         Ok(Ok(mut resp)) => {
             resp.selected = Some(sel);
@@ -521,14 +505,7 @@ pub async fn open_on(
         }
         Err(_) => {
             sel.failed(FailureClass::ReadTimeout, &req.request_id);
-            Err(FetchError {
-                message: "request deadline exceeded".into(),
-                server: Some(addr),
-                status: None,
-                timed_out: true,
-                class: Some(FailureClass::ReadTimeout),
-                tls: None,
-            })
+            Err(FetchError::deadline(addr))
         }
     }
 }
@@ -565,6 +542,28 @@ impl FetchError {
 
 /// Interim (1xx) answers skipped before a final one; more is a broken server.
 const MAX_INTERIM_RESPONSES: u32 = 16;
+
+/// [`try_server`] within `until`, its outcome counted for `addr` (a deadline passed counts as
+/// a read timeout); `Err` when the deadline passed.
+async fn try_until(
+    connector: &Arc<Connector>,
+    pool: &UpstreamPool,
+    addr: SocketAddr,
+    peer: pingora_core::upstreams::peer::HttpPeer,
+    req: &OriginRequest,
+    until: Instant,
+) -> Result<Result<OriginResponse, FetchError>, tokio::time::error::Elapsed> {
+    let tried = tokio::time::timeout_at(until, try_server(connector, pool, addr, peer, req)).await;
+    let outcome = match &tried {
+        Ok(Ok(resp)) => Some(OriginOutcome::Answered(resp.status())),
+        Ok(Err(e)) => e.class.map(OriginOutcome::Failed),
+        Err(_) => Some(OriginOutcome::Failed(FailureClass::ReadTimeout)),
+    };
+    if let Some(o) = outcome {
+        pool.count_request(addr, o);
+    }
+    tried
+}
 
 async fn try_server(
     connector: &Arc<Connector>,

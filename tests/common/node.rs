@@ -4,8 +4,8 @@
 //! ([`free_addrs`]) and a start does not retry on new ports as [`super::proxy::Proxy`] does.
 //! Stopped (SIGKILL) on drop, so also when the test panics.
 
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use super::proxy::{healthy, listens_on};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,51 +26,6 @@ pub fn free_addrs(ip: Ipv4Addr, n: usize) -> Vec<SocketAddr> {
     held.iter()
         .map(|l| l.local_addr().expect("local addr"))
         .collect()
-}
-
-/// Whether process `pid` holds a listening TCP socket on the IPv4 address `addr`.
-fn listens_on(pid: u32, addr: SocketAddr) -> bool {
-    let IpAddr::V4(ip) = addr.ip() else {
-        return false;
-    };
-    // /proc/net/tcp writes the address as the 32-bit word in host (little-endian) order.
-    let local = format!(
-        "{:08X}:{:04X}",
-        u32::from_le_bytes(ip.octets()),
-        addr.port()
-    );
-    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
-        return false;
-    };
-    let inodes: Vec<String> = table
-        .lines()
-        .skip(1)
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| format!("socket:[{}]", f[9]))
-        })
-        .collect();
-    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    fds.filter_map(|e| e.ok())
-        .filter_map(|e| std::fs::read_link(e.path()).ok())
-        .any(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
-}
-
-fn healthy(admin: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_millis(200)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    buf.starts_with(b"HTTP/1.1 200")
 }
 
 impl Node {

@@ -43,10 +43,18 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
-/// Whether process `pid` holds a listening TCP socket on 127.0.0.1:`port` (its socket inode
-/// in `/proc/net/tcp` is one of the process's descriptors).
-fn listens_on(pid: u32, port: u16) -> bool {
-    let local = format!("0100007F:{port:04X}");
+/// Whether process `pid` holds a listening TCP socket on the IPv4 address `addr` (its socket
+/// inode in `/proc/net/tcp` is one of the process's descriptors).
+pub fn listens_on(pid: u32, addr: SocketAddr) -> bool {
+    let std::net::IpAddr::V4(ip) = addr.ip() else {
+        return false;
+    };
+    // /proc/net/tcp writes the address as the 32-bit word in host (little-endian) order.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_le_bytes(ip.octets()),
+        addr.port()
+    );
     let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
         return false;
     };
@@ -77,7 +85,8 @@ pub fn listen_and_admin_addrs() -> (SocketAddr, SocketAddr) {
     (addr(&a), addr(&b))
 }
 
-fn healthy(admin: SocketAddr) -> bool {
+/// Whether the admin listener at `admin` answers `GET /healthz` with 200.
+pub fn healthy(admin: SocketAddr) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_millis(200)) else {
         return false;
     };
@@ -262,9 +271,9 @@ impl Proxy {
                 // another test's server can take a port, and would then answer in its place.
                 let pid = p.pid();
                 if healthy(admin)
-                    && listens_on(pid, admin.port())
-                    && listens_on(pid, addr.port())
-                    && tls_addr.is_none_or(|a| listens_on(pid, a.port()))
+                    && listens_on(pid, admin)
+                    && listens_on(pid, addr)
+                    && tls_addr.is_none_or(|a| listens_on(pid, a))
                 {
                     return p;
                 }
