@@ -1,5 +1,7 @@
 //! The configuration in force, as one immutable snapshot: the validated config with the upstream
-//! pools, the cache's origin groups and the cache policy built from it.
+//! pools (the cluster's peer group among them), the cache's origin groups, the cluster's ring,
+//! each route's fill tiers (`cache::fill::tiered`: peers, parent, upstream) and the cache
+//! policy built from it.
 //!
 //! ```text
 //!  reload ─► Runtime::build(new config, previous) ─► Current (ArcSwap) ─► store
