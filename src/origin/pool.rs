@@ -604,20 +604,12 @@ impl UpstreamPool {
     /// the cluster's ring chose, not the group's balancer); no panic routing.
     pub fn pick_server(&self, addr: SocketAddr) -> Option<Selected> {
         let set = self.servers.load_full();
-        let member = set.members.get(&addr)?.clone();
+        let member = set.members.get(&addr)?;
         if !member.breaker.allows() {
             return None;
         }
         let admission = member.breaker.try_acquire()?;
-        log_transition(&set, addr, admission.transition(), None, "-");
-        Some(Selected {
-            addr,
-            breaker: member.breaker.clone(),
-            admission: Some(admission),
-            panic: false,
-            set,
-            peer: member.peer.clone(),
-        })
+        Some(Self::admitted(&set, member, admission))
     }
 
     /// A server not in `tried` that is in rotation (healthy, breaker admitting), if any: where
@@ -712,16 +704,21 @@ impl UpstreamPool {
             }
         });
         let (member, admission) = admitted.into_inner()?;
+        Some(Self::admitted(set, member, admission))
+    }
+
+    /// `member` of `set`, chosen with its breaker's `admission` (a transition it makes logged).
+    fn admitted(set: &Arc<ServerSet>, member: &Member, admission: Admission) -> Selected {
         let addr = member.spec.addr;
         log_transition(set, addr, admission.transition(), None, "-");
-        Some(Selected {
+        Selected {
             addr,
             breaker: member.breaker.clone(),
             admission: Some(admission),
             panic: false,
             set: set.clone(),
             peer: member.peer.clone(),
-        })
+        }
     }
 
     /// A connection to `server` failed with `e`: when it is a TLS failure, log it if it is the
