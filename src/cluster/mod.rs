@@ -19,9 +19,9 @@
 
 pub mod ring;
 
-use crate::config::cluster::{server_target, KeepCopies, PeerSettings};
+use crate::config::cluster::{KeepCopies, PeerSettings};
 use crate::config::ServerTarget;
-use crate::origin::pool::UpstreamPool;
+use crate::origin::pool::{ServerSet, UpstreamPool};
 use ring::Ring;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -35,8 +35,6 @@ pub const PEER_HEADER: &str = "x-edgeslice-peer";
 pub struct Cluster {
     pub settings: PeerSettings,
     ring: Ring,
-    /// Ring node → what its name is (to find its address among the group's servers).
-    targets: Vec<ServerTarget>,
     self_index: usize,
     /// The other peers.
     pub pool: Arc<UpstreamPool>,
@@ -60,21 +58,20 @@ impl Cluster {
             .unwrap_or(0);
         Cluster {
             ring: Ring::new(&settings.peers),
-            targets: settings.peers.iter().map(|p| server_target(p)).collect(),
             self_index,
             settings: settings.clone(),
             pool,
         }
     }
 
-    /// Where ring node `node` is now: the first address its name resolves to; `None` for this
-    /// node and for a name that does not resolve.
-    pub fn address(&self, node: usize) -> Option<SocketAddr> {
+    /// Where ring node `node` is in `set` (the peer group's servers now): the first address
+    /// its name resolves to; `None` for this node and for a name that does not resolve.
+    fn address(&self, set: &ServerSet, node: usize) -> Option<SocketAddr> {
         if node == self.self_index {
             return None;
         }
-        let set = self.pool.server_set();
-        let found = set.servers().iter().find(|s| match &self.targets[node] {
+        let target = &self.settings.targets[node];
+        let found = set.servers().iter().find(|s| match target {
             ServerTarget::Addr(a) => s.addr == *a,
             ServerTarget::Name { host, port } => {
                 s.name.as_deref() == Some(host.as_str()) && s.addr.port() == *port
@@ -87,22 +84,15 @@ impl Cluster {
     /// ring order: its owner, then the nodes its shard moves to when the ones before fail,
     /// up to this node's own place (from there on this node fills it itself). Peers that do
     /// not resolve now are left out.
-    pub fn ask_order(&self, object: &str, offset: u64) -> Vec<(usize, SocketAddr)> {
+    pub fn ask_order(&self, object: &str, offset: u64) -> Vec<SocketAddr> {
         let key = ring::shard_key(object, offset, self.settings.shard_size);
+        let set = self.pool.server_set();
         self.ring
             .walk(&key)
             .into_iter()
             .take_while(|&n| n != self.self_index)
-            .filter_map(|n| Some((n, self.address(n)?)))
+            .filter_map(|n| self.address(&set, n))
             .collect()
-    }
-
-    /// The ring node owning the shard holding byte `offset` of `object`, by name.
-    pub fn owner(&self, object: &str, offset: u64) -> Option<&str> {
-        let key = ring::shard_key(object, offset, self.settings.shard_size);
-        self.ring
-            .owner(&key)
-            .map(|n| self.settings.peers[n].as_str())
     }
 
     /// Whether `ip` is an address a peer's name resolves to now (a request from it may carry
@@ -124,13 +114,11 @@ impl Cluster {
     }
 
     pub fn states(&self) -> PeerStates {
+        let set = self.pool.server_set();
         let mut s = PeerStates { up: 1, down: 0 };
-        for node in 0..self.targets.len() {
-            if node == self.self_index {
-                continue;
-            }
+        for node in (0..self.settings.peers.len()).filter(|&n| n != self.self_index) {
             let up = self
-                .address(node)
+                .address(&set, node)
                 .and_then(|a| self.pool.breaker(&a))
                 .is_some_and(|b| b.allows());
             if up {

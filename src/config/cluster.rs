@@ -38,6 +38,8 @@ pub struct PeerSettings {
     /// `host:port` names, canonical (host case folded, one trailing dot dropped), unique, in
     /// the order written; never resolved here.
     pub peers: Vec<String>,
+    /// What each of `peers` is, in the same order: an address, or a name to resolve.
+    pub targets: Vec<ServerTarget>,
     pub resolve_interval: Duration,
     /// Consecutive bytes of an object owned by one peer: a multiple of `cache.chunk_size`.
     pub shard_size: u64,
@@ -54,21 +56,26 @@ pub struct PeerSettings {
 pub const PEER_GROUP: &str = "cluster.peers";
 
 impl PeerSettings {
-    /// The group of the peers other than `self_name`.
+    /// The group of the peers other than `self_name` (`peers` and `targets` in step).
     fn group(
         peers: &[String],
+        targets: &[ServerTarget],
         self_name: &str,
         peer_timeout: Duration,
         resolve_interval: Duration,
     ) -> UpstreamSettings {
-        let servers = peers
-            .iter()
-            .filter(|p| *p != self_name)
-            .map(|p| ServerEntry {
-                target: server_target(p),
-                weight: 1,
-            })
-            .collect();
+        let mut source = None;
+        let mut servers = Vec::with_capacity(peers.len());
+        for (name, target) in peers.iter().zip(targets) {
+            if name != self_name {
+                servers.push(ServerEntry {
+                    target: target.clone(),
+                    weight: 1,
+                });
+            } else if let ServerTarget::Addr(a) = target {
+                source = Some(a.ip());
+            }
+        }
         UpstreamSettings {
             name: PEER_GROUP.to_string(),
             servers,
@@ -97,34 +104,8 @@ impl PeerSettings {
             // This node's address when its name is one: the peers believe the peer mark from
             // the addresses their peer names resolve to, and a host with several addresses
             // (loopback aliases, a multi-homed node) would otherwise pick the source itself.
-            source: self_name
-                .parse::<std::net::SocketAddr>()
-                .ok()
-                .map(|a| a.ip()),
+            source,
         }
-    }
-}
-
-/// A canonical peer name as a server: an IP address as written, else a name to resolve.
-pub fn server_target(name: &str) -> ServerTarget {
-    if let Ok(a) = name.parse::<std::net::SocketAddr>() {
-        return ServerTarget::Addr(a);
-    }
-    match name.rsplit_once(':') {
-        Some((host, port)) => match port.parse() {
-            Ok(port) => ServerTarget::Name {
-                host: host.to_string(),
-                port,
-            },
-            Err(_) => ServerTarget::Name {
-                host: name.to_string(),
-                port: 80,
-            },
-        },
-        None => ServerTarget::Name {
-            host: name.to_string(),
-            port: 80,
-        },
     }
 }
 
@@ -191,6 +172,7 @@ impl ClusterSettings {
         }
         let group = Arc::new(PeerSettings::group(
             &p.peers,
+            &p.targets,
             &self_name,
             p.peer_timeout,
             p.resolve_interval,
@@ -292,9 +274,11 @@ pub(super) fn validate(
                 return Err(err_at("cluster.peers", list, "the peer list is empty"));
             }
             let mut peers: Vec<String> = Vec::with_capacity(list.value.len());
+            let mut targets = Vec::with_capacity(list.value.len());
             for (i, p) in list.value.iter().enumerate() {
                 let path = format!("cluster.peers[{i}]");
                 let name = peer_name(&path, p)?;
+                targets.push(ServerTarget::parse(&name).map_err(|m| err_at(&path, p, m))?);
                 if let Some(j) = peers.iter().position(|q| *q == name) {
                     return Err(err_at(
                         path,
@@ -337,6 +321,7 @@ pub(super) fn validate(
             )?;
             let group = Arc::new(PeerSettings::group(
                 &peers,
+                &targets,
                 &self_name,
                 peer_timeout,
                 resolve_interval,
@@ -344,6 +329,7 @@ pub(super) fn validate(
             Some(PeerSettings {
                 self_name,
                 peers,
+                targets,
                 resolve_interval,
                 shard_size,
                 keep_copies: match r.keep_copies.as_ref().map(|k| k.value) {

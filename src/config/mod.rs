@@ -292,6 +292,30 @@ pub enum ServerTarget {
     Name { host: String, port: u16 },
 }
 
+impl ServerTarget {
+    /// `host:port` as written (an upstream's server, a cluster's peer): an IP address, or a
+    /// host name (lower case) to resolve at run time; the port is required.
+    pub fn parse(text: &str) -> Result<ServerTarget, String> {
+        let text = text.trim();
+        if let Ok(a) = text.parse::<SocketAddr>() {
+            return Ok(ServerTarget::Addr(a));
+        }
+        let expected = || format!("invalid address {text:?}: expected host:port");
+        let (host, port) = text.rsplit_once(':').ok_or_else(expected)?;
+        let port = port.parse::<u16>().map_err(|_| expected())?;
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(ServerTarget::Addr(SocketAddr::new(ip, port))),
+            Err(_) if is_host_name(host) => Ok(ServerTarget::Name {
+                host: host.to_ascii_lowercase(),
+                port,
+            }),
+            Err(_) => Err(format!(
+                "invalid address {text:?}: {host:?} is neither an IP address nor a host name"
+            )),
+        }
+    }
+}
+
 impl ServerEntry {
     /// The name for TLS (SNI, verification): the host as written without a trailing dot;
     /// `None` for an IP address.
@@ -603,35 +627,7 @@ fn parse_server(path: &str, at: &Spanned<RawServerEntry>) -> Result<ServerEntry,
     if let Some(e) = &entry.error {
         return Err(err_at(path, at, e.clone()));
     }
-    let text = entry.address.trim();
-    let target = match text.parse::<SocketAddr>() {
-        Ok(a) => ServerTarget::Addr(a),
-        Err(_) => {
-            let expected = || {
-                err_at(
-                    path,
-                    at,
-                    format!("invalid address {text:?}: expected host:port"),
-                )
-            };
-            let (host, port) = text.rsplit_once(':').ok_or_else(expected)?;
-            let port = port.parse::<u16>().map_err(|_| expected())?;
-            match host.parse::<std::net::IpAddr>() {
-                Ok(ip) => ServerTarget::Addr(SocketAddr::new(ip, port)),
-                Err(_) if is_host_name(host) => ServerTarget::Name {
-                    host: host.to_ascii_lowercase(),
-                    port,
-                },
-                Err(_) => {
-                    return Err(err_at(
-                        path,
-                        at,
-                        format!("invalid address {text:?}: {host:?} is neither an IP address nor a host name"),
-                    ))
-                }
-            }
-        }
-    };
+    let target = ServerTarget::parse(&entry.address).map_err(|m| err_at(path, at, m))?;
     let weight = entry.weight.unwrap_or(1);
     if weight == 0 {
         return Err(err_at(path, at, "weight must be at least 1"));

@@ -251,11 +251,7 @@ pub struct ClusterPeers {
 #[async_trait]
 impl Peers for ClusterPeers {
     fn ask_order(&self, object: &str, offset: u64) -> Vec<SocketAddr> {
-        self.cluster
-            .ask_order(object, offset)
-            .into_iter()
-            .map(|(_, a)| a)
-            .collect()
+        self.cluster.ask_order(object, offset)
     }
 
     async fn open(
