@@ -71,11 +71,14 @@ pub struct ChunkCache {
     object_locks: Vec<Mutex<HashMap<ObjectKey, ObjectSlot>>>,
 }
 
-/// One object's discovery lock, and whether its holder is waiting on a peer of the cluster.
+/// One object's discovery lock, whether its holder is waiting on a peer of the cluster, and
+/// the lane of the peers' requests that go on meanwhile (see
+/// [`ChunkCache::lock_object_for_peer`]).
 #[derive(Clone, Default)]
 struct ObjectSlot {
     mutex: Arc<tokio::sync::Mutex<()>>,
     asking_peer: Arc<AtomicBool>,
+    peer_lane: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// How often a peer's request waiting for an object's lock looks whether the holder has
@@ -505,6 +508,7 @@ impl ChunkCache {
         key: &ObjectKey,
         slot: ObjectSlot,
         guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+        lane: Option<tokio::sync::OwnedMutexGuard<()>>,
     ) -> ObjectLock {
         ObjectLock {
             cache: self.clone(),
@@ -512,7 +516,21 @@ impl ChunkCache {
             lock: slot.mutex,
             asking_peer: slot.asking_peer,
             _guard: guard,
+            _lane: lane,
         }
+    }
+
+    /// The object's lock once taken: first wait for the peers' requests that went on while
+    /// the previous holder waited on a peer, so that what they learn (the metadata, and the
+    /// fills they claimed) is found rather than fetched again.
+    async fn locked(
+        self: &Arc<Self>,
+        key: &ObjectKey,
+        slot: ObjectSlot,
+        guard: tokio::sync::OwnedMutexGuard<()>,
+    ) -> ObjectLock {
+        drop(slot.peer_lane.lock().await);
+        self.object_lock(key, slot, Some(guard), None)
     }
 
     /// Serialise discovery and revalidation of one object, so concurrent cold requests make
@@ -520,7 +538,7 @@ impl ChunkCache {
     pub async fn lock_object(self: &Arc<Self>, key: &ObjectKey) -> ObjectLock {
         let slot = self.object_slot(key);
         let guard = slot.mutex.clone().lock_owned().await;
-        self.object_lock(key, slot, Some(guard))
+        self.locked(key, slot, guard).await
     }
 
     /// The object's lock for a request a peer of the cluster sent: as [`lock_object`], except
@@ -530,20 +548,27 @@ impl ChunkCache {
     /// discovering it asks A): waiting would end only at `cluster.peer_timeout`. The two
     /// discoveries then ask for different shards, each of its own owner.
     ///
+    /// The peers' requests that go on so take the object's peer lane, one at a time (a
+    /// request filled here never waits on a peer, so the lane is always let go), and whoever
+    /// takes the lock next waits for the lane: two peers asking for the same shard, or this
+    /// node's own waiting requests, find what the first one learnt instead of fetching the
+    /// same chunks again.
+    ///
     /// [`lock_object`]: ChunkCache::lock_object
     pub async fn lock_object_for_peer(self: &Arc<Self>, key: &ObjectKey) -> ObjectLock {
         let slot = self.object_slot(key);
         loop {
             if let Ok(guard) = slot.mutex.clone().try_lock_owned() {
-                return self.object_lock(key, slot, Some(guard));
+                return self.locked(key, slot, guard).await;
             }
             if slot.asking_peer.load(Ordering::Acquire) {
-                return self.object_lock(key, slot, None);
+                let lane = slot.peer_lane.clone().lock_owned().await;
+                return self.object_lock(key, slot, None, Some(lane));
             }
             if let Ok(guard) =
                 tokio::time::timeout(PEER_LOCK_POLL, slot.mutex.clone().lock_owned()).await
             {
-                return self.object_lock(key, slot, Some(guard));
+                return self.locked(key, slot, guard).await;
             }
         }
     }
@@ -554,7 +579,7 @@ impl ChunkCache {
         let slot = self.object_slot(key);
         let guard = slot.mutex.clone().try_lock_owned().ok();
         // Built even when the lock is taken, so its Drop tidies the map entry made above.
-        let held = self.object_lock(key, slot, guard);
+        let held = self.object_lock(key, slot, guard, None);
         held._guard.is_some().then_some(held)
     }
 
@@ -823,6 +848,8 @@ pub struct ObjectLock {
     lock: Arc<tokio::sync::Mutex<()>>,
     asking_peer: Arc<AtomicBool>,
     _guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+    /// Held by a peer's request that went on while the holder waited on a peer.
+    _lane: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl ObjectLock {
@@ -836,6 +863,7 @@ impl ObjectLock {
 impl Drop for ObjectLock {
     fn drop(&mut self) {
         self._guard.take();
+        self._lane.take();
         let mut shard = self.cache.object_lock_shard(&self.key);
         // Two references: the map's and ours. More means someone else waits: leave it.
         if Arc::strong_count(&self.lock) <= 2 {
@@ -1177,5 +1205,70 @@ mod tests {
         assert!(cache.meta(&other).await.is_some(), "other objects stay");
         assert_eq!(cache.disk_write_errors(), 0);
         assert_eq!(cache.disk_writes_skipped(), 0);
+    }
+
+    /// A peer's request goes on while the holder waits on a peer (or the two nodes would wait
+    /// on each other until `peer_timeout`), but peers' requests that go on take the lane one
+    /// at a time, and whoever takes the lock next waits for the lane: none of them fetches
+    /// again what the one before is learning.
+    #[tokio::test]
+    async fn peer_requests_pass_a_holder_asking_a_peer_one_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(cache_on_disk(dir.path()));
+        let key = ObjectKey("http://h/obj".into());
+        let holder = cache.lock_object(&key).await;
+        let short = Duration::from_millis(100);
+
+        // The holder does not wait on a peer: a peer's request waits for it.
+        assert!(
+            tokio::time::timeout(short, cache.lock_object_for_peer(&key))
+                .await
+                .is_err()
+        );
+
+        // It does: the first peer's request goes on, in the lane.
+        holder.asking_peer().store(true, Ordering::Release);
+        let first = tokio::time::timeout(short, cache.lock_object_for_peer(&key))
+            .await
+            .expect("a peer's request passes a holder asking a peer");
+        // A second one waits for the first.
+        let second = tokio::spawn({
+            let (cache, key) = (cache.clone(), key.clone());
+            async move { cache.lock_object_for_peer(&key).await }
+        });
+        tokio::time::sleep(short).await;
+        assert!(
+            !second.is_finished(),
+            "two peers' requests in the lane at once"
+        );
+
+        // The holder lets go: the next holder (this node's own waiting request) waits for the
+        // lane too.
+        holder.asking_peer().store(false, Ordering::Release);
+        drop(holder);
+        let next = tokio::spawn({
+            let (cache, key) = (cache.clone(), key.clone());
+            async move { cache.lock_object(&key).await }
+        });
+        tokio::time::sleep(short).await;
+        assert!(
+            !next.is_finished(),
+            "the lock was taken while a peer's request was in the lane"
+        );
+
+        drop(first);
+        // The second peer's request (lane, or the lock now free) and then the next holder.
+        let second = tokio::time::timeout(Duration::from_secs(5), second)
+            .await
+            .expect("the second peer's request goes on once the first is done")
+            .unwrap();
+        drop(second);
+        let next = tokio::time::timeout(Duration::from_secs(5), next)
+            .await
+            .expect("the next holder goes on once the lane is free")
+            .unwrap();
+        drop(next);
+        // Everything let go: the object's entry is gone from the map.
+        assert!(cache.object_lock_shard(&key).get(&key).is_none());
     }
 }
