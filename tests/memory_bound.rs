@@ -96,12 +96,9 @@ async fn three_hundred_concurrent_cold_fills_stay_within_the_bound() {
 
 /// A client that sends a GET and reads `first` bytes of the response (head included), then
 /// stops reading with the connection open.
-async fn stall_after(proxy: &Proxy, path: &str, first: usize) -> tokio::net::TcpStream {
-    let addr = proxy.url("").trim_start_matches("http://").to_string();
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    // A small receive buffer, so the stalled client does not hide megabytes in the kernel.
-    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\n\r\n");
-    s.write_all(req.as_bytes()).await.expect("send");
+/// A client at 127.0.0.`host` that reads the first `first` bytes of `path`, then stops reading.
+async fn stall_after(proxy: &Proxy, path: &str, first: usize, host: u8) -> tokio::net::TcpStream {
+    let mut s = silent_reader_from(proxy, path, host).await;
     let mut buf = vec![0u8; 64 * 1024];
     let mut got = 0;
     while got < first {
@@ -118,9 +115,11 @@ async fn forty_stalled_readers_stay_within_the_bound() {
     let proxy = Proxy::start(&config(&origin));
     let size = 64 * MIB;
     let mut stalled = Vec::new();
-    for i in 0..40 {
+    // Forty clients, each from its own address: one client's many stalled responses wait on
+    // its own share of the response budget (tested below), which would serialise them here.
+    for i in 0..40u8 {
         let path = format!("/obj/{size}/stall-{i}");
-        stalled.push(stall_after(&proxy, &path, MIB as usize).await);
+        stalled.push(stall_after(&proxy, &path, MIB as usize, 10 + i).await);
     }
     // Let the fills run as far as they will while every client sits still.
     tokio::time::sleep(Duration::from_secs(3)).await;
