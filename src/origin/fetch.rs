@@ -73,6 +73,18 @@ impl std::fmt::Display for FetchError {
 }
 
 impl FetchError {
+    /// Nothing was tried (no server to try, or `server` not admitted): nobody is charged.
+    fn untried(message: String, server: Option<SocketAddr>) -> FetchError {
+        FetchError {
+            message,
+            server,
+            status: None,
+            timed_out: false,
+            class: None,
+            tls: None,
+        }
+    }
+
     /// The fetch's deadline passed while `server` was being tried.
     pub fn deadline(server: SocketAddr) -> FetchError {
         FetchError {
@@ -307,14 +319,7 @@ pub async fn open_until(
     let mut shunned: Vec<SocketAddr> = avoid.to_vec();
     let mut evidence = StatusEvidence::default();
     let mut gateway_answer: Option<OriginResponse> = None;
-    let mut last = FetchError {
-        message: "no server answered".into(),
-        server: None,
-        status: None,
-        timed_out: false,
-        class: None,
-        tls: None,
-    };
+    let mut last = FetchError::untried("no server answered".into(), None);
     let mut retries = RequestRetries::default();
     for attempt in 0..pool.settings.retry.attempts {
         if attempt > 0 {
@@ -481,14 +486,10 @@ pub async fn open_on(
     until: Instant,
 ) -> Result<OriginResponse, FetchError> {
     let Some(sel) = pool.pick_server(addr) else {
-        return Err(FetchError {
-            message: format!("{} {addr} is ejected or gone", pool.name()),
-            server: Some(addr),
-            status: None,
-            timed_out: false,
-            class: None,
-            tls: None,
-        });
+        return Err(FetchError::untried(
+            format!("{} {addr} is ejected or gone", pool.name()),
+            Some(addr),
+        ));
     };
     let tried = try_until(connector, pool, addr, sel.peer.clone(), req, until).await;
     match tried {
@@ -523,14 +524,7 @@ const NO_SERVER: &str = "no server to try";
 impl FetchError {
     /// The group had no server to try: nothing was sent, nobody is charged.
     pub fn no_server(pool: &UpstreamPool) -> FetchError {
-        FetchError {
-            message: no_server(pool),
-            server: None,
-            status: None,
-            timed_out: false,
-            class: None,
-            tls: None,
-        }
+        FetchError::untried(no_server(pool), None)
     }
 
     /// Whether this is [`FetchError::no_server`]: logged once by the pool when its names
