@@ -58,13 +58,20 @@ fn cluster(
 }
 
 async fn get(node: &Proxy, path: &str) -> (u16, Vec<u8>, String) {
-    let resp = tokio::time::timeout(
-        Duration::from_secs(20),
-        common::client().get(node.url(path)).send(),
-    )
-    .await
-    .expect("answered within 20 s")
-    .expect("request");
+    get_with(node, path, &[]).await
+}
+
+/// [`get`] with request fields.
+async fn get_with(node: &Proxy, path: &str, fields: &[(&str, &str)]) -> (u16, Vec<u8>, String) {
+    let req = fields
+        .iter()
+        .fold(common::client().get(node.url(path)), |r, (n, v)| {
+            r.header(*n, *v)
+        });
+    let resp = tokio::time::timeout(Duration::from_secs(20), req.send())
+        .await
+        .expect("answered within 20 s")
+        .expect("request");
     let status = resp.status().as_u16();
     let cs = common::header_text(resp.headers(), "cache-status");
     let body = resp.bytes().await.expect("body").to_vec();
@@ -72,7 +79,12 @@ async fn get(node: &Proxy, path: &str) -> (u16, Vec<u8>, String) {
 }
 
 async fn fetch_exact(node: &Proxy, path: &str) {
-    let (status, body, _) = get(node, path).await;
+    fetch_exact_with(node, path, &[]).await
+}
+
+/// [`fetch_exact`] with request fields.
+async fn fetch_exact_with(node: &Proxy, path: &str, fields: &[(&str, &str)]) {
+    let (status, body, _) = get_with(node, path, fields).await;
     assert_eq!(status, 200, "{path} through {}", node.addr);
     assert!(
         body == content(path, 0, 0..SIZE),
@@ -229,14 +241,7 @@ async fn the_peer_mark_is_believed_only_from_a_peers_address() {
     // A client on 127.0.0.1 (not a peer's address) forging the mark: its request is a
     // client's, asked of the shards' owners as any other.
     let path = "/obj/2097152/forged";
-    let resp = common::client()
-        .get(node.url(path))
-        .header("x-edgeslice-peer", "127.0.0.9:1")
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status(), 200);
-    assert!(resp.bytes().await.expect("body") == content(path, 0, 0..SIZE));
+    fetch_exact_with(&node, path, &[("x-edgeslice-peer", "127.0.0.9:1")]).await;
     let asked: Vec<_> = other.log().into_iter().filter(|r| r.path == path).collect();
     assert!(!asked.is_empty(), "the owner peer was not asked");
     // Asked as a peer, by this node's name; and the mark never reaches the origin.
@@ -256,15 +261,13 @@ async fn a_request_from_a_peer_is_filled_where_it_lands() {
     let peers = addrs(2);
     let node = Proxy::start_at(peers[0], &node_config(origin.addr(), peers[0], &peers, ""));
     let path = "/obj/2097152/marked";
-    let resp = common::client()
-        .get(node.url(path))
-        .header("x-edgeslice-peer", peers[1].to_string())
-        .header("cdn-loop", "edge")
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status(), 200);
-    assert!(resp.bytes().await.expect("body") == content(path, 0, 0..SIZE));
+    let asker = peers[1].to_string();
+    fetch_exact_with(
+        &node,
+        path,
+        &[("x-edgeslice-peer", &asker), ("cdn-loop", "edge")],
+    )
+    .await;
     // Never asked of the (absent) other peer: every shard from the origin, the list as it came.
     let m = node.metrics().await;
     assert_eq!(
@@ -482,14 +485,7 @@ async fn a_client_naming_the_cluster_in_cdn_loop_is_served_by_the_owners() {
     let (_, nodes) = cluster(2, |me, peers| node_config(origin.addr(), me, peers, ""));
     let path = "/obj/2097152/named";
     for node in &nodes {
-        let resp = common::client()
-            .get(node.url(path))
-            .header("cdn-loop", "edge")
-            .send()
-            .await
-            .expect("request");
-        assert_eq!(resp.status(), 200);
-        assert!(resp.bytes().await.expect("body") == content(path, 0, 0..SIZE));
+        fetch_exact_with(node, path, &[("cdn-loop", "edge")]).await;
     }
     assert_eq!(origin.body_bytes_sent(), SIZE);
     for node in &nodes {
@@ -501,11 +497,6 @@ async fn a_client_naming_the_cluster_in_cdn_loop_is_served_by_the_owners() {
         );
     }
     // Twice from the client is a loop, answered at once by the node it reached.
-    let resp = common::client()
-        .get(nodes[0].url(path))
-        .header("cdn-loop", "edge, edge")
-        .send()
-        .await
-        .expect("request");
-    assert_eq!(resp.status(), 508);
+    let (status, _, _) = get_with(&nodes[0], path, &[("cdn-loop", "edge, edge")]).await;
+    assert_eq!(status, 508);
 }
